@@ -1,0 +1,1 @@
+"""Integrations of metactl with host training libraries (installed as ``metactl.adapters``)."""

@@ -1,0 +1,1 @@
+"""metactl placeholder"""
