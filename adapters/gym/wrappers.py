@@ -1,0 +1,156 @@
+"""Wrappers that expose a sampling knob (the rollout temperature) as a validated env attribute.
+
+The knob is a plain attribute of the wrapper, so the standard gymnasium plumbing reaches it through
+any wrapper chain and across vector envs: ``env.get_wrapper_attr("temperature")``,
+``env.set_wrapper_attr("temperature", 1.2)``, ``vec_env.set_attr("temperature", [0.8, 1.2])``,
+``vec_env.get_attr("temperature")``. Every assignment is validated (a finite float > 0 by default),
+whichever route it takes. The current value is also reported in ``info[name]`` by ``reset`` and
+``step`` (so logs record which temperature sampled each episode), and ``reset(options={name: v})``
+sets it before an episode.
+
+The environment itself does not read the knob: the agent that samples actions does (a GRPO learner
+reads the temperature the meta-policy chose and samples ``softmax(logits / T)``).
+
+Example
+-------
+>>> import gymnasium as gym
+>>> import metactl.adapters.gym
+>>> from gymnasium.wrappers import RecordEpisodeStatistics
+>>> env = RecordEpisodeStatistics(TemperatureWrapper(gym.make("metactl/TokenSearch-v0")))
+>>> env.set_wrapper_attr("temperature", 1.3)
+True
+>>> env.get_wrapper_attr("temperature")
+1.3
+>>> env.set_wrapper_attr("temperature", 0.0)
+Traceback (most recent call last):
+...
+ValueError: temperature must be a finite number > 0, got 0.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Real
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+
+__all__ = ["KnobWrapper", "TemperatureWrapper", "positive_finite"]
+
+
+def positive_finite(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite real number > 0, else raise.
+
+    >>> positive_finite("temperature", 2)
+    2.0
+    >>> positive_finite("temperature", float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: temperature must be a finite number > 0, got nan
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        # numpy scalars are registered as numbers.Real; 0-d arrays are not, so accept those too
+        if not (hasattr(value, "ndim") and getattr(value, "ndim", 1) == 0):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out) or out <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {out}")
+    return out
+
+
+class KnobWrapper(gym.Wrapper):
+    """Expose one named, validated knob (attribute) on an environment.
+
+    Args:
+        env: the environment to wrap.
+        name: the attribute name (a Python identifier not already used by the wrapper API).
+        value: the initial value.
+        validator: ``validator(name, value) -> value`` that raises ``ValueError``/``TypeError`` on a
+            bad value; defaults to :func:`positive_finite`.
+
+    Example
+    -------
+    >>> import gymnasium as gym
+    >>> import metactl.adapters.gym
+    >>> env = KnobWrapper(gym.make("metactl/TokenSearch-v0"), "top_p", 0.9)
+    >>> env.top_p = 0.7
+    >>> env.get_wrapper_attr("top_p")
+    0.7
+    """
+
+    def __init__(
+        self,
+        env: gym.Env,
+        name: str,
+        value: Any,
+        *,
+        validator: Callable[[str, Any], Any] = positive_finite,
+    ) -> None:
+        super().__init__(env)
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"name must be a public Python identifier, got {name!r}")
+        if hasattr(gym.Wrapper, name):
+            raise ValueError(f"name {name!r} clashes with the gymnasium Wrapper API")
+        if not callable(validator):
+            raise TypeError("validator must be callable")
+        object.__setattr__(self, "_knob_name", name)
+        object.__setattr__(self, "_knob_validator", validator)
+        setattr(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every route (attribute assignment, set_wrapper_attr, vec_env.set_attr) ends here.
+        if name == self.__dict__.get("_knob_name"):
+            value = self._knob_validator(name, value)
+        super().__setattr__(name, value)
+
+    @property
+    def knob_name(self) -> str:
+        """The name of the exposed knob."""
+        return self._knob_name
+
+    @property
+    def knob_value(self) -> Any:
+        """The knob's current value."""
+        return getattr(self, self._knob_name)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Reset; ``options={knob_name: v}`` sets the knob first (the rest goes to the env)."""
+        if options and self._knob_name in options:
+            options = dict(options)
+            setattr(self, self._knob_name, options.pop(self._knob_name))
+            options = options or None
+        obs, info = self.env.reset(seed=seed, options=options)
+        info = dict(info)
+        info[self._knob_name] = self.knob_value
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Step the env and report the knob's value in ``info``."""
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = dict(info)
+        info[self._knob_name] = self.knob_value
+        return obs, reward, terminated, truncated, info
+
+
+class TemperatureWrapper(KnobWrapper):
+    """Expose the rollout ``temperature`` (finite, > 0) as a wrapper attribute.
+
+    Example
+    -------
+    >>> import gymnasium as gym
+    >>> import metactl.adapters.gym
+    >>> from gymnasium.vector import SyncVectorEnv
+    >>> make = lambda: TemperatureWrapper(gym.make("metactl/TokenSearch-v0"), temperature=0.8)
+    >>> vec = SyncVectorEnv([make, make])
+    >>> vec.set_attr("temperature", [0.9, 1.4])
+    >>> vec.get_attr("temperature")
+    (0.9, 1.4)
+    """
+
+    def __init__(
+        self, env: gym.Env, temperature: float = 1.0, *, name: str = "temperature"
+    ) -> None:
+        super().__init__(env, name, temperature, validator=positive_finite)
