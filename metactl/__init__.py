@@ -1,1 +1,66 @@
-"""metactl placeholder"""
+"""metactl: a sampling hyperparameter of LLM RL (first of all the rollout temperature) as a
+learned meta-policy, with the TAMPO rule exactly as published and fair baselines behind one API.
+
+Example:
+    >>> import metactl, numpy as np
+    >>> policy = metactl.tampo(seed=0)                     # paper defaults
+    >>> decision = policy.select()                         # one temperature per rollout batch
+    >>> loglik = np.full((4, 10), -1.0)                    # (N, K) trajectory log-likelihoods
+    >>> info = policy.update(decision, loglik=loglik, advantages=np.zeros(4))
+    >>> info.step, policy.step
+    (0, 1)
+
+The core needs numpy and scipy only; ``metactl.likelihood`` uses torch when given torch tensors,
+and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[gym]``, ...).
+"""
+
+from . import distributed
+from .decision import Decision, UpdateInfo
+from .policy import PAPER_TEMPERATURES, SCHEMA_VERSION, MetaPolicy, tampo
+from .rules import (
+    EXP3,
+    TAMPO,
+    UCB1,
+    EntropyTarget,
+    Fixed,
+    Hedge,
+    MetaGradient,
+    Rule,
+    Schedule,
+    ThompsonGaussian,
+    candidate_advantages,
+    minmax_probs,
+)
+from .selectors import Greedy, Nucleus, Sample, Selector
+from .sparsemax import softmax, sparsemax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXP3",
+    "PAPER_TEMPERATURES",
+    "SCHEMA_VERSION",
+    "TAMPO",
+    "UCB1",
+    "Decision",
+    "EntropyTarget",
+    "Fixed",
+    "Greedy",
+    "Hedge",
+    "MetaGradient",
+    "MetaPolicy",
+    "Nucleus",
+    "Rule",
+    "Sample",
+    "Schedule",
+    "Selector",
+    "ThompsonGaussian",
+    "UpdateInfo",
+    "__version__",
+    "candidate_advantages",
+    "distributed",
+    "minmax_probs",
+    "softmax",
+    "sparsemax",
+    "tampo",
+]

@@ -1,0 +1,130 @@
+"""Input checks shared by the public functions: every failure names the offending argument.
+
+Nothing here clips, drops or coerces silently: a value is either accepted as it is (after a
+lossless conversion to a float64 numpy array) or rejected with a ``ValueError``/``TypeError``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+HYPERPARAMETERS = ("temperature", "top_p", "min_p", "generic")
+
+
+def to_numpy(x: Any, name: str) -> np.ndarray:
+    """Convert an array-like (numpy, list, or a torch tensor on any device) to a numpy array."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor without importing torch
+        x = x.detach().cpu()
+        if str(getattr(x, "dtype", "")) in {"torch.bfloat16", "torch.float16"}:
+            x = x.float()
+        x = x.numpy()
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}")
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of numbers: {exc}") from exc
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise TypeError(f"{name} must be an array of numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def finite_array(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
+    """A float64 array with every entry finite and (optionally) the given number of dimensions."""
+    arr = to_numpy(x, name)
+    if np.issubdtype(arr.dtype, np.bool_):
+        raise TypeError(f"{name} must hold numbers, not booleans")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=True)
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+    return arr
+
+
+def finite_scalar(x: Any, name: str) -> float:
+    """A finite real number (bools and arrays of size != 1 are rejected)."""
+    if isinstance(x, bool) or isinstance(x, np.bool_):
+        raise TypeError(f"{name} must be a real number, got bool")
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = to_numpy(x, name)
+    if isinstance(x, np.ndarray):
+        if x.size != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {x.shape}")
+        x = x.reshape(()).item()
+    if not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    value = float(x)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def positive_scalar(x: Any, name: str, *, allow_zero: bool = False) -> float:
+    value = finite_scalar(x, name)
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def unit_interval(x: Any, name: str, *, low_open: bool = False, high_open: bool = False) -> float:
+    value = finite_scalar(x, name)
+    low_bad = value <= 0 if low_open else value < 0
+    high_bad = value >= 1 if high_open else value > 1
+    if low_bad or high_bad:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def integer(x: Any, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(x, bool) or not isinstance(x, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    value = int(x)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def one_of(x: Any, name: str, allowed: Sequence[str]) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{name} must be a string, one of {list(allowed)}, got {type(x).__name__}")
+    if x not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {x!r}")
+    return x
+
+
+def candidate_values(
+    candidates: Any, hyperparameter: str = "temperature", name: str = "candidates"
+) -> np.ndarray:
+    """Validate a candidate grid: 1-D, K >= 2, finite, unique, and in the hyperparameter's range.
+
+    Order is kept as given (it is the index order of probabilities and decisions).
+    """
+    one_of(hyperparameter, "hyperparameter", HYPERPARAMETERS)
+    arr = finite_array(candidates, name, ndim=1)
+    if arr.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 values (K >= 2), got {arr.shape[0]}")
+    if np.unique(arr).shape[0] != arr.shape[0]:
+        values, counts = np.unique(arr, return_counts=True)
+        raise ValueError(f"{name} has duplicate values: {values[counts > 1].tolist()}")
+    if hyperparameter == "temperature" and np.any(arr <= 0):
+        raise ValueError(f"{name}: temperatures must be > 0, got {arr[arr <= 0].tolist()}")
+    if hyperparameter == "top_p" and np.any((arr <= 0) | (arr > 1)):
+        raise ValueError(f"{name}: top-p values must lie in (0, 1], got {arr.tolist()}")
+    if hyperparameter == "min_p" and np.any((arr < 0) | (arr >= 1)):
+        raise ValueError(f"{name}: min-p values must lie in [0, 1), got {arr.tolist()}")
+    return arr

@@ -1,0 +1,211 @@
+"""Non-learning controllers behind the same API, so baselines run through the same code path:
+a fixed value, a schedule over training steps, and the E3 entropy-targeting rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .._validation import finite_scalar, integer, one_of, positive_scalar
+from ..decision import Decision
+from ..selectors import Greedy, Selector
+from .base import Feedback, Rule, RuleState, one_hot
+
+__all__ = ["EntropyTarget", "Fixed", "Schedule"]
+
+
+def _nearest(candidates: np.ndarray, value: float) -> int:
+    return int(np.argmin(np.abs(candidates - value)))
+
+
+def _within_grid(value: float, candidates: np.ndarray, name: str) -> None:
+    low, high = float(candidates.min()), float(candidates.max())
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} lies outside the candidate range [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class Fixed(Rule):
+    """Always the same value (one of the candidates). No feedback.
+
+    Example:
+        >>> import metactl
+        >>> metactl.MetaPolicy([0.9, 1.2, 1.5], metactl.Fixed(1.2)).select().value
+        1.2
+    """
+
+    value: float
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", finite_scalar(self.value, "value"))
+
+    def default_selector(self) -> Selector:
+        return Greedy()
+
+    def validate_candidates(self, candidates: np.ndarray) -> None:
+        if not np.any(np.isclose(candidates, self.value, rtol=1e-12, atol=0.0)):
+            raise ValueError(
+                f"value={self.value} is not one of the candidates {candidates.tolist()}"
+            )
+
+    def init_state(self, candidates: np.ndarray) -> RuleState:
+        return {}
+
+    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
+        return one_hot(candidates.shape[0], _nearest(candidates, self.value))
+
+    def choose(
+        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
+    ) -> int:
+        return _nearest(candidates, self.value)
+
+    def update(
+        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
+    ) -> tuple[RuleState, None]:
+        return {}, None
+
+
+@dataclass(frozen=True)
+class Schedule(Rule):
+    """A value moving from ``start`` to ``end`` over ``total_steps`` steps, then staying at ``end``.
+
+    ``kind="linear"``: ``start + (end - start) * f``; ``kind="cosine"``:
+    ``start + (end - start) * (1 - cos(pi f)) / 2``, with ``f = min(step / (total_steps - 1), 1)``.
+    The decision's value is the exact scheduled value; its index is the nearest candidate.
+    Both ends must lie inside the candidate range. No feedback.
+
+    Example:
+        >>> import metactl
+        >>> policy = metactl.MetaPolicy([0.9, 1.2, 1.5], metactl.Schedule("linear", 0.9, 1.5, 3))
+        >>> values = []
+        >>> for _ in range(4):
+        ...     d = policy.select(); values.append(round(d.value, 3)); _ = policy.update(d)
+        >>> values
+        [0.9, 1.2, 1.5, 1.5]
+    """
+
+    kind: str
+    start: float
+    end: float
+    total_steps: int
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        one_of(self.kind, "kind", ("linear", "cosine"))
+        object.__setattr__(self, "start", finite_scalar(self.start, "start"))
+        object.__setattr__(self, "end", finite_scalar(self.end, "end"))
+        object.__setattr__(self, "total_steps", integer(self.total_steps, "total_steps", minimum=1))
+
+    def default_selector(self) -> Selector:
+        return Greedy()
+
+    def validate_candidates(self, candidates: np.ndarray) -> None:
+        _within_grid(self.start, candidates, "start")
+        _within_grid(self.end, candidates, "end")
+
+    def at(self, step: int) -> float:
+        """The scheduled value at ``step``."""
+        fraction = min(step / max(self.total_steps - 1, 1), 1.0)
+        if self.kind == "cosine":
+            fraction = (1.0 - math.cos(math.pi * fraction)) / 2.0
+        return self.start + (self.end - self.start) * fraction
+
+    def init_state(self, candidates: np.ndarray) -> RuleState:
+        return {}
+
+    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
+        return one_hot(candidates.shape[0], _nearest(candidates, self.at(step)))
+
+    def choose(
+        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
+    ) -> int:
+        return _nearest(candidates, self.at(step))
+
+    def decision_value(
+        self, state: RuleState, candidates: np.ndarray, step: int, index: int
+    ) -> float:
+        return self.at(step)
+
+    def update(
+        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
+    ) -> tuple[RuleState, None]:
+        return {}, None
+
+
+@dataclass(frozen=True)
+class EntropyTarget(Rule):
+    """The E3 entropy-targeting controller:
+    ``T <- T * (1 + T * ln(H* / H) / (ln V + ln ln V))``.
+
+    ``H`` is the mean token entropy (nats) of the batch sampled at the current ``T`` and ``V``
+    the vocabulary size. The temperature is continuous and is kept inside
+    ``[min(candidates), max(candidates)]`` (a documented bound of the controller, reported by
+    ``probs`` as the nearest candidate). Feedback: ``entropy`` (> 0) and ``vocab_size`` (>= 3,
+    so that ``ln ln V > 0``).
+
+    Args:
+        target_entropy: ``H*`` in nats (> 0).
+        initial: the temperature of the first step (inside the candidate range).
+
+    Example:
+        >>> import metactl
+        >>> policy = metactl.MetaPolicy([0.5, 1.0, 1.5], metactl.EntropyTarget(2.0, initial=1.0))
+        >>> d = policy.select()
+        >>> _ = policy.update(d, entropy=1.0, vocab_size=1000)   # too little entropy: heat up
+        >>> policy.select().value > 1.0
+        True
+    """
+
+    target_entropy: float
+    initial: float = 1.0
+    requires: ClassVar[tuple[str, ...]] = ("entropy", "vocab_size")
+
+    def __post_init__(self) -> None:
+        target = positive_scalar(self.target_entropy, "target_entropy")
+        object.__setattr__(self, "target_entropy", target)
+        object.__setattr__(self, "initial", positive_scalar(self.initial, "initial"))
+
+    def default_selector(self) -> Selector:
+        return Greedy()
+
+    def validate_candidates(self, candidates: np.ndarray) -> None:
+        _within_grid(self.initial, candidates, "initial")
+
+    def init_state(self, candidates: np.ndarray) -> RuleState:
+        return {"value": self.initial}
+
+    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
+        return one_hot(candidates.shape[0], _nearest(candidates, state["value"]))
+
+    def choose(
+        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
+    ) -> int:
+        return _nearest(candidates, state["value"])
+
+    def decision_value(
+        self, state: RuleState, candidates: np.ndarray, step: int, index: int
+    ) -> float:
+        return float(state["value"])
+
+    def update(
+        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
+    ) -> tuple[RuleState, None]:
+        entropy, vocab = feedback["entropy"], feedback["vocab_size"]
+        if entropy <= 0:
+            raise ValueError(f"entropy must be > 0 for the E3 rule (ln(H*/H)), got {entropy}")
+        if vocab < 3:
+            raise ValueError(f"vocab_size must be >= 3 for the E3 rule (ln ln V > 0), got {vocab}")
+        t = float(state["value"])
+        t_next = t * (
+            1.0
+            + t
+            * math.log(self.target_entropy / entropy)
+            / (math.log(vocab) + math.log(math.log(vocab)))
+        )
+        bounded = min(max(t_next, float(candidates.min())), float(candidates.max()))
+        return {"value": bounded}, None

@@ -1,0 +1,62 @@
+"""Sparsemax and softmax: the two normalisers TAMPO can apply across candidates.
+
+Sparsemax (Martins & Astudillo, 2016) is the Euclidean projection onto the probability simplex:
+like softmax it is invariant to adding a constant, but it returns exact zeros for entries far
+below the maximum, so a trajectory only credits the candidates near its likelihood-optimal one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax as _scipy_softmax
+
+from ._validation import finite_array, integer
+
+__all__ = ["softmax", "sparsemax"]
+
+
+def _axis(x: np.ndarray, axis: Any) -> int:
+    ax = integer(axis, "axis")
+    if not -x.ndim <= ax < x.ndim:
+        raise ValueError(f"axis {ax} is out of range for an array of {x.ndim} dimension(s)")
+    return ax % x.ndim
+
+
+def sparsemax(x: Any, axis: int = -1) -> np.ndarray:
+    """Project ``x`` onto the probability simplex along ``axis``.
+
+    ``sparsemax(z)_k = max(z_k - tau, 0)`` with the threshold ``tau`` chosen so the result sums
+    to 1 (closed form via the sorted cumulative sums).
+
+    Example:
+        >>> import numpy as np
+        >>> sparsemax(np.array([1.0, 0.8, -1.0])).round(6).tolist()
+        [0.6, 0.4, 0.0]
+        >>> sparsemax(np.array([0.5, 0.5])).tolist()   # ties split evenly
+        [0.5, 0.5]
+    """
+    z = finite_array(x, "x")
+    ax = _axis(z, axis)
+    z = np.moveaxis(z, ax, -1)
+    z_sorted = -np.sort(-z, axis=-1)
+    cumsum = np.cumsum(z_sorted, axis=-1)
+    k = np.arange(1, z.shape[-1] + 1, dtype=np.float64)
+    # k is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j); the support is a prefix.
+    support = 1.0 + k * z_sorted > cumsum
+    k_z = np.sum(support, axis=-1, keepdims=True)  # >= 1 always (k = 1 satisfies it)
+    tau = (np.take_along_axis(cumsum, k_z - 1, axis=-1) - 1.0) / k_z
+    out = np.maximum(z - tau, 0.0)
+    return np.moveaxis(out, -1, ax)
+
+
+def softmax(x: Any, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along ``axis`` (shift-invariant, strictly positive).
+
+    Example:
+        >>> softmax([0.0, 0.0]).tolist()
+        [0.5, 0.5]
+    """
+    z = finite_array(x, "x")
+    return np.asarray(_scipy_softmax(z, axis=_axis(z, axis)))
