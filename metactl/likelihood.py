@@ -1,0 +1,509 @@
+"""Trajectory log-likelihoods under every candidate sampling hyperparameter.
+
+TAMPO (and every full-information rule in metactl) needs, for each sampled trajectory
+``i`` and each candidate value ``c_k``, the length-normalised log-likelihood of the tokens
+that were actually sampled, had they been sampled with ``c_k``:
+
+.. math::
+
+    L[i, k] = \\frac{1}{|\\tau_i|} \\sum_{t \\in \\tau_i} \\log q_{c_k}(o_{i,t} \\mid z_{i,t})
+
+where ``z`` are the raw (un-tempered) logits the rollout policy produced and ``o`` the sampled
+tokens. :func:`candidate_loglik` computes this matrix from logits that a trainer already holds
+(the rollout / old-logprob pass), chunked over positions so that its extra memory is one chunk
+of positions, never ``K`` copies of the logits. :func:`likelihood_optimal` turns it into the
+per-trajectory likelihood-optimal candidate (the paper's ``T*``).
+
+This module never imports torch at import time: torch is imported only when torch tensors
+are passed in. NumPy input is handled by a pure NumPy implementation (float64).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["FAMILIES", "candidate_loglik", "likelihood_optimal"]
+
+#: Sampling families understood by :func:`candidate_loglik`.
+FAMILIES: tuple[str, ...] = ("temperature", "min_p")
+
+_LN2 = math.log(2.0)
+_INV_LN2 = 1.0 / _LN2
+
+# Default chunk budget (bytes of the float32 scratch buffer). Measured on a 2-core AVX-512
+# CPU with V = 32768: 2-8 MiB (16-64 positions) are all within noise of each other; smaller
+# chunks pay per-op dispatch overhead, larger ones fall out of the last-level cache.
+_CPU_CHUNK_BYTES = 4 << 20
+# On accelerators kernel-launch overhead dominates small chunks.
+_ACCEL_CHUNK_BYTES = 256 << 20
+
+ArrayLike = Union["torch.Tensor", np.ndarray]
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers (private; may move to metactl/_validation.py)
+# --------------------------------------------------------------------------------------
+
+
+def _is_torch(x: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    if _is_torch(x):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}")
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic objects
+        raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}") from exc
+
+
+def _check_family(family: object) -> str:
+    if not isinstance(family, str):
+        raise TypeError(f"family must be a str, one of {FAMILIES}, got {type(family).__name__}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return family
+
+
+def _check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def _check_candidates(candidates: object, family: str) -> np.ndarray:
+    if isinstance(candidates, (str, bytes)) or candidates is None:
+        raise TypeError(
+            f"candidates must be a 1-D sequence of numbers, got {type(candidates).__name__}"
+        )
+    arr = _to_numpy(candidates, "candidates")
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise TypeError(f"candidates must be real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"candidates must be 1-D, got shape {arr.shape}")
+    if arr.size < 2:
+        raise ValueError(f"candidates must hold at least 2 values (K >= 2), got {arr.size}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"candidates must be finite, got {arr.tolist()}")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"candidates must be unique, got {arr.tolist()}")
+    if family == "temperature" and np.any(arr <= 0):
+        raise ValueError(f"candidates (temperatures) must be > 0, got {arr.tolist()}")
+    if family == "min_p" and np.any((arr < 0) | (arr >= 1)):
+        raise ValueError(f"candidates (min_p thresholds) must lie in [0, 1), got {arr.tolist()}")
+    return arr
+
+
+def _check_chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _check_shapes(logits_shape: tuple[int, ...], tokens: np.ndarray, mask: np.ndarray) -> None:
+    if len(logits_shape) != 3:
+        raise ValueError(
+            f"logits must have shape (N, L, V) (3 dims), got {len(logits_shape)} dims "
+            f"{tuple(logits_shape)}"
+        )
+    n, length, vocab = logits_shape
+    if n == 0:
+        raise ValueError("logits is an empty batch (N = 0)")
+    if length == 0 or vocab == 0:
+        raise ValueError(
+            f"logits must have L >= 1 positions and V >= 1 classes, got {logits_shape}"
+        )
+    if tokens.shape != (n, length):
+        raise ValueError(f"tokens must have shape (N, L) = {(n, length)}, got {tokens.shape}")
+    if mask.shape != (n, length):
+        raise ValueError(f"mask must have shape (N, L) = {(n, length)}, got {mask.shape}")
+
+
+def _check_mask_tokens(tokens: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
+    """Validate tokens and mask (host copies); return the boolean mask."""
+    if tokens.dtype == np.bool_ or not np.issubdtype(tokens.dtype, np.integer):
+        raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    if mask.dtype == np.bool_:
+        bmask = mask
+    elif np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating):
+        ok = (mask == 0) | (mask == 1)
+        if not np.all(ok):
+            bad = mask[~ok].ravel()[:3].tolist()
+            raise ValueError(f"mask must be boolean or hold only 0/1, found {bad}")
+        bmask = mask == 1
+    else:
+        raise TypeError(f"mask must be boolean or 0/1, got dtype {mask.dtype}")
+    counts = bmask.sum(axis=1)
+    if np.any(counts == 0):
+        rows = np.flatnonzero(counts == 0)[:5].tolist()
+        raise ValueError(
+            f"mask selects no token in row(s) {rows}: every trajectory needs at least one "
+            "completion token"
+        )
+    sel = tokens[bmask]
+    if sel.size and (sel.min() < 0 or sel.max() >= vocab):
+        lo, hi = int(sel.min()), int(sel.max())
+        raise ValueError(
+            f"tokens at masked positions must lie in [0, V) = [0, {vocab}), found range "
+            f"[{lo}, {hi}]"
+        )
+    return bmask
+
+
+def _segments(bmask: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split every maximal run of masked positions into pieces of at most ``chunk``.
+
+    Returns ``(row, start, stop)`` arrays, one entry per piece, in row-major order.
+    """
+    n, length = bmask.shape
+    padded = np.zeros((n, length + 2), dtype=np.int8)
+    padded[:, 1:-1] = bmask
+    d = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(d == 1)
+    _, stops = np.nonzero(d == -1)
+    lengths = stops - starts
+    pieces = -(-lengths // chunk)
+    seg_row = np.repeat(rows, pieces)
+    run_start = np.repeat(starts, pieces)
+    run_stop = np.repeat(stops, pieces)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    offset = (np.arange(seg_row.size) - first) * chunk
+    seg_start = run_start + offset
+    seg_stop = np.minimum(seg_start + chunk, run_stop)
+    return seg_row, seg_start, seg_stop
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+
+
+def candidate_loglik(
+    logits: ArrayLike,
+    tokens: ArrayLike,
+    mask: ArrayLike,
+    candidates: Sequence[float] | ArrayLike,
+    family: str = "temperature",
+    *,
+    temperature: float = 1.0,
+    epsilon: float = 1e-3,
+    chunk_size: int | None = None,
+) -> ArrayLike:
+    r"""Length-normalised log-likelihood of sampled tokens under every candidate value.
+
+    Args:
+        logits: ``(N, L, V)`` raw (un-tempered) logits, already aligned so that
+            ``logits[:, t]`` scores ``tokens[:, t]``. A torch tensor (any device, any float
+            dtype; the computation runs in float32 on that device) or a NumPy array (computed
+            in float64 with NumPy; meant for small inputs). Only the masked positions are
+            read (and checked for NaN/inf).
+        tokens: ``(N, L)`` integer token ids; at masked positions they must lie in
+            ``[0, V)`` (unmasked positions may hold anything, e.g. ``-100``).
+        mask: ``(N, L)`` boolean or 0/1: 1 for the completion tokens to count, 0 for prompt
+            and padding. Every row needs at least one selected position.
+        candidates: ``K >= 2`` unique finite candidate values: temperatures (``> 0``) for
+            ``family="temperature"``, min-p thresholds in ``[0, 1)`` for ``family="min_p"``.
+        family: ``"temperature"`` or ``"min_p"``.
+        temperature: the fixed sampling temperature of the ``"min_p"`` family (must stay
+            ``1.0`` for ``"temperature"``, where the candidates are the temperatures).
+        epsilon: smoothing weight of the ``"min_p"`` family, in ``(0, 1)`` (see below).
+        chunk_size: number of positions processed at once (default: a 4 MiB float32 buffer
+            on CPU, 256 MiB on accelerators). The extra memory is one float32 buffer of
+            ``chunk_size x V`` plus O(``chunk_size x K``); the input is never copied whole
+            and never modified.
+
+    Returns:
+        ``(N, K)`` array: ``out[i, k]`` is the mean over the masked positions ``t`` of row
+        ``i`` of ``log q_k(tokens[i, t] | logits[i, t])``. A float32 tensor on the logits'
+        device for torch input, a float64 NumPy array for NumPy input. Column ``k``
+        corresponds to ``candidates[k]`` (in the given order).
+
+    Families:
+        * ``"temperature"``: ``q_k = softmax(z / T_k)``, i.e.
+          ``out[i, k] = mean_t (z[o]/T_k - logsumexp(z/T_k))``.
+        * ``"min_p"``: sampling at the fixed ``temperature`` with min-p truncation. With
+          ``p = softmax(z / temperature)`` the kept set is ``{v : p_v >= min_p_k * max(p)}``
+          (the most likely token is always kept; ``min_p = 0`` keeps everything) and
+          ``p_trunc = p * [kept] / sum(p[kept])``. A sampled token outside the kept set would
+          have probability 0 (log-likelihood ``-inf``), so the distribution is smoothed with
+          the full distribution: ``q_k = (1 - epsilon) * p_trunc + epsilon * p``. This is a
+          proper distribution, equals ``p_trunc`` up to a factor ``(1 - epsilon)`` on kept
+          tokens (plus ``epsilon * p``) and gives a dropped token ``log(epsilon * p_o)``.
+          The kept-set test is evaluated in float32 (torch) or float64 (NumPy), so a token
+          whose probability ratio ties ``min_p`` to rounding may fall on either side.
+
+    Raises:
+        TypeError: a wrong argument type (names the argument).
+        ValueError: NaN/inf logits at a masked position, wrong ndim or shapes, an empty
+            batch, token ids out of range, a row with no masked token (``mask``), ``K < 2``,
+            duplicate / non-finite / out-of-range candidates, an unknown family, or a bad
+            ``temperature``, ``epsilon`` or ``chunk_size``.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> logits = rng.normal(size=(2, 5, 7))
+        >>> tokens = rng.integers(0, 7, size=(2, 5))
+        >>> mask = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=bool)
+        >>> L = candidate_loglik(logits, tokens, mask, [0.7, 1.0, 1.3])
+        >>> L.shape, L.dtype
+        ((2, 3), dtype('float64'))
+        >>> bool(np.all(L <= 0))
+        True
+    """
+    family = _check_family(family)
+    cands = _check_candidates(candidates, family)
+    temp = _check_real(temperature, "temperature")
+    if temp <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if family == "temperature" and temp != 1.0:
+        raise ValueError(
+            "temperature applies only to the 'min_p' family; for family='temperature' the "
+            f"candidates are the temperatures (got temperature={temperature!r})"
+        )
+    eps = _check_real(epsilon, "epsilon")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
+    chunk = _check_chunk_size(chunk_size)
+
+    if _is_torch(logits):
+        return _loglik_torch(logits, tokens, mask, cands, family, temp, eps, chunk)
+    if not isinstance(logits, np.ndarray):
+        raise TypeError(
+            f"logits must be a torch.Tensor or numpy.ndarray, got {type(logits).__name__}"
+        )
+    return _loglik_numpy(logits, tokens, mask, cands, family, temp, eps, chunk)
+
+
+def likelihood_optimal(loglik: ArrayLike, candidates: Sequence[float] | ArrayLike) -> np.ndarray:
+    """Per-trajectory likelihood-optimal candidate (the paper's ``T*``).
+
+    Args:
+        loglik: ``(N, K)`` log-likelihoods (e.g. from :func:`candidate_loglik`), NumPy array
+            or torch tensor; must be finite.
+        candidates: the ``K`` candidate values, column ``k`` of ``loglik`` scoring
+            ``candidates[k]``.
+
+    Returns:
+        ``(N,)`` float64 array: ``candidates[argmax_k loglik[i, k]]``; ties go to the smaller
+        index ``k``.
+
+    Raises:
+        TypeError: non-numeric input.
+        ValueError: wrong shapes, ``N = 0``, ``K < 2``, non-finite values, duplicate or
+            non-finite candidates.
+
+    Example:
+        >>> likelihood_optimal([[-1.0, -0.5, -0.5], [-0.1, -2.0, -3.0]], [0.8, 1.0, 1.2])
+        array([1. , 0.8])
+    """
+    cands = _to_numpy(candidates, "candidates")
+    if (
+        isinstance(candidates, (str, bytes))
+        or cands.dtype == np.bool_
+        or not (np.issubdtype(cands.dtype, np.integer) or np.issubdtype(cands.dtype, np.floating))
+    ):
+        raise TypeError(f"candidates must be real numbers, got {type(candidates).__name__}")
+    cands = cands.astype(np.float64)
+    if cands.ndim != 1:
+        raise ValueError(f"candidates must be 1-D, got shape {cands.shape}")
+    if cands.size < 2:
+        raise ValueError(f"candidates must hold at least 2 values (K >= 2), got {cands.size}")
+    if not np.all(np.isfinite(cands)):
+        raise ValueError(f"candidates must be finite, got {cands.tolist()}")
+    if np.unique(cands).size != cands.size:
+        raise ValueError(f"candidates must be unique, got {cands.tolist()}")
+    arr = _to_numpy(loglik, "loglik")
+    if arr.dtype == np.bool_ or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise TypeError(f"loglik must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"loglik must have shape (N, K), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError("loglik is an empty batch (N = 0)")
+    if arr.shape[1] != cands.size:
+        raise ValueError(
+            f"loglik has {arr.shape[1]} columns but candidates has {cands.size} values"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("loglik must be finite (found NaN or inf)")
+    return cands[np.argmax(arr, axis=1)]
+
+
+# --------------------------------------------------------------------------------------
+# torch implementation
+# --------------------------------------------------------------------------------------
+
+
+def _loglik_torch(
+    logits: torch.Tensor,
+    tokens: Any,
+    mask: Any,
+    cands: np.ndarray,
+    family: str,
+    temp: float,
+    eps: float,
+    chunk: int | None,
+) -> torch.Tensor:
+    import torch
+
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must hold floating-point values, got dtype {logits.dtype}")
+    tok_host = _to_numpy(tokens, "tokens")
+    mask_host = _to_numpy(mask, "mask")
+    _check_shapes(tuple(logits.shape), tok_host, mask_host)
+    n, _, vocab = logits.shape
+    bmask = _check_mask_tokens(tok_host, mask_host, vocab)
+    device = logits.device
+
+    if chunk is None:
+        budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _ACCEL_CHUNK_BYTES
+        chunk = max(1, budget // (4 * vocab))
+    seg_row, seg_start, seg_stop = _segments(bmask, chunk)
+
+    if _is_torch(tokens):
+        tok_dev = tokens.detach().to(device=device, dtype=torch.long)
+    else:
+        tok_dev = torch.from_numpy(np.ascontiguousarray(tok_host, dtype=np.int64)).to(device)
+    # Unmasked positions may hold placeholders such as -100: make them gatherable.
+    tok_dev = torch.where(
+        torch.from_numpy(bmask).to(device),
+        tok_dev,
+        torch.zeros((), dtype=torch.long, device=device),
+    )
+
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    k = cands.size
+    acc = torch.zeros((n, k), dtype=acc_dtype, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    scratch = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
+    betas = torch.tensor(
+        1.0 / cands if family == "temperature" else cands, dtype=torch.float32, device=device
+    )
+
+    if family == "min_p":
+        order = np.argsort(cands, kind="stable")
+        # threshold_ keeps x > thr; with thr the float32 just below min_p this keeps x >= min_p.
+        thr = [
+            float(np.nextafter(np.float32(cands[j]), np.float32(-np.inf), dtype=np.float32))
+            for j in order
+        ]
+
+    with torch.no_grad():
+        for i, t0, t1 in zip(seg_row.tolist(), seg_start.tolist(), seg_stop.tolist(), strict=True):
+            seg = logits[i, t0:t1]  # (c, V) view, input dtype
+            c = t1 - t0
+            e = scratch[:c]
+            lo, hi = torch.aminmax(seg, dim=-1)
+            nonfinite |= ~(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+            m = hi.float().unsqueeze(-1)  # (c, 1)
+            tok = tok_dev[i, t0:t1].unsqueeze(-1)  # (c, 1)
+            u_o = seg.gather(-1, tok).float() - m  # (c, 1): z_o - max <= 0
+            if family == "temperature":
+                sums = torch.empty((k, c), dtype=torch.float32, device=device)
+                for j, T in enumerate(cands.tolist()):
+                    s = _INV_LN2 / T  # exp(beta u) == exp2(beta / ln2 * u); exp2 is cheaper
+                    torch.add(m * (-s), seg, alpha=s, out=e)  # beta/ln2 * (z - m), fused
+                    e.exp2_()
+                    torch.sum(e, dim=-1, out=sums[j])
+                # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m))
+                logq = betas.unsqueeze(-1) * u_o.T - sums.log_()  # (K, c)
+            else:
+                s = _INV_LN2 / temp
+                torch.add(m * (-s), seg, alpha=s, out=e)
+                e.exp2_()  # e_v = p_v / p_max, the max token gives exactly 1
+                e_o = e.gather(-1, tok)  # (c, 1)
+                total = e.sum(dim=-1)  # (c,)
+                logp_o = u_o.squeeze(-1) / temp - total.log()  # log p(o)
+                kept_mass = torch.empty((k, c), dtype=torch.float32, device=device)
+                for j, th in zip(order.tolist(), thr, strict=True):
+                    # thresholds ascend, so thresholding in place is cumulative and exact
+                    torch.nn.functional.threshold_(e, th, 0.0)
+                    torch.sum(e, dim=-1, out=kept_mass[j])
+                z_frac = kept_mass / total  # (K, c): mass of the kept set, in (0, 1]
+                kept_o = e_o.T >= betas.unsqueeze(-1)  # (K, c): sampled token kept?
+                # log q = log p(o) + log((1 - eps) [kept] / Z + eps)
+                ratio = torch.where(kept_o, (1.0 - eps) / z_frac + eps, eps)
+                logq = logp_o.unsqueeze(0) + ratio.log()
+            acc[i] += logq.sum(dim=-1, dtype=acc_dtype)
+        if bool(nonfinite):
+            raise ValueError("logits contain NaN or inf at masked positions")
+        counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=acc_dtype)
+        return (acc / counts.unsqueeze(-1)).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# NumPy implementation (float64)
+# --------------------------------------------------------------------------------------
+
+
+def _loglik_numpy(
+    logits: np.ndarray,
+    tokens: Any,
+    mask: Any,
+    cands: np.ndarray,
+    family: str,
+    temp: float,
+    eps: float,
+    chunk: int | None,
+) -> np.ndarray:
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise TypeError(f"logits must hold floating-point values, got dtype {logits.dtype}")
+    tok_host = _to_numpy(tokens, "tokens")
+    mask_host = _to_numpy(mask, "mask")
+    _check_shapes(logits.shape, tok_host, mask_host)
+    n, _, vocab = logits.shape
+    bmask = _check_mask_tokens(tok_host, mask_host, vocab)
+    if chunk is None:
+        chunk = max(1, _CPU_CHUNK_BYTES // (8 * vocab))
+    rows, cols = np.nonzero(bmask)
+    acc = np.zeros((n, cands.size), dtype=np.float64)
+    for a in range(0, rows.size, chunk):
+        r, t = rows[a : a + chunk], cols[a : a + chunk]
+        z = logits[r, t].astype(np.float64)  # (c, V)
+        if not np.all(np.isfinite(z)):
+            raise ValueError("logits contain NaN or inf at masked positions")
+        u = z - z.max(axis=1, keepdims=True)
+        u_o = u[np.arange(r.size), tok_host[r, t]]  # (c,)
+        if family == "temperature":
+            logq = np.empty((r.size, cands.size))
+            for j, T in enumerate(cands):
+                logq[:, j] = u_o / T - np.log(np.exp(u / T).sum(axis=1))
+        else:
+            w = np.exp(u / temp)  # p / p_max
+            total = w.sum(axis=1)
+            logp_o = u_o / temp - np.log(total)
+            w_o = np.exp(u_o / temp)
+            logq = np.empty((r.size, cands.size))
+            for j, th in enumerate(cands):
+                z_frac = np.where(w >= th, w, 0.0).sum(axis=1) / total  # kept mass
+                ratio = np.where(w_o >= th, (1.0 - eps) / z_frac + eps, eps)
+                logq[:, j] = logp_o + np.log(ratio)
+        np.add.at(acc, r, logq)
+    return acc / bmask.sum(axis=1)[:, None]
