@@ -32,7 +32,7 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ from .env import TokenSearchEnv
 __all__ = [
     "GRPOConfig",
     "Rollout",
+    "StepRecord",
     "TabularGRPO",
     "TrainLog",
     "group_advantages",
@@ -211,11 +212,12 @@ class TabularGRPO:
         logp = log_softmax(batch.logits / temperature)
         return np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
 
-    def update(self, batch: Rollout, advantages: np.ndarray) -> float:
-        """One GRPO step on ``batch`` at its own temperature; returns the loss before the step.
+    def gradient(self, batch: Rollout, advantages: np.ndarray) -> tuple[float, np.ndarray]:
+        """GRPO loss of ``batch`` at its own temperature and its gradient w.r.t. the logit table.
 
         Loss: ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T)[o_it]`` (on-policy: the
-        importance ratio is 1, no KL term).
+        importance ratio is 1; no KL term). Returns ``(loss, grad)``, ``grad`` shaped like
+        :attr:`logits`.
         """
         advantages = np.asarray(advantages, dtype=np.float64)
         n = batch.tokens.shape[0]
@@ -223,23 +225,20 @@ class TabularGRPO:
             raise ValueError(f"advantages must have shape ({n},), got {advantages.shape}")
         temp = batch.temperature
         logp = log_softmax(batch.logits / temp)  # (N, L, V)
-        taken = np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
+        index = batch.tokens[..., None]
+        taken = np.take_along_axis(logp, index, axis=-1)[..., 0]
         loss = float(-(advantages[:, None] * taken).mean())
         # d loss / d z_it = -(A_i / (N L)) (onehot(o_it) - softmax(z_it / T)) / T
-        grad_rows = np.exp(logp)
-        np.put_along_axis(
-            grad_rows,
-            batch.tokens[..., None],
-            np.take_along_axis(grad_rows, batch.tokens[..., None], axis=-1) - 1.0,
-            axis=-1,
-        )
-        grad_rows *= (advantages / (n * self.length * temp))[:, None, None]
+        rows = np.exp(logp)
+        np.put_along_axis(rows, index, np.take_along_axis(rows, index, axis=-1) - 1.0, axis=-1)
+        rows *= (advantages / (n * self.length * temp))[:, None, None]
         grad = np.zeros_like(self.logits)
-        np.add.at(
-            grad,
-            (batch.tasks[:, None], self._positions[None, :], batch.states),
-            grad_rows,
-        )
+        np.add.at(grad, (batch.tasks[:, None], self._positions[None, :], batch.states), rows)
+        return loss, grad
+
+    def update(self, batch: Rollout, advantages: np.ndarray) -> float:
+        """One optimiser step on :meth:`gradient`; returns the loss before the step."""
+        loss, grad = self.gradient(batch, advantages)
         self._apply(grad)
         return loss
 
@@ -320,6 +319,19 @@ class TabularGRPO:
         return float(self.success_by_task(temperature).mean())
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of :func:`train`, handed to its ``on_step`` callback (after both updates)."""
+
+    step: int
+    decision: Any
+    batch: Rollout
+    advantages: np.ndarray
+    feedback: dict[str, Any]
+    info: Any
+    learner: TabularGRPO
+
+
 @dataclass
 class TrainLog:
     """What :func:`train` records; ``steps`` rows unless noted.
@@ -356,6 +368,7 @@ def train(
     steps: int,
     config: GRPOConfig | None = None,
     seed: int = 0,
+    on_step: Callable[[StepRecord], None] | None = None,
 ) -> TrainLog:
     """Train a :class:`TabularGRPO` on ``env`` for ``steps`` steps; ``meta`` picks the temperature.
 
@@ -365,6 +378,7 @@ def train(
         steps: number of GRPO steps (one meta decision each).
         config: learner hyperparameters.
         seed: seeds the rollout sampler (the meta-policy has its own seed).
+        on_step: called after every step with a :class:`StepRecord` (for logging or checks).
 
     Returns:
         A :class:`TrainLog`.
@@ -392,6 +406,8 @@ def train(
         learner.update(batch, advantages)
         feedback = learner.feedback(meta.requires, batch, advantages, meta.candidates)
         info = meta.update(decision, **feedback)
+        if on_step is not None:
+            on_step(StepRecord(step, decision, batch, advantages, feedback, info, learner))
 
         temperature[step] = temp
         reward[step] = batch.rewards.mean()

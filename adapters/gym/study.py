@@ -1,0 +1,447 @@
+"""Multi-seed study: every temperature controller on ``TokenSearch`` under one GRPO learner.
+
+Runs each controller (TAMPO with the paper's defaults, TAMPO with a softmax normaliser, Hedge,
+MetaGradient, EXP3, the E3 entropy controller, a fixed temperature at every candidate 0.6..1.5 and
+the linear 0.9 -> 1.5 schedule) for ``--seeds`` seeds. Seed ``s`` fixes the task set
+(``task_seed = s``), the rollout sampler and the meta-policy's own RNG, so runs with the same seed
+are paired across controllers.
+
+Reported per controller: final success rate and area under the learning curve (exact success rate
+of the learned policy at ``T_eval = 1``, averaged over the evaluations before every step and after
+the last), each as mean +- 95% CI (Student t over seeds), and a paired Wilcoxon signed-rank test of
+the AUC against the best fixed temperature (chosen post hoc by mean AUC).
+
+Writes into ``--out``: ``results.md`` and ``results.json`` (the table), ``runs.npz`` (every run's
+curves), ``learning_curves.png``, ``temperature.png`` and ``meta_probs.png``.
+
+Example
+-------
+>>> from metactl.adapters.gym.study import main
+>>> main(["--seeds", "2", "--steps", "5", "--controllers", "tampo,fixed-1.0",
+...       "--workers", "1", "--out", "/tmp/gym_study_doctest", "--quiet"])
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import metactl
+
+from .env import FAMILIES, TokenSearchConfig, TokenSearchEnv
+from .learner import GRPOConfig, train
+
+__all__ = ["CONTROLLERS", "StudyConfig", "main", "make_controller", "run_one", "summarise"]
+
+CANDIDATES: tuple[float, ...] = tuple(metactl.PAPER_TEMPERATURES)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything one run needs besides the controller and the seed (validated)."""
+
+    steps: int = 200
+    group_size: int = 8
+    lr: float = 0.1
+    optimizer: str = "adam"
+    vocab_size: int = 16
+    length: int = 6
+    num_tasks: int = 6
+    families: tuple[str, ...] = FAMILIES
+    reward: str = "exact"
+    deceptive: bool = True
+    entropy_target: float = 0.3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
+            raise ValueError(f"steps must be an int >= 2, got {self.steps!r}")
+        if not np.isfinite(self.entropy_target) or self.entropy_target <= 0:
+            raise ValueError(f"entropy_target must be finite and > 0, got {self.entropy_target}")
+        self.env_config()  # validates the environment's fields
+        self.learner_config()  # validates the learner's fields
+
+    def env_config(self, task_seed: int = 0) -> TokenSearchConfig:
+        """The environment configuration for ``task_seed``."""
+        return TokenSearchConfig(
+            vocab_size=self.vocab_size,
+            length=self.length,
+            num_tasks=self.num_tasks,
+            families=tuple(self.families),
+            reward=self.reward,  # type: ignore[arg-type]
+            deceptive=self.deceptive,
+            task_seed=task_seed,
+        )
+
+    def learner_config(self) -> GRPOConfig:
+        """The learner configuration."""
+        return GRPOConfig(group_size=self.group_size, lr=self.lr, optimizer=self.optimizer)  # type: ignore[arg-type]
+
+
+def _fixed(value: float) -> Callable[[StudyConfig, int], metactl.MetaPolicy]:
+    return lambda cfg, seed: metactl.MetaPolicy(CANDIDATES, metactl.Fixed(value), seed=seed)
+
+
+#: name -> factory(config, seed) -> MetaPolicy. Adaptive rules use the core's default settings.
+CONTROLLERS: dict[str, Callable[[StudyConfig, int], metactl.MetaPolicy]] = {
+    "tampo": lambda cfg, seed: metactl.tampo(seed=seed),
+    "tampo-softmax": lambda cfg, seed: metactl.tampo(normalizer="softmax", seed=seed),
+    "hedge": lambda cfg, seed: metactl.MetaPolicy(CANDIDATES, metactl.Hedge(), seed=seed),
+    "metagradient": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.MetaGradient(), seed=seed
+    ),
+    "exp3": lambda cfg, seed: metactl.MetaPolicy(CANDIDATES, metactl.EXP3(), seed=seed),
+    "entropy": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.EntropyTarget(cfg.entropy_target, initial=1.0), seed=seed
+    ),
+    "linear": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.Schedule("linear", 0.9, 1.5, cfg.steps), seed=seed
+    ),
+    **{f"fixed-{t:.1f}": _fixed(t) for t in CANDIDATES},
+}
+ADAPTIVE = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy")
+
+
+def make_controller(name: str, config: StudyConfig, seed: int) -> metactl.MetaPolicy:
+    """Build controller ``name`` (a key of :data:`CONTROLLERS`) for one run.
+
+    >>> make_controller("fixed-1.2", StudyConfig(), seed=0).select().value
+    1.2
+    """
+    if name not in CONTROLLERS:
+        raise ValueError(f"unknown controller {name!r}; choose from {sorted(CONTROLLERS)}")
+    return CONTROLLERS[name](config, seed)
+
+
+def run_one(job: tuple[str, int, StudyConfig]) -> dict[str, Any]:
+    """Run controller ``name`` with ``seed``; returns the run's curves as arrays."""
+    name, seed, config = job
+    env = TokenSearchEnv(config.env_config(task_seed=seed))
+    policy = make_controller(name, config, seed)
+    log = train(policy, env, config.steps, config.learner_config(), seed=seed)
+    return {
+        "controller": name,
+        "seed": seed,
+        "success": log.success,
+        "temperature": log.temperature,
+        "probs": log.probs,
+        "reward": log.reward,
+        "entropy": log.entropy,
+        "auc": log.auc,
+        "final": log.final_success,
+    }
+
+
+# ---------------------------------------------------------------------------------- statistics
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t confidence interval of the mean.
+
+    >>> m, h = mean_ci(np.array([1.0, 2.0, 3.0]))
+    >>> round(m, 3), round(h, 3)
+    (2.0, 2.484)
+    """
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    if n < 2:
+        return float(values.mean()), float("nan")
+    sem = values.std(ddof=1) / np.sqrt(n)
+    return float(values.mean()), float(stats.t.ppf(0.5 + level / 2, n - 1) * sem)
+
+
+def paired_pvalue(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of ``a - b`` (1.0 when all differences are 0)."""
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.shape[0] < 2 or np.allclose(diff, 0.0):
+        return 1.0
+    return float(stats.wilcoxon(diff).pvalue)
+
+
+def summarise(results: list[dict[str, Any]], controllers: list[str]) -> dict[str, Any]:
+    """Aggregate runs into the comparison table (rows in ``controllers`` order)."""
+    from scipy import stats
+
+    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in results:
+        by_name.setdefault(run["controller"], {})[run["seed"]] = run
+    seeds = sorted(set.intersection(*(set(v) for v in by_name.values())))
+    auc = {c: np.array([by_name[c][s]["auc"] for s in seeds]) for c in controllers}
+    final = {c: np.array([by_name[c][s]["final"] for s in seeds]) for c in controllers}
+    fixed = [c for c in controllers if c.startswith("fixed-")]
+    best_fixed = max(fixed, key=lambda c: auc[c].mean()) if fixed else None
+    rows = []
+    for c in controllers:
+        temps = np.array([by_name[c][s]["temperature"] for s in seeds])
+        row: dict[str, Any] = {
+            "controller": c,
+            "final": mean_ci(final[c]),
+            "auc": mean_ci(auc[c]),
+            "mean_temperature": float(temps.mean()),
+        }
+        if best_fixed is not None and c != best_fixed:
+            row["delta_auc"] = mean_ci(auc[c] - auc[best_fixed])
+            row["p_auc"] = paired_pvalue(auc[c], auc[best_fixed])
+            row["p_final"] = paired_pvalue(final[c], final[best_fixed])
+        rows.append(row)
+    spread: dict[str, Any] = {}
+    if len(fixed) >= 3 and len(seeds) >= 2:
+        worst = min(fixed, key=lambda c: auc[c].mean())
+        spread = {
+            "best": best_fixed,
+            "worst": worst,
+            "delta_auc": mean_ci(auc[best_fixed] - auc[worst]),  # type: ignore[index]
+            "friedman_p": float(stats.friedmanchisquare(*(auc[c] for c in fixed)).pvalue),
+        }
+    return {"seeds": seeds, "best_fixed": best_fixed, "rows": rows, "fixed_spread": spread}
+
+
+def _fmt(pair: tuple[float, float]) -> str:
+    mean, half = pair
+    return f"{mean:.3f} ± {half:.3f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The summary as a markdown table plus notes."""
+    best = summary["best_fixed"]
+    lines = [
+        "| controller | final success | AUC | ΔAUC vs best fixed | p (AUC) | p (final) | mean T |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["rows"]:
+        name = row["controller"] + (" (best fixed)" if row["controller"] == best else "")
+        delta = _fmt(row["delta_auc"]) if "delta_auc" in row else "-"
+        p_auc = f"{row['p_auc']:.3g}" if "p_auc" in row else "-"
+        p_fin = f"{row['p_final']:.3g}" if "p_final" in row else "-"
+        lines.append(
+            f"| {name} | {_fmt(row['final'])} | {_fmt(row['auc'])} | {delta} | {p_auc} | "
+            f"{p_fin} | {row['mean_temperature']:.2f} |"
+        )
+    n = len(summary["seeds"])
+    lines += [
+        "",
+        f"{n} seeds; mean ± 95% CI (Student t). Success = exact probability that the learned "
+        "policy writes the target at T_eval = 1 (mean over tasks); AUC = mean success over "
+        "training. p: two-sided Wilcoxon signed-rank test, paired by seed, against the best "
+        "fixed temperature.",
+    ]
+    if best is not None:
+        lines.append(
+            f"Best fixed temperature chosen post hoc by mean AUC: {best}. Picking the best of "
+            "the fixed arms on the same seeds biases the comparison in its favour (winner's curse)."
+        )
+    spread = summary["fixed_spread"]
+    if spread:
+        lines.append(
+            f"Fixed temperatures differ: best ({spread['best']}) - worst ({spread['worst']}) "
+            f"AUC = {_fmt(spread['delta_auc'])}; Friedman test across the fixed arms "
+            f"p = {spread['friedman_p']:.3g}."
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- plots
+def make_plots(
+    results: list[dict[str, Any]], controllers: list[str], best_fixed: str | None, out: Path
+) -> list[Path]:
+    """Write the learning curves, the temperature trajectories and the meta-policy heat maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for run in results:
+        runs.setdefault(run["controller"], []).append(run)
+    shown = [c for c in controllers if not c.startswith("fixed-") or c == best_fixed]
+    for extra in ("fixed-0.6", "fixed-1.0", "fixed-1.5"):
+        if extra in controllers and extra not in shown:
+            shown.append(extra)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for c in shown:
+        curves = np.array([r["success"] for r in runs[c]])
+        mean = curves.mean(axis=0)
+        half = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) * 1.96 if len(curves) > 1 else 0
+        style = "--" if c.startswith("fixed-") or c == "linear" else "-"
+        label = c + (" (best fixed)" if c == best_fixed else "")
+        (line,) = ax.plot(mean, style, label=label)
+        ax.fill_between(np.arange(mean.shape[0]), mean - half, mean + half,
+                        color=line.get_color(), alpha=0.15)  # fmt: skip
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("success rate at T_eval = 1")
+    ax.set_title("Learning curves (mean ± 95% CI over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "learning_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    adaptive = [c for c in controllers if c in ADAPTIVE or c == "linear"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for c in adaptive:
+        temps = np.array([r["temperature"] for r in runs[c]])
+        mean = temps.mean(axis=0)
+        low, high = np.percentile(temps, [10, 90], axis=0)
+        (line,) = ax.plot(mean, label=c)
+        ax.fill_between(np.arange(mean.shape[0]), low, high, color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("temperature")
+    ax.set_title("Chosen temperature (mean, 10-90% band over seeds)")
+    if adaptive:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "temperature.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    learned = [c for c in controllers if c in ADAPTIVE and c != "entropy"]
+    fig, axes = plt.subplots(max(len(learned), 1), 1, figsize=(8, 2.2 * max(len(learned), 1)),
+                             squeeze=False)  # fmt: skip
+    for ax, c in zip(axes[:, 0], learned, strict=False):
+        probs = np.array([r["probs"] for r in runs[c]]).mean(axis=0)  # (steps, K)
+        image = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis",
+                          extent=(0, probs.shape[0], -0.5, len(CANDIDATES) - 0.5))  # fmt: skip
+        ax.set_yticks(range(len(CANDIDATES)), [f"{t:.1f}" for t in CANDIDATES], fontsize=7)
+        ax.set_ylabel(f"{c}\nT")
+        fig.colorbar(image, ax=ax, label="mean prob")
+    axes[-1, 0].set_xlabel("GRPO step")
+    fig.suptitle("Meta-policy probabilities (mean over seeds)")
+    fig.tight_layout()
+    paths.append(out / "meta_probs.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="metactl gym-study",
+        description="Compare temperature controllers on metactl/TokenSearch-v0 over many seeds.",
+    )
+    parser.add_argument("--seeds", type=int, default=30, help="number of seeds (default 30)")
+    parser.add_argument("--steps", type=int, default=200, help="GRPO steps per run (default 200)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--controllers",
+        default="all",
+        help=f"comma-separated subset of {','.join(CONTROLLERS)} (default: all)",
+    )
+    parser.add_argument("--out", default="runs/gym_study", help="output folder")
+    parser.add_argument("--group-size", type=int, default=8, help="GRPO group size G")
+    parser.add_argument("--lr", type=float, default=0.1, help="learner learning rate")
+    parser.add_argument("--vocab-size", type=int, default=16)
+    parser.add_argument("--length", type=int, default=6)
+    parser.add_argument("--num-tasks", type=int, default=6)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--reward", choices=("exact", "partial"), default="exact")
+    parser.add_argument("--no-deceptive", action="store_true", help="no decoy mode in the prior")
+    parser.add_argument("--entropy-target", type=float, default=0.3,
+                        help="H* of the entropy controller in nats (default 0.3)")  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; returns the exit status (0 on success, 2 on bad arguments)."""
+    args = _parse(argv)
+    try:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        names = list(CONTROLLERS) if args.controllers == "all" else [
+            c.strip() for c in args.controllers.split(",") if c.strip()
+        ]
+        for name in names:
+            if name not in CONTROLLERS:
+                raise ValueError(f"unknown controller {name!r}; choose from {list(CONTROLLERS)}")
+        if not names or len(set(names)) != len(names):
+            raise ValueError("--controllers must name each controller once")
+        config = StudyConfig(
+            steps=args.steps,
+            group_size=args.group_size,
+            lr=args.lr,
+            vocab_size=args.vocab_size,
+            length=args.length,
+            num_tasks=args.num_tasks,
+            families=tuple(f.strip() for f in args.families.split(",")),
+            reward=args.reward,
+            deceptive=not args.no_deceptive,
+            entropy_target=args.entropy_target,
+        )
+    except (ValueError, TypeError) as exc:
+        print(f"metactl gym-study: {exc}", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, seed, config) for seed in range(args.seeds) for name in names]
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs), desc="gym-study runs", unit="run", disable=args.quiet)
+    if args.workers == 1:
+        for job in jobs:
+            results.append(run_one(job))
+            bar.update()
+    else:
+        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        with context.Pool(args.workers) as pool:
+            for result in pool.imap_unordered(run_one, jobs, chunksize=4):
+                results.append(result)
+                bar.update()
+    bar.close()
+    wall = time.perf_counter() - start
+
+    summary = summarise(results, names)
+    table = format_table(summary)
+    meta = {
+        "config": asdict(config),
+        "controllers": names,
+        "seeds": args.seeds,
+        "workers": args.workers,
+        "wall_seconds": wall,
+        "metactl_version": metactl.__version__,
+    }
+    (out / "results.md").write_text(
+        f"# gym-study: controllers on metactl/TokenSearch-v0\n\n{table}\n\n"
+        f"Config: `{json.dumps(meta['config'])}`; wall time {wall:.1f} s with "
+        f"{args.workers} worker(s).\n",
+        encoding="utf-8",
+    )
+    (out / "results.json").write_text(json.dumps({**meta, **summary}, indent=2), encoding="utf-8")
+    ordered = sorted(results, key=lambda r: (names.index(r["controller"]), r["seed"]))
+    np.savez_compressed(
+        out / "runs.npz",
+        controller=np.array([r["controller"] for r in ordered]),
+        seed=np.array([r["seed"] for r in ordered]),
+        **{key: np.array([r[key] for r in ordered])
+           for key in ("success", "temperature", "probs", "reward", "entropy", "auc", "final")},
+    )  # fmt: skip
+    if not args.no_plots:
+        make_plots(results, names, summary["best_fixed"], out)
+    if not args.quiet:
+        print(table)
+        print(f"\n{len(jobs)} runs in {wall:.1f} s with {args.workers} worker(s); wrote {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
