@@ -49,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        print(f"metactl {command} needs the optional dependencies: pip install '{extra}' ({exc})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"metactl {command} needs the optional dependencies: pip install '{extra}' ({exc})",
+            file=sys.stderr,
+        )
         return 1
     return int(module.main(rest) or 0)
 

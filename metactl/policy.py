@@ -22,9 +22,16 @@ SCHEMA_VERSION = 1
 PAPER_TEMPERATURES: tuple[float, ...] = tuple(round(0.6 + 0.1 * i, 1) for i in range(10))
 FEEDBACK_NAMES = ("loglik", "advantages", "reward", "entropy", "vocab_size")
 _STATE_KEYS = {
-    "schema_version", "hyperparameter", "candidates", "rule", "selector", "seed", "step",
-    "rule_state", "rng",
-}  # fmt: skip
+    "schema_version",
+    "hyperparameter",
+    "candidates",
+    "rule",
+    "selector",
+    "seed",
+    "step",
+    "rule_state",
+    "rng",
+}
 
 
 def _validate_feedback(feedback: dict[str, Any], k: int) -> Feedback:
@@ -56,8 +63,10 @@ def _validate_feedback(feedback: dict[str, Any], k: int) -> Feedback:
 
 
 def _state_to_json(state: RuleState) -> dict[str, Any]:
-    return {key: value.tolist() if isinstance(value, np.ndarray) else value
-            for key, value in state.items()}  # fmt: skip
+    return {
+        key: value.tolist() if isinstance(value, np.ndarray) else value
+        for key, value in state.items()
+    }
 
 
 def _state_from_json(data: Any, template: RuleState) -> RuleState:
@@ -170,8 +179,13 @@ class MetaPolicy:
         else:
             prob = float(probs[index])
         value = self._rule.decision_value(self._state, self._candidates, self._step, index)
-        return Decision(index=int(index), value=float(value), prob=float(prob),
-                        step=self._step, policy_id=self._id)  # fmt: skip
+        return Decision(
+            index=int(index),
+            value=float(value),
+            prob=float(prob),
+            step=self._step,
+            policy_id=self._id,
+        )
 
     def update(self, decision: Decision, **feedback: Any) -> UpdateInfo:
         """Update from the feedback of the batch sampled with ``decision``.
@@ -254,8 +268,13 @@ class MetaPolicy:
             selector_cls = SELECTORS[state["selector"]["type"]]
             rule = rule_cls(**state["rule"]["config"])
             selector = selector_cls(**state["selector"]["config"])
-            policy = cls(state["candidates"], rule, selector, seed=state["seed"],
-                         hyperparameter=state["hyperparameter"])  # fmt: skip
+            policy = cls(
+                state["candidates"],
+                rule,
+                selector,
+                seed=state["seed"],
+                hyperparameter=state["hyperparameter"],
+            )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"state_dict does not describe a metactl policy: {exc!r}") from exc
         policy.load_state_dict(state)
