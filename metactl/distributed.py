@@ -85,10 +85,10 @@ def gather_feedback(feedback: dict[str, Any], all_gather: AllGather) -> dict[str
             out[name] = float(np.average(values, weights=weights))
     for name in _SAME_FEEDBACK:
         if name in feedback:
-            values = [int(np.asarray(v)) for v in all_gather(np.asarray(feedback[name]))]
-            if len(set(values)) != 1:
-                raise ValueError(f"{name} differs across ranks: {values}")
-            out[name] = values[0]
+            sizes = [int(np.asarray(v)) for v in all_gather(np.asarray(feedback[name]))]
+            if len(set(sizes)) != 1:
+                raise ValueError(f"{name} differs across ranks: {sizes}")
+            out[name] = sizes[0]
     return out
 
 
