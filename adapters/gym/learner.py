@@ -68,7 +68,7 @@ def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-4) ->
     ``A = (r - mean_group) / (std_group + eps)`` with the unbiased std (as TRL); a group whose
     rewards are all equal gets zero advantages.
 
-    >>> group_advantages(np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), 3).round(3).tolist()
+    >>> group_advantages(np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), 3).round(3).tolist()
     [1.155, -0.577, -0.577, 0.0, 0.0, 0.0]
     """
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -215,6 +215,9 @@ class TabularGRPO:
     def gradient(self, batch: Rollout, advantages: np.ndarray) -> tuple[float, np.ndarray]:
         """GRPO loss of ``batch`` at its own temperature and its gradient w.r.t. the logit table.
 
+        Uses the current table at the batch's states, so repeated passes over a batch see the
+        updated policy (the first pass equals the rollout's own logits).
+
         Loss: ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T)[o_it]`` (on-policy: the
         importance ratio is 1; no KL term). Returns ``(loss, grad)``, ``grad`` shaped like
         :attr:`logits`.
@@ -224,7 +227,9 @@ class TabularGRPO:
         if advantages.shape != (n,):
             raise ValueError(f"advantages must have shape ({n},), got {advantages.shape}")
         temp = batch.temperature
-        logp = log_softmax(batch.logits / temp)  # (N, L, V)
+        # the current table (equal to batch.logits for the on-policy step; fresher after a step)
+        z = self.logits[batch.tasks[:, None], self._positions[None, :], batch.states]
+        logp = log_softmax(z / temp)  # (N, L, V)
         index = batch.tokens[..., None]
         taken = np.take_along_axis(logp, index, axis=-1)[..., 0]
         loss = float(-(advantages[:, None] * taken).mean())

@@ -16,9 +16,11 @@ curves), ``learning_curves.png``, ``temperature.png`` and ``meta_probs.png``.
 
 Example
 -------
+>>> import tempfile
 >>> from metactl.adapters.gym.study import main
+>>> out = tempfile.mkdtemp()
 >>> main(["--seeds", "2", "--steps", "5", "--controllers", "tampo,fixed-1.0",
-...       "--workers", "1", "--out", "/tmp/gym_study_doctest", "--quiet"])
+...       "--workers", "1", "--out", out, "--quiet", "--no-plots"])
 0
 """
 

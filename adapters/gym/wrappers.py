@@ -90,8 +90,8 @@ class KnobWrapper(gym.Wrapper):
         super().__init__(env)
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ValueError(f"name must be a public Python identifier, got {name!r}")
-        if hasattr(gym.Wrapper, name):
-            raise ValueError(f"name {name!r} clashes with the gymnasium Wrapper API")
+        if hasattr(self, name):
+            raise ValueError(f"name {name!r} clashes with an attribute of the gymnasium Wrapper")
         if not callable(validator):
             raise TypeError("validator must be callable")
         object.__setattr__(self, "_knob_name", name)

@@ -1,0 +1,204 @@
+"""The tabular GRPO learner: rollouts, gradients, evaluation and the feedback it gives policies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from metactl.adapters.gym import ENV_ID, TokenSearchEnv
+from metactl.adapters.gym.learner import (
+    GRPOConfig,
+    StepRecord,
+    TabularGRPO,
+    TrainLog,
+    group_advantages,
+    log_softmax,
+    train,
+)
+
+import metactl
+
+CANDS = np.array(metactl.PAPER_TEMPERATURES)
+
+
+def _small_env(**kwargs: Any) -> TokenSearchEnv:
+    defaults: dict[str, Any] = {"vocab_size": 5, "length": 3, "num_tasks": 3}
+    return TokenSearchEnv(**{**defaults, **kwargs})
+
+
+def test_group_advantages_match_a_direct_computation() -> None:
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(rewards, 4)
+    first = rewards[:4]
+    expected = (first - first.mean()) / (first.std(ddof=1) + 1e-4)
+    np.testing.assert_allclose(adv[:4], expected)
+    assert np.all(adv[4:] == 0.0)  # a group with equal rewards carries no signal
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(rewards, 3)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(rewards, 1)
+
+
+def test_rollout_uses_the_policy_logits_and_the_env_rewards() -> None:
+    env = _small_env(reward="partial")
+    learner = TabularGRPO(gym.make(ENV_ID, **env.config.__dict__), GRPOConfig(group_size=4))
+    learner.logits += np.random.default_rng(1).normal(size=learner.logits.shape)  # context matters
+    batch = learner.rollout(1.3, np.random.default_rng(0))
+    n, length = batch.tokens.shape
+    assert n == 3 * 4 and length == 3
+    assert np.array_equal(batch.tasks, np.repeat(np.arange(3), 4))
+    assert np.all(batch.states[:, 0] == 5)  # begin-of-answer state
+    assert np.array_equal(batch.states[:, 1:], batch.tokens[:, :-1])
+    for t in range(length):
+        np.testing.assert_array_equal(
+            batch.logits[:, t], learner.logits[batch.tasks, t, batch.states[:, t]]
+        )
+    # the env's own step() gives the same rewards as the learner's vectorised rollout
+    replay = gym.make(ENV_ID, **env.config.__dict__)
+    for i in range(n):
+        replay.reset(seed=i, options={"task_id": int(batch.tasks[i])})
+        for token in batch.tokens[i]:
+            *_, reward, terminated, _, _ = replay.step(int(token))
+        assert terminated and reward == batch.rewards[i]
+
+
+def test_rollout_frequencies_match_the_exact_success_probability() -> None:
+    env = _small_env(vocab_size=4, length=2, num_tasks=2, families=("shoulder",))
+    learner = TabularGRPO(env, GRPOConfig(group_size=20_000))
+    for temperature in (0.7, 1.4):
+        batch = learner.rollout(temperature, np.random.default_rng(3))
+        exact = learner.success_by_task(temperature)
+        freq = batch.rewards.reshape(2, -1).mean(axis=1)
+        sigma = np.sqrt(exact * (1 - exact) / 20_000)
+        assert np.all(np.abs(freq - exact) < 5 * sigma + 1e-9)
+
+
+def test_gradient_matches_finite_differences() -> None:
+    env = _small_env(vocab_size=3, length=2, num_tasks=2, reward="partial")
+    learner = TabularGRPO(env, GRPOConfig(group_size=3))
+    batch = learner.rollout(0.8, np.random.default_rng(0))
+    adv = np.random.default_rng(1).normal(size=batch.tokens.shape[0])
+    loss, grad = learner.gradient(batch, adv)
+
+    def loss_at(table: np.ndarray) -> float:
+        z = np.stack([table[batch.tasks, t, batch.states[:, t]] for t in range(2)], axis=1)
+        logp = log_softmax(z / 0.8)
+        taken = np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
+        return float(-(adv[:, None] * taken).mean())
+
+    assert np.isclose(loss, loss_at(learner.logits))
+    eps = 1e-6
+    for index in np.ndindex(*learner.logits.shape):
+        bumped = learner.logits.copy()
+        bumped[index] += eps
+        lowered = learner.logits.copy()
+        lowered[index] -= eps
+        numeric = (loss_at(bumped) - loss_at(lowered)) / (2 * eps)
+        assert np.isclose(grad[index], numeric, atol=1e-7), index
+
+
+def test_sgd_step_lowers_the_loss() -> None:
+    learner = TabularGRPO(_small_env(), GRPOConfig(group_size=4, optimizer="sgd", lr=0.5))
+    batch = learner.rollout(1.0, np.random.default_rng(0))
+    adv = np.random.default_rng(1).normal(size=batch.tokens.shape[0])
+    before = learner.update(batch, adv)
+    after, _ = learner.gradient(batch, adv)
+    assert after < before
+
+
+def test_loglik_feedback_equals_direct_recomputation() -> None:
+    records: list[StepRecord] = []
+    train(metactl.tampo(seed=0), _small_env(), 6, GRPOConfig(group_size=4), seed=0,
+          on_step=records.append)  # fmt: skip
+    assert len(records) == 6
+    for record in records:
+        batch, feedback = record.batch, record.feedback
+        assert set(feedback) == {"loglik", "advantages"}
+        expected = np.empty((batch.tokens.shape[0], CANDS.shape[0]))
+        for k, temp in enumerate(CANDS):
+            logp = log_softmax(batch.logits / temp)
+            taken = np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
+            expected[:, k] = taken.mean(axis=1)  # length-normalised, every position counts
+        np.testing.assert_allclose(np.asarray(feedback["loglik"]), expected, rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(feedback["advantages"], record.advantages)
+        np.testing.assert_allclose(record.advantages, group_advantages(batch.rewards, 4))
+        assert batch.temperature == record.decision.value
+        # the sampling temperature scores the batch: its column is the batch's own log-likelihood
+        k = int(np.argmin(np.abs(CANDS - batch.temperature)))
+        own = TabularGRPO.token_logprobs(record.learner, batch).mean(axis=1)
+        np.testing.assert_allclose(expected[:, k], own)
+
+
+@pytest.mark.parametrize(
+    ("policy", "keys"),
+    [
+        (metactl.MetaPolicy(CANDS, metactl.Fixed(1.0)), set()),
+        (metactl.MetaPolicy(CANDS, metactl.EXP3(), seed=0), {"reward"}),
+        (metactl.MetaPolicy(CANDS, metactl.EntropyTarget(0.3)), {"entropy", "vocab_size"}),
+        (metactl.MetaPolicy(CANDS, metactl.Hedge(), seed=0), {"loglik", "advantages"}),
+    ],
+    ids=["fixed", "exp3", "entropy", "hedge"],
+)
+def test_feedback_is_exactly_what_the_policy_requires(policy: Any, keys: set[str]) -> None:
+    records: list[StepRecord] = []
+    train(policy, _small_env(), 3, GRPOConfig(group_size=4), seed=0, on_step=records.append)
+    for record in records:
+        assert set(record.feedback) == keys
+        batch = record.batch
+        if "reward" in keys:
+            assert record.feedback["reward"] == pytest.approx(batch.rewards.mean())
+        if "entropy" in keys:
+            p = np.exp(log_softmax(batch.logits / batch.temperature))
+            entropy = -(p * np.log(p)).sum(axis=-1).mean()
+            assert record.feedback["entropy"] == pytest.approx(entropy)
+            assert record.feedback["vocab_size"] == 5
+
+
+def test_learner_improves_on_an_easy_setting() -> None:
+    env = TokenSearchEnv(vocab_size=6, length=3, num_tasks=4, families=("shoulder",))
+    policy = metactl.MetaPolicy(CANDS, metactl.Fixed(1.0))
+    log = train(policy, env, 40, GRPOConfig(group_size=8), seed=0)
+    assert log.success[0] < 0.2
+    assert log.final_success > 0.8
+    assert log.auc > log.success[0]
+
+
+def test_train_is_deterministic_given_the_seeds() -> None:
+    env = _small_env()
+
+    def run(seed: int) -> TrainLog:
+        return train(metactl.tampo(seed=seed), env, 15, GRPOConfig(group_size=4), seed=seed)
+
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(a.success, b.success)
+    np.testing.assert_array_equal(a.temperature, b.temperature)
+    np.testing.assert_array_equal(a.probs, b.probs)
+    assert not np.array_equal(a.success, c.success)
+    assert a.probs.shape == (15, 10) and a.success_by_task.shape == (16, 3)
+    expected_auc = (a.success[:-1] + a.success[1:]).sum() / 2 / 15
+    assert a.auc == pytest.approx(expected_auc)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="optimizer"):
+        GRPOConfig(optimizer="rmsprop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eval_temperature"):
+        GRPOConfig(eval_temperature=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        GRPOConfig(betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="TokenSearchEnv"):
+        TabularGRPO(gym.make("CartPole-v1"))
+    learner = TabularGRPO(_small_env())
+    with pytest.raises(ValueError, match="temperature"):
+        learner.rollout(0.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="steps"):
+        train(metactl.tampo(), _small_env(), 0)
+    batch = learner.rollout(1.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="advantages"):
+        learner.update(batch, np.zeros(3))
+    with pytest.raises(ValueError, match="cannot provide"):
+        learner.feedback(("gradient_norm",), batch, np.zeros(batch.tokens.shape[0]), CANDS)

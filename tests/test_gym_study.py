@@ -1,0 +1,104 @@
+"""The multi-seed study (``metactl gym-study``) end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from metactl.adapters.gym.study import (
+    CONTROLLERS,
+    StudyConfig,
+    main,
+    make_controller,
+    mean_ci,
+    summarise,
+)
+
+TINY = ["--seeds", "2", "--steps", "6", "--group-size", "4", "--num-tasks", "3"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_main_runs_end_to_end_and_writes_its_files(tmp_path: Path, workers: str, capsys) -> None:
+    out = tmp_path / "study"
+    argv = [*TINY, "--controllers", "tampo,exp3,fixed-0.6,fixed-1.2", "--workers", workers,
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| controller |" in printed and "Best fixed temperature" in printed
+    for name in ("results.md", "results.json", "runs.npz", "learning_curves.png",
+                 "temperature.png", "meta_probs.png"):  # fmt: skip
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    result = json.loads((out / "results.json").read_text())
+    assert [row["controller"] for row in result["rows"]] == ["tampo", "exp3", "fixed-0.6",
+                                                             "fixed-1.2"]  # fmt: skip
+    assert result["seeds"] == [0, 1]
+    assert result["best_fixed"] in ("fixed-0.6", "fixed-1.2")
+    runs = np.load(out / "runs.npz")
+    assert runs["success"].shape == (8, 7) and runs["probs"].shape == (8, 6, 10)
+    fixed = runs["temperature"][runs["controller"] == "fixed-1.2"]
+    assert np.all(fixed == 1.2)
+    assert "tampo" in (out / "results.md").read_text()
+
+
+def test_example_script_delegates_to_main(tmp_path: Path, monkeypatch) -> None:
+    script = Path(__file__).resolve().parents[1] / "examples" / "gym_study.py"
+    argv = [str(script), *TINY, "--controllers", "linear,fixed-1.0", "--workers", "1",
+            "--out", str(tmp_path), "--no-plots", "--quiet"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert (tmp_path / "results.json").is_file()
+    assert not (tmp_path / "learning_curves.png").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--controllers", "tampo,nonsense"],
+        ["--controllers", "tampo,tampo"],
+        ["--seeds", "0"],
+        ["--workers", "0"],
+        ["--steps", "1"],
+        ["--families", "shoulder,nope"],
+        ["--vocab-size", "1"],
+    ],
+)
+def test_bad_arguments_exit_with_status_2(bad: list[str], tmp_path: Path, capsys) -> None:
+    assert main([*bad, "--out", str(tmp_path), "--quiet"]) == 2
+    assert "metactl gym-study:" in capsys.readouterr().err
+
+
+def test_every_controller_builds_and_the_grid_is_complete() -> None:
+    config = StudyConfig(steps=10)
+    for name in CONTROLLERS:
+        assert make_controller(name, config, seed=0).candidates.shape == (10,)
+    assert {f"fixed-{t / 10:.1f}" for t in range(6, 16)} <= set(CONTROLLERS)
+    assert {"tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy",
+            "linear"} <= set(CONTROLLERS)  # fmt: skip
+
+
+def test_summary_picks_the_best_fixed_arm_by_mean_auc_and_pairs_by_seed() -> None:
+    def run(name: str, seed: int, auc: float) -> dict:
+        return {"controller": name, "seed": seed, "auc": auc, "final": auc,
+                "temperature": np.ones(3)}  # fmt: skip
+
+    aucs = {
+        "fixed-0.6": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        "fixed-1.0": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        "tampo": [0.6, 0.7, 0.8, 0.9, 1.0, 1.1],
+    }
+    results = [run(n, s, a) for n, values in aucs.items() for s, a in enumerate(values)]
+    summary = summarise(results, list(aucs))
+    assert summary["best_fixed"] == "fixed-1.0"
+    tampo = summary["rows"][2]
+    assert tampo["delta_auc"][0] == pytest.approx(0.1)
+    assert tampo["delta_auc"][1] == pytest.approx(0.0, abs=1e-12)  # constant paired difference
+    assert 0.0 < tampo["p_auc"] < 0.05
+    assert "delta_auc" not in summary["rows"][1]  # the reference row itself
+    mean, half = mean_ci(np.array(aucs["tampo"]))
+    assert mean == pytest.approx(0.85) and half > 0
