@@ -1,0 +1,302 @@
+"""Candidate likelihoods of sampled completions: the exact (extra forward) and fast (captured) paths.
+
+Both return, for every completion ``i`` of the local batch and every candidate temperature
+``T_k``, the length-normalised log-likelihood ``L[i, k]`` of the sampled tokens under
+``softmax(z / T_k)`` (via :func:`metactl.likelihood.candidate_loglik`), where ``z`` are the raw
+logits of the policy that sampled the batch.
+
+* **exact**: one no-grad forward of the policy over prompt+completion, materialising the logits
+  of the completion positions (``logits_to_keep``), batch by batch.
+* **fast**: no extra transformer forward. A :class:`HiddenCapture` hook on the backbone records
+  the final hidden states during a pass TRL makes anyway (the old-logprob pass, or the
+  generation itself), and :func:`candidate_loglik_from_hidden` applies the LM head window by window
+  (a bounded number of positions at a time), so the ``(N, L, V)`` logits never exist at once.
+
+Completions with no scored token (e.g. ``mask_truncated_completions=True``) get ``L[i, :] = 0``
+and are reported in ``counts`` as 0, so the trainer can give them zero weight.
+
+Example:
+    >>> import torch
+    >>> hidden = torch.randn(2, 3, 8)
+    >>> weight = torch.randn(11, 8)
+    >>> tokens = torch.randint(0, 11, (2, 3))
+    >>> mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    >>> res = candidate_loglik_from_hidden(hidden, tokens, mask, weight, None, [0.5, 1.0])
+    >>> res.loglik.shape, res.counts.tolist()
+    (torch.Size([2, 2]), [2, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from metactl.likelihood import candidate_loglik
+
+__all__ = [
+    "HiddenCapture",
+    "LikelihoodResult",
+    "candidate_loglik_exact",
+    "candidate_loglik_from_hidden",
+]
+
+#: Default size of one window of materialised logits (float32 bytes).
+DEFAULT_WINDOW_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class LikelihoodResult:
+    """Candidate likelihoods of one local batch.
+
+    Attributes:
+        loglik: ``(N, K)`` float64, ``L[i, k]`` (0 for rows with no scored token).
+        counts: ``(N,)`` int64, number of scored tokens per row.
+        entropy_sum: sum over scored tokens of the entropy (nats) of ``softmax(z / T)`` at the
+            requested temperature, or ``None`` when not requested.
+    """
+
+    loglik: torch.Tensor
+    counts: torch.Tensor
+    entropy_sum: float | None = None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            logit_scale: float, softcap: float | None) -> torch.Tensor:  # fmt: skip
+    """Raw logits exactly as TRL's fused head forms them (before the temperature), in float32."""
+    z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def _entropy_sum(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return float((ent * mask).sum())
+
+
+def _accumulate(sums: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor, candidates: Sequence[float]) -> None:  # fmt: skip
+    """Add ``count * mean`` of every row with a scored token in this window to ``sums[rows]``."""
+    counts = mask.sum(1)
+    keep = counts > 0
+    if not bool(keep.any()):
+        return
+    means = candidate_loglik(logits[keep], tokens[keep], mask[keep], candidates)
+    sums.index_add_(0, rows[keep].to(sums.device),
+                    means.double() * counts[keep].double().unsqueeze(1).to(means.device))  # fmt: skip
+
+
+def candidate_loglik_from_hidden(
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    candidates: Sequence[float],
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    entropy_temperature: float | None = None,
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
+) -> LikelihoodResult:
+    """Candidate likelihoods from final hidden states, applying the LM head window by window.
+
+    Args:
+        hidden: ``(N, C, H)`` final hidden states; ``hidden[:, t]`` predicts ``tokens[:, t]``.
+        tokens: ``(N, C)`` sampled token ids.
+        mask: ``(N, C)`` 0/1, the tokens to score.
+        weight, bias: the LM head (``(V, H)``, ``(V,)`` or ``None``).
+        candidates: the ``K`` candidate temperatures.
+        logit_scale, softcap: the model's logit scaling and soft-capping (as TRL's fused head).
+        entropy_temperature: also sum the token entropies of ``softmax(z / T)`` at this ``T``.
+        window_bytes: bound on one window of float32 logits (rows x positions x V x 4 bytes).
+
+    Example:
+        >>> import torch
+        >>> h, w = torch.randn(1, 2, 4), torch.randn(5, 4)
+        >>> r = candidate_loglik_from_hidden(h, torch.tensor([[1, 2]]), torch.ones(1, 2), w, None,
+        ...                                  [0.8, 1.2], entropy_temperature=1.0)
+        >>> r.entropy_sum > 0
+        True
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (N, C, H), got {tuple(hidden.shape)}")
+    n, c, _ = hidden.shape
+    if tokens.shape != (n, c) or mask.shape != (n, c):
+        raise ValueError(
+            f"tokens and mask must have shape {(n, c)}, got {tuple(tokens.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
+    if window_bytes < 1:
+        raise ValueError(f"window_bytes must be >= 1, got {window_bytes}")
+    vocab = weight.shape[0]
+    mask = mask.to(torch.long)
+    width = max(1, min(c, window_bytes // (4 * vocab)))
+    height = max(1, window_bytes // (4 * vocab * width))
+    sums = torch.zeros((n, len(candidates)), dtype=torch.float64, device=hidden.device)
+    entropy = 0.0
+    with torch.no_grad():
+        for r0 in range(0, n, height):
+            r1 = min(n, r0 + height)
+            rows = torch.arange(r0, r1, device=hidden.device)
+            for t0 in range(0, c, width):
+                t1 = min(c, t0 + width)
+                sub_mask = mask[r0:r1, t0:t1]
+                if not bool(sub_mask.any()):
+                    continue
+                z = _logits(hidden[r0:r1, t0:t1], weight, bias, logit_scale, softcap)
+                _accumulate(sums, rows, z, tokens[r0:r1, t0:t1], sub_mask, candidates)
+                if entropy_temperature is not None:
+                    entropy += _entropy_sum(z, sub_mask, entropy_temperature)
+    counts = mask.sum(1)
+    loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
+    return LikelihoodResult(loglik=loglik, counts=counts,
+                            entropy_sum=entropy if entropy_temperature is not None else None)  # fmt: skip
+
+
+def candidate_loglik_exact(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    candidates: Sequence[float],
+    *,
+    batch_size: int,
+    entropy_temperature: float | None = None,
+    autocast: Any = None,
+) -> LikelihoodResult:
+    """Candidate likelihoods from one extra no-grad forward of ``model`` (the slow, plain path).
+
+    Args:
+        model: the causal LM (its plain ``forward`` returning ``.logits``).
+        input_ids, attention_mask: ``(N, P + C)`` prompt+completion.
+        tokens, mask: ``(N, C)`` the completion tokens and the 0/1 mask of those to score.
+        candidates: the ``K`` candidate temperatures.
+        batch_size: rows per forward.
+        entropy_temperature: also sum the token entropies at this temperature.
+        autocast: a context-manager factory to run the forward under (e.g. ``accelerator.autocast``).
+
+    Example:
+        >>> import torch
+        >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
+        >>> m = build_tiny_model(build_char_tokenizer(), hidden_size=32, num_layers=1)
+        >>> ids = torch.randint(4, 20, (2, 5))
+        >>> r = candidate_loglik_exact(m, ids, torch.ones_like(ids), ids[:, 3:], torch.ones(2, 2),
+        ...                            [0.7, 1.0], batch_size=2)
+        >>> r.loglik.shape
+        torch.Size([2, 2])
+    """
+    n, c = tokens.shape
+    if input_ids.shape[0] != n or input_ids.shape[1] < c + 1:
+        raise ValueError("input_ids must hold the prompt (>= 1 token) followed by the completion")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mask = mask.to(torch.long)
+    sums = torch.zeros((n, len(candidates)), dtype=torch.float64, device=input_ids.device)
+    entropy = 0.0
+    with torch.no_grad():
+        for r0 in range(0, n, batch_size):
+            r1 = min(n, r0 + batch_size)
+            sub_mask = mask[r0:r1]
+            if not bool(sub_mask.any()):
+                continue
+            with autocast() if autocast is not None else _null():
+                out = model(input_ids=input_ids[r0:r1], attention_mask=attention_mask[r0:r1],
+                            logits_to_keep=c + 1, use_cache=False)  # fmt: skip
+            logits = out.logits[:, -(c + 1) : -1]
+            rows = torch.arange(r0, r1, device=input_ids.device)
+            _accumulate(sums, rows, logits, tokens[r0:r1], sub_mask, candidates)
+            if entropy_temperature is not None:
+                entropy += _entropy_sum(logits, sub_mask, entropy_temperature)
+    counts = mask.sum(1)
+    loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
+    return LikelihoodResult(loglik=loglik, counts=counts,
+                            entropy_sum=entropy if entropy_temperature is not None else None)  # fmt: skip
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+class HiddenCapture:
+    """Records the backbone's final hidden states during passes TRL already makes.
+
+    ``mode="generate"``: during ``generate`` every forward (prefill, then one per new token) keeps
+    the hidden state of its last position, i.e. the state that produced the logits the next token
+    was sampled from. ``mode="old"``: during TRL's old-logprob pass (a full forward over
+    prompt+completion) it keeps the ``logits_to_keep`` positions that predict the completion.
+
+    The hook is attached only inside ``with capture:`` and records only inside
+    ``capture.recording(...)``; everything is detached (no autograd graph is kept).
+
+    Example:
+        >>> import torch
+        >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
+        >>> m = build_tiny_model(build_char_tokenizer(), hidden_size=32, num_layers=1)
+        >>> cap = HiddenCapture(m.model, "old")
+        >>> with cap, cap.recording(keep=2), torch.no_grad():
+        ...     _ = m(input_ids=torch.randint(4, 20, (3, 6)))
+        >>> cap.hidden().shape
+        torch.Size([3, 2, 32])
+    """
+
+    def __init__(self, backbone: torch.nn.Module, mode: Literal["generate", "old"]) -> None:
+        if mode not in ("generate", "old"):
+            raise ValueError(f"mode must be 'generate' or 'old', got {mode!r}")
+        self.backbone = backbone
+        self.mode = mode
+        self.parts: list[torch.Tensor] = []
+        self.calls = 0
+        self._keep = 0
+        self._active = False
+        self._handle: Any = None
+
+    def __enter__(self) -> HiddenCapture:
+        self._handle = self.backbone.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._active = False
+
+    @contextmanager
+    def recording(self, keep: int = 0) -> Iterator[None]:
+        """Record the backbone's outputs inside this block (``keep``: positions, ``"old"`` mode)."""
+        if self.mode == "old" and keep < 1:
+            raise ValueError("keep (logits_to_keep) must be >= 1 in 'old' mode")
+        self._keep, self._active = keep, True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self._active:
+            return
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0]
+        self.calls += 1
+        if self.mode == "generate":
+            self.parts.append(hidden[:, -1].detach())
+        else:
+            self.parts.append(hidden[:, -(self._keep + 1) : -1].detach())
+
+    def hidden(self) -> torch.Tensor:
+        """``(N, C, H)``: per generated position (``"generate"``) or per completion position."""
+        if not self.parts:
+            raise RuntimeError("nothing was captured")
+        if self.mode == "generate":
+            return torch.stack(self.parts, dim=1)
+        return torch.cat(self.parts, dim=0)

@@ -1,0 +1,372 @@
+"""Tiny, fully local models, tokenizers and tasks for TRL tests, examples and benchmarks.
+
+Nothing here touches the network: the tokenizer is a character-level ``tokenizers`` model wrapped as a
+``PreTrainedTokenizerFast``, the model is a ``Qwen2ForCausalLM`` built from a config, and the task
+is synthetic integer addition (``"12+34="`` -> ``"46"``).
+
+Example:
+    >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
+    >>> tok = build_char_tokenizer()
+    >>> tok.decode(tok("12+3=")["input_ids"], skip_special_tokens=True)
+    '12+3='
+    >>> model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0)
+    >>> model.config.vocab_size == len(tok)
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+__all__ = [
+    "CHARS",
+    "TinyModelSpec",
+    "addition_dataset",
+    "build_char_tokenizer",
+    "build_tiny_model",
+    "digit_count_reward",
+    "exact_match_reward",
+    "greedy_accuracy",
+    "sft_warmup",
+    "tiny_grpo_config",
+    "tiny_model_dir",
+]
+
+#: Characters of the synthetic tasks (one token each).
+CHARS = "0123456789+-*=() "
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+
+def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
+    """Build a character-level fast tokenizer (one token per character, ``<bos>`` prepended).
+
+    Padding is on the left (what generation needs); ``decode`` joins characters without spaces.
+
+    Example:
+        >>> tok = build_char_tokenizer("0123456789+=")
+        >>> tok("1+2=")["input_ids"][0] == tok.bos_token_id
+        True
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(chars, str) or not chars:
+        raise ValueError("chars must be a non-empty string")
+    if len(set(chars)) != len(chars):
+        raise ValueError("chars must not repeat characters")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 64,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Build a randomly initialised ``Qwen2ForCausalLM`` sized for CPU tests (75k params by default).
+
+    Example:
+        >>> tok = build_char_tokenizer()
+        >>> sum(p.numel() for p in build_tiny_model(tok).parameters()) < 200_000
+        True
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    if hidden_size % num_heads != 0:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def addition_dataset(n: int, *, digits: int = 2, seed: int = 0) -> Dataset:
+    """Synthetic addition prompts: ``{"prompt": "12+34=", "answer": "46"}`` rows.
+
+    Example:
+        >>> ds = addition_dataset(3, digits=1, seed=0)
+        >>> sorted(ds.column_names)
+        ['answer', 'prompt']
+    """
+    from datasets import Dataset
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    rng = random.Random(seed)
+    hi = 10**digits - 1
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return Dataset.from_list(rows)
+
+
+def exact_match_reward(completions: Sequence[str], answer: Sequence[str], **_: Any) -> list[float]:
+    """TRL reward function: 1.0 when the completion (stripped) equals the answer, else 0.0.
+
+    Example:
+        >>> exact_match_reward(["46", "47 "], answer=["46", "46"])
+        [1.0, 0.0]
+    """
+    return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
+
+
+def digit_count_reward(completions: Sequence[str], **_: Any) -> list[float]:
+    """TRL reward function for tests: the number of digit characters in the completion.
+
+    It gives non-zero, varied advantages even for an untrained model.
+
+    Example:
+        >>> digit_count_reward(["12a", "+"])
+        [2.0, 0.0]
+    """
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+
+def sft_warmup(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seconds: float = 5.0,
+    max_steps: int = 10_000,
+    digits: int = 2,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> int:
+    """Supervised warm-up on ``a+b=`` -> ``sum<eos>`` so that GRPO sees non-zero rewards.
+
+    Runs until ``seconds`` of wall time or ``max_steps`` optimizer steps, whichever comes first, and
+    returns the number of steps taken. The model is left in eval mode.
+
+    Example:
+        >>> tok = build_char_tokenizer()
+        >>> model = build_tiny_model(tok, hidden_size=32, num_layers=1)
+        >>> sft_warmup(model, tok, seconds=60.0, max_steps=2)
+        2
+    """
+    import torch
+
+    if seconds <= 0 or max_steps < 1:
+        raise ValueError("seconds must be > 0 and max_steps >= 1")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    hi = 10**digits - 1
+    eos = tokenizer.eos_token
+    model.train()
+    start = time.perf_counter()
+    step = 0
+    while step < max_steps and time.perf_counter() - start < seconds:
+        prompts, targets = [], []
+        for _ in range(batch_size):
+            a, b = rng.randint(0, hi), rng.randint(0, hi)
+            prompts.append(f"{a}+{b}=")
+            targets.append(f"{a + b}")
+        texts = [p + t + eos for p, t in zip(prompts, targets, strict=True)]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        ids = enc["input_ids"].to(device)
+        attn = enc["attention_mask"].to(device)
+        labels = ids.clone()
+        labels[attn == 0] = -100
+        # Only learn the answer: mask the prompt part (left padding: prompt ends where '=' is).
+        eq_id = tokenizer.convert_tokens_to_ids("=")
+        eq_pos = (ids == eq_id).int().argmax(dim=1)
+        positions = torch.arange(ids.size(1), device=device).unsqueeze(0)
+        labels[positions <= eq_pos.unsqueeze(1)] = -100
+        out = model(input_ids=ids, attention_mask=attn, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        step += 1
+    model.eval()
+    return step
+
+
+def greedy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    max_new_tokens: int = 4,
+) -> float:
+    """Greedy exact-match accuracy of ``model`` on ``prompts``.
+
+    Example:
+        >>> tok = build_char_tokenizer()
+        >>> 0.0 <= greedy_accuracy(build_tiny_model(tok), tok, ["1+1="], ["2"]) <= 1.0
+        True
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
+    model.train(was_training)
+    return sum(t.strip() == a for t, a in zip(texts, answers, strict=True)) / len(prompts)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """What :func:`tiny_model_dir` builds (and caches on disk under a hash of these fields).
+
+    Example:
+        >>> TinyModelSpec(hidden_size=32).num_layers
+        2
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    max_positions: int = 64
+    seed: int = 0
+    sft_steps: int = 0
+    sft_digits: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "max_positions"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.sft_steps < 0:
+            raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
+
+
+def tiny_model_dir(spec: TinyModelSpec | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Build (once) and save a tiny tokenizer+model; return the directory for ``from_pretrained``.
+
+    The directory name is a hash of ``spec``, so repeated calls (and other processes) reuse it. SFT
+    uses a fixed number of steps (``spec.sft_steps``), so the result does not depend on machine speed.
+
+    Example:
+        >>> path = tiny_model_dir(TinyModelSpec(hidden_size=32, num_layers=1))
+        >>> (path / "config.json").exists()
+        True
+    """
+    spec = spec or TinyModelSpec()
+    root = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "metactl_tiny"
+    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    path = root / f"qwen2-char-{key}"
+    if (path / "done").exists():
+        return path
+    tok = build_char_tokenizer()
+    model = build_tiny_model(
+        tok,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        max_positions=spec.max_positions,
+        seed=spec.seed,
+    )
+    if spec.sft_steps:
+        sft_warmup(model, tok, seconds=1e9, max_steps=spec.sft_steps, digits=spec.sft_digits, seed=spec.seed)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=_ensure_dir(root)))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "done").write_text(json.dumps(asdict(spec)))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race; use its copy
+        if not (path / "done").exists():
+            raise
+    return path
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tiny_grpo_config(output_dir: str | os.PathLike[str], **overrides: Any) -> Any:
+    """A ``GRPOConfig`` that runs on CPU in well under a second per step with the tiny model.
+
+    Any field can be overridden by keyword.
+
+    Example:
+        >>> cfg = tiny_grpo_config("/tmp/x", max_steps=2)
+        >>> (cfg.use_cpu, cfg.bf16, cfg.max_steps)
+        (True, False, 2)
+    """
+    from trl import GRPOConfig
+
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "max_steps": 3,
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 4,
+        "temperature": 1.0,
+        "learning_rate": 1e-3,
+        "beta": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)

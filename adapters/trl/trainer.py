@@ -1,0 +1,425 @@
+"""``MetaGRPOTrainer``: TRL's ``GRPOTrainer`` with the rollout temperature chosen by a meta-policy.
+
+One temperature per *generation batch*: TRL generates once every
+``steps_per_generation * num_iterations`` training steps and reuses the batch in between, so the
+value is chosen in ``_generate_and_score_completions`` (called exactly once per generation batch)
+and written to every place TRL keeps the temperature (:mod:`.patching`). The rollouts, the old,
+reference and current log-probs of every optimisation pass over that batch therefore all use the
+temperature that sampled it.
+
+The meta update happens in the same call, right after TRL has scored the batch: the advantages
+come from TRL's output, the candidate likelihoods from :mod:`.scoring` (fast path: hidden states
+captured during the old-logprob pass when TRL makes one, else during generation; exact path: one
+extra no-grad forward). Feedback is gathered across ranks in rank order and every rank updates its
+own copy of the policy identically, so the next selection agrees on every rank (checked with a
+broadcast from rank 0 at every selection).
+
+Example:
+    >>> import metactl
+    >>> from metactl.adapters.trl import MetaGRPOTrainer
+    >>> from metactl.adapters.trl.testing import (addition_dataset, digit_count_reward,
+    ...     tiny_grpo_config, tiny_model_dir)
+    >>> path = str(tiny_model_dir())
+    >>> trainer = MetaGRPOTrainer(model=path, reward_funcs=digit_count_reward,
+    ...     args=tiny_grpo_config("/tmp/metactl_doc", max_steps=2),
+    ...     train_dataset=addition_dataset(32), meta_policy=metactl.tampo(seed=0))
+    >>> _ = trainer.train()
+    >>> [round(h["value"], 1) in trainer.meta_policy.candidates for h in trainer.meta_history]
+    [True, True]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+import metactl
+from metactl.distributed import assert_same_choice, gather_feedback, torch_collectives
+
+from .guards import check_generation_settings, check_trl_version
+from .patching import (
+    FusedHead,
+    find_trainer_heads,
+    output_embeddings,
+    policy_target,
+    set_trainer_temperature,
+    trainer_temperatures,
+)
+from .scoring import (
+    DEFAULT_WINDOW_BYTES,
+    HiddenCapture,
+    LikelihoodResult,
+    candidate_loglik_exact,
+    candidate_loglik_from_hidden,
+)
+
+__all__ = ["META_STATE_NAME", "MetaGRPOTrainer"]
+
+logger = logging.getLogger(__name__)
+
+#: File written into every TRL checkpoint directory.
+META_STATE_NAME = "metactl_state.json"
+_STATE_FORMAT = 1
+
+Path = Literal["old", "generate", "exact"]
+
+
+class MetaGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose rollout temperature is chosen per generation batch by ``meta_policy``.
+
+    All ``GRPOTrainer`` arguments are accepted unchanged; ``GRPOConfig.temperature`` becomes the
+    *evaluation* temperature (evaluation samples and scores at it and never updates the policy).
+
+    Args:
+        meta_policy: a :class:`metactl.MetaPolicy` over temperatures (default
+            :func:`metactl.tampo`). Give every rank the same seed.
+        likelihood: ``"fast"`` (default; no extra transformer forward: hidden states are captured
+            during TRL's old-logprob pass when it makes one, else during generation, and the LM head
+            is applied window by window) or ``"exact"`` (one extra no-grad scoring forward).
+            Only used when the rule needs likelihoods (``"loglik" in meta_policy.requires``).
+        check_sync: on multi-process runs, check at every selection that all ranks chose the
+            same candidate as rank 0 (one tiny broadcast).
+        loglik_window_bytes: memory bound of one window of logits on the fast path.
+
+    Attributes:
+        meta_history: one dict per generation batch: ``policy_step``, ``global_step``,
+            ``value``, ``index``, ``probs`` (after the update), ``candidate_advantages``,
+            ``likelihood_path``.
+        eval_temperature: the temperature used during evaluation (``args.temperature``).
+        meta_seconds: wall time spent in the meta-policy work (selection, scoring, update).
+
+    Logged metrics (``self._metrics``, so every TRL logger sees them): ``metactl/temperature``,
+    ``metactl/decision_prob``, ``metactl/prob/<T>``, ``metactl/candidate_advantage/<T>``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        meta_policy: metactl.MetaPolicy | None = None,
+        likelihood: Literal["fast", "exact"] = "fast",
+        check_sync: bool = True,
+        loglik_window_bytes: int = DEFAULT_WINDOW_BYTES,
+        **kwargs: Any,
+    ) -> None:
+        check_trl_version()
+        policy = metactl.tampo() if meta_policy is None else meta_policy
+        if not isinstance(policy, metactl.MetaPolicy):
+            raise TypeError(f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}")
+        if policy.hyperparameter != "temperature":
+            raise ValueError(
+                f"meta_policy controls {policy.hyperparameter!r}; MetaGRPOTrainer sets the "
+                "temperature, so build the policy with hyperparameter='temperature'"
+            )
+        if likelihood not in ("fast", "exact"):
+            raise ValueError(f"likelihood must be 'fast' or 'exact', got {likelihood!r}")
+        if not isinstance(check_sync, bool):
+            raise TypeError(f"check_sync must be a bool, got {type(check_sync).__name__}")
+        if isinstance(loglik_window_bytes, bool) or not isinstance(loglik_window_bytes, int):
+            raise TypeError("loglik_window_bytes must be an int")
+        if loglik_window_bytes < 1:
+            raise ValueError(f"loglik_window_bytes must be >= 1, got {loglik_window_bytes}")
+        self.meta_policy = policy
+        self.likelihood = likelihood
+        self.check_sync = check_sync
+        self.loglik_window_bytes = loglik_window_bytes
+        self.meta_history: list[dict[str, Any]] = []
+        self.meta_seconds = 0.0
+        self._meta_train_temperature: float | None = None
+        self._meta_capture: HiddenCapture | None = None
+        self._meta_old_done = False
+        self._meta_collectives: tuple[Any, Any] | None = None
+        super().__init__(*args, **kwargs)
+
+        self.eval_temperature = float(self.args.temperature)
+        settings = dict(getattr(self, "generation_kwargs", None) or {})
+        for name in ("top_p", "top_k", "min_p", "repetition_penalty"):
+            settings.setdefault(name, getattr(self.args, name, None))
+        check_generation_settings(
+            settings,
+            generation_kwargs=self.args.generation_kwargs,
+            needs_likelihood="loglik" in policy.requires,
+        )
+        self._meta_heads: list[FusedHead] = find_trainer_heads(self)
+
+    # ------------------------------------------------------------------ temperature plumbing
+    def set_temperature(self, value: float) -> None:
+        """Write ``value`` to every place TRL keeps the temperature (see :mod:`.patching`)."""
+        set_trainer_temperature(self, value, self._meta_heads)
+
+    def temperatures(self) -> dict[str, float]:
+        """Every temperature the trainer currently holds, by place (they are always equal)."""
+        return trainer_temperatures(self, self._meta_heads)
+
+    # ------------------------------------------------------------------ collectives
+    def _collectives(self) -> tuple[Any, Any]:
+        if self._meta_collectives is None:
+            self._meta_collectives = torch_collectives()
+        return self._meta_collectives
+
+    @property
+    def _multi_process(self) -> bool:
+        return self.accelerator.num_processes > 1
+
+    # ------------------------------------------------------------------ the hook
+    def _likelihood_path(self) -> Path:
+        """Where this generation batch's candidate likelihoods come from."""
+        if self.likelihood == "exact":
+            return "exact"
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        use_vllm = bool(getattr(self, "use_vllm", False))
+        if self.args.gradient_accumulation_steps % generate_every != 0 or (
+            use_vllm and getattr(self, "vllm_importance_sampling_correction", False)
+        ):
+            return "old"  # TRL makes an old-logprob pass over the batch: capture it
+        plain_generate = not (
+            use_vllm
+            or getattr(self, "use_transformers_continuous_batching", False)
+            or getattr(self, "rollout_func", None) is not None
+            or getattr(self, "tools", None)
+            or getattr(self, "environment_factories", None) is not None
+        )
+        return "generate" if plain_generate else "exact"
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.model.training:
+            # Evaluation: sample and score at the evaluation temperature; never update the policy.
+            self.set_temperature(self.eval_temperature)
+            self._metrics["eval"]["metactl/temperature"].append(self.eval_temperature)
+            return super()._generate_and_score_completions(inputs)
+
+        t0 = time.perf_counter()
+        decision = self.meta_policy.select()
+        if self.check_sync and self._multi_process:
+            assert_same_choice(decision, self._collectives()[1])
+        self.set_temperature(decision.value)
+        self._meta_train_temperature = decision.value
+        requires = set(self.meta_policy.requires)
+        needs_scoring = bool(requires & {"loglik", "entropy"})
+        path = self._likelihood_path() if needs_scoring else None
+        capture = None
+        if path in ("old", "generate"):
+            capture = HiddenCapture(self._backbone(), path)
+        self._meta_capture, self._meta_old_done = capture, False
+        self.meta_seconds += time.perf_counter() - t0
+        try:
+            if capture is not None:
+                with capture:
+                    output = super()._generate_and_score_completions(inputs)
+            else:
+                output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._meta_capture = None
+        t1 = time.perf_counter()
+        self._update_policy(decision, output, capture, path)
+        self.meta_seconds += time.perf_counter() - t1
+        return output
+
+    def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
+        capture = self._meta_capture
+        if capture is not None and capture.mode == "generate":
+            with capture.recording():
+                return super()._generate_single_turn(*args, **kwargs)
+        return super()._generate_single_turn(*args, **kwargs)
+
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor,
+                                           attention_mask: torch.Tensor, logits_to_keep: int,
+                                           *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        capture = self._meta_capture
+        # TRL's first policy pass inside _generate_and_score_completions is the old-logprob pass
+        # (the reference pass comes after it; with PEFT it also runs on self.model).
+        if (
+            capture is not None
+            and capture.mode == "old"
+            and not self._meta_old_done
+            and model is self.model
+        ):
+            self._meta_old_done = True
+            with capture.recording(keep=logits_to_keep):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                )
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+
+    def _backbone(self) -> torch.nn.Module:
+        target = policy_target(self.model)
+        return getattr(target, self._meta_heads[0].backbone_attr)
+
+    # ------------------------------------------------------------------ feedback and update
+    def _score(self, decision: metactl.Decision, output: dict[str, Any],
+               capture: HiddenCapture | None, path: Path) -> tuple[LikelihoodResult, Path]:  # fmt: skip
+        tokens = output["completion_ids"]
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        candidates = self.meta_policy.candidates.tolist()
+        ent_t = decision.value if "entropy" in self.meta_policy.requires else None
+        if capture is not None:
+            hidden = self._aligned_hidden(capture, tokens, mask)
+            if hidden is not None:
+                head = self._meta_heads[0]
+                lm_head = output_embeddings(self.model)
+                return candidate_loglik_from_hidden(
+                    hidden, tokens, mask, lm_head.weight, getattr(lm_head, "bias", None),
+                    candidates, logit_scale=head.logit_scale, softcap=head.softcap,
+                    entropy_temperature=ent_t, window_bytes=self.loglik_window_bytes,
+                ), path  # fmt: skip
+            logger.warning(
+                "metactl: the %s-pass hidden states did not line up with the completions; "
+                "scoring this batch with an extra forward (likelihood='exact')", path
+            )
+        input_ids = torch.cat([output["prompt_ids"], tokens], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        result = candidate_loglik_exact(
+            self.model, input_ids, attention_mask, tokens, mask, candidates,
+            batch_size=self.args.per_device_train_batch_size, entropy_temperature=ent_t,
+            autocast=self.accelerator.autocast,
+        )  # fmt: skip
+        return result, "exact"
+
+    @staticmethod
+    def _aligned_hidden(capture: HiddenCapture, tokens: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+        """The captured ``(N, C, H)`` hidden states, or ``None`` if they cannot be aligned."""
+        if not capture.parts:
+            return None
+        hidden = capture.hidden()
+        n, c = tokens.shape
+        if hidden.shape[0] != n:
+            return None
+        steps = hidden.shape[1]
+        if steps >= c:
+            return hidden[:, :c]
+        if bool(mask[:, steps:].any()):
+            return None
+        pad = hidden.new_zeros((n, c - steps, hidden.shape[2]))
+        return torch.cat([hidden, pad], dim=1)
+
+    def _update_policy(self, decision: metactl.Decision, output: dict[str, Any],
+                       capture: HiddenCapture | None, path: Path | None) -> Path | None:  # fmt: skip
+        requires = set(self.meta_policy.requires)
+        feedback: dict[str, Any] = {}
+        path_used: Path | None = None
+        if path is not None:
+            result, path_used = self._score(decision, output, capture, path)
+            scored = (result.counts > 0).cpu().numpy()
+            if "loglik" in requires:
+                feedback["loglik"] = result.loglik.cpu().numpy()
+            if "entropy" in requires:
+                tokens = float(result.counts.sum())
+                feedback["entropy"] = result.entropy_sum / max(tokens, 1.0)
+        if "advantages" in requires or "loglik" in requires:
+            advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
+            if advantages.ndim != 1:
+                raise ValueError(
+                    "MetaGRPOTrainer needs one advantage per completion (shape (N,)); got "
+                    f"shape {advantages.shape}"
+                )
+            if "loglik" in feedback:
+                # A completion with no scored token (mask_truncated_completions, tool-only) carries
+                # no likelihood; TRL leaves it out of the loss, and weight 0 leaves it out here.
+                advantages = np.where(scored, advantages, 0.0)
+            feedback["advantages"] = advantages
+        if "reward" in requires:
+            # TRL's logged batch reward is already the mean over all ranks' completions.
+            feedback["reward"] = float(self._metrics["train"]["reward"][-1])
+        if "vocab_size" in requires:
+            feedback["vocab_size"] = int(output_embeddings(self.model).weight.shape[0])
+        if self._multi_process and feedback:
+            feedback = gather_feedback(feedback, self._collectives()[0])
+        info = self.meta_policy.update(decision, **feedback)
+        self._log_meta(decision, info, path_used)
+        return path_used
+
+    def _log_meta(self, decision: metactl.Decision, info: metactl.UpdateInfo,
+                  path: Path | None) -> None:  # fmt: skip
+        metrics = self._metrics["train"]
+        metrics["metactl/temperature"].append(decision.value)
+        metrics["metactl/decision_prob"].append(decision.prob)
+        candidates = self.meta_policy.candidates
+        for value, prob in zip(candidates, info.probs, strict=True):
+            metrics[f"metactl/prob/{value:g}"].append(float(prob))
+        adv = info.candidate_advantages
+        if adv is not None:
+            for value, a in zip(candidates, adv, strict=True):
+                metrics[f"metactl/candidate_advantage/{value:g}"].append(float(a))
+        self.meta_history.append(
+            {
+                "policy_step": decision.step,
+                "global_step": int(self.state.global_step),
+                "value": decision.value,
+                "index": decision.index,
+                "probs": [float(p) for p in info.probs],
+                "candidate_advantages": None if adv is None else [float(a) for a in adv],
+                "likelihood_path": path,
+            }
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model: Any, inputs: Any, prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:  # fmt: skip
+        # Evaluation generates *and* computes its loss at the evaluation temperature; then the
+        # training temperature of the current (possibly half-consumed) buffered batch comes back.
+        self.set_temperature(self.eval_temperature)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            if self._meta_train_temperature is not None:
+                self.set_temperature(self._meta_train_temperature)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta_state_dict(self) -> dict[str, Any]:
+        """What ``metactl_state.json`` holds: the policy state and the current temperatures."""
+        return {
+            "format": _STATE_FORMAT,
+            "policy": self.meta_policy.state_dict(),
+            "train_temperature": self._meta_train_temperature,
+            "eval_temperature": self.eval_temperature,
+            "likelihood": self.likelihood,
+        }
+
+    def load_meta_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`meta_state_dict` (the policy continues bit-identically)."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a {META_STATE_NAME} of format {_STATE_FORMAT}")
+        self.meta_policy.load_state_dict(state["policy"])
+        temperature = state.get("train_temperature")
+        if temperature is not None and math.isfinite(float(temperature)):
+            self._meta_train_temperature = float(temperature)
+            self.set_temperature(self._meta_train_temperature)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        out_dir = os.path.join(self._get_output_dir(trial=trial), folder)
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, META_STATE_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.meta_state_dict(), f)
+        os.replace(tmp, os.path.join(out_dir, META_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, META_STATE_NAME)
+        if not os.path.exists(path):
+            logger.warning(
+                "metactl: %s has no %s; the meta-policy starts from its current state",
+                checkpoint, META_STATE_NAME,
+            )  # fmt: skip
+            return
+        with open(path) as f:
+            self.load_meta_state_dict(json.load(f))
