@@ -53,7 +53,7 @@ _NEUTRAL = {
 
 
 def check_trl_version(version: str | None = None) -> None:
-    """Raise ``RuntimeError`` unless ``version`` (default: the installed TRL) is in :data:`TESTED_TRL`.
+    """Raise ``RuntimeError`` unless ``version`` (default: installed TRL) is in :data:`TESTED_TRL`.
 
     Pre-releases of the next minor (``1.17.0.dev0``) count as outside the range. With
     ``METACTL_ALLOW_UNTESTED_TRL=1`` the error becomes a ``RuntimeWarning``.

@@ -189,7 +189,7 @@ def _check_temperature(value: float) -> float:
 
 
 def set_trainer_temperature(trainer: Any, value: float, heads: list[FusedHead]) -> None:
-    """Write ``value`` to every place ``trainer`` (a TRL 1.16 ``GRPOTrainer``) keeps the temperature.
+    """Write ``value`` to every place ``trainer`` (TRL 1.16 ``GRPOTrainer``) keeps the temperature.
 
     Args:
         trainer: the trainer.

@@ -1,4 +1,4 @@
-"""Candidate likelihoods of sampled completions: the exact (extra forward) and fast (captured) paths.
+"""Candidate likelihoods of sampled completions: exact (extra forward) and fast (captured) paths.
 
 Both return, for every completion ``i`` of the local batch and every candidate temperature
 ``T_k``, the length-normalised log-likelihood ``L[i, k]`` of the sampled tokens under
@@ -64,8 +64,13 @@ class LikelihoodResult:
     entropy_sum: float | None = None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            logit_scale: float, softcap: float | None) -> torch.Tensor:  # fmt: skip
+def _logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
     """Raw logits exactly as TRL's fused head forms them (before the temperature), in float32."""
     z = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
     if logit_scale != 1.0:
@@ -81,16 +86,25 @@ def _entropy_sum(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -
     return float((ent * mask).sum())
 
 
-def _accumulate(sums: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
-                mask: torch.Tensor, candidates: Sequence[float]) -> None:  # fmt: skip
+def _accumulate(
+    sums: torch.Tensor,
+    rows: torch.Tensor,
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    candidates: Sequence[float],
+) -> None:
     """Add ``count * mean`` of every row with a scored token in this window to ``sums[rows]``."""
     counts = mask.sum(1)
     keep = counts > 0
     if not bool(keep.any()):
         return
     means = candidate_loglik(logits[keep], tokens[keep], mask[keep], candidates)
-    sums.index_add_(0, rows[keep].to(sums.device),
-                    means.double() * counts[keep].double().unsqueeze(1).to(means.device))  # fmt: skip
+    sums.index_add_(
+        0,
+        rows[keep].to(sums.device),
+        means.double() * counts[keep].double().unsqueeze(1).to(means.device),
+    )
 
 
 def candidate_loglik_from_hidden(
@@ -157,8 +171,11 @@ def candidate_loglik_from_hidden(
                     entropy += _entropy_sum(z, sub_mask, entropy_temperature)
     counts = mask.sum(1)
     loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
-    return LikelihoodResult(loglik=loglik, counts=counts,
-                            entropy_sum=entropy if entropy_temperature is not None else None)  # fmt: skip
+    return LikelihoodResult(
+        loglik=loglik,
+        counts=counts,
+        entropy_sum=entropy if entropy_temperature is not None else None,
+    )
 
 
 def candidate_loglik_exact(
@@ -182,7 +199,7 @@ def candidate_loglik_exact(
         candidates: the ``K`` candidate temperatures.
         batch_size: rows per forward.
         entropy_temperature: also sum the token entropies at this temperature.
-        autocast: a context-manager factory to run the forward under (e.g. ``accelerator.autocast``).
+        autocast: context-manager factory to run the forward under (``accelerator.autocast``).
 
     Example:
         >>> import torch
@@ -209,8 +226,12 @@ def candidate_loglik_exact(
             if not bool(sub_mask.any()):
                 continue
             with autocast() if autocast is not None else _null():
-                out = model(input_ids=input_ids[r0:r1], attention_mask=attention_mask[r0:r1],
-                            logits_to_keep=c + 1, use_cache=False)  # fmt: skip
+                out = model(
+                    input_ids=input_ids[r0:r1],
+                    attention_mask=attention_mask[r0:r1],
+                    logits_to_keep=c + 1,
+                    use_cache=False,
+                )
             logits = out.logits[:, -(c + 1) : -1]
             rows = torch.arange(r0, r1, device=input_ids.device)
             _accumulate(sums, rows, logits, tokens[r0:r1], sub_mask, candidates)
@@ -218,8 +239,11 @@ def candidate_loglik_exact(
                 entropy += _entropy_sum(logits, sub_mask, entropy_temperature)
     counts = mask.sum(1)
     loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
-    return LikelihoodResult(loglik=loglik, counts=counts,
-                            entropy_sum=entropy if entropy_temperature is not None else None)  # fmt: skip
+    return LikelihoodResult(
+        loglik=loglik,
+        counts=counts,
+        entropy_sum=entropy if entropy_temperature is not None else None,
+    )
 
 
 @contextmanager

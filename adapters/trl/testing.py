@@ -1,8 +1,8 @@
 """Tiny, fully local models, tokenizers and tasks for TRL tests, examples and benchmarks.
 
-Nothing here touches the network: the tokenizer is a character-level ``tokenizers`` model wrapped as a
-``PreTrainedTokenizerFast``, the model is a ``Qwen2ForCausalLM`` built from a config, and the task
-is synthetic integer addition (``"12+34="`` -> ``"46"``).
+Nothing here touches the network: the tokenizer is a character-level ``tokenizers`` model
+wrapped as a ``PreTrainedTokenizerFast``, the model is a ``Qwen2ForCausalLM`` built from a
+config, and the task is synthetic integer addition (``"12+34="`` -> ``"46"``).
 
 Example:
     >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
@@ -95,7 +95,7 @@ def build_tiny_model(
     max_positions: int = 64,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """Build a randomly initialised ``Qwen2ForCausalLM`` sized for CPU tests (75k params by default).
+    """Build a randomly initialised ``Qwen2ForCausalLM`` sized for CPU tests (75k parameters).
 
     Example:
         >>> tok = build_char_tokenizer()
@@ -106,7 +106,9 @@ def build_tiny_model(
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     if hidden_size % num_heads != 0:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+        )
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -293,11 +295,13 @@ class TinyModelSpec:
             raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
 
 
-def tiny_model_dir(spec: TinyModelSpec | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def tiny_model_dir(
+    spec: TinyModelSpec | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Build (once) and save a tiny tokenizer+model; return the directory for ``from_pretrained``.
 
-    The directory name is a hash of ``spec``, so repeated calls (and other processes) reuse it. SFT
-    uses a fixed number of steps (``spec.sft_steps``), so the result does not depend on machine speed.
+    The directory name is a hash of ``spec``, so repeated calls (and other processes) reuse it.
+    SFT uses a fixed number of steps (``spec.sft_steps``): the result does not depend on speed.
 
     Example:
         >>> path = tiny_model_dir(TinyModelSpec(hidden_size=32, num_layers=1))
@@ -305,7 +309,9 @@ def tiny_model_dir(spec: TinyModelSpec | None = None, cache_dir: str | os.PathLi
         True
     """
     spec = spec or TinyModelSpec()
-    root = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "metactl_tiny"
+    root = (
+        Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "metactl_tiny"
+    )
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"qwen2-char-{key}"
     if (path / "done").exists():
@@ -320,7 +326,14 @@ def tiny_model_dir(spec: TinyModelSpec | None = None, cache_dir: str | os.PathLi
         seed=spec.seed,
     )
     if spec.sft_steps:
-        sft_warmup(model, tok, seconds=1e9, max_steps=spec.sft_steps, digits=spec.sft_digits, seed=spec.seed)
+        sft_warmup(
+            model,
+            tok,
+            seconds=1e9,
+            max_steps=spec.sft_steps,
+            digits=spec.sft_digits,
+            seed=spec.seed,
+        )
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=_ensure_dir(root)))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

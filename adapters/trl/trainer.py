@@ -113,7 +113,9 @@ class MetaGRPOTrainer(GRPOTrainer):
         check_trl_version()
         policy = metactl.tampo() if meta_policy is None else meta_policy
         if not isinstance(policy, metactl.MetaPolicy):
-            raise TypeError(f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}")
+            raise TypeError(
+                f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}"
+            )
         if policy.hyperparameter != "temperature":
             raise ValueError(
                 f"meta_policy controls {policy.hyperparameter!r}; MetaGRPOTrainer sets the "
@@ -230,9 +232,15 @@ class MetaGRPOTrainer(GRPOTrainer):
                 return super()._generate_single_turn(*args, **kwargs)
         return super()._generate_single_turn(*args, **kwargs)
 
-    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: torch.Tensor,
-                                           attention_mask: torch.Tensor, logits_to_keep: int,
-                                           *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         capture = self._meta_capture
         # TRL's first policy pass inside _generate_and_score_completions is the old-logprob pass
         # (the reference pass comes after it; with PEFT it also runs on self.model).
@@ -256,8 +264,13 @@ class MetaGRPOTrainer(GRPOTrainer):
         return getattr(target, self._meta_heads[0].backbone_attr)
 
     # ------------------------------------------------------------------ feedback and update
-    def _score(self, decision: metactl.Decision, output: dict[str, Any],
-               capture: HiddenCapture | None, path: Path) -> tuple[LikelihoodResult, Path]:  # fmt: skip
+    def _score(
+        self,
+        decision: metactl.Decision,
+        output: dict[str, Any],
+        capture: HiddenCapture | None,
+        path: Path,
+    ) -> tuple[LikelihoodResult, Path]:
         tokens = output["completion_ids"]
         mask = output["completion_mask"]
         if "tool_mask" in output:
@@ -270,26 +283,41 @@ class MetaGRPOTrainer(GRPOTrainer):
                 head = self._meta_heads[0]
                 lm_head = output_embeddings(self.model)
                 return candidate_loglik_from_hidden(
-                    hidden, tokens, mask, lm_head.weight, getattr(lm_head, "bias", None),
-                    candidates, logit_scale=head.logit_scale, softcap=head.softcap,
-                    entropy_temperature=ent_t, window_bytes=self.loglik_window_bytes,
-                ), path  # fmt: skip
+                    hidden,
+                    tokens,
+                    mask,
+                    lm_head.weight,
+                    getattr(lm_head, "bias", None),
+                    candidates,
+                    logit_scale=head.logit_scale,
+                    softcap=head.softcap,
+                    entropy_temperature=ent_t,
+                    window_bytes=self.loglik_window_bytes,
+                ), path
             logger.warning(
                 "metactl: the %s-pass hidden states did not line up with the completions; "
-                "scoring this batch with an extra forward (likelihood='exact')", path
+                "scoring this batch with an extra forward (likelihood='exact')",
+                path,
             )
         input_ids = torch.cat([output["prompt_ids"], tokens], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         result = candidate_loglik_exact(
-            self.model, input_ids, attention_mask, tokens, mask, candidates,
-            batch_size=self.args.per_device_train_batch_size, entropy_temperature=ent_t,
+            self.model,
+            input_ids,
+            attention_mask,
+            tokens,
+            mask,
+            candidates,
+            batch_size=self.args.per_device_train_batch_size,
+            entropy_temperature=ent_t,
             autocast=self.accelerator.autocast,
-        )  # fmt: skip
+        )
         return result, "exact"
 
     @staticmethod
-    def _aligned_hidden(capture: HiddenCapture, tokens: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    def _aligned_hidden(
+        capture: HiddenCapture, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
         """The captured ``(N, C, H)`` hidden states, or ``None`` if they cannot be aligned."""
         if not capture.parts:
             return None
@@ -305,8 +333,13 @@ class MetaGRPOTrainer(GRPOTrainer):
         pad = hidden.new_zeros((n, c - steps, hidden.shape[2]))
         return torch.cat([hidden, pad], dim=1)
 
-    def _update_policy(self, decision: metactl.Decision, output: dict[str, Any],
-                       capture: HiddenCapture | None, path: Path | None) -> Path | None:  # fmt: skip
+    def _update_policy(
+        self,
+        decision: metactl.Decision,
+        output: dict[str, Any],
+        capture: HiddenCapture | None,
+        path: Path | None,
+    ) -> Path | None:
         requires = set(self.meta_policy.requires)
         feedback: dict[str, Any] = {}
         path_used: Path | None = None
@@ -341,8 +374,9 @@ class MetaGRPOTrainer(GRPOTrainer):
         self._log_meta(decision, info, path_used)
         return path_used
 
-    def _log_meta(self, decision: metactl.Decision, info: metactl.UpdateInfo,
-                  path: Path | None) -> None:  # fmt: skip
+    def _log_meta(
+        self, decision: metactl.Decision, info: metactl.UpdateInfo, path: Path | None
+    ) -> None:
         metrics = self._metrics["train"]
         metrics["metactl/temperature"].append(decision.value)
         metrics["metactl/decision_prob"].append(decision.prob)
@@ -366,8 +400,13 @@ class MetaGRPOTrainer(GRPOTrainer):
         )
 
     # ------------------------------------------------------------------ evaluation
-    def prediction_step(self, model: Any, inputs: Any, prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> Any:  # fmt: skip
+    def prediction_step(
+        self,
+        model: Any,
+        inputs: Any,
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
         # Evaluation generates *and* computes its loss at the evaluation temperature; then the
         # training temperature of the current (possibly half-consumed) buffered batch comes back.
         self.set_temperature(self.eval_temperature)
@@ -418,8 +457,9 @@ class MetaGRPOTrainer(GRPOTrainer):
         if not os.path.exists(path):
             logger.warning(
                 "metactl: %s has no %s; the meta-policy starts from its current state",
-                checkpoint, META_STATE_NAME,
-            )  # fmt: skip
+                checkpoint,
+                META_STATE_NAME,
+            )
             return
         with open(path) as f:
             self.load_meta_state_dict(json.load(f))
