@@ -75,6 +75,24 @@ def test_rollout_frequencies_match_the_exact_success_probability() -> None:
         assert np.all(np.abs(freq - exact) < 5 * sigma + 1e-9)
 
 
+def test_greedy_success_ignores_temperature_and_follows_the_argmax_path() -> None:
+    env = _small_env(families=("shoulder",))
+    learner = TabularGRPO(env)
+    assert np.all(learner.greedy_success_by_task() == 0.0)  # the prior's mode is a decoy
+    assert learner.success_rate(0.6) < learner.success_rate(1.0)  # the target is in the tail
+    task, targets = 1, env.targets[1]
+    prev = 5
+    for t, token in enumerate(targets):
+        learner.logits[task, t, prev, token] += 10.0
+        prev = token
+    assert learner.greedy_success_by_task().tolist() == [0.0, 1.0, 0.0]
+    cold, hot = learner.success_by_task(0.6)[task], learner.success_by_task(1.5)[task]
+    assert cold > hot > 0.0
+    assert TabularGRPO(env, GRPOConfig(eval_temperature=0.6)).success_rate() == pytest.approx(
+        TabularGRPO(env).success_rate(0.6)
+    )
+
+
 def test_gradient_matches_finite_differences() -> None:
     env = _small_env(vocab_size=3, length=2, num_tasks=2, reward="partial")
     learner = TabularGRPO(env, GRPOConfig(group_size=3))

@@ -85,7 +85,7 @@ def test_every_controller_builds_and_the_grid_is_complete() -> None:
 def test_summary_picks_the_best_fixed_arm_by_mean_auc_and_pairs_by_seed() -> None:
     def run(name: str, seed: int, auc: float) -> dict:
         return {"controller": name, "seed": seed, "auc": auc, "final": auc,
-                "temperature": np.ones(3)}  # fmt: skip
+                "greedy": np.array([0.0, auc]), "temperature": np.arange(10.0)}  # fmt: skip
 
     aucs = {
         "fixed-0.6": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
@@ -100,5 +100,7 @@ def test_summary_picks_the_best_fixed_arm_by_mean_auc_and_pairs_by_seed() -> Non
     assert tampo["delta_auc"][1] == pytest.approx(0.0, abs=1e-12)  # constant paired difference
     assert 0.0 < tampo["p_auc"] < 0.05
     assert "delta_auc" not in summary["rows"][1]  # the reference row itself
+    assert tampo["final_greedy"][0] == pytest.approx(0.85)
+    assert tampo["temperature_first_tenth"] == 0.0 and tampo["temperature_last_tenth"] == 9.0
     mean, half = mean_ci(np.array(aucs["tampo"]))
     assert mean == pytest.approx(0.85) and half > 0

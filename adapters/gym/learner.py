@@ -319,6 +319,18 @@ class TabularGRPO:
         on_target = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return np.exp(on_target.sum(axis=1))
 
+    def greedy_success_by_task(self) -> np.ndarray:
+        """Per task, 1.0 if greedy (argmax) decoding writes the target, else 0.0.
+
+        Greedy decoding is the same at every temperature, so this metric does not depend on the
+        evaluation temperature.
+        """
+        targets = self.env.targets
+        n = targets.shape[0]
+        prev = np.concatenate([np.full((n, 1), self.vocab_size), targets[:, :-1]], axis=1)
+        z = self.logits[np.arange(n)[:, None], self._positions[None, :], prev]  # (n, L, V)
+        return (z.argmax(axis=-1) == targets).all(axis=1).astype(np.float64)
+
     def success_rate(self, temperature: float | None = None) -> float:
         """Mean over tasks of :meth:`success_by_task`."""
         return float(self.success_by_task(temperature).mean())
@@ -342,7 +354,8 @@ class TrainLog:
     """What :func:`train` records; ``steps`` rows unless noted.
 
     ``success``: exact eval success rate before every step and after the last (``steps + 1``);
-    ``success_by_task``: the same per task (``steps + 1, num_tasks``); ``temperature``: the value
+    ``success_by_task``: the same per task (``steps + 1, num_tasks``); ``greedy``: fraction of
+    tasks that greedy decoding solves (``steps + 1``, temperature-free); ``temperature``: the value
     used at each step; ``reward``: the batch mean reward; ``entropy``: mean token entropy at the
     sampling temperature; ``probs``: the meta-policy's probabilities after each update
     (``steps, K``).
@@ -350,6 +363,7 @@ class TrainLog:
 
     success: np.ndarray
     success_by_task: np.ndarray
+    greedy: np.ndarray
     temperature: np.ndarray
     reward: np.ndarray
     entropy: np.ndarray
@@ -396,6 +410,7 @@ def train(
     k = len(meta.candidates)
     success = np.empty(steps + 1)
     by_task = np.empty((steps + 1, learner.env.num_tasks))
+    greedy = np.empty(steps + 1)
     temperature = np.empty(steps)
     reward = np.empty(steps)
     entropy = np.empty(steps)
@@ -403,6 +418,7 @@ def train(
     for step in range(steps):
         by_task[step] = learner.success_by_task()
         success[step] = by_task[step].mean()
+        greedy[step] = learner.greedy_success_by_task().mean()
 
         decision = meta.select()
         temp = float(decision.value)
@@ -420,9 +436,11 @@ def train(
         probs[step] = info.probs
     by_task[steps] = learner.success_by_task()
     success[steps] = by_task[steps].mean()
+    greedy[steps] = learner.greedy_success_by_task().mean()
     return TrainLog(
         success=success,
         success_by_task=by_task,
+        greedy=greedy,
         temperature=temperature,
         reward=reward,
         entropy=entropy,

@@ -9,7 +9,9 @@ are paired across controllers.
 Reported per controller: final success rate and area under the learning curve (exact success rate
 of the learned policy at ``T_eval = 1``, averaged over the evaluations before every step and after
 the last), each as mean +- 95% CI (Student t over seeds), and a paired Wilcoxon signed-rank test of
-the AUC against the best fixed temperature (chosen post hoc by mean AUC).
+the AUC against the best fixed temperature (chosen post hoc by mean AUC). The table also gives
+the final greedy (argmax) success, which no evaluation temperature can favour, and the mean
+temperature over the first and the last tenth of training.
 
 Writes into ``--out``: ``results.md`` and ``results.json`` (the table), ``runs.npz`` (every run's
 curves), ``learning_curves.png``, ``temperature.png`` and ``meta_probs.png``.
@@ -64,12 +66,17 @@ class StudyConfig:
     reward: str = "exact"
     deceptive: bool = True
     entropy_target: float = 0.3
+    eval_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
             raise ValueError(f"steps must be an int >= 2, got {self.steps!r}")
         if not np.isfinite(self.entropy_target) or self.entropy_target <= 0:
             raise ValueError(f"entropy_target must be finite and > 0, got {self.entropy_target}")
+        if not np.isfinite(self.eval_temperature) or self.eval_temperature <= 0:
+            raise ValueError(
+                f"eval_temperature must be finite and > 0, got {self.eval_temperature}"
+            )
         self.env_config()  # validates the environment's fields
         self.learner_config()  # validates the learner's fields
 
@@ -87,7 +94,12 @@ class StudyConfig:
 
     def learner_config(self) -> GRPOConfig:
         """The learner configuration."""
-        return GRPOConfig(group_size=self.group_size, lr=self.lr, optimizer=self.optimizer)  # type: ignore[arg-type]
+        return GRPOConfig(
+            group_size=self.group_size,
+            lr=self.lr,
+            optimizer=self.optimizer,  # type: ignore[arg-type]
+            eval_temperature=self.eval_temperature,
+        )
 
 
 def _fixed(value: float) -> Callable[[StudyConfig, int], metactl.MetaPolicy]:
@@ -135,6 +147,7 @@ def run_one(job: tuple[str, int, StudyConfig]) -> dict[str, Any]:
         "controller": name,
         "seed": seed,
         "success": log.success,
+        "greedy": log.greedy,
         "temperature": log.temperature,
         "probs": log.probs,
         "reward": log.reward,
@@ -182,16 +195,21 @@ def summarise(results: list[dict[str, Any]], controllers: list[str]) -> dict[str
     seeds = sorted(set.intersection(*(set(v) for v in by_name.values())))
     auc = {c: np.array([by_name[c][s]["auc"] for s in seeds]) for c in controllers}
     final = {c: np.array([by_name[c][s]["final"] for s in seeds]) for c in controllers}
+    greedy = {c: np.array([by_name[c][s]["greedy"][-1] for s in seeds]) for c in controllers}
     fixed = [c for c in controllers if c.startswith("fixed-")]
     best_fixed = max(fixed, key=lambda c: auc[c].mean()) if fixed else None
     rows = []
     for c in controllers:
         temps = np.array([by_name[c][s]["temperature"] for s in seeds])
+        tenth = max(temps.shape[1] // 10, 1)
         row: dict[str, Any] = {
             "controller": c,
             "final": mean_ci(final[c]),
             "auc": mean_ci(auc[c]),
+            "final_greedy": mean_ci(greedy[c]),
             "mean_temperature": float(temps.mean()),
+            "temperature_first_tenth": float(temps[:, :tenth].mean()),
+            "temperature_last_tenth": float(temps[:, -tenth:].mean()),
         }
         if best_fixed is not None and c != best_fixed:
             row["delta_auc"] = mean_ci(auc[c] - auc[best_fixed])
@@ -219,8 +237,9 @@ def format_table(summary: dict[str, Any]) -> str:
     """The summary as a markdown table plus notes."""
     best = summary["best_fixed"]
     lines = [
-        "| controller | final success | AUC | ΔAUC vs best fixed | p (AUC) | p (final) | mean T |",
-        "|---|---|---|---|---|---|---|",
+        "| controller | final success | AUC | ΔAUC vs best fixed | p (AUC) | p (final) "
+        "| final greedy | mean T | T first → last 10% |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         name = row["controller"] + (" (best fixed)" if row["controller"] == best else "")
@@ -229,15 +248,17 @@ def format_table(summary: dict[str, Any]) -> str:
         p_fin = f"{row['p_final']:.3g}" if "p_final" in row else "-"
         lines.append(
             f"| {name} | {_fmt(row['final'])} | {_fmt(row['auc'])} | {delta} | {p_auc} | "
-            f"{p_fin} | {row['mean_temperature']:.2f} |"
+            f"{p_fin} | {_fmt(row['final_greedy'])} | {row['mean_temperature']:.2f} | "
+            f"{row['temperature_first_tenth']:.2f} → {row['temperature_last_tenth']:.2f} |"
         )
     n = len(summary["seeds"])
     lines += [
         "",
         f"{n} seeds; mean ± 95% CI (Student t). Success = exact probability that the learned "
-        "policy writes the target at T_eval = 1 (mean over tasks); AUC = mean success over "
-        "training. p: two-sided Wilcoxon signed-rank test, paired by seed, against the best "
-        "fixed temperature.",
+        f"policy writes the target at T_eval = {summary.get('eval_temperature', 1.0):g} (mean "
+        "over tasks); AUC = mean success over training; final greedy = fraction of tasks that "
+        "argmax decoding solves at the end (independent of any temperature). p: two-sided "
+        "Wilcoxon signed-rank test, paired by seed, against the best fixed temperature.",
     ]
     if best is not None:
         lines.append(
@@ -293,18 +314,27 @@ def make_plots(
     plt.close(fig)
 
     adaptive = [c for c in controllers if c in ADAPTIVE or c == "linear"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for c in adaptive:
+    cols = min(max(len(adaptive), 1), 4)
+    rows = -(-max(len(adaptive), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True,
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, c in zip(axes.flat, adaptive, strict=False):
         temps = np.array([r["temperature"] for r in runs[c]])
-        mean = temps.mean(axis=0)
+        steps = np.arange(temps.shape[1])
         low, high = np.percentile(temps, [10, 90], axis=0)
-        (line,) = ax.plot(mean, label=c)
-        ax.fill_between(np.arange(mean.shape[0]), low, high, color=line.get_color(), alpha=0.12)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("temperature")
-    ax.set_title("Chosen temperature (mean, 10-90% band over seeds)")
+        ax.fill_between(steps, low, high, alpha=0.25, label="10-90%")
+        ax.plot(steps, temps.mean(axis=0), label="mean")
+        ax.set_title(c, fontsize=9)
+        ax.set_ylim(CANDIDATES[0] - 0.05, CANDIDATES[-1] + 0.05)
+    for ax in axes.flat[len(adaptive):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("temperature")
+    for ax in axes[-1]:
+        ax.set_xlabel("GRPO step")
     if adaptive:
-        ax.legend(fontsize=8)
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Chosen temperature over training (mean and 10-90% band over seeds)")
     fig.tight_layout()
     paths.append(out / "temperature.png")
     fig.savefig(paths[-1], dpi=120)
@@ -354,6 +384,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-deceptive", action="store_true", help="no decoy mode in the prior")
     parser.add_argument("--entropy-target", type=float, default=0.3,
                         help="H* of the entropy controller in nats (default 0.3)")  # fmt: skip
+    parser.add_argument("--eval-temperature", type=float, default=1.0,
+                        help="temperature of the success evaluation (default 1.0)")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return parser.parse_args(argv)
@@ -386,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             reward=args.reward,
             deceptive=not args.no_deceptive,
             entropy_target=args.entropy_target,
+            eval_temperature=args.eval_temperature,
         )
     except (ValueError, TypeError) as exc:
         print(f"metactl gym-study: {exc}", file=sys.stderr)
@@ -413,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
 
     summary = summarise(results, names)
+    summary["eval_temperature"] = config.eval_temperature
     table = format_table(summary)
     meta = {
         "config": asdict(config),
@@ -435,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         controller=np.array([r["controller"] for r in ordered]),
         seed=np.array([r["seed"] for r in ordered]),
         **{key: np.array([r[key] for r in ordered])
-           for key in ("success", "temperature", "probs", "reward", "entropy", "auc", "final")},
+           for key in ("success", "greedy", "temperature", "probs", "reward", "entropy", "auc",
+                       "final")},
     )  # fmt: skip
     if not args.no_plots:
         make_plots(results, names, summary["best_fixed"], out)
