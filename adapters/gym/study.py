@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -437,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_one(job))
             bar.update()
     else:
-        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        context = multiprocessing.get_context(method)
         with context.Pool(args.workers) as pool:
             for result in pool.imap_unordered(run_one, jobs, chunksize=4):
                 results.append(result)
@@ -464,14 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out / "results.json").write_text(json.dumps({**meta, **summary}, indent=2), encoding="utf-8")
     ordered = sorted(results, key=lambda r: (names.index(r["controller"]), r["seed"]))
-    np.savez_compressed(
-        out / "runs.npz",
-        controller=np.array([r["controller"] for r in ordered]),
-        seed=np.array([r["seed"] for r in ordered]),
-        **{key: np.array([r[key] for r in ordered])
-           for key in ("success", "greedy", "temperature", "probs", "reward", "entropy", "auc",
-                       "final")},
-    )  # fmt: skip
+    arrays: dict[str, Any] = {
+        key: np.array([r[key] for r in ordered])
+        for key in ("controller", "seed", "success", "greedy", "temperature", "probs", "reward",
+                    "entropy", "auc", "final")
+    }  # fmt: skip
+    np.savez_compressed(out / "runs.npz", **arrays)
     if not args.no_plots:
         make_plots(results, names, summary["best_fixed"], out)
     if not args.quiet:

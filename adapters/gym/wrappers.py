@@ -79,6 +79,9 @@ class KnobWrapper(gym.Wrapper):
     0.7
     """
 
+    _knob_name: str
+    _knob_validator: Callable[[str, Any], Any]
+
     def __init__(
         self,
         env: gym.Env,
