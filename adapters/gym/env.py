@@ -317,9 +317,7 @@ class TokenSearchEnv(gym.Env[dict[str, Any], np.int64]):
         self._t = 0
         return self._obs(), self._info()
 
-    def step(
-        self, action: Any
-    ) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
         """Append ``action`` to the answer; the last token ends the episode with the score."""
         if self._t >= self.config.length:
             raise RuntimeError("the answer is complete; call reset() before step()")

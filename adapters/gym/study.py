@@ -325,7 +325,7 @@ def make_plots(
         ax.plot(steps, temps.mean(axis=0), label="mean")
         ax.set_title(c, fontsize=9)
         ax.set_ylim(CANDIDATES[0] - 0.05, CANDIDATES[-1] + 0.05)
-    for ax in axes.flat[len(adaptive):]:
+    for ax in axes.flat[len(adaptive) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel("temperature")
@@ -398,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        names = list(CONTROLLERS) if args.controllers == "all" else [
-            c.strip() for c in args.controllers.split(",") if c.strip()
-        ]
+        names = (
+            list(CONTROLLERS)
+            if args.controllers == "all"
+            else [c.strip() for c in args.controllers.split(",") if c.strip()]
+        )
         for name in names:
             if name not in CONTROLLERS:
                 raise ValueError(f"unknown controller {name!r}; choose from {list(CONTROLLERS)}")
