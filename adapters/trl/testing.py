@@ -22,7 +22,8 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ __all__ = [
     "sft_warmup",
     "tiny_grpo_config",
     "tiny_model_dir",
+    "torch_threads",
 ]
 
 #: Characters of the synthetic tasks (one token each).
@@ -383,3 +385,29 @@ def tiny_grpo_config(output_dir: str | os.PathLike[str], **overrides: Any) -> An
     }
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Temporarily set torch's intra-op threads (tiny models run fastest on one thread, and on a
+    busy machine OpenMP spin-waiting makes multi-threaded tiny matmuls 10-50x slower).
+
+    Example:
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    import torch
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

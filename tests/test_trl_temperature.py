@@ -1,0 +1,175 @@
+"""The temperature that sampled a batch scores it everywhere; evaluation never moves the policy.
+
+A spy infers, for every log-prob pass TRL makes (old, reference, current), the temperature from
+the numbers themselves (comparing with ``log_softmax(logits / T)`` of a plain forward), and records
+the temperature of every ``generate`` call. Buffered window: ``steps_per_generation=2``,
+``num_iterations=2`` (each generation batch feeds 4 optimisation steps), ``beta > 0`` (a reference
+model exists), and evaluation runs every 3 steps, i.e. also in the middle of buffered windows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from metactl.adapters.trl import MetaGRPOTrainer
+from metactl.adapters.trl.patching import unwrap
+from metactl.adapters.trl.testing import (
+    addition_dataset,
+    digit_count_reward,
+    tiny_grpo_config,
+    tiny_model_dir,
+    torch_threads,
+)
+
+import metactl
+
+EVAL_T = 0.55  # not a candidate: evaluation passes are recognisable
+
+
+class SpyTrainer(MetaGRPOTrainer):
+    """Records ("generate", T) per generate call and (kind, T_used, err) per log-prob pass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, float, float]] = []
+        model = self.model
+        original = model.generate
+
+        def spy_generate(*a: Any, **kw: Any) -> Any:
+            self.events.append(("generate", float(kw["generation_config"].temperature), 0.0))
+            return original(*a, **kw)
+
+        model.generate = spy_generate
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        out = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        base = unwrap(model)
+        kind = "ref" if base is unwrap(self.ref_model) else "policy"
+        if kind == "policy":
+            kind = "current" if torch.is_grad_enabled() else "old"
+        if not self.model.training:
+            kind = "eval_" + kind
+        with torch.no_grad():
+            logits = base(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits[:, -(logits_to_keep + 1) : -1].float()
+        tokens = input_ids[:, -logits_to_keep:]
+        mask = attention_mask[:, -logits_to_keep:].bool()
+        got = out[0].detach()
+
+        def err(t: float) -> float:
+            ref = torch.log_softmax(logits / t, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            return float((ref - got).abs()[mask].max())
+
+        used = self.temperature  # the temperature the adapter says is in force
+        # The inferred temperature: the used one must fit, and a 20% different one must not.
+        assert err(used * 1.2) > 1e-3, "the check would not notice a wrong temperature"
+        self.events.append((kind, used, err(used)))
+        return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(tiny_model_dir())
+
+
+def test_sampling_temperature_scores_every_pass_of_the_buffered_window(model_path, tmp_path):
+    args = tiny_grpo_config(
+        tmp_path,
+        max_steps=12,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        steps_per_generation=2,
+        num_iterations=2,
+        beta=0.1,
+        temperature=EVAL_T,
+        eval_strategy="steps",
+        eval_steps=3,  # after steps 3, 6, 9 (inside windows 1-4, 5-8, 9-12) and 12
+        per_device_eval_batch_size=4,
+    )
+    trainer = SpyTrainer(
+        model=model_path,
+        reward_funcs=digit_count_reward,
+        args=args,
+        train_dataset=addition_dataset(64, seed=1),
+        eval_dataset=addition_dataset(1, seed=2),  # x 4 generations = one eval batch
+        meta_policy=metactl.tampo(seed=3),
+    )
+    trainer.train()
+
+    # 12 optimiser steps / (2 x 2) steps per generation batch = 3 batches, 3 policy updates,
+    # although evaluation generated 4 more batches.
+    assert trainer.meta_policy.step == 3
+    values = [h["value"] for h in trainer.meta_history]
+    assert len(set(values)) >= 2, "the test needs windows with different temperatures"
+    assert all(h["likelihood_path"] == "old" for h in trainer.meta_history)
+
+    current_gen: float | None = None
+    seen: dict[str, int] = {}
+    train_gens = []
+    for kind, temperature, error in trainer.events:
+        if kind == "generate":
+            current_gen = temperature
+            if temperature != EVAL_T:
+                train_gens.append(temperature)
+            continue
+        seen[kind] = seen.get(kind, 0) + 1
+        assert error < 1e-4, (kind, temperature, error)
+        assert current_gen is not None
+        if kind.startswith("eval_"):
+            assert temperature == EVAL_T
+        elif kind in ("old", "ref"):
+            assert temperature == current_gen  # scored right after this batch was sampled
+        else:  # current: the batch in the buffer, possibly sampled before an evaluation
+            assert temperature == train_gens[-1]
+    assert train_gens == values
+    assert seen["old"] == 3 and seen["ref"] == 3 and seen["current"] == 12
+    # 4 evaluations, each: old-logprob pass, reference pass, and the loss (under no_grad)
+    assert seen["eval_old"] == 8 and seen["eval_ref"] == 4
+    # after training the trainer holds one temperature everywhere
+    assert set(trainer.temperatures().values()) == {values[-1]}
+
+
+def test_evaluation_does_not_update_the_policy(model_path, tmp_path):
+    trainer = MetaGRPOTrainer(
+        model=model_path,
+        reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(
+            tmp_path, max_steps=2, temperature=EVAL_T, per_device_eval_batch_size=8
+        ),
+        train_dataset=addition_dataset(32),
+        eval_dataset=addition_dataset(16, seed=5),
+        meta_policy=metactl.tampo(seed=0),
+    )
+    trainer.train()
+    before = trainer.meta_policy.state_dict()
+    train_t = trainer.temperature
+    metrics = trainer.evaluate()
+    assert trainer.meta_policy.state_dict() == before
+    assert metrics["eval_metactl/temperature"] == pytest.approx(EVAL_T)
+    # back at the training temperature of the buffered batch afterwards
+    assert set(trainer.temperatures().values()) == {train_t}
+    logged = [log for log in trainer.state.log_history if "metactl/temperature" in log]
+    assert len(logged) == 2
+    assert all(
+        np.isclose(sum(log[f"metactl/prob/{v:g}"] for v in trainer.meta_policy.candidates), 1.0)
+        for log in logged
+    )
