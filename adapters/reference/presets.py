@@ -1,0 +1,85 @@
+"""The two built-in presets of ``metactl reproduce``.
+
+* ``cpu`` (default): the biased modular-chain task, a 0.3M-parameter Qwen2, a cached SFT warm-up,
+  then GRPO; ``quick=True`` shrinks steps, seeds and evaluation sizes to fit 10 minutes on 2 cores.
+* ``paper``: DeepSeek-R1-Distill-Qwen-1.5B-style settings from the paper (200 steps, 6k tokens,
+  LR 1e-6 with a 0.1 floor, KL 0.04, G = 6, TAMPO alpha 0.05 / top-p 0.7 over 0.6..1.5) on a local
+  model and a local math data set.
+
+Example:
+    >>> cfg = cpu_config(quick=True, out="runs/x")
+    >>> cfg.grpo.steps, len(cfg.seeds), cfg.controllers[-1]
+    (150, 2, 'tampo')
+    >>> paper_config(model_path="m", data="d.jsonl", out="runs/p", device="cpu").grpo.lr
+    1e-06
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .controllers import PAPER_ARMS
+from .experiment import EvalConfig, ReproduceConfig
+from .model import TinyModelConfig
+from .sft import WarmupConfig
+from .tasks import ChainTask
+from .trainer import GRPOConfig
+
+
+def _replace(obj: Any, overrides: dict[str, Any]) -> Any:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(obj, **clean) if clean else obj
+
+
+def cpu_config(
+    *, quick: bool = False, out: str = "runs/reproduce", controllers: tuple[str, ...] = PAPER_ARMS,
+    seeds: tuple[int, ...] | None = None, workers: int = 2, cache_dir: str | None = None,
+    grpo: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
+    steps: int | None = None,
+) -> ReproduceConfig:
+    """The CPU-scale reproduction (full or ``quick``), with optional overrides."""
+    task = ChainTask()
+    base_grpo = GRPOConfig(
+        steps=150 if quick else 400,
+        prompts_per_step=16, group_size=8, grad_accum_steps=1, ppo_epochs=1,
+        lr=1e-4, lr_floor_ratio=0.1, warmup_ratio=0.05,
+        clip_eps=0.2, kl_beta=0.0, loss_agg="sequence",
+        max_new_tokens=task.max_completion_tokens, device="cpu", precision="fp32",
+        checkpoint_every=25,
+    )
+    g = _replace(base_grpo, {**(grpo or {}), "steps": steps})
+    ev = EvalConfig(n_per_benchmark=100 if quick else 200, k=8, temperature=0.6,
+                    curve_n=30 if quick else 50, curve_k=4, curve_points=5 if quick else 8)
+    ev = _replace(ev, eval_overrides or {})
+    return ReproduceConfig(
+        preset="cpu", out=out, controllers=tuple(controllers),
+        seeds=tuple(seeds) if seeds is not None else tuple(range(2 if quick else 5)),
+        grpo=g, eval=ev, workers=workers, task=task, model=TinyModelConfig(),
+        warmup=WarmupConfig(), cache_dir=cache_dir,
+    )
+
+
+def paper_config(
+    *, model_path: str, data: str, out: str = "runs/reproduce-paper", device: str = "cuda",
+    controllers: tuple[str, ...] = PAPER_ARMS, seeds: tuple[int, ...] = (0,),
+    grpo: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> ReproduceConfig:
+    """The paper's setting (spec: 'Paper setup'), on a local model and data file."""
+    base = GRPOConfig(
+        steps=200, prompts_per_step=32, group_size=6, grad_accum_steps=32, ppo_epochs=1,
+        lr=1e-6, lr_floor_ratio=0.1, warmup_ratio=0.1, weight_decay=0.0,
+        clip_eps=0.2, kl_beta=0.04, loss_agg="sequence",
+        max_new_tokens=6144, max_prompt_len=512, rollout_top_p=1.0, rollout_chunk=48,
+        add_special_tokens=False, device=device,
+        precision="bf16" if device.startswith("cuda") else "fp32",
+        checkpoint_every=10,
+    )
+    ev = EvalConfig(n_per_benchmark=500, k=8, temperature=0.6, top_p=0.95, curve_n=50,
+                    curve_k=1, curve_points=4, batch_size=64)
+    return ReproduceConfig(
+        preset="paper", out=out, controllers=tuple(controllers), seeds=tuple(seeds),
+        grpo=_replace(base, grpo or {}), eval=_replace(ev, eval_overrides or {}),
+        workers=1, model_path=model_path, data=data, **kwargs,
+    )

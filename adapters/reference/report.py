@@ -1,0 +1,419 @@
+"""The comparison report: markdown + JSON + PNG plots, computed from the runs' results only.
+
+Example:
+    >>> method_name("fixed-0.9"), method_name("linear-0.9-1.5"), method_name("tampo")
+    ('GRPO, T = 0.9', 'GRPO, T linear 0.9 -> 1.5', 'TAMPO')
+    >>> fmt(0.4123, 0.0131)
+    '41.2 ± 1.3'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = {"pass1": "Pass@1 (avg@k at the evaluation temperature)", "greedy": "greedy Pass@1",
+           "pass_at_k": "Pass@k"}
+
+
+def method_name(controller: str) -> str:
+    """Human-readable row label of a controller."""
+    parts = controller.split("-")
+    if parts[0] == "fixed":
+        return f"GRPO, T = {parts[1]}"
+    if parts[0] in ("linear", "cosine") and len(parts) == 3:
+        return f"GRPO, T {parts[0]} {parts[1]} -> {parts[2]}"
+    if controller == "tampo":
+        return "TAMPO"
+    return f"GRPO + {controller}"
+
+
+def fmt(mean: float, std: float | None = None) -> str:
+    """Percent with one decimal, ``mean ± std`` when a std is given."""
+    if std is None or not math.isfinite(std):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation and statistics
+# ----------------------------------------------------------------------------------------------
+def aggregate(results: Sequence[dict]) -> dict[str, Any]:
+    """Per controller and benchmark: per-seed values, mean and std (ddof=1) of each metric."""
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["controller"], []).append(r)
+    out: dict[str, Any] = {}
+    for ctrl, runs in by.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        benches = list(runs[0]["final"].keys())
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "benchmarks": {}}
+        for b in benches:
+            entry["benchmarks"][b] = {}
+            for m in runs[0]["final"][b]:
+                vals = [r["final"][b][m] for r in runs]
+                entry["benchmarks"][b][m] = {
+                    "values": vals, "mean": float(np.mean(vals)),
+                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"),
+                }
+        temps = np.array([r["temperature"] for r in runs])
+        q = max(1, temps.shape[1] // 4)
+        entry["temperature_quarters"] = [float(temps[:, i:i + q].mean())
+                                         for i in range(0, temps.shape[1], q)][:4]
+        entry["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+        entry["steps_per_second"] = float(np.mean([r["steps"] / r["train_seconds"] for r in runs]))
+        out[ctrl] = entry
+    return out
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Paired comparison of per-seed values ``a - b``: mean, std, t-test and Wilcoxon p-values.
+
+    Example:
+        >>> r = paired([0.5, 0.6, 0.7], [0.4, 0.5, 0.5])
+        >>> round(r["mean_diff"], 3), r["n"]
+        (0.133, 3)
+    """
+    from scipy import stats
+
+    a_, b_ = np.asarray(a, float), np.asarray(b, float)
+    d = a_ - b_
+    res: dict[str, Any] = {"n": len(d), "diffs": d.tolist(), "mean_diff": float(d.mean()),
+                           "std_diff": float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
+                           "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+    res["t_p"] = float("nan")
+    res["wilcoxon_p"] = float("nan")
+    if len(d) > 1 and np.any(d != d[0]):
+        res["t_p"] = float(stats.ttest_rel(a_, b_).pvalue)
+    if len(d) > 1 and np.any(d != 0):
+        res["wilcoxon_p"] = float(stats.wilcoxon(a_, b_).pvalue)
+    return res
+
+
+def _avg(summary: dict, ctrl: str, metric: str) -> dict:
+    return summary[ctrl]["benchmarks"]["avg"][metric]
+
+
+def sensitivity_check(summary: dict, start_info: dict) -> dict[str, Any]:
+    """Does a fixed temperature change the result by more than seed noise? Compares the best and
+    the worst fixed-T arm on each Avg metric: the gap between their means against twice the
+    larger of their seed stds, with a paired t-test (seeds pair up: same prompts and RNG seed)."""
+    fixed = [c for c in summary if c.startswith("fixed-")]
+    out: dict[str, Any] = {"fixed_arms": fixed}
+    tc = start_info.get("task_check")
+    if tc:
+        out["warmup_greedy_train"] = tc["greedy"]
+        out["warmup_greedy_in_range"] = tc["greedy_in_range"]
+    if len(fixed) < 2:
+        out["verdict"] = "not checked (fewer than two fixed-temperature arms)"
+        return out
+    per_metric = {}
+    for m in ("pass1", "greedy", "pass_at_k"):
+        if m not in summary[fixed[0]]["benchmarks"]["avg"]:
+            continue
+        ranked = sorted(fixed, key=lambda c: _avg(summary, c, m)["mean"])
+        worst, best = ranked[0], ranked[-1]
+        gap = _avg(summary, best, m)["mean"] - _avg(summary, worst, m)["mean"]
+        noise = max(_avg(summary, best, m)["std"], _avg(summary, worst, m)["std"])
+        common = sorted(set(summary[best]["seeds"]) & set(summary[worst]["seeds"]))
+        vb = dict(zip(summary[best]["seeds"], _avg(summary, best, m)["values"]))
+        vw = dict(zip(summary[worst]["seeds"], _avg(summary, worst, m)["values"]))
+        test = paired([vb[s] for s in common], [vw[s] for s in common])
+        per_metric[m] = {"best": best, "worst": worst, "gap": gap, "max_seed_std": noise,
+                         "beyond_noise": bool(math.isfinite(noise) and gap > 2 * noise),
+                         "paired_t_p": test["t_p"]}
+    out["metrics"] = per_metric
+    ok = per_metric.get("pass1", {}).get("beyond_noise", False) or per_metric.get(
+        "greedy", {}).get("beyond_noise", False)
+    out["temperature_matters"] = bool(ok)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+def _smooth(x: np.ndarray, w: int) -> np.ndarray:
+    if w <= 1 or len(x) < w:
+        return x
+    return np.convolve(x, np.ones(w) / w, mode="valid")
+
+
+def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -> dict[str, str]:
+    """Write the PNG figures; returns {figure id: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metactl.likelihood import likelihood_optimal
+
+    figs: dict[str, str] = {}
+    by = {c: [r for r in results if r["controller"] == c] for c in controllers}
+    colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(controllers)}
+
+    # learning curves (curve subsets, evaluated during training)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, m in zip(axes, ("greedy", "pass1")):
+        for c, runs in by.items():
+            if not runs or not runs[0]["curve"]:
+                continue
+            steps = [e["step"] for e in runs[0]["curve"]]
+            vals = np.array([[e["avg"][m] for e in r["curve"]] for r in runs])
+            mu, sd = vals.mean(0), vals.std(0)
+            ax.plot(steps, 100 * mu, label=method_name(c), color=colors[c])
+            ax.fill_between(steps, 100 * (mu - sd), 100 * (mu + sd), alpha=0.15, color=colors[c])
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(f"Avg {METRICS[m].split(' (')[0]} (%)")
+        ax.set_title(f"learning curves: {METRICS[m]}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+    figs["learning_curves"] = "learning_curves.png"
+
+    # chosen temperature and training reward over training
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for c, runs in by.items():
+        if not runs:
+            continue
+        temps = np.array([r["temperature"] for r in runs])
+        w = max(1, temps.shape[1] // 30)
+        axes[0].plot(_smooth(temps.mean(0), w), label=method_name(c), color=colors[c])
+        if not c.startswith("fixed-") and not c.startswith(("linear", "cosine")):
+            for t in temps:
+                axes[0].plot(_smooth(t, w), color=colors[c], alpha=0.25, lw=0.7)
+        rew = np.array([r["reward"] for r in runs]).mean(0)
+        axes[1].plot(_smooth(rew, w), label=method_name(c), color=colors[c])
+    axes[0].set_title("chosen temperature (mean over seeds; thin: single seeds)", fontsize=9)
+    axes[0].set_xlabel("GRPO step")
+    axes[0].set_ylabel("T")
+    axes[1].set_title("training reward (at the sampling temperature)", fontsize=9)
+    axes[1].set_xlabel("GRPO step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "temperature.png", dpi=110)
+    plt.close(fig)
+    figs["temperature"] = "temperature.png"
+
+    # the paper's diagnostics, from every run that recorded likelihoods (TAMPO first)
+    diag_runs = [r for r in results if r.get("diagnostics")]
+    diag_runs.sort(key=lambda r: (r["controller"] != "tampo", r["controller"], r["seed"]))
+    if diag_runs:
+        ctrl = diag_runs[0]["controller"]
+        runs = [r for r in diag_runs if r["controller"] == ctrl]
+        cands = np.asarray(runs[0]["candidates"])
+        n_d = len(runs[0]["diagnostics"])
+        fig, axes = plt.subplots(2, n_d, figsize=(4 * n_d, 7), squeeze=False)
+        for j, d in enumerate(runs[0]["diagnostics"]):
+            ax = axes[0, j]
+            ll, adv = np.asarray(d["loglik"]), np.asarray(d["advantages"])
+            pos, neg = np.flatnonzero(adv > 0)[:3], np.flatnonzero(adv < 0)[:3]
+            for i in pos:
+                ax.plot(cands, ll[i], "-o", ms=3, color="tab:green", lw=1)
+            for i in neg:
+                ax.plot(cands, ll[i], "-o", ms=3, color="tab:red", lw=1)
+            ax.set_title(f"{method_name(ctrl)} seed {runs[0]['seed']}, step {d['step']} "
+                         f"(T = {d['temperature']:.2f})", fontsize=8)
+            ax.set_xlabel("candidate temperature")
+            ax.set_ylabel("length-normalised log-likelihood")
+            ax.plot([], [], color="tab:green", label="A > 0")
+            ax.plot([], [], color="tab:red", label="A < 0")
+            ax.legend(fontsize=7)
+            ax = axes[1, j]
+            tpos, tneg = [], []
+            for r in runs:
+                dd = r["diagnostics"][j]
+                ll, adv = np.asarray(dd["loglik"]), np.asarray(dd["advantages"])
+                ts = likelihood_optimal(ll, cands)
+                tpos += list(ts[adv > 0])
+                tneg += list(ts[adv < 0])
+            bins = np.concatenate([cands - 0.05, [cands[-1] + 0.05]])
+            ax.hist([tpos, tneg], bins=bins, label=[f"A > 0 (n={len(tpos)})",
+                                                     f"A < 0 (n={len(tneg)})"],
+                    color=["tab:green", "tab:red"])
+            ax.set_xlabel("likelihood-optimal temperature T*")
+            ax.set_ylabel("trajectories")
+            ax.set_title(f"T* by advantage sign, step {d['step']} (all seeds)", fontsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "diagnostics.png", dpi=110)
+        plt.close(fig)
+        figs["diagnostics"] = "diagnostics.png"
+
+        # the meta-policy's probabilities over training (first seed)
+        probs = np.asarray(runs[0]["probs"])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        im = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis",
+                       extent=(0, runs[0]["steps"], -0.5, len(cands) - 0.5))
+        ax.set_yticks(range(len(cands)), [f"{c:.1f}" for c in cands])
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("candidate T")
+        ax.set_title(f"{method_name(ctrl)} meta-policy probabilities (seed {runs[0]['seed']})",
+                     fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / "meta_policy.png", dpi=110)
+        plt.close(fig)
+        figs["meta_policy"] = "meta_policy.png"
+    return figs
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+# ----------------------------------------------------------------------------------------------
+def results_table(summary: dict, start_info: dict, metric: str,
+                  controllers: Sequence[str]) -> str:
+    """The paper-shaped table: rows = methods, columns = benchmarks + Avg (mean ± std, %)."""
+    first = summary[controllers[0]]["benchmarks"]
+    benches = [b for b in first if b != "avg"]
+    lines = ["| method | Avg | " + " | ".join(benches) + " |",
+             "|---|---|" + "---|" * len(benches)]
+    base = start_info.get("base")
+    if base and metric in base.get("avg", {}):
+        lines.append("| start model, no RL | " + fmt(base["avg"][metric]) + " | "
+                     + " | ".join(fmt(base[b][metric]) for b in benches) + " |")
+    for c in controllers:
+        bm = summary[c]["benchmarks"]
+        cells = [fmt(bm[b][metric]["mean"], bm[b][metric]["std"]) for b in ["avg", *benches]]
+        lines.append(f"| {method_name(c)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _p(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3g}"
+
+
+def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
+                 wall_seconds: float) -> Path:
+    """Write ``report.md``, ``report.json`` and the figures into ``out``; return the md path."""
+    out = Path(out)
+    controllers = [c for c in cfg.controllers if any(r["controller"] == c for r in results)]
+    summary = aggregate(results)
+    check = sensitivity_check(summary, start_info)
+    fixed = [c for c in controllers if c.startswith("fixed-")]
+    comparisons: dict[str, Any] = {}
+    if "tampo" in summary and fixed:
+        best = max(fixed, key=lambda c: _avg(summary, c, "pass1")["mean"])
+        common = sorted(set(summary["tampo"]["seeds"]) & set(summary[best]["seeds"]))
+        comparisons = {"best_fixed": best, "metrics": {}}
+        for m in ("pass1", "greedy", "pass_at_k"):
+            ta = dict(zip(summary["tampo"]["seeds"], _avg(summary, "tampo", m)["values"]))
+            fb = dict(zip(summary[best]["seeds"], _avg(summary, best, m)["values"]))
+            comparisons["metrics"][m] = paired([ta[s] for s in common], [fb[s] for s in common])
+        comparisons["vs_each"] = {}
+        for c in controllers:
+            if c == "tampo":
+                continue
+            ta = dict(zip(summary["tampo"]["seeds"], _avg(summary, "tampo", "pass1")["values"]))
+            cc = dict(zip(summary[c]["seeds"], _avg(summary, c, "pass1")["values"]))
+            cs = sorted(set(ta) & set(cc))
+            comparisons["vs_each"][c] = paired([ta[s] for s in cs], [cc[s] for s in cs])
+    figs = make_plots(out, results, controllers)
+    k = cfg.eval.k
+
+    md: list[str] = [f"# metactl reproduce: {cfg.preset} preset", ""]
+    md.append(f"{len(controllers)} methods x {len(cfg.seeds)} seeds, {cfg.grpo.steps} GRPO steps "
+              f"each ({cfg.grpo.prompts_per_step} prompts x G={cfg.grpo.group_size}); "
+              f"evaluation: {cfg.eval.n_per_benchmark} problems per benchmark, Pass@1 = avg@{k} "
+              f"at T = {cfg.eval.temperature:g}, Pass@{k} from the same {k} samples, greedy "
+              f"Pass@1. Wall time {wall_seconds / 60:.1f} min with {cfg.workers} worker(s). "
+              "All numbers are computed by this run; mean ± std over seeds (std with ddof=1).")
+    md.append("")
+    md.append("## 1. Task check (before judging controllers)")
+    if "warmup" in start_info:
+        w = start_info["warmup"]
+        md.append(f"Warm-up checkpoint `{w['key']}` ({w['n_parameters']:,} parameters, "
+                  f"{w['steps']} SFT steps, final loss {w['final_loss']:.3f}).")
+    tc = start_info.get("task_check")
+    if tc:
+        rng_ok = "inside" if tc["greedy_in_range"] else "OUTSIDE"
+        md.append(f"- Greedy accuracy of the warm-up model on {tc['n']} fresh training-distribution"
+                  f" problems: **{100 * tc['greedy']:.1f}%** ({rng_ok} the required 10-60%).")
+        samp = ", ".join(f"T={key.split('@')[1]}: {100 * v:.1f}%" for key, v in tc.items()
+                         if key.startswith("sampled@"))
+        md.append(f"- Sampled accuracy (avg@4) at each temperature before RL: {samp}.")
+    if "metrics" in check:
+        md.append("- Does a fixed temperature change the RL result by more than seed noise? "
+                  "Best vs worst fixed-T arm (gap of means vs twice the larger seed std; paired "
+                  "t-test over seeds):")
+        md.append("")
+        md.append("| metric (Avg) | best fixed | worst fixed | gap (points) | 2 x max seed std "
+                  "| paired t p | beyond noise |")
+        md.append("|---|---|---|---|---|---|---|")
+        for m, v in check["metrics"].items():
+            md.append(f"| {METRICS[m].split(' (')[0]} | {method_name(v['best'])} | "
+                      f"{method_name(v['worst'])} | {100 * v['gap']:.1f} | "
+                      f"{200 * v['max_seed_std']:.1f} | {_p(v['paired_t_p'])} | "
+                      f"{'yes' if v['beyond_noise'] else 'no'} |")
+        md.append("")
+        md.append(f"Verdict: temperature {'matters' if check['temperature_matters'] else 'does NOT'}"
+                  " measurably matter on this task at this budget"
+                  f"{'' if check['temperature_matters'] else ' (controller comparisons below are not informative)'}.")
+    else:
+        md.append(f"- {check.get('verdict', '')}")
+    md.append("")
+    for i, m in enumerate(("pass1", "greedy", "pass_at_k"), start=2):
+        label = METRICS[m].replace("avg@k", f"avg@{k}").replace("Pass@k", f"Pass@{k}")
+        md.append(f"## {i}. {label} (%)")
+        md.append(results_table(summary, start_info, m, controllers))
+        md.append("")
+    md.append("## 5. TAMPO vs the best fixed temperature (paired over seeds)")
+    if comparisons:
+        md.append(f"Best fixed arm by mean Avg Pass@1: **{method_name(comparisons['best_fixed'])}**.")
+        md.append("")
+        md.append("| metric (Avg) | TAMPO - best fixed (points) | std of diff | wins/losses | "
+                  "paired t p | Wilcoxon p |")
+        md.append("|---|---|---|---|---|---|")
+        for m, v in comparisons["metrics"].items():
+            md.append(f"| {METRICS[m].split(' (')[0]} | {100 * v['mean_diff']:+.1f} | "
+                      f"{100 * v['std_diff']:.1f} | {v['wins']}/{v['losses']} | {_p(v['t_p'])} | "
+                      f"{_p(v['wilcoxon_p'])} |")
+        md.append("")
+        md.append("TAMPO vs every arm, Avg Pass@1: " + "; ".join(
+            f"{method_name(c)} {100 * v['mean_diff']:+.1f} (p={_p(v['t_p'])})"
+            for c, v in comparisons["vs_each"].items()) + ".")
+    else:
+        md.append("Not available (needs a `tampo` arm and at least one fixed arm).")
+    md.append("")
+    md.append("## 6. Temperature over training and speed")
+    md.append("| method | mean T per quarter of training | steps/s (per worker) |")
+    md.append("|---|---|---|")
+    for c in controllers:
+        q = ", ".join(f"{t:.2f}" for t in summary[c]["temperature_quarters"])
+        md.append(f"| {method_name(c)} | {q} | {summary[c]['steps_per_second']:.2f} |")
+    md.append("")
+    md.append("## 7. Figures")
+    captions = {
+        "learning_curves": "Learning curves (Avg over the benchmarks' curve subsets).",
+        "temperature": "Chosen temperature and training reward over training.",
+        "diagnostics": "Paper diagnostics: likelihood-vs-temperature curves of a few trajectories"
+                       " (top) and histograms of each trajectory's likelihood-optimal temperature "
+                       "split by advantage sign (bottom).",
+        "meta_policy": "Meta-policy probabilities over training.",
+    }
+    for key, fname in figs.items():
+        md.append(f"{captions[key]}\n\n![{key}]({fname})\n")
+    md.append("Timings were measured on whatever machine ran this report; on a shared machine "
+              "they are pessimistic.")
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    payload = {"config": cfg.to_dict(), "start": start_info, "summary": summary,
+               "task_check": check, "tampo_vs_best_fixed": comparisons,
+               "wall_seconds": wall_seconds, "figures": figs}
+    (out / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (tuple, set, frozenset)):
+        return list(o)
+    return str(o)

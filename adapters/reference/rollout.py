@@ -1,0 +1,168 @@
+"""Batched sampling with a KV cache and temperature-scaled token log-probabilities.
+
+These two functions are the only places where the temperature touches the model's logits:
+`sample` draws tokens from ``softmax(logits / T)`` (``T = 0`` means greedy) and
+`completion_logprobs` scores tokens with ``log_softmax(logits / T)``. The trainer passes the same
+``T`` to both, which is what makes a batch's sampling and scoring temperatures equal.
+
+Example:
+    >>> import torch
+    >>> from metactl.adapters.reference.model import TinyModelConfig, build_model
+    >>> from metactl.adapters.reference.tokenizer import build_char_tokenizer
+    >>> tok = build_char_tokenizer("0123456789+=")
+    >>> model = build_model(TinyModelConfig(), tok, seed=0)
+    >>> enc = tok(["1+2=", "3+4="], return_tensors="pt")
+    >>> out = sample(model, enc.input_ids, enc.attention_mask, temperature=1.0,
+    ...              max_new_tokens=3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+    ...              generator=torch.Generator().manual_seed(0))
+    >>> out.tokens.shape, out.mask.shape
+    (torch.Size([2, 3]), torch.Size([2, 3]))
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Completions:
+    """Sampled completions: ``tokens`` (N, C) padded with ``pad_id`` after EOS, ``mask`` (N, C)
+    1 for generated tokens up to and including EOS."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward`` (``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _get_cache(output: object, cache_name: str) -> object:
+    return getattr(output, cache_name)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero out the tail of each row outside the nucleus of mass ``top_p`` (then renormalise)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+    sorted_p = sorted_p * keep
+    out = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return out / out.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Completions:
+    """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / temperature)``.
+
+    ``prompt_ids``/``prompt_mask`` are left-padded (N, P). ``temperature=0`` decodes greedily.
+    Positions are counted from each row's first real token, so left padding does not shift them.
+    Sampling uses ``generator`` (on the model's device) so runs are reproducible.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    device = prompt_ids.device
+    n = prompt_ids.shape[0]
+    cache_name = _cache_kwarg(model)
+    attn = prompt_mask.long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else torch.autocast(device.type, enabled=False)
+    )
+    with ctx:
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                    logits_to_keep=1)
+    cache = _get_cache(out, cache_name)
+    logits = out.logits[:, -1].float()
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    next_pos = pos[:, -1:] + 1
+    for t in range(max_new_tokens):
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = _top_p_filter(F.softmax(logits / temperature, dim=-1), top_p)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        done = done | (nxt == eos_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
+        with ctx:
+            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
+                        use_cache=True, logits_to_keep=1, **{cache_name: cache})
+        cache = _get_cache(out, cache_name)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    toks = torch.stack(tokens, dim=1)
+    # mask: generated tokens up to and including the first EOS
+    is_eos = toks == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    mask = ~after_eos
+    return Completions(tokens=toks, mask=mask)
+
+
+def completion_logits(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Raw (un-tempered) logits (N, C, V) at the positions that predict each completion token.
+
+    One forward over ``prompt + completion``; only the last ``C + 1`` positions go through the LM
+    head. Row ``i``, column ``t`` scores ``completion_ids[i, t]``.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attn = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    c = completion_ids.shape[1]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                logits_to_keep=c + 1)
+    return out.logits[:, -(c + 1):-1]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` gathered at ``tokens``: (N, C) float32.
+
+    Example:
+        >>> z = torch.tensor([[[2.0, 0.0]]]); toks = torch.tensor([[0]])
+        >>> float(token_logprobs(z, toks, 2.0)[0, 0]) == float(torch.log_softmax(z / 2, -1)[0, 0, 0])
+        True
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits / temperature)`` at every position: (N, C)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,237 @@
+"""The synthetic reasoning task of the CPU-scale reproduction: modular operation chains with a
+systematically biased teacher.
+
+A problem is a chain ``a op1 b1 op2 b2 ... opL bL`` of single digits, evaluated left to right
+modulo 10 (``+``, ``-``, ``*``). The prompt has a fixed width (the chain, then ``.`` fillers, then
+``=``), and the completion writes the start value and every running value, separated by commas:
+
+    prompt      ``3+5*8-6......=``    (max_len=6: width 1 + 2*6 + 1 = 14)
+    completion  ``3,8,4,8<eos>``      ((3+5)=8, (8*8)%10=4, (4-6)%10=8); the answer is ``8``
+
+With a fixed-width prompt, step i always reads its operator and operand at the same relative
+offset, so a tiny transformer can learn the procedure from a short warm-up.
+
+Why this task leaves room for RL and makes exploration matter (the design, decided up front):
+a fixed, seeded subset of the "facts" ``(op, x, b)`` are *traps*. The warm-up teacher writes a
+fixed wrong value at a trap with probability ``trap_bias`` and the right one otherwise, and then
+continues the chain from what it wrote, as a systematically biased demonstrator would. After the
+warm-up the model is confident and right on ordinary facts, but at a trap its most likely token is
+wrong; the correct path is the *less likely* one (probability about ``1 - trap_bias`` at T = 1).
+Greedy decoding therefore fails on every chain that contains a trap, so greedy accuracy sits well
+below 100% (about the share of trap-free chains), while sampling finds the correct path with a
+probability that grows with the temperature. Traps are independent facts, so RL must discover
+and fix each one separately; that keeps headroom over hundreds of steps. Chains that hit more
+traps are harder; the five held-out benchmarks are chains of length 2..6.
+
+Example:
+    >>> task = ChainTask()
+    >>> import numpy as np
+    >>> p = task.make_problem([3, 5, 8, 6], ["+", "*", "-"])
+    >>> p.prompt, p.answer, task.solution(p)
+    ('3+5*8-6......=', '8', '3,8,4,8')
+    >>> chain_reward("3,8,4,8", "8"), chain_reward("3,8,4,7", "8")
+    (1.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_OPS: dict[str, object] = {
+    "+": lambda x, b: (x + b) % 10,
+    "-": lambda x, b: (x - b) % 10,
+    "*": lambda x, b: (x * b) % 10,
+}
+FILLER = "."
+ALPHABET = "0123456789+-*,=."
+HELDOUT_PER_BENCHMARK = 500
+
+
+def _apply(op: str, x: int, b: int) -> int:
+    return int(_OPS[op](x, b))  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance: the prompt text, the reference answer and a few descriptors.
+
+    Example:
+        >>> Problem(prompt="1+2..=", answer="3", length=1, digits=(1, 2), ops=("+",)).answer
+        '3'
+    """
+
+    prompt: str
+    answer: str
+    length: int = 0
+    digits: tuple[int, ...] = ()
+    ops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChainTask:
+    """Configuration and generators of the biased modular-chain task (see the module docstring).
+
+    Args:
+        ops: operators used in chains (subset of ``+ - *``).
+        min_len, max_len: chain lengths (number of operations) of the training distribution.
+        trap_fraction: share of facts ``(op, x, b)`` that are traps.
+        trap_bias: probability that the warm-up teacher writes the wrong value at a trap.
+        benchmark_lengths: chain length of each held-out benchmark (graded difficulty).
+        task_seed: seeds the choice of traps and of their wrong values.
+
+    Example:
+        >>> task = ChainTask(trap_fraction=0.25)
+        >>> round(len(task.traps) / (3 * 100), 2)
+        0.25
+    """
+
+    ops: tuple[str, ...] = ("+", "-", "*")
+    min_len: int = 1
+    max_len: int = 6
+    trap_fraction: float = 0.25
+    trap_bias: float = 0.9
+    benchmark_lengths: tuple[int, ...] = (2, 3, 4, 5, 6)
+    task_seed: int = 1234
+    traps: dict[tuple[str, int, int], int] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        if not self.ops or any(op not in _OPS for op in self.ops) or len(set(self.ops)) != len(
+            self.ops
+        ):
+            raise ValueError(f"ops must be distinct operators from {sorted(_OPS)}, got {self.ops}")
+        if not (1 <= self.min_len <= self.max_len):
+            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if not (0.0 <= self.trap_fraction <= 1.0):
+            raise ValueError(f"trap_fraction must be in [0, 1], got {self.trap_fraction}")
+        if not (0.0 <= self.trap_bias <= 1.0):
+            raise ValueError(f"trap_bias must be in [0, 1], got {self.trap_bias}")
+        if not self.benchmark_lengths or any(
+            not (1 <= n <= self.max_len) for n in self.benchmark_lengths
+        ):
+            raise ValueError(
+                f"benchmark_lengths must lie in [1, max_len={self.max_len}], "
+                f"got {self.benchmark_lengths}"
+            )
+        rng = np.random.default_rng(self.task_seed)
+        facts = [(op, x, b) for op in self.ops for x in range(10) for b in range(10)]
+        n_traps = round(self.trap_fraction * len(facts))
+        chosen = rng.choice(len(facts), size=n_traps, replace=False)
+        traps = {}
+        for i in sorted(int(i) for i in chosen):
+            op, x, b = facts[i]
+            traps[(op, x, b)] = (_apply(op, x, b) + int(rng.integers(1, 10))) % 10
+        object.__setattr__(self, "traps", traps)
+
+    # -- identity ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-safe description of the configuration (used in cache keys and reports)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @property
+    def width(self) -> int:
+        """Number of prompt tokens: the start digit, ``max_len`` (op, operand) pairs and ``=``."""
+        return 2 + 2 * self.max_len
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """Longest correct completion in tokens, EOS included."""
+        return 2 * self.max_len + 2
+
+    # -- generators -------------------------------------------------------------------------
+    def make_problem(self, digits: Sequence[int], ops: Sequence[str]) -> Problem:
+        """Build the problem for start digit ``digits[0]`` and steps ``zip(ops, digits[1:])``."""
+        if len(digits) != len(ops) + 1 or not (1 <= len(ops) <= self.max_len):
+            raise ValueError("need len(digits) == len(ops) + 1 and 1 <= len(ops) <= max_len")
+        body = str(digits[0]) + "".join(f"{op}{b}" for op, b in zip(ops, digits[1:]))
+        prompt = body + FILLER * (self.width - 1 - len(body)) + "="
+        x = digits[0]
+        for op, b in zip(ops, digits[1:]):
+            x = _apply(op, x, b)
+        return Problem(prompt, str(x), len(ops), tuple(int(d) for d in digits), tuple(ops))
+
+    def sample(
+        self, rng: np.random.Generator, n: int, length: int | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[Problem]:
+        """Draw ``n`` problems (length uniform in [min_len, max_len] unless given), skipping
+        prompts in ``exclude`` (the held-out benchmarks)."""
+        out: list[Problem] = []
+        while len(out) < n:
+            n_ops = int(length if length is not None else rng.integers(self.min_len,
+                                                                        self.max_len + 1))
+            digits = [int(d) for d in rng.integers(0, 10, size=n_ops + 1)]
+            ops = [self.ops[int(i)] for i in rng.integers(0, len(self.ops), size=n_ops)]
+            p = self.make_problem(digits, ops)
+            if p.prompt not in exclude:
+                out.append(p)
+        return out
+
+    def solution(self, problem: Problem) -> str:
+        """The correct completion text (without EOS)."""
+        return self._write(problem, rng=None)
+
+    def demonstration(self, problem: Problem, rng: np.random.Generator) -> str:
+        """A warm-up demonstration from the biased teacher: at a trap it writes the trap's wrong
+        value with probability ``trap_bias`` and continues the chain from what it wrote."""
+        return self._write(problem, rng=rng)
+
+    def _write(self, problem: Problem, rng: np.random.Generator | None) -> str:
+        x = problem.digits[0]
+        values = [x]
+        for op, b in zip(problem.ops, problem.digits[1:]):
+            wrong = self.traps.get((op, x, b))
+            if wrong is not None and rng is not None and rng.random() < self.trap_bias:
+                x = wrong
+            else:
+                x = _apply(op, x, b)
+            values.append(x)
+        return ",".join(str(v) for v in values)
+
+    def n_traps(self, problem: Problem) -> int:
+        """Number of trap facts met on the *correct* path of ``problem``."""
+        x, hits = problem.digits[0], 0
+        for op, b in zip(problem.ops, problem.digits[1:]):
+            hits += (op, x, b) in self.traps
+            x = _apply(op, x, b)
+        return hits
+
+    def benchmarks(self, n_per: int, seed: int = 10_000) -> dict[str, list[Problem]]:
+        """Five (by default) held-out evaluation sets of graded difficulty: ``chain-L`` holds
+        ``n_per`` distinct problems of length L, drawn with their own seed."""
+        out: dict[str, list[Problem]] = {}
+        for length in self.benchmark_lengths:
+            rng = np.random.default_rng([seed, length])  # benchmarks(n) is a prefix of (n + m)
+            seen: dict[str, Problem] = {}
+            limit = 10 * (10 * len(self.ops)) ** length
+            if n_per > limit // 2:
+                raise ValueError(f"n_per={n_per} is too many distinct problems of length {length}")
+            while len(seen) < n_per:
+                p = self.sample(rng, 1, length=length)[0]
+                seen.setdefault(p.prompt, p)
+            out[f"chain-{length}"] = list(seen.values())
+        return out
+
+
+def heldout_prompts(task: ChainTask) -> frozenset[str]:
+    """Prompts of the held-out benchmarks (the first `HELDOUT_PER_BENCHMARK` of each), which the
+    warm-up and the RL prompt sampler never draw."""
+    return frozenset(p.prompt for ps in task.benchmarks(HELDOUT_PER_BENCHMARK).values()
+                     for p in ps)
+
+
+def chain_reward(completion: str, answer: str) -> float:
+    """Outcome reward: 1.0 when the last comma-separated value of ``completion`` equals
+    ``answer``, else 0.0. Intermediate values are not checked (as in outcome-reward math RL).
+
+    Example:
+        >>> chain_reward("3,8,4,8", "8"), chain_reward("", "8"), chain_reward("3,8,4,8,", "8")
+        (1.0, 0.0, 0.0)
+    """
+    last = completion.strip().split(",")[-1].strip()
+    return 1.0 if last == answer.strip() else 0.0

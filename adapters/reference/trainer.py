@@ -1,0 +1,573 @@
+"""A lean GRPO trainer for any Hugging Face causal LM, with the rollout temperature chosen each
+step by a `metactl.MetaPolicy` (TAMPO, a fixed value, a schedule, a bandit, ...).
+
+One GRPO step, top to bottom (`GRPOTrainer.step`):
+
+1. ``decision = policy.select()``; ``T = decision.value``: one temperature for the whole step.
+2. Draw ``prompts_per_step`` prompts; sample ``group_size`` completions per prompt at ``T``
+   (own loop with a KV cache, `rollout.sample`).
+3. Rewards from the verifier; group-normalised advantages ``(r - mean_g) / (std_g + eps)``.
+4. ``ppo_epochs`` optimisation passes over the batch, each one optimizer step accumulated over
+   ``grad_accum_steps`` micro-batches. Every log-prob (current, old, reference) is
+   ``log_softmax(logits / T)``. The old log-probs are the detached log-probs of the first pass
+   (the batch is on-policy there, so the ratio is exactly 1), and the same first-pass logits give
+   the candidate likelihoods ``L`` (N, K) via `metactl.likelihood.candidate_loglik`: the meta step
+   costs no extra forward pass and no extra rollout. ``L`` is computed only when
+   ``"loglik" in policy.requires`` (the token entropy only when ``"entropy"`` is required).
+5. ``policy.update(decision, loglik=L, advantages=A, reward=mean r, ...)``.
+6. Log the step (temperature, LR, reward, loss, KL, clip fraction, meta-policy probs); evaluate,
+   checkpoint (model, optimizer, scheduler, meta-policy, every RNG, history) every few steps.
+   A trainer built on a run directory that holds a checkpoint resumes from it and ends exactly
+   where an uninterrupted run would.
+
+Example:
+    >>> import metactl
+    >>> from metactl.adapters.reference.tasks import ChainTask, chain_reward
+    >>> from metactl.adapters.reference.model import TinyModelConfig, build_model
+    >>> from metactl.adapters.reference.tokenizer import build_char_tokenizer
+    >>> from metactl.adapters.reference.tasks import ALPHABET
+    >>> task = ChainTask(max_len=2, benchmark_lengths=(1, 2))
+    >>> tok = build_char_tokenizer(ALPHABET)
+    >>> model = build_model(TinyModelConfig(hidden_size=32, num_layers=1), tok, seed=0)
+    >>> cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6,
+    ...                  checkpoint_every=0, eval_every=0)
+    >>> trainer = GRPOTrainer(model, tok, cfg, metactl.tampo(seed=0),
+    ...                       prompts=lambda rng, n: task.sample(rng, n), reward_fn=chain_reward)
+    >>> history = trainer.train(progress_bar=False)
+    >>> [round(h["temperature"], 1) > 0 for h in history]
+    [True, True]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .rollout import completion_logits, sample, token_entropy, token_logprobs
+
+
+class PromptItem(Protocol):
+    """Anything with a ``prompt`` text and a reference ``answer`` (e.g. `tasks.Problem`)."""
+
+    prompt: str
+    answer: str
+
+
+PromptSource = Callable[[np.random.Generator, int], Sequence[PromptItem]]
+RewardFn = Callable[[str, str], float]
+Evaluator = Callable[[torch.nn.Module, int], dict]
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Every hyperparameter of a GRPO run (validated on construction).
+
+    Example:
+        >>> GRPOConfig(steps=10).rollouts_per_step
+        128
+        >>> GRPOConfig(group_size=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: group_size must be >= 2 (GRPO needs a group), got 1
+    """
+
+    # -- schedule
+    steps: int = 300
+    prompts_per_step: int = 16
+    group_size: int = 8
+    grad_accum_steps: int = 1
+    ppo_epochs: int = 1
+    # -- optimisation
+    lr: float = 1e-4
+    lr_floor_ratio: float = 0.1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float = 1.0
+    # -- loss
+    clip_eps: float = 0.2
+    kl_beta: float = 0.0
+    loss_agg: str = "sequence"
+    scale_rewards: bool = True
+    adv_eps: float = 1e-4
+    # -- rollouts
+    max_new_tokens: int = 14
+    max_prompt_len: int = 0
+    rollout_top_p: float = 1.0
+    rollout_chunk: int = 0
+    add_special_tokens: bool = False
+    # -- runtime
+    device: str = "cpu"
+    precision: str = "fp32"
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    diagnostic_steps: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "prompts_per_step", "grad_accum_steps", "ppo_epochs",
+                    "max_new_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
+        if self.rollouts_per_step % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps={self.grad_accum_steps} must divide the "
+                f"{self.rollouts_per_step} rollouts of a step"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (0.0 <= self.lr_floor_ratio <= 1.0):
+            raise ValueError(f"lr_floor_ratio must be in [0, 1], got {self.lr_floor_ratio}")
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.clip_eps <= 0 or self.kl_beta < 0 or self.max_grad_norm <= 0 or self.adv_eps < 0:
+            raise ValueError("need clip_eps > 0, kl_beta >= 0, max_grad_norm > 0, adv_eps >= 0")
+        if self.loss_agg not in ("sequence", "token"):
+            raise ValueError(f"loss_agg must be 'sequence' or 'token', got {self.loss_agg!r}")
+        if not (0.0 < self.rollout_top_p <= 1.0):
+            raise ValueError(f"rollout_top_p must be in (0, 1], got {self.rollout_top_p}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("max_prompt_len", "rollout_chunk", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        """Completions per step: ``prompts_per_step * group_size``."""
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Total optimizer steps (one per PPO epoch per GRPO step)."""
+        return self.steps * self.ppo_epochs
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict of every field."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks (pure functions, unit-tested)
+# ----------------------------------------------------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO advantages: reward minus its group mean, divided by the group std (+ eps) if
+    ``scale``. ``rewards`` is (N,) with the groups contiguous.
+
+    Example:
+        >>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2).tolist()]
+        [0.707, -0.707, 0.0, 0.0]
+    """
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def cosine_with_floor(step: int, total: int, warmup: int, floor: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 down to ``floor``.
+
+    Example:
+        >>> [round(cosine_with_floor(s, 10, 2, 0.1), 3) for s in (0, 1, 2, 10)]
+        [0.5, 1.0, 1.0, 0.1]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float,
+    ref_logp: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    agg: str = "sequence",
+    total_rows: int | None = None,
+    total_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss (plus ``kl_beta`` times the k3 KL estimator to a reference).
+
+    ``agg="sequence"``: mean over each completion's tokens, then sum over rows / ``total_rows``;
+    ``agg="token"``: sum over all tokens / ``total_tokens``. Passing the *whole batch's* totals
+    makes the sum of micro-batch losses equal the full-batch loss (exact gradient accumulation).
+
+    Example:
+        >>> lp = torch.zeros(1, 2, requires_grad=True)
+        >>> loss, _ = policy_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 2),
+        ...                       clip_eps=0.2)
+        >>> loss.backward(); lp.grad.tolist()   # gradient descent raises the logprobs
+        [[-0.5, -0.5]]
+    """
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None].to(logp.dtype)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(per_token)
+    if ref_logp is not None and kl_beta > 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + kl_beta * kl
+    if agg == "token":
+        denom = total_tokens if total_tokens is not None else mask.sum()
+        loss = (per_token * mask).sum() / denom
+    else:
+        denom = total_rows if total_rows is not None else logp.shape[0]
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    with torch.no_grad():
+        n_tok = mask.sum().clamp(min=1)
+        stats = {
+            "clip_frac": float((((ratio - 1).abs() > clip_eps).to(mask.dtype) * mask).sum() / n_tok),
+            "kl": float((kl * mask).sum() / n_tok),
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------
+class GRPOTrainer:
+    """GRPO on a causal LM with a meta-policy choosing each step's rollout temperature.
+
+    Args:
+        model: a Hugging Face causal LM (``AutoModelForCausalLM``); trained in place.
+        tokenizer: its tokenizer (left padding is enforced for prompts).
+        config: `GRPOConfig`.
+        policy: a `metactl.MetaPolicy` over temperatures.
+        prompts: ``prompts(rng, n)`` returns ``n`` items with ``.prompt`` and ``.answer``.
+        reward_fn: ``reward_fn(completion_text, answer) -> float``.
+        ref_model: frozen reference model for the KL term (required when ``kl_beta > 0``).
+        evaluator: ``evaluator(model, step) -> dict`` run every ``eval_every`` steps and at the end.
+        run_dir: where checkpoints go; a checkpoint found there is resumed.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: GRPOConfig,
+        policy: Any,
+        *,
+        prompts: PromptSource,
+        reward_fn: RewardFn,
+        ref_model: torch.nn.Module | None = None,
+        evaluator: Evaluator | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if config.kl_beta > 0 and ref_model is None:
+            raise ValueError("ref_model is required when config.kl_beta > 0")
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer needs pad_token_id and eos_token_id")
+        self.cfg = config
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
+        if self.ref_model is not None:
+            self.ref_model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        self.policy = policy
+        self.prompts = prompts
+        self.reward_fn = reward_fn
+        self.evaluator = evaluator
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.candidates = np.asarray(policy.candidates, dtype=float)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+        )
+        total, warm = config.optimizer_steps, round(config.warmup_ratio * config.optimizer_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_floor(s, total, warm, config.lr_floor_ratio)
+        )
+        self.rng = np.random.default_rng(config.seed)  # prompts
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)  # sampling
+        self.step_idx = 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.diagnostics: list[dict] = []
+        if self.run_dir is not None and self.checkpoint_path.exists():
+            self.load_checkpoint()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_prompts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask on the trainer's device (left-truncated if
+        ``max_prompt_len`` is set)."""
+        kw: dict[str, Any] = {}
+        if self.cfg.max_prompt_len:
+            kw = {"truncation": True, "max_length": self.cfg.max_prompt_len}
+        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True,
+                             add_special_tokens=self.cfg.add_special_tokens, **kw)
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, temperature: float):
+        """Sample one completion per prompt row at ``temperature`` (chunked if configured)."""
+        chunk = self.cfg.rollout_chunk or prompt_ids.shape[0]
+        parts = []
+        self.model.eval()
+        for s in range(0, prompt_ids.shape[0], chunk):
+            parts.append(sample(
+                self.model, prompt_ids[s:s + chunk], prompt_mask[s:s + chunk],
+                temperature=temperature, max_new_tokens=self.cfg.max_new_tokens,
+                eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                top_p=self.cfg.rollout_top_p, generator=self.generator,
+                autocast_dtype=torch.bfloat16 if self.cfg.precision == "bf16" else None,
+            ))
+        width = max(p.tokens.shape[1] for p in parts)
+        pad = self.tokenizer.pad_token_id
+        tokens = torch.cat([torch.nn.functional.pad(p.tokens, (0, width - p.tokens.shape[1]),
+                                                    value=pad) for p in parts])
+        mask = torch.cat([torch.nn.functional.pad(p.mask, (0, width - p.mask.shape[1]),
+                                                  value=False) for p in parts])
+        return tokens, mask
+
+    # -- one GRPO step ----------------------------------------------------------------------
+    def step(self) -> dict:
+        """Run one GRPO step (select T, roll out, score, optimise, update the meta-policy)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        needs = set(self.policy.requires)
+
+        # 1. one temperature for the whole step, from the meta-policy
+        decision = self.policy.select()
+        temperature = float(decision.value)
+
+        # 2. prompts, each repeated group_size times (groups are contiguous), and rollouts at T
+        items = list(self.prompts(self.rng, cfg.prompts_per_step))
+        texts = [it.prompt for it in items for _ in range(cfg.group_size)]
+        answers = [it.answer for it in items for _ in range(cfg.group_size)]
+        prompt_ids, prompt_mask = self.encode_prompts(texts)
+        with self._autocast():
+            comp_ids, comp_mask = self.rollout(prompt_ids, prompt_mask, temperature)
+        t_rollout = time.perf_counter() - t0
+
+        # 3. verifier rewards and group-normalised advantages
+        completions = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
+        rewards = torch.tensor([self.reward_fn(c, a) for c, a in zip(completions, answers)],
+                               dtype=torch.float32)
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.adv_eps)
+
+        # 4. optimisation: ppo_epochs passes, each one optimizer step over grad_accum micro-batches
+        n = comp_ids.shape[0]
+        micro = n // cfg.grad_accum_steps
+        total_tokens = int(comp_mask.sum())
+        adv_dev = advantages.to(self.device)
+        old_logp: list[torch.Tensor] = []
+        ref_logp: list[torch.Tensor | None] = []
+        loglik_parts: list[torch.Tensor] = []
+        entropy_sum = 0.0
+        losses, clip_fracs, kls, grad_norms = [], [], [], []
+        self.model.train()
+        for epoch in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            epoch_loss = 0.0
+            for j, s in enumerate(range(0, n, micro)):
+                sl = slice(s, s + micro)
+                ids, pm, ci, cm = prompt_ids[sl], prompt_mask[sl], comp_ids[sl], comp_mask[sl]
+                with self._autocast():
+                    logits = completion_logits(self.model, ids, pm, ci, cm)
+                logp = token_logprobs(logits, ci, temperature)  # the step's T, as sampled
+                if epoch == 0:
+                    # on-policy: the first pass's logits are the rollout policy's logits
+                    old_logp.append(logp.detach())
+                    with torch.no_grad():
+                        raw = logits.detach().float()
+                        if "loglik" in needs:
+                            from metactl.likelihood import candidate_loglik
+
+                            loglik_parts.append(candidate_loglik(raw, ci, cm, self.candidates))
+                        if "entropy" in needs:
+                            ent = token_entropy(raw, temperature)
+                            entropy_sum += float((ent * cm).sum())
+                        if self.ref_model is not None and cfg.kl_beta > 0:
+                            with self._autocast():
+                                ref_logits = completion_logits(self.ref_model, ids, pm, ci, cm)
+                            ref_logp.append(token_logprobs(ref_logits, ci, temperature))
+                        else:
+                            ref_logp.append(None)
+                del logits
+                loss, st = policy_loss(
+                    logp, old_logp[j], adv_dev[sl], cm, clip_eps=cfg.clip_eps,
+                    ref_logp=ref_logp[j], kl_beta=cfg.kl_beta, agg=cfg.loss_agg,
+                    total_rows=n, total_tokens=max(total_tokens, 1),
+                )
+                loss.backward()
+                epoch_loss += float(loss.detach())
+                clip_fracs.append(st["clip_frac"])
+                kls.append(st["kl"])
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                   cfg.max_grad_norm)))
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(epoch_loss)
+
+        # 5. meta-policy update: only the feedback its rule requires is computed
+        feedback: dict[str, Any] = {"advantages": advantages.numpy(),
+                                    "reward": float(rewards.mean())}
+        loglik = torch.cat(loglik_parts).cpu() if loglik_parts else None
+        if loglik is not None:
+            feedback["loglik"] = loglik
+        if "entropy" in needs:
+            feedback["entropy"] = entropy_sum / max(total_tokens, 1)
+            feedback["vocab_size"] = self.vocab_size
+        info = self.policy.update(decision, **feedback)
+
+        # 6. log everything that changed this step
+        record = {
+            "step": self.step_idx,
+            "temperature": temperature,
+            "decision_index": int(decision.index),
+            "lr": lr,
+            "reward": float(rewards.mean()),
+            "frac_solved_groups": float((rewards.view(-1, cfg.group_size).max(1).values > 0)
+                                        .float().mean()),
+            "loss": float(np.mean(losses)),
+            "clip_frac": float(np.mean(clip_fracs)),
+            "kl": float(np.mean(kls)),
+            "grad_norm": float(np.mean(grad_norms)),
+            "completion_len": float(comp_mask.sum(1).float().mean()),
+            "probs": [float(p) for p in info.probs],
+            "seconds": time.perf_counter() - t0,
+            "rollout_seconds": t_rollout,
+        }
+        if "entropy" in feedback:
+            record["entropy"] = feedback["entropy"]
+        if loglik is not None and self.step_idx in set(cfg.diagnostic_steps):
+            self.diagnostics.append({
+                "step": self.step_idx, "temperature": temperature,
+                "loglik": loglik.tolist(), "advantages": advantages.tolist(),
+                "rewards": rewards.tolist(),
+            })
+        self.history.append(record)
+        self.step_idx += 1
+        return record
+
+    # -- loop -------------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        """Run the evaluator (if any) at the current step and store its result."""
+        if self.evaluator is None:
+            return
+        if self.evals and self.evals[-1]["step"] == self.step_idx:
+            return
+        self.model.eval()
+        with self._autocast():
+            result = self.evaluator(self.model, self.step_idx)
+        self.evals.append({"step": self.step_idx, **result})
+
+    def train(
+        self, callback: Callable[[dict], None] | None = None, progress_bar: bool = True
+    ) -> list[dict]:
+        """Run (or resume) until ``config.steps``; returns the per-step history.
+
+        ``callback(record)`` is called after every step (e.g. to report progress; an exception
+        raised there interrupts the run, which a new trainer on the same ``run_dir`` resumes).
+        """
+        cfg = self.cfg
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step_idx, desc="GRPO", leave=False)
+        try:
+            if self.step_idx == 0 and cfg.eval_every:
+                self.evaluate()
+            while self.step_idx < cfg.steps:
+                record = self.step()
+                if cfg.eval_every and self.step_idx % cfg.eval_every == 0:
+                    self.evaluate()
+                if cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(T=f"{record['temperature']:.2f}",
+                                    reward=f"{record['reward']:.2f}")
+                if callback is not None:
+                    callback(record)
+            self.evaluate()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        """``run_dir / "checkpoint.pt"``."""
+        if self.run_dir is None:
+            raise ValueError("this trainer has no run_dir")
+        return self.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> Path:
+        """Atomically write everything needed to resume exactly (model, optimizer, scheduler,
+        meta-policy state, RNG states, step, history)."""
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step_idx,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "policy": self.policy.state_dict(),
+            "rng_numpy": self.rng.bit_generator.state,
+            "rng_sampling": self.generator.get_state(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+            "evals": self.evals,
+            "diagnostics": self.diagnostics,
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Restore the state written by `save_checkpoint`."""
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.policy.load_state_dict(state["policy"])
+        self.rng.bit_generator.state = state["rng_numpy"]
+        self.generator.set_state(state["rng_sampling"].cpu())
+        torch.set_rng_state(state["rng_torch"].cpu())
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step_idx = int(state["step"])
+        self.history = list(state["history"])
+        self.evals = list(state["evals"])
+        self.diagnostics = list(state["diagnostics"])
