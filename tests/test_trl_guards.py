@@ -1,0 +1,122 @@
+"""Clear errors for settings that would silently break the temperature meta-policy in TRL."""
+
+from __future__ import annotations
+
+import pytest
+from metactl.adapters.trl import MetaGRPOTrainer
+from metactl.adapters.trl.guards import (
+    ALLOW_UNTESTED_ENV,
+    check_generation_settings,
+    check_trl_version,
+)
+from metactl.adapters.trl.testing import (
+    addition_dataset,
+    digit_count_reward,
+    tiny_grpo_config,
+    tiny_model_dir,
+    torch_threads,
+)
+
+import metactl
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(tiny_model_dir())
+
+
+def _trainer(model_path, tmp_path, policy=None, **overrides):
+    return MetaGRPOTrainer(
+        model=model_path,
+        reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(tmp_path, **overrides),
+        train_dataset=addition_dataset(16),
+        meta_policy=policy,
+    )
+
+
+@pytest.mark.parametrize("version", ["1.16.0", "1.16.5", "1.16.0rc1"])
+def test_tested_trl_versions_pass(version):
+    check_trl_version(version)
+
+
+@pytest.mark.parametrize("version", ["1.15.2", "1.17.0", "1.17.0.dev0", "2.0.0", "0.16.0"])
+def test_untested_trl_versions_raise(version, monkeypatch):
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"trl>=1.16,<1.17"):
+        check_trl_version(version)
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=r"trl>=1.16,<1.17"):
+        check_trl_version(version)
+
+
+def test_trainer_refuses_an_untested_trl(model_path, tmp_path, monkeypatch):
+    import trl
+
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(RuntimeError, match="is tested with trl"):
+        _trainer(model_path, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({"top_p": 0.9}, "top_p"),
+        ({"top_k": 5}, "top_k"),
+        ({"min_p": 0.05}, "min_p"),
+        ({"repetition_penalty": 1.1}, "repetition_penalty"),
+        ({"generation_kwargs": {"top_p": 0.8}}, "top_p"),  # overrides the config field
+        ({"generation_kwargs": {"typical_p": 0.9}}, "typical_p"),
+    ],
+)
+def test_truncated_sampling_with_likelihood_rule_raises(model_path, tmp_path, overrides, name):
+    with pytest.raises(ValueError, match=rf"^{name}=.*truncates the sampling distribution"):
+        _trainer(model_path, tmp_path, metactl.tampo(), **overrides)
+
+
+def test_truncated_sampling_is_fine_without_likelihoods(model_path, tmp_path):
+    policy = metactl.MetaPolicy([0.7, 1.0], metactl.EXP3(), seed=0)
+    trainer = _trainer(model_path, tmp_path, policy, top_p=0.9, top_k=5)
+    assert trainer.generation_config.top_p == 0.9
+
+
+def test_pinned_temperature_in_generation_kwargs_raises(model_path, tmp_path):
+    with pytest.raises(ValueError, match=r"generation_kwargs pins temperature=0\.7"):
+        _trainer(model_path, tmp_path, generation_kwargs={"temperature": 0.7})
+    # also for rules that need no likelihood: the meta-policy owns the temperature
+    policy = metactl.MetaPolicy([0.7, 1.0], metactl.EXP3(), seed=0)
+    with pytest.raises(ValueError, match="generation_kwargs pins temperature"):
+        _trainer(model_path, tmp_path, policy, generation_kwargs={"temperature": 0.7})
+
+
+def test_bad_trainer_arguments(model_path, tmp_path):
+    with pytest.raises(TypeError, match=r"meta_policy must be a metactl\.MetaPolicy"):
+        _trainer(model_path, tmp_path, policy="tampo")
+    top_p_policy = metactl.MetaPolicy([0.8, 0.9], metactl.EXP3(), hyperparameter="top_p")
+    with pytest.raises(ValueError, match="hyperparameter='temperature'"):
+        _trainer(model_path, tmp_path, top_p_policy)
+    with pytest.raises(ValueError, match="likelihood must be 'fast' or 'exact'"):
+        MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward, likelihood="approx")
+    with pytest.raises(ValueError, match="loglik_window_bytes must be >= 1"):
+        MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward, loglik_window_bytes=0)
+
+
+def test_default_policy_is_paper_tampo(model_path, tmp_path):
+    trainer = _trainer(model_path, tmp_path)
+    assert trainer.meta_policy.candidates.tolist() == list(metactl.PAPER_TEMPERATURES)
+    assert trainer.meta_policy.requires == ("loglik", "advantages")
+
+
+def test_check_generation_settings_names_the_setting():
+    check_generation_settings({"top_p": 1.0, "top_k": 0, "min_p": None},
+                              generation_kwargs=None, needs_likelihood=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"top_k=3 .* Set top_k=0"):
+        check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=True)
+    check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=False)
