@@ -21,9 +21,10 @@ Example:
     ...     tiny_grpo_config, tiny_model_dir)
     >>> path = str(tiny_model_dir())
     >>> trainer = MetaGRPOTrainer(model=path, reward_funcs=digit_count_reward,
-    ...     args=tiny_grpo_config("/tmp/metactl_doc", max_steps=2),
+    ...     args=tiny_grpo_config("metactl_doc_run", max_steps=2),
     ...     train_dataset=addition_dataset(32), meta_policy=metactl.tampo(seed=0))
-    >>> _ = trainer.train()
+    >>> _ = trainer.train()  # prints TRL's logs, metactl/* metrics included
+    {...'metactl/temperature': ...}
     >>> [round(h["value"], 1) in trainer.meta_policy.candidates for h in trainer.meta_history]
     [True, True]
 """
