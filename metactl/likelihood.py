@@ -31,7 +31,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["FAMILIES", "candidate_loglik", "likelihood_optimal"]
+__all__ = ["FAMILIES", "candidate_loglik", "default_chunk_size", "likelihood_optimal"]
 
 #: Sampling families understood by :func:`candidate_loglik`.
 FAMILIES: tuple[str, ...] = ("temperature", "min_p")
@@ -198,6 +198,34 @@ def _segments(bmask: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray, np
     return seg_row, seg_start, seg_stop
 
 
+def _square_plan(temps: np.ndarray) -> list[tuple[int, bool]]:
+    """Order in which to score the temperatures, reusing squares where possible.
+
+    ``exp(u / T)`` squared is ``exp(u / (T / 2))``: one multiply instead of a scaled add and an
+    ``exp2``. Temperatures are grouped into halving chains (e.g. 1.2 -> 0.6, 1.4 -> 0.7 in the
+    paper's grid). Returns ``(index, square)`` pairs; ``square`` means "square the previous
+    buffer".
+    """
+    order = np.argsort(-temps, kind="stable")  # hottest first
+    done = np.zeros(temps.size, dtype=bool)
+    plan: list[tuple[int, bool]] = []
+    for start in order.tolist():
+        if done[start]:
+            continue
+        done[start] = True
+        plan.append((start, False))
+        current = start
+        while True:
+            half = temps[current] / 2.0
+            close = np.flatnonzero(~done & np.isclose(temps, half, rtol=1e-9, atol=0.0))
+            if close.size == 0:
+                break
+            current = int(close[0])
+            done[current] = True
+            plan.append((current, True))
+    return plan
+
+
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
@@ -300,6 +328,33 @@ def candidate_loglik(
     return _loglik_numpy(logits, tokens, mask, cands, family, temp, eps, chunk)
 
 
+def default_chunk_size(vocab_size: int, device: str = "cpu") -> int:
+    """Number of positions :func:`candidate_loglik` processes at once by default.
+
+    One chunk is a float32 buffer of ``chunk x vocab_size``: 4 MiB on CPU (it stays in the
+    last-level cache), 256 MiB on accelerators (fewer kernel launches).
+
+    Args:
+        vocab_size: the vocabulary size ``V`` (>= 1).
+        device: a torch device type such as ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The default chunk size (>= 1).
+
+    Example:
+        >>> default_chunk_size(32768)
+        32
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str such as 'cpu', got {type(device).__name__}")
+    budget = _CPU_CHUNK_BYTES if device == "cpu" else _ACCEL_CHUNK_BYTES
+    return max(1, budget // (4 * int(vocab_size)))
+
+
 def likelihood_optimal(loglik: ArrayLike, candidates: Sequence[float] | ArrayLike) -> np.ndarray:
     """Per-trajectory likelihood-optimal candidate (the paper's ``T*``).
 
@@ -383,8 +438,7 @@ def _loglik_torch(
     device = logits.device
 
     if chunk is None:
-        budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _ACCEL_CHUNK_BYTES
-        chunk = max(1, budget // (4 * vocab))
+        chunk = default_chunk_size(vocab, device.type)
     seg_row, seg_start, seg_stop = _segments(bmask, chunk)
 
     if _is_torch(tokens):
@@ -407,7 +461,9 @@ def _loglik_torch(
         1.0 / cands if family == "temperature" else cands, dtype=torch.float32, device=device
     )
 
-    if family == "min_p":
+    if family == "temperature":
+        plan = _square_plan(cands)
+    else:
         order = np.argsort(cands, kind="stable")
         # threshold_ keeps x > thr; with thr the float32 just below min_p this keeps x >= min_p.
         thr = [
@@ -420,17 +476,21 @@ def _loglik_torch(
             seg = logits[i, t0:t1]  # (c, V) view, input dtype
             c = t1 - t0
             e = scratch[:c]
-            lo, hi = torch.aminmax(seg, dim=-1)
+            hi = seg.amax(dim=-1)  # NaN propagates; +inf shows here
+            lo = seg.amin(dim=-1)  # -inf shows here (torch.aminmax is much slower on CPU)
             nonfinite |= ~(torch.isfinite(lo).all() & torch.isfinite(hi).all())
             m = hi.float().unsqueeze(-1)  # (c, 1)
             tok = tok_dev[i, t0:t1].unsqueeze(-1)  # (c, 1)
             u_o = seg.gather(-1, tok).float() - m  # (c, 1): z_o - max <= 0
             if family == "temperature":
                 sums = torch.empty((k, c), dtype=torch.float32, device=device)
-                for j, T in enumerate(cands.tolist()):
-                    s = _INV_LN2 / T  # exp(beta u) == exp2(beta / ln2 * u); exp2 is cheaper
-                    torch.add(m * (-s), seg, alpha=s, out=e)  # beta/ln2 * (z - m), fused
-                    e.exp2_()
+                for j, square in plan:
+                    if square:  # T_j == T_prev / 2: exp(2 beta u) == exp(beta u) ** 2
+                        e.mul_(e)
+                    else:
+                        s = _INV_LN2 / float(cands[j])  # exp(beta u) == exp2(beta / ln2 * u)
+                        torch.add(m * (-s), seg, alpha=s, out=e)  # beta/ln2 * (z - m), fused
+                        e.exp2_()
                     torch.sum(e, dim=-1, out=sums[j])
                 # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m))
                 logq = betas.unsqueeze(-1) * u_o.T - sums.log_()  # (K, c)

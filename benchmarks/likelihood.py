@@ -1,0 +1,273 @@
+"""Benchmark: scoring sampled tokens under K candidate temperatures.
+
+Compares :func:`metactl.likelihood.candidate_loglik` (K = 10 temperatures 0.6..1.5) with
+
+* ``naive``: K separate passes ``torch.log_softmax(logits / T, -1).gather(...)``, and
+* ``single``: one ``torch.log_softmax(logits / T, -1).gather(...)`` pass, i.e. what a GRPO
+  trainer already pays to score its batch at the sampling temperature.
+
+Times are medians over ``--repeats`` interleaved runs after one warm-up. Peak extra memory
+(over the resident logits) is measured per method: on CUDA with
+``torch.cuda.max_memory_allocated``; on CPU in a fresh subprocess per method, as the peak
+resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size
+just before the call. Targets (issue 2): >= 3.5x faster than naive, <= 3x the single pass,
+peak extra memory <= one chunk.
+
+Usage::
+
+    python benchmarks/likelihood.py                     # 4096 positions x 32768 vocab, CPU
+    python benchmarks/likelihood.py --device cuda --positions 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from metactl.likelihood import candidate_loglik, default_chunk_size
+
+CANDIDATES = [round(0.6 + 0.1 * i, 1) for i in range(10)]
+SAMPLING_T = 1.0
+METHODS = ("single", "naive", "metactl")
+DIST = (
+    "z = 3 * N(0,1) per token, plus 3 'dominant' tokens per position at "
+    "logsumexp(background) + N(+1, 2), N(-1, 2), N(-3, 2); tokens sampled at T = 1"
+)
+
+
+def make_batch(
+    positions: int, vocab: int, sequences: int, device: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic LM-like logits (built in place: no full-size temporaries), tokens, mask."""
+    if positions % sequences:
+        raise ValueError(f"--positions ({positions}) must be divisible by --sequences")
+    length = positions // sequences
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.empty((sequences, length, vocab), dtype=torch.float32, device=device)
+    logits.normal_(0.0, 3.0, generator=gen)
+    flat = logits.view(-1, vocab)
+    # Background log-partition, computed chunk-wise (no full-size temporaries).
+    lse = torch.empty(positions, device=device)
+    for a in range(0, positions, 256):
+        lse[a : a + 256] = torch.logsumexp(flat[a : a + 256], dim=-1)
+    dom = torch.randint(0, vocab, (positions, 3), generator=gen, device=device)
+    offsets = torch.tensor([1.0, -1.0, -3.0], device=device)
+    noise = torch.randn((positions, 3), generator=gen, device=device) * 2.0
+    flat.scatter_(1, dom, lse.unsqueeze(1) + offsets + noise)
+    tokens = torch.empty((sequences, length), dtype=torch.long, device=device)
+    tflat = tokens.view(-1)
+    for a in range(0, positions, 256):
+        probs = torch.softmax(flat[a : a + 256] / SAMPLING_T, dim=-1)
+        tflat[a : a + 256] = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    mask = torch.ones((sequences, length), dtype=torch.bool, device=device)
+    return logits, tokens, mask
+
+
+def describe(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+    """Mean entropy (nats) at T = 1 and median probability of the sampled token."""
+    flat = logits.view(-1, logits.shape[-1])
+    tok = tokens.view(-1)
+    ent, ptok = [], []
+    for a in range(0, flat.shape[0], 256):
+        lp = torch.log_softmax(flat[a : a + 256], dim=-1)
+        ent.append(-(lp.exp() * lp).sum(-1))
+        ptok.append(lp.gather(-1, tok[a : a + 256, None]).squeeze(-1).exp())
+    return float(torch.cat(ent).mean()), float(torch.cat(ptok).median())
+
+
+def naive(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    cols = []
+    for t in CANDIDATES:
+        lp = torch.log_softmax(logits / t, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        cols.append((lp * m).sum(1) / m.sum(1))
+    return torch.stack(cols, dim=1)
+
+
+def single(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(logits / SAMPLING_T, dim=-1).gather(-1, tokens.unsqueeze(-1))
+    m = mask.float()
+    return (lp.squeeze(-1) * m).sum(1) / m.sum(1)
+
+
+def method_fn(
+    name: str, chunk: int | None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name == "naive":
+        return naive
+    if name == "single":
+        return single
+    return lambda lg, tk, mk: candidate_loglik(lg, tk, mk, CANDIDATES, chunk_size=chunk)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh subprocess: prints the peak extra bytes of one method as JSON."""
+    torch.set_num_threads(args.threads)
+    logits, tokens, mask = make_batch(args.positions, args.vocab, args.sequences, "cpu")
+    fn = method_fn(args.measure_memory, args.chunk_size)
+    with torch.no_grad():
+        fn(logits[:1, :8], tokens[:1, :8], mask[:1, :8])  # lazy initialisation of kernels
+        gc.collect()
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+        fn(logits, tokens, mask)
+        peak = _status_kib("VmHWM")
+    print(json.dumps({"extra_bytes": (peak - before) * 1024}))
+
+
+def peak_extra_cpu(name: str, args: argparse.Namespace) -> int | None:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--positions", str(args.positions),
+        "--vocab", str(args.vocab),
+        "--sequences", str(args.sequences),
+        "--threads", str(args.threads),
+        "--measure-memory", name,
+    ]  # fmt: skip
+    if args.chunk_size is not None:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"  [memory measurement of {name} failed: {proc.stderr.strip()[-300:]}]")
+        return None
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"])
+
+
+def peak_extra_cuda(fn: Callable, logits, tokens, mask) -> int:  # type: ignore[no-untyped-def]
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        out = fn(logits, tokens, mask)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return int(peak)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--positions", type=int, default=4096, help="total positions (default 4096)")
+    p.add_argument("--vocab", type=int, default=32768, help="vocabulary size (default 32768)")
+    p.add_argument("--sequences", type=int, default=8, help="sequences the positions form")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median; default 5)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--chunk-size", type=int, default=None, help="positions per chunk")
+    p.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads"
+    )
+    p.add_argument("--skip-memory", action="store_true", help="do not measure memory")
+    p.add_argument("--measure-memory", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.measure_memory:
+        measure_memory_child(args)
+        return 0
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch.cuda.is_available() is False")
+
+    logits, tokens, mask = make_batch(args.positions, args.vocab, args.sequences, device)
+    chunk = args.chunk_size or default_chunk_size(args.vocab, torch.device(device).type)
+    entropy, ptok = describe(logits, tokens)
+    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"candidate scoring benchmark: torch {torch.__version__}, device {dev_name}, "
+          f"threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"logits: {args.sequences} x {args.positions // args.sequences} positions "
+          f"(= {args.positions}, all masked) x {args.vocab} vocab, float32 "
+          f"({logits.numel() * 4 / 2**20:.0f} MiB)")  # fmt: skip
+    print(f"distribution: {DIST}")
+    print(f"  -> mean entropy at T=1: {entropy:.2f} nats; median sampled-token prob: {ptok:.2f}")
+    print(f"K = {len(CANDIDATES)} candidates {CANDIDATES}; chunk = {chunk} positions "
+          f"({chunk * args.vocab * 4 / 2**20:.1f} MiB float32)")  # fmt: skip
+
+    fns = {name: method_fn(name, args.chunk_size) for name in METHODS}
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    with torch.no_grad():
+        ref = naive(logits, tokens, mask)
+        ours = fns["metactl"](logits, tokens, mask)
+        max_err = float((ref - ours).abs().max())
+        for name in METHODS:  # warm-up
+            fns[name](logits, tokens, mask)
+        for _ in range(args.repeats):  # interleaved, so drifting load hits all methods alike
+            for name in METHODS:
+                sync(device)
+                t0 = time.perf_counter()
+                fns[name](logits, tokens, mask)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    mem: dict[str, int | None] = {}
+    if not args.skip_memory:
+        for name in METHODS:
+            if device.startswith("cuda"):
+                mem[name] = peak_extra_cuda(fns[name], logits, tokens, mask)
+            else:
+                mem[name] = peak_extra_cpu(name, args)
+    chunk_bytes = chunk * args.vocab * 4
+
+    print(f"max |metactl - naive| over the (N, K) output: {max_err:.2e}")
+    print()
+    header = f"{'method':<28}{'median s':>10}{'min s':>9}{'max s':>9}{'vs single':>11}"
+    header += f"{'peak extra MiB':>16}"
+    print(header)
+    print("-" * len(header))
+    labels = {
+        "single": "single log_softmax (1 T)",
+        "naive": f"naive {len(CANDIDATES)} x log_softmax",
+        "metactl": "metactl candidate_loglik",
+    }
+    for name in METHODS:
+        m = mem.get(name)
+        mem_s = "n/a" if m is None else f"{m / 2**20:.1f}"
+        rel = med[name] / med["single"]
+        print(f"{labels[name]:<28}{med[name]:>10.3f}{min(times[name]):>9.3f}"
+              f"{max(times[name]):>9.3f}{rel:>10.2f}x{mem_s:>16}")  # fmt: skip
+    print()
+    speedup = med["naive"] / med["metactl"]
+    vs_single = med["metactl"] / med["single"]
+    print(f"speedup over naive: {speedup:.2f}x  (target >= 3.5x: "
+          f"{'met' if speedup >= 3.5 else 'MISSED'})")  # fmt: skip
+    print(f"cost vs single pass: {vs_single:.2f}x  (target <= 3x: "
+          f"{'met' if vs_single <= 3.0 else 'MISSED'})")  # fmt: skip
+    if mem.get("metactl") is not None:
+        m = mem["metactl"]
+        assert m is not None
+        verdict = "met" if m <= chunk_bytes else "MISSED"
+        print(f"metactl peak extra memory: {m / 2**20:.1f} MiB = {m / chunk_bytes:.2f} chunks "
+              f"(one chunk = {chunk_bytes / 2**20:.1f} MiB; logits = "
+              f"{logits.numel() * 4 / 2**20:.0f} MiB; target <= 1 chunk: {verdict})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
