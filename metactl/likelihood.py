@@ -492,25 +492,28 @@ def _loglik_torch(
                         torch.add(m * (-s), seg, alpha=s, out=e)  # beta/ln2 * (z - m), fused
                         e.exp2_()
                     torch.sum(e, dim=-1, out=sums[j])
-                # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m))
-                logq = betas.unsqueeze(-1) * u_o.T - sums.log_()  # (K, c)
+                # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m)). The max
+                # term of the sum is exactly 1, so sums >= 1: clamping only removes rounding
+                # and keeps log q <= 0 (u_o <= 0 holds exactly).
+                logq = betas.unsqueeze(-1) * u_o.T - sums.clamp_min_(1.0).log_()  # (K, c)
             else:
                 s = _INV_LN2 / temp
                 torch.add(m * (-s), seg, alpha=s, out=e)
                 e.exp2_()  # e_v = p_v / p_max, the max token gives exactly 1
                 e_o = e.gather(-1, tok)  # (c, 1)
-                total = e.sum(dim=-1)  # (c,)
+                total = e.sum(dim=-1).clamp_min_(1.0)  # (c,), >= 1 up to rounding
                 logp_o = u_o.squeeze(-1) / temp - total.log()  # log p(o)
                 kept_mass = torch.empty((k, c), dtype=torch.float32, device=device)
                 for j, th in zip(order.tolist(), thr, strict=True):
                     # thresholds ascend, so thresholding in place is cumulative and exact
                     torch.nn.functional.threshold_(e, th, 0.0)
                     torch.sum(e, dim=-1, out=kept_mass[j])
-                z_frac = kept_mass / total  # (K, c): mass of the kept set, in (0, 1]
+                z_frac = (kept_mass / total).clamp_max_(1.0)  # (K, c): kept mass, (0, 1]
                 kept_o = e_o.T >= betas.unsqueeze(-1)  # (K, c): sampled token kept?
                 # log q = log p(o) + log((1 - eps) [kept] / Z + eps)
                 ratio = torch.where(kept_o, (1.0 - eps) / z_frac + eps, eps)
-                logq = logp_o.unsqueeze(0) + ratio.log()
+                # q(o) <= 1 exactly; clamp only the rounding of a probability near 1
+                logq = (logp_o.unsqueeze(0) + ratio.log()).clamp_max_(0.0)
             acc[i] += logq.sum(dim=-1, dtype=acc_dtype)
         if bool(nonfinite):
             raise ValueError("logits contain NaN or inf at masked positions")
@@ -554,16 +557,16 @@ def _loglik_numpy(
         if family == "temperature":
             logq = np.empty((r.size, cands.size))
             for j, T in enumerate(cands):
-                logq[:, j] = u_o / T - np.log(np.exp(u / T).sum(axis=1))
+                logq[:, j] = u_o / T - np.log(np.maximum(np.exp(u / T).sum(axis=1), 1.0))
         else:
             w = np.exp(u / temp)  # p / p_max
-            total = w.sum(axis=1)
+            total = np.maximum(w.sum(axis=1), 1.0)  # the max term is exactly 1
             logp_o = u_o / temp - np.log(total)
             w_o = np.exp(u_o / temp)
             logq = np.empty((r.size, cands.size))
             for j, th in enumerate(cands):
-                z_frac = np.where(w >= th, w, 0.0).sum(axis=1) / total  # kept mass
+                z_frac = np.minimum(np.where(w >= th, w, 0.0).sum(axis=1) / total, 1.0)
                 ratio = np.where(w_o >= th, (1.0 - eps) / z_frac + eps, eps)
-                logq[:, j] = logp_o + np.log(ratio)
+                logq[:, j] = np.minimum(logp_o + np.log(ratio), 0.0)
         np.add.at(acc, r, logq)
     return acc / bmask.sum(axis=1)[:, None]
