@@ -37,7 +37,9 @@ def generate_texts(
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     out: list[str] = []
-    kw: dict[str, Any] = {"truncation": True, "max_length": max_prompt_len} if max_prompt_len else {}
+    kw: dict[str, Any] = {}
+    if max_prompt_len:
+        kw = {"truncation": True, "max_length": max_prompt_len}
     for s in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[s:s + batch_size]), return_tensors="pt", padding=True,
                         add_special_tokens=add_special_tokens, **kw)
@@ -85,15 +87,17 @@ def evaluate_benchmarks(
         answers = [it.answer for it in items]
         texts = generate_texts(model, tokenizer, [p for p in prompts for _ in range(k)],
                                temperature=temperature, **common)
-        correct = np.array([reward_fn(t, a) > 0.5 for t, a in
-                            zip(texts, [a for a in answers for _ in range(k)])]).reshape(-1, k)
+        repeated = [a for a in answers for _ in range(k)]
+        correct = np.array([reward_fn(t, a) > 0.5 for t, a in zip(texts, repeated, strict=True)])
+        correct = correct.reshape(-1, k)
         row = {
             "pass1": float(correct.mean()),
             "pass_at_k": float(np.mean([pass_at_k(k, int(c), k) for c in correct.sum(1)])),
         }
         if greedy:
             g = generate_texts(model, tokenizer, prompts, temperature=0.0, **common)
-            row["greedy"] = float(np.mean([reward_fn(t, a) > 0.5 for t, a in zip(g, answers)]))
+            hits = [reward_fn(t, a) > 0.5 for t, a in zip(g, answers, strict=True)]
+            row["greedy"] = float(np.mean(hits))
         results[name] = row
     keys = list(next(iter(results.values())).keys())
     results["avg"] = {m: float(np.mean([results[b][m] for b in benchmarks])) for m in keys}

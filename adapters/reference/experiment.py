@@ -146,8 +146,11 @@ def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
 
     assert cfg.task is not None and start_path is not None
     task = cfg.task
-    if cfg.eval.n_per_benchmark > HELDOUT_PER_BENCHMARK:
-        raise ValueError(f"eval n_per_benchmark must be <= {HELDOUT_PER_BENCHMARK}")
+    for length in task.benchmark_lengths:
+        limit = min(HELDOUT_PER_BENCHMARK, task.n_distinct(length) // 4)
+        if cfg.eval.n_per_benchmark > limit:
+            raise ValueError(f"eval n_per_benchmark must be <= {limit} (held-out problems of "
+                             f"chain length {length})")
     model = AutoModelForCausalLM.from_pretrained(start_path).float()
     tok = AutoTokenizer.from_pretrained(start_path)
     exclude = heldout_prompts(task)

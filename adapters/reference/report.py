@@ -121,8 +121,8 @@ def sensitivity_check(summary: dict, start_info: dict) -> dict[str, Any]:
         gap = _avg(summary, best, m)["mean"] - _avg(summary, worst, m)["mean"]
         noise = max(_avg(summary, best, m)["std"], _avg(summary, worst, m)["std"])
         common = sorted(set(summary[best]["seeds"]) & set(summary[worst]["seeds"]))
-        vb = dict(zip(summary[best]["seeds"], _avg(summary, best, m)["values"]))
-        vw = dict(zip(summary[worst]["seeds"], _avg(summary, worst, m)["values"]))
+        vb = dict(zip(summary[best]["seeds"], _avg(summary, best, m)["values"], strict=True))
+        vw = dict(zip(summary[worst]["seeds"], _avg(summary, worst, m)["values"], strict=True))
         test = paired([vb[s] for s in common], [vw[s] for s in common])
         per_metric[m] = {"best": best, "worst": worst, "gap": gap, "max_seed_std": noise,
                          "beyond_noise": bool(math.isfinite(noise) and gap > 2 * noise),
@@ -158,7 +158,7 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
 
     # learning curves (curve subsets, evaluated during training)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, m in zip(axes, ("greedy", "pass1")):
+    for ax, m in zip(axes, ("greedy", "pass1"), strict=True):
         for c, runs in by.items():
             if not runs or not runs[0]["curve"]:
                 continue
@@ -302,15 +302,17 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
         common = sorted(set(summary["tampo"]["seeds"]) & set(summary[best]["seeds"]))
         comparisons = {"best_fixed": best, "metrics": {}}
         for m in ("pass1", "greedy", "pass_at_k"):
-            ta = dict(zip(summary["tampo"]["seeds"], _avg(summary, "tampo", m)["values"]))
-            fb = dict(zip(summary[best]["seeds"], _avg(summary, best, m)["values"]))
+            ta = dict(zip(summary["tampo"]["seeds"], _avg(summary, "tampo", m)["values"],
+                          strict=True))
+            fb = dict(zip(summary[best]["seeds"], _avg(summary, best, m)["values"], strict=True))
             comparisons["metrics"][m] = paired([ta[s] for s in common], [fb[s] for s in common])
         comparisons["vs_each"] = {}
         for c in controllers:
             if c == "tampo":
                 continue
-            ta = dict(zip(summary["tampo"]["seeds"], _avg(summary, "tampo", "pass1")["values"]))
-            cc = dict(zip(summary[c]["seeds"], _avg(summary, c, "pass1")["values"]))
+            ta = dict(zip(summary["tampo"]["seeds"], _avg(summary, "tampo", "pass1")["values"],
+                          strict=True))
+            cc = dict(zip(summary[c]["seeds"], _avg(summary, c, "pass1")["values"], strict=True))
             cs = sorted(set(ta) & set(cc))
             comparisons["vs_each"][c] = paired([ta[s] for s in cs], [cc[s] for s in cs])
     figs = make_plots(out, results, controllers)
@@ -351,9 +353,12 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
                       f"{200 * v['max_seed_std']:.1f} | {_p(v['paired_t_p'])} | "
                       f"{'yes' if v['beyond_noise'] else 'no'} |")
         md.append("")
-        md.append(f"Verdict: temperature {'matters' if check['temperature_matters'] else 'does NOT'}"
-                  " measurably matter on this task at this budget"
-                  f"{'' if check['temperature_matters'] else ' (controller comparisons below are not informative)'}.")
+        if check["temperature_matters"]:
+            md.append("Verdict: the fixed temperature changes the result by more than seed noise "
+                      "on this task at this budget.")
+        else:
+            md.append("Verdict: the fixed temperature does NOT change the result by more than "
+                      "seed noise here, so the controller comparison below is not informative.")
     else:
         md.append(f"- {check.get('verdict', '')}")
     md.append("")
@@ -364,7 +369,8 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
         md.append("")
     md.append("## 5. TAMPO vs the best fixed temperature (paired over seeds)")
     if comparisons:
-        md.append(f"Best fixed arm by mean Avg Pass@1: **{method_name(comparisons['best_fixed'])}**.")
+        best_name = method_name(comparisons["best_fixed"])
+        md.append(f"Best fixed arm by mean Avg Pass@1: **{best_name}**.")
         md.append("")
         md.append("| metric (Avg) | TAMPO - best fixed (points) | std of diff | wins/losses | "
                   "paired t p | Wilcoxon p |")

@@ -153,7 +153,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
     Example:
         >>> z = torch.tensor([[[2.0, 0.0]]]); toks = torch.tensor([[0]])
-        >>> float(token_logprobs(z, toks, 2.0)[0, 0]) == float(torch.log_softmax(z / 2, -1)[0, 0, 0])
+        >>> lp = token_logprobs(z, toks, 2.0)
+        >>> float(lp[0, 0]) == float(torch.log_softmax(z / 2, -1)[0, 0, 0])
         True
     """
     if temperature <= 0:

@@ -84,12 +84,12 @@ def encode_demos(tokenizer, prompts: list[str], completions: list[str]) -> tuple
     """Token ids, attention mask and loss mask for ``prompt + completion + <eos>`` (right pad)."""
     p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
     c_ids = tokenizer(completions, add_special_tokens=False).input_ids
-    rows = [p + c + [tokenizer.eos_token_id] for p, c in zip(p_ids, c_ids)]
+    rows = [p + c + [tokenizer.eos_token_id] for p, c in zip(p_ids, c_ids, strict=True)]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     loss_mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(p_ids, rows)):
+    for i, (p, r) in enumerate(zip(p_ids, rows, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
         loss_mask[i, len(p): len(r)] = True

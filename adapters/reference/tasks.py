@@ -148,10 +148,10 @@ class ChainTask:
         """Build the problem for start digit ``digits[0]`` and steps ``zip(ops, digits[1:])``."""
         if len(digits) != len(ops) + 1 or not (1 <= len(ops) <= self.max_len):
             raise ValueError("need len(digits) == len(ops) + 1 and 1 <= len(ops) <= max_len")
-        body = str(digits[0]) + "".join(f"{op}{b}" for op, b in zip(ops, digits[1:]))
+        body = str(digits[0]) + "".join(f"{op}{b}" for op, b in zip(ops, digits[1:], strict=True))
         prompt = body + FILLER * (self.width - 1 - len(body)) + "="
         x = digits[0]
-        for op, b in zip(ops, digits[1:]):
+        for op, b in zip(ops, digits[1:], strict=True):
             x = _apply(op, x, b)
         return Problem(prompt, str(x), len(ops), tuple(int(d) for d in digits), tuple(ops))
 
@@ -184,7 +184,7 @@ class ChainTask:
     def _write(self, problem: Problem, rng: np.random.Generator | None) -> str:
         x = problem.digits[0]
         values = [x]
-        for op, b in zip(problem.ops, problem.digits[1:]):
+        for op, b in zip(problem.ops, problem.digits[1:], strict=True):
             wrong = self.traps.get((op, x, b))
             if wrong is not None and rng is not None and rng.random() < self.trap_bias:
                 x = wrong
@@ -196,33 +196,41 @@ class ChainTask:
     def n_traps(self, problem: Problem) -> int:
         """Number of trap facts met on the *correct* path of ``problem``."""
         x, hits = problem.digits[0], 0
-        for op, b in zip(problem.ops, problem.digits[1:]):
+        for op, b in zip(problem.ops, problem.digits[1:], strict=True):
             hits += (op, x, b) in self.traps
             x = _apply(op, x, b)
         return hits
 
+    def n_distinct(self, length: int) -> int:
+        """Number of distinct problems of a given chain length."""
+        return 10 * (10 * len(self.ops)) ** length
+
+    def benchmark(self, length: int, n: int, seed: int = 10_000) -> list[Problem]:
+        """``n`` distinct problems of chain length ``length``, drawn with their own seed
+        (so ``benchmark(L, n)`` is a prefix of ``benchmark(L, n + m)``)."""
+        if n > self.n_distinct(length) // 2:
+            raise ValueError(f"n={n} is too many distinct problems of length {length}")
+        rng = np.random.default_rng([seed, length])
+        seen: dict[str, Problem] = {}
+        while len(seen) < n:
+            p = self.sample(rng, 1, length=length)[0]
+            seen.setdefault(p.prompt, p)
+        return list(seen.values())
+
     def benchmarks(self, n_per: int, seed: int = 10_000) -> dict[str, list[Problem]]:
         """Five (by default) held-out evaluation sets of graded difficulty: ``chain-L`` holds
-        ``n_per`` distinct problems of length L, drawn with their own seed."""
-        out: dict[str, list[Problem]] = {}
-        for length in self.benchmark_lengths:
-            rng = np.random.default_rng([seed, length])  # benchmarks(n) is a prefix of (n + m)
-            seen: dict[str, Problem] = {}
-            limit = 10 * (10 * len(self.ops)) ** length
-            if n_per > limit // 2:
-                raise ValueError(f"n_per={n_per} is too many distinct problems of length {length}")
-            while len(seen) < n_per:
-                p = self.sample(rng, 1, length=length)[0]
-                seen.setdefault(p.prompt, p)
-            out[f"chain-{length}"] = list(seen.values())
-        return out
+        ``n_per`` distinct problems of length L (the first of those `heldout_prompts` reserves)."""
+        return {f"chain-{n}": self.benchmark(n, n_per, seed) for n in self.benchmark_lengths}
 
 
 def heldout_prompts(task: ChainTask) -> frozenset[str]:
     """Prompts of the held-out benchmarks (the first `HELDOUT_PER_BENCHMARK` of each), which the
     warm-up and the RL prompt sampler never draw."""
-    return frozenset(p.prompt for ps in task.benchmarks(HELDOUT_PER_BENCHMARK).values()
-                     for p in ps)
+    out: set[str] = set()
+    for length in task.benchmark_lengths:
+        n = min(HELDOUT_PER_BENCHMARK, task.n_distinct(length) // 4)
+        out.update(p.prompt for p in task.benchmark(length, n))
+    return frozenset(out)
 
 
 def chain_reward(completion: str, answer: str) -> float:

@@ -242,7 +242,7 @@ def policy_loss(
     with torch.no_grad():
         n_tok = mask.sum().clamp(min=1)
         stats = {
-            "clip_frac": float((((ratio - 1).abs() > clip_eps).to(mask.dtype) * mask).sum() / n_tok),
+            "clip_frac": float((((ratio - 1).abs() > clip_eps) * mask).sum() / n_tok),
             "kl": float((kl * mask).sum() / n_tok),
         }
     return loss, stats
@@ -354,32 +354,25 @@ class GRPOTrainer:
                                                   value=False) for p in parts])
         return tokens, mask
 
-    # -- one GRPO step ----------------------------------------------------------------------
-    def step(self) -> dict:
-        """Run one GRPO step (select T, roll out, score, optimise, update the meta-policy)."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        needs = set(self.policy.requires)
+    def optimize(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        comp_ids: torch.Tensor,
+        comp_mask: torch.Tensor,
+        advantages: torch.Tensor,
+        temperature: float,
+        needs: set[str] | frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
+        """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``.
 
-        # 1. one temperature for the whole step, from the meta-policy
-        decision = self.policy.select()
-        temperature = float(decision.value)
-
-        # 2. prompts, each repeated group_size times (groups are contiguous), and rollouts at T
-        items = list(self.prompts(self.rng, cfg.prompts_per_step))
-        texts = [it.prompt for it in items for _ in range(cfg.group_size)]
-        answers = [it.answer for it in items for _ in range(cfg.group_size)]
-        prompt_ids, prompt_mask = self.encode_prompts(texts)
-        with self._autocast():
-            comp_ids, comp_mask = self.rollout(prompt_ids, prompt_mask, temperature)
-        t_rollout = time.perf_counter() - t0
-
-        # 3. verifier rewards and group-normalised advantages
-        completions = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
-        rewards = torch.tensor([self.reward_fn(c, a) for c, a in zip(completions, answers)],
-                               dtype=torch.float32)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.adv_eps)
-
-        # 4. optimisation: ppo_epochs passes, each one optimizer step over grad_accum micro-batches
+        Each epoch accumulates gradients over ``grad_accum_steps`` micro-batches. The first
+        epoch's logits are the rollout policy's logits (nothing has been updated yet), so they
+        give the old log-probs and, if ``"loglik"``/``"entropy"`` is in ``needs``, the candidate
+        likelihoods (N, K) and the mean token entropy at ``temperature``, without another forward.
+        Returns those plus the loss statistics and the LR used.
+        """
+        cfg = self.cfg
         n = comp_ids.shape[0]
         micro = n // cfg.grad_accum_steps
         total_tokens = int(comp_mask.sum())
@@ -434,14 +427,55 @@ class GRPOTrainer:
             self.scheduler.step()
             losses.append(epoch_loss)
 
+        return {
+            "loglik": torch.cat(loglik_parts).cpu() if loglik_parts else None,
+            "entropy": entropy_sum / max(total_tokens, 1) if "entropy" in needs else None,
+            "loss": float(np.mean(losses)),
+            "clip_frac": float(np.mean(clip_fracs)),
+            "kl": float(np.mean(kls)),
+            "grad_norm": float(np.mean(grad_norms)),
+            "lr": lr,
+        }
+
+    # -- one GRPO step ----------------------------------------------------------------------
+    def step(self) -> dict:
+        """Run one GRPO step (select T, roll out, score, optimise, update the meta-policy)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        needs = set(self.policy.requires)
+
+        # 1. one temperature for the whole step, from the meta-policy
+        decision = self.policy.select()
+        temperature = float(decision.value)
+
+        # 2. prompts, each repeated group_size times (groups are contiguous), and rollouts at T
+        items = list(self.prompts(self.rng, cfg.prompts_per_step))
+        texts = [it.prompt for it in items for _ in range(cfg.group_size)]
+        answers = [it.answer for it in items for _ in range(cfg.group_size)]
+        prompt_ids, prompt_mask = self.encode_prompts(texts)
+        with self._autocast():
+            comp_ids, comp_mask = self.rollout(prompt_ids, prompt_mask, temperature)
+        t_rollout = time.perf_counter() - t0
+
+        # 3. verifier rewards and group-normalised advantages
+        completions = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
+        rewards = torch.tensor(
+            [self.reward_fn(c, a) for c, a in zip(completions, answers, strict=True)],
+            dtype=torch.float32,
+        )
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.adv_eps)
+
+        # 4. optimisation at T; the first pass also yields the meta-policy's feedback
+        opt = self.optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages,
+                            temperature, needs=needs)
+
         # 5. meta-policy update: only the feedback its rule requires is computed
         feedback: dict[str, Any] = {"advantages": advantages.numpy(),
                                     "reward": float(rewards.mean())}
-        loglik = torch.cat(loglik_parts).cpu() if loglik_parts else None
+        loglik = opt["loglik"]
         if loglik is not None:
             feedback["loglik"] = loglik
-        if "entropy" in needs:
-            feedback["entropy"] = entropy_sum / max(total_tokens, 1)
+        if opt["entropy"] is not None:
+            feedback["entropy"] = opt["entropy"]
             feedback["vocab_size"] = self.vocab_size
         info = self.policy.update(decision, **feedback)
 
@@ -450,14 +484,14 @@ class GRPOTrainer:
             "step": self.step_idx,
             "temperature": temperature,
             "decision_index": int(decision.index),
-            "lr": lr,
+            "lr": opt["lr"],
             "reward": float(rewards.mean()),
             "frac_solved_groups": float((rewards.view(-1, cfg.group_size).max(1).values > 0)
                                         .float().mean()),
-            "loss": float(np.mean(losses)),
-            "clip_frac": float(np.mean(clip_fracs)),
-            "kl": float(np.mean(kls)),
-            "grad_norm": float(np.mean(grad_norms)),
+            "loss": opt["loss"],
+            "clip_frac": opt["clip_frac"],
+            "kl": opt["kl"],
+            "grad_norm": opt["grad_norm"],
             "completion_len": float(comp_mask.sum(1).float().mean()),
             "probs": [float(p) for p in info.probs],
             "seconds": time.perf_counter() - t0,
