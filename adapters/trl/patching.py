@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +244,6 @@ def find_trainer_heads(trainer: Any) -> list[FusedHead]:
     return heads
 
 
-def output_embeddings(model: Any) -> Callable[..., Any]:
+def output_embeddings(model: Any) -> Any:
     """The LM head module of a (possibly PEFT-wrapped) causal LM."""
     return policy_target(model).get_output_embeddings()

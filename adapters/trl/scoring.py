@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -99,7 +99,7 @@ def _accumulate(
     keep = counts > 0
     if not bool(keep.any()):
         return
-    means = candidate_loglik(logits[keep], tokens[keep], mask[keep], candidates)
+    means = cast(torch.Tensor, candidate_loglik(logits[keep], tokens[keep], mask[keep], candidates))
     sums.index_add_(
         0,
         rows[keep].to(sums.device),

@@ -260,7 +260,7 @@ def greedy_accuracy(
     device = next(model.parameters()).device
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     with torch.no_grad():
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             **enc,
             do_sample=False,
             max_new_tokens=max_new_tokens,

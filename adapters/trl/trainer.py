@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -142,13 +142,14 @@ class MetaGRPOTrainer(GRPOTrainer):
         self._meta_collectives: tuple[Any, Any] | None = None
         super().__init__(*args, **kwargs)
 
-        self.eval_temperature = float(self.args.temperature)
+        config: Any = self.args
+        self.eval_temperature = float(config.temperature)
         settings = dict(getattr(self, "generation_kwargs", None) or {})
         for name in ("top_p", "top_k", "min_p", "repetition_penalty"):
-            settings.setdefault(name, getattr(self.args, name, None))
+            settings.setdefault(name, getattr(config, name, None))
         check_generation_settings(
             settings,
-            generation_kwargs=self.args.generation_kwargs,
+            generation_kwargs=config.generation_kwargs,
             needs_likelihood="loglik" in policy.requires,
         )
         self._meta_heads: list[FusedHead] = find_trainer_heads(self)
@@ -177,9 +178,10 @@ class MetaGRPOTrainer(GRPOTrainer):
         """Where this generation batch's candidate likelihoods come from."""
         if self.likelihood == "exact":
             return "exact"
-        generate_every = self.args.steps_per_generation * self.num_iterations
+        args: Any = self.args
+        generate_every = args.steps_per_generation * self.num_iterations
         use_vllm = bool(getattr(self, "use_vllm", False))
-        if self.args.gradient_accumulation_steps % generate_every != 0 or (
+        if args.gradient_accumulation_steps % generate_every != 0 or (
             use_vllm and getattr(self, "vllm_importance_sampling_correction", False)
         ):
             return "old"  # TRL makes an old-logprob pass over the batch: capture it
@@ -193,7 +195,7 @@ class MetaGRPOTrainer(GRPOTrainer):
         return "generate" if plain_generate else "exact"
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if not self.model.training:
+        if not cast(torch.nn.Module, self.model).training:
             # Evaluation: sample and score at the evaluation temperature; never update the policy.
             self.set_temperature(self.eval_temperature)
             self._metrics["eval"]["metactl/temperature"].append(self.eval_temperature)
@@ -351,7 +353,7 @@ class MetaGRPOTrainer(GRPOTrainer):
                 feedback["loglik"] = result.loglik.cpu().numpy()
             if "entropy" in requires:
                 tokens = float(result.counts.sum())
-                feedback["entropy"] = result.entropy_sum / max(tokens, 1.0)
+                feedback["entropy"] = float(result.entropy_sum or 0.0) / max(tokens, 1.0)
         if "advantages" in requires or "loglik" in requires:
             advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
             if advantages.ndim != 1:

@@ -1,0 +1,185 @@
+"""Step-time overhead of ``MetaGRPOTrainer`` + TAMPO over plain TRL ``GRPOTrainer``.
+
+Three arms on the same locally built model (same seed, same initial weights, same data):
+
+* ``plain``: ``trl.GRPOTrainer`` at a fixed temperature (1.0),
+* ``fast``:  ``MetaGRPOTrainer`` with TAMPO, ``likelihood="fast"`` (no extra forward),
+* ``exact``: ``MetaGRPOTrainer`` with TAMPO, ``likelihood="exact"`` (one extra scoring forward).
+
+Every completion is forced to full length (``min_new_tokens``), so all arms do the same amount of
+generation whatever temperature they sample at. Arms run interleaved, ``--repeats`` times each
+(rotating their order); each run times ``--steps`` optimizer steps after ``--warmup`` untimed
+ones. The table shows the median over repeats of each run's median step time, the overhead
+relative to ``plain`` from those medians, and the meta-policy's own work per step as measured
+inside the trainer (selection, scoring, gathering, update), which is much less noisy than a
+difference of two noisy step times.
+
+    python benchmarks/trl_overhead.py        # two model sizes, ~2-4 minutes on 2 CPU cores
+    python benchmarks/trl_overhead.py --sizes small --repeats 5 --steps 20
+
+Timings on a shared machine are noisy: compare arms within one run of this script only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from metactl.adapters.trl import MetaGRPOTrainer
+from metactl.adapters.trl.testing import (
+    TinyModelSpec,
+    addition_dataset,
+    digit_count_reward,
+    tiny_grpo_config,
+    tiny_model_dir,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOTrainer
+
+import metactl
+
+ARMS = ("plain", "fast", "exact")
+
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark configuration."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    completion_tokens: int
+    prompts: int = 8
+    generations: int = 8
+
+
+SIZES = {
+    "tiny": Size("tiny", hidden_size=64, num_layers=2, completion_tokens=4),
+    "small": Size("small", hidden_size=256, num_layers=4, completion_tokens=16),
+    "medium": Size("medium", hidden_size=512, num_layers=6, completion_tokens=24),
+}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (generation + scoring + meta work + backward)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run_arm(arm: str, size: Size, model_dir: Path, steps: int, warmup: int, seed: int,
+            out_dir: Path) -> tuple[float, float]:  # fmt: skip
+    """One training run; returns (median step seconds, meta-policy seconds per step)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    n = size.completion_tokens
+    config = tiny_grpo_config(
+        out_dir / arm,
+        max_steps=warmup + steps,
+        per_device_train_batch_size=size.prompts * size.generations,
+        num_generations=size.generations,
+        max_completion_length=n,
+        generation_kwargs={"min_new_tokens": n},  # equal work in every arm
+        learning_rate=1e-4,
+        logging_steps=10_000,
+        seed=seed,
+    )
+    timer = StepTimer()
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "reward_funcs": digit_count_reward,
+        "args": config,
+        "train_dataset": addition_dataset(4096, seed=seed),
+        "processing_class": tok,
+        "callbacks": [timer],
+    }
+    if arm == "plain":
+        trainer: GRPOTrainer = GRPOTrainer(**kwargs)
+    else:
+        trainer = MetaGRPOTrainer(**kwargs, meta_policy=metactl.tampo(seed=seed), likelihood=arm)
+    trainer.train()
+    times = timer.times[warmup:]
+    meta = getattr(trainer, "meta_seconds", 0.0) / max(1, len(timer.times))
+    return statistics.median(times), meta
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "small"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 0:
+        p.error("--repeats and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="metactl_bench_") as tmp:
+        for name in args.sizes:
+            size = SIZES[name]
+            spec = TinyModelSpec(hidden_size=size.hidden_size, num_layers=size.num_layers,
+                                 max_positions=64, seed=args.seed)  # fmt: skip
+            model_dir = tiny_model_dir(spec)
+            params = sum(
+                p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()
+            )
+            medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            metas: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            for rep in range(args.repeats):
+                order = ARMS[rep % 3 :] + ARMS[: rep % 3]
+                for arm in order:
+                    step, meta_step = run_arm(arm, size, model_dir, args.steps, args.warmup,
+                                              args.seed, Path(tmp) / f"{name}-{rep}")  # fmt: skip
+                    medians[arm].append(step)
+                    metas[arm].append(meta_step)
+                    print(f"  {name} repeat {rep} {arm:5s}: {step * 1e3:8.1f} ms/step", flush=True)
+            rows.append((size, params, {a: statistics.median(v) for a, v in medians.items()},
+                         {a: statistics.median(v) for a, v in metas.items()}))  # fmt: skip
+
+    print()
+    print(f"threads={args.threads}, repeats={args.repeats}, timed steps/run={args.steps}, "
+          f"torch {torch.__version__}")  # fmt: skip
+    head = (
+        f"{'model':<7} {'params':>8} {'batch':>8} | {'plain ms':>9} | {'fast ms':>8} "
+        f"{'overhead':>8} {'meta ms':>8} | {'exact ms':>8} {'overhead':>8} {'meta ms':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for size, params, med, meta in rows:
+        base = med["plain"]
+        batch = f"{size.prompts * size.generations}x{size.completion_tokens}"
+        print(
+            f"{size.name:<7} {params / 1e6:7.2f}M {batch:>8} | {base * 1e3:9.1f} | "
+            f"{med['fast'] * 1e3:8.1f} {100 * (med['fast'] / base - 1):+7.1f}% "
+            f"{meta['fast'] * 1e3:8.2f} | {med['exact'] * 1e3:8.1f} "
+            f"{100 * (med['exact'] / base - 1):+7.1f}% {meta['exact'] * 1e3:8.2f}"
+        )
+    print("overhead: median step time vs plain GRPOTrainer at T=1.0; meta ms: meta-policy work per "
+          "step measured inside MetaGRPOTrainer")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
