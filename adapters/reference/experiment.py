@@ -436,8 +436,13 @@ def _run_parallel(cfg: ReproduceConfig, pending: list[tuple], progress: bool) ->
 
 def run_experiment(cfg: ReproduceConfig, progress: bool = True) -> Path:
     """Warm-up and checks, all arms, then the report. Returns the report's markdown path."""
+    import torch
+
     from .report import write_report
 
+    # tiny models run fastest single-threaded, and on a busy machine OpenMP spin-waiting makes
+    # multi-threaded tiny matmuls many times slower: the main process uses the workers' setting
+    torch.set_num_threads(cfg.threads_per_worker)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,6 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
         raise ValueError("alphabet must be a non-empty string")
     if len(set(alphabet)) != len(alphabet):
         raise ValueError(f"alphabet has repeated characters: {alphabet!r}")
-    if any(c.isspace() for c in alphabet):
-        raise ValueError("alphabet must not contain whitespace")
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in alphabet:
         vocab[ch] = len(vocab)

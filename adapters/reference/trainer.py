@@ -380,7 +380,7 @@ class GRPOTrainer:
         old_logp: list[torch.Tensor] = []
         ref_logp: list[torch.Tensor | None] = []
         loglik_parts: list[torch.Tensor] = []
-        entropy_sum = 0.0
+        entropy_sum, meta_seconds = 0.0, 0.0
         losses, clip_fracs, kls, grad_norms = [], [], [], []
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
@@ -400,7 +400,9 @@ class GRPOTrainer:
                         if "loglik" in needs:
                             from metactl.likelihood import candidate_loglik
 
+                            t_meta = time.perf_counter()
                             loglik_parts.append(candidate_loglik(raw, ci, cm, self.candidates))
+                            meta_seconds += time.perf_counter() - t_meta
                         if "entropy" in needs:
                             ent = token_entropy(raw, temperature)
                             entropy_sum += float((ent * cm).sum())
@@ -435,6 +437,7 @@ class GRPOTrainer:
             "kl": float(np.mean(kls)),
             "grad_norm": float(np.mean(grad_norms)),
             "lr": lr,
+            "meta_seconds": meta_seconds,
         }
 
     # -- one GRPO step ----------------------------------------------------------------------
@@ -446,6 +449,7 @@ class GRPOTrainer:
         # 1. one temperature for the whole step, from the meta-policy
         decision = self.policy.select()
         temperature = float(decision.value)
+        t_select = time.perf_counter() - t0
 
         # 2. prompts, each repeated group_size times (groups are contiguous), and rollouts at T
         items = list(self.prompts(self.rng, cfg.prompts_per_step))
@@ -477,7 +481,9 @@ class GRPOTrainer:
         if opt["entropy"] is not None:
             feedback["entropy"] = opt["entropy"]
             feedback["vocab_size"] = self.vocab_size
+        t_update = time.perf_counter()
         info = self.policy.update(decision, **feedback)
+        t_update = time.perf_counter() - t_update
 
         # 6. log everything that changed this step
         record = {
@@ -496,6 +502,8 @@ class GRPOTrainer:
             "probs": [float(p) for p in info.probs],
             "seconds": time.perf_counter() - t0,
             "rollout_seconds": t_rollout,
+            # select + candidate likelihoods + update: the whole cost of the meta step
+            "meta_seconds": t_select + opt["meta_seconds"] + t_update,
         }
         if "entropy" in feedback:
             record["entropy"] = feedback["entropy"]
