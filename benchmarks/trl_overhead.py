@@ -9,10 +9,10 @@ Three arms on the same locally built model (same seed, same initial weights, sam
 Every completion is forced to full length (``min_new_tokens``), so all arms do the same amount of
 generation whatever temperature they sample at. Arms run interleaved, ``--repeats`` times each
 (rotating their order); each run times ``--steps`` optimizer steps after ``--warmup`` untimed
-ones. The table shows the median over repeats of each run's median step time, the overhead
-relative to ``plain`` from those medians, and the meta-policy's own work per step as measured
-inside the trainer (selection, scoring, gathering, update), which is much less noisy than a
-difference of two noisy step times.
+ones. The table shows the median of all timed step times of an arm (pooled over repeats), the
+overhead relative to ``plain`` from those medians, and the meta-policy's own work per step as
+measured inside the trainer (selection, scoring, gathering, update; median over runs), which is
+much less noisy than a difference of two noisy step times.
 
     python benchmarks/trl_overhead.py        # two model sizes, ~2-4 minutes on 2 CPU cores
     python benchmarks/trl_overhead.py --sizes small --repeats 5 --steps 20
@@ -83,8 +83,8 @@ class StepTimer(TrainerCallback):
 
 
 def run_arm(arm: str, size: Size, model_dir: Path, steps: int, warmup: int, seed: int,
-            out_dir: Path) -> tuple[float, float]:  # fmt: skip
-    """One training run; returns (median step seconds, meta-policy seconds per step)."""
+            out_dir: Path) -> tuple[list[float], float]:  # fmt: skip
+    """One training run; returns (timed step seconds, meta-policy seconds per step)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     n = size.completion_tokens
@@ -115,15 +115,15 @@ def run_arm(arm: str, size: Size, model_dir: Path, steps: int, warmup: int, seed
     trainer.train()
     times = timer.times[warmup:]
     meta = getattr(trainer, "meta_seconds", 0.0) / max(1, len(timer.times))
-    return statistics.median(times), meta
+    return times, meta
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "small"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=12, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -145,17 +145,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             params = sum(
                 p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()
             )
-            medians: dict[str, list[float]] = {arm: [] for arm in ARMS}
+            pooled: dict[str, list[float]] = {arm: [] for arm in ARMS}
             metas: dict[str, list[float]] = {arm: [] for arm in ARMS}
             for rep in range(args.repeats):
                 order = ARMS[rep % 3 :] + ARMS[: rep % 3]
                 for arm in order:
-                    step, meta_step = run_arm(arm, size, model_dir, args.steps, args.warmup,
+                    times, meta_step = run_arm(arm, size, model_dir, args.steps, args.warmup,
                                               args.seed, Path(tmp) / f"{name}-{rep}")  # fmt: skip
-                    medians[arm].append(step)
+                    pooled[arm].extend(times)
                     metas[arm].append(meta_step)
-                    print(f"  {name} repeat {rep} {arm:5s}: {step * 1e3:8.1f} ms/step", flush=True)
-            rows.append((size, params, {a: statistics.median(v) for a, v in medians.items()},
+                    median = statistics.median(times) * 1e3
+                    print(f"  {name} repeat {rep} {arm:5s}: {median:8.1f} ms/step", flush=True)
+            rows.append((size, params, {a: statistics.median(v) for a, v in pooled.items()},
                          {a: statistics.median(v) for a, v in metas.items()}))  # fmt: skip
 
     print()
