@@ -171,7 +171,7 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
 
 
 def _strip_times(history):
-    return [{k: v for k, v in h.items() if k not in ("seconds", "rollout_seconds")}
+    return [{k: v for k, v in h.items() if k not in ("seconds", "rollout_seconds", "meta_seconds")}
             for h in history]
 
 

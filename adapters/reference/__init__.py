@@ -1,1 +1,19 @@
-"""placeholder"""
+"""metactl's lean GRPO reference trainer and the paper reproduction (``metactl reproduce``).
+
+Modules (torch and transformers are imported by the modules, so ``pip install metactl[reference]``):
+
+* `trainer`: `GRPOConfig` and `GRPOTrainer`, GRPO for any Hugging Face causal LM with the rollout
+  temperature chosen each step by a `metactl.MetaPolicy`; the same temperature samples and scores
+  every batch, and TAMPO's candidate likelihoods come from the logits the update already computes.
+* `rollout`: batched sampling with a KV cache; temperature-scaled token log-probs.
+* `tasks`: the CPU-scale task (modular operation chains with a systematically biased teacher),
+  its five graded held-out benchmarks and its verifier.
+* `tokenizer`, `model`, `sft`: char-level tokenizer, tiny Qwen2/Llama, cached supervised warm-up.
+* `paper`: local model/data loading and the `math-verify` reward for ``--preset paper``.
+* `controllers`, `experiment`, `report`, `presets`, `cli`: the comparison and its report.
+
+Example:
+    >>> from metactl.adapters.reference.controllers import make_policy
+    >>> make_policy("tampo", steps=100, seed=0).requires
+    ('loglik', 'advantages')
+"""

@@ -33,25 +33,31 @@ from .model import TinyModelConfig, build_model, n_parameters
 from .tasks import ALPHABET, ChainTask, heldout_prompts
 from .tokenizer import build_char_tokenizer
 
-WARMUP_FORMAT = 2  # bump when the warm-up code changes what it produces
+WARMUP_FORMAT = 3  # bump when the warm-up code changes what it produces
 
 
 @dataclass(frozen=True)
 class WarmupConfig:
     """Hyperparameters of the supervised warm-up (AdamW, linear warm-up then cosine decay).
 
+    Training stops early once the mean loss of the last ``stop_window`` steps is below
+    ``stop_loss`` (the loss floor of the biased teacher is about 0.03 nats/token, the entropy of
+    its trap choices), so ``steps`` is an upper bound; ``stop_loss=0`` disables early stopping.
+
     Example:
         >>> WarmupConfig(steps=100).lr
         0.003
     """
 
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.0
     seed: int = 0
+    stop_loss: float = 0.05
+    stop_window: int = 50
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -60,6 +66,8 @@ class WarmupConfig:
             raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        if self.stop_loss < 0 or self.stop_window < 1:
+            raise ValueError("stop_loss must be >= 0 and stop_window >= 1")
 
 
 def cache_key(task: ChainTask, model_cfg: TinyModelConfig, cfg: WarmupConfig) -> str:
@@ -131,8 +139,11 @@ def train_warmup(
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, losses[-1])
+        if cfg.stop_loss and len(losses) >= cfg.stop_window and (
+                np.mean(losses[-cfg.stop_window:]) < cfg.stop_loss):
+            break
     model.eval()
-    stats = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])),
+    stats = {"steps": len(losses), "final_loss": float(np.mean(losses[-cfg.stop_window:])),
              "seconds": time.perf_counter() - t0, "n_parameters": n_parameters(model)}
     return model, tokenizer, stats
 
