@@ -94,7 +94,7 @@ class MetaGRPOTrainer(GRPOTrainer):
     Attributes:
         meta_history: one dict per generation batch: ``policy_step``, ``global_step``,
             ``value``, ``index``, ``probs`` (after the update), ``candidate_advantages``,
-            ``likelihood_path``.
+            ``likelihood_path``, ``reward`` (TRL's mean reward of the batch, all ranks).
         eval_temperature: the temperature used during evaluation (``args.temperature``).
         meta_seconds: wall time spent in the meta-policy work (selection, scoring, update).
 
@@ -387,6 +387,7 @@ class MetaGRPOTrainer(GRPOTrainer):
         for value, prob in zip(candidates, info.probs, strict=True):
             metrics[f"metactl/prob/{value:g}"].append(float(prob))
         adv = info.candidate_advantages
+        rewards = metrics.get("reward")  # TRL's mean reward of this batch over all ranks
         if adv is not None:
             for value, a in zip(candidates, adv, strict=True):
                 metrics[f"metactl/candidate_advantage/{value:g}"].append(float(a))
@@ -399,6 +400,7 @@ class MetaGRPOTrainer(GRPOTrainer):
                 "probs": [float(p) for p in info.probs],
                 "candidate_advantages": None if adv is None else [float(a) for a in adv],
                 "likelihood_path": path,
+                "reward": float(rewards[-1]) if rewards else None,
             }
         )
 
