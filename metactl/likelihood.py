@@ -241,6 +241,7 @@ def candidate_loglik(
     temperature: float = 1.0,
     epsilon: float = 1e-3,
     chunk_size: int | None = None,
+    fused: bool | None = None,
 ) -> ArrayLike:
     r"""Length-normalised log-likelihood of sampled tokens under every candidate value.
 
@@ -262,8 +263,13 @@ def candidate_loglik(
         epsilon: smoothing weight of the ``"min_p"`` family, in ``(0, 1)`` (see below).
         chunk_size: number of positions processed at once (default: a 4 MiB float32 buffer
             on CPU, 256 MiB on accelerators). The extra memory is one float32 buffer of
-            ``chunk_size x V`` plus O(``chunk_size x K``); the input is never copied whole
-            and never modified.
+            ``chunk_size x V`` plus O(``chunk_size x K`` + ``N x L``) bookkeeping; the input
+            is never copied whole and never modified. The fused CUDA kernel needs no
+            ``chunk_size x V`` buffer at all (its default is 65536 positions per launch).
+        fused: temperature family on CUDA only: score with a fused Triton kernel that reads
+            each logit row twice and keeps the ``K`` sums in registers (no scratch buffer).
+            ``None`` (default) uses it when the logits are a CUDA tensor and ``triton``
+            imports, ``False`` never does, ``True`` requires it (ValueError otherwise).
 
     Returns:
         ``(N, K)`` array: ``out[i, k]`` is the mean over the masked positions ``t`` of row
@@ -318,9 +324,14 @@ def candidate_loglik(
     if not 0.0 < eps < 1.0:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
     chunk = _check_chunk_size(chunk_size)
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be True, False or None, got {fused!r}")
 
     if _is_torch(logits):
-        return _loglik_torch(logits, tokens, mask, cands, family, temp, eps, chunk)
+        use_fused = _want_fused(logits, family, fused)
+        return _loglik_torch(logits, tokens, mask, cands, family, temp, eps, chunk, use_fused)
+    if fused:
+        raise ValueError("fused=True needs CUDA torch tensors (and triton); got a numpy array")
     if not isinstance(logits, np.ndarray):
         raise TypeError(
             f"logits must be a torch.Tensor or numpy.ndarray, got {type(logits).__name__}"
@@ -425,6 +436,7 @@ def _loglik_torch(
     temp: float,
     eps: float,
     chunk: int | None,
+    use_fused: bool = False,
 ) -> torch.Tensor:
     import torch
 
@@ -436,27 +448,25 @@ def _loglik_torch(
     n, _, vocab = logits.shape
     bmask = _check_mask_tokens(tok_host, mask_host, vocab)
     device = logits.device
+    if use_fused:
+        return _loglik_fused(logits, tokens, tok_host, bmask, cands, chunk or 65536)
 
     if chunk is None:
         chunk = default_chunk_size(vocab, device.type)
     seg_row, seg_start, seg_stop = _segments(bmask, chunk)
 
+    # Segments hold masked positions only, so placeholders (e.g. -100) are never gathered.
     if _is_torch(tokens):
-        tok_dev = tokens.detach().to(device=device, dtype=torch.long)
+        tok_src = tokens.detach()
     else:
-        tok_dev = torch.from_numpy(np.ascontiguousarray(tok_host, dtype=np.int64)).to(device)
-    # Unmasked positions may hold placeholders such as -100: make them gatherable.
-    tok_dev = torch.where(
-        torch.from_numpy(bmask).to(device),
-        tok_dev,
-        torch.zeros((), dtype=torch.long, device=device),
-    )
+        tok_src = torch.from_numpy(np.ascontiguousarray(tok_host))
 
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     k = cands.size
     acc = torch.zeros((n, k), dtype=acc_dtype, device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    scratch = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
+    longest = int((seg_stop - seg_start).max())
+    scratch = torch.empty((longest, vocab), dtype=torch.float32, device=device)
     betas = torch.tensor(
         1.0 / cands if family == "temperature" else cands, dtype=torch.float32, device=device
     )
@@ -471,6 +481,9 @@ def _loglik_torch(
             for j in order
         ]
 
+    scales = _INV_LN2 / (cands if family == "temperature" else np.array([temp]))
+    fuse_limit = 1e37 / float(scales.max())
+
     with torch.no_grad():
         for i, t0, t1 in zip(seg_row.tolist(), seg_start.tolist(), seg_stop.tolist(), strict=True):
             seg = logits[i, t0:t1]  # (c, V) view, input dtype
@@ -480,7 +493,10 @@ def _loglik_torch(
             lo = seg.amin(dim=-1)  # -inf shows here (torch.aminmax is much slower on CPU)
             nonfinite |= ~(torch.isfinite(lo).all() & torch.isfinite(hi).all())
             m = hi.float().unsqueeze(-1)  # (c, 1)
-            tok = tok_dev[i, t0:t1].unsqueeze(-1)  # (c, 1)
+            # s * z - s * m in one fused op is exact enough, unless s * z overflows float32
+            # (|logits| ~ 1e38 / s): then subtract first. One host sync per segment.
+            fuse_ok = float(torch.maximum(hi.abs().max(), lo.abs().max()).float()) < fuse_limit
+            tok = tok_src[i, t0:t1].to(device=device, dtype=torch.long).unsqueeze(-1)  # (c, 1)
             u_o = seg.gather(-1, tok).float() - m  # (c, 1): z_o - max <= 0
             if family == "temperature":
                 sums = torch.empty((k, c), dtype=torch.float32, device=device)
@@ -489,7 +505,7 @@ def _loglik_torch(
                         e.mul_(e)
                     else:
                         s = _INV_LN2 / float(cands[j])  # exp(beta u) == exp2(beta / ln2 * u)
-                        torch.add(m * (-s), seg, alpha=s, out=e)  # beta/ln2 * (z - m), fused
+                        _scaled_shift(seg, m, s, e, fuse_ok)  # e = beta/ln2 * (z - m)
                         e.exp2_()
                     torch.sum(e, dim=-1, out=sums[j])
                 # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m)). The max
@@ -498,7 +514,7 @@ def _loglik_torch(
                 logq = betas.unsqueeze(-1) * u_o.T - sums.clamp_min_(1.0).log_()  # (K, c)
             else:
                 s = _INV_LN2 / temp
-                torch.add(m * (-s), seg, alpha=s, out=e)
+                _scaled_shift(seg, m, s, e, fuse_ok)
                 e.exp2_()  # e_v = p_v / p_max, the max token gives exactly 1
                 e_o = e.gather(-1, tok)  # (c, 1)
                 total = e.sum(dim=-1).clamp_min_(1.0)  # (c,), >= 1 up to rounding
@@ -518,6 +534,137 @@ def _loglik_torch(
         if bool(nonfinite):
             raise ValueError("logits contain NaN or inf at masked positions")
         counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=acc_dtype)
+        return (acc / counts.unsqueeze(-1)).to(torch.float32)
+
+
+def _scaled_shift(
+    seg: torch.Tensor, m: torch.Tensor, s: float, out: torch.Tensor, fuse: bool
+) -> None:
+    """``out = s * (seg - m)``: one fused pass when ``s * seg`` cannot overflow, else two."""
+    import torch
+
+    if fuse:
+        torch.add(m * (-s), seg, alpha=s, out=out)
+    else:
+        torch.sub(seg, m, out=out)
+        out.mul_(s)
+
+
+def _want_fused(logits: torch.Tensor, family: str, fused: bool | None) -> bool:
+    if fused is False:
+        return False
+    ok = family == "temperature" and logits.device.type == "cuda" and _triton_kernel() is not None
+    if fused and not ok:
+        raise ValueError(
+            "fused=True needs family='temperature', CUDA logits and an importable triton; "
+            f"got family={family!r}, device={logits.device.type!r}"
+        )
+    return ok
+
+
+_KERNEL: list[Any] = []  # [kernel or None], built on first use
+
+
+def _triton_kernel() -> Any:
+    """The fused Triton kernel, or None where triton is unavailable."""
+    if not _KERNEL:
+        _KERNEL.append(_build_triton_kernel())
+    return _KERNEL[0]
+
+
+def _build_triton_kernel() -> Any:
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:
+        return None
+
+    @triton.jit
+    def temperature_sums(
+        z_ptr, stride_n, stride_t, stride_v, n_ptr, t_ptr, tok_ptr, s_ptr,
+        sums_ptr, uo_ptr, chk_ptr, V,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One program per position: pass 1 takes the row max (and a finiteness checksum),
+        # pass 2 accumulates sum_v exp2(s_k (z_v - max)) for all K candidates at once.
+        pid = tl.program_id(0)
+        n = tl.load(n_ptr + pid)
+        t = tl.load(t_ptr + pid)
+        base = z_ptr + n * stride_n + t * stride_t
+        offs = tl.arange(0, BLOCK)
+        mvec = tl.full([BLOCK], float("-inf"), tl.float32)
+        cvec = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            ok = idx < V
+            z = tl.load(base + idx * stride_v, mask=ok, other=0.0).to(tl.float32)
+            cvec += z
+            mvec = tl.maximum(mvec, tl.where(ok, z, float("-inf")))
+        mx = tl.max(mvec, axis=0)
+        ks = tl.arange(0, KP)
+        s = tl.load(s_ptr + ks, mask=ks < K, other=1.0)
+        acc = tl.zeros([KP, BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            ok = idx < V
+            z = tl.load(base + idx * stride_v, mask=ok, other=0.0).to(tl.float32)
+            u = tl.where(ok, z - mx, float("-inf"))
+            acc += tl.exp2(s[:, None] * u[None, :])
+        tl.store(sums_ptr + pid * KP + ks, tl.sum(acc, axis=1), mask=ks < K)
+        tok = tl.load(tok_ptr + pid)
+        z_o = tl.load(base + tok * stride_v).to(tl.float32)
+        tl.store(uo_ptr + pid, z_o - mx)
+        tl.store(chk_ptr + pid, tl.sum(cvec, axis=0))
+
+    return temperature_sums
+
+
+def _loglik_fused(
+    logits: torch.Tensor,
+    tokens: Any,
+    tok_host: np.ndarray,
+    bmask: np.ndarray,
+    cands: np.ndarray,
+    chunk: int,
+) -> torch.Tensor:
+    import torch
+
+    kernel = _triton_kernel()
+    device = logits.device
+    n, _, vocab = logits.shape
+    k = cands.size
+    kp = max(2, 1 << (k - 1).bit_length())
+    rows_np, cols_np = np.nonzero(bmask)
+    rows = torch.from_numpy(rows_np.astype(np.int64)).to(device)
+    cols = torch.from_numpy(cols_np.astype(np.int64)).to(device)
+    if _is_torch(tokens):
+        tok = tokens.detach().to(device)[rows, cols].to(torch.long)
+    else:
+        tok = torch.from_numpy(tok_host[bmask].astype(np.int64)).to(device)
+    betas = torch.tensor(1.0 / cands, dtype=torch.float32, device=device)
+    scale = (betas * _INV_LN2).contiguous()
+    acc = torch.zeros((n, k), dtype=torch.float64, device=device)
+    chk = torch.empty(rows.numel(), dtype=torch.float32, device=device)
+    sn, st, sv = logits.stride()
+    with torch.no_grad():
+        for a in range(0, rows.numel(), chunk):
+            r, c, tk = rows[a : a + chunk], cols[a : a + chunk], tok[a : a + chunk]
+            p = r.numel()
+            sums = torch.empty((p, kp), dtype=torch.float32, device=device)
+            u_o = torch.empty(p, dtype=torch.float32, device=device)
+            kernel[(p,)](
+                logits, sn, st, sv, r, c, tk, scale, sums, u_o, chk[a : a + p], vocab,
+                K=k, KP=kp, BLOCK=512, num_warps=8,
+            )  # fmt: skip
+            logq = u_o.unsqueeze(1) * betas - sums[:, :k].clamp_min_(1.0).log_()  # (p, K)
+            acc.index_add_(0, r, logq.to(torch.float64))
+        bad = ~torch.isfinite(chk)
+        if bool(bad.any()):
+            # the checksum can overflow on huge finite logits: confirm on the flagged rows
+            idx = torch.nonzero(bad).squeeze(1)
+            if not bool(torch.isfinite(logits[rows[idx], cols[idx]]).all()):
+                raise ValueError("logits contain NaN or inf at masked positions")
+        counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=torch.float64)
         return (acc / counts.unsqueeze(-1)).to(torch.float32)
 
 

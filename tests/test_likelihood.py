@@ -438,6 +438,56 @@ def test_candidate_loglik_rejects_bad_options(extra, exc, match):
         candidate_loglik(**kw)
 
 
+def test_fused_option_validation_on_cpu():
+    kw = _good()
+    with pytest.raises(ValueError, match="fused"):
+        candidate_loglik(**kw, fused=True)
+    with pytest.raises(TypeError, match="fused"):
+        candidate_loglik(**kw, fused="yes")
+    with pytest.raises(ValueError, match="fused"):
+        candidate_loglik(**{k: np.asarray(v) for k, v in kw.items()}, fused=True)
+    torch.testing.assert_close(candidate_loglik(**kw, fused=False), candidate_loglik(**kw))
+
+
+if torch.cuda.is_available():  # defined only where it can run (no skipped tests in CI)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+    def test_cuda_fused_matches_eager_and_reference(dtype):
+        logits, tokens, mask = make_batch(n=5, length=12, vocab=1000, seed=11, dtype=dtype)
+        temps = [*PAPER_GRID, 0.3, 3.0]
+        lg = logits.cuda()[:, 1:]  # non-contiguous view
+        tk, mk = tokens.cuda()[:, 1:], mask.cuda()[:, 1:]
+        mk[:, 0] = True
+        want = ref_temperature(lg.float().cpu(), tk.cpu(), mk.cpu(), temps)
+        for chunk_size in (None, 1, 7):
+            fused = candidate_loglik(lg, tk, mk, temps, fused=True, chunk_size=chunk_size)
+            eager = candidate_loglik(lg, tk, mk, temps, fused=False, chunk_size=chunk_size)
+            np.testing.assert_allclose(fused.cpu().double().numpy(), want, rtol=1e-5, atol=2e-5)
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=2e-5)
+
+    @pytest.mark.parametrize("fused", [True, False])
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+    def test_cuda_nonfinite_logits_raise(fused, bad):
+        kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+        kw["logits"][1, 2, 3] = bad
+        with pytest.raises(ValueError, match="logits"):
+            candidate_loglik(**kw, fused=fused)
+        kw["logits"][1, 2, 3] = 3e38  # huge but finite: the fused checksum overflows, no error
+        assert torch.isfinite(candidate_loglik(**kw, fused=fused)).all()
+
+
+@pytest.mark.parametrize("family", ["temperature", "min_p"])
+def test_huge_finite_logits_stay_finite(family):
+    # s * z overflows float32 here (s = 1 / (T ln 2)); z - max does not at the sampled tokens
+    logits = torch.tensor([[[3e38, 2.9e38, 0.0], [0.0, 1.0, 2.0], [1e38, -1e38, 5.0]]])
+    tokens, mask = torch.tensor([[1, 1, 2]]), torch.tensor([[True, True, True]])
+    cands = [0.5, 1.0] if family == "temperature" else [0.0, 0.5]
+    out = candidate_loglik(logits, tokens, mask, cands, family)
+    want = candidate_loglik(logits.double().numpy(), tokens.numpy(), mask.numpy(), cands, family)
+    assert torch.isfinite(out).all()
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=1e-5)
+
+
 def test_nonfinite_logits_at_unmasked_positions_are_not_read():
     kw = _good()
     kw["mask"][0, 0] = False
