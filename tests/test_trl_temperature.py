@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from metactl.adapters.trl import MetaGRPOTrainer
-from metactl.adapters.trl.patching import unwrap
+from metactl.adapters.trl.patching import FusedHead, unwrap
 from metactl.adapters.trl.testing import (
     addition_dataset,
     digit_count_reward,
@@ -173,3 +173,34 @@ def test_evaluation_does_not_update_the_policy(model_path, tmp_path):
         np.isclose(sum(log[f"metactl/prob/{v:g}"] for v in trainer.meta_policy.candidates), 1.0)
         for log in logged
     )
+
+
+def test_temperature_reaches_heads_behind_accelerate_mixed_precision_wrappers(model_path, tmp_path):
+    """With bf16 autocast (CPU here), accelerate wraps the policy's and the reference model's
+    patched forward; the adapter must keep those wrappers and still set the head's temperature."""
+    trainer = MetaGRPOTrainer(
+        model=model_path,
+        reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(tmp_path, max_steps=3, bf16=True, beta=0.1),
+        train_dataset=addition_dataset(32),
+        meta_policy=metactl.tampo(seed=0),
+    )
+    trainer.train()
+    ids = torch.randint(4, 20, (4, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    used = trainer.temperature
+    assert set(trainer.temperatures().values()) == {used}
+    for model in (trainer.model, unwrap(trainer.ref_model)):
+        # accelerate's autocast wrapper is still the forward, around TRL's fused head
+        assert "_original_forward" in model.__dict__
+        assert model.__dict__["forward"].__func__ is not FusedHead.find(model).function
+        with torch.no_grad():
+            logps = model(input_ids=ids, attention_mask=mask, labels=ids, fused_lm_head=True)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+
+        def err(t: float, logps=logps.log_probs, logits=logits) -> float:
+            ref = torch.log_softmax(logits / t, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            return float((ref - logps).abs().max())
+
+        assert err(used) < 1e-4
+        assert err(used * 1.2) > 1e-2
