@@ -78,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="baseline: always this temperature (must be a candidate)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small models: 1)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--eval-prompts", type=int, default=200)
     return p.parse_args(argv)
 
@@ -121,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = tiny_grpo_config(
         out,
         use_cpu=not torch.cuda.is_available(),
+        bf16=args.bf16,
         max_steps=args.steps,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         num_generations=args.num_generations,

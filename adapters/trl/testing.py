@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -343,6 +344,7 @@ def tiny_model_dir(
     try:
         os.replace(tmp, path)
     except OSError:  # another process won the race; use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "done").exists():
             raise
     return path
