@@ -24,7 +24,7 @@ import math
 import numbers
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
@@ -328,8 +328,9 @@ def candidate_loglik(
         raise TypeError(f"fused must be True, False or None, got {fused!r}")
 
     if _is_torch(logits):
-        use_fused = _want_fused(logits, family, fused)
-        return _loglik_torch(logits, tokens, mask, cands, family, temp, eps, chunk, use_fused)
+        lg = cast("torch.Tensor", logits)
+        use_fused = _want_fused(lg, family, fused)
+        return _loglik_torch(lg, tokens, mask, cands, family, temp, eps, chunk, use_fused)
     if fused:
         raise ValueError("fused=True needs CUDA torch tensors (and triton); got a numpy array")
     if not isinstance(logits, np.ndarray):
@@ -522,7 +523,7 @@ def _loglik_torch(
                 kept_mass = torch.empty((k, c), dtype=torch.float32, device=device)
                 for j, th in zip(order.tolist(), thr, strict=True):
                     # thresholds ascend, so thresholding in place is cumulative and exact
-                    torch.nn.functional.threshold_(e, th, 0.0)
+                    torch.threshold_(e, th, 0.0)
                     torch.sum(e, dim=-1, out=kept_mass[j])
                 z_frac = (kept_mass / total).clamp_max_(1.0)  # (K, c): kept mass, (0, 1]
                 kept_o = e_o.T >= betas.unsqueeze(-1)  # (K, c): sampled token kept?
