@@ -12,17 +12,17 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from metactl.adapters.reference.cli import build_parser, config_from_args  # noqa: E402
-from metactl.adapters.reference.experiment import (  # noqa: E402
+from metactl.adapters.reference.cli import build_parser, config_from_args
+from metactl.adapters.reference.experiment import (
     EvalConfig,
     ReproduceConfig,
     run_experiment,
 )
-from metactl.adapters.reference.model import TinyModelConfig  # noqa: E402
-from metactl.adapters.reference.report import paired, sensitivity_check  # noqa: E402
-from metactl.adapters.reference.sft import WarmupConfig  # noqa: E402
-from metactl.adapters.reference.tasks import ChainTask  # noqa: E402
-from metactl.adapters.reference.trainer import GRPOConfig  # noqa: E402
+from metactl.adapters.reference.model import TinyModelConfig
+from metactl.adapters.reference.report import paired, sensitivity_check
+from metactl.adapters.reference.sft import WarmupConfig
+from metactl.adapters.reference.tasks import ChainTask
+from metactl.adapters.reference.trainer import GRPOConfig
 
 
 def test_miniature_comparison_writes_the_report_and_resumes(tmp_path):

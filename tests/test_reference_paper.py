@@ -12,14 +12,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("math_verify")
 
-from metactl.adapters.reference.cli import main  # noqa: E402
-from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
-from metactl.adapters.reference.paper import (  # noqa: E402
+from metactl.adapters.reference.cli import main
+from metactl.adapters.reference.model import TinyModelConfig, build_model
+from metactl.adapters.reference.paper import (
     format_prompt,
     load_math_dataset,
     resolve_model_path,
 )
-from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E402
+from metactl.adapters.reference.tokenizer import build_char_tokenizer
 
 ALPHABET = "0123456789+-*/=.,()^ \n\\{}$abcdefghijklmnopqrstuvwxyz?"
 

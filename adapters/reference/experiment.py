@@ -306,6 +306,7 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "diagnostics": trainer.diagnostics,
         "train_seconds": train_seconds,
         "rollout_seconds": sum(h["rollout_seconds"] for h in history),
+        "meta_seconds": sum(h["meta_seconds"] for h in history),
         "steps": steps,
         "wall_seconds": time.perf_counter() - t0,
         "resumed_from_step": start_step,

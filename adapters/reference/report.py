@@ -67,6 +67,9 @@ def aggregate(results: Sequence[dict]) -> dict[str, Any]:
                                          for i in range(0, temps.shape[1], q)][:4]
         entry["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
         entry["steps_per_second"] = float(np.mean([r["steps"] / r["train_seconds"] for r in runs]))
+        if all("meta_seconds" in r for r in runs):
+            entry["meta_share"] = float(np.mean([r["meta_seconds"] / r["train_seconds"]
+                                                 for r in runs]))
         out[ctrl] = entry
     return out
 
@@ -317,6 +320,7 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
             comparisons["vs_each"][c] = paired([ta[s] for s in cs], [cc[s] for s in cs])
     figs = make_plots(out, results, controllers)
     k = cfg.eval.k
+    short = {"pass1": "Pass@1", "greedy": "greedy Pass@1", "pass_at_k": f"Pass@{k}"}
 
     md: list[str] = [f"# metactl reproduce: {cfg.preset} preset", ""]
     md.append(f"{len(controllers)} methods x {len(cfg.seeds)} seeds, {cfg.grpo.steps} GRPO steps "
@@ -348,7 +352,7 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
                   "| paired t p | beyond noise |")
         md.append("|---|---|---|---|---|---|---|")
         for m, v in check["metrics"].items():
-            md.append(f"| {METRICS[m].split(' (')[0]} | {method_name(v['best'])} | "
+            md.append(f"| {short[m]} | {method_name(v['best'])} | "
                       f"{method_name(v['worst'])} | {100 * v['gap']:.1f} | "
                       f"{200 * v['max_seed_std']:.1f} | {_p(v['paired_t_p'])} | "
                       f"{'yes' if v['beyond_noise'] else 'no'} |")
@@ -376,7 +380,7 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
                   "paired t p | Wilcoxon p |")
         md.append("|---|---|---|---|---|---|")
         for m, v in comparisons["metrics"].items():
-            md.append(f"| {METRICS[m].split(' (')[0]} | {100 * v['mean_diff']:+.1f} | "
+            md.append(f"| {short[m]} | {100 * v['mean_diff']:+.1f} | "
                       f"{100 * v['std_diff']:.1f} | {v['wins']}/{v['losses']} | {_p(v['t_p'])} | "
                       f"{_p(v['wilcoxon_p'])} |")
         md.append("")
@@ -387,11 +391,15 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
         md.append("Not available (needs a `tampo` arm and at least one fixed arm).")
     md.append("")
     md.append("## 6. Temperature over training and speed")
-    md.append("| method | mean T per quarter of training | steps/s (per worker) |")
-    md.append("|---|---|---|")
+    md.append("| method | mean T per quarter of training | steps/s (per worker) | meta step "
+              "share of step time |")
+    md.append("|---|---|---|---|")
     for c in controllers:
         q = ", ".join(f"{t:.2f}" for t in summary[c]["temperature_quarters"])
-        md.append(f"| {method_name(c)} | {q} | {summary[c]['steps_per_second']:.2f} |")
+        share = summary[c].get("meta_share")
+        share_s = "n/a" if share is None else f"{100 * share:.2f}%"
+        md.append(f"| {method_name(c)} | {q} | {summary[c]['steps_per_second']:.2f} | "
+                  f"{share_s} |")
     md.append("")
     md.append("## 7. Figures")
     captions = {

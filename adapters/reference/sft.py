@@ -51,7 +51,7 @@ class WarmupConfig:
 
     steps: int = 2000
     batch_size: int = 128
-    lr: float = 5e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.0
