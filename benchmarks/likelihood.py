@@ -201,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda requested but torch.cuda.is_available() is False")
 
     logits, tokens, mask = make_batch(args.positions, args.vocab, args.sequences, device)
-    chunk = args.chunk_size or default_chunk_size(args.vocab, torch.device(device).type)
-    chunk = min(chunk, args.positions // args.sequences)  # the buffer never exceeds a run
+    workers = torch.get_num_threads() if device == "cpu" else 1  # see candidate_loglik
+    chunk = args.chunk_size or default_chunk_size(
+        args.vocab, torch.device(device).type, workers=workers
+    )
+    # each worker's buffer holds chunk // workers positions and never exceeds a run
+    per_worker = min(max(1, chunk // workers), args.positions // args.sequences)
+    chunk = per_worker * workers
     entropy, ptok = describe(logits, tokens)
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"candidate scoring benchmark: torch {torch.__version__}, device {dev_name}, "
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"distribution: {DIST}")
     print(f"  -> mean entropy at T=1: {entropy:.2f} nats; median sampled-token prob: {ptok:.2f}")
     print(f"K = {len(CANDIDATES)} candidates {CANDIDATES}; chunk = {chunk} positions "
-          f"({chunk * args.vocab * 4 / 2**20:.1f} MiB float32"
+          f"({workers} worker(s) x {per_worker}; {chunk * args.vocab * 4 / 2**20:.1f} MiB float32"
           f"{'; eager path only' if device.startswith('cuda') else ''})")  # fmt: skip
 
     methods = CUDA_METHODS if device.startswith("cuda") else METHODS
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             verdict = f"MISSED by {over / 2**20:.2f} MiB"
         print(f"metactl peak extra memory: {m / 1024:.0f} KiB = {m / chunk_bytes:.3f} chunks; "
-              f"one chunk buffer = {chunk} x {args.vocab} x 4 B = {chunk_bytes / 1024:.0f} KiB"
+              f"one chunk = {chunk} x {args.vocab} x 4 B = {chunk_bytes / 1024:.0f} KiB"
               f"{fused_note}; logits = {logits.numel() * 4 / 2**20:.0f} MiB")  # fmt: skip
         print(f"  target <= 1 chunk: {verdict}")
     return 0

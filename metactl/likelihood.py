@@ -20,10 +20,15 @@ are passed in. NumPy input is handled by a pure NumPy implementation (float64).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
 import numbers
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
@@ -39,10 +44,10 @@ FAMILIES: tuple[str, ...] = ("temperature", "min_p")
 _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
 
-# Default chunk budget (bytes of the float32 scratch buffer). Measured on a 2-core AVX-512
-# CPU with V = 32768: 2-8 MiB (16-64 positions) are all within noise of each other; smaller
-# chunks pay per-op dispatch overhead, larger ones fall out of the last-level cache.
-_CPU_CHUNK_BYTES = 4 << 20
+# Default CPU buffer per worker thread (bytes of float32 scratch). Measured on a 2-core
+# AVX-512 CPU with V = 32768: 1-4 MiB per worker (8-32 positions) are within noise of each
+# other; smaller buffers pay per-op dispatch overhead, larger ones fall out of the caches.
+_CPU_WORKER_BYTES = 2 << 20
 # On accelerators kernel-launch overhead dominates small chunks.
 _ACCEL_CHUNK_BYTES = 256 << 20
 
@@ -261,11 +266,16 @@ def candidate_loglik(
         temperature: the fixed sampling temperature of the ``"min_p"`` family (must stay
             ``1.0`` for ``"temperature"``, where the candidates are the temperatures).
         epsilon: smoothing weight of the ``"min_p"`` family, in ``(0, 1)`` (see below).
-        chunk_size: number of positions processed at once (default: a 4 MiB float32 buffer
-            on CPU, 256 MiB on accelerators). The extra memory is one float32 buffer of
-            ``chunk_size x V`` plus O(``chunk_size x K`` + ``N x L``) bookkeeping; the input
-            is never copied whole and never modified. The fused CUDA kernel needs no
-            ``chunk_size x V`` buffer at all (its default is 65536 positions per launch).
+        chunk_size: number of positions processed at once (default:
+            :func:`default_chunk_size`, 2 MiB of float32 per CPU worker thread, 256 MiB on
+            accelerators). The extra memory is ``chunk_size x V`` float32 values of scratch
+            (on CPU split between the worker threads) plus O(``chunk_size x K`` +
+            ``N x L``) bookkeeping; the input is never copied whole and never modified. The
+            fused CUDA kernel needs no ``chunk_size x V`` buffer at all (its default is 65536
+            positions per launch). On CPU, torch's intra-op thread count ``W`` sets how many
+            threads score chunks in parallel (each with single-threaded ops, which stays fast
+            when other processes share the cores); ``torch.set_num_threads(1)`` makes it
+            sequential. Results do not depend on ``W`` or ``chunk_size`` beyond rounding.
         fused: temperature family on CUDA only: score with a fused Triton kernel that reads
             each logit row twice and keeps the ``K`` sums in registers (no scratch buffer).
             ``None`` (default) uses it when the logits are a CUDA tensor and ``triton``
@@ -340,21 +350,24 @@ def candidate_loglik(
     return _loglik_numpy(logits, tokens, mask, cands, family, temp, eps, chunk)
 
 
-def default_chunk_size(vocab_size: int, device: str = "cpu") -> int:
+def default_chunk_size(vocab_size: int, device: str = "cpu", *, workers: int = 1) -> int:
     """Number of positions :func:`candidate_loglik` processes at once by default.
 
-    One chunk is a float32 buffer of ``chunk x vocab_size``: 4 MiB on CPU (it stays in the
-    last-level cache), 256 MiB on accelerators (fewer kernel launches).
+    On CPU each of the ``workers`` threads (torch's intra-op thread count) holds a float32
+    buffer of 2 MiB (it stays in a per-core L2 cache), so the chunk is
+    ``workers x 2 MiB / (4 V)`` positions. On accelerators the eager path uses one 256 MiB
+    buffer (fewer kernel launches).
 
     Args:
         vocab_size: the vocabulary size ``V`` (>= 1).
         device: a torch device type such as ``"cpu"`` or ``"cuda"``.
+        workers: CPU worker threads (>= 1); ignored on accelerators.
 
     Returns:
-        The default chunk size (>= 1).
+        The default chunk size (>= ``workers`` on CPU, >= 1 elsewhere).
 
     Example:
-        >>> default_chunk_size(32768)
+        >>> default_chunk_size(32768, workers=2)
         32
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
@@ -363,8 +376,11 @@ def default_chunk_size(vocab_size: int, device: str = "cpu") -> int:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     if not isinstance(device, str):
         raise TypeError(f"device must be a str such as 'cpu', got {type(device).__name__}")
-    budget = _CPU_CHUNK_BYTES if device == "cpu" else _ACCEL_CHUNK_BYTES
-    return max(1, budget // (4 * int(vocab_size)))
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if device == "cpu":
+        return int(workers) * max(1, _CPU_WORKER_BYTES // (4 * int(vocab_size)))
+    return max(1, _ACCEL_CHUNK_BYTES // (4 * int(vocab_size)))
 
 
 def likelihood_optimal(loglik: ArrayLike, candidates: Sequence[float] | ArrayLike) -> np.ndarray:
@@ -443,6 +459,7 @@ def _loglik_torch(
 
     if not logits.is_floating_point():
         raise TypeError(f"logits must hold floating-point values, got dtype {logits.dtype}")
+    logits = logits.detach()  # a view; grad mode is thread-local, so also for the workers
     tok_host = _to_numpy(tokens, "tokens")
     mask_host = _to_numpy(mask, "mask")
     _check_shapes(tuple(logits.shape), tok_host, mask_host)
@@ -452,9 +469,13 @@ def _loglik_torch(
     if use_fused:
         return _loglik_fused(logits, tokens, tok_host, bmask, cands, chunk or 65536)
 
+    workers = _cpu_workers(torch) if device.type == "cpu" else 1
     if chunk is None:
-        chunk = default_chunk_size(vocab, device.type)
-    seg_row, seg_start, seg_stop = _segments(bmask, chunk)
+        chunk = default_chunk_size(vocab, device.type, workers=workers)
+    # with W workers, each holds a buffer of chunk // W positions: one chunk in all
+    seg_row, seg_start, seg_stop = _segments(bmask, max(1, chunk // workers))
+    n_seg = seg_row.size
+    workers = min(workers, n_seg)
 
     # Segments hold masked positions only, so placeholders (e.g. -100) are never gathered.
     if _is_torch(tokens):
@@ -464,10 +485,9 @@ def _loglik_torch(
 
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     k = cands.size
-    acc = torch.zeros((n, k), dtype=acc_dtype, device=device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    partial = torch.empty((n_seg, k), dtype=acc_dtype, device=device)
+    bad = torch.zeros(n_seg, dtype=torch.bool, device=device)
     longest = int((seg_stop - seg_start).max())
-    scratch = torch.empty((longest, vocab), dtype=torch.float32, device=device)
     betas = torch.tensor(
         1.0 / cands if family == "temperature" else cands, dtype=torch.float32, device=device
     )
@@ -484,58 +504,140 @@ def _loglik_torch(
 
     scales = _INV_LN2 / (cands if family == "temperature" else np.array([temp]))
     fuse_limit = 1e37 / float(scales.max())
+    rows_l, starts_l, stops_l = seg_row.tolist(), seg_start.tolist(), seg_stop.tolist()
+
+    def score_segment(idx: int, scratch: torch.Tensor) -> None:
+        i, t0, t1 = rows_l[idx], starts_l[idx], stops_l[idx]
+        seg = logits[i, t0:t1]  # (c, V) view, input dtype
+        c = t1 - t0
+        e = scratch[:c]
+        hi = seg.amax(dim=-1)  # NaN propagates; +inf shows here
+        lo = seg.amin(dim=-1)  # -inf shows here (torch.aminmax is much slower on CPU)
+        bad[idx] = ~(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        m = hi.float().unsqueeze(-1)  # (c, 1)
+        # s * z - s * m in one fused op is exact enough, unless s * z overflows float32
+        # (|logits| ~ 1e38 / s): then subtract first. One host sync per segment.
+        fuse_ok = float(torch.maximum(hi.abs().max(), lo.abs().max()).float()) < fuse_limit
+        tok = tok_src[i, t0:t1].to(device=device, dtype=torch.long).unsqueeze(-1)  # (c, 1)
+        u_o = seg.gather(-1, tok).float() - m  # (c, 1): z_o - max <= 0
+        if family == "temperature":
+            sums = torch.empty((k, c), dtype=torch.float32, device=device)
+            for j, square in plan:
+                if square:  # T_j == T_prev / 2: exp(2 beta u) == exp(beta u) ** 2
+                    e.mul_(e)
+                else:
+                    s = _INV_LN2 / float(cands[j])  # exp(beta u) == exp2(beta / ln2 * u)
+                    _scaled_shift(seg, m, s, e, fuse_ok)  # e = beta/ln2 * (z - m)
+                    e.exp2_()
+                torch.sum(e, dim=-1, out=sums[j])
+            # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m)). The max
+            # term of the sum is exactly 1, so sums >= 1: clamping only removes rounding
+            # and keeps log q <= 0 (u_o <= 0 holds exactly).
+            logq = betas.unsqueeze(-1) * u_o.T - sums.clamp_min_(1.0).log_()  # (K, c)
+        else:
+            s = _INV_LN2 / temp
+            _scaled_shift(seg, m, s, e, fuse_ok)
+            e.exp2_()  # e_v = p_v / p_max, the max token gives exactly 1
+            e_o = e.gather(-1, tok)  # (c, 1)
+            total = e.sum(dim=-1).clamp_min_(1.0)  # (c,), >= 1 up to rounding
+            logp_o = u_o.squeeze(-1) / temp - total.log()  # log p(o)
+            kept_mass = torch.empty((k, c), dtype=torch.float32, device=device)
+            for j, th in zip(order.tolist(), thr, strict=True):
+                # thresholds ascend, so thresholding in place is cumulative and exact
+                torch.threshold_(e, th, 0.0)
+                torch.sum(e, dim=-1, out=kept_mass[j])
+            z_frac = (kept_mass / total).clamp_max_(1.0)  # (K, c): kept mass, (0, 1]
+            kept_o = e_o.T >= betas.unsqueeze(-1)  # (K, c): sampled token kept?
+            # log q = log p(o) + log((1 - eps) [kept] / Z + eps)
+            ratio = torch.where(kept_o, (1.0 - eps) / z_frac + eps, eps)
+            # q(o) <= 1 exactly; clamp only the rounding of a probability near 1
+            logq = (logp_o.unsqueeze(0) + ratio.log()).clamp_max_(0.0)
+        partial[idx] = logq.sum(dim=-1, dtype=acc_dtype)
 
     with torch.no_grad():
-        for i, t0, t1 in zip(seg_row.tolist(), seg_start.tolist(), seg_stop.tolist(), strict=True):
-            seg = logits[i, t0:t1]  # (c, V) view, input dtype
-            c = t1 - t0
-            e = scratch[:c]
-            hi = seg.amax(dim=-1)  # NaN propagates; +inf shows here
-            lo = seg.amin(dim=-1)  # -inf shows here (torch.aminmax is much slower on CPU)
-            nonfinite |= ~(torch.isfinite(lo).all() & torch.isfinite(hi).all())
-            m = hi.float().unsqueeze(-1)  # (c, 1)
-            # s * z - s * m in one fused op is exact enough, unless s * z overflows float32
-            # (|logits| ~ 1e38 / s): then subtract first. One host sync per segment.
-            fuse_ok = float(torch.maximum(hi.abs().max(), lo.abs().max()).float()) < fuse_limit
-            tok = tok_src[i, t0:t1].to(device=device, dtype=torch.long).unsqueeze(-1)  # (c, 1)
-            u_o = seg.gather(-1, tok).float() - m  # (c, 1): z_o - max <= 0
-            if family == "temperature":
-                sums = torch.empty((k, c), dtype=torch.float32, device=device)
-                for j, square in plan:
-                    if square:  # T_j == T_prev / 2: exp(2 beta u) == exp(beta u) ** 2
-                        e.mul_(e)
-                    else:
-                        s = _INV_LN2 / float(cands[j])  # exp(beta u) == exp2(beta / ln2 * u)
-                        _scaled_shift(seg, m, s, e, fuse_ok)  # e = beta/ln2 * (z - m)
-                        e.exp2_()
-                    torch.sum(e, dim=-1, out=sums[j])
-                # log q_k(o) = beta_k (z_o - m) - log sum_v exp(beta_k (z_v - m)). The max
-                # term of the sum is exactly 1, so sums >= 1: clamping only removes rounding
-                # and keeps log q <= 0 (u_o <= 0 holds exactly).
-                logq = betas.unsqueeze(-1) * u_o.T - sums.clamp_min_(1.0).log_()  # (K, c)
-            else:
-                s = _INV_LN2 / temp
-                _scaled_shift(seg, m, s, e, fuse_ok)
-                e.exp2_()  # e_v = p_v / p_max, the max token gives exactly 1
-                e_o = e.gather(-1, tok)  # (c, 1)
-                total = e.sum(dim=-1).clamp_min_(1.0)  # (c,), >= 1 up to rounding
-                logp_o = u_o.squeeze(-1) / temp - total.log()  # log p(o)
-                kept_mass = torch.empty((k, c), dtype=torch.float32, device=device)
-                for j, th in zip(order.tolist(), thr, strict=True):
-                    # thresholds ascend, so thresholding in place is cumulative and exact
-                    torch.threshold_(e, th, 0.0)
-                    torch.sum(e, dim=-1, out=kept_mass[j])
-                z_frac = (kept_mass / total).clamp_max_(1.0)  # (K, c): kept mass, (0, 1]
-                kept_o = e_o.T >= betas.unsqueeze(-1)  # (K, c): sampled token kept?
-                # log q = log p(o) + log((1 - eps) [kept] / Z + eps)
-                ratio = torch.where(kept_o, (1.0 - eps) / z_frac + eps, eps)
-                # q(o) <= 1 exactly; clamp only the rounding of a probability near 1
-                logq = (logp_o.unsqueeze(0) + ratio.log()).clamp_max_(0.0)
-            acc[i] += logq.sum(dim=-1, dtype=acc_dtype)
-        if bool(nonfinite):
+        if workers <= 1:
+            scratch = torch.empty((longest, vocab), dtype=torch.float32, device=device)
+            for idx in range(n_seg):
+                score_segment(idx, scratch)
+        else:
+            _run_pooled(torch, score_segment, n_seg, workers, (longest, vocab))
+        if bool(bad.any()):
             raise ValueError("logits contain NaN or inf at masked positions")
+        # summed in segment order whatever the schedule: results do not depend on workers
+        acc = torch.zeros((n, k), dtype=acc_dtype, device=device)
+        acc.index_add_(0, torch.from_numpy(seg_row).to(device), partial)
         counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=acc_dtype)
         return (acc / counts.unsqueeze(-1)).to(torch.float32)
+
+
+# CPU parallelism. Each torch op on a (chunk, V) buffer would otherwise open its own OpenMP
+# parallel region: thousands per call, and on a machine whose cores are shared with other
+# processes every region waits for a descheduled thread (measured on a busy 2-core machine:
+# 31.8 s instead of 0.42 s). Instead, W Python threads each score whole segments with
+# single-threaded ops (torch releases the GIL inside ops), pulling segments from a shared
+# counter so that a slow core simply takes fewer segments.
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"depth": 0, "saved": 1}
+
+
+def _cpu_workers(torch: Any) -> int:
+    """Worker threads for the CPU path: torch's intra-op thread count (OpenMP builds only)."""
+    threads = int(torch.get_num_threads())
+    if threads <= 1 or "OpenMP" not in _parallel_backend(torch):
+        return 1
+    return threads
+
+
+@functools.lru_cache(maxsize=1)
+def _parallel_backend(torch: Any) -> str:
+    for line in torch.__config__.parallel_info().splitlines():
+        if "parallel backend" in line:
+            return str(line)
+    return ""
+
+
+@contextlib.contextmanager
+def _single_threaded_ops(torch: Any) -> Iterator[None]:
+    """Set torch's intra-op threads to 1 for the duration (re-entrant, thread-safe)."""
+    with _THREADS_LOCK:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["saved"] = int(torch.get_num_threads())
+            torch.set_num_threads(1)
+        _THREADS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["depth"] -= 1
+            if _THREADS_STATE["depth"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
+
+
+def _run_pooled(
+    torch: Any,
+    work: Callable[[int, Any], None],
+    n_items: int,
+    workers: int,
+    buffer_shape: tuple[int, int],
+) -> None:
+    """Run ``work(i, buffer)`` for i in range(n_items) on ``workers`` threads."""
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def loop() -> None:
+        buffer = torch.empty(buffer_shape, dtype=torch.float32)
+        with torch.no_grad():  # grad mode is thread-local
+            while True:
+                with lock:
+                    i = next(counter)
+                if i >= n_items:
+                    return
+                work(i, buffer)
+
+    with _single_threaded_ops(torch), ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(loop) for _ in range(workers)]
+        for fut in futures:
+            fut.result()  # re-raises a worker's exception
 
 
 def _scaled_shift(
@@ -692,7 +794,7 @@ def _loglik_numpy(
     n, _, vocab = logits.shape
     bmask = _check_mask_tokens(tok_host, mask_host, vocab)
     if chunk is None:
-        chunk = max(1, _CPU_CHUNK_BYTES // (8 * vocab))
+        chunk = max(1, _CPU_WORKER_BYTES // (8 * vocab))
     rows, cols = np.nonzero(bmask)
     acc = np.zeros((n, cands.size), dtype=np.float64)
     for a in range(0, rows.size, chunk):

@@ -178,6 +178,52 @@ def test_chunking_does_not_change_results():
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["temperature", "min_p"])
+def test_cpu_workers_give_the_same_result(monkeypatch, family):
+    logits, tokens, mask = make_batch(n=6, length=11, vocab=37, seed=9)
+    cands = [0.6, 0.9, 1.2, 1.8] if family == "temperature" else [0.0, 0.1, 0.4]
+    threads = torch.get_num_threads()
+    outs = {}
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(lk, "_cpu_workers", lambda _torch, w=workers: w)
+        for chunk_size in (None, 1, 5):
+            outs[workers, chunk_size] = candidate_loglik(
+                logits, tokens, mask, cands, family, chunk_size=chunk_size
+            )
+            assert torch.get_num_threads() == threads  # restored after the pool
+    want = outs[1, None]
+    for out in outs.values():
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_pool_propagates_errors_and_restores_threads(monkeypatch):
+    monkeypatch.setattr(lk, "_cpu_workers", lambda _torch: 2)
+    threads = torch.get_num_threads()
+    kw = _good()
+    kw["logits"][1, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match="logits"):
+        candidate_loglik(**kw, chunk_size=2)
+    assert torch.get_num_threads() == threads
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(lk, "_scaled_shift", boom)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        candidate_loglik(**_good(), chunk_size=2)
+    assert torch.get_num_threads() == threads
+
+
+def test_single_threaded_ops_is_reentrant():
+    threads = torch.get_num_threads()
+    with lk._single_threaded_ops(torch):
+        assert torch.get_num_threads() == 1
+        with lk._single_threaded_ops(torch):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+
+
 def test_segments_split_runs():
     mask = np.array([[0, 1, 1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 0, 0, 0, 0]], dtype=bool)
     row, start, stop = lk._segments(mask, 2)
@@ -497,9 +543,13 @@ def test_nonfinite_logits_at_unmasked_positions_are_not_read():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(32768) == 32
-    assert default_chunk_size(32768, "cuda") == 2048
+    assert default_chunk_size(32768) == 16  # 2 MiB of float32 per CPU worker
+    assert default_chunk_size(32768, workers=2) == 32
+    assert default_chunk_size(32768, "cuda", workers=8) == 2048
     assert default_chunk_size(10**9) == 1
+    assert default_chunk_size(10**9, workers=3) == 3
+    with pytest.raises(ValueError, match="workers"):
+        default_chunk_size(10, workers=0)
     with pytest.raises(ValueError, match="vocab_size"):
         default_chunk_size(0)
     with pytest.raises(TypeError, match="vocab_size"):
