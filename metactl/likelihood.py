@@ -14,8 +14,12 @@ tokens. :func:`candidate_loglik` computes this matrix from logits that a trainer
 of positions, never ``K`` copies of the logits. :func:`likelihood_optimal` turns it into the
 per-trajectory likelihood-optimal candidate (the paper's ``T*``).
 
-This module never imports torch at import time: torch is imported only when torch tensors
-are passed in. NumPy input is handled by a pure NumPy implementation (float64).
+Implementations: on CPU, worker threads score chunks of positions with single-threaded torch
+ops in cache-sized buffers (``exp2`` on scaled logits, one pass per candidate, squaring where
+one temperature is half another); on CUDA a fused Triton kernel reads each logit row twice
+and keeps the ``K`` sums in registers (an eager chunked loop is the fallback). This module
+never imports torch at import time: torch is imported only when torch tensors are passed in.
+NumPy input is handled by a pure NumPy implementation (float64).
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ _LN2 = math.log(2.0)
 _INV_LN2 = 1.0 / _LN2
 
 # Default CPU buffer per worker thread (bytes of float32 scratch). Measured on a 2-core
-# AVX-512 CPU with V = 32768: 1-4 MiB per worker (8-32 positions) are within noise of each
-# other; smaller buffers pay per-op dispatch overhead, larger ones fall out of the caches.
+# AVX-512 CPU with V = 32768 (benchmarks/likelihood.py): 2 and 4 MiB per worker were within
+# noise of each other, 16 MiB was ~30% slower (out of cache), 1 MiB slightly slower
+# (per-op dispatch overhead).
 _CPU_WORKER_BYTES = 2 << 20
 # On accelerators kernel-launch overhead dominates small chunks.
 _ACCEL_CHUNK_BYTES = 256 << 20
@@ -305,8 +310,9 @@ def candidate_loglik(
         TypeError: a wrong argument type (names the argument).
         ValueError: NaN/inf logits at a masked position, wrong ndim or shapes, an empty
             batch, token ids out of range, a row with no masked token (``mask``), ``K < 2``,
-            duplicate / non-finite / out-of-range candidates, an unknown family, or a bad
-            ``temperature``, ``epsilon`` or ``chunk_size``.
+            duplicate / non-finite / out-of-range candidates, an unknown family, a bad
+            ``temperature``, ``epsilon`` or ``chunk_size``, or ``fused=True`` where the
+            fused kernel cannot run.
 
     Example:
         >>> import numpy as np
