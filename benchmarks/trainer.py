@@ -38,7 +38,8 @@ def _chain_setup(cache_dir: str | None):
     return task, path, heldout_prompts(task)
 
 
-def time_reference(path: Path, task, exclude, policy_name: str, args) -> tuple[float, float]:
+def time_reference(path: Path, task, exclude, policy_name: str, args,
+                   skip: bool = False) -> tuple[float, float]:
     """Median step seconds and median meta-step seconds of our trainer over one run."""
     from metactl.adapters.reference.controllers import make_policy
     from metactl.adapters.reference.tasks import chain_reward
@@ -50,7 +51,7 @@ def time_reference(path: Path, task, exclude, policy_name: str, args) -> tuple[f
     n = args.warmup_steps + args.steps
     cfg = GRPOConfig(steps=n, prompts_per_step=args.prompts, group_size=args.group_size,
                      lr=1e-4, max_new_tokens=task.max_completion_tokens, checkpoint_every=0,
-                     eval_every=0, seed=0)
+                     eval_every=0, seed=0, skip_zero_advantage=skip)
     trainer = GRPOTrainer(model, tok, cfg, make_policy(policy_name, n, 0),
                           prompts=lambda rng, k: task.sample(rng, k, exclude=exclude),
                           reward_fn=chain_reward)
@@ -115,41 +116,51 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     task, path, exclude = _chain_setup(args.cache_dir)
-    trl_t, fixed_t, tampo_t, meta_t = [], [], [], []
+    trl_t: list[float] = []
+    ours: dict[str, list[float]] = {k: [] for k in ("fixed", "tampo", "fixed+skip",
+                                                    "tampo+skip")}
+    meta: dict[str, list[float]] = {"tampo": [], "tampo+skip": []}
     for r in range(args.repeats):
         if not args.no_trl:
             trl_t.append(time_trl(path, task, exclude, args))
-        f, _ = time_reference(path, task, exclude, "fixed-1.0", args)
-        t, m = time_reference(path, task, exclude, "tampo", args)
-        fixed_t.append(f)
-        tampo_t.append(t)
-        meta_t.append(m / t)
+        for key in ours:
+            name = "tampo" if key.startswith("tampo") else "fixed-1.0"
+            t, m = time_reference(path, task, exclude, name, args, skip=key.endswith("skip"))
+            ours[key].append(t)
+            if key in meta:
+                meta[key].append(m / t)
         print(f"repeat {r + 1}/{args.repeats}: "
               + (f"TRL {trl_t[-1] * 1e3:.0f} ms, " if trl_t else "")
-              + f"ours fixed {f * 1e3:.0f} ms, ours TAMPO {t * 1e3:.0f} ms "
-              f"(meta step {m * 1e3:.2f} ms)", flush=True)
+              + ", ".join(f"ours {k} {v[-1] * 1e3:.0f} ms" for k, v in ours.items()),
+              flush=True)
 
     med = statistics.median
     batch = args.prompts * args.group_size
     print(f"\nsame model ({path.name}), {batch} completions/step (prompts {args.prompts} x G "
           f"{args.group_size}), <= {task.max_completion_tokens} completion tokens, "
           f"{args.threads} thread(s), medians of {args.repeats} runs x {args.steps} steps\n")
-    print("| trainer | s/step | steps/s | ratio |")
+    base = med(trl_t) if trl_t else med(ours["fixed"])
+    print("| trainer | s/step | steps/s | throughput vs " + ("TRL |" if trl_t else "ours |"))
     print("|---|---|---|---|")
     if trl_t:
         print(f"| TRL GRPOTrainer, T = 1.0 | {med(trl_t):.3f} | {1 / med(trl_t):.2f} | 1.00x |")
-        base = med(trl_t)
-    else:
-        base = med(fixed_t)
-    print(f"| metactl reference, T = 1.0 | {med(fixed_t):.3f} | {1 / med(fixed_t):.2f} | "
-          f"{base / med(fixed_t):.2f}x |")
-    print(f"| metactl reference, TAMPO | {med(tampo_t):.3f} | {1 / med(tampo_t):.2f} | "
-          f"{base / med(tampo_t):.2f}x |")
+    labels = {"fixed": "metactl reference, T = 1.0",
+              "tampo": "metactl reference, TAMPO",
+              "fixed+skip": "metactl reference, T = 1.0, skip_zero_advantage",
+              "tampo+skip": "metactl reference, TAMPO, skip_zero_advantage"}
+    for key, label in labels.items():
+        v = med(ours[key])
+        print(f"| {label} | {v:.3f} | {1 / v:.2f} | {base / v:.2f}x |")
     print("\n| TAMPO overhead | value |")
     print("|---|---|")
-    print(f"| meta step (select + likelihoods + update) / step time | {100 * med(meta_t):.2f}% |")
+    print("| meta step (select + candidate likelihoods + update) / step time | "
+          f"{100 * med(meta['tampo']):.2f}% |")
     print(f"| end-to-end TAMPO vs fixed step time (confounded by T) | "
-          f"{100 * (med(tampo_t) / med(fixed_t) - 1):+.1f}% |")
+          f"{100 * (med(ours['tampo']) / med(ours['fixed']) - 1):+.1f}% |")
+    print("| with skip_zero_advantage: meta step incl. the no-grad forward of skipped rows | "
+          f"{100 * med(meta['tampo+skip']):.2f}% |")
+    print(f"| with skip_zero_advantage: end-to-end TAMPO vs fixed | "
+          f"{100 * (med(ours['tampo+skip']) / med(ours['fixed+skip']) - 1):+.1f}% |")
     return 0
 
 

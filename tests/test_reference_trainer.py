@@ -244,3 +244,21 @@ def test_a_short_grpo_run_improves_accuracy(tmp_path):
                 reward_fn=chain_reward).train(progress_bar=False)
     after = accuracy()
     assert after > before + 0.08, (before, after)
+
+
+@pytest.mark.parametrize("policy_name", ["fixed", "tampo"])
+def test_skipping_zero_advantage_rows_changes_nothing_but_compute(policy_name):
+    runs = []
+    for skip in (False, True):
+        policy = fixed(1.1) if policy_name == "fixed" else metactl.tampo(seed=1)
+        tr = make_trainer(policy, steps=4, skip_zero_advantage=skip, grad_accum_steps=2)
+        tr.train(progress_bar=False)
+        runs.append(tr)
+    full, skipped = runs
+    assert any(h["grad_rows"] < 16 for h in skipped.history)  # some rows were skipped
+    assert all(h["grad_rows"] == 16 for h in full.history)
+    for a, b in zip(full.model.parameters(), skipped.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert [h["temperature"] for h in full.history] == [h["temperature"] for h in
+                                                        skipped.history]
+    assert np.allclose(full.policy.probs, skipped.policy.probs, atol=1e-5)

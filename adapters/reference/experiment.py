@@ -244,6 +244,26 @@ def _init_worker(progress_queue: Any, threads: int) -> None:
     _PROGRESS = progress_queue
 
 
+def arm_key(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None) -> str:
+    """Hash of everything that determines an arm's result (not where or how fast it runs), so
+    a finished arm is reused only by a comparison that would have produced the same result."""
+    import hashlib
+
+    d = cfg.to_dict()
+    for k in ("out", "workers", "threads_per_worker", "controllers", "seeds"):
+        d.pop(k)
+    blob = json.dumps({"cfg": d, "controller": controller, "seed": seed, "start": start_path},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finished(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None) -> bool:
+    path = run_dir_for(cfg, controller, seed) / "result.json"
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()).get("key") == arm_key(cfg, controller, seed, start_path)
+
+
 def run_dir_for(cfg: ReproduceConfig, controller: str, seed: int) -> Path:
     """``<out>/runs/<controller>/seed<seed>``."""
     return Path(cfg.out) / "runs" / controller / f"seed{seed}"
@@ -264,8 +284,15 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
 
     run_dir = run_dir_for(cfg, controller, seed)
     done = run_dir / "result.json"
-    if done.exists():
+    key = arm_key(cfg, controller, seed, start_path)
+    if _finished(cfg, controller, seed, start_path):
         return json.loads(done.read_text())
+    ckpt = run_dir / "checkpoint.pt"
+    key_file = run_dir / "key.txt"
+    if ckpt.exists() and (not key_file.exists() or key_file.read_text() != key):
+        ckpt.unlink()  # a checkpoint of a different configuration: start over
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     setup = build_setup(cfg, start_path)
@@ -293,6 +320,7 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     final = evaluate_setup(cfg, setup, trainer.model, final=True, seed=20_000)
     train_seconds = sum(h["seconds"] for h in history)
     result = {
+        "key": key,
         "controller": controller,
         "seed": seed,
         "final": final,
@@ -385,7 +413,7 @@ def task_check(cfg: ReproduceConfig, setup: Setup) -> dict:
 def run_all_arms(cfg: ReproduceConfig, start_path: str | None, progress: bool = True) -> list[dict]:
     """Run every (controller, seed) arm, ``cfg.workers`` at a time; returns their results."""
     jobs = [(cfg, c, s, start_path) for c in cfg.controllers for s in cfg.seeds]
-    pending = [j for j in jobs if not (run_dir_for(cfg, j[1], j[2]) / "result.json").exists()]
+    pending = [j for j in jobs if not _finished(cfg, j[1], j[2], start_path)]
     results: dict[tuple[str, int], dict] = {}
     for j in jobs:
         if j not in pending:

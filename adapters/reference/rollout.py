@@ -88,14 +88,17 @@ def sample(
     cache_name = _cache_kwarg(model)
     attn = prompt_mask.long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    # Without left padding the mask and positions are the defaults: passing None lets the model
+    # take its plain causal path (no mask building at every decoding step).
+    unpadded = bool(prompt_mask.all())
     ctx = (
         torch.autocast(device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else torch.autocast(device.type, enabled=False)
     )
     with ctx:
-        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=prompt_ids, attention_mask=None if unpadded else attn,
+                    position_ids=None if unpadded else pos, use_cache=True, logits_to_keep=1)
     cache = _get_cache(out, cache_name)
     logits = out.logits[:, -1].float()
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -112,10 +115,14 @@ def sample(
         done = done | (nxt == eos_id)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
         with ctx:
-            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
-                        use_cache=True, logits_to_keep=1, **{cache_name: cache})
+            if unpadded:
+                out = model(input_ids=nxt[:, None], use_cache=True, logits_to_keep=1,
+                            **{cache_name: cache})
+            else:
+                attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], 1)
+                out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos,
+                            use_cache=True, logits_to_keep=1, **{cache_name: cache})
         cache = _get_cache(out, cache_name)
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
@@ -137,12 +144,17 @@ def completion_logits(
     """Raw (un-tempered) logits (N, C, V) at the positions that predict each completion token.
 
     One forward over ``prompt + completion``; only the last ``C + 1`` positions go through the LM
-    head. Row ``i``, column ``t`` scores ``completion_ids[i, t]``.
+    head. Row ``i``, column ``t`` scores ``completion_ids[i, t]``. When no prompt is padded the
+    mask is dropped: the model is causal, so padding *after* a completion's EOS cannot change the
+    logits of the tokens before it (those after are masked out of every loss).
     """
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    c = completion_ids.shape[1]
+    if bool(prompt_mask.all()):
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=c + 1)
+        return out.logits[:, -(c + 1):-1]
     attn = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    c = completion_ids.shape[1]
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                 logits_to_keep=c + 1)
     return out.logits[:, -(c + 1):-1]

@@ -94,9 +94,11 @@ class GRPOConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = 1.0
-    # -- loss
+    # -- loss (skip_zero_advantage: leave rows with advantage 0 out of the backward pass; same
+    #    gradients when kl_beta == 0, less compute)
     clip_eps: float = 0.2
     kl_beta: float = 0.0
+    skip_zero_advantage: bool = False
     loss_agg: str = "sequence"
     scale_rewards: bool = True
     adv_eps: float = 1e-4
@@ -374,21 +376,55 @@ class GRPOTrainer:
         """
         cfg = self.cfg
         n = comp_ids.shape[0]
-        micro = n // cfg.grad_accum_steps
-        total_tokens = int(comp_mask.sum())
+        total_tokens = max(int(comp_mask.sum()), 1)
         adv_dev = advantages.to(self.device)
+        with_kl = self.ref_model is not None and cfg.kl_beta > 0
+        # Rows whose advantage is 0 (groups with equal rewards) add exactly nothing to the loss
+        # or its gradient when there is no KL term (normalisers use the whole batch), so
+        # skip_zero_advantage leaves them out of the backward pass. A rule that needs their
+        # likelihoods then gets them from a no-grad forward: the one case where the meta step
+        # costs a (partial) forward pass.
+        if cfg.skip_zero_advantage and not with_kl:
+            grad_rows = torch.nonzero(advantages != 0).flatten()
+        else:
+            grad_rows = torch.arange(n)
+        feedback_needed = bool({"loglik", "entropy"} & set(needs))
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[grad_rows] = False
+        score_rows = torch.nonzero(rest).flatten() if feedback_needed else grad_rows[:0]
+        micro = max(1, -(-len(grad_rows) // cfg.grad_accum_steps))
+        chunks = [grad_rows[s:s + micro] for s in range(0, len(grad_rows), micro)]
+
         old_logp: list[torch.Tensor] = []
         ref_logp: list[torch.Tensor | None] = []
-        loglik_parts: list[torch.Tensor] = []
+        loglik = torch.zeros(n, len(self.candidates)) if "loglik" in needs else None
         entropy_sum, meta_seconds = 0.0, 0.0
         losses, clip_fracs, kls, grad_norms = [], [], [], []
+
+        def feedback(rows: torch.Tensor, raw: torch.Tensor, ci: torch.Tensor,
+                     cm: torch.Tensor) -> None:
+            """Candidate likelihoods and entropy of ``rows`` from their raw logits."""
+            nonlocal entropy_sum, meta_seconds
+            if loglik is not None:
+                from metactl.likelihood import candidate_loglik
+
+                t_meta = time.perf_counter()
+                loglik[rows] = candidate_loglik(raw, ci, cm, self.candidates).float().cpu()
+                meta_seconds += time.perf_counter() - t_meta
+            if "entropy" in needs:
+                entropy_sum += float((token_entropy(raw, temperature) * cm).sum())
+
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)
+            for p in self.model.parameters():  # zero (not absent) gradients when no row has
+                if p.grad is None and p.requires_grad:  # an advantage, as without skipping
+                    p.grad = torch.zeros_like(p)
             epoch_loss = 0.0
-            for j, s in enumerate(range(0, n, micro)):
-                sl = slice(s, s + micro)
-                ids, pm, ci, cm = prompt_ids[sl], prompt_mask[sl], comp_ids[sl], comp_mask[sl]
+            for j, rows in enumerate(chunks):
+                idx = rows.to(self.device)
+                ids, pm, ci, cm = (prompt_ids[idx], prompt_mask[idx], comp_ids[idx],
+                                   comp_mask[idx])
                 with self._autocast():
                     logits = completion_logits(self.model, ids, pm, ci, cm)
                 logp = token_logprobs(logits, ci, temperature)  # the step's T, as sampled
@@ -396,17 +432,8 @@ class GRPOTrainer:
                     # on-policy: the first pass's logits are the rollout policy's logits
                     old_logp.append(logp.detach())
                     with torch.no_grad():
-                        raw = logits.detach().float()
-                        if "loglik" in needs:
-                            from metactl.likelihood import candidate_loglik
-
-                            t_meta = time.perf_counter()
-                            loglik_parts.append(candidate_loglik(raw, ci, cm, self.candidates))
-                            meta_seconds += time.perf_counter() - t_meta
-                        if "entropy" in needs:
-                            ent = token_entropy(raw, temperature)
-                            entropy_sum += float((ent * cm).sum())
-                        if self.ref_model is not None and cfg.kl_beta > 0:
+                        feedback(rows, logits.detach().float(), ci, cm)
+                        if with_kl:
                             with self._autocast():
                                 ref_logits = completion_logits(self.ref_model, ids, pm, ci, cm)
                             ref_logp.append(token_logprobs(ref_logits, ci, temperature))
@@ -414,14 +441,27 @@ class GRPOTrainer:
                             ref_logp.append(None)
                 del logits
                 loss, st = policy_loss(
-                    logp, old_logp[j], adv_dev[sl], cm, clip_eps=cfg.clip_eps,
+                    logp, old_logp[j], adv_dev[idx], cm, clip_eps=cfg.clip_eps,
                     ref_logp=ref_logp[j], kl_beta=cfg.kl_beta, agg=cfg.loss_agg,
-                    total_rows=n, total_tokens=max(total_tokens, 1),
+                    total_rows=n, total_tokens=total_tokens,
                 )
                 loss.backward()
                 epoch_loss += float(loss.detach())
                 clip_fracs.append(st["clip_frac"])
                 kls.append(st["kl"])
+            if epoch == 0 and len(score_rows):
+                # these rows are scored only for the meta-policy: all of it is meta-step time
+                t_fwd, before = time.perf_counter(), meta_seconds
+                with torch.no_grad():
+                    for s in range(0, len(score_rows), micro):
+                        rows = score_rows[s:s + micro]
+                        idx = rows.to(self.device)
+                        with self._autocast():
+                            raw = completion_logits(self.model, prompt_ids[idx],
+                                                    prompt_mask[idx], comp_ids[idx],
+                                                    comp_mask[idx]).float()
+                        feedback(rows, raw, comp_ids[idx], comp_mask[idx])
+                meta_seconds = before + time.perf_counter() - t_fwd
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                                    cfg.max_grad_norm)))
             lr = self.optimizer.param_groups[0]["lr"]
@@ -430,14 +470,15 @@ class GRPOTrainer:
             losses.append(epoch_loss)
 
         return {
-            "loglik": torch.cat(loglik_parts).cpu() if loglik_parts else None,
-            "entropy": entropy_sum / max(total_tokens, 1) if "entropy" in needs else None,
+            "loglik": loglik,
+            "entropy": entropy_sum / total_tokens if "entropy" in needs else None,
             "loss": float(np.mean(losses)),
-            "clip_frac": float(np.mean(clip_fracs)),
-            "kl": float(np.mean(kls)),
+            "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else 0.0,
+            "kl": float(np.mean(kls)) if kls else 0.0,
             "grad_norm": float(np.mean(grad_norms)),
             "lr": lr,
             "meta_seconds": meta_seconds,
+            "grad_rows": len(grad_rows),
         }
 
     # -- one GRPO step ----------------------------------------------------------------------
@@ -499,6 +540,7 @@ class GRPOTrainer:
             "kl": opt["kl"],
             "grad_norm": opt["grad_norm"],
             "completion_len": float(comp_mask.sum(1).float().mean()),
+            "grad_rows": opt["grad_rows"],
             "probs": [float(p) for p in info.probs],
             "seconds": time.perf_counter() - t0,
             "rollout_seconds": t_rollout,
