@@ -132,7 +132,9 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     logits, tokens, mask = make_batch(args.positions, args.vocab, args.sequences, "cpu")
     fn = method_fn(args.measure_memory, args.chunk_size)
     with torch.no_grad():
-        fn(logits[:1, :8], tokens[:1, :8], mask[:1, :8])  # lazy initialisation of kernels
+        # steady state, as in a training loop: a small call first initialises kernels and,
+        # for metactl, its worker threads (their stacks and malloc arenas are then reused)
+        fn(logits[:, :64], tokens[:, :64], mask[:, :64])
         gc.collect()
         before = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as fh:
@@ -284,11 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         over = m - chunk_bytes
         if over <= 0:
             verdict = "met"
-        elif over <= 0.01 * chunk_bytes:
-            verdict = (f"met up to {over / 1024:.0f} KiB (<= 1% of a chunk) of O(N*K + K*chunk)"
-                       " bookkeeping outside the chunk buffer")  # fmt: skip
         else:
-            verdict = f"MISSED by {over / 2**20:.2f} MiB"
+            verdict = (f"MISSED by {over / 1024:.0f} KiB (the chunk buffers are one chunk; the"
+                       " rest is bookkeeping that does not grow with V)")  # fmt: skip
         print(f"metactl peak extra memory: {m / 1024:.0f} KiB = {m / chunk_bytes:.3f} chunks; "
               f"one chunk = {chunk} x {args.vocab} x 4 B = {chunk_bytes / 1024:.0f} KiB"
               f"{fused_note}; logits = {logits.numel() * 4 / 2**20:.0f} MiB")  # fmt: skip
