@@ -8,7 +8,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,7 @@ def generate_texts(
 def evaluate_benchmarks(
     model: torch.nn.Module,
     tokenizer: Any,
-    benchmarks: dict[str, Sequence[Any]],
+    benchmarks: Mapping[str, Sequence[Any]],
     reward_fn: Callable[[str, str], float],
     *,
     k: int = 8,
@@ -76,7 +76,7 @@ def evaluate_benchmarks(
         raise ValueError(f"k must be >= 1, got {k}")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    common = dict(max_new_tokens=max_new_tokens, generator=gen, top_p=top_p,
+    common: dict[str, Any] = dict(max_new_tokens=max_new_tokens, generator=gen, top_p=top_p,
                   batch_size=batch_size, add_special_tokens=add_special_tokens,
                   max_prompt_len=max_prompt_len)
     was_training = model.training

@@ -109,8 +109,11 @@ class ReproduceConfig:
         d = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            d[f.name] = v.to_dict() if hasattr(v, "to_dict") else (
-                dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+            if hasattr(v, "to_dict"):
+                v = v.to_dict()
+            elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+                v = dataclasses.asdict(v)
+            d[f.name] = v
         return d
 
 

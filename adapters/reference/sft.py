@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def encode_demos(tokenizer, prompts: list[str], completions: list[str]) -> tuple
 def train_warmup(
     task: ChainTask, model_cfg: TinyModelConfig, cfg: WarmupConfig,
     progress: Callable[[int, float], None] | None = None,
-) -> tuple[torch.nn.Module, object, dict]:
+) -> tuple[Any, Any, dict]:
     """Train a fresh tiny model on biased demonstrations. Returns (model, tokenizer, stats)."""
     tokenizer = build_char_tokenizer(ALPHABET)
     model = build_model(model_cfg, tokenizer, seed=cfg.seed)
@@ -151,7 +152,7 @@ def train_warmup(
 def warmup(
     task: ChainTask, model_cfg: TinyModelConfig, cfg: WarmupConfig,
     cache_dir: str | os.PathLike | None = None, progress: bool = True,
-    extra_stats: Callable[[torch.nn.Module, object], dict] | None = None,
+    extra_stats: Callable[[Any, Any], dict] | None = None,
 ) -> Path:
     """Return the directory of the cached warm-up checkpoint, training it first if missing.
 

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -300,7 +300,7 @@ class GRPOTrainer:
         self.evaluator = evaluator
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.candidates = np.asarray(policy.candidates, dtype=float)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(cast(Any, model).get_output_embeddings().weight.shape[0])
 
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=config.adam_betas,
@@ -409,7 +409,8 @@ class GRPOTrainer:
                 from metactl.likelihood import candidate_loglik
 
                 t_meta = time.perf_counter()
-                loglik[rows] = candidate_loglik(raw, ci, cm, self.candidates).float().cpu()
+                values = candidate_loglik(raw, ci, cm, self.candidates)
+                loglik[rows] = torch.as_tensor(values, dtype=torch.float32).cpu()
                 meta_seconds += time.perf_counter() - t_meta
             if "entropy" in needs:
                 entropy_sum += float((token_entropy(raw, temperature) * cm).sum())
@@ -434,6 +435,7 @@ class GRPOTrainer:
                     with torch.no_grad():
                         feedback(rows, logits.detach().float(), ci, cm)
                         if with_kl:
+                            assert self.ref_model is not None
                             with self._autocast():
                                 ref_logits = completion_logits(self.ref_model, ids, pm, ci, cm)
                             ref_logp.append(token_logprobs(ref_logits, ci, temperature))
