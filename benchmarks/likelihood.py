@@ -6,12 +6,18 @@ Compares :func:`metactl.likelihood.candidate_loglik` (K = 10 temperatures 0.6..1
 * ``single``: one ``torch.log_softmax(logits / T, -1).gather(...)`` pass, i.e. what a GRPO
   trainer already pays to score its batch at the sampling temperature.
 
-Times are medians over ``--repeats`` interleaved runs after one warm-up. Peak extra memory
-(over the resident logits) is measured per method: on CUDA with
-``torch.cuda.max_memory_allocated``; on CPU in a fresh subprocess per method, as the peak
-resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size
-just before the call. Targets (issue 2): >= 3.5x faster than naive, <= 3x the single pass,
-peak extra memory <= one chunk.
+On CUDA, ``candidate_loglik`` defaults to its fused Triton kernel; the table then also shows
+the eager chunked path (``fused=False``). All positions are masked (no padding), so no method
+saves work by skipping positions.
+
+Times are medians over ``--repeats`` interleaved runs after one warm-up (``--threads`` torch
+CPU threads for every method). Peak extra memory (over the resident logits) is measured per
+method: on CUDA with ``torch.cuda.max_memory_allocated``; on CPU in a fresh subprocess per
+method, as the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``)
+minus the resident size just before the call, after a small warm-up call (steady state) and
+with glibc's mmap threshold fixed at 128 KiB so that freed buffers leave the resident set.
+RSS is page-granular and includes thread stacks, so expect a few KiB of noise. Targets
+(issue 2): >= 3.5x faster than naive, <= 3x the single pass, peak extra memory <= one chunk.
 
 Usage::
 
