@@ -508,8 +508,9 @@ def _loglik_torch(
             for j in order
         ]
 
-    # exp(beta u) == exp2(beta / ln2 * u): use whichever of exp / exp2 is faster here
-    use_exp2 = device.type != "cpu" or _cpu_exp2_is_faster(torch)
+    # exp(beta u) == exp2(beta / ln2 * u). On CPU always exp: choosing by a timing would make
+    # the low bits of the result depend on machine load, and a resumed run must score alike.
+    use_exp2 = device.type != "cpu"
     unit = _INV_LN2 if use_exp2 else 1.0
     scales = unit / (cands if family == "temperature" else np.array([temp]))
     fuse_limit = 1e37 / float(scales.max())
@@ -654,29 +655,6 @@ def _exp_inplace(e: torch.Tensor, use_exp2: bool) -> None:
         e.exp2_()
     else:
         e.exp_()
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_exp2_is_faster(torch: Any) -> bool:
-    """Whether ``exp2_`` beats ``exp_`` on this CPU and torch build (timed once).
-
-    Both give float32-accurate results. With torch 2.13 on an AVX-512 CPU ``exp2_`` was
-    about 4x faster than ``exp_``; with torch 2.11 on another machine the whole CPU path ran
-    about 3x slower, consistent with a slower ``exp2``. So measure instead of assuming.
-    """
-    import time
-
-    buf = torch.linspace(-30.0, 0.0, 1 << 18)
-    work = torch.empty_like(buf)
-    best = {True: math.inf, False: math.inf}
-    with _single_threaded_ops(torch):
-        for _ in range(5):
-            for kind in (True, False):
-                work.copy_(buf)
-                t0 = time.perf_counter()
-                _exp_inplace(work, kind)
-                best[kind] = min(best[kind], time.perf_counter() - t0)
-    return best[True] <= best[False]
 
 
 def _scaled_shift(
