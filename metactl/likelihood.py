@@ -53,6 +53,10 @@ _INV_LN2 = 1.0 / _LN2
 # noise of each other, 16 MiB was ~30% slower (out of cache), 1 MiB slightly slower
 # (per-op dispatch overhead).
 _CPU_WORKER_BYTES = 2 << 20
+# Temperature family with vocab * K at most this: score blocks of positions (across rows) for
+# all K candidates in one vectorised (positions, K, V) step. Per-segment Python work would
+# otherwise dominate (tiny vocabularies, short completions, many rows).
+_SMALL_VOCAB_ELEMENTS = 1 << 10
 # On accelerators kernel-launch overhead dominates small chunks.
 _ACCEL_CHUNK_BYTES = 256 << 20
 
@@ -281,6 +285,10 @@ def candidate_loglik(
             threads score chunks in parallel (each with single-threaded ops, which stays fast
             when other processes share the cores); ``torch.set_num_threads(1)`` makes it
             sequential. Results do not depend on ``W`` or ``chunk_size`` beyond rounding.
+            Small problems (temperature family with ``V x K <= 1024``, e.g. character-level
+            vocabularies) are scored in blocks of ``chunk_size`` masked positions taken across
+            rows, all ``K`` candidates at once (a ``chunk_size x K x V`` block, default
+            2 MiB), since per-row work would dominate there.
         fused: temperature family on CUDA only: score with a fused Triton kernel that reads
             each logit row twice and keeps the ``K`` sums in registers (no scratch buffer).
             ``None`` (default) uses it when the logits are a CUDA tensor and ``triton``
@@ -474,6 +482,8 @@ def _loglik_torch(
     device = logits.device
     if use_fused:
         return _loglik_fused(logits, tokens, tok_host, bmask, cands, chunk or 65536)
+    if family == "temperature" and vocab * cands.size <= _SMALL_VOCAB_ELEMENTS:
+        return _loglik_blocks(logits, tokens, tok_host, bmask, cands, chunk)
 
     workers = _cpu_workers(torch) if device.type == "cpu" else 1
     if chunk is None:
@@ -577,6 +587,51 @@ def _loglik_torch(
         acc = torch.zeros((n, k), dtype=acc_dtype, device=device)
         acc.index_add_(0, torch.from_numpy(seg_row).to(device), partial)
         counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=acc_dtype)
+        return (acc / counts.unsqueeze(-1)).to(torch.float32)
+
+
+def _loglik_blocks(
+    logits: torch.Tensor,
+    tokens: Any,
+    tok_host: np.ndarray,
+    bmask: np.ndarray,
+    cands: np.ndarray,
+    chunk: int | None,
+) -> torch.Tensor:
+    """Temperature family for small ``V * K``: blocks of masked positions, taken across rows,
+    scored for all candidates at once; a block is at most ``chunk`` positions (default: a
+    ``(positions, K, V)`` float32 block of ``_CPU_WORKER_BYTES``)."""
+    import torch
+
+    n, _, vocab = logits.shape
+    k = cands.size
+    device = logits.device
+    if chunk is None:
+        chunk = max(1, _CPU_WORKER_BYTES // (4 * k * vocab))
+    rows_host, cols_host = np.nonzero(bmask)
+    rows = torch.from_numpy(rows_host).to(device)
+    cols = torch.from_numpy(cols_host).to(device)
+    tok_src = tokens.detach() if _is_torch(tokens) else torch.from_numpy(tok_host)
+    tok_all = tok_src.to(device=device, dtype=torch.long)[rows, cols]
+    betas = torch.tensor(1.0 / cands, dtype=torch.float32, device=device)
+    acc = torch.zeros((n, k), dtype=torch.float64, device=device)
+    # single-threaded ops on CPU: small ops gain nothing from threads, and on shared cores each
+    # parallel region waits for descheduled threads (see _cpu_workers below)
+    threads = _single_threaded_ops(torch) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), threads:
+        for start in range(0, rows_host.size, chunk):
+            r, c = rows[start : start + chunk], cols[start : start + chunk]
+            z = logits[r, c].float()  # (p, V)
+            if not bool(torch.isfinite(z).all()):
+                raise ValueError("logits contain NaN or inf at masked positions")
+            u = z - z.amax(dim=-1, keepdim=True)  # <= 0, the max is exactly 0
+            u_o = u.gather(-1, tok_all[start : start + chunk].unsqueeze(-1))  # (p, 1)
+            # u * beta <= 0 with one entry exactly 0: the sum lies in [1, V], no overflow
+            lse = torch.exp(u.unsqueeze(1) * betas[None, :, None]).sum(dim=-1).log_()  # (p, K)
+            # log q = beta (z_o - max) - lse <= 0; the clamp removes rounding only
+            logq = (u_o * betas - lse).clamp_max_(0.0)
+            acc.index_add_(0, r, logq.double())
+        counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=torch.float64)
         return (acc / counts.unsqueeze(-1)).to(torch.float32)
 
 

@@ -81,9 +81,25 @@ def make_batch(n=3, length=9, vocab=13, scale=3.0, seed=0, dtype=torch.float32):
 # ----------------------------------------------------------------------------- temperature
 
 
+@pytest.fixture(params=["blocks", "segments"])
+def cpu_path(request, monkeypatch):
+    """Run a test through both temperature-family paths: blocks of positions across rows (small
+    V * K) and per-row segments (large V * K), by moving the size threshold between them."""
+    if request.param == "segments":
+        monkeypatch.setattr(lk, "_SMALL_VOCAB_ELEMENTS", 0)
+    else:
+        monkeypatch.setattr(lk, "_SMALL_VOCAB_ELEMENTS", 1 << 30)
+    return request.param
+
+
+@pytest.fixture
+def segments_path(monkeypatch):
+    monkeypatch.setattr(lk, "_SMALL_VOCAB_ELEMENTS", 0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 7, 1000])
-def test_temperature_matches_log_softmax(device, chunk_size):
+def test_temperature_matches_log_softmax(device, chunk_size, cpu_path):
     logits, tokens, mask = make_batch()
     temps = [0.3, 0.7, 1.0, 1.6, 4.0]
     got = candidate_loglik(
@@ -133,7 +149,7 @@ def test_numpy_input_returns_float64_and_matches():
     np.testing.assert_allclose(got_t, got, rtol=1e-5, atol=1e-5)
 
 
-def test_input_dtypes_views_and_mixed_inputs():
+def test_input_dtypes_views_and_mixed_inputs(cpu_path):
     logits, tokens, mask = make_batch(length=10, seed=2)
     temps = [0.8, 1.3]
     # non-contiguous view (the usual logits[:, :-1] shift), numpy tokens, int 0/1 mask
@@ -152,7 +168,7 @@ def test_input_dtypes_views_and_mixed_inputs():
         np.testing.assert_allclose(got.double().numpy(), want, atol=tol)
 
 
-def test_does_not_modify_input_or_track_grad():
+def test_does_not_modify_input_or_track_grad(cpu_path):
     logits, tokens, mask = make_batch()
     logits.requires_grad_(True)
     before = logits.detach().clone()
@@ -166,7 +182,7 @@ def test_does_not_modify_input_or_track_grad():
     assert torch.equal(tokens, tok_before)
 
 
-def test_chunking_does_not_change_results():
+def test_chunking_does_not_change_results(cpu_path):
     logits, tokens, mask = make_batch(n=4, length=17, vocab=31, seed=5)
     mask[3] = torch.rand(17, generator=torch.Generator().manual_seed(0)) > 0.5
     mask[3, 0] = True
@@ -179,7 +195,7 @@ def test_chunking_does_not_change_results():
 
 
 @pytest.mark.parametrize("family", ["temperature", "min_p"])
-def test_cpu_workers_give_the_same_result(monkeypatch, family):
+def test_cpu_workers_give_the_same_result(monkeypatch, family, segments_path):
     logits, tokens, mask = make_batch(n=6, length=11, vocab=37, seed=9)
     cands = [0.6, 0.9, 1.2, 1.8] if family == "temperature" else [0.0, 0.1, 0.4]
     if family == "temperature":
@@ -200,7 +216,7 @@ def test_cpu_workers_give_the_same_result(monkeypatch, family):
     np.testing.assert_allclose(outs[1, None].double().numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_pool_propagates_errors_and_restores_threads(monkeypatch):
+def test_cpu_pool_propagates_errors_and_restores_threads(monkeypatch, segments_path):
     monkeypatch.setattr(lk, "_cpu_workers", lambda _torch: 2)
     threads = torch.get_num_threads()
     kw = _good()
@@ -527,7 +543,7 @@ if torch.cuda.is_available():  # defined only where it can run (no skipped tests
 
 
 @pytest.mark.parametrize("family", ["temperature", "min_p"])
-def test_huge_finite_logits_stay_finite(family):
+def test_huge_finite_logits_stay_finite(family, cpu_path):
     # s * z overflows float32 here (s = 1 / (T ln 2)); z - max does not at the sampled tokens
     logits = torch.tensor([[[3e38, 2.9e38, 0.0], [0.0, 1.0, 2.0], [1e38, -1e38, 5.0]]])
     tokens, mask = torch.tensor([[1, 1, 2]]), torch.tensor([[True, True, True]])
@@ -538,7 +554,7 @@ def test_huge_finite_logits_stay_finite(family):
     np.testing.assert_allclose(out.double().numpy(), want, rtol=1e-5)
 
 
-def test_nonfinite_logits_at_unmasked_positions_are_not_read():
+def test_nonfinite_logits_at_unmasked_positions_are_not_read(cpu_path):
     kw = _good()
     kw["mask"][0, 0] = False
     kw["logits"][0, 0, 1] = float("nan")
