@@ -145,7 +145,7 @@ def test_group_advantages_and_lr_schedule():
     mults = [cosine_with_floor(s, 100, 10, 0.1) for s in range(101)]
     assert mults[0] == pytest.approx(0.1) and mults[9] == pytest.approx(1.0)
     assert min(mults) == pytest.approx(0.1) and mults[-1] == pytest.approx(0.1)
-    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(mults))  # monotone decay
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(mults[9:]))  # decays after warm-up
 
 
 def test_pass_at_k():
