@@ -419,8 +419,22 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
     payload = {"config": cfg.to_dict(), "start": start_info, "summary": summary,
                "task_check": check, "tampo_vs_best_fixed": comparisons,
                "wall_seconds": wall_seconds, "figures": figs}
-    (out / "report.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+    (out / "report.json").write_text(json.dumps(_finite(payload), indent=2,
+                                                default=_json_default, allow_nan=False))
     return path
+
+
+def _finite(o: Any) -> Any:
+    """Replace NaN/inf floats (e.g. the std of a single seed) by None, so the JSON is strict."""
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (float, np.floating)) and not math.isfinite(float(o)):
+        return None
+    return o
 
 
 def _json_default(o: Any) -> Any:
