@@ -111,6 +111,7 @@ class GRPOConfig:
     # -- runtime
     device: str = "cpu"
     precision: str = "fp32"
+    gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 50
     eval_every: int = 50
@@ -291,6 +292,10 @@ class GRPOTrainer:
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else None
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False)
+        if config.gradient_checkpointing:
+            # recompute activations in the backward pass (long completions); sampling runs in
+            # eval mode, where checkpointing is off and the KV cache works as usual
+            cast(Any, model).gradient_checkpointing_enable()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
