@@ -296,9 +296,10 @@ class GRPOTrainer:
             # recompute activations in the backward pass (long completions); sampling runs in
             # eval mode, where checkpointing is off and the KV cache works as usual
             lm = cast(Any, model)  # transformers >= 5.2x renamed the method
-            enable = getattr(lm, "activation_checkpointing_enable", None) or getattr(
-                lm, "gradient_checkpointing_enable")
-            enable()
+            if hasattr(lm, "activation_checkpointing_enable"):
+                lm.activation_checkpointing_enable()
+            else:
+                lm.gradient_checkpointing_enable()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
