@@ -518,9 +518,10 @@ def _loglik_torch(
             for j in order
         ]
 
-    # exp(beta u) == exp2(beta / ln2 * u). On CPU always exp: choosing by a timing would make
-    # the low bits of the result depend on machine load, and a resumed run must score alike.
-    use_exp2 = device.type != "cpu"
+    # exp(beta u) == exp2(beta / ln2 * u); which is faster on CPU depends on the torch build.
+    # Chosen by version, never by a timing: the low bits of the result must not depend on
+    # machine load (a resumed run, or another rank, must score alike).
+    use_exp2 = device.type != "cpu" or _cpu_exp2_is_fast(torch.__version__)
     unit = _INV_LN2 if use_exp2 else 1.0
     scales = unit / (cands if family == "temperature" else np.array([temp]))
     fuse_limit = 1e37 / float(scales.max())
@@ -710,6 +711,19 @@ def _exp_inplace(e: torch.Tensor, use_exp2: bool) -> None:
         e.exp2_()
     else:
         e.exp_()
+
+
+def _cpu_exp2_is_fast(version: str) -> bool:
+    """Whether to use ``exp2`` on CPU: torch >= 2.13, where single-threaded ``exp2_`` measured
+    4.6x faster than ``exp_`` on an AVX-512 CPU (0.069 vs 0.319 ms for 512k floats); with
+    torch 2.11 on another machine the exp2 path ran about 3x slower than expected.
+
+    Example:
+        >>> _cpu_exp2_is_fast("2.13.0+cpu"), _cpu_exp2_is_fast("2.11.0+cu130")
+        (True, False)
+    """
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 13)
 
 
 def _scaled_shift(
