@@ -11,16 +11,11 @@ from metactl.adapters.trl.testing import (
     digit_count_reward,
     tiny_grpo_config,
     tiny_model_dir,
-    torch_threads,
 )
 
 import metactl
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(output_dir, max_steps: int) -> MetaGRPOTrainer:

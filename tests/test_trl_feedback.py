@@ -21,8 +21,6 @@ from metactl.adapters.trl.testing import (
     build_tiny_model,
     digit_count_reward,
     tiny_grpo_config,
-    tiny_model_dir,
-    torch_threads,
 )
 from trl.kernels import ChunkedLogProbFunction
 
@@ -32,15 +30,7 @@ from metactl.likelihood import candidate_loglik
 CANDIDATES = [0.6, 0.8, 1.0, 1.3, 1.5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return str(tiny_model_dir())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_windowed_head_equals_full_logits_with_empty_rows_and_entropy():

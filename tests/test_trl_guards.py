@@ -13,22 +13,11 @@ from metactl.adapters.trl.testing import (
     addition_dataset,
     digit_count_reward,
     tiny_grpo_config,
-    tiny_model_dir,
-    torch_threads,
 )
 
 import metactl
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return str(tiny_model_dir())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(model_path, tmp_path, policy=None, **overrides):

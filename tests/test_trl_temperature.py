@@ -20,8 +20,6 @@ from metactl.adapters.trl.testing import (
     addition_dataset,
     digit_count_reward,
     tiny_grpo_config,
-    tiny_model_dir,
-    torch_threads,
 )
 
 import metactl
@@ -80,15 +78,7 @@ class SpyTrainer(MetaGRPOTrainer):
         return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return str(tiny_model_dir())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sampling_temperature_scores_every_pass_of_the_buffered_window(model_path, tmp_path):
