@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
+from ._validation import candidate_values
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -104,29 +106,7 @@ def _check_real(value: object, name: str) -> float:
 
 
 def _check_candidates(candidates: object, family: str) -> np.ndarray:
-    if isinstance(candidates, (str, bytes)) or candidates is None:
-        raise TypeError(
-            f"candidates must be a 1-D sequence of numbers, got {type(candidates).__name__}"
-        )
-    arr = _to_numpy(candidates, "candidates")
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise TypeError(f"candidates must be real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"candidates must be 1-D, got shape {arr.shape}")
-    if arr.size < 2:
-        raise ValueError(f"candidates must hold at least 2 values (K >= 2), got {arr.size}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"candidates must be finite, got {arr.tolist()}")
-    if np.unique(arr).size != arr.size:
-        raise ValueError(f"candidates must be unique, got {arr.tolist()}")
-    if family == "temperature" and np.any(arr <= 0):
-        raise ValueError(f"candidates (temperatures) must be > 0, got {arr.tolist()}")
-    if family == "min_p" and np.any((arr < 0) | (arr >= 1)):
-        raise ValueError(f"candidates (min_p thresholds) must lie in [0, 1), got {arr.tolist()}")
-    return arr
+    return candidate_values(_to_numpy(candidates, "candidates"), family)
 
 
 def _check_chunk_size(chunk_size: object) -> int | None:
@@ -419,22 +399,7 @@ def likelihood_optimal(loglik: ArrayLike, candidates: Sequence[float] | ArrayLik
         >>> likelihood_optimal([[-1.0, -0.5, -0.5], [-0.1, -2.0, -3.0]], [0.8, 1.0, 1.2])
         array([1. , 0.8])
     """
-    cands = _to_numpy(candidates, "candidates")
-    if (
-        isinstance(candidates, (str, bytes))
-        or cands.dtype == np.bool_
-        or not (np.issubdtype(cands.dtype, np.integer) or np.issubdtype(cands.dtype, np.floating))
-    ):
-        raise TypeError(f"candidates must be real numbers, got {type(candidates).__name__}")
-    cands = cands.astype(np.float64)
-    if cands.ndim != 1:
-        raise ValueError(f"candidates must be 1-D, got shape {cands.shape}")
-    if cands.size < 2:
-        raise ValueError(f"candidates must hold at least 2 values (K >= 2), got {cands.size}")
-    if not np.all(np.isfinite(cands)):
-        raise ValueError(f"candidates must be finite, got {cands.tolist()}")
-    if np.unique(cands).size != cands.size:
-        raise ValueError(f"candidates must be unique, got {cands.tolist()}")
+    cands = candidate_values(_to_numpy(candidates, "candidates"), "generic")
     arr = _to_numpy(loglik, "loglik")
     if arr.dtype == np.bool_ or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
