@@ -19,13 +19,14 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
 
 
-def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(alphabet: str, *, prepend_bos: bool = False) -> PreTrainedTokenizerFast:
     """Return a char-level `PreTrainedTokenizerFast` over `alphabet` (left padding).
 
     Ids: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, then the alphabet's characters in order.
-    No special tokens are added automatically; decoding joins characters without spaces.
+    No special tokens are added automatically unless `prepend_bos` (then every encoded text
+    starts with `<bos>`); decoding joins characters without spaces.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     if not isinstance(alphabet, str) or not alphabet:
         raise ValueError("alphabet must be a non-empty string")
@@ -37,6 +38,10 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
+    if prepend_bos:
+        core.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

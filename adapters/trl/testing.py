@@ -50,7 +50,6 @@ __all__ = [
 
 #: Characters of the synthetic tasks (one token each).
 CHARS = "0123456789+-*=() "
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 
 
 def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
@@ -63,30 +62,9 @@ def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
         >>> tok("1+2=")["input_ids"][0] == tok.bos_token_id
         True
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from ..reference.tokenizer import build_char_tokenizer as build
 
-    if not isinstance(chars, str) or not chars:
-        raise ValueError("chars must be a non-empty string")
-    if len(set(chars)) != len(chars):
-        raise ValueError("chars must not repeat characters")
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in chars:
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
+    return build(chars, prepend_bos=True)
 
 
 def build_tiny_model(
