@@ -86,6 +86,7 @@ def test_gradient_accumulation_is_exact():
         # plain SGD, so the parameter change is the accumulated gradient itself (Adam's first
         # step is sign-like and would amplify float round-off in near-zero gradients)
         tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=0.1)
+        tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda _: 1.0)
         tr.optimize(*batch, advantages=torch.tensor([1.0, -1.0]), temperature=0.8)
         params.append(torch.cat([p.detach().flatten() for p in tr.model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-6)
