@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from metactl import TAMPO, MetaPolicy, Nucleus, sparsemax
+from metactl import EXP3, TAMPO, EntropyTarget, Hedge, MetaGradient, MetaPolicy, Nucleus, sparsemax
 
 K = 5
 CANDIDATES = [0.6, 0.8, 1.0, 1.2, 1.4]
@@ -134,3 +134,42 @@ def test_state_round_trip_is_bit_identical(history, seed: int, cut: int) -> None
         original.update(d1, loglik=loglik, advantages=advantages)
         copy.update(d2, loglik=loglik, advantages=advantages)
         assert np.array_equal(original.probs, copy.probs)
+
+
+@given(
+    history=st.lists(batches(min_n=2), min_size=1, max_size=5),
+    zero_rows=st.lists(st.booleans(), min_size=12, max_size=12),
+    filler=loglik_values,
+    rule=st.sampled_from(
+        [
+            TAMPO(),
+            TAMPO(normalizer="softmax"),
+            Hedge(),
+            MetaGradient(),
+            MetaGradient(estimator="sampled"),
+        ]
+    ),
+)
+@settings(max_examples=150, deadline=None)
+def test_zero_advantage_rows_likelihoods_are_ignored_exactly(history, zero_rows, filler, rule):
+    # what lets a trainer skip scoring rows with A = 0 (rules that declare it): their
+    # likelihoods may be anything finite and the state stays bit-identical
+    assert rule.zero_advantage_rows_ignored
+    zeroed, filled = [], []
+    for ll, adv in history:
+        adv = np.where(zero_rows[: adv.shape[0]], 0.0, adv)
+        zeroed.append((ll, adv))
+        filled.append((np.where((adv == 0)[:, None], filler, ll), adv))
+    a = MetaPolicy(CANDIDATES, rule, seed=3)
+    b = MetaPolicy(CANDIDATES, rule, seed=3)
+    for (ll_a, adv_a), (ll_b, adv_b) in zip(zeroed, filled, strict=True):
+        da, db = a.select(), b.select()
+        assert da.index == db.index
+        a.update(da, loglik=ll_a, advantages=adv_a)
+        b.update(db, loglik=ll_b, advantages=adv_b)
+    assert a.state_dict() == b.state_dict()
+
+
+def test_rules_that_need_every_row_do_not_claim_to_ignore_any() -> None:
+    assert not EntropyTarget(target_entropy=1.0).zero_advantage_rows_ignored
+    assert not EXP3().zero_advantage_rows_ignored

@@ -34,6 +34,10 @@ class Rule:
     """
 
     requires: ClassVar[tuple[str, ...]] = ()
+    # True when the update depends on ``loglik`` only through advantage-weighted terms, so a
+    # trajectory with advantage 0 contributes exactly nothing whatever its likelihoods: a trainer
+    # may skip scoring such rows and pass any finite ``loglik`` values for them (e.g. zeros).
+    zero_advantage_rows_ignored: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

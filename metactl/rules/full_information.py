@@ -44,6 +44,7 @@ class Hedge(Rule):
     step_size: float = 1.0
     normalizer: str = "sparsemax"
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step_size", positive_scalar(self.step_size, "step_size"))
@@ -95,6 +96,7 @@ class MetaGradient(Rule):
     baseline_decay: float = 0.9
     normalizer: str = "sparsemax"
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", positive_scalar(self.lr, "lr"))

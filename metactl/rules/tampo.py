@@ -36,6 +36,9 @@ def candidate_advantages(
 ) -> np.ndarray:
     """The batch's temperature-specific advantages ``a_k = mean_i lhat_k(i) * A_i``, shape (K,).
 
+    A row with ``A_i == 0`` adds exactly 0 to every ``a_k`` whatever its (finite) likelihoods, but
+    still counts in the mean's ``N``.
+
     Example:
         >>> import numpy as np
         >>> ll = np.array([[-1.0, -1.2], [-1.0, -0.4]])
@@ -84,6 +87,7 @@ class TAMPO(Rule):
     alpha: float = 0.05
     normalizer: str = "sparsemax"
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", unit_interval(self.alpha, "alpha", low_open=True))
