@@ -138,6 +138,7 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
 
     def spy_update(decision, **feedback):
         captured["loglik"] = feedback["loglik"]
+        captured["advantages"] = torch.as_tensor(feedback["advantages"])
         return real_update(decision, **feedback)
 
     policy.update = spy_update
@@ -155,13 +156,18 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
 
     tr.optimize = counting_optimize
     tr.step()
-    assert forwards["n"] == 2  # one forward per micro-batch, nothing extra for the meta step
+    scored = captured["advantages"] != 0  # rows with A = 0 are skipped by the pass
+    assert 0 < int(scored.sum()) < 16, "the test needs both kinds of rows"
+    # one forward per micro-batch of the scored rows, nothing extra for the meta step
+    assert forwards["n"] == min(2, int(scored.sum()))
     pids, pmask, cids, cmask = captured["batch"]
     with torch.no_grad():
         logits = completion_logits(captured["model"], pids, pmask, cids, cmask)
     expected = candidate_loglik(logits, cids, cmask, policy.candidates)
     assert captured["loglik"].shape == (16, 10)
-    assert torch.allclose(captured["loglik"], expected, atol=1e-5)
+    # TAMPO ignores the A = 0 rows exactly: their likelihoods are left at 0, never computed
+    assert torch.allclose(captured["loglik"][scored], expected[scored], atol=1e-5)
+    assert torch.all(captured["loglik"][~scored] == 0)
     # a rule without "loglik" never gets (or pays for) the likelihood pass
     fixed_tr = make_trainer(fixed(1.2))
     called = []
@@ -258,8 +264,26 @@ def test_skipping_zero_advantage_rows_changes_nothing_but_compute(policy_name):
     full, skipped = runs
     assert any(h["grad_rows"] < 16 for h in skipped.history)  # some rows were skipped
     assert all(h["grad_rows"] == 16 for h in full.history)
+    # TAMPO ignores A = 0 rows exactly: their likelihoods are never computed (no extra forward)
+    assert all(h["meta_forward_rows"] == 0 for h in skipped.history + full.history)
     for a, b in zip(full.model.parameters(), skipped.model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert [h["temperature"] for h in full.history] == [h["temperature"] for h in
                                                         skipped.history]
     assert np.allclose(full.policy.probs, skipped.policy.probs, atol=1e-5)
+
+
+def test_skipped_rows_are_scored_for_entropy_targets_and_diagnostics():
+    entropy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.EntropyTarget(1.0))
+    tr = make_trainer(entropy, steps=3)
+    tr.train(progress_bar=False)
+    skipped = [h for h in tr.history if h["grad_rows"] < 16]
+    assert skipped, "the test needs a step with a group of equal rewards"
+    assert all(h["meta_forward_rows"] == 16 - h["grad_rows"] for h in tr.history)
+
+    tr = make_trainer(metactl.tampo(seed=1), steps=3, diagnostic_steps=(0, 1, 2))
+    tr.train(progress_bar=False)
+    assert all(h["meta_forward_rows"] == 16 - h["grad_rows"] for h in tr.history)
+    assert len(tr.diagnostics) == 3
+    for d in tr.diagnostics:  # every row scored, none left at the 0 placeholder
+        assert np.all(np.asarray(d["loglik"]) < 0)

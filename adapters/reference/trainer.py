@@ -94,11 +94,11 @@ class GRPOConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = 1.0
-    # -- loss (skip_zero_advantage: leave rows with advantage 0 out of the backward pass; same
-    #    gradients when kl_beta == 0, less compute)
+    # -- loss (skip_zero_advantage: leave rows with advantage 0 out of the forward/backward pass;
+    #    the same gradients when kl_beta == 0, less compute; False scores every row)
     clip_eps: float = 0.2
     kl_beta: float = 0.0
-    skip_zero_advantage: bool = False
+    skip_zero_advantage: bool = True
     loss_agg: str = "sequence"
     scale_rewards: bool = True
     adv_eps: float = 1e-4
@@ -374,6 +374,7 @@ class GRPOTrainer:
         advantages: torch.Tensor,
         temperature: float,
         needs: set[str] | frozenset[str] = frozenset(),
+        score_skipped_rows: bool = True,
     ) -> dict[str, Any]:
         """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``.
 
@@ -381,6 +382,8 @@ class GRPOTrainer:
         epoch's logits are the rollout policy's logits (nothing has been updated yet), so they
         give the old log-probs and, if ``"loglik"``/``"entropy"`` is in ``needs``, the candidate
         likelihoods (N, K) and the mean token entropy at ``temperature``, without another forward.
+        Rows left out of the gradient pass (``skip_zero_advantage``) get that feedback from a
+        no-grad forward when ``score_skipped_rows``, else their ``loglik`` rows stay 0.
         Returns those plus the loss statistics and the LR used.
         """
         cfg = self.cfg
@@ -390,14 +393,14 @@ class GRPOTrainer:
         with_kl = self.ref_model is not None and cfg.kl_beta > 0
         # Rows whose advantage is 0 (groups with equal rewards) add exactly nothing to the loss
         # or its gradient when there is no KL term (normalisers use the whole batch), so
-        # skip_zero_advantage leaves them out of the backward pass. A rule that needs their
-        # likelihoods then gets them from a no-grad forward: the one case where the meta step
-        # costs a (partial) forward pass.
+        # skip_zero_advantage leaves them out of the forward/backward pass. Their feedback comes
+        # from a no-grad forward only when asked (``score_skipped_rows``): the one case where the
+        # meta step costs a (partial) forward pass.
         if cfg.skip_zero_advantage and not with_kl:
             grad_rows = torch.nonzero(advantages != 0).flatten()
         else:
             grad_rows = torch.arange(n)
-        feedback_needed = bool({"loglik", "entropy"} & set(needs))
+        feedback_needed = bool({"loglik", "entropy"} & set(needs)) and score_skipped_rows
         rest = torch.ones(n, dtype=torch.bool)
         rest[grad_rows] = False
         score_rows = torch.nonzero(rest).flatten() if feedback_needed else grad_rows[:0]
@@ -490,6 +493,7 @@ class GRPOTrainer:
             "lr": lr,
             "meta_seconds": meta_seconds,
             "grad_rows": len(grad_rows),
+            "meta_forward_rows": len(score_rows),
         }
 
     # -- one GRPO step ----------------------------------------------------------------------
@@ -520,9 +524,15 @@ class GRPOTrainer:
         )
         advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.adv_eps)
 
-        # 4. optimisation at T; the first pass also yields the meta-policy's feedback
+        # 4. optimisation at T; the first pass also yields the meta-policy's feedback. Rows with
+        # A = 0 that the pass skips need scoring only for a rule that reads their likelihoods or
+        # entropy (TAMPO, Hedge and MetaGradient weight each row by A: they do not) and for the
+        # diagnostics of this step.
+        diagnostic = self.step_idx in set(cfg.diagnostic_steps)
+        score_skipped = (diagnostic or "entropy" in needs
+                         or not self.policy.rule.zero_advantage_rows_ignored)
         opt = self.optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages,
-                            temperature, needs=needs)
+                            temperature, needs=needs, score_skipped_rows=score_skipped)
 
         # 5. meta-policy update: only the feedback its rule requires is computed
         feedback: dict[str, Any] = {"advantages": advantages.numpy(),
@@ -552,6 +562,7 @@ class GRPOTrainer:
             "grad_norm": opt["grad_norm"],
             "completion_len": float(comp_mask.sum(1).float().mean()),
             "grad_rows": opt["grad_rows"],
+            "meta_forward_rows": opt["meta_forward_rows"],
             "probs": [float(p) for p in info.probs],
             "seconds": time.perf_counter() - t0,
             "rollout_seconds": t_rollout,
@@ -560,7 +571,7 @@ class GRPOTrainer:
         }
         if "entropy" in feedback:
             record["entropy"] = feedback["entropy"]
-        if loglik is not None and self.step_idx in set(cfg.diagnostic_steps):
+        if loglik is not None and diagnostic:
             self.diagnostics.append({
                 "step": self.step_idx, "temperature": temperature,
                 "loglik": loglik.tolist(), "advantages": advantages.tolist(),
