@@ -400,10 +400,10 @@ class GRPOTrainer:
             grad_rows = torch.nonzero(advantages != 0).flatten()
         else:
             grad_rows = torch.arange(n)
-        feedback_needed = bool({"loglik", "entropy"} & set(needs)) and score_skipped_rows
+        score_rest = bool({"loglik", "entropy"} & set(needs)) and score_skipped_rows
         rest = torch.ones(n, dtype=torch.bool)
         rest[grad_rows] = False
-        score_rows = torch.nonzero(rest).flatten() if feedback_needed else grad_rows[:0]
+        score_rows = torch.nonzero(rest).flatten() if score_rest else grad_rows[:0]
         micro = max(1, -(-len(grad_rows) // cfg.grad_accum_steps))
         chunks = [grad_rows[s:s + micro] for s in range(0, len(grad_rows), micro)]
 
