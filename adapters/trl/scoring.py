@@ -86,6 +86,13 @@ def _entropy_sum(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -
     return float((ent * mask).sum())
 
 
+def _result(sums: torch.Tensor, mask: torch.Tensor, entropy_sum: float | None) -> LikelihoodResult:
+    """Length-normalise the summed log-likelihoods (rows with no tokens divide by 1)."""
+    counts = mask.sum(1)
+    loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
+    return LikelihoodResult(loglik=loglik, counts=counts, entropy_sum=entropy_sum)
+
+
 def _accumulate(
     sums: torch.Tensor,
     rows: torch.Tensor,
@@ -169,13 +176,7 @@ def candidate_loglik_from_hidden(
                 _accumulate(sums, rows, z, tokens[r0:r1, t0:t1], sub_mask, candidates)
                 if entropy_temperature is not None:
                     entropy += _entropy_sum(z, sub_mask, entropy_temperature)
-    counts = mask.sum(1)
-    loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
-    return LikelihoodResult(
-        loglik=loglik,
-        counts=counts,
-        entropy_sum=entropy if entropy_temperature is not None else None,
-    )
+    return _result(sums, mask, entropy if entropy_temperature is not None else None)
 
 
 def candidate_loglik_exact(
@@ -237,13 +238,7 @@ def candidate_loglik_exact(
             _accumulate(sums, rows, logits, tokens[r0:r1], sub_mask, candidates)
             if entropy_temperature is not None:
                 entropy += _entropy_sum(logits, sub_mask, entropy_temperature)
-    counts = mask.sum(1)
-    loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
-    return LikelihoodResult(
-        loglik=loglik,
-        counts=counts,
-        entropy_sum=entropy if entropy_temperature is not None else None,
-    )
+    return _result(sums, mask, entropy if entropy_temperature is not None else None)
 
 
 @contextmanager
