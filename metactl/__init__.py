@@ -14,13 +14,15 @@ The core needs numpy and scipy only; ``metactl.likelihood`` uses torch when give
 and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[gym]``, ...).
 """
 
-from . import distributed
+from . import distributed, likelihood
 from .decision import Decision, UpdateInfo
 from .policy import PAPER_TEMPERATURES, SCHEMA_VERSION, MetaPolicy, tampo
 from .rules import (
     EXP3,
     TAMPO,
     UCB1,
+    Counterfactual,
+    EntropySchedule,
     EntropyTarget,
     Fixed,
     Hedge,
@@ -28,6 +30,7 @@ from .rules import (
     Rule,
     Schedule,
     ThompsonGaussian,
+    Uncertainty,
     candidate_advantages,
     minmax_probs,
 )
@@ -42,7 +45,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "TAMPO",
     "UCB1",
+    "Counterfactual",
     "Decision",
+    "EntropySchedule",
     "EntropyTarget",
     "Fixed",
     "Greedy",
@@ -55,10 +60,12 @@ __all__ = [
     "Schedule",
     "Selector",
     "ThompsonGaussian",
+    "Uncertainty",
     "UpdateInfo",
     "__version__",
     "candidate_advantages",
     "distributed",
+    "likelihood",
     "minmax_probs",
     "softmax",
     "sparsemax",
