@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import metactl
 from metactl import Greedy, Nucleus, Sample
-from metactl.selectors import nucleus_support
+from metactl.selectors import TIE_ULPS, nucleus_support
 
 probabilities = (
     arrays(np.float64, st.integers(2, 12), elements=st.floats(0, 1))
@@ -28,9 +29,14 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p(probs: np.ndarray, top_p:
     dropped = np.setdiff1d(np.arange(probs.shape[0]), kept)
     if dropped.size:
         assert probs[kept].min() >= probs[dropped].max()
-    # minimal: without its least probable member the set no longer reaches top_p
-    if kept.size > 1:
-        assert mass - probs[kept[-1]] < top_p + 1e-9
+    # fair ties: nothing dropped (with positive mass) is tied with the kept set's least member
+    boundary = probs[kept].min()
+    tolerance = TIE_ULPS * np.spacing(boundary)
+    assert not np.any((probs[dropped] > 0) & (probs[dropped] >= boundary - tolerance))
+    # minimal up to ties: without the members tied with the boundary it no longer reaches top_p
+    untied = kept[probs[kept] > boundary + tolerance]
+    if untied.size < kept.size:
+        assert probs[untied].sum() < top_p + 1e-9
 
 
 @given(probs=probabilities, seed=st.integers(0, 2**32 - 1), top_p=st.floats(0, 1))
@@ -51,10 +57,69 @@ def test_nucleus_frequencies_match_the_renormalised_mass() -> None:
 
 
 def test_top_p_zero_is_argmax_and_greedy_matches() -> None:
-    probs = np.array([0.2, 0.3, 0.3, 0.2])
+    probs = np.array([0.2, 0.5, 0.3])
     rng = np.random.default_rng(0)
-    assert Nucleus(0.0).select(probs, rng) == (1, 1.0)  # ties: first
+    assert Nucleus(0.0).select(probs, rng) == (1, 1.0)
     assert Greedy().select(probs, rng) == (1, 1.0)
+
+
+def test_top_p_zero_samples_fairly_among_tied_maxima() -> None:
+    # (this test used to assert that the first of two tied maxima is always chosen)
+    probs = np.array([0.2, 0.3, 0.3, 0.2])
+    assert nucleus_support(probs, 0.0).tolist() == [1, 2]
+    rng = np.random.default_rng(0)
+    picks = [Nucleus(0.0).select(probs, rng) for _ in range(4000)]
+    assert {index for index, _ in picks} == {1, 2}
+    assert {prob for _, prob in picks} == {0.5}
+    assert abs(np.mean([index == 1 for index, _ in picks]) - 0.5) < 0.03
+    assert Greedy().select(probs, rng) == (1, 1.0)  # Greedy stays deterministic: the first
+
+
+def test_from_uniform_every_candidate_can_be_chosen() -> None:
+    probs = np.full(10, 0.1)
+    assert nucleus_support(probs, 0.7).tolist() == list(range(10))
+    rng = np.random.default_rng(0)
+    picks = np.array([Nucleus(0.7).select(probs, rng)[0] for _ in range(5000)])
+    counts = np.bincount(picks, minlength=10)
+    assert np.all(counts > 0)
+    assert np.all(np.abs(counts / 5000 - 0.1) < 0.02)
+
+
+def test_from_uniform_a_tampo_policy_reaches_the_high_temperatures() -> None:
+    # the paper's policy from its uniform start: 1.3-1.5 used to be unreachable (stable sort)
+    firsts = {metactl.tampo(seed=seed).select().value for seed in range(200)}
+    assert firsts == set(metactl.PAPER_TEMPERATURES)
+
+
+def test_near_ties_within_a_few_ulps_are_kept_and_real_gaps_are_not() -> None:
+    base = np.array([0.4, 0.2, 0.2, 0.2])
+    near = base.copy()
+    near[3] = 0.2 - 2 * np.spacing(0.2)  # two ulps below the boundary: tied
+    assert sorted(nucleus_support(near, 0.5).tolist()) == [0, 1, 2, 3]
+    far = base.copy()
+    far[3] = 0.2 * (1 - 1e-9)  # a relative gap of 1e-9 is a real difference
+    far /= far.sum()
+    assert sorted(nucleus_support(far, 0.5).tolist()) == [0, 1, 2]
+    beyond = base.copy()
+    beyond[3] = 0.2 - (TIE_ULPS + 1) * np.spacing(0.2)
+    assert sorted(nucleus_support(beyond, 0.5).tolist()) == [0, 1, 2]
+    # the rule is relative: the same pattern at a tiny scale behaves alike
+    tiny = near * 1e-200
+    assert sorted(nucleus_support(tiny / tiny.sum(), 0.5).tolist()) == [0, 1, 2, 3]
+
+
+def test_zero_probability_candidates_are_never_kept_even_when_tied() -> None:
+    probs = np.array([0.5, 0.5, 0.0, 0.0])
+    assert nucleus_support(probs, 1.0).tolist() == [0, 1]
+    rng = np.random.default_rng(0)
+    assert {Nucleus(1.0).select(probs, rng)[0] for _ in range(500)} == {0, 1}
+
+
+def test_nucleus_draws_exactly_one_uniform_number_with_ties() -> None:
+    rng, twin = np.random.default_rng(5), np.random.default_rng(5)
+    Nucleus(0.7).select(np.full(10, 0.1), rng)
+    twin.random()
+    assert rng.bit_generator.state == twin.bit_generator.state
 
 
 def test_sample_never_picks_zero_probability() -> None:

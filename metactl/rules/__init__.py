@@ -3,8 +3,11 @@
 from .bandits import EXP3, UCB1, ThompsonGaussian
 from .base import Rule
 from .controllers import EntropyTarget, Fixed, Schedule
+from .counterfactual import Counterfactual
+from .entropy_schedule import EntropySchedule
 from .full_information import Hedge, MetaGradient
 from .tampo import TAMPO, candidate_advantages, minmax_probs
+from .uncertainty import Uncertainty
 
 RULES: dict[str, type[Rule]] = {
     cls.__name__: cls
@@ -18,6 +21,9 @@ RULES: dict[str, type[Rule]] = {
         Fixed,
         Schedule,
         EntropyTarget,
+        Counterfactual,
+        EntropySchedule,
+        Uncertainty,
     )
 }
 
@@ -26,6 +32,8 @@ __all__ = [
     "RULES",
     "TAMPO",
     "UCB1",
+    "Counterfactual",
+    "EntropySchedule",
     "EntropyTarget",
     "Fixed",
     "Hedge",
@@ -33,6 +41,7 @@ __all__ = [
     "Rule",
     "Schedule",
     "ThompsonGaussian",
+    "Uncertainty",
     "candidate_advantages",
     "minmax_probs",
 ]
