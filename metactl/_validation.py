@@ -66,7 +66,10 @@ def finite_scalar(x: Any, name: str) -> float:
         x = x.reshape(()).item()
     if not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    value = float(x)
+    try:
+        value = float(x)
+    except OverflowError as exc:  # an int (or Fraction) beyond the float64 range
+        raise ValueError(f"{name} must be finite, got a number beyond the float64 range") from exc
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -90,13 +93,54 @@ def unit_interval(x: Any, name: str, *, low_open: bool = False, high_open: bool 
     return value
 
 
-def integer(x: Any, name: str, *, minimum: int | None = None) -> int:
-    if isinstance(x, bool) or not isinstance(x, (numbers.Integral, np.integer)):
+def integer(
+    x: Any, name: str, *, minimum: int | None = None, below: int | None = None
+) -> int:
+    """An integer (bools rejected), optionally ``>= minimum`` and ``< below``."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
     value = int(x)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value}")
     return value
+
+
+_PCG64_KEYS = {"bit_generator", "state", "has_uint32", "uinteger"}
+
+
+def pcg64_state(x: Any, name: str) -> dict[str, Any]:
+    """A ``numpy.random.PCG64`` state dict, checked field by field; returns a plain copy.
+
+    ``state`` and ``inc`` are the 128-bit LCG state and increment (ints in ``[0, 2**128)``;
+    the increment is odd, as PCG64 requires and every seeding produces), ``has_uint32`` is 0/1
+    and ``uinteger`` the buffered 32-bit half in ``[0, 2**32)``. Checking here means a
+    tampered value raises ``ValueError``/``TypeError`` naming the field, never numpy's
+    ``OverflowError``.
+    """
+    if not isinstance(x, dict):
+        raise TypeError(f"{name} must be a dict (a PCG64 state), got {type(x).__name__}")
+    if set(x) != _PCG64_KEYS:
+        raise ValueError(f"{name} must have keys {sorted(_PCG64_KEYS)}, got {sorted(map(str, x))}")
+    if x["bit_generator"] != "PCG64":
+        raise ValueError(f"{name}['bit_generator'] must be 'PCG64', got {x['bit_generator']!r}")
+    inner = x["state"]
+    if not isinstance(inner, dict) or set(inner) != {"state", "inc"}:
+        got = sorted(map(str, inner)) if isinstance(inner, dict) else type(inner).__name__
+        raise ValueError(f"{name}['state'] must be a dict with keys ['inc', 'state'], got {got}")
+    lcg_state = integer(inner["state"], f"{name}['state']['state']", minimum=0, below=1 << 128)
+    inc = integer(inner["inc"], f"{name}['state']['inc']", minimum=0, below=1 << 128)
+    if inc % 2 == 0:
+        raise ValueError(f"{name}['state']['inc'] must be odd (a PCG64 increment), got {inc}")
+    has_uint32 = integer(x["has_uint32"], f"{name}['has_uint32']", minimum=0, below=2)
+    uinteger = integer(x["uinteger"], f"{name}['uinteger']", minimum=0, below=1 << 32)
+    return {
+        "bit_generator": "PCG64",
+        "state": {"state": lcg_state, "inc": inc},
+        "has_uint32": has_uint32,
+        "uinteger": uinteger,
+    }
 
 
 def one_of(x: Any, name: str, allowed: Sequence[str]) -> str:

@@ -220,6 +220,60 @@ def _square_plan(temps: np.ndarray) -> list[tuple[int, bool]]:
     return plan
 
 
+def _raise_for_bad_logits(
+    z: np.ndarray, rows: np.ndarray, cols: np.ndarray, toks: np.ndarray
+) -> None:
+    """Raise for the first bad position among logit rows ``z[j] = logits[rows[j], cols[j]]``
+    (masked positions, ``toks[j]`` the sampled token): a NaN or ``+inf`` anywhere, or ``-inf``
+    at the sampled token. ``-inf`` elsewhere (a banned vocabulary entry) is probability 0 and
+    fine. Returns when no position is bad."""
+    invalid = np.isnan(z) | (z == np.inf)
+    sampled_zero = z[np.arange(z.shape[0]), toks] == -np.inf
+    bad = np.flatnonzero(invalid.any(axis=1) | sampled_zero)
+    if bad.size == 0:
+        return
+    j = int(bad[0])
+    row, pos = int(rows[j]), int(cols[j])
+    if invalid[j].any():
+        v = int(np.flatnonzero(invalid[j])[0])
+        raise ValueError(
+            f"logits[{row}, {pos}, {v}] is {z[j, v]} at a masked position (row {row}, position "
+            f"{pos}): logits must not be NaN or +inf there (-inf, probability 0, is allowed "
+            "except at the sampled token)"
+        )
+    tok = int(toks[j])
+    raise ValueError(
+        f"logits[{row}, {pos}, {tok}] is -inf at the sampled token {tok} (row {row}, position "
+        f"{pos}): that token would have probability 0, so it cannot have been sampled from "
+        "these logits (check the alignment of logits, tokens and mask)"
+    )
+
+
+def _check_positions_torch(
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, toks: torch.Tensor
+) -> None:
+    """:func:`_raise_for_bad_logits` for positions ``(rows, cols)`` of a torch tensor: the
+    test runs on the tensor's device in chunks, and only a bad row is copied to the host."""
+    import torch
+
+    vocab = logits.shape[-1]
+    budget = _CPU_WORKER_BYTES if logits.device.type == "cpu" else _ACCEL_CHUNK_BYTES
+    step = max(1, budget // (4 * vocab))
+    for a in range(0, rows.numel(), step):
+        r, c, t = rows[a : a + step], cols[a : a + step], toks[a : a + step]
+        z = logits[r, c].float()
+        bad = (torch.isnan(z) | (z == float("inf"))).any(dim=-1)
+        bad |= z.gather(-1, t.view(-1, 1).long()).squeeze(-1) == float("-inf")
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad)[0, 0])
+            _raise_for_bad_logits(
+                z[j : j + 1].double().cpu().numpy(),
+                r[j : j + 1].cpu().numpy(),
+                c[j : j + 1].cpu().numpy(),
+                t[j : j + 1].cpu().numpy(),
+            )
+
+
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
@@ -244,7 +298,8 @@ def candidate_loglik(
             ``logits[:, t]`` scores ``tokens[:, t]``. A torch tensor (any device, any float
             dtype; the computation runs in float32 on that device) or a NumPy array (computed
             in float64 with NumPy; meant for small inputs). Only the masked positions are
-            read (and checked for NaN/inf).
+            read (and checked): NaN and ``+inf`` are errors; ``-inf`` (a banned vocabulary
+            entry, probability 0) is allowed everywhere except at the sampled token.
         tokens: ``(N, L)`` integer token ids; at masked positions they must lie in
             ``[0, V)`` (unmasked positions may hold anything, e.g. ``-100``).
         mask: ``(N, L)`` boolean or 0/1: 1 for the completion tokens to count, 0 for prompt
@@ -296,7 +351,8 @@ def candidate_loglik(
 
     Raises:
         TypeError: a wrong argument type (names the argument).
-        ValueError: NaN/inf logits at a masked position, wrong ndim or shapes, an empty
+        ValueError: NaN/``+inf`` logits at a masked position or ``-inf`` at a masked
+            sampled token (the message names the row and position), wrong ndim or shapes, an empty
             batch, token ids out of range, a row with no masked token (``mask``), ``K < 2``,
             duplicate / non-finite / out-of-range candidates, an unknown family, a bad
             ``temperature``, ``epsilon`` or ``chunk_size``, or ``fused=True`` where the
@@ -498,14 +554,16 @@ def _loglik_torch(
         c = t1 - t0
         e = scratch[:c]
         hi = seg.amax(dim=-1)  # NaN propagates; +inf shows here
-        lo = seg.amin(dim=-1)  # -inf shows here (torch.aminmax is much slower on CPU)
-        bad[idx] = ~(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        lo = seg.amin(dim=-1)  # for fuse_ok (torch.aminmax is much slower on CPU)
         m = hi.float().unsqueeze(-1)  # (c, 1)
         # s * z - s * m in one fused op is exact enough, unless s * z overflows float32
         # (|logits| ~ 1e38 / s): then subtract first. One host sync per segment.
         fuse_ok = float(torch.maximum(hi.abs().max(), lo.abs().max()).float()) < fuse_limit
         tok = tok_src[i, t0:t1].to(device=device, dtype=torch.long).unsqueeze(-1)  # (c, 1)
         u_o = seg.gather(-1, tok).float() - m  # (c, 1): z_o - max <= 0
+        # NaN or +inf anywhere makes hi non-finite; -inf at the sampled token makes u_o -inf.
+        # -inf elsewhere is probability 0: exp(s * (-inf - m)) = 0 in both shift forms.
+        bad[idx] = ~(torch.isfinite(hi).all() & torch.isfinite(u_o).all())
         if family == "temperature":
             sums = torch.empty((k, c), dtype=torch.float32, device=device)
             for j, square in plan:
@@ -548,12 +606,32 @@ def _loglik_torch(
         else:
             _run_pooled(torch, score_segment, n_seg, workers, (longest, vocab))
         if bool(bad.any()):
-            raise ValueError("logits contain NaN or inf at masked positions")
+            _raise_for_bad_segments(logits, tok_src, bad, seg_row, seg_start, seg_stop)
         # summed in segment order whatever the schedule: results do not depend on workers
         acc = torch.zeros((n, k), dtype=acc_dtype, device=device)
         acc.index_add_(0, torch.from_numpy(seg_row).to(device), partial)
         counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=acc_dtype)
         return (acc / counts.unsqueeze(-1)).to(torch.float32)
+
+
+def _raise_for_bad_segments(
+    logits: torch.Tensor,
+    tok_src: torch.Tensor,
+    bad: torch.Tensor,
+    seg_row: np.ndarray,
+    seg_start: np.ndarray,
+    seg_stop: np.ndarray,
+) -> None:
+    """Name the first bad position of the first flagged segment (see ``score_segment``)."""
+    import torch
+
+    for idx in np.flatnonzero(bad.cpu().numpy()).tolist():
+        i, t0, t1 = int(seg_row[idx]), int(seg_start[idx]), int(seg_stop[idx])
+        cols = torch.arange(t0, t1, device=logits.device)
+        rows = torch.full_like(cols, i)
+        toks = tok_src[i, t0:t1].to(device=logits.device, dtype=torch.long)
+        _check_positions_torch(logits, rows, cols, toks)
+    raise ValueError("logits contain NaN or +inf, or -inf at a sampled token, at masked positions")
 
 
 def _loglik_blocks(
@@ -588,10 +666,15 @@ def _loglik_blocks(
         for start in range(0, rows_host.size, chunk):
             r, c = rows[start : start + chunk], cols[start : start + chunk]
             z = logits[r, c].float()  # (p, V)
-            if not bool(torch.isfinite(z).all()):
-                raise ValueError("logits contain NaN or inf at masked positions")
-            u = z - z.amax(dim=-1, keepdim=True)  # <= 0, the max is exactly 0
-            u_o = u.gather(-1, tok_all[start : start + chunk].unsqueeze(-1))  # (p, 1)
+            tk = tok_all[start : start + chunk]
+            # -inf (probability 0) is fine except at the sampled token; NaN, +inf never are
+            bad = (torch.isnan(z) | (z == float("inf"))).any() | (
+                z.gather(-1, tk.unsqueeze(-1)) == float("-inf")
+            ).any()
+            if bool(bad):
+                _check_positions_torch(logits, r, c, tk)
+            u = z - z.amax(dim=-1, keepdim=True)  # <= 0, the max is exactly 0 (finite: z_o is)
+            u_o = u.gather(-1, tk.unsqueeze(-1))  # (p, 1)
             # u * beta <= 0 with one entry exactly 0: the sum lies in [1, V], no overflow
             lse = torch.exp(u.unsqueeze(1) * betas[None, :, None]).sum(dim=-1).log_()  # (p, K)
             # log q = beta (z_o - max) - lse <= 0; the clamp removes rounding only
@@ -814,10 +897,10 @@ def _loglik_fused(
             acc.index_add_(0, r, logq.to(torch.float64))
         bad = ~torch.isfinite(chk)
         if bool(bad.any()):
-            # the checksum can overflow on huge finite logits: confirm on the flagged rows
+            # the checksum is also non-finite for huge finite logits and for -inf entries
+            # (probability 0, fine except at the sampled token): confirm on the flagged rows
             idx = torch.nonzero(bad).squeeze(1)
-            if not bool(torch.isfinite(logits[rows[idx], cols[idx]]).all()):
-                raise ValueError("logits contain NaN or inf at masked positions")
+            _check_positions_torch(logits, rows[idx], cols[idx], tok[idx])
         counts = torch.from_numpy(bmask.sum(axis=1)).to(device=device, dtype=torch.float64)
         return (acc / counts.unsqueeze(-1)).to(torch.float32)
 
@@ -851,10 +934,11 @@ def _loglik_numpy(
     for a in range(0, rows.size, chunk):
         r, t = rows[a : a + chunk], cols[a : a + chunk]
         z = logits[r, t].astype(np.float64)  # (c, V)
-        if not np.all(np.isfinite(z)):
-            raise ValueError("logits contain NaN or inf at masked positions")
-        u = z - z.max(axis=1, keepdims=True)
-        u_o = u[np.arange(r.size), tok_host[r, t]]  # (c,)
+        toks = tok_host[r, t]
+        if not np.all(np.isfinite(z)):  # -inf is probability 0: fine except at the sampled token
+            _raise_for_bad_logits(z, r, t, toks)
+        u = z - z.max(axis=1, keepdims=True)  # the max is finite: the sampled token's is
+        u_o = u[np.arange(r.size), toks]  # (c,)
         if family == "temperature":
             logq = np.empty((r.size, cands.size))
             for j, T in enumerate(cands):

@@ -19,8 +19,18 @@ from .selectors import SELECTORS, Nucleus, Selector
 __all__ = ["FEEDBACK_NAMES", "PAPER_TEMPERATURES", "SCHEMA_VERSION", "MetaPolicy", "tampo"]
 
 SCHEMA_VERSION = 1
+# Steps (and the counts that sum to them) stay below 2**53, where float64 counts are exact.
+MAX_STEP = 2**53
 PAPER_TEMPERATURES: tuple[float, ...] = tuple(round(0.6 + 0.1 * i, 1) for i in range(10))
-FEEDBACK_NAMES = ("loglik", "advantages", "reward", "entropy", "vocab_size")
+FEEDBACK_NAMES = (
+    "loglik",
+    "advantages",
+    "reward",
+    "entropy",
+    "vocab_size",
+    "rewards",
+    "group_size",
+)
 _STATE_KEYS = {
     "schema_version",
     "hyperparameter",
@@ -55,6 +65,16 @@ def _validate_feedback(feedback: dict[str, Any], k: int) -> Feedback:
         out["advantages"] = advantages
     if "reward" in feedback:
         out["reward"] = check.finite_scalar(feedback["reward"], "reward")
+    if "rewards" in feedback:  # one reward per trajectory, rows in the order of ``loglik``
+        rewards = check.finite_array(feedback["rewards"], "rewards", ndim=1)
+        if "loglik" in out and rewards.shape[0] != out["loglik"].shape[0]:
+            raise ValueError(
+                f"rewards has {rewards.shape[0]} entries but loglik has "
+                f"{out['loglik'].shape[0]} rows: one reward per trajectory"
+            )
+        out["rewards"] = rewards
+    if "group_size" in feedback:  # completions per prompt; groups are consecutive rows
+        out["group_size"] = check.integer(feedback["group_size"], "group_size", minimum=1)
     if "entropy" in feedback:
         out["entropy"] = check.positive_scalar(feedback["entropy"], "entropy", allow_zero=True)
     if "vocab_size" in feedback:
@@ -70,8 +90,10 @@ def _state_to_json(state: RuleState) -> dict[str, Any]:
 
 
 def _state_from_json(data: Any, template: RuleState) -> RuleState:
+    """Convert ``state_dict['rule_state']`` to the rule's types: the template's keys, float64
+    arrays of the template's shapes and finite floats, every entry finite."""
     if not isinstance(data, dict) or set(data) != set(template):
-        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"state_dict['rule_state'] must have keys {sorted(template)}, got {got}")
     out: RuleState = {}
     for key, like in template.items():
@@ -84,6 +106,13 @@ def _state_from_json(data: Any, template: RuleState) -> RuleState:
         else:
             out[key] = check.finite_scalar(data[key], name)
     return out
+
+
+def _json_equal(value: Any, mine: Any, name: str) -> bool:
+    try:
+        return bool(json.loads(json.dumps(value)) == json.loads(json.dumps(mine)))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{name} is not JSON data: {exc}") from exc
 
 
 class MetaPolicy:
@@ -192,6 +221,12 @@ class MetaPolicy:
 
         Keyword feedback: ``loglik`` (N, K), ``advantages`` (N,), ``reward``, ``entropy``,
         ``vocab_size``. Every name given is validated; the rule uses those in ``requires``.
+
+        The update never leaves inf/NaN behind: the rules' math is overflow-safe for ordinary
+        magnitudes (sparsemax shifted by the row maximum, the batch mean of advantages scaled
+        when it would overflow, min-max normalisation of any finite EMA), and an update that
+        would still overflow float64 (feedback near the float64 limit) or leave a state that
+        ``load_state_dict`` would refuse raises ``ValueError`` with the policy unchanged.
         """
         if not isinstance(decision, Decision):
             raise TypeError(f"decision must be a metactl.Decision, got {type(decision).__name__}")
@@ -208,7 +243,37 @@ class MetaPolicy:
         if missing:
             raise ValueError(f"{self._rule.name} needs feedback {missing} (got {sorted(feedback)})")
         checked = _validate_feedback(feedback, self._candidates.shape[0])
-        self._state, signal = self._rule.update(self._state, self._candidates, decision, checked)
+        if self._step + 1 >= MAX_STEP:
+            raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
+        # Floating-point overflow or an invalid operation anywhere in the update (feedback near
+        # the float64 limit) raises instead of leaving inf/NaN in the state; the new state is
+        # checked like a loaded one, and assigned only when it passes.
+        try:
+            with np.errstate(over="raise", invalid="raise", divide="raise"):
+                new_state, signal = self._rule.update(
+                    self._state, self._candidates, decision, checked
+                )
+        except FloatingPointError as exc:
+            raise ValueError(
+                f"{self._rule.name} update overflows float64 ({exc}); the feedback is too large "
+                "in magnitude (rescale it); the policy is unchanged"
+            ) from exc
+        if signal is not None and not np.all(np.isfinite(signal)):
+            raise ValueError(f"{self._rule.name} update gave a non-finite signal; policy unchanged")
+        for key, value in new_state.items():
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"{self._rule.name} update would leave a non-finite rule_state[{key!r}] "
+                    "(feedback too large in magnitude); the policy is unchanged"
+                )
+        try:
+            self._rule.validate_state(new_state, self._candidates, self._step + 1)
+        except ValueError as exc:
+            raise ValueError(
+                f"{self._rule.name} update would leave an invalid state ({exc}); "
+                "the policy is unchanged"
+            ) from exc
+        self._state = new_state
         self._step += 1
         return UpdateInfo(step=decision.step, probs=self.probs, candidate_advantages=signal)
 
@@ -228,10 +293,20 @@ class MetaPolicy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` taken from a policy with the same configuration."""
+        """Restore a ``state_dict()`` taken from a policy with the same configuration.
+
+        Every field is validated before anything is assigned (a rejected state leaves the
+        policy unchanged) and only ``ValueError``/``TypeError`` naming the field are raised:
+        the step is an int in ``[0, 2**53)``; the rule state has the rule's keys and shapes,
+        finite entries and the rule's invariants (counts are non-negative integers summing to
+        the step, untried candidates hold 0, stored logits have maximum 0, an entropy
+        controller's temperature lies inside the candidate range) and gives a probability
+        distribution without overflow; the RNG is a PCG64 state with ints in range.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
-        if state.get("schema_version") != SCHEMA_VERSION:
+        version = state.get("schema_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
             raise ValueError(
                 f"state_dict['schema_version'] is {state.get('schema_version')!r}; "
                 f"this metactl reads schema {SCHEMA_VERSION}"
@@ -242,20 +317,20 @@ class MetaPolicy:
             )
         mine = self.state_dict()
         for key in ("hyperparameter", "candidates", "rule", "selector"):
-            if json.loads(json.dumps(state[key])) != json.loads(json.dumps(mine[key])):
+            if not _json_equal(state[key], mine[key], f"state_dict[{key!r}]"):
                 raise ValueError(
                     f"state_dict[{key!r}] = {state[key]!r} does not match this policy's "
                     f"{mine[key]!r}; build the policy with the same configuration "
                     "(or use MetaPolicy.from_state_dict)"
                 )
-        step = check.integer(state["step"], "state_dict['step']", minimum=0)
+        # Validate everything before assigning anything: a rejected state changes nothing.
+        step = check.integer(state["step"], "state_dict['step']", minimum=0, below=MAX_STEP)
         seed = check.integer(state["seed"], "state_dict['seed']", minimum=0)
         rule_state = _state_from_json(state["rule_state"], self._rule.init_state(self._candidates))
+        self._rule.validate_state(rule_state, self._candidates, step)
+        rng_state = check.pcg64_state(state["rng"], "state_dict['rng']")
         rng = np.random.Generator(np.random.PCG64())
-        try:
-            rng.bit_generator.state = state["rng"]
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"state_dict['rng'] is not a PCG64 state: {exc}") from exc
+        rng.bit_generator.state = rng_state
         self._seed, self._step, self._state, self._rng = seed, step, rule_state, rng
 
     @classmethod

@@ -16,6 +16,9 @@ from ._validation import finite_array, integer
 
 __all__ = ["softmax", "sparsemax"]
 
+# Rows whose largest |entry| reaches this are shifted by their maximum (see sparsemax).
+_SHIFT_FROM = 1024.0
+
 
 def _axis(x: np.ndarray, axis: Any) -> int:
     ax = integer(axis, "axis")
@@ -28,7 +31,9 @@ def sparsemax(x: Any, axis: int = -1) -> np.ndarray:
     """Project ``x`` onto the probability simplex along ``axis``.
 
     ``sparsemax(z)_k = max(z_k - tau, 0)`` with the threshold ``tau`` chosen so the result sums
-    to 1 (closed form via the sorted cumulative sums).
+    to 1 (closed form via the sorted cumulative sums; rows with an entry of magnitude >= 1024
+    are first shifted by their maximum, so any finite input, however large, gives a
+    distribution).
 
     Example:
         >>> import numpy as np
@@ -40,6 +45,18 @@ def sparsemax(x: Any, axis: int = -1) -> np.ndarray:
     z = finite_array(x, "x")
     ax = _axis(z, axis)
     z = np.moveaxis(z, ax, -1)
+    # Shift large rows by their maximum (the projection is shift-invariant): the cumulative
+    # sums then hold differences from the top entry, not the magnitudes, so the "1 +" below is
+    # not lost in rounding (a row at -1e14 summed to 0.94 unshifted) and nothing overflows (a
+    # constant row at -1e16 gave inf). Rows below _SHIFT_FROM in magnitude (log-likelihoods
+    # as TAMPO sees them) lose at most ~1e-13 unshifted and are not shifted (a shift by 0 is
+    # exact), so their results keep the bits of earlier metactl versions and resumed runs
+    # continue identically. An entry more than the float64 range below the maximum becomes
+    # -inf: outside the support, as it must be (anything more than 1 below the maximum is).
+    top = np.max(z, axis=-1, keepdims=True)
+    large = np.max(np.abs(z), axis=-1, keepdims=True) >= _SHIFT_FROM
+    with np.errstate(over="ignore"):
+        z = z - np.where(large, top, 0.0)
     z_sorted = -np.sort(-z, axis=-1)
     cumsum = np.cumsum(z_sorted, axis=-1)
     k = np.arange(1, z.shape[-1] + 1, dtype=np.float64)

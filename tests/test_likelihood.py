@@ -435,8 +435,9 @@ BAD = [
      "logits"),
     ("+inf", _with(logits=lambda k: _set(k["logits"], (1, 3, 0), float("inf"))), ValueError,
      "logits"),
-    ("-inf", _with(logits=lambda k: _set(k["logits"], (1, 0, 4), float("-inf"))), ValueError,
-     "logits"),
+    ("-inf-at-sampled-token",
+     _with(logits=lambda k: _set(k["logits"], (1, 0, int(k["tokens"][1, 0])), float("-inf"))),
+     ValueError, r"-inf at the sampled token .*\(row 1, position 0\)"),
     ("logits-2d", _with(logits=lambda k: k["logits"][0]), ValueError, "logits"),
     ("logits-int", _with(logits=lambda k: k["logits"].long()), TypeError, "logits"),
     ("logits-list", _with(logits=lambda k: k["logits"].tolist()), TypeError, "logits"),
@@ -535,11 +536,117 @@ if torch.cuda.is_available():  # defined only where it can run (no skipped tests
     @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
     def test_cuda_nonfinite_logits_raise(fused, bad):
         kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
-        kw["logits"][1, 2, 3] = bad
-        with pytest.raises(ValueError, match="logits"):
+        kw["logits"][1, 2, int(kw["tokens"][1, 2])] = bad  # -inf: only at the sampled token
+        with pytest.raises(ValueError, match=r"row 1, position 2"):
             candidate_loglik(**kw, fused=fused)
         kw["logits"][1, 2, 3] = 3e38  # huge but finite: the fused checksum overflows, no error
         assert torch.isfinite(candidate_loglik(**kw, fused=fused)).all()
+
+
+    @pytest.mark.parametrize("fused", [True, False])
+    @pytest.mark.parametrize("family", ["temperature", "min_p"])
+    def test_cuda_minus_inf_at_unsampled_tokens_is_probability_zero(fused, family):
+        if fused and family == "min_p":
+            return  # the fused kernel is temperature-only
+        logits, tokens, mask, cands = _banned_batch(vocab=300, family=family)
+        want = ref_minus_inf_dropped(logits, tokens, mask, cands, family)
+        got = candidate_loglik(logits.cuda(), tokens.cuda(), mask.cuda(), cands, family,
+                               fused=fused)
+        np.testing.assert_allclose(got.cpu().double().numpy(), want, rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- -inf logits
+
+
+def ref_minus_inf_dropped(logits, tokens, mask, cands, family, temperature=1.0, eps=1e-3):
+    """Brute force, written independently: at each masked position drop the -inf entries from
+    the vocabulary (probability 0) and score the sampled token against the rest."""
+    z_all = np.asarray(logits, dtype=np.float64)
+    tok_all, msk = np.asarray(tokens), np.asarray(mask).astype(bool)
+    out = np.zeros((z_all.shape[0], len(cands)))
+    for i in range(z_all.shape[0]):
+        for k, c in enumerate(cands):
+            vals = []
+            for t in np.flatnonzero(msk[i]):
+                keep = z_all[i, t] != -np.inf
+                z = z_all[i, t][keep]
+                o = int(np.count_nonzero(keep[: tok_all[i, t]]))  # index among the kept
+                if family == "temperature":
+                    x = z / c
+                    vals.append(x[o] - x.max() - np.log(np.exp(x - x.max()).sum()))
+                else:
+                    x = z / temperature
+                    p = np.exp(x - x.max())
+                    p /= p.sum()
+                    kept = p >= c * p.max()
+                    q = (1 - eps) * np.where(kept, p, 0.0) / p[kept].sum() + eps * p
+                    vals.append(np.log(q[o]))
+            out[i, k] = np.mean(vals)
+    return out
+
+
+def _banned_batch(vocab=13, family="temperature", seed=3):
+    """A batch with -inf logits (banned entries) everywhere but at the sampled tokens, one
+    position where every other entry is -inf, and -inf at unmasked sampled tokens."""
+    logits, tokens, mask = make_batch(n=4, length=8, vocab=vocab, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    banned = torch.rand(logits.shape, generator=g) < 0.4
+    sampled = torch.nn.functional.one_hot(tokens, vocab).bool()
+    logits = logits.masked_fill(banned & ~(sampled & mask.unsqueeze(-1)), float("-inf"))
+    i, t = map(int, torch.nonzero(mask)[0])
+    logits[i, t] = float("-inf")
+    logits[i, t, tokens[i, t]] = 1.5  # the only possible token: log q = 0 for every candidate
+    i, t = map(int, torch.nonzero(~mask)[0])
+    logits[i, t] = float("-inf")  # not read at all
+    cands = [0.3, 0.6, 1.0, 1.7] if family == "temperature" else [0.0, 0.05, 0.3, 0.9]
+    return logits, tokens, mask, cands
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+@pytest.mark.parametrize("family", ["temperature", "min_p"])
+@pytest.mark.parametrize("as_numpy", [False, True], ids=["torch", "numpy"])
+def test_minus_inf_at_unsampled_tokens_is_probability_zero(as_numpy, family, chunk_size, cpu_path):
+    logits, tokens, mask, cands = _banned_batch(family=family)
+    want = ref_minus_inf_dropped(logits, tokens, mask, cands, family)
+    args = (logits, tokens, mask) if not as_numpy else (
+        logits.double().numpy(), tokens.numpy(), mask.numpy())
+    got = candidate_loglik(*args, cands, family, chunk_size=chunk_size)
+    got = got.double().numpy() if isinstance(got, torch.Tensor) else got
+    tol = {"rtol": 1e-12, "atol": 1e-12} if as_numpy else {"rtol": 1e-5, "atol": 2e-5}
+    np.testing.assert_allclose(got, want, **tol)
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("family", ["temperature", "min_p"])
+@pytest.mark.parametrize("as_numpy", [False, True], ids=["torch", "numpy"])
+@pytest.mark.parametrize(
+    ("value", "at_token", "match"),
+    [
+        (float("-inf"), True, r"logits\[2, 5, \d+\] is -inf at the sampled token"),
+        (float("nan"), False, r"logits\[2, 5, \d+\] is nan at a masked position"),
+        (float("inf"), False, r"logits\[2, 5, \d+\] is inf at a masked position"),
+        (float("nan"), True, r"is nan at a masked position \(row 2, position 5\)"),
+    ],
+)
+def test_bad_logits_name_row_and_position(as_numpy, family, value, at_token, match, cpu_path):
+    logits, tokens, mask, cands = _banned_batch(family=family)
+    mask[2, 5] = True
+    tok = int(tokens[2, 5])
+    logits[2, 5, tok if at_token else (tok + 1) % logits.shape[-1]] = value
+    args = (logits, tokens, mask) if not as_numpy else (
+        logits.double().numpy(), tokens.numpy(), mask.numpy())
+    for chunk_size in (None, 1, 4):
+        with pytest.raises(ValueError, match=match):
+            candidate_loglik(*args, cands, family, chunk_size=chunk_size)
+
+
+def test_a_position_of_only_minus_inf_is_an_error():
+    logits, tokens, mask, cands = _banned_batch()
+    mask[1, 3] = True
+    logits[1, 3] = float("-inf")
+    for args in ((logits, tokens, mask), (logits.numpy(), tokens.numpy(), mask.numpy())):
+        with pytest.raises(ValueError, match=r"\(row 1, position 3\)"):
+            candidate_loglik(*args, cands)
 
 
 @pytest.mark.parametrize("family", ["temperature", "min_p"])

@@ -4,6 +4,7 @@ known (no per-candidate likelihoods). Feedback: ``reward``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,7 +13,7 @@ import numpy as np
 from .._validation import finite_scalar, integer, positive_scalar, unit_interval
 from ..decision import Decision
 from ..sparsemax import softmax
-from .base import Feedback, Rule, RuleState, one_hot
+from .base import Feedback, Rule, RuleState, check_counts, check_max_is_zero, one_hot, state_field
 
 __all__ = ["EXP3", "UCB1", "ThompsonGaussian"]
 
@@ -31,6 +32,16 @@ def _check_range(low: float, high: float) -> None:
     finite_scalar(high, "reward_max")
     if not high > low:
         raise ValueError(f"reward_max must be > reward_min, got [{low}, {high}]")
+
+
+def _check_untried_are_zero(state: RuleState, counts: np.ndarray, key: str) -> None:
+    """A candidate never chosen has received no reward: its entry of ``state[key]`` is 0."""
+    untried = counts == 0
+    if np.any(np.asarray(state[key])[untried] != 0.0):
+        raise ValueError(
+            f"{state_field(key)} must be 0 where counts is 0 (untried candidates), got "
+            f"{np.asarray(state[key]).tolist()}"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ class EXP3(Rule):
         k = candidates.shape[0]
         return (1.0 - self.gamma) * softmax(state["log_weights"]) + self.gamma / k
 
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        check_max_is_zero(state, "log_weights")
+
     def update(
         self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
     ) -> tuple[RuleState, None]:
@@ -103,6 +117,9 @@ class UCB1(Rule):
     def init_state(self, candidates: np.ndarray) -> RuleState:
         k = candidates.shape[0]
         return {"counts": np.zeros(k), "means": np.zeros(k)}
+
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        _check_untried_are_zero(state, check_counts(state, "counts", step), "means")
 
     def _next(self, state: RuleState) -> int:
         counts, means = state["counts"], state["means"]
@@ -159,10 +176,20 @@ class ThompsonGaussian(Rule):
         object.__setattr__(self, "prior_std", positive_scalar(self.prior_std, "prior_std"))
         object.__setattr__(self, "noise_std", positive_scalar(self.noise_std, "noise_std"))
         object.__setattr__(self, "mc_samples", integer(self.mc_samples, "mc_samples", minimum=1))
+        for name in ("prior_std", "noise_std"):
+            # the posterior divides by these squared: squares and their reciprocals must be
+            # finite and non-zero (about 1e-154 < std < 1e154)
+            std = getattr(self, name)
+            variance = std * std
+            if not (variance > 0 and math.isfinite(variance) and math.isfinite(1.0 / variance)):
+                raise ValueError(f"{name}**2 must be a finite positive float64, got {name}={std}")
 
     def init_state(self, candidates: np.ndarray) -> RuleState:
         k = candidates.shape[0]
         return {"counts": np.zeros(k), "sums": np.zeros(k)}
+
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        _check_untried_are_zero(state, check_counts(state, "counts", step), "sums")
 
     def posterior(self, state: RuleState) -> tuple[np.ndarray, np.ndarray]:
         """Posterior means and standard deviations of every candidate's mean reward."""

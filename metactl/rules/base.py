@@ -15,7 +15,15 @@ import numpy as np
 from ..decision import Decision
 from ..selectors import Sample, Selector
 
-__all__ = ["Feedback", "Rule", "RuleState"]
+__all__ = [
+    "STATE_FIELD",
+    "Feedback",
+    "Rule",
+    "RuleState",
+    "check_counts",
+    "check_max_is_zero",
+    "state_field",
+]
 
 RuleState = dict[str, Any]
 """A rule's state: numpy float64 arrays and Python scalars only (so it serialises to JSON)."""
@@ -59,6 +67,30 @@ class Rule:
     def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         raise NotImplementedError
 
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        """Raise ``ValueError`` naming the field if ``state`` cannot be this rule's state after
+        ``step`` updates. ``state`` already has the keys and shapes of :meth:`init_state`,
+        every entry finite. Rules with further invariants (counts, bounds) override this."""
+
+    def validate_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        """:meth:`check_state`, then check that :meth:`probs` is computed without a
+        floating-point overflow or invalid operation and gives a distribution (finite,
+        non-negative, summing to 1). Used on every load and after every update."""
+        self.check_state(state, candidates, step)
+        try:
+            with np.errstate(over="raise", invalid="raise", divide="raise"):
+                probs = np.asarray(self.probs(state, candidates, step), dtype=np.float64)
+        except FloatingPointError as exc:
+            raise ValueError(f"{STATE_FIELD}: its probabilities overflow float64 ({exc})") from exc
+        k = candidates.shape[0]
+        if (
+            probs.shape != (k,)
+            or not np.all(np.isfinite(probs))
+            or np.any(probs < 0)
+            or abs(float(probs.sum()) - 1.0) > 1e-9
+        ):
+            raise ValueError(f"{STATE_FIELD} gives no probability distribution: {probs.tolist()}")
+
     def update(
         self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
     ) -> tuple[RuleState, np.ndarray | None]:
@@ -76,6 +108,45 @@ class Rule:
     ) -> float:
         """The value to apply for a decision at ``index`` (default: that candidate)."""
         return float(candidates[index])
+
+
+STATE_FIELD = "state_dict['rule_state']"
+
+# Counts are stored as float64: below 2**53 every integer, and every increment by 1, is exact.
+MAX_COUNT = 2**53
+
+
+def state_field(key: str) -> str:
+    """How errors name one entry of a rule's state."""
+    return f"{STATE_FIELD}[{key!r}]"
+
+
+def check_counts(state: RuleState, key: str, step: int) -> np.ndarray:
+    """``state[key]`` holds per-candidate counts: non-negative integers (below ``MAX_COUNT``)
+    that sum to ``step``, since every update adds 1 to one count. Returns the counts."""
+    counts = np.asarray(state[key])
+    name = state_field(key)
+    if np.any(counts < 0) or np.any(counts != np.floor(counts)) or np.any(counts >= MAX_COUNT):
+        raise ValueError(
+            f"{name} must hold non-negative integers below 2**53, got {counts.tolist()}"
+        )
+    if float(counts.sum()) != step:
+        raise ValueError(
+            f"{name} sums to {float(counts.sum())} but the policy made {step} update(s): "
+            "each update adds one count"
+        )
+    return counts
+
+
+def check_max_is_zero(state: RuleState, key: str) -> None:
+    """Logits or log-weights are stored shifted so that their maximum is exactly 0 (the same
+    softmax, and bounded values)."""
+    values = np.asarray(state[key])
+    if float(values.max()) != 0.0:
+        raise ValueError(
+            f"{state_field(key)} must have maximum exactly 0 (stored shifted), got "
+            f"{float(values.max())}"
+        )
 
 
 def one_hot(k: int, index: int) -> np.ndarray:

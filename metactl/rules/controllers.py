@@ -13,7 +13,7 @@ import numpy as np
 from .._validation import finite_scalar, integer, one_of, positive_scalar
 from ..decision import Decision
 from ..selectors import Greedy, Selector
-from .base import Feedback, Rule, RuleState, one_hot
+from .base import Feedback, Rule, RuleState, one_hot, state_field
 
 __all__ = ["EntropyTarget", "Fixed", "Schedule"]
 
@@ -178,6 +178,16 @@ class EntropyTarget(Rule):
 
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {"value": self.initial}
+
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        # the controller's documented bound: a positive temperature inside the candidate range
+        value = float(state["value"])
+        low, high = float(candidates.min()), float(candidates.max())
+        if not (value > 0 and low <= value <= high):
+            raise ValueError(
+                f"{state_field('value')} must be a temperature > 0 inside the candidate range "
+                f"[{low}, {high}], got {value}"
+            )
 
     def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         return one_hot(candidates.shape[0], _nearest(candidates, state["value"]))

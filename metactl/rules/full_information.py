@@ -17,7 +17,7 @@ import numpy as np
 from .._validation import one_of, positive_scalar, unit_interval
 from ..decision import Decision
 from ..sparsemax import softmax
-from .base import Feedback, Rule, RuleState
+from .base import Feedback, Rule, RuleState, check_max_is_zero
 from .tampo import NORMALIZERS, candidate_advantages
 
 __all__ = ["Hedge", "MetaGradient"]
@@ -52,6 +52,9 @@ class Hedge(Rule):
 
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {"logits": np.zeros(candidates.shape[0])}
+
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        check_max_is_zero(state, "logits")
 
     def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         return softmax(state["logits"])
@@ -107,6 +110,9 @@ class MetaGradient(Rule):
 
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {"logits": np.zeros(candidates.shape[0]), "baseline": 0.0}
+
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        check_max_is_zero(state, "logits")
 
     def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         return softmax(state["logits"])
