@@ -220,3 +220,97 @@ def test_bad_arguments() -> None:
         learner.update(batch, np.zeros(3))
     with pytest.raises(ValueError, match="cannot provide"):
         learner.feedback(("gradient_norm",), batch, np.zeros(batch.tokens.shape[0]), CANDS)
+
+
+# -- issue 9: the new rules and TAMPO variants in the learner --------------------------------
+
+NEW_RULES: dict[str, Any] = {
+    "counterfactual": lambda: metactl.Counterfactual(),
+    "counterfactual-informative": lambda: metactl.Counterfactual(objective="informative"),
+    "entropy-schedule": lambda: metactl.EntropySchedule(0.6, 0.15, total_steps=8),
+    "uncertainty": lambda: metactl.Uncertainty(),
+    "tampo-std": lambda: metactl.TAMPO(standardize="std"),
+    "tampo-sharp": lambda: metactl.TAMPO(tau=0.1),
+    "tampo-sum": lambda: metactl.TAMPO(likelihood_normalization="sum"),
+}
+
+
+def _direct_loglik(batch: Any, how: str) -> np.ndarray:
+    """Per answer and candidate: the sampled tokens' log-probs at T_k, summed or averaged."""
+    expected = np.empty((batch.tokens.shape[0], CANDS.shape[0]))
+    for k, temp in enumerate(CANDS):
+        logp = log_softmax(batch.logits / temp)
+        taken = np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
+        expected[:, k] = taken.sum(axis=1) if how == "sum" else taken.mean(axis=1)
+    return expected
+
+
+@pytest.mark.parametrize("name", sorted(NEW_RULES))
+def test_new_rules_run_end_to_end_with_feedback_equal_to_a_recomputation(name: str) -> None:
+    rule = NEW_RULES[name]()
+    policy = metactl.MetaPolicy(CANDS, rule, seed=0)
+    records: list[StepRecord] = []
+    log = train(policy, _small_env(), 8, GRPOConfig(group_size=4), seed=0, on_step=records.append)
+    assert policy.step == 8 and len(records) == 8
+    assert np.all((log.temperature >= CANDS.min()) & (log.temperature <= CANDS.max()))
+    how = getattr(rule, "likelihood_normalization", "mean")
+    assert how == ("sum" if name in ("counterfactual", "counterfactual-informative",
+                                     "tampo-sum") else "mean")  # fmt: skip
+    for record in records:
+        batch, feedback = record.batch, record.feedback
+        assert set(feedback) == set(rule.requires)
+        if "loglik" in feedback:
+            np.testing.assert_allclose(feedback["loglik"], _direct_loglik(batch, how),
+                                       rtol=1e-9, atol=1e-12)  # fmt: skip
+        if "rewards" in feedback:
+            np.testing.assert_array_equal(feedback["rewards"], batch.rewards)
+            assert feedback["rewards"] is not batch.rewards  # the policy gets its own copy
+            assert feedback["group_size"] == 4
+            # groups are consecutive rows: each group of 4 holds one task
+            assert np.all(batch.tasks.reshape(-1, 4) == batch.tasks.reshape(-1, 4)[:, :1])
+        if "entropy" in feedback:
+            p = np.exp(log_softmax(batch.logits / batch.temperature))
+            assert feedback["entropy"] == pytest.approx(-(p * np.log(p)).sum(axis=-1).mean())
+            assert feedback["vocab_size"] == 5
+        if name.startswith("counterfactual"):
+            # the rule's per-step signal is the counterfactual score of exactly this batch
+            scores, _ = metactl.rules.counterfactual.counterfactual_scores(
+                _direct_loglik(batch, "sum"), batch.rewards, 4, record.decision.index,
+                objective=rule.objective,
+            )  # fmt: skip
+            np.testing.assert_allclose(record.info.candidate_advantages, scores, rtol=1e-9)
+
+
+def test_summed_loglik_is_the_mean_times_the_answer_length() -> None:
+    runs = {}
+    for how in ("sum", "mean"):
+        learner = TabularGRPO(_small_env(), GRPOConfig(group_size=4))
+        batch = learner.rollout(1.0, np.random.default_rng(3))
+        adv = group_advantages(batch.rewards, 4)
+        fb = learner.feedback(("loglik", "rewards", "group_size"), batch, adv, CANDS,
+                              likelihood_normalization=how)  # fmt: skip
+        runs[how] = fb["loglik"]
+    np.testing.assert_allclose(runs["sum"], runs["mean"] * 3, rtol=1e-12)  # length L = 3
+
+
+def test_feedback_rejects_an_unknown_likelihood_normalization() -> None:
+    learner = TabularGRPO(_small_env())
+    batch = learner.rollout(1.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
+        learner.feedback(("loglik",), batch, np.zeros(batch.tokens.shape[0]), CANDS,
+                         likelihood_normalization="median")  # fmt: skip
+
+
+def test_train_refuses_a_rule_asking_for_an_unknown_normalization_before_select() -> None:
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class MedianFixed(metactl.Fixed):
+        likelihood_normalization: ClassVar[str] = "median"
+
+    policy = metactl.MetaPolicy(CANDS, MedianFixed(1.0))
+    state = policy.state_dict()
+    with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
+        train(policy, _small_env(), 2)
+    assert policy.state_dict() == state

@@ -33,7 +33,7 @@ def test_miniature_comparison_writes_the_report_and_resumes(tmp_path):
         grpo=GRPOConfig(steps=4, prompts_per_step=4, group_size=4, lr=1e-3,
                         max_new_tokens=task.max_completion_tokens, checkpoint_every=2),
         eval=EvalConfig(n_per_benchmark=8, k=2, curve_n=4, curve_k=2, curve_points=2,
-                        train_check_n=50),
+                        train_check_n=50, start_greedy_range=(0.0, 1.0)),
         workers=2, task=task,
         model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64,
                               max_positions=32),

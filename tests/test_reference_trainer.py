@@ -126,9 +126,9 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
     captured: dict = {}
     real_rollout = GRPOTrainer.rollout
 
-    def spy_rollout(self, prompt_ids, prompt_mask, temperature):
-        out = real_rollout(self, prompt_ids, prompt_mask, temperature)
-        captured["batch"] = (prompt_ids, prompt_mask, *out)
+    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
+        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
+        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
         captured["model"] = copy.deepcopy(self.model)  # the policy that sampled the batch
         return out
 
@@ -273,13 +273,14 @@ def test_skipping_zero_advantage_rows_changes_nothing_but_compute(policy_name):
     assert np.allclose(full.policy.probs, skipped.policy.probs, atol=1e-5)
 
 
-def test_skipped_rows_are_scored_for_entropy_targets_and_diagnostics():
+def test_skipped_rows_are_scored_for_diagnostics_but_not_for_entropy_targets():
+    # the entropy comes from the sampling loop (issue 9): no row is scored for it
     entropy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.EntropyTarget(1.0))
     tr = make_trainer(entropy, steps=3)
     tr.train(progress_bar=False)
     skipped = [h for h in tr.history if h["grad_rows"] < 16]
     assert skipped, "the test needs a step with a group of equal rewards"
-    assert all(h["meta_forward_rows"] == 16 - h["grad_rows"] for h in tr.history)
+    assert all(h["meta_forward_rows"] == 0 for h in tr.history)
 
     tr = make_trainer(metactl.tampo(seed=1), steps=3, diagnostic_steps=(0, 1, 2))
     tr.train(progress_bar=False)
@@ -287,3 +288,170 @@ def test_skipped_rows_are_scored_for_entropy_targets_and_diagnostics():
     assert len(tr.diagnostics) == 3
     for d in tr.diagnostics:  # every row scored, none left at the 0 placeholder
         assert np.all(np.asarray(d["loglik"]) < 0)
+
+
+# -- issue 9: entropy from the sampling loop; rewards, group_size and summed likelihoods -----
+
+def _left_padded_prompts(tok):
+    """Prompts of different lengths, so the sampler's left padding and positions are used."""
+    texts = ["1+2..=", "12+3..=", "1+2+3+4..=", "5..="] * 2
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not bool(enc.attention_mask.all())
+    return enc.input_ids, enc.attention_mask
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_loop_entropy_equals_the_scoring_pass_entropy(top_p):
+    from metactl.adapters.reference.rollout import sample, token_entropy
+
+    tok = build_char_tokenizer(ALPHABET)
+    model = build_model(TINY, tok, seed=0)
+    ids, mask = _left_padded_prompts(tok)
+    kw = dict(temperature=1.3, max_new_tokens=8, eos_id=tok.eos_token_id,
+              pad_id=tok.pad_token_id, top_p=top_p)
+    with_entropy = sample(model, ids, mask, generator=torch.Generator().manual_seed(3),
+                          return_entropy=True, **kw)
+    plain = sample(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    # asking for the entropy does not change a single draw
+    assert torch.equal(with_entropy.tokens, plain.tokens) and plain.entropy is None
+    assert torch.equal(with_entropy.mask, plain.mask)
+    assert not bool(plain.mask.all()), "the test needs completions that end before the limit"
+    # the old computation: a scoring forward of the completions, entropy at T before top-p
+    with torch.no_grad():
+        raw = completion_logits(model, ids, mask, plain.tokens, plain.mask)
+    expected = token_entropy(raw, 1.3) * plain.mask
+    assert with_entropy.entropy is not None and with_entropy.entropy.shape == plain.tokens.shape
+    assert torch.allclose(with_entropy.entropy, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(with_entropy.entropy[~plain.mask] == 0)
+    with pytest.raises(ValueError, match="return_entropy needs temperature > 0"):
+        sample(model, ids, mask, return_entropy=True, **{**kw, "temperature": 0.0})
+
+
+@pytest.mark.parametrize("chunk", [0, 6])
+def test_entropy_feedback_equals_the_old_scoring_pass_without_any_extra_forward(monkeypatch,
+                                                                                 chunk):
+    from metactl.adapters.reference.rollout import token_entropy
+
+    captured: dict = {}
+    real_rollout = GRPOTrainer.rollout
+
+    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
+        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
+        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
+        captured["model"] = copy.deepcopy(self.model)  # the policy that sampled the batch
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
+    policy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.EntropyTarget(1.0))
+    real_update = policy.update
+
+    def spy_update(decision, **feedback):
+        captured["feedback"] = feedback
+        return real_update(decision, **feedback)
+
+    policy.update = spy_update
+    # rollout_chunk=6: 16 rows sampled in chunks of 6, 6, 4 of different widths, then padded
+    tr = make_trainer(policy, grad_accum_steps=2, rollout_chunk=chunk)
+    forwards = {"n": 0}
+    real_optimize = tr.optimize
+
+    def counting_optimize(*a, **k):
+        handle = tr.model.register_forward_pre_hook(lambda m, i: forwards.__setitem__(
+            "n", forwards["n"] + 1))
+        try:
+            return real_optimize(*a, **k)
+        finally:
+            handle.remove()
+
+    tr.optimize = counting_optimize
+    for _ in range(2):
+        forwards["n"] = 0
+        record = tr.step()
+        # only the gradient pass's micro-batches: no row is scored for the meta step
+        assert record["meta_forward_rows"] == 0
+        assert forwards["n"] == min(2, record["grad_rows"])
+        pids, pmask, cids, cmask = captured["batch"]
+        with torch.no_grad():
+            raw = completion_logits(captured["model"], pids, pmask, cids, cmask)
+        old = float((token_entropy(raw, record["temperature"]) * cmask).sum()
+                    / cmask.sum())
+        assert captured["feedback"]["entropy"] == pytest.approx(old, rel=1e-5, abs=1e-6)
+        assert record["entropy"] == captured["feedback"]["entropy"]
+        assert captured["feedback"]["vocab_size"] == tr.vocab_size
+    assert any(h["grad_rows"] < 16 for h in tr.history), "the test needs skipped rows"
+
+
+@pytest.mark.parametrize("name", ["counterfactual", "tampo-sum", "uncertainty"])
+def test_new_rules_get_rewards_group_size_and_the_likelihoods_they_declare(monkeypatch, name):
+    from metactl.adapters.reference.controllers import make_policy
+
+    captured: dict = {}
+    real_rollout = GRPOTrainer.rollout
+
+    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
+        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
+        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
+        captured["model"] = copy.deepcopy(self.model)
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
+    policy = make_policy(name, steps=3, seed=0)
+    real_update = policy.update
+
+    def spy_update(decision, **feedback):
+        captured["feedback"] = feedback
+        return real_update(decision, **feedback)
+
+    policy.update = spy_update
+    tr = make_trainer(policy, grad_accum_steps=2)
+    for _ in range(3):
+        record = tr.step()
+        fb = captured["feedback"]
+        pids, pmask, cids, cmask = captured["batch"]
+        assert set(policy.requires) <= set(fb)
+        if "rewards" in policy.requires:
+            texts = tr.tokenizer.batch_decode(cids, skip_special_tokens=True)
+            np.testing.assert_array_equal(fb["rewards"], [contains_seven(t, "") for t in texts])
+            assert fb["rewards"].dtype == np.float64 and fb["group_size"] == 4
+        if "loglik" not in policy.requires:
+            assert "loglik" not in fb and record["meta_forward_rows"] == 0
+            continue
+        with torch.no_grad():
+            raw = completion_logits(captured["model"], pids, pmask, cids, cmask)
+        summed = candidate_loglik(raw, cids, cmask, policy.candidates) * cmask.sum(1)[:, None]
+        scored = torch.as_tensor(fb["advantages"]) != 0
+        if policy.rule.zero_advantage_rows_ignored:  # tampo-sum: A = 0 rows are never scored
+            assert record["meta_forward_rows"] == 0
+            assert torch.all(fb["loglik"][~scored] == 0)
+            rows = scored
+        else:  # counterfactual weighs every completion: the skipped rows are scored too
+            assert record["meta_forward_rows"] == 16 - record["grad_rows"]
+            rows = torch.ones(16, dtype=torch.bool)
+        assert torch.allclose(fb["loglik"][rows], summed[rows], rtol=1e-5, atol=1e-4)
+    assert any(h["grad_rows"] < 16 for h in tr.history), "the test needs skipped rows"
+    assert policy.step == 3
+
+
+def test_optimize_rejects_an_unknown_likelihood_normalization():
+    tr = make_trainer(prompts_per_step=1, group_size=2)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    with pytest.raises(ValueError, match="loglik_normalization must be 'mean' or 'sum'"):
+        tr.optimize(*hand_made_batch(tr.tokenizer), advantages=torch.tensor([1.0, -1.0]),
+                    temperature=1.0, needs={"loglik"}, loglik_normalization="median")
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
+
+
+def test_a_rule_asking_for_an_unknown_normalization_is_refused_before_select():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass(frozen=True)
+    class MedianFixed(metactl.Fixed):
+        likelihood_normalization: ClassVar[str] = "median"
+
+    policy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, MedianFixed(1.0))
+    tr = make_trainer(policy)
+    state = policy.state_dict()
+    with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
+        tr.step()
+    assert policy.state_dict() == state and tr.step_idx == 0 and tr.history == []

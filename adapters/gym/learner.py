@@ -11,9 +11,10 @@ token)`` (a bigram "language model" per task), initialised from the environment'
 4. One policy-gradient step on ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T)[o_it]``, with
    the log-probs at the same ``T`` that sampled the batch (Adam or SGD on the logit table).
 5. Feedback for the meta-policy from the logits the rollout already has (no extra episodes):
-   only what ``meta.requires`` asks for, among ``loglik`` (``metactl.likelihood.candidate_loglik``),
-   ``advantages``, ``reward`` (batch mean), ``entropy`` (mean token entropy at ``T``) and
-   ``vocab_size``.
+   only what ``meta.requires`` asks for, among ``loglik`` (``metactl.likelihood.candidate_loglik``,
+   length-normalised, or summed per answer when the rule's ``likelihood_normalization`` is
+   ``"sum"``), ``advantages``, ``reward`` (batch mean), ``rewards`` (one per answer),
+   ``group_size``, ``entropy`` (mean token entropy at ``T``) and ``vocab_size``.
 6. ``meta.update(d, **feedback)``.
 
 Evaluation is exact (no sampling noise): the success rate of the learned policy at
@@ -267,28 +268,49 @@ class TabularGRPO:
         batch: Rollout,
         advantages: np.ndarray,
         candidates: np.ndarray,
+        *,
+        likelihood_normalization: str = "mean",
     ) -> dict[str, Any]:
         """The feedback a meta-policy asks for (``requires``), from the rollout's own logits.
 
-        ``loglik``: ``(N, K)`` length-normalised log-likelihood of every answer under every
-        candidate temperature (``metactl.likelihood.candidate_loglik``; every position counts, as
-        all answers have length L). ``advantages``: the GRPO advantages. ``reward``: the batch's
-        mean reward. ``entropy``: mean token entropy (nats) at the sampling temperature.
-        ``vocab_size``: V.
+        ``loglik``: ``(N, K)`` log-likelihood of every answer under every candidate temperature
+        (``metactl.likelihood.candidate_loglik``; every position counts, as all answers have
+        length L): length-normalised when ``likelihood_normalization="mean"`` (TAMPO's paper
+        form), the sum over the answer's L tokens when ``"sum"`` (the probability of the whole
+        answer, e.g. for :class:`metactl.Counterfactual`'s importance weights); pass the rule's
+        own ``likelihood_normalization`` attribute (:func:`train` does). ``advantages``: the GRPO
+        advantages. ``reward``: the batch's mean reward. ``rewards``: ``(N,)`` one reward per
+        answer, rows in the order of ``loglik``. ``group_size``: answers per task (the groups
+        are consecutive rows). ``entropy``: mean token entropy (nats) at the sampling
+        temperature. ``vocab_size``: V.
         """
+        if likelihood_normalization not in ("mean", "sum"):
+            raise ValueError(
+                "likelihood_normalization must be 'mean' or 'sum', got "
+                f"{likelihood_normalization!r}"
+            )
         out: dict[str, Any] = {}
         for name in requires:
             if name == "loglik":
                 from metactl.likelihood import candidate_loglik
 
                 mask = np.ones(batch.tokens.shape, dtype=bool)
-                out["loglik"] = candidate_loglik(
-                    batch.logits, batch.tokens, mask, np.asarray(candidates, dtype=np.float64)
+                loglik = np.asarray(
+                    candidate_loglik(
+                        batch.logits, batch.tokens, mask, np.asarray(candidates, dtype=np.float64)
+                    )
                 )
+                if likelihood_normalization == "sum":
+                    loglik = loglik * mask.sum(axis=1)[:, None]  # the mean times the length
+                out["loglik"] = loglik
             elif name == "advantages":
                 out["advantages"] = np.asarray(advantages, dtype=np.float64)
             elif name == "reward":
                 out["reward"] = float(batch.rewards.mean())
+            elif name == "rewards":
+                out["rewards"] = np.array(batch.rewards, dtype=np.float64)  # a copy: rules keep it
+            elif name == "group_size":
+                out["group_size"] = self.config.group_size
             elif name == "entropy":
                 out["entropy"] = self.entropy(batch)
             elif name == "vocab_size":
@@ -416,6 +438,12 @@ def train(
     reward = np.empty(steps)
     entropy = np.empty(steps)
     probs = np.empty((steps, k))
+    # what the rule expects in ``loglik``: TAMPO's paper form is length-normalised ("mean")
+    normalization = getattr(getattr(meta, "rule", None), "likelihood_normalization", "mean")
+    if normalization not in ("mean", "sum"):  # checked before the first select draws from meta
+        raise ValueError(
+            f"meta.rule.likelihood_normalization must be 'mean' or 'sum', got {normalization!r}"
+        )
     for step in range(steps):
         by_task[step] = learner.success_by_task()
         success[step] = by_task[step].mean()
@@ -426,7 +454,13 @@ def train(
         batch = learner.rollout(temp, rng)
         advantages = group_advantages(batch.rewards, group, learner.config.adv_eps)
         learner.update(batch, advantages)
-        feedback = learner.feedback(meta.requires, batch, advantages, meta.candidates)
+        feedback = learner.feedback(
+            meta.requires,
+            batch,
+            advantages,
+            meta.candidates,
+            likelihood_normalization=normalization,
+        )
         info = meta.update(decision, **feedback)
         if on_step is not None:
             on_step(StepRecord(step, decision, batch, advantages, feedback, info, learner))

@@ -2,7 +2,12 @@
 
 Names: ``fixed-T`` (T on the paper grid 0.6..1.5), ``linear-A-B`` / ``cosine-A-B`` schedules,
 ``tampo`` (paper defaults), ``tampo-softmax``, ``hedge``, ``metagrad``, ``exp3``, ``ucb1``,
-``thompson``, ``entropy-H`` (the E3 entropy-targeting rule with target H nats).
+``thompson``, ``entropy-H`` (the E3 entropy-targeting rule with target H nats), and (issue 9,
+untuned defaults) the TAMPO variants ``tampo-std`` (each step's signal standardised),
+``tampo-sharp`` (``tau = 0.1`` inside sparsemax), ``tampo-tau-X``, ``tampo-sum`` (summed
+likelihoods), and ``counterfactual``, ``uncertainty``, ``entropy-schedule-H0-H1`` (E3 toward a
+target moving linearly from H0 to H1 nats over the run) with its default ``entropy-schedule``
+(0.6 -> 0.15: annealed high to low, around the geometric mean 0.3 of ``entropy-0.3``).
 
 Example:
     >>> make_policy("fixed-1.2", steps=10, seed=0).select().value
@@ -15,27 +20,78 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import metactl
 
 PAPER_ARMS: tuple[str, ...] = ("fixed-0.9", "fixed-1.2", "fixed-1.5", "linear-0.9-1.5", "tampo")
 OPTIONAL_ARMS: tuple[str, ...] = ("tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
-                                  "thompson", "entropy-0.3", "cosine-0.9-1.5")
+                                  "thompson", "entropy-0.3", "cosine-0.9-1.5", "tampo-std",
+                                  "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
+                                  "entropy-schedule")
+
+
+_SIMPLE_NAMES: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
+                                  "thompson", "tampo-std", "tampo-sharp", "tampo-sum",
+                                  "counterfactual", "uncertainty", "entropy-schedule")
+# (prefix, how many numbers follow it, what they are) of the parameterised names
+_PARAMETERISED: dict[str, tuple[int, str]] = {
+    "fixed": (1, "fixed-T"), "linear": (2, "linear-A-B"), "cosine": (2, "cosine-A-B"),
+    "entropy": (1, "entropy-H"), "entropy-schedule": (2, "entropy-schedule-H0-H1"),
+    "tampo-tau": (1, "tampo-tau-X"),
+}
+VALID_FORMS = (
+    "fixed-T (T on the grid 0.6, 0.7, ..., 1.5), linear-A-B, cosine-A-B (A, B in [0.6, 1.5]), "
+    "entropy-H (H > 0 nats), entropy-schedule-H0-H1 (H0, H1 > 0 nats), tampo-tau-X (X > 0), "
+    + ", ".join(_SIMPLE_NAMES)
+)
+
+
+def _parse_name(name: str) -> tuple[str, tuple[float, ...]]:
+    """Split ``name`` into its kind and numbers per the naming grammar; raises `ValueError`
+    naming the controller and listing the valid forms (nothing is built)."""
+    if not isinstance(name, str):
+        raise TypeError(f"controller name must be a str, got {type(name).__name__}")
+    if name in _SIMPLE_NAMES:
+        return name, ()
+    # the longest matching prefix: "entropy-schedule-..." is not "entropy-H"
+    matches = [k for k in _PARAMETERISED if name == k or name.startswith(k + "-")]
+    if matches:
+        kind = max(matches, key=len)
+        rest = name[len(kind) + 1:]
+        count, form = _PARAMETERISED[kind]
+        parts = rest.split("-") if rest else []
+        try:
+            values = tuple(float(x) for x in parts)
+        except ValueError:
+            values = ()
+        if len(parts) == count and len(values) == count and all(
+                math.isfinite(v) for v in values):
+            return kind, values
+        raise ValueError(f"controller {name!r} does not match {form} with finite numbers; "
+                         f"valid forms: {VALID_FORMS}")
+    raise ValueError(f"unknown controller {name!r}; valid forms: {VALID_FORMS}")
 
 
 def make_policy(name: str, steps: int, seed: int) -> metactl.MetaPolicy:
     """Build the meta-policy called ``name`` for a run of ``steps`` GRPO steps."""
+    kind, values = _parse_name(name)
     grid = metactl.PAPER_TEMPERATURES
-    parts = name.split("-")
     try:
-        if parts[0] == "fixed" and len(parts) == 2:
-            return metactl.MetaPolicy(grid, metactl.Fixed(float(parts[1])), seed=seed)
-        if parts[0] in ("linear", "cosine") and len(parts) == 3:
-            rule = metactl.Schedule(parts[0], float(parts[1]), float(parts[2]), total_steps=steps)
+        if kind == "fixed":
+            return metactl.MetaPolicy(grid, metactl.Fixed(values[0]), seed=seed)
+        if kind in ("linear", "cosine"):
+            rule = metactl.Schedule(kind, values[0], values[1], total_steps=steps)
             return metactl.MetaPolicy(grid, rule, seed=seed)
-        if parts[0] == "entropy" and len(parts) == 2:
-            return metactl.MetaPolicy(grid, metactl.EntropyTarget(float(parts[1])), seed=seed)
+        if kind == "entropy":
+            return metactl.MetaPolicy(grid, metactl.EntropyTarget(values[0]), seed=seed)
+        if kind == "entropy-schedule" and values:  # without numbers: the default, below
+            target = metactl.EntropySchedule(values[0], values[1], total_steps=steps)
+            return metactl.MetaPolicy(grid, target, seed=seed)
+        if kind == "tampo-tau":
+            return metactl.MetaPolicy(grid, metactl.TAMPO(tau=values[0]), seed=seed)
     except ValueError as exc:
-        raise ValueError(f"controller {name!r}: {exc}") from exc
+        raise ValueError(f"controller {name!r}: {exc}; valid forms: {VALID_FORMS}") from exc
     simple = {
         "tampo": lambda: metactl.tampo(seed=seed),
         "tampo-softmax": lambda: metactl.tampo(normalizer="softmax", seed=seed),
@@ -44,13 +100,37 @@ def make_policy(name: str, steps: int, seed: int) -> metactl.MetaPolicy:
         "exp3": lambda: metactl.MetaPolicy(grid, metactl.EXP3(), seed=seed),
         "ucb1": lambda: metactl.MetaPolicy(grid, metactl.UCB1(), seed=seed),
         "thompson": lambda: metactl.MetaPolicy(grid, metactl.ThompsonGaussian(), seed=seed),
+        "tampo-std": lambda: metactl.MetaPolicy(grid, metactl.TAMPO(standardize="std"), seed=seed),
+        "tampo-sharp": lambda: metactl.MetaPolicy(grid, metactl.TAMPO(tau=0.1), seed=seed),
+        "tampo-sum": lambda: metactl.MetaPolicy(
+            grid, metactl.TAMPO(likelihood_normalization="sum"), seed=seed),
+        "counterfactual": lambda: metactl.MetaPolicy(grid, metactl.Counterfactual(), seed=seed),
+        "uncertainty": lambda: metactl.MetaPolicy(grid, metactl.Uncertainty(), seed=seed),
+        "entropy-schedule": lambda: metactl.MetaPolicy(
+            grid, metactl.EntropySchedule(0.6, 0.15, total_steps=steps), seed=seed),
     }
-    if name not in simple:
-        raise ValueError(
-            f"unknown controller {name!r}; use fixed-T, linear-A-B, cosine-A-B, entropy-H or one "
-            f"of {sorted(simple)}"
-        )
-    return simple[name]()
+    return simple[kind]()
+
+
+def validate_controller(name: str, steps: int = 1) -> str:
+    """Check that ``name`` names a controller that can be built for a ``steps``-step run; returns
+    ``name``. Raises `ValueError` (one line, naming the controller and the valid forms) otherwise.
+
+    It builds the policy once and throws it away: a `MetaPolicy` is a few small numpy arrays, so
+    this is cheap and has no side effects, and it applies exactly the checks a run would.
+
+    Example:
+        >>> validate_controller("linear-0.9-1.5")
+        'linear-0.9-1.5'
+        >>> validate_controller("fixed-abc")
+        Traceback (most recent call last):
+        ...
+        ValueError: controller 'fixed-abc' does not match fixed-T with finite numbers; ...
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    make_policy(name, steps=steps, seed=0)
+    return name
 
 
 def is_fixed(name: str) -> bool:

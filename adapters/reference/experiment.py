@@ -11,11 +11,15 @@ Example (a miniature CPU comparison; the CLI builds the real one from the preset
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .integrity import RunRefusedError
 from .model import TinyModelConfig
 from .sft import WarmupConfig
 from .tasks import ChainTask
@@ -47,6 +52,11 @@ class EvalConfig:
     curve_points: int = 6
     batch_size: int = 1024
     train_check_n: int = 1000
+    # the start model's greedy accuracy on the training distribution must lie in this range
+    # (the task check; the comparison fails otherwise). The real setups need 10-60%: an
+    # untrained or saturated start model cannot show what the rollout temperature changes.
+    # Miniature test setups declare a wider range.
+    start_greedy_range: tuple[float, float] = (0.10, 0.60)
 
     def __post_init__(self) -> None:
         for name in ("n_per_benchmark", "k", "curve_n", "curve_k", "batch_size", "train_check_n"):
@@ -56,6 +66,13 @@ class EvalConfig:
             raise ValueError(f"curve_points must be >= 0, got {self.curve_points}")
         if self.temperature < 0 or not (0 < self.top_p <= 1):
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        rng = self.start_greedy_range
+        if (not isinstance(rng, tuple | list) or len(rng) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)
+                or not (0.0 <= rng[0] <= rng[1] <= 1.0)):
+            raise ValueError(f"start_greedy_range must be (low, high) with 0 <= low <= high "
+                             f"<= 1, got {rng!r}")
+        object.__setattr__(self, "start_greedy_range", (float(rng[0]), float(rng[1])))
 
 
 @dataclass(frozen=True)
@@ -142,18 +159,32 @@ def build_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
     return _paper_setup(cfg)
 
 
-def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_eval_sizes(cfg: ReproduceConfig) -> None:
+    """Cheap checks of the evaluation sizes (no model, no data), so that the CLI can refuse them
+    before the warm-up: the CPU preset's benchmarks hold at most this many distinct problems."""
+    from .tasks import HELDOUT_PER_BENCHMARK
 
-    from .tasks import HELDOUT_PER_BENCHMARK, chain_reward, heldout_prompts
-
-    assert cfg.task is not None and start_path is not None
-    task = cfg.task
-    for length in task.benchmark_lengths:
-        limit = min(HELDOUT_PER_BENCHMARK, task.n_distinct(length) // 4)
+    if cfg.preset != "cpu":
+        return
+    assert cfg.task is not None
+    for length in cfg.task.benchmark_lengths:
+        limit = min(HELDOUT_PER_BENCHMARK, cfg.task.n_distinct(length) // 4)
         if cfg.eval.n_per_benchmark > limit:
             raise ValueError(f"eval n_per_benchmark must be <= {limit} (held-out problems of "
                              f"chain length {length})")
+
+
+def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .tasks import chain_reward, heldout_prompts
+
+    assert cfg.task is not None and start_path is not None
+    task = cfg.task
+    check_eval_sizes(cfg)
+    from .sft import verify_entry
+
+    verify_entry(start_path)  # the files about to be loaded are the ones the warm-up wrote
     model = AutoModelForCausalLM.from_pretrained(start_path).float()
     tok = AutoTokenizer.from_pretrained(start_path)
     exclude = heldout_prompts(task)
@@ -175,6 +206,7 @@ def _paper_setup(cfg: ReproduceConfig) -> Setup:
         DEFAULT_INSTRUCTION,
         MathProblem,
         format_prompt,
+        heldout_size,
         load_math_dataset,
         load_model_and_tokenizer,
         math_reward,
@@ -195,7 +227,7 @@ def _paper_setup(cfg: ReproduceConfig) -> Setup:
         bench = {name: to_problems(load_math_dataset(path, cfg.prompt_field, cfg.answer_field))
                  for name, path in cfg.eval_data}
     else:  # hold out the last eval_size problems of the training file
-        n_eval = min(cfg.eval_size, max(1, len(train) // 5))
+        n_eval = heldout_size(len(train), cfg.eval_size)
         bench, train = {"heldout": train[-n_eval:]}, train[:-n_eval]
     bench = {k: v[: cfg.eval.n_per_benchmark] for k, v in bench.items()}
     if len(train) < cfg.grpo.prompts_per_step:
@@ -236,35 +268,141 @@ def evaluate_setup(cfg: ReproduceConfig, setup: Setup, model: Any, *, final: boo
 # ----------------------------------------------------------------------------------------------
 # one arm = one GRPO run (worker entry point)
 # ----------------------------------------------------------------------------------------------
-_PROGRESS: Any = None  # a multiprocessing queue, set in each worker by _init_worker
+# Set in each worker by _init_worker (and around the in-process loop of run_all_arms):
+_PROGRESS: Any = None  # a multiprocessing queue: ("step", n) and ("note", text) for the parent
+_STOP: Any = None  # an event: once set, every arm stops after its current step (checkpointed)
+_PARENT_PID: int | None = None  # a worker exits as soon as its parent is gone
+_WORKER_LOCK_FD: int | None = None  # a shared flock on <out>/.workers.lock while a worker lives
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(progress_queue: Any, threads: int) -> None:
-    global _PROGRESS
+class ArmStopped(Exception):
+    """An arm stopped early on request (Ctrl-C, or another arm failed); its checkpoint is kept
+    and a rerun resumes it."""
+
+
+def _init_worker(progress_queue: Any, stop_event: Any, threads: int, parent_pid: int,
+                 worker_lock: str | None) -> None:
+    global _PROGRESS, _STOP, _PARENT_PID, _WORKER_LOCK_FD
+    # Ctrl-C reaches the whole process group; the parent alone decides, and tells the workers
+    # through stop_event, so they stop between steps instead of dying mid-arm
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent_pid)
     import torch
 
     torch.set_num_threads(threads)
-    _PROGRESS = progress_queue
+    _PROGRESS, _STOP, _PARENT_PID = progress_queue, stop_event, parent_pid
+    if worker_lock is not None:
+        from .integrity import shared_lock_fd
+
+        _WORKER_LOCK_FD = shared_lock_fd(worker_lock)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this process die with ``parent_pid`` (its parent): ``PR_SET_PDEATHSIG`` on Linux,
+    and everywhere a watcher thread that polls the parent pid. A worker orphaned by a killed
+    parent would otherwise train on, race the next run on the same files, then idle forever."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watcher remains
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="metactl-parent-watch", daemon=True).start()
+
+
+def _note(text: str) -> None:
+    """One line for the user: sent to the parent from a worker, printed to stderr otherwise."""
+    if _PROGRESS is not None:
+        _PROGRESS.put(("note", text))
+    else:
+        print(f"metactl: {text}", file=sys.stderr, flush=True)
+
+
+def _stop_requested() -> bool:
+    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+        os._exit(1)  # the parent is gone (the watcher thread may not have run yet)
+    return _STOP is not None and _STOP.is_set()
+
+
+# the configuration fields that do not change an arm's result, left out of its key: where and
+# how fast it runs, which other arms run, how often it checkpoints, the start-model check, and
+# the GRPO fields that run_arm sets for each arm
+ARM_KEY_VERSION = 2
+_NOT_IN_ARM_KEY = ("out", "workers", "threads_per_worker", "controllers", "seeds", "cache_dir",
+                   "allow_download")
+_GRPO_NOT_IN_ARM_KEY = ("checkpoint_every", "seed", "eval_every", "diagnostic_steps")
+_EVAL_NOT_IN_ARM_KEY = ("train_check_n", "start_greedy_range")
+
+
+def _resolved(path: str | None) -> str | None:
+    """A local path as an absolute, symlink-free path (a hub id is kept as it is)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def start_identity(start_path: str | None) -> str | None:
+    """The identity of the warm-up entry at ``start_path`` (a hash of its weight and tokenizer
+    files, see `sft.WarmupEntry`), ``None`` without a warm-up (paper preset)."""
+    if start_path is None:
+        return None
+    from .integrity import read_json_checked
+    from .sft import META_FILE, entry_identity
+
+    meta = read_json_checked(Path(start_path) / META_FILE,
+                             advice="rerun: the warm-up cache entry is rebuilt automatically")
+    return entry_identity(meta["files"])
 
 
 def arm_key(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None) -> str:
-    """Hash of everything that determines an arm's result (not where or how fast it runs), so
-    a finished arm is reused only by a comparison that would have produced the same result."""
+    """Hash of everything that determines an arm's result and nothing else, so a finished arm
+    or a checkpoint is reused exactly when this comparison would produce the same result: the
+    starting weights enter by content (not by the cache folder's path), local data and model
+    paths resolved, and bookkeeping (output folder, workers, threads, ``checkpoint_every``, the
+    other arms) left out."""
     import hashlib
 
     d = cfg.to_dict()
-    for k in ("out", "workers", "threads_per_worker", "controllers", "seeds"):
+    for k in _NOT_IN_ARM_KEY:
         d.pop(k)
-    blob = json.dumps({"cfg": d, "controller": controller, "seed": seed, "start": start_path},
-                      sort_keys=True, default=str)
+    d["grpo"] = {k: v for k, v in d["grpo"].items() if k not in _GRPO_NOT_IN_ARM_KEY}
+    d["eval"] = {k: v for k, v in d["eval"].items() if k not in _EVAL_NOT_IN_ARM_KEY}
+    d["model_path"], d["data"] = _resolved(d["model_path"]), _resolved(d["data"])
+    d["eval_data"] = [[name, _resolved(path)] for name, path in d["eval_data"]]
+    blob = json.dumps({"version": ARM_KEY_VERSION, "cfg": d, "controller": controller,
+                       "seed": seed, "start": start_identity(start_path)},
+                      sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_RESULT_ADVICE = "delete it to recompute this arm"
+
+
+def _read_result(path: Path) -> dict:
+    """A run's ``result.json`` (hash checked; `CorruptFileError` naming it when damaged). A
+    result without a hash (an older metactl) loads: its key never matches, so it is redone."""
+    from .integrity import read_json_checked
+
+    return read_json_checked(path, advice=_RESULT_ADVICE, require_hash=False)
 
 
 def _finished(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None) -> bool:
     path = run_dir_for(cfg, controller, seed) / "result.json"
     if not path.exists():
         return False
-    return json.loads(path.read_text()).get("key") == arm_key(cfg, controller, seed, start_path)
+    return _read_result(path).get("key") == arm_key(cfg, controller, seed, start_path)
 
 
 def run_dir_for(cfg: ReproduceConfig, controller: str, seed: int) -> Path:
@@ -277,25 +415,59 @@ def diagnostic_steps(steps: int) -> tuple[int, ...]:
     return tuple(sorted({0, steps // 2, steps - 1}))
 
 
-def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None) -> dict:
+def _set_aside(path: Path, old_key: str | None) -> Path:
+    """Move ``path`` to ``<its folder>/superseded/<stem>-<old key>[-n]<suffix>`` (never over
+    another file) and return the new path."""
+    folder = path.parent / "superseded"
+    folder.mkdir(exist_ok=True)
+    base = f"{path.stem}-{old_key or 'unknown-key'}"
+    dest = folder / f"{base}{path.suffix}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = folder / f"{base}-{n}{path.suffix}"
+    os.replace(path, dest)
+    return dest
+
+
+def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None,
+            progress: bool = True) -> dict:
     """Train one (controller, seed) arm (resuming its checkpoint if any), evaluate it, write
-    ``result.json`` in its run directory and return the result."""
+    ``result.json`` in its run directory and return the result. ``progress``: show the arm's
+    progress bar when it runs in this process (workers report to the parent's bar instead).
+
+    A checkpoint or result of another configuration (another key) is never deleted: it is
+    moved to ``superseded/`` in the run directory. Raises `ArmStopped` when a stop is requested
+    (the arm stops after its current step and keeps a checkpoint), `CorruptFileError` when its
+    checkpoint or result is damaged.
+    """
     import torch
 
     from .controllers import make_policy
+    from .integrity import write_json_checked, write_text_atomic
     from .trainer import GRPOTrainer
 
+    label = f"{controller} seed {seed}"
+    if _stop_requested():  # queued before the stop: never started
+        raise ArmStopped(f"{label}: not started")
     run_dir = run_dir_for(cfg, controller, seed)
     done = run_dir / "result.json"
     key = arm_key(cfg, controller, seed, start_path)
-    if _finished(cfg, controller, seed, start_path):
-        return json.loads(done.read_text())
+    old_result = _read_result(done) if done.exists() else None
+    if old_result is not None and old_result.get("key") == key:
+        return old_result
     ckpt = run_dir / "checkpoint.pt"
     key_file = run_dir / "key.txt"
-    if ckpt.exists() and (not key_file.exists() or key_file.read_text() != key):
-        ckpt.unlink()  # a checkpoint of a different configuration: start over
+    old_key = key_file.read_text().strip() if key_file.exists() else None
+    if ckpt.exists() and old_key != key:
+        aside = _set_aside(ckpt, old_key)
+        _note(f"{label}: {ckpt} is of another configuration (key {old_key or 'unknown'}, this "
+              f"run {key}); kept as {aside}, this arm starts from step 0")
+    if old_result is not None:
+        aside = _set_aside(done, old_result.get("key"))
+        _note(f"{label}: {done} is of another configuration; kept as {aside}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(key)
+    write_text_atomic(key_file, key)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     setup = build_setup(cfg, start_path)
@@ -312,14 +484,22 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
                           reward_fn=setup.reward_fn, ref_model=setup.ref_model,
                           evaluator=curve_eval, run_dir=run_dir)
     start_step = trainer.step_idx
+    if _stop_requested():  # stopped while loading: nothing new to keep
+        raise ArmStopped(f"{label}: stopped before training (at step {start_step} of {steps})")
+    if start_step:
+        _note(f"{label}: resumed at step {start_step} of {steps} from {ckpt}")
 
-    def report_progress(record: dict) -> None:
+    def after_step(record: dict) -> None:
         if _PROGRESS is not None:
-            _PROGRESS.put((controller, seed, 1))
+            _PROGRESS.put(("step", 1))
+        if _stop_requested():
+            if cfg.grpo.checkpoint_every:  # keep this step's work: resume starts after it
+                trainer.save_checkpoint()
+            raise ArmStopped(f"{label}: stopped after step {trainer.step_idx} of {steps}")
 
     if _PROGRESS is not None and start_step:
-        _PROGRESS.put((controller, seed, start_step))
-    history = trainer.train(callback=report_progress, progress_bar=_PROGRESS is None)
+        _PROGRESS.put(("step", start_step))
+    history = trainer.train(callback=after_step, progress_bar=progress and _PROGRESS is None)
     final = evaluate_setup(cfg, setup, trainer.model, final=True, seed=20_000)
     train_seconds = sum(h["seconds"] for h in history)
     result = {
@@ -342,45 +522,60 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "wall_seconds": time.perf_counter() - t0,
         "resumed_from_step": start_step,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, done)
+    write_json_checked(done, result)
+    result = _read_result(done)  # what a rerun will read back (tuples as lists, ...)
     trainer.checkpoint_path.unlink(missing_ok=True)  # the result supersedes the checkpoint
     return result
 
 
 def _run_arm_job(args: tuple) -> dict:
-    return run_arm(*args)
+    cfg, controller, seed, start_path = args
+    return run_arm(cfg, controller, seed, start_path, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # the whole comparison
 # ----------------------------------------------------------------------------------------------
+class StartModelError(RunRefusedError):
+    """The warm-up's start model is outside the range the comparison needs."""
+
+
 def prepare_start(cfg: ReproduceConfig, progress: bool = True) -> tuple[str | None, dict]:
     """Warm-up (CPU preset; cached) and the pre-RL checks: returns (start path, start info).
 
     The start info holds the starting model's benchmark scores ("base, no RL") and, for the CPU
     preset, the task check: greedy accuracy on the training distribution and sampled accuracy at
-    each fixed temperature of the comparison.
+    each fixed temperature of the comparison. Raises `StartModelError` when the greedy accuracy
+    is outside ``cfg.eval.start_greedy_range`` (before the base evaluation).
     """
     import torch
 
     start_path: str | None = None
     info: dict[str, Any] = {}
     if cfg.preset == "cpu":
-        from .sft import warmup
+        from .sft import warmup_entry
 
         assert cfg.task and cfg.model and cfg.warmup
-        path = warmup(cfg.task, cfg.model, cfg.warmup, cache_dir=cfg.cache_dir,
-                      progress=progress)
-        start_path = str(path)
-        meta = json.loads((path / "warmup.json").read_text())
-        info["warmup"] = {"path": start_path, "key": meta["key"], **meta["stats"]}
+        entry = warmup_entry(cfg.task, cfg.model, cfg.warmup, cache_dir=cfg.cache_dir,
+                             progress=progress)
+        if entry.rebuilt is not None and entry.rebuilt != "missing":
+            _note(f"warm-up cache entry {entry.key} was damaged and has been rebuilt "
+                  f"({entry.rebuilt})")
+        start_path = str(entry.path)
+        info["warmup"] = {"path": start_path, "key": entry.key, "identity": entry.identity,
+                          "rebuilt": entry.rebuilt, **entry.meta["stats"]}
     setup = build_setup(cfg, start_path)
-    info["base"] = evaluate_setup(cfg, setup, setup.model, final=True, seed=20_000)
     if cfg.preset == "cpu":
-        info["task_check"] = task_check(cfg, setup)
+        tc = info["task_check"] = task_check(cfg, setup)
+        if not tc["greedy_in_range"]:
+            lo, hi = tc["greedy_range"]
+            raise StartModelError(
+                f"the start model (warm-up {info['warmup']['key']} in {start_path}) solves "
+                f"{100 * tc['greedy']:.1f}% of fresh training problems greedily, outside the "
+                f"required {100 * lo:g}-{100 * hi:g}%: RL from it cannot show what the rollout "
+                "temperature changes. Change the warm-up (WarmupConfig: steps, stop_loss) or, "
+                "for a miniature setup, declare the range (EvalConfig.start_greedy_range)")
+    info["base"] = evaluate_setup(cfg, setup, setup.model, final=True, seed=20_000)
     del setup
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return start_path, info
@@ -388,7 +583,8 @@ def prepare_start(cfg: ReproduceConfig, progress: bool = True) -> tuple[str | No
 
 def task_check(cfg: ReproduceConfig, setup: Setup) -> dict:
     """Accuracy of the starting model on fresh training-distribution problems: greedy and
-    sampled at each temperature of the comparison's fixed arms (and 1.0)."""
+    sampled at each temperature of the comparison's fixed arms (and 1.0); ``greedy_in_range``
+    says whether the greedy accuracy is inside ``cfg.eval.start_greedy_range``."""
     from .evaluate import evaluate_benchmarks
 
     assert cfg.task is not None
@@ -408,25 +604,82 @@ def task_check(cfg: ReproduceConfig, setup: Setup) -> dict:
             out["greedy"] = r["train"]["greedy"]
         out[f"sampled@{t:g}"] = r["train"]["pass1"]
         out[f"pass@4@{t:g}"] = r["train"]["pass_at_k"]
-    out["greedy_in_range"] = bool(0.10 <= out["greedy"] <= 0.60)
+    lo, hi = cfg.eval.start_greedy_range
+    out["greedy_range"] = [lo, hi]
+    out["greedy_in_range"] = bool(lo <= out["greedy"] <= hi)
     out["n"] = cfg.eval.train_check_n
     return out
 
 
+class _Interrupts:
+    """While active (main thread only): the first Ctrl-C sets ``stop`` (every arm ends after its
+    current step, keeping a checkpoint) and records ``interrupted``; a second one raises
+    ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop = stop
+        self.interrupted = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.stop.set()
+        print("\nmetactl: interrupted, stopping every arm after its current step (their "
+              "checkpoints are kept; Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _interrupted_exit(stopped: list[str]) -> KeyboardInterrupt:
+    for line in stopped:
+        print(f"metactl: {line}", file=sys.stderr, flush=True)
+    print("metactl: stopped; run the same command again to resume", file=sys.stderr, flush=True)
+    return KeyboardInterrupt()
+
+
 def run_all_arms(cfg: ReproduceConfig, start_path: str | None, progress: bool = True) -> list[dict]:
-    """Run every (controller, seed) arm, ``cfg.workers`` at a time; returns their results."""
+    """Run every (controller, seed) arm, ``cfg.workers`` at a time; returns their results.
+
+    Ctrl-C (SIGINT, to this process or its process group) stops every running arm after its
+    current step with a checkpoint, starts no queued arm, and raises ``KeyboardInterrupt``; an
+    arm's error stops the other arms the same way and is raised. Worker processes die with
+    this process.
+    """
+    global _STOP
     jobs = [(cfg, c, s, start_path) for c in cfg.controllers for s in cfg.seeds]
     pending = [j for j in jobs if not _finished(cfg, j[1], j[2], start_path)]
     results: dict[tuple[str, int], dict] = {}
     for j in jobs:
         if j not in pending:
             results[(j[1], j[2])] = run_arm(*j)
+            _note(f"{j[1]} seed {j[2]}: finished earlier, result reused")
     if pending and (cfg.workers == 1 or len(pending) == 1):
         import torch
 
         torch.set_num_threads(cfg.threads_per_worker)
-        for j in pending:
-            results[(j[1], j[2])] = run_arm(*j)
+        stopped: list[str] = []
+        with _Interrupts(threading.Event()) as ctl:
+            _STOP = ctl.stop
+            try:
+                for j in pending:
+                    try:
+                        results[(j[1], j[2])] = run_arm(*j, progress=progress)
+                    except ArmStopped as exc:
+                        stopped.append(str(exc))
+                        break
+            finally:
+                _STOP = None
+        if ctl.interrupted:
+            raise _interrupted_exit(stopped)
     elif pending:
         results.update(_run_parallel(cfg, pending, progress))
     return [results[(c, s)] for c in cfg.controllers for s in cfg.seeds]
@@ -434,42 +687,132 @@ def run_all_arms(cfg: ReproduceConfig, start_path: str | None, progress: bool = 
 
 def _run_parallel(cfg: ReproduceConfig, pending: list[tuple], progress: bool) -> dict:
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    q = manager.Queue()
+    q = ctx.Queue()  # a plain queue and event: no manager process that could outlive us
+    stop = ctx.Event()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(pending) * cfg.grpo.steps, desc=f"{len(pending)} runs, "
                    f"{cfg.workers} workers", unit="step")
+
+    def drain(timeout: float) -> None:
+        try:
+            kind, value = q.get(timeout=timeout)
+            while True:
+                if kind == "step" and bar is not None:
+                    bar.update(value)
+                elif kind == "note":
+                    (bar.write if bar is not None else print)(f"metactl: {value}",
+                                                              file=sys.stderr)
+                kind, value = q.get_nowait()
+        except queue.Empty:
+            pass
+
     out: dict[tuple[str, int], dict] = {}
-    with cf.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx,
-                                initializer=_init_worker,
-                                initargs=(q, cfg.threads_per_worker)) as pool:
-        futures = {pool.submit(_run_arm_job, j): (j[1], j[2]) for j in pending}
-        remaining = set(futures)
-        while remaining:
+    stopped: list[str] = []
+    error: BaseException | None = None
+    worker_lock = str(Path(cfg.out) / ".workers.lock")
+    pool = cf.ProcessPoolExecutor(max_workers=min(cfg.workers, len(pending)), mp_context=ctx,
+                                  initializer=_init_worker,
+                                  initargs=(q, stop, cfg.threads_per_worker, os.getpid(),
+                                            worker_lock))
+    ctl = _Interrupts(stop)
+    finished_cleanly = False
+    try:
+        with ctl:
+            # the workers start during these submits: with SIGINT blocked here they inherit it
+            # blocked, so a Ctrl-C to the process group cannot kill one while it starts up
+            # (before _init_worker ignores it); here it stays pending until the unblock
+            masked = hasattr(signal, "pthread_sigmask")
+            if masked:
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                _, _, n = q.get(timeout=0.5)
-                if bar is not None:
-                    bar.update(n)
-            except queue.Empty:
-                pass
-            for fut in [f for f in remaining if f.done()]:
-                remaining.discard(fut)
-                out[futures[fut]] = fut.result()  # re-raises a worker's error
-                if bar is not None:
-                    bar.set_postfix(done=f"{len(out)}/{len(pending)}")
-    if bar is not None:
-        bar.close()
-    manager.shutdown()
+                futures = {pool.submit(_run_arm_job, j): (j[1], j[2]) for j in pending}
+            finally:
+                if masked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            remaining = set(futures)
+            while remaining:
+                drain(0.2)
+                if stop.is_set():
+                    for fut in remaining:
+                        fut.cancel()  # queued arms never start
+                for fut in [f for f in remaining if f.done()]:
+                    remaining.discard(fut)
+                    if fut.cancelled():
+                        continue
+                    exc = fut.exception()
+                    if exc is None:
+                        out[futures[fut]] = fut.result()
+                        if bar is not None:
+                            bar.set_postfix(done=f"{len(out)}/{len(pending)}")
+                    elif isinstance(exc, ArmStopped):
+                        stopped.append(str(exc))
+                    elif isinstance(exc, cf.process.BrokenProcessPool) and stop.is_set():
+                        stopped.append(f"{futures[fut][0]} seed {futures[fut][1]}: its worker "
+                                       "ended while stopping")
+                    elif error is None:
+                        error = exc
+                        stop.set()  # the other arms stop after their current step
+            drain(0)
+        finished_cleanly = True
+    finally:
+        if not finished_cleanly:  # a second Ctrl-C, or an error here: stop the workers now
+            stop.set()
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+        q.close()
+    if error is not None:
+        raise error
+    if ctl.interrupted:
+        raise _interrupted_exit(stopped)
     return out
 
 
+def check_run_files(cfg: ReproduceConfig) -> None:
+    """Before any work: every arm's ``result.json`` intact (hash) and ``checkpoint.pt`` not
+    empty or truncated (its hash is checked when it is loaded); leftovers of killed writers
+    removed. Raises `CorruptFileError` naming the first damaged file. Call with the output
+    lock held."""
+    import zipfile
+
+    from .integrity import CorruptFileError, remove_stale_temps
+    from .trainer import CHECKPOINT_ADVICE
+
+    for c in cfg.controllers:
+        for s in cfg.seeds:
+            run_dir = run_dir_for(cfg, c, s)
+            for name in ("checkpoint.pt", "result.json", "key.txt"):
+                remove_stale_temps(run_dir, name)
+            if (run_dir / "result.json").exists():
+                _read_result(run_dir / "result.json")
+            ckpt = run_dir / "checkpoint.pt"
+            if ckpt.exists():
+                if ckpt.stat().st_size == 0:
+                    raise CorruptFileError(ckpt, "empty file", CHECKPOINT_ADVICE)
+                try:
+                    with zipfile.ZipFile(ckpt):
+                        pass
+                except (zipfile.BadZipFile, OSError) as exc:
+                    raise CorruptFileError(ckpt, f"truncated or garbled ({exc})",
+                                           CHECKPOINT_ADVICE) from None
+
+
 def run_experiment(cfg: ReproduceConfig, progress: bool = True) -> Path:
-    """Warm-up and checks, all arms, then the report. Returns the report's markdown path."""
+    """Warm-up and checks, all arms, then the report. Returns the report's markdown path.
+
+    Holds an exclusive lock on ``<out>/.lock`` throughout: a second run on the same output
+    folder is refused with `OutputInUseError`. Damaged run files raise `CorruptFileError`
+    before any work; Ctrl-C raises ``KeyboardInterrupt`` after the arms stopped (see
+    `run_all_arms`).
+    """
     import torch
 
+    from .integrity import exclusive_lock, wait_exclusive, write_text_atomic
     from .report import write_report
 
     # tiny models run fastest single-threaded, and on a busy machine OpenMP spin-waiting makes
@@ -478,7 +821,13 @@ def run_experiment(cfg: ReproduceConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
-    start_path, start_info = prepare_start(cfg, progress=progress)
-    results = run_all_arms(cfg, start_path, progress=progress)
-    return write_report(out, cfg, start_info, results, wall_seconds=time.perf_counter() - t0)
+    with exclusive_lock(out / ".lock", f"output folder {out}"):
+        # the workers of a run whose main process was killed exit within a second
+        wait_exclusive(out / ".workers.lock", timeout=30, what=f"output folder {out}")
+        check_run_files(cfg)
+        write_text_atomic(out / "config.json",
+                          json.dumps(cfg.to_dict(), indent=2, default=list))
+        start_path, start_info = prepare_start(cfg, progress=progress)
+        results = run_all_arms(cfg, start_path, progress=progress)
+        return write_report(out, cfg, start_info, results,
+                            wall_seconds=time.perf_counter() - t0)

@@ -36,9 +36,23 @@ def cpu_config(
     *, quick: bool = False, out: str = "runs/reproduce", controllers: tuple[str, ...] = PAPER_ARMS,
     seeds: tuple[int, ...] | None = None, workers: int = 2, cache_dir: str | None = None,
     grpo: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
-    steps: int | None = None,
+    steps: int | None = None, threads_per_worker: int = 1,
 ) -> ReproduceConfig:
-    """The CPU-scale reproduction (full or ``quick``), with optional overrides."""
+    """The CPU-scale reproduction (full or ``quick``), with optional overrides.
+
+    Overrides always win over the preset's values (``None`` means "the preset's value"):
+    ``steps`` is a shorthand for ``grpo={"steps": ...}``; giving both with different values is a
+    `ValueError`, never a silent choice.
+
+    Example:
+        >>> cpu_config(quick=True, grpo={"steps": 40}).grpo.steps
+        40
+    """
+    grpo = dict(grpo or {})
+    if steps is not None:
+        if grpo.get("steps") is not None and grpo["steps"] != steps:
+            raise ValueError(f"steps={steps} and grpo['steps']={grpo['steps']} disagree")
+        grpo["steps"] = steps
     task = ChainTask()
     base_grpo = GRPOConfig(
         steps=150 if quick else 400,
@@ -48,15 +62,15 @@ def cpu_config(
         max_new_tokens=task.max_completion_tokens, device="cpu", precision="fp32",
         checkpoint_every=25,
     )
-    g = _replace(base_grpo, {**(grpo or {}), "steps": steps})
+    g = _replace(base_grpo, grpo)
     ev = EvalConfig(n_per_benchmark=100 if quick else 200, k=8, temperature=0.6,
                     curve_n=30 if quick else 50, curve_k=4, curve_points=5 if quick else 8)
     ev = _replace(ev, eval_overrides or {})
     return ReproduceConfig(
         preset="cpu", out=out, controllers=tuple(controllers),
         seeds=tuple(seeds) if seeds is not None else tuple(range(2 if quick else 5)),
-        grpo=g, eval=ev, workers=workers, task=task, model=TinyModelConfig(),
-        warmup=WarmupConfig(), cache_dir=cache_dir,
+        grpo=g, eval=ev, workers=workers, threads_per_worker=threads_per_worker, task=task,
+        model=TinyModelConfig(), warmup=WarmupConfig(), cache_dir=cache_dir,
     )
 
 

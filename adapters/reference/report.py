@@ -338,8 +338,10 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
     tc = start_info.get("task_check")
     if tc:
         rng_ok = "inside" if tc["greedy_in_range"] else "OUTSIDE"
+        lo, hi = tc.get("greedy_range", (0.10, 0.60))
         md.append(f"- Greedy accuracy of the warm-up model on {tc['n']} fresh training-distribution"
-                  f" problems: **{100 * tc['greedy']:.1f}%** ({rng_ok} the required 10-60%).")
+                  f" problems: **{100 * tc['greedy']:.1f}%** ({rng_ok} the required "
+                  f"{100 * lo:g}-{100 * hi:g}%).")
         samp = ", ".join(f"T={key.split('@')[1]}: {100 * v:.1f}%" for key, v in tc.items()
                          if key.startswith("sampled@"))
         md.append(f"- Sampled accuracy (avg@4) at each temperature before RL: {samp}.")

@@ -31,10 +31,14 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class Completions:
     """Sampled completions: ``tokens`` (N, C) padded with ``pad_id`` after EOS, ``mask`` (N, C)
-    1 for generated tokens up to and including EOS."""
+    1 for generated tokens up to and including EOS; ``entropy`` (N, C) float32, only when
+    `sample` is asked for it (``return_entropy=True``): the entropy (nats) of the sampling
+    distribution ``softmax(logits / T)`` (before any top-p filter) at every masked position,
+    0 at the others."""
 
     tokens: torch.Tensor
     mask: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -72,15 +76,27 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    return_entropy: bool = False,
 ) -> Completions:
     """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / temperature)``.
 
     ``prompt_ids``/``prompt_mask`` are left-padded (N, P). ``temperature=0`` decodes greedily.
     Positions are counted from each row's first real token, so left padding does not shift them.
     Sampling uses ``generator`` (on the model's device) so runs are reproducible.
+
+    ``return_entropy=True`` also returns the token entropy at ``temperature`` of every sampled
+    position (`Completions.entropy`), from the logits the loop already has: the same values as
+    `token_entropy` on a scoring forward of the completions, without that forward (the entropy
+    controllers' feedback). The draws do not change (the sampling probabilities are computed
+    exactly as without it). Needs ``temperature > 0``.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if return_entropy and temperature == 0:
+        raise ValueError("return_entropy needs temperature > 0 (greedy decoding has no "
+                         "sampling distribution)")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     device = prompt_ids.device
@@ -103,8 +119,11 @@ def sample(
     logits = out.logits[:, -1].float()
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
     next_pos = pos[:, -1:] + 1
     for t in range(max_new_tokens):
+        if return_entropy:
+            entropies.append(token_entropy(logits, temperature))
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
@@ -131,7 +150,8 @@ def sample(
     is_eos = toks == eos_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     mask = ~after_eos
-    return Completions(tokens=toks, mask=mask)
+    entropy = torch.stack(entropies, dim=1) * mask if return_entropy else None
+    return Completions(tokens=toks, mask=mask, entropy=entropy)
 
 
 def completion_logits(

@@ -2,7 +2,9 @@
 
 The checkpoint is keyed by a hash of everything that determines it (task, model, warm-up config,
 library versions), so every arm and seed of a comparison starts from the same weights and a
-second run finds it in the cache.
+second run finds it in the cache. Each entry's ``warmup.json`` records the SHA-256 of every
+other file of the entry (and of itself), checked whenever the entry is used: a truncated or
+bit-flipped weight file, or a half-written entry, is rebuilt instead of trusted.
 
 Example:
     >>> from metactl.adapters.reference.tasks import ChainTask
@@ -13,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .integrity import (
+    CorruptFileError,
+    fsync_dir,
+    json_sha256,
+    read_json_checked,
+    sha256_file,
+    write_json_checked,
+)
 from .model import TinyModelConfig, build_model, n_parameters
 from .tasks import ALPHABET, ChainTask, heldout_prompts
 from .tokenizer import build_char_tokenizer
@@ -149,21 +160,108 @@ def train_warmup(
     return model, tokenizer, stats
 
 
+@dataclass(frozen=True)
+class WarmupEntry:
+    """A verified warm-up cache entry: its folder, key, content identity and metadata.
+
+    ``identity`` is a hash of the entry's model and tokenizer files (not of its timing stats):
+    it names the starting weights themselves, wherever the cache lives. ``rebuilt`` says why
+    the entry was (re)built by this call: ``None`` when an existing entry was reused,
+    ``"missing"`` for a first build, else what was wrong with the entry found in the cache.
+    """
+
+    path: Path
+    key: str
+    identity: str
+    meta: dict
+    rebuilt: str | None
+
+
+META_FILE = "warmup.json"
+_CACHE_ADVICE = "the entry is rebuilt automatically"
+
+
+def _entry_files(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of an entry folder except ``warmup.json``, by relative path."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META_FILE}
+
+
+def entry_identity(files: dict[str, str]) -> str:
+    """The identity of a warm-up entry: a hash of its files' hashes (see `WarmupEntry`)."""
+    return json_sha256(files)[:16]
+
+
+def verify_entry(path: str | os.PathLike, key: str | None = None) -> WarmupEntry:
+    """Check a warm-up cache entry: ``warmup.json`` intact (its own hash), for ``key`` when
+    given, and every model and tokenizer file present with the hash recorded there, and no
+    unrecorded file. Raises `CorruptFileError` saying what is wrong."""
+    folder = Path(path)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise CorruptFileError(meta_path, "missing (a half-written or damaged cache entry)",
+                               _CACHE_ADVICE)
+    meta = read_json_checked(meta_path, advice=_CACHE_ADVICE)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CorruptFileError(meta_path, "lists no file hashes (an entry of an older metactl)",
+                               _CACHE_ADVICE)
+    if key is not None and meta.get("key") != key:
+        raise CorruptFileError(meta_path, f"is for key {meta.get('key')!r}, not {key!r}",
+                               _CACHE_ADVICE)
+    actual = _entry_files(folder)
+    for name, digest in files.items():
+        if name not in actual:
+            raise CorruptFileError(folder / name, "missing from the cache entry", _CACHE_ADVICE)
+        if actual[name] != digest:
+            raise CorruptFileError(folder / name, "content hash mismatch (the file was changed "
+                                                  "or damaged after it was written)",
+                                   _CACHE_ADVICE)
+    extra = sorted(set(actual) - set(files))
+    if extra:
+        raise CorruptFileError(folder / extra[0], "is not part of the cache entry as written",
+                               _CACHE_ADVICE)
+    return WarmupEntry(path=folder, key=str(meta["key"]), identity=entry_identity(files),
+                       meta=meta, rebuilt=None)
+
+
 def warmup(
     task: ChainTask, model_cfg: TinyModelConfig, cfg: WarmupConfig,
     cache_dir: str | os.PathLike | None = None, progress: bool = True,
     extra_stats: Callable[[Any, Any], dict] | None = None,
 ) -> Path:
-    """Return the directory of the cached warm-up checkpoint, training it first if missing.
+    """Return the directory of the cached warm-up checkpoint, training it first if missing or
+    damaged (see `warmup_entry`).
 
     The directory holds the model and tokenizer (``save_pretrained``) and ``warmup.json`` (the
-    configs, the key and the stats, plus ``extra_stats(model, tokenizer)`` when given).
+    configs, the key, the stats, plus ``extra_stats(model, tokenizer)`` when given, and the
+    SHA-256 of every other file).
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return warmup_entry(task, model_cfg, cfg, cache_dir=cache_dir, progress=progress,
+                        extra_stats=extra_stats).path
+
+
+def warmup_entry(
+    task: ChainTask, model_cfg: TinyModelConfig, cfg: WarmupConfig,
+    cache_dir: str | os.PathLike | None = None, progress: bool = True,
+    extra_stats: Callable[[Any, Any], dict] | None = None,
+) -> WarmupEntry:
+    """The verified cache entry for these configs, trained and published first when it is
+    missing or fails `verify_entry` (truncated or garbled weights, a deleted ``warmup.json``,
+    an entry of an older metactl): a damaged entry never blocks a run, it is replaced.
+
+    Publishing is atomic (a complete folder renamed into place); when several processes build
+    the same entry at once, the first complete one wins and the others use it.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(task, model_cfg, cfg)
     path = root / f"warmup-{key}"
-    if (path / "warmup.json").exists():
-        return path
+    reason = "missing"
+    if path.exists():
+        try:
+            return verify_entry(path, key)
+        except CorruptFileError as exc:
+            reason = str(exc)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -183,13 +281,37 @@ def warmup(
         stats.update(extra_stats(model, tokenizer))
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".warmup-{key}-", dir=root))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    meta = {"key": key, "task": task.to_dict(), "model": model_cfg.to_dict(),
-            "warmup": dataclasses.asdict(cfg), "stats": stats}
-    (tmp / "warmup.json").write_text(json.dumps(meta, indent=2, default=list))
     try:
-        os.replace(tmp, path)  # atomic publish; a concurrent writer may have won the race
-    except OSError:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = _entry_files(tmp)
+        meta = {"key": key, "task": task.to_dict(), "model": model_cfg.to_dict(),
+                "warmup": dataclasses.asdict(cfg), "stats": stats, "files": files}
+        write_json_checked(tmp / META_FILE, json.loads(json.dumps(meta, default=list)),
+                           indent=2)
+        for name in [*files, META_FILE]:  # the folder is renamed into place: flush it first
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        for _ in range(3):
+            try:
+                os.replace(tmp, path)  # atomic publish
+                fsync_dir(root)
+                return WarmupEntry(path=path, key=key, identity=entry_identity(files),
+                                   meta=verify_entry(path, key).meta, rebuilt=reason)
+            except OSError:
+                pass  # the name is taken: a concurrent writer's entry, or the damaged one
+            try:
+                winner = verify_entry(path, key)  # a concurrent writer won the race
+                return dataclasses.replace(winner, rebuilt=reason)
+            except CorruptFileError:
+                # set the damaged entry aside under a unique name, then delete it; a rename is
+                # atomic, so a reader sees the damaged entry or none, never a mix
+                aside = Path(tempfile.mkdtemp(prefix=f".warmup-{key}-damaged-", dir=root))
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, aside / "entry")
+                shutil.rmtree(aside, ignore_errors=True)
+        raise RuntimeError(f"could not publish the warm-up cache entry {path} (another process "
+                           "keeps replacing it); retry, or use another --cache-dir")
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path

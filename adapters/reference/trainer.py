@@ -13,8 +13,11 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
    (the batch is on-policy there, so the ratio is exactly 1), and the same first-pass logits give
    the candidate likelihoods ``L`` (N, K) via `metactl.likelihood.candidate_loglik`: the meta step
    costs no extra forward pass and no extra rollout. ``L`` is computed only when
-   ``"loglik" in policy.requires`` (the token entropy only when ``"entropy"`` is required).
-5. ``policy.update(decision, loglik=L, advantages=A, reward=mean r, ...)``.
+   ``"loglik" in policy.requires``, length-normalised or summed per completion as the rule's
+   ``likelihood_normalization`` says. The token entropy at ``T`` (entropy controllers) comes from
+   the sampling loop itself (`rollout.sample` with ``return_entropy``), not from a scoring pass.
+5. ``policy.update(decision, loglik=L, advantages=A, reward=mean r, ...)``, plus ``rewards``
+   (one per completion) and ``group_size`` for the rules that require them.
 6. Log the step (temperature, LR, reward, loss, KL, clip fraction, meta-policy probs); evaluate,
    checkpoint (model, optimizer, scheduler, meta-policy, every RNG, history) every few steps.
    A trainer built on a run directory that holds a checkpoint resumes from it and ends exactly
@@ -53,7 +56,8 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
-from .rollout import completion_logits, sample, token_entropy, token_logprobs
+from .integrity import HASH_FIELD, CorruptFileError, atomic_write, tree_sha256
+from .rollout import Completions, completion_logits, sample, token_logprobs
 
 
 class PromptItem(Protocol):
@@ -344,8 +348,11 @@ class GRPOTrainer:
                              add_special_tokens=self.cfg.add_special_tokens, **kw)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
-    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, temperature: float):
-        """Sample one completion per prompt row at ``temperature`` (chunked if configured)."""
+    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, temperature: float,
+                *, return_entropy: bool = False) -> Completions:
+        """Sample one completion per prompt row at ``temperature`` (chunked if configured); with
+        ``return_entropy`` also the token entropy at ``temperature`` of every sampled position
+        (`Completions.entropy`, from the sampling loop's own logits)."""
         chunk = self.cfg.rollout_chunk or prompt_ids.shape[0]
         parts = []
         self.model.eval()
@@ -356,6 +363,7 @@ class GRPOTrainer:
                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                 top_p=self.cfg.rollout_top_p, generator=self.generator,
                 autocast_dtype=torch.bfloat16 if self.cfg.precision == "bf16" else None,
+                return_entropy=return_entropy,
             ))
         width = max(p.tokens.shape[1] for p in parts)
         pad = self.tokenizer.pad_token_id
@@ -363,7 +371,12 @@ class GRPOTrainer:
                                                     value=pad) for p in parts])
         mask = torch.cat([torch.nn.functional.pad(p.mask, (0, width - p.mask.shape[1]),
                                                   value=False) for p in parts])
-        return tokens, mask
+        entropy = None
+        if return_entropy:
+            entropy = torch.cat([torch.nn.functional.pad(cast(torch.Tensor, p.entropy),
+                                                         (0, width - p.tokens.shape[1]))
+                                 for p in parts])
+        return Completions(tokens=tokens, mask=mask, entropy=entropy)
 
     def optimize(
         self,
@@ -375,17 +388,23 @@ class GRPOTrainer:
         temperature: float,
         needs: set[str] | frozenset[str] = frozenset(),
         score_skipped_rows: bool = True,
+        loglik_normalization: str = "mean",
     ) -> dict[str, Any]:
         """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``.
 
         Each epoch accumulates gradients over ``grad_accum_steps`` micro-batches. The first
         epoch's logits are the rollout policy's logits (nothing has been updated yet), so they
-        give the old log-probs and, if ``"loglik"``/``"entropy"`` is in ``needs``, the candidate
-        likelihoods (N, K) and the mean token entropy at ``temperature``, without another forward.
-        Rows left out of the gradient pass (``skip_zero_advantage``) get that feedback from a
-        no-grad forward when ``score_skipped_rows``, else their ``loglik`` rows stay 0.
-        Returns those plus the loss statistics and the LR used.
+        give the old log-probs and, if ``"loglik"`` is in ``needs``, the candidate likelihoods
+        (N, K) without another forward: length-normalised (``loglik_normalization="mean"``,
+        TAMPO's paper form) or summed over each completion's tokens (``"sum"``: the mean times
+        the token count). Rows left out of the gradient pass (``skip_zero_advantage``)
+        get them from a no-grad forward when ``score_skipped_rows``, else their ``loglik`` rows
+        stay 0. Returns those plus the loss statistics and the LR used. (The token entropy comes
+        from the rollout: `rollout` with ``return_entropy``.)
         """
+        if loglik_normalization not in ("mean", "sum"):
+            raise ValueError("loglik_normalization must be 'mean' or 'sum', got "
+                             f"{loglik_normalization!r}")
         cfg = self.cfg
         n = comp_ids.shape[0]
         total_tokens = max(int(comp_mask.sum()), 1)
@@ -400,7 +419,7 @@ class GRPOTrainer:
             grad_rows = torch.nonzero(advantages != 0).flatten()
         else:
             grad_rows = torch.arange(n)
-        score_rest = bool({"loglik", "entropy"} & set(needs)) and score_skipped_rows
+        score_rest = "loglik" in needs and score_skipped_rows
         rest = torch.ones(n, dtype=torch.bool)
         rest[grad_rows] = False
         score_rows = torch.nonzero(rest).flatten() if score_rest else grad_rows[:0]
@@ -409,23 +428,26 @@ class GRPOTrainer:
 
         old_logp: list[torch.Tensor] = []
         ref_logp: list[torch.Tensor | None] = []
+        # float32 like candidate_loglik's values: a sum stored in float32 keeps the relative
+        # precision (~1e-7) of the float32 mean it is computed from
         loglik = torch.zeros(n, len(self.candidates)) if "loglik" in needs else None
-        entropy_sum, meta_seconds = 0.0, 0.0
+        meta_seconds = 0.0
         losses, clip_fracs, kls, grad_norms = [], [], [], []
 
         def feedback(rows: torch.Tensor, raw: torch.Tensor, ci: torch.Tensor,
                      cm: torch.Tensor) -> None:
-            """Candidate likelihoods and entropy of ``rows`` from their raw logits."""
-            nonlocal entropy_sum, meta_seconds
+            """Candidate likelihoods of ``rows`` from their raw logits."""
+            nonlocal meta_seconds
             if loglik is not None:
                 from metactl.likelihood import candidate_loglik
 
                 t_meta = time.perf_counter()
-                values = candidate_loglik(raw, ci, cm, self.candidates)
-                loglik[rows] = torch.as_tensor(values, dtype=torch.float32).cpu()
+                values = torch.as_tensor(candidate_loglik(raw, ci, cm, self.candidates))
+                values = values.to(device="cpu", dtype=torch.float64)
+                if loglik_normalization == "sum":  # the mean times each completion's length
+                    values = values * cm.sum(1).to(device="cpu", dtype=torch.float64)[:, None]
+                loglik[rows] = values.float()
                 meta_seconds += time.perf_counter() - t_meta
-            if "entropy" in needs:
-                entropy_sum += float((token_entropy(raw, temperature) * cm).sum())
 
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
@@ -485,7 +507,6 @@ class GRPOTrainer:
 
         return {
             "loglik": loglik,
-            "entropy": entropy_sum / total_tokens if "entropy" in needs else None,
             "loss": float(np.mean(losses)),
             "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else 0.0,
             "kl": float(np.mean(kls)) if kls else 0.0,
@@ -501,6 +522,12 @@ class GRPOTrainer:
         """Run one GRPO step (select T, roll out, score, optimise, update the meta-policy)."""
         cfg, t0 = self.cfg, time.perf_counter()
         needs = set(self.policy.requires)
+        # what the rule expects in ``loglik`` (TAMPO's paper form: "mean"); checked before
+        # select, so a bad value changes no state
+        normalization = getattr(self.policy.rule, "likelihood_normalization", "mean")
+        if normalization not in ("mean", "sum"):
+            raise ValueError("policy.rule.likelihood_normalization must be 'mean' or 'sum', got "
+                             f"{normalization!r}")
 
         # 1. one temperature for the whole step, from the meta-policy
         decision = self.policy.select()
@@ -513,26 +540,27 @@ class GRPOTrainer:
         answers = [it.answer for it in items for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = self.encode_prompts(texts)
         with self._autocast():
-            comp_ids, comp_mask = self.rollout(prompt_ids, prompt_mask, temperature)
+            # the entropy controllers' feedback comes from the sampling loop's own logits
+            sampled = self.rollout(prompt_ids, prompt_mask, temperature,
+                                   return_entropy="entropy" in needs)
+        comp_ids, comp_mask = sampled.tokens, sampled.mask
         t_rollout = time.perf_counter() - t0
 
         # 3. verifier rewards and group-normalised advantages
         completions = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
-        rewards = torch.tensor(
-            [self.reward_fn(c, a) for c, a in zip(completions, answers, strict=True)],
-            dtype=torch.float32,
-        )
+        reward_values = [self.reward_fn(c, a) for c, a in zip(completions, answers, strict=True)]
+        rewards = torch.tensor(reward_values, dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, cfg.adv_eps)
 
         # 4. optimisation at T; the first pass also yields the meta-policy's feedback. Rows with
-        # A = 0 that the pass skips need scoring only for a rule that reads their likelihoods or
-        # entropy (TAMPO, Hedge and MetaGradient weight each row by A: they do not) and for the
-        # diagnostics of this step.
+        # A = 0 that the pass skips need scoring only for a rule that reads their likelihoods
+        # (TAMPO, Hedge and MetaGradient weight each row by A: they do not; Counterfactual
+        # weighs every completion: it does) and for the diagnostics of this step.
         diagnostic = self.step_idx in set(cfg.diagnostic_steps)
-        score_skipped = (diagnostic or "entropy" in needs
-                         or not self.policy.rule.zero_advantage_rows_ignored)
+        score_skipped = diagnostic or not self.policy.rule.zero_advantage_rows_ignored
         opt = self.optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages,
-                            temperature, needs=needs, score_skipped_rows=score_skipped)
+                            temperature, needs=needs, score_skipped_rows=score_skipped,
+                            loglik_normalization=normalization)
 
         # 5. meta-policy update: only the feedback its rule requires is computed
         feedback: dict[str, Any] = {"advantages": advantages.numpy(),
@@ -540,9 +568,18 @@ class GRPOTrainer:
         loglik = opt["loglik"]
         if loglik is not None:
             feedback["loglik"] = loglik
-        if opt["entropy"] is not None:
-            feedback["entropy"] = opt["entropy"]
+        if "rewards" in needs:  # the verifier's values, one per completion, rows as in loglik
+            feedback["rewards"] = np.asarray(reward_values, dtype=np.float64)
+        if "group_size" in needs:  # the groups are contiguous rows
+            feedback["group_size"] = cfg.group_size
+        t_entropy = time.perf_counter()
+        if "entropy" in needs:
+            # mean over the completion tokens of the entropies the sampling loop computed (their
+            # per-position cost is inside rollout_seconds: a few vector ops per decoding step)
+            entropy = cast(torch.Tensor, sampled.entropy)
+            feedback["entropy"] = float(entropy.double().sum()) / max(int(comp_mask.sum()), 1)
             feedback["vocab_size"] = self.vocab_size
+        t_entropy = time.perf_counter() - t_entropy
         t_update = time.perf_counter()
         info = self.policy.update(decision, **feedback)
         t_update = time.perf_counter() - t_update
@@ -566,8 +603,8 @@ class GRPOTrainer:
             "probs": [float(p) for p in info.probs],
             "seconds": time.perf_counter() - t0,
             "rollout_seconds": t_rollout,
-            # select + candidate likelihoods + update: the whole cost of the meta step
-            "meta_seconds": t_select + opt["meta_seconds"] + t_update,
+            # select + candidate likelihoods + entropy + update: the cost of the meta step
+            "meta_seconds": t_select + opt["meta_seconds"] + t_entropy + t_update,
         }
         if "entropy" in feedback:
             record["entropy"] = feedback["entropy"]
@@ -656,14 +693,19 @@ class GRPOTrainer:
             "evals": self.evals,
             "diagnostics": self.diagnostics,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        state[HASH_FIELD] = tree_sha256(state)  # checked by load_checkpoint
+        # a uniquely named temporary file renamed into place: a reader sees the old checkpoint
+        # or the new one, and two writers never share a temporary file
+        atomic_write(path, lambda f: torch.save(state, f))
         return path
 
     def load_checkpoint(self) -> None:
-        """Restore the state written by `save_checkpoint`."""
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        """Restore the state written by `save_checkpoint`, after checking its content hash.
+
+        Raises `CorruptFileError` (naming the file) when it is empty, truncated, garbled or has
+        no hash; nothing is restored then.
+        """
+        state = read_checkpoint(self.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -677,3 +719,37 @@ class GRPOTrainer:
         self.history = list(state["history"])
         self.evals = list(state["evals"])
         self.diagnostics = list(state["diagnostics"])
+
+
+CHECKPOINT_ADVICE = ("delete it to restart this run from step 0 (its other files are kept), or "
+                     "use a fresh output folder")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a `GRPOTrainer` checkpoint on the CPU and check its content hash.
+
+    Raises `CorruptFileError` naming ``path`` when the file is empty, truncated or garbled (it
+    does not load, or its hash does not match what was saved) or has no hash.
+    """
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise CorruptFileError(p, "empty file", CHECKPOINT_ADVICE)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CorruptFileError(p, f"does not load, truncated or garbled ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                               CHECKPOINT_ADVICE) from None
+    if not isinstance(state, dict) or HASH_FIELD not in state:
+        raise CorruptFileError(p, "has no content hash (not written by this trainer, or by an "
+                                  "older metactl)", CHECKPOINT_ADVICE)
+    stored = state.pop(HASH_FIELD)
+    try:
+        actual = tree_sha256(state)
+    except TypeError as exc:
+        raise CorruptFileError(p, f"holds an unexpected object ({exc})", CHECKPOINT_ADVICE) \
+            from None
+    if stored != actual:
+        raise CorruptFileError(p, "content hash mismatch (the file was changed or damaged "
+                                  "after it was written)", CHECKPOINT_ADVICE)
+    return state
