@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .integrity import write_text_atomic
+
 METRICS = {"pass1": "Pass@1 (avg@k at the evaluation temperature)", "greedy": "greedy Pass@1",
            "pass_at_k": "Pass@k"}
 
@@ -417,12 +419,12 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
     md.append("Timings were measured on whatever machine ran this report; on a shared machine "
               "they are pessimistic.")
     path = out / "report.md"
-    path.write_text("\n".join(md) + "\n")
+    write_text_atomic(path, "\n".join(md) + "\n")
     payload = {"config": cfg.to_dict(), "start": start_info, "summary": summary,
                "task_check": check, "tampo_vs_best_fixed": comparisons,
                "wall_seconds": wall_seconds, "figures": figs}
-    (out / "report.json").write_text(json.dumps(_finite(payload), indent=2,
-                                                default=_json_default, allow_nan=False))
+    write_text_atomic(out / "report.json", json.dumps(_finite(payload), indent=2,
+                                                      default=_json_default, allow_nan=False))
     return path
 
 
