@@ -14,18 +14,30 @@ The core needs numpy and scipy only; ``metactl.likelihood`` uses torch when give
 and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[gym]``, ...).
 """
 
-from . import distributed, likelihood
-from .decision import Decision, UpdateInfo
-from .policy import PAPER_TEMPERATURES, SCHEMA_VERSION, MetaPolicy, tampo
+from . import contexts, distributed, likelihood
+from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
+from .policy import (
+    PAPER_TEMPERATURES,
+    SCHEMA_VERSION,
+    MetaPolicy,
+    linear_thompson,
+    ptgs,
+    ptgs_candidates,
+    tampo,
+    tampo_per_prompt,
+)
 from .rules import (
     EXP3,
+    PTGS,
     TAMPO,
     UCB1,
+    ContextualTAMPO,
     Counterfactual,
     EntropySchedule,
     EntropyTarget,
     Fixed,
     Hedge,
+    LinearThompson,
     MetaGradient,
     Rule,
     Schedule,
@@ -42,16 +54,21 @@ __version__ = "0.1.0"
 __all__ = [
     "EXP3",
     "PAPER_TEMPERATURES",
+    "PTGS",
     "SCHEMA_VERSION",
     "TAMPO",
     "UCB1",
+    "ContextKey",
+    "ContextualTAMPO",
     "Counterfactual",
     "Decision",
+    "DecisionBatch",
     "EntropySchedule",
     "EntropyTarget",
     "Fixed",
     "Greedy",
     "Hedge",
+    "LinearThompson",
     "MetaGradient",
     "MetaPolicy",
     "Nucleus",
@@ -64,10 +81,15 @@ __all__ = [
     "UpdateInfo",
     "__version__",
     "candidate_advantages",
+    "contexts",
     "distributed",
     "likelihood",
+    "linear_thompson",
     "minmax_probs",
+    "ptgs",
+    "ptgs_candidates",
     "softmax",
     "sparsemax",
     "tampo",
+    "tampo_per_prompt",
 ]

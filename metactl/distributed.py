@@ -23,22 +23,26 @@ Example with ``torch.distributed`` (any collective with the same shape of call w
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from . import _validation as check
-from .decision import Decision
+from .decision import Decision, DecisionBatch
 
 __all__ = ["assert_same_choice", "gather_feedback", "torch_collectives"]
 
 AllGather = Callable[[np.ndarray], list[np.ndarray]]
 Broadcast = Callable[[int], int]
 
-_ROW_FEEDBACK = ("loglik", "advantages")  # one row per trajectory: concatenated in rank order
+# one row per trajectory: concatenated in rank order (for per-context decisions, split the
+# batch's contexts across ranks in contiguous blocks, in rank order, so the gathered rows
+# follow the decisions)
+_ROW_FEEDBACK = ("loglik", "advantages", "rewards")
 _MEAN_FEEDBACK = ("reward", "entropy")  # batch means: averaged, weighted by trajectory counts
-_SAME_FEEDBACK = ("vocab_size",)  # must agree across ranks
+_SAME_FEEDBACK = ("vocab_size", "group_size")  # must agree across ranks
 
 
 def gather_feedback(feedback: dict[str, Any], all_gather: AllGather) -> dict[str, Any]:
@@ -49,9 +53,10 @@ def gather_feedback(feedback: dict[str, Any], all_gather: AllGather) -> dict[str
         all_gather: called with a numpy array on every rank, returns the list of every rank's
             array in rank order (arrays may differ in their first dimension).
 
-    ``loglik``/``advantages`` rows are concatenated in rank order; ``reward`` and ``entropy``
-    are averaged, weighted by each rank's number of trajectories (``advantages`` rows, or equal
-    weights without them); ``vocab_size`` must be equal on every rank.
+    ``loglik``/``advantages``/``rewards`` rows are concatenated in rank order; ``reward`` and
+    ``entropy`` are averaged, weighted by each rank's number of trajectories (``advantages``
+    rows, or equal weights without them); ``vocab_size`` and ``group_size`` must be equal on
+    every rank.
 
     Example (one process standing in for two ranks):
         >>> import numpy as np
@@ -92,13 +97,33 @@ def gather_feedback(feedback: dict[str, Any], all_gather: AllGather) -> dict[str
     return out
 
 
-def assert_same_choice(decision: Decision, broadcast: Broadcast) -> None:
+def _batch_checksum(batch: DecisionBatch) -> int:
+    """A 63-bit digest of a batch's contexts, values and indices (equal batches, equal ints)."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(repr(batch.contexts).encode())
+    digest.update(np.ascontiguousarray(batch.values, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(batch.indices, dtype=np.int64).tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def assert_same_choice(decision: Decision | DecisionBatch, broadcast: Broadcast) -> None:
     """Raise ``RuntimeError`` if this rank's decision differs from rank 0's.
 
     Args:
-        decision: this rank's decision.
+        decision: this rank's decision, or the :class:`~metactl.DecisionBatch` of a
+            per-context ``select(contexts=...)`` (every rank selects the whole batch's contexts;
+            compared through a digest of its contexts, values and indices).
         broadcast: called with an int on every rank, returns rank 0's int on every rank.
     """
+    if isinstance(decision, DecisionBatch):
+        mine = _batch_checksum(decision)
+        if int(broadcast(mine)) != mine:
+            raise RuntimeError(
+                f"ranks disagree at step {decision.step}: this rank's per-context decisions "
+                "differ from rank 0's; every rank must select the same contexts, in the same "
+                "order, with identically seeded policies updated from gathered feedback"
+            )
+        return
     if not isinstance(decision, Decision):
         raise TypeError(f"decision must be a metactl.Decision, got {type(decision).__name__}")
     root_index = int(broadcast(decision.index))

@@ -5,18 +5,37 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, overload
 
 import numpy as np
 
 from . import _validation as check
-from .decision import Decision, UpdateInfo
-from .rules import RULES, TAMPO, Rule
+from .contexts import (
+    DEFAULT_MAX_CONTEXTS,
+    ContextRows,
+    ContextStore,
+    ContextualRule,
+    RowGroups,
+    context_keys,
+    decision_arrays,
+)
+from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
+from .rules import PTGS, RULES, TAMPO, ContextualTAMPO, LinearThompson, Rule
 from .rules.base import Feedback, RuleState
-from .selectors import SELECTORS, Nucleus, Selector
+from .selectors import SELECTORS, Greedy, Nucleus, Sample, Selector
 
-__all__ = ["FEEDBACK_NAMES", "PAPER_TEMPERATURES", "SCHEMA_VERSION", "MetaPolicy", "tampo"]
+__all__ = [
+    "FEEDBACK_NAMES",
+    "PAPER_TEMPERATURES",
+    "SCHEMA_VERSION",
+    "MetaPolicy",
+    "linear_thompson",
+    "ptgs",
+    "ptgs_candidates",
+    "tampo",
+    "tampo_per_prompt",
+]
 
 SCHEMA_VERSION = 1
 # Steps (and the counts that sum to them) stay below 2**53, where float64 counts are exact.
@@ -42,6 +61,7 @@ _STATE_KEYS = {
     "rule_state",
     "rng",
 }
+_ROW_FEEDBACK = ("loglik", "advantages", "rewards")  # one entry (row) per trajectory
 
 
 def _validate_feedback(feedback: dict[str, Any], k: int) -> Feedback:
@@ -128,6 +148,11 @@ class MetaPolicy:
         hyperparameter: ``"temperature"`` (default), ``"top_p"``, ``"min_p"`` or ``"generic"``;
             sets the range the candidates are checked against.
 
+    With a contextual rule (:class:`PTGS`, :class:`ContextualTAMPO`, :class:`LinearThompson`)
+    the policy also keeps per-context state: ``select(contexts=...)`` gives one decision per
+    context and ``update(decisions, ...)`` takes G rows per decision (:mod:`metactl.contexts`
+    describes the contract); ``select()`` alone is the global policy.
+
     Example:
         >>> import metactl, numpy as np
         >>> policy = metactl.tampo(seed=0)
@@ -159,11 +184,28 @@ class MetaPolicy:
         rule.validate_candidates(self._candidates)
         self._rule = rule
         self._selector = selector if selector is not None else rule.default_selector()
+        if isinstance(rule, ContextualRule):
+            if rule.uses_selector and not isinstance(self._selector, (Nucleus, Sample, Greedy)):
+                raise TypeError(
+                    f"{rule.name} selects per context with Nucleus, Sample or Greedy; got "
+                    f"selector {self._selector!r}"
+                )
+            if not rule.uses_selector and self._selector != rule.default_selector():
+                raise ValueError(
+                    f"{rule.name} draws its own values and uses no selector: pass selector=None "
+                    f"(got {self._selector!r})"
+                )
         self._seed = check.integer(seed, "seed", minimum=0)
         self._rng = np.random.Generator(np.random.PCG64(self._seed))
         self._state = rule.init_state(self._candidates)
         self._step = 0
         self._id = uuid.uuid4().hex
+        # Per-context rows of a contextual rule (PTGS, ContextualTAMPO, ...); None otherwise.
+        self._store: ContextStore | None = (
+            ContextStore(rule.row_fields(self._candidates), rule.max_contexts)
+            if isinstance(rule, ContextualRule)
+            else None
+        )
 
     # -- read-only views ---------------------------------------------------------------------
     @property
@@ -198,9 +240,45 @@ class MetaPolicy:
         """The current probabilities over candidates, shape (K,), non-negative, summing to 1."""
         return self._rule.probs(self._state, self._candidates, self._step)
 
+    @property
+    def contextual(self) -> bool:
+        """Whether the rule keeps per-context state (``select(contexts=...)`` works)."""
+        return self._store is not None
+
+    @property
+    def num_contexts(self) -> int:
+        """Number of contexts stored (0 for a global rule)."""
+        return 0 if self._store is None else len(self._store)
+
     # -- the loop ----------------------------------------------------------------------------
-    def select(self) -> Decision:
-        """Choose the value for the next rollout batch."""
+    @overload
+    def select(self, contexts: None = None, *, features: None = None) -> Decision: ...
+
+    @overload
+    def select(self, contexts: Any, *, features: Any = None) -> DecisionBatch: ...
+
+    def select(self, contexts: Any = None, *, features: Any = None) -> Decision | DecisionBatch:
+        """Choose the value for the next rollout batch, or (``contexts`` given) one value per
+        context, returned as a :class:`DecisionBatch` (one :class:`Decision` per context, in
+        order). ``contexts`` needs a contextual rule (PTGS, ContextualTAMPO, LinearThompson);
+        ``features`` (n, feature_dim) is required by rules with features and refused by the
+        others. See :mod:`metactl.contexts` for the contract. A rejected call draws nothing.
+        """
+        if contexts is None:
+            if features is not None:
+                raise ValueError("features are given per context: pass contexts=... with them")
+            if self._store is None:
+                return self._select_global()
+            return self._select_contextual_global()
+        if self._store is None:
+            raise TypeError(
+                f"contexts=... needs a contextual rule (metactl.PTGS, metactl.ContextualTAMPO, "
+                f"metactl.LinearThompson); {self._rule.name} keeps one global state"
+            )
+        keys = context_keys(contexts, "contexts")
+        return self._select_contextual(keys, features)
+
+    def _select_global(self) -> Decision:
         probs = self.probs
         index = self._rule.choose(self._state, self._candidates, self._step, self._rng)
         if index is None:
@@ -214,13 +292,115 @@ class MetaPolicy:
             prob=float(prob),
             step=self._step,
             policy_id=self._id,
+            on_grid=bool(value == self._candidates[index]),
         )
 
-    def update(self, decision: Decision, **feedback: Any) -> UpdateInfo:
+    def _checked_features(self, features: Any, n: int) -> np.ndarray | None:
+        assert isinstance(self._rule, ContextualRule)
+        dim = self._rule.feature_dim
+        if dim == 0:
+            if features is not None:
+                raise ValueError(f"{self._rule.name} uses no features: pass features=None")
+            return None
+        if features is None:
+            raise ValueError(f"{self._rule.name} needs features of shape (n, {dim}) per context")
+        array = check.finite_array(features, "features", ndim=2)
+        if array.shape != (n, dim):
+            raise ValueError(
+                f"features must have shape (len(contexts)={n}, feature_dim={dim}), got "
+                f"{array.shape}"
+            )
+        return array
+
+    def _context_rows(self, keys: tuple[ContextKey, ...]) -> tuple[np.ndarray, ContextRows]:
+        assert self._store is not None and isinstance(self._rule, ContextualRule)
+        slots = self._store.slots(keys)
+        prior = self._rule.prior_rows(self._state, self._candidates, len(keys))
+        return slots, self._store.gather(slots, prior)
+
+    def _draw(
+        self, keys: tuple[ContextKey, ...] | None, features: Any
+    ) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray | Callable[[], np.ndarray], np.ndarray, np.ndarray | None
+    ]:
+        """Validate, then draw ``(values, indices, probs, on_grid, features)`` for the contexts
+        (``keys=None``: the one global context). Nothing is drawn when validation fails."""
+        rule = self._rule
+        assert isinstance(rule, ContextualRule)
+        if keys is None:  # the global context (all-zero features for rules with features)
+            checked = None
+            rows = rule.global_rows(self._state, self._candidates)
+        else:
+            checked = self._checked_features(features, len(keys))
+            distinct = len(set(keys))
+            if distinct > rule.max_contexts:
+                raise ValueError(
+                    f"contexts has {distinct} distinct keys, more than max_contexts = "
+                    f"{rule.max_contexts}: one update could not store them"
+                )
+            rows = self._context_rows(keys)[1]
+        values, indices, probs, on_grid = rule.select_contexts(
+            self._state, rows, checked, self._candidates, self._step, self._selector, self._rng
+        )
+        return (
+            np.asarray(values, dtype=np.float64),
+            np.asarray(indices, dtype=np.int64),
+            probs if callable(probs) else np.asarray(probs, dtype=np.float64),
+            np.asarray(on_grid, dtype=bool),
+            checked,
+        )
+
+    def _select_contextual(self, keys: tuple[ContextKey, ...], features: Any) -> DecisionBatch:
+        values, indices, probs, on_grid, checked = self._draw(keys, features)
+        return DecisionBatch(
+            contexts=keys,
+            values=values,
+            indices=indices,
+            probs=probs,
+            on_grid=on_grid,
+            features=checked,
+            step=self._step,
+            policy_id=self._id,
+        )
+
+    def _select_contextual_global(self) -> Decision:
+        values, indices, probs, on_grid, _ = self._draw(None, None)
+        prob = probs() if callable(probs) else probs
+        return Decision(
+            index=int(indices[0]),
+            value=float(values[0]),
+            prob=float(prob[0]),
+            step=self._step,
+            policy_id=self._id,
+            on_grid=bool(on_grid[0]),
+        )
+
+    def context_probs(self, contexts: Any, *, features: Any = None) -> np.ndarray:
+        """The distribution of ``Decision.index`` for each context, shape (n, K) (for logging:
+        draws nothing, changes nothing). Unseen contexts get the rule's prior."""
+        if self._store is None:
+            raise TypeError(f"context_probs needs a contextual rule; {self._rule.name} is global")
+        assert isinstance(self._rule, ContextualRule)
+        keys = context_keys(contexts, "contexts")
+        checked = self._checked_features(features, len(keys))
+        rows = self._context_rows(keys)[1]
+        return self._rule.context_probs(
+            self._state, rows, checked, self._candidates, self._step, self._selector
+        )
+
+    def update(
+        self, decision: Decision | DecisionBatch | Sequence[Decision], **feedback: Any
+    ) -> UpdateInfo:
         """Update from the feedback of the batch sampled with ``decision``.
 
-        Keyword feedback: ``loglik`` (N, K), ``advantages`` (N,), ``reward``, ``entropy``,
-        ``vocab_size``. Every name given is validated; the rule uses those in ``requires``.
+        Keyword feedback: ``loglik`` (N, K), ``advantages`` (N,), ``rewards`` (N,),
+        ``reward``, ``entropy``, ``vocab_size``, ``group_size``. Every name given is validated;
+        the rule uses those in ``requires``.
+
+        ``decision`` is the global :class:`Decision` of ``select()``, or, for a contextual rule,
+        the :class:`DecisionBatch` of ``select(contexts=...)`` (or a list of its per-context
+        decisions): then the per-row feedback holds G rows per decision, in order (see
+        :mod:`metactl.contexts`).
 
         The update never leaves inf/NaN behind: the rules' math is overflow-safe for ordinary
         magnitudes (sparsemax shifted by the row maximum, the batch mean of advantages scaled
@@ -228,6 +408,13 @@ class MetaPolicy:
         would still overflow float64 (feedback near the float64 limit) or leave a state that
         ``load_state_dict`` would refuse raises ``ValueError`` with the policy unchanged.
         """
+        if self._store is not None:
+            return self._update_contextual(decision, feedback)
+        if isinstance(decision, DecisionBatch) or isinstance(decision, (list, tuple)):
+            raise TypeError(
+                f"a list of decisions needs a contextual rule; {self._rule.name} takes the one "
+                "Decision of select()"
+            )
         if not isinstance(decision, Decision):
             raise TypeError(f"decision must be a metactl.Decision, got {type(decision).__name__}")
         if decision.policy_id != self._id:
@@ -277,6 +464,127 @@ class MetaPolicy:
         self._step += 1
         return UpdateInfo(step=decision.step, probs=self.probs, candidate_advantages=signal)
 
+    def _update_contextual(self, decision: Any, feedback: dict[str, Any]) -> UpdateInfo:
+        """The update of a contextual rule: validate everything, compute the new global state
+        and context rows, check them, then commit (store, evict, step)."""
+        rule = self._rule
+        store = self._store
+        assert isinstance(rule, ContextualRule) and store is not None
+        k = self._candidates.shape[0]
+        keys: tuple[ContextKey, ...] | None
+        if isinstance(decision, Decision) and decision.context is None:
+            if decision.policy_id != self._id:
+                raise ValueError("decision was made by another MetaPolicy; select() on this one")
+            if decision.step != self._step:
+                raise ValueError(
+                    f"decision is from step {decision.step} but the policy is at step "
+                    f"{self._step}: each decision is updated once, at the step it was made"
+                )
+            if not 0 <= decision.index < k:
+                raise ValueError(f"decision.index {decision.index} is out of range")
+            keys, values = None, np.array([decision.value])
+            indices, features = np.array([decision.index], dtype=np.int64), None
+        else:
+            batch = [decision] if isinstance(decision, Decision) else decision
+            keys, values, indices, features = decision_arrays(
+                batch, self._id, self._step, k, rule.feature_dim
+            )
+        missing = [name for name in rule.requires if name not in feedback]
+        if missing:
+            raise ValueError(f"{rule.name} needs feedback {missing} (got {sorted(feedback)})")
+        checked = _validate_feedback(feedback, k)
+        n = 1 if keys is None else len(keys)
+        row_counts = {name: checked[name].shape[0] for name in _ROW_FEEDBACK if name in checked}
+        if not row_counts:
+            raise ValueError(f"{rule.name} needs per-row feedback {list(rule.requires)}")
+        if len(set(row_counts.values())) != 1:
+            raise ValueError(
+                f"per-row feedback must have the same number of rows, got {row_counts}"
+            )
+        rows_total = next(iter(row_counts.values()))
+        name = next(iter(row_counts))
+        if rows_total % n:
+            raise ValueError(
+                f"{name} has {rows_total} rows, not a multiple of the {n} decisions: each "
+                "decision owns G consecutive rows (N = len(decisions) * G)"
+            )
+        group_size = rows_total // n
+        if "group_size" in checked and checked["group_size"] != group_size:
+            raise ValueError(
+                f"group_size is {checked['group_size']} but {name} has {rows_total} rows for "
+                f"{n} decisions (G = {group_size})"
+            )
+        if self._step + 1 >= MAX_STEP:
+            raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
+        if keys is None:
+            unique: list[ContextKey] = []
+            inverse = np.zeros(1, dtype=np.int64)
+            slots = np.zeros(0, dtype=np.int64)
+            rows = rule.global_rows(self._state, self._candidates)
+        else:
+            position: dict[ContextKey, int] = {}
+            inverse = np.fromiter(
+                (position.setdefault(key, len(position)) for key in keys), dtype=np.int64, count=n
+            )
+            unique = list(position)
+            if len(unique) > rule.max_contexts:
+                raise ValueError(
+                    f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
+                    f"{rule.max_contexts}"
+                )
+            slots, rows = self._context_rows(tuple(unique))
+        m = max(len(unique), 1)
+        groups = RowGroups(
+            n=n,
+            group_size=group_size,
+            inverse=inverse,
+            m=m,
+            counts=np.bincount(inverse, minlength=m),
+            values=values,
+            indices=indices,
+            features=features,
+        )
+        try:
+            with np.errstate(over="raise", invalid="raise", divide="raise"):
+                new_state, new_rows, signal = rule.update_contexts(
+                    self._state, rows, groups, checked, self._candidates, self._step
+                )
+        except FloatingPointError as exc:
+            raise ValueError(
+                f"{rule.name} update overflows float64 ({exc}); the feedback is too large "
+                "in magnitude (rescale it); the policy is unchanged"
+            ) from exc
+        if signal is not None and not np.all(np.isfinite(signal)):
+            raise ValueError(f"{rule.name} update gave a non-finite signal; policy unchanged")
+        for label, part in (("rule_state", new_state), ("contexts", new_rows)):
+            for key, value in part.items():
+                if not np.all(np.isfinite(value)):
+                    raise ValueError(
+                        f"{rule.name} update would leave a non-finite {label}[{key!r}] "
+                        "(feedback too large in magnitude); the policy is unchanged"
+                    )
+        try:
+            rule.validate_state(new_state, self._candidates, self._step + 1)
+            if keys is not None:
+                rule.check_rows(new_rows, self._candidates, self._step + 1)
+        except ValueError as exc:
+            raise ValueError(
+                f"{rule.name} update would leave an invalid state ({exc}); the policy is unchanged"
+            ) from exc
+        # commit: nothing above changed the policy
+        evicted: list[ContextKey] = []
+        if keys is not None:
+            evicted = store.write(unique, slots, new_rows)
+        self._state = new_state
+        self._step += 1
+        return UpdateInfo(
+            step=self._step - 1,
+            probs=self.probs,
+            candidate_advantages=signal,
+            contexts=None if keys is None else len(unique),
+            evicted=tuple(evicted),
+        )
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically, as plain JSON-safe values."""
@@ -290,6 +598,7 @@ class MetaPolicy:
             "step": self._step,
             "rule_state": _state_to_json(self._state),
             "rng": self._rng.bit_generator.state,
+            **({} if self._store is None else {"contexts": self._store.to_json()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -311,11 +620,18 @@ class MetaPolicy:
                 f"state_dict['schema_version'] is {state.get('schema_version')!r}; "
                 f"this metactl reads schema {SCHEMA_VERSION}"
             )
-        if set(state) != _STATE_KEYS:
+        expected = _STATE_KEYS if self._store is None else _STATE_KEYS | {"contexts"}
+        if set(state) != expected:
             raise ValueError(
-                f"state_dict has keys {sorted(state)}; expected exactly {sorted(_STATE_KEYS)}"
+                f"state_dict has keys {sorted(map(str, state))}; expected exactly "
+                f"{sorted(expected)}"
             )
-        mine = self.state_dict()
+        mine = {  # the configuration only (not the stored contexts, which may be millions)
+            "hyperparameter": self._hyperparameter,
+            "candidates": self._candidates.tolist(),
+            "rule": {"type": self._rule.name, "config": self._rule.config()},
+            "selector": {"type": self._selector.name, "config": self._selector.config()},
+        }
         for key in ("hyperparameter", "candidates", "rule", "selector"):
             if not _json_equal(state[key], mine[key], f"state_dict[{key!r}]"):
                 raise ValueError(
@@ -328,10 +644,23 @@ class MetaPolicy:
         seed = check.integer(state["seed"], "state_dict['seed']", minimum=0)
         rule_state = _state_from_json(state["rule_state"], self._rule.init_state(self._candidates))
         self._rule.validate_state(rule_state, self._candidates, step)
+        store = None
+        if self._store is not None:
+            rule = self._rule
+            assert isinstance(rule, ContextualRule)
+            store, rows = ContextStore.from_json(
+                state["contexts"],
+                rule.row_fields(self._candidates),
+                rule.max_contexts,
+                "state_dict['contexts']",
+            )
+            rule.check_rows(rows, self._candidates, step)
         rng_state = check.pcg64_state(state["rng"], "state_dict['rng']")
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = rng_state
         self._seed, self._step, self._state, self._rng = seed, step, rule_state, rng
+        if store is not None:
+            self._store = store
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> MetaPolicy:
@@ -381,3 +710,97 @@ def tampo(
         True
     """
     return MetaPolicy(candidates, TAMPO(alpha=alpha, normalizer=normalizer), Nucleus(top_p), seed)
+
+
+def ptgs_candidates(tau: float = 1.5, t_ref: float = 1.0, k: int = 11) -> np.ndarray:
+    """The default grid of a PTGS policy: ``t_ref * tau ** h`` for ``k`` evenly spaced ``h`` in
+    [-1, 1] (log-spaced over PTGS's range ``[t_ref / tau, tau t_ref]``, ``t_ref`` included for
+    odd ``k``). PTGS's values are continuous; the grid only names the nearest candidate
+    (``Decision.index``) and the cells of ``probs``.
+
+    Example:
+        >>> ptgs_candidates(1.5, 1.0, 3).round(4).tolist()
+        [0.6667, 1.0, 1.5]
+    """
+    rule = PTGS(tau=tau, t_ref=t_ref)  # validates tau and t_ref
+    count = check.integer(k, "k", minimum=2)
+    low, high = rule.bounds
+    grid = rule.t_ref * rule.tau ** np.linspace(-1.0, 1.0, count)
+    grid[0], grid[-1] = low, high  # the range's ends exactly
+    return grid
+
+
+def ptgs(
+    candidates: Sequence[float] | np.ndarray | None = None,
+    *,
+    tau: float = 1.5,
+    gamma: float = 0.95,
+    t_ref: float = 1.0,
+    pivot_start: float = 0.25,
+    pivot_end: float = 0.5,
+    total_steps: int | None = None,
+    max_contexts: int = DEFAULT_MAX_CONTEXTS,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A PTGS policy (:class:`metactl.PTGS`, the note's defaults): a temperature per context
+    from a Thompson draw of its success rate. ``total_steps=None`` keeps the pivot at
+    ``pivot_start`` (no ramp); give the run's number of updates to ramp it geometrically to
+    ``pivot_end``. ``candidates`` default: :func:`ptgs_candidates` (11 points over the range).
+
+    Example:
+        >>> import metactl
+        >>> policy = metactl.ptgs(seed=0, total_steps=100)
+        >>> policy.rule.pivot(0), policy.rule.pivot(100)
+        (0.25, 0.5)
+    """
+    rule = PTGS(
+        tau=tau,
+        gamma=gamma,
+        t_ref=t_ref,
+        pivot_start=pivot_start,
+        pivot_end=pivot_end,
+        total_steps=total_steps,
+        max_contexts=max_contexts,
+    )
+    grid = ptgs_candidates(rule.tau, rule.t_ref) if candidates is None else candidates
+    return MetaPolicy(grid, rule, seed=seed)
+
+
+def tampo_per_prompt(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    *,
+    alpha: float = 0.05,
+    normalizer: str = "sparsemax",
+    prior_weight: float = 4.0,
+    top_p: float = 0.7,
+    max_contexts: int = DEFAULT_MAX_CONTEXTS,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A per-prompt TAMPO policy (:class:`metactl.ContextualTAMPO`) with the paper's defaults
+    (temperatures 0.6..1.5, ``alpha = 0.05``, sparsemax, nucleus ``top_p = 0.7``); each
+    context's EMA is shrunk toward the global one with weight ``n / (n + prior_weight)``."""
+    rule = ContextualTAMPO(
+        alpha=alpha, normalizer=normalizer, prior_weight=prior_weight, max_contexts=max_contexts
+    )
+    return MetaPolicy(candidates, rule, Nucleus(top_p), seed)
+
+
+def linear_thompson(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    *,
+    gamma: float = 0.95,
+    ridge: float = 1.0,
+    noise_std: float = 0.5,
+    feature_dim: int = 0,
+    max_contexts: int = DEFAULT_MAX_CONTEXTS,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A :class:`metactl.LinearThompson` policy over ``candidates`` (default 0.6..1.5)."""
+    rule = LinearThompson(
+        gamma=gamma,
+        ridge=ridge,
+        noise_std=noise_std,
+        feature_dim=feature_dim,
+        max_contexts=max_contexts,
+    )
+    return MetaPolicy(candidates, rule, seed=seed)

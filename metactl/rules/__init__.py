@@ -2,10 +2,13 @@
 
 from .bandits import EXP3, UCB1, ThompsonGaussian
 from .base import Rule
+from .contextual_tampo import ContextualTAMPO
 from .controllers import EntropyTarget, Fixed, Schedule
 from .counterfactual import Counterfactual
 from .entropy_schedule import EntropySchedule
 from .full_information import Hedge, MetaGradient
+from .linear_thompson import LinearThompson
+from .ptgs import PTGS
 from .tampo import TAMPO, candidate_advantages, minmax_probs
 from .uncertainty import Uncertainty
 
@@ -24,19 +27,25 @@ RULES: dict[str, type[Rule]] = {
         Counterfactual,
         EntropySchedule,
         Uncertainty,
+        PTGS,
+        ContextualTAMPO,
+        LinearThompson,
     )
 }
 
 __all__ = [
     "EXP3",
+    "PTGS",
     "RULES",
     "TAMPO",
     "UCB1",
+    "ContextualTAMPO",
     "Counterfactual",
     "EntropySchedule",
     "EntropyTarget",
     "Fixed",
     "Hedge",
+    "LinearThompson",
     "MetaGradient",
     "Rule",
     "Schedule",

@@ -1,0 +1,364 @@
+"""Per-context (per-prompt) meta-policies: the contract every trainer and adapter follows.
+
+One temperature per step cannot suit an easy and a hard prompt at once; a *contextual* rule
+(:class:`metactl.PTGS`, :class:`metactl.ContextualTAMPO`, :class:`metactl.LinearThompson`)
+keeps a small state per context and picks a value per context. The API is the global one with
+a list of contexts:
+
+Example (G = 2 rollouts per prompt; PTGS needs the per-row ``rewards``):
+
+    >>> import metactl
+    >>> policy = metactl.ptgs(seed=0, total_steps=100)
+    >>> batch = policy.select(contexts=[17, 4, 17])     # one Decision per context, in order
+    >>> len(batch), batch[0].context, batch[0].on_grid
+    (3, 17, False)
+    >>> temps = batch.values                            # (n,): sample context i's rows at temps[i]
+    >>> info = policy.update(batch, rewards=[1, 0, 0, 0, 1, 1])   # rows: G per decision, in order
+    >>> info.contexts, policy.num_contexts, policy.step             # 17's two groups are pooled
+    (2, 2, 1)
+
+**What a trainer hands over.**
+
+* ``contexts``: a list/tuple (or 1-D numpy array of ints or strs) of keys, one per prompt
+  group of the batch. A key is a stable ``int`` (a prompt id, a data-set index, a bucket such
+  as a chain length) or ``str`` (a task id); ``bool``, floats, ``None`` and other types raise
+  ``TypeError`` naming ``contexts``. Keys must be stable across steps (the same prompt gets the
+  same key whenever it recurs); prompt text hashed by Python's ``hash`` is not stable across
+  processes, so pass an id. The same key may appear more than once in one call (a prompt
+  drawn twice): each occurrence gets its own decision (its own draw), and in ``update`` the
+  rows of all its occurrences are pooled into one update of that context.
+* ``features`` (only for rules with ``feature_dim > 0``, required then, refused otherwise):
+  a finite float array of shape ``(n, feature_dim)``, row i describing context i. The features
+  travel with the decisions to ``update`` (``DecisionBatch.features``, ``Decision.features``).
+* ``policy.update(decisions, **feedback)``: ``decisions`` is the :class:`DecisionBatch` that
+  ``select`` returned, or a list of per-context :class:`Decision` records of this step (e.g.
+  several batches of the same step concatenated, or a subset whose rows were actually
+  generated); every per-row feedback array has ``N = len(decisions) * G`` rows, decision i
+  owning rows ``i*G ... (i+1)*G - 1`` (G rollouts per decision, inferred as ``N //
+  len(decisions)``; ``N`` not divisible by ``len(decisions)`` raises ``ValueError``; a
+  ``group_size`` given must equal G). Row feedback: ``rewards`` (N,), ``advantages`` (N,),
+  ``loglik`` (N, K), named as in the global API; see each rule's ``requires``. The rows of
+  decision i must have been sampled (and scored: old, current and reference log-probs) at
+  ``decisions[i].value``; the per-row temperatures are ``numpy.repeat(batch.values, G)``.
+  Hand over every group, including groups whose rewards are all equal (PTGS counts all-fail
+  groups: filter them out of the *loss* afterwards, not out of the feedback).
+* One ``update`` per step covers the whole batch and advances the step by one; a decision of
+  another step or another policy, or a global decision mixed in, raises ``ValueError`` with
+  nothing changed.
+
+**The rules and what each needs** (G rows per decision; every array in decision order):
+
+* :class:`metactl.PTGS` (``metactl.ptgs(seed=0, total_steps=None)``): ``rewards`` (N,) in
+  [0, 1] (1 = success; fractional rewards add fractional counts); continuous values.
+* :class:`metactl.ContextualTAMPO` (``metactl.tampo_per_prompt(seed=0)``): ``loglik`` (N, K)
+  (each row's length-normalised log-likelihood under every candidate, as for TAMPO) and
+  ``advantages`` (N,); grid values.
+* :class:`metactl.LinearThompson` (``metactl.linear_thompson(seed=0, feature_dim=0)``):
+  ``rewards`` (N,) in [0, 1], and ``features`` (n, feature_dim) at ``select`` when
+  ``feature_dim > 0``; grid values.
+
+**Values and ``Decision.index``.** ``Decision.index`` is always a valid candidate index. Rules
+that pick from the candidate grid (ContextualTAMPO, LinearThompson) give ``on_grid=True`` and
+``value == candidates[index]``; PTGS draws a continuous temperature in ``[t_ref / tau, tau
+t_ref]``: ``on_grid=False`` and ``index`` is the nearest candidate (ties to the lower index),
+for logging only; always apply ``value``.
+
+**Global use.** ``select()`` without contexts on a contextual rule returns one global
+:class:`Decision` (``context=None``) from the rule's global state, and ``update(decision,
+...)`` trains only that; every contextual update trains the global state from all its rows
+too (the global policy is the special case of one context; ContextualTAMPO's global state is
+exactly TAMPO's EMA).
+
+**Memory.** At most ``rule.max_contexts`` contexts are stored. When an update would store
+more, the least recently *updated* contexts (not those of this update) are evicted, oldest
+first, and reported in ``UpdateInfo.evicted``; a key seen again after eviction, like a key
+never seen, starts from the rule's documented prior. Selecting never creates or reorders an
+entry. The keys, their least-recently-updated order and every row are part of
+``state_dict()['contexts']``, so a resumed policy continues bit-identically (evictions
+included). Select and update cost O(contexts in the batch), not O(contexts stored).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _validation as check
+from .decision import ContextKey, Decision, DecisionBatch
+from .rules.contextual import (
+    DEFAULT_MAX_CONTEXTS,
+    ContextRows,
+    ContextualRule,
+    RowGroups,
+    nearest_index,
+    select_rows,
+)
+
+__all__ = [
+    "DEFAULT_MAX_CONTEXTS",
+    "ContextRows",
+    "ContextStore",
+    "ContextualRule",
+    "RowGroups",
+    "context_keys",
+    "decision_arrays",
+    "nearest_index",
+    "select_rows",
+]
+
+
+def _key(x: Any, name: str) -> ContextKey:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must hold context keys (int or str), got {type(x).__name__} {x!r}")
+    return int(x)
+
+
+def context_keys(contexts: Any, name: str = "contexts") -> tuple[ContextKey, ...]:
+    """Validate a batch of context keys: a non-empty list/tuple or 1-D numpy array of ``int``
+    or ``str`` keys (numpy ints become Python ints). Returns them as a tuple."""
+    if isinstance(contexts, np.ndarray):
+        if contexts.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {contexts.shape}")
+        if np.issubdtype(contexts.dtype, np.integer):
+            keys: tuple[ContextKey, ...] = tuple(contexts.tolist())
+        elif np.issubdtype(contexts.dtype, np.str_):
+            keys = tuple(str(k) for k in contexts.tolist())
+        else:
+            raise TypeError(f"{name} must hold ints or strs, got dtype {contexts.dtype}")
+    elif isinstance(contexts, (list, tuple)):
+        keys = tuple(_key(k, f"{name}[{i}]") for i, k in enumerate(contexts))
+    else:
+        raise TypeError(
+            f"{name} must be a list, tuple or 1-D array of context keys, got "
+            f"{type(contexts).__name__}"
+        )
+    if not keys:
+        raise ValueError(f"{name} is empty: give at least one context")
+    return keys
+
+
+class ContextStore:
+    """The stored contexts of one policy: keys in least-recently-updated order and one numpy
+    array per row field (slot-indexed; free slots are reused), at most ``capacity`` keys.
+
+    Lookups and writes cost O(keys in the call): a dict maps key -> slot, an ``OrderedDict``
+    keeps the update order (moving a key to the end and evicting from the front are O(1)).
+    """
+
+    def __init__(self, fields: Mapping[str, int], capacity: int) -> None:
+        self._fields = dict(fields)
+        self._capacity = capacity
+        self._order: OrderedDict[ContextKey, int] = OrderedDict()
+        self._allocated = 0
+        self._arrays: dict[str, np.ndarray] = {
+            name: np.zeros((0, width) if width else (0,)) for name, width in self._fields.items()
+        }
+        self._free: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def keys(self) -> list[ContextKey]:
+        """Stored keys, least recently updated first."""
+        return list(self._order)
+
+    def slots(self, keys: Sequence[ContextKey]) -> np.ndarray:
+        """The slot of each key, -1 for keys not stored; changes nothing."""
+        get = self._order.get
+        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def gather(self, slots: np.ndarray, prior: ContextRows) -> ContextRows:
+        """Rows for these slots; ``prior`` (rows of the same length) fills slots -1."""
+        seen = slots >= 0
+        out: ContextRows = {}
+        for name, array in self._arrays.items():
+            rows = prior[name].copy()
+            if np.any(seen):
+                rows[seen] = array[slots[seen]]
+            out[name] = rows
+        return out
+
+    def evictions(self, keys: Sequence[ContextKey], slots: np.ndarray) -> list[ContextKey]:
+        """The keys that writing ``keys`` (distinct) would evict, oldest first."""
+        new = int(np.count_nonzero(slots < 0))
+        excess = len(self._order) + new - self._capacity
+        if excess <= 0:
+            return []
+        writing = set(keys)
+        out: list[ContextKey] = []
+        for key in self._order:  # oldest first; stops after `excess` keys not being written
+            if key not in writing:
+                out.append(key)
+                if len(out) == excess:
+                    break
+        return out
+
+    def write(
+        self, keys: Sequence[ContextKey], slots: np.ndarray, rows: ContextRows
+    ) -> list[ContextKey]:
+        """Store ``rows`` for the distinct ``keys`` (their current ``slots``), mark them as the
+        most recently updated (in the order given), evict beyond capacity. Returns the evicted
+        keys, oldest first."""
+        evicted = self.evictions(keys, slots)
+        for key in evicted:
+            self._free.append(self._order.pop(key))
+        is_new = slots < 0
+        slots = slots.copy()
+        new = np.flatnonzero(is_new)
+        if new.size:
+            reuse = min(len(self._free), new.size)
+            fresh = new.size - reuse
+            assigned = [self._free.pop() for _ in range(reuse)]
+            if fresh:
+                self._grow(self._allocated + fresh)
+                assigned.extend(range(self._allocated, self._allocated + fresh))
+                self._allocated += fresh
+            slots[new] = assigned
+        for name, array in self._arrays.items():
+            array[slots] = rows[name]
+        order = self._order
+        move = order.move_to_end
+        for key, slot, fresh_key in zip(keys, slots.tolist(), is_new.tolist(), strict=True):
+            if fresh_key:
+                order[key] = slot
+            else:
+                move(key)
+        return evicted
+
+    def _grow(self, needed: int) -> None:
+        current = next(iter(self._arrays.values())).shape[0] if self._arrays else 0
+        if needed <= current:
+            return
+        size = min(max(needed, 2 * current, 64), max(needed, self._capacity))
+        for name, array in self._arrays.items():
+            grown = np.zeros((size, *array.shape[1:]))
+            grown[: array.shape[0]] = array
+            self._arrays[name] = grown
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"keys": [...], "rows": {field: [...]}}``, least recently updated first."""
+        slots = np.fromiter(self._order.values(), dtype=np.int64, count=len(self._order))
+        return {
+            "keys": list(self._order),
+            "rows": {name: array[slots].tolist() for name, array in self._arrays.items()},
+        }
+
+    @classmethod
+    def from_json(
+        cls, data: Any, fields: Mapping[str, int], capacity: int, name: str
+    ) -> tuple[ContextStore, ContextRows]:
+        """Validate ``state_dict['contexts']`` (keys int/str, distinct, at most ``capacity``;
+        each field a finite float array with one row per key and the field's width) and
+        rebuild the store. Returns the store and its rows (for the rule's own checks)."""
+        if not isinstance(data, dict) or set(data) != {"keys", "rows"}:
+            got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{name} must be a dict with keys ['keys', 'rows'], got {got}")
+        raw_keys = data["keys"]
+        if not isinstance(raw_keys, list):
+            raise TypeError(f"{name}['keys'] must be a list, got {type(raw_keys).__name__}")
+        keys = [_key(k, f"{name}['keys'][{i}]") for i, k in enumerate(raw_keys)]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{name}['keys'] has duplicate keys")
+        if len(keys) > capacity:
+            raise ValueError(
+                f"{name} holds {len(keys)} contexts, more than max_contexts = {capacity}"
+            )
+        raw_rows = data["rows"]
+        if not isinstance(raw_rows, dict) or set(raw_rows) != set(fields):
+            got = (
+                sorted(map(str, raw_rows))
+                if isinstance(raw_rows, dict)
+                else type(raw_rows).__name__
+            )
+            raise ValueError(f"{name}['rows'] must have keys {sorted(fields)}, got {got}")
+        m = len(keys)
+        rows: ContextRows = {}
+        for field, width in fields.items():
+            field_name = f"{name}['rows'][{field!r}]"
+            shape = (m, width) if width else (m,)
+            if m == 0:
+                value = raw_rows[field]
+                if not isinstance(value, list) or value:
+                    raise ValueError(f"{field_name} must be an empty list (no keys stored)")
+                rows[field] = np.zeros(shape)
+                continue
+            array = check.finite_array(raw_rows[field], field_name, ndim=len(shape))
+            if array.shape != shape:
+                raise ValueError(f"{field_name} must have shape {shape}, got {array.shape}")
+            rows[field] = array
+        store = cls(fields, capacity)
+        if m:
+            store._grow(m)
+            for field, array in rows.items():
+                store._arrays[field][:m] = array
+            store._allocated = m
+            store._order = OrderedDict(zip(keys, range(m), strict=True))
+        return store, rows
+
+
+def decision_arrays(
+    decisions: Any, policy_id: str, step: int, n_candidates: int, feature_dim: int
+) -> tuple[tuple[ContextKey, ...], np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check per-context decisions (a :class:`DecisionBatch` or a list of :class:`Decision`)
+    against the policy and step: ``(contexts, values, indices, features)``."""
+    if isinstance(decisions, DecisionBatch):
+        if decisions.policy_id != policy_id:
+            raise ValueError("decisions were made by another MetaPolicy; select() on this one")
+        if decisions.step != step:
+            raise ValueError(
+                f"decisions are from step {decisions.step} but the policy is at step {step}: "
+                "each decision is updated once, at the step it was made"
+            )
+        if len(decisions) == 0:
+            raise ValueError("decisions is empty")
+        return decisions.contexts, decisions.values, decisions.indices, decisions.features
+    if not isinstance(decisions, (list, tuple)):
+        raise TypeError(
+            "decisions must be a metactl.Decision, a DecisionBatch or a list of Decisions, got "
+            f"{type(decisions).__name__}"
+        )
+    if not decisions:
+        raise ValueError("decisions is empty")
+    contexts: list[ContextKey] = []
+    values = np.empty(len(decisions))
+    indices = np.empty(len(decisions), dtype=np.int64)
+    features = np.empty((len(decisions), feature_dim)) if feature_dim else None
+    for i, d in enumerate(decisions):
+        name = f"decisions[{i}]"
+        if not isinstance(d, Decision):
+            raise TypeError(f"{name} must be a metactl.Decision, got {type(d).__name__}")
+        if d.policy_id != policy_id:
+            raise ValueError(f"{name} was made by another MetaPolicy; select() on this one")
+        if d.step != step:
+            raise ValueError(
+                f"{name} is from step {d.step} but the policy is at step {step}: each "
+                "decision is updated once, at the step it was made"
+            )
+        if d.context is None:
+            raise ValueError(
+                f"{name} is a global decision (context None): update it alone, not in a list "
+                "of per-context decisions"
+            )
+        if not 0 <= d.index < n_candidates:
+            raise ValueError(f"{name}.index {d.index} is out of range")
+        contexts.append(_key(d.context, f"{name}.context"))
+        values[i] = d.value
+        indices[i] = d.index
+        if features is not None:
+            if d.features is None or len(d.features) != feature_dim:
+                raise ValueError(f"{name}.features must hold {feature_dim} values")
+            features[i] = d.features
+    return tuple(contexts), values, indices, features

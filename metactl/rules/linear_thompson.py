@@ -1,0 +1,256 @@
+"""LinearThompson: a contextual bandit over the candidate grid whose contexts are described by
+features, so new prompts benefit from what old prompts taught it.
+
+Each context x is described by ``phi(x) = [1, c_x, c_x ** 2, features_x...]`` where
+``c_x = pbar_x - 1/2`` and ``pbar_x = (s_x + 1) / (s_x + f_x + 2)`` is the context's running
+pass rate (discounted success/failure counts ``s_x, f_x`` as in PTGS, prior ``Beta(1, 1)``)
+and ``features_x`` the optional user features (``feature_dim`` of them, given to ``select``).
+
+For every candidate k a Bayesian linear model ``y = phi . w_k + noise`` (prior
+``w_k ~ N(0, I / ridge)``, known noise standard deviation ``noise_std``) predicts the
+*learning signal* of a prompt group sampled at candidate k: ``y`` = the population standard
+deviation of the group's G rewards (0 when every rollout got the same reward, i.e. the group
+gives GRPO no gradient; at most 1/2 for rewards in [0, 1]). Selection is Thompson sampling,
+one draw per context: ``score_k = phi . mu_k + sqrt(phi' Sigma_k phi) z_k`` with
+``z ~ N(0, 1)`` from the policy's generator (K normals per context, in order), and the context
+gets ``argmax_k score_k``. The models are shared by all contexts: an unseen prompt (running
+pass rate 1/2, its own features) gets the shared model's choice at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from scipy.special import log_ndtr
+
+from .._validation import integer, positive_scalar, unit_interval
+from ..selectors import Greedy, Selector
+from .base import Feedback, RuleState, state_field
+from .contextual import DEFAULT_MAX_CONTEXTS, ContextRows, ContextualRule, RowGroups
+from .ptgs import check_unit_rewards
+
+__all__ = ["LinearThompson"]
+
+_QUADRATURE_NODES = 16
+_NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
+
+
+@dataclass(frozen=True)
+class LinearThompson(ContextualRule):
+    """Thompson sampling over per-candidate Bayesian linear models of the group's reward
+    spread, on the context's running pass rate and features (see the module docstring).
+
+    Args:
+        gamma: discount of each context's pass-rate counts per update of it, in (0, 1].
+        ridge: prior precision of every weight, ``> 0``.
+        noise_std: the reward-spread model's noise standard deviation, ``> 0``.
+        feature_dim: number of user features per context (0: the running pass rate only);
+            with ``feature_dim > 0``, ``select(contexts=..., features=(n, feature_dim))``.
+        max_contexts: the most contexts stored (least recently updated evicted beyond).
+
+    Values are candidates (``on_grid`` True). ``Decision.prob`` is the probability that the
+    chosen candidate wins the Thompson draw (16-node Gauss-Hermite quadrature of the
+    independent Gaussian scores); ``context_probs`` and ``probs`` give those win probabilities
+    for every candidate, renormalised to sum 1. The global policy (``select()`` without
+    contexts) is one context with the pooled pass rate of all rows and all-zero features.
+    Feedback: ``rewards`` (N,) in [0, 1], G per decision. The selector is not used.
+
+    Example:
+        >>> import metactl
+        >>> policy = metactl.linear_thompson(seed=0, feature_dim=1)
+        >>> batch = policy.select(contexts=[1, 2], features=[[0.0], [1.0]])
+        >>> info = policy.update(batch, rewards=[1, 0, 1, 1])   # G = 2
+        >>> policy.context_probs([3], features=[[0.5]]).shape
+        (1, 10)
+    """
+
+    gamma: float = 0.95
+    ridge: float = 1.0
+    noise_std: float = 0.5
+    feature_dim: int = 0
+    max_contexts: int = DEFAULT_MAX_CONTEXTS
+    requires: ClassVar[tuple[str, ...]] = ("rewards",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gamma", unit_interval(self.gamma, "gamma", low_open=True))
+        for name in ("ridge", "noise_std"):
+            value = positive_scalar(getattr(self, name), name)
+            # squared and inverted in the posterior: keep both finite and non-zero
+            if not 1e-150 < value < 1e150:
+                raise ValueError(f"{name} must lie in (1e-150, 1e150), got {value}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "feature_dim", integer(self.feature_dim, "feature_dim", minimum=0))
+        object.__setattr__(
+            self, "max_contexts", integer(self.max_contexts, "max_contexts", minimum=1)
+        )
+
+    @property
+    def dim(self) -> int:
+        """``D = 3 + feature_dim``: the length of ``phi``."""
+        return 3 + self.feature_dim
+
+    def default_selector(self) -> Selector:
+        return Greedy()  # not used: Thompson sampling picks the candidate
+
+    def row_fields(self, candidates: np.ndarray) -> dict[str, int]:
+        return {"successes": 0, "failures": 0}
+
+    def init_state(self, candidates: np.ndarray) -> RuleState:
+        k, d = candidates.shape[0], self.dim
+        precision = np.tile(self.ridge * np.eye(d), (k, 1, 1))
+        return {
+            "precision": precision.reshape(-1),  # (K * D * D,): A_k = ridge I + sum phi phi' / s2
+            "moment": np.zeros(k * d),  # (K * D,): b_k = sum phi y / s2
+            "successes": 0.0,
+            "failures": 0.0,
+        }
+
+    def prior_rows(self, state: RuleState, candidates: np.ndarray, m: int) -> ContextRows:
+        return {"successes": np.zeros(m), "failures": np.zeros(m)}
+
+    def global_rows(self, state: RuleState, candidates: np.ndarray) -> ContextRows:
+        return {
+            "successes": np.array([float(state["successes"])]),
+            "failures": np.array([float(state["failures"])]),
+        }
+
+    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+        for key in ("successes", "failures"):
+            if float(state[key]) < 0:
+                raise ValueError(f"{state_field(key)} must be >= 0, got {state[key]}")
+        k, d = candidates.shape[0], self.dim
+        precision = state["precision"].reshape(k, d, d)
+        if not np.array_equal(precision, np.swapaxes(precision, 1, 2)):
+            raise ValueError(f"{state_field('precision')} must hold symmetric matrices")
+        try:  # ridge I plus a sum of outer products: positive definite
+            np.linalg.cholesky(precision)
+        except np.linalg.LinAlgError as exc:
+            raise ValueError(
+                f"{state_field('precision')} must hold positive-definite matrices"
+            ) from exc
+
+    def check_rows(self, rows: ContextRows, candidates: np.ndarray, step: int) -> None:
+        for key in ("successes", "failures"):
+            if np.any(rows[key] < 0):
+                raise ValueError(f"state_dict['contexts']['rows'][{key!r}] must be >= 0")
+
+    # -- the model ----------------------------------------------------------------------------
+    def phi(self, rows: ContextRows, features: np.ndarray | None) -> np.ndarray:
+        """The design rows ``[1, c, c ** 2, features]``, (n, D)."""
+        pass_rate = (rows["successes"] + 1.0) / (rows["successes"] + rows["failures"] + 2.0)
+        c = pass_rate - 0.5
+        n = c.shape[0]
+        extra = np.zeros((n, self.feature_dim)) if features is None else features
+        return np.column_stack([np.ones(n), c, c * c, extra])
+
+    def _posterior(self, state: RuleState, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, d = candidates.shape[0], self.dim
+        precision = state["precision"].reshape(k, d, d)
+        covariance = np.linalg.inv(precision)
+        mean = np.einsum("kde,ke->kd", covariance, state["moment"].reshape(k, d))
+        return mean, covariance
+
+    def _scores(
+        self, state: RuleState, phi: np.ndarray, candidates: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of every candidate's score, each (n, K)."""
+        mean, covariance = self._posterior(state, candidates)
+        score_mean = phi @ mean.T
+        variance = np.einsum("nd,kde,ne->nk", phi, covariance, phi)
+        return score_mean, np.sqrt(np.maximum(variance, 0.0))
+
+    @staticmethod
+    def _win_probability(mean: np.ndarray, std: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        """``P(score_chosen > every other score)`` per row, by Gauss-Hermite quadrature."""
+        rows = np.arange(mean.shape[0])
+        m_c, s_c = mean[rows, chosen], std[rows, chosen]
+        points = m_c[:, None] + math.sqrt(2.0) * s_c[:, None] * _NODES[None, :]  # (n, Q)
+        z = (points[:, :, None] - mean[:, None, :]) / std[:, None, :]  # (n, Q, K)
+        log_cdf = log_ndtr(z)
+        log_cdf[rows, :, chosen] = 0.0  # the chosen candidate is not its own rival
+        inner = np.exp(log_cdf.sum(axis=2))
+        return (inner @ _WEIGHTS) / math.sqrt(math.pi)
+
+    def _all_win_probabilities(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        k = mean.shape[1]
+        out = np.column_stack(
+            [self._win_probability(mean, std, np.full(mean.shape[0], j)) for j in range(k)]
+        )
+        out = np.maximum(out, 0.0)
+        return out / out.sum(axis=1, keepdims=True)
+
+    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
+        phi = self.phi(self.global_rows(state, candidates), None)
+        mean, std = self._scores(state, phi, candidates)
+        return self._all_win_probabilities(mean, std)[0]
+
+    def context_probs(
+        self,
+        state: RuleState,
+        rows: ContextRows,
+        features: np.ndarray | None,
+        candidates: np.ndarray,
+        step: int,
+        selector: Selector,
+    ) -> np.ndarray:
+        mean, std = self._scores(state, self.phi(rows, features), candidates)
+        return self._all_win_probabilities(mean, std)
+
+    def select_contexts(
+        self,
+        state: RuleState,
+        rows: ContextRows,
+        features: np.ndarray | None,
+        candidates: np.ndarray,
+        step: int,
+        selector: Selector,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, Callable[[], np.ndarray], np.ndarray]:
+        mean, std = self._scores(state, self.phi(rows, features), candidates)
+        draws = mean + std * rng.standard_normal(mean.shape)
+        indices = np.argmax(draws, axis=1).astype(np.int64)
+
+        def probs() -> np.ndarray:  # on first access; quadrature error kept inside [0, 1]
+            return np.clip(self._win_probability(mean, std, indices), 0.0, 1.0)
+
+        return candidates[indices], indices, probs, np.ones(indices.shape[0], dtype=bool)
+
+    def update_contexts(
+        self,
+        state: RuleState,
+        rows: ContextRows,
+        groups: RowGroups,
+        feedback: Feedback,
+        candidates: np.ndarray,
+        step: int,
+    ) -> tuple[RuleState, ContextRows, None]:
+        rewards = feedback["rewards"]
+        check_unit_rewards(rewards)
+        per_decision = groups.per_decision(rewards)  # (n, G)
+        successes = per_decision.sum(axis=1)
+        failures = (1.0 - per_decision).sum(axis=1)
+        spread = per_decision.std(axis=1)  # y: the group's reward standard deviation
+        # phi of each decision as at select time (rows before this update, its own features)
+        decision_rows = {key: value[groups.inverse] for key, value in rows.items()}
+        phi = self.phi(decision_rows, groups.features)
+        k, d = candidates.shape[0], self.dim
+        inverse_noise = 1.0 / (self.noise_std * self.noise_std)
+        precision = state["precision"].reshape(k, d, d).copy()
+        moment = state["moment"].reshape(k, d).copy()
+        np.add.at(precision, groups.indices, phi[:, :, None] * phi[:, None, :] * inverse_noise)
+        np.add.at(moment, groups.indices, phi * (spread * inverse_noise)[:, None])
+        new_state = {
+            "precision": precision.reshape(-1),
+            "moment": moment.reshape(-1),
+            "successes": self.gamma * float(state["successes"]) + float(successes.sum()),
+            "failures": self.gamma * float(state["failures"]) + float(failures.sum()),
+        }
+        new_rows = {
+            "successes": self.gamma * rows["successes"] + groups.pool(successes),
+            "failures": self.gamma * rows["failures"] + groups.pool(failures),
+        }
+        return new_state, new_rows, None
