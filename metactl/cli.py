@@ -21,6 +21,11 @@ COMMANDS = {
         "compare every controller on the TokenSearch toy environment over many seeds",
         "metactl[gym]",
     ),
+    "scoreboard": (
+        "metactl.adapters.scoreboard.cli",
+        "every controller on every testbed of the declared suite: regret table and heat-map",
+        "metactl[gym]",
+    ),
 }
 
 

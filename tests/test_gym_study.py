@@ -104,3 +104,107 @@ def test_summary_picks_the_best_fixed_arm_by_mean_auc_and_pairs_by_seed() -> Non
     assert tampo["temperature_first_tenth"] == 0.0 and tampo["temperature_last_tenth"] == 9.0
     mean, half = mean_ci(np.array(aucs["tampo"]))
     assert mean == pytest.approx(0.85) and half > 0
+
+
+# ---------------------------------------------------------------------------------- issue 8/9
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A real directory that no file can be created in: a read-only folder for a normal user;
+    root ignores permission bits, so for root a folder of the read-only sysfs."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder
+    return Path("/sys/kernel")
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable", "under-a-file"])
+def test_bad_out_is_refused_before_any_run(kind: str, tmp_path: Path, capsys,
+                                           monkeypatch) -> None:  # fmt: skip
+    import metactl.adapters.gym.study as study
+
+    if kind == "file":
+        out = tmp_path / "results.txt"
+        out.write_text("not a folder")
+    elif kind == "under-a-file":
+        (tmp_path / "plain").write_text("x")
+        out = tmp_path / "plain" / "sub"
+    else:
+        out = _unwritable_dir(tmp_path)
+    calls: list[object] = []
+    real_run_one = study.run_one
+    monkeypatch.setattr(study, "run_one", lambda job: calls.append(job) or real_run_one(job))
+    assert main([*TINY, "--controllers", "fixed-1.0", "--workers", "1", "--out", str(out),
+                 "--quiet", "--no-plots"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("metactl gym-study: --out") and err.count("\n") == 1, err
+    assert calls == []  # refused before the first run, not after the whole study
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--prior-margin", "nan"],
+        ["--prior-margin", "-1"],
+        ["--shoulder-gap", "inf"],
+        ["--noise-scale", "-0.1"],
+        ["--task-seed-offset", "-1"],
+        ["--lr", "nan"],
+        ["--eval-temperature", "0"],
+        ["--entropy-target", "nan"],
+        ["--group-size", "1"],
+        ["--length", "1"],  # too short for the 'double' family
+        ["--num-tasks", "0"],
+        ["--families", "shoulder,,tail"],
+        ["--controllers", ""],
+        ["--optimizer", "rmsprop"],
+        ["--seeds", "two"],
+        ["--reward", "dense"],
+        ["--no-such-flag"],
+    ],
+)
+def test_every_argument_is_validated_with_a_one_line_error(bad: list[str], tmp_path: Path,
+                                                           capsys) -> None:  # fmt: skip
+    assert main([*bad, "--out", str(tmp_path / "never"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metactl gym-study: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "never" / "results.json").exists()
+
+
+def test_every_tokensearch_option_reaches_the_environment(tmp_path: Path) -> None:
+    import dataclasses
+
+    from metactl.adapters.gym.env import TokenSearchConfig
+    from metactl.adapters.gym.study import _parse, config_from_args
+
+    args = _parse(["--vocab-size", "9", "--length", "5", "--num-tasks", "4",
+                   "--families", "tail,double", "--reward", "partial", "--no-deceptive",
+                   "--prior-margin", "7", "--shoulder-gap", "2", "--noise-scale", "0.1",
+                   "--task-seed-offset", "100", "--optimizer", "sgd"])  # fmt: skip
+    config = config_from_args(args)
+    env = config.env_config(task_seed=3)
+    assert env == TokenSearchConfig(vocab_size=9, length=5, num_tasks=4,
+                                    families=("tail", "double"), reward="partial",
+                                    deceptive=False, prior_margin=7.0, shoulder_gap=2.0,
+                                    noise_scale=0.1, task_seed=103)  # fmt: skip
+    assert config.learner_config().optimizer == "sgd"
+    # every field of the environment's config is a StudyConfig field or the per-seed task seed
+    study_fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    env_fields = {f.name for f in dataclasses.fields(TokenSearchConfig)}
+    assert env_fields - study_fields == {"task_seed"}
+
+
+def test_prior_margin_sharpens_the_starting_policy_of_a_run(tmp_path: Path) -> None:
+    from metactl.adapters.gym.study import run_one
+
+    # a sharper prior starts (step 0, T_eval = 1) with a higher or lower success, not the same
+    soft = run_one(("fixed-1.0", 0, StudyConfig(steps=2, prior_margin=2.5)))
+    sharp = run_one(("fixed-1.0", 0, StudyConfig(steps=2, prior_margin=7.0)))
+    default = run_one(("fixed-1.0", 0, StudyConfig(steps=2)))
+    assert len({soft["success"][0], sharp["success"][0], default["success"][0]}) == 3
+    out = tmp_path / "study"
+    assert main([*TINY, "--controllers", "fixed-1.0", "--workers", "1", "--prior-margin", "7",
+                 "--out", str(out), "--quiet", "--no-plots"]) == 0  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["config"]["prior_margin"] == 7.0

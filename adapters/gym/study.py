@@ -4,7 +4,10 @@ Runs each controller (TAMPO with the paper's defaults, TAMPO with a softmax norm
 MetaGradient, EXP3, the E3 entropy controller, a fixed temperature at every candidate 0.6..1.5 and
 the linear 0.9 -> 1.5 schedule) for ``--seeds`` seeds. Seed ``s`` fixes the task set
 (``task_seed = s``), the rollout sampler and the meta-policy's own RNG, so runs with the same seed
-are paired across controllers.
+are paired across controllers (``--task-seed-offset`` shifts the task sets:
+``task_seed = offset + s``). Every option of the environment (``--prior-margin`` for the sharpness
+of the starting policy included) and of the learner is a flag; every argument, ``--out`` included,
+is validated before any run starts (one-line error, exit status 2).
 
 Reported per controller: final success rate and area under the learning curve (exact success rate
 of the learned policy at ``T_eval = 1``, averaged over the evaluations before every step and after
@@ -36,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -64,23 +67,31 @@ class StudyConfig:
     families: tuple[str, ...] = FAMILIES
     reward: str = "exact"
     deceptive: bool = True
+    prior_margin: float = 4.0
+    shoulder_gap: float = 1.5
+    noise_scale: float = 0.3
+    task_seed_offset: int = 0
+    """Run ``seed`` uses the task set ``task_seed = task_seed_offset + seed``."""
     entropy_target: float = 0.3
     eval_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
             raise ValueError(f"steps must be an int >= 2, got {self.steps!r}")
-        if not np.isfinite(self.entropy_target) or self.entropy_target <= 0:
-            raise ValueError(f"entropy_target must be finite and > 0, got {self.entropy_target}")
-        if not np.isfinite(self.eval_temperature) or self.eval_temperature <= 0:
-            raise ValueError(
-                f"eval_temperature must be finite and > 0, got {self.eval_temperature}"
-            )
+        offset = self.task_seed_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"task_seed_offset must be an int >= 0, got {offset!r}")
+        for name in ("entropy_target", "eval_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
         self.env_config()  # validates the environment's fields
         self.learner_config()  # validates the learner's fields
 
     def env_config(self, task_seed: int = 0) -> TokenSearchConfig:
-        """The environment configuration for ``task_seed``."""
+        """The environment configuration of run seed ``task_seed`` (plus the offset)."""
         return TokenSearchConfig(
             vocab_size=self.vocab_size,
             length=self.length,
@@ -88,7 +99,10 @@ class StudyConfig:
             families=tuple(self.families),
             reward=self.reward,  # type: ignore[arg-type]
             deceptive=self.deceptive,
-            task_seed=task_seed,
+            prior_margin=self.prior_margin,
+            shoulder_gap=self.shoulder_gap,
+            noise_scale=self.noise_scale,
+            task_seed=self.task_seed_offset + task_seed,
         )
 
     def learner_config(self) -> GRPOConfig:
@@ -120,6 +134,32 @@ CONTROLLERS: dict[str, Callable[[StudyConfig, int], metactl.MetaPolicy]] = {
     "linear": lambda cfg, seed: metactl.MetaPolicy(
         CANDIDATES, metactl.Schedule("linear", 0.9, 1.5, cfg.steps), seed=seed
     ),
+    # issue 9 (untuned defaults): TAMPO variants, then the rules built for the learning signal
+    "tampo-std": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.TAMPO(standardize="std"), seed=seed
+    ),
+    "tampo-sharp": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.TAMPO(tau=0.1), seed=seed
+    ),
+    "tampo-sum": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.TAMPO(likelihood_normalization="sum"), seed=seed
+    ),
+    "counterfactual": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.Counterfactual(), seed=seed
+    ),
+    "uncertainty": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES, metactl.Uncertainty(), seed=seed
+    ),
+    # annealed high -> low (Entrocraft); 2 H* -> H* / 2 has the geometric mean of `entropy`'s H*
+    "entropy-schedule": lambda cfg, seed: metactl.MetaPolicy(
+        CANDIDATES,
+        metactl.EntropySchedule(2 * cfg.entropy_target, cfg.entropy_target / 2, cfg.steps),
+        seed=seed,
+    ),
+    # issue 10 (untuned defaults): a temperature per task, keyed by the task id
+    "ptgs": lambda cfg, seed: metactl.ptgs(seed=seed, total_steps=cfg.steps),
+    "tampo-per-prompt": lambda cfg, seed: metactl.tampo_per_prompt(CANDIDATES, seed=seed),
+    "linear-thompson": lambda cfg, seed: metactl.linear_thompson(CANDIDATES, seed=seed),
     **{f"fixed-{t:.1f}": _fixed(t) for t in CANDIDATES},
 }
 ADAPTIVE = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy")
@@ -359,8 +399,114 @@ def make_plots(
 
 
 # ---------------------------------------------------------------------------------- CLI
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (``prog: message``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create ``path`` if needed and prove it is a writable directory (before any work).
+
+    Raises ``ValueError`` naming ``flag`` when ``path`` is a file, cannot be created, or a file
+    cannot be written into it. The probe writes and removes a uniquely named temporary file, so
+    it is a real write (permission bits alone do not say whether a write succeeds, e.g. as root
+    or on a read-only mount).
+    """
+    import tempfile
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-", delete=True):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"{flag} {str(out)!r} is not a writable directory ({exc.strerror or exc})"
+        ) from None
+    return out
+
+
+def parse_controllers(text: str, known: list[str] | tuple[str, ...]) -> list[str]:
+    """``"all"`` or a comma-separated list of distinct names from ``known`` (validated)."""
+    if text.strip() == "all":
+        return list(known)
+    names = [c.strip() for c in text.split(",")]
+    if not names or any(not c for c in names):
+        raise ValueError(f"--controllers has an empty name in {text!r}")
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown controller {name!r}; choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError("--controllers must name each controller once")
+    return names
+
+
+def add_environment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :class:`TokenSearchConfig` and of the learner, with StudyConfig defaults."""
+    defaults = StudyConfig()
+    env = parser.add_argument_group("TokenSearch environment")
+    env.add_argument("--vocab-size", type=int, default=defaults.vocab_size,
+                     help=f"vocabulary size V (default {defaults.vocab_size})")
+    env.add_argument("--length", type=int, default=defaults.length,
+                     help=f"answer length L (default {defaults.length})")
+    env.add_argument("--num-tasks", type=int, default=defaults.num_tasks,
+                     help=f"number of tasks (default {defaults.num_tasks})")
+    env.add_argument("--families", default=",".join(defaults.families),
+                     help=f"comma-separated target families from {','.join(FAMILIES)}")
+    env.add_argument("--reward", choices=("exact", "partial"), default=defaults.reward)
+    env.add_argument("--no-deceptive", action="store_true", help="no decoy mode in the prior")
+    env.add_argument("--prior-margin", type=float, default=defaults.prior_margin,
+                     help="logit of the prior's mode above the bulk: larger is a sharper "
+                          f"starting policy (default {defaults.prior_margin})")
+    env.add_argument("--shoulder-gap", type=float, default=defaults.shoulder_gap,
+                     help="a shoulder target's logit below the mode "
+                          f"(default {defaults.shoulder_gap})")
+    env.add_argument("--noise-scale", type=float, default=defaults.noise_scale,
+                     help=f"std of the prior's bulk logits (default {defaults.noise_scale})")
+    env.add_argument("--task-seed-offset", type=int, default=defaults.task_seed_offset,
+                     help="run seed s uses the task set task_seed = offset + s (default 0)")
+    learner = parser.add_argument_group("GRPO learner")
+    learner.add_argument("--group-size", type=int, default=defaults.group_size,
+                         help=f"GRPO group size G (default {defaults.group_size})")
+    learner.add_argument("--lr", type=float, default=defaults.lr,
+                         help=f"learner learning rate (default {defaults.lr})")
+    learner.add_argument("--optimizer", choices=("adam", "sgd"), default=defaults.optimizer)
+    learner.add_argument("--entropy-target", type=float, default=defaults.entropy_target,
+                         help="H* of the entropy controller in nats "
+                              f"(default {defaults.entropy_target})")
+    learner.add_argument("--eval-temperature", type=float, default=defaults.eval_temperature,
+                         help="temperature of the success evaluation "
+                              f"(default {defaults.eval_temperature})")
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    """The :class:`StudyConfig` of parsed arguments (raises ``ValueError``/``TypeError``)."""
+    return StudyConfig(
+        steps=args.steps,
+        group_size=args.group_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        vocab_size=args.vocab_size,
+        length=args.length,
+        num_tasks=args.num_tasks,
+        families=tuple(f.strip() for f in args.families.split(",")),
+        reward=args.reward,
+        deceptive=not args.no_deceptive,
+        prior_margin=args.prior_margin,
+        shoulder_gap=args.shoulder_gap,
+        noise_scale=args.noise_scale,
+        task_seed_offset=args.task_seed_offset,
+        entropy_target=args.entropy_target,
+        eval_temperature=args.eval_temperature,
+    )
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="metactl gym-study",
         description="Compare temperature controllers on metactl/TokenSearch-v0 over many seeds.",
     )
@@ -373,18 +519,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(CONTROLLERS)} (default: all)",
     )
     parser.add_argument("--out", default="runs/gym_study", help="output folder")
-    parser.add_argument("--group-size", type=int, default=8, help="GRPO group size G")
-    parser.add_argument("--lr", type=float, default=0.1, help="learner learning rate")
-    parser.add_argument("--vocab-size", type=int, default=16)
-    parser.add_argument("--length", type=int, default=6)
-    parser.add_argument("--num-tasks", type=int, default=6)
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--reward", choices=("exact", "partial"), default="exact")
-    parser.add_argument("--no-deceptive", action="store_true", help="no decoy mode in the prior")
-    parser.add_argument("--entropy-target", type=float, default=0.3,
-                        help="H* of the entropy controller in nats (default 0.3)")  # fmt: skip
-    parser.add_argument("--eval-temperature", type=float, default=1.0,
-                        help="temperature of the success evaluation (default 1.0)")  # fmt: skip
+    add_environment_arguments(parser)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return parser.parse_args(argv)
@@ -392,41 +527,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the study; returns the exit status (0 on success, 2 on bad arguments)."""
-    args = _parse(argv)
+    try:
+        args = _parse(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a one-line usage error (2)
+        return int(exc.code or 0)
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        names = (
-            list(CONTROLLERS)
-            if args.controllers == "all"
-            else [c.strip() for c in args.controllers.split(",") if c.strip()]
-        )
-        for name in names:
-            if name not in CONTROLLERS:
-                raise ValueError(f"unknown controller {name!r}; choose from {list(CONTROLLERS)}")
-        if not names or len(set(names)) != len(names):
-            raise ValueError("--controllers must name each controller once")
-        config = StudyConfig(
-            steps=args.steps,
-            group_size=args.group_size,
-            lr=args.lr,
-            vocab_size=args.vocab_size,
-            length=args.length,
-            num_tasks=args.num_tasks,
-            families=tuple(f.strip() for f in args.families.split(",")),
-            reward=args.reward,
-            deceptive=not args.no_deceptive,
-            entropy_target=args.entropy_target,
-            eval_temperature=args.eval_temperature,
-        )
+        names = parse_controllers(args.controllers, list(CONTROLLERS))
+        config = config_from_args(args)
+        out = check_out_dir(args.out)
     except (ValueError, TypeError) as exc:
         print(f"metactl gym-study: {exc}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = [(name, seed, config) for seed in range(args.seeds) for name in names]
     from tqdm.auto import tqdm
 

@@ -1,0 +1,22 @@
+"""``metactl scoreboard``: every temperature controller on every testbed of a declared suite.
+
+The suite, its development / held-out split, seeds, metrics and statistics are fixed by
+``benchmarks/PROTOCOL.md``; :mod:`.suite` is its executable form, :mod:`.stats` the pure
+statistics (normalised regret, paired bootstrap CI, paired tests), :mod:`.runner` the resumable
+runs and :mod:`.report` the tables, heat-map and JSON.
+"""
+
+from .stats import mean_ci, normalised_regret, paired_bootstrap_regret, paired_difference
+from .suite import DEVELOPMENT, FIXED_GRID, HELD_OUT, TESTBEDS, Testbed
+
+__all__ = [
+    "DEVELOPMENT",
+    "FIXED_GRID",
+    "HELD_OUT",
+    "TESTBEDS",
+    "Testbed",
+    "mean_ci",
+    "normalised_regret",
+    "paired_bootstrap_regret",
+    "paired_difference",
+]

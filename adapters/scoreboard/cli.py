@@ -1,0 +1,261 @@
+"""``metactl scoreboard``: every controller on every testbed of the declared suite.
+
+Examples:
+    metactl scoreboard --quick                          # the quick suite, < 10 min on 2 cores
+    metactl scoreboard --quick --testbeds development   # development testbeds only
+    metactl scoreboard                                  # the full suite, < 60 min on 2 cores
+    metactl scoreboard --testbeds gym-default,gym-sharp --controllers tampo,linear --seeds 5
+
+The fixed grid 0.6..1.5 always runs (normalised regret needs it); ``--controllers`` adds the
+adaptive controllers and schedules (default: every controller ``metactl gym-study`` knows).
+Finished runs are reused, so an interrupted scoreboard resumes where it stopped. Runs are
+keyed by configuration, controller and seed, not by the code: after changing a rule or a
+learner, use a fresh --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from metactl.adapters.gym.study import OneLineErrorParser, check_out_dir
+
+import metactl
+
+from .report import format_summary, write_report
+from .runner import Job, gym_key, reference_key, run_jobs
+from .suite import (
+    DEVELOPMENT,
+    FIXED_GRID,
+    HELD_OUT,
+    TESTBEDS,
+    Testbed,
+    check_controller,
+    default_controllers,
+    reference_controller_name,
+)
+
+PROG = "metactl scoreboard"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (errors are one line, exit status 2)."""
+    p = OneLineErrorParser(prog=PROG, description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="the quick suite: fewer seeds, reference-quick at 60 steps, no "
+                        "reference-full (see benchmarks/PROTOCOL.md)")  # fmt: skip
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/scoreboard or runs/scoreboard-quick)")
+    p.add_argument("--controllers", default="all",
+                   help="comma-separated controllers (gym-study names), or 'all'; the fixed "
+                        "grid fixed-0.6..fixed-1.5 always runs")  # fmt: skip
+    p.add_argument("--testbeds", default="all",
+                   help=f"comma-separated testbeds from {','.join(TESTBEDS)}, or 'all', "
+                        f"'{DEVELOPMENT}', '{HELD_OUT}'")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per testbed (0..N-1) instead of the protocol's counts")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every selected testbed instead of the protocol's "
+                        "(for smoke tests; the report marks the budget as off-protocol)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--cache-dir", default=None,
+                   help="reference warm-up cache (default $METACTL_CACHE or ~/.cache/metactl)")
+    p.add_argument("--resamples", type=int, default=10_000,
+                   help="bootstrap resamples of the regret CI (default 10000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the heat-map PNG")
+    return p
+
+
+def select_testbeds(text: str, quick: bool) -> list[Testbed]:
+    """The testbeds named by ``--testbeds`` (suite order), validated."""
+    suite = [t for t in TESTBEDS.values() if t.seeds(quick) is not None]
+    spec = text.strip()
+    if spec == "all":
+        return suite
+    if spec in (DEVELOPMENT, HELD_OUT):
+        return [t for t in suite if t.split == spec]
+    names = [n.strip() for n in text.split(",")]
+    if any(not n for n in names):
+        raise ValueError(f"--testbeds has an empty name in {text!r}")
+    for name in names:
+        if name not in TESTBEDS:
+            raise ValueError(f"unknown testbed {name!r}; choose from {', '.join(TESTBEDS)}")
+        if TESTBEDS[name].seeds(quick) is None:
+            raise ValueError(f"testbed {name!r} is not part of the --quick suite")
+    if len(set(names)) != len(names):
+        raise ValueError("--testbeds must name each testbed once")
+    return [t for t in suite if t.name in names]
+
+
+def select_controllers(text: str, testbeds: Sequence[Testbed]) -> tuple[list[str], list[str]]:
+    """(controllers in report order, notes): adaptive ones first, then the whole fixed grid.
+
+    Every named controller must be available on every selected testbed. With ``all``, a
+    controller that some selected testbed does not know is left out, and a note says so.
+    """
+    notes: list[str] = []
+    if text.strip() == "all":
+        chosen = []
+        for name in default_controllers():
+            lacking = []
+            for testbed in testbeds:
+                try:
+                    check_controller(name, testbed)
+                except ValueError:
+                    lacking.append(testbed.name)
+            if lacking:
+                notes.append(f"controller {name!r} left out: not available on {lacking}")
+            else:
+                chosen.append(name)
+    else:
+        chosen = [c.strip() for c in text.split(",")]
+        if any(not c for c in chosen):
+            raise ValueError(f"--controllers has an empty name in {text!r}")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError("--controllers must name each controller once")
+        known = default_controllers()
+        for name in chosen:
+            if name not in known:
+                raise ValueError(f"unknown controller {name!r}; choose from {', '.join(known)}")
+            for testbed in testbeds:
+                check_controller(name, testbed)
+    adaptive = [c for c in chosen if c not in FIXED_GRID]
+    return [*adaptive, *FIXED_GRID], notes
+
+
+def build_plan(testbeds: Sequence[Testbed], controllers: Sequence[str], *, quick: bool,
+               seeds: int | None, steps: int | None, out: Path,
+               cache_dir: str | None) -> tuple[list[tuple[Testbed, Any, list[Job]]],
+                                               dict[str, list[int]]]:  # fmt: skip
+    """Per testbed: its run configuration and its jobs (same seeds for every controller)."""
+    plan = []
+    seed_lists: dict[str, list[int]] = {}
+    for testbed in testbeds:
+        n = seeds if seeds is not None else testbed.seeds(quick)
+        assert n is not None
+        seed_list = list(range(n))
+        seed_lists[testbed.name] = seed_list
+        if testbed.kind == "gym":
+            config: Any = testbed.gym_config(steps)
+            jobs = [Job(testbed.name, c, s, gym_key(config, c, s))
+                    for c in controllers for s in seed_list]  # fmt: skip
+        else:
+            base = testbed.reference_config(quick, steps)
+            config = dataclasses.replace(
+                base, out=str(out / "reference" / testbed.name),
+                controllers=tuple(reference_controller_name(c) for c in controllers),
+                seeds=tuple(seed_list), workers=1, cache_dir=cache_dir,
+            )
+            jobs = [Job(testbed.name, c, s, reference_key(config, c, s))
+                    for c in controllers for s in seed_list]  # fmt: skip
+        plan.append((testbed, config, jobs))
+    return plan, seed_lists
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``metactl scoreboard``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        for flag, value, low in (("--seeds", args.seeds, 1), ("--steps", args.steps, 2),
+                                 ("--workers", args.workers, 1),
+                                 ("--resamples", args.resamples, 1)):  # fmt: skip
+            if value is not None and value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        testbeds = select_testbeds(args.testbeds, args.quick)
+        if any(t.kind == "reference" for t in testbeds):
+            try:
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+            except ImportError as exc:
+                raise ValueError(f"the reference testbeds need pip install "
+                                 f"'metactl[reference]' ({exc})") from None  # fmt: skip
+        controllers, notes = select_controllers(args.controllers, testbeds)
+        out = check_out_dir(args.out or ("runs/scoreboard-quick" if args.quick
+                                         else "runs/scoreboard"))  # fmt: skip
+        plan, seed_lists = build_plan(testbeds, controllers, quick=args.quick, seeds=args.seeds,
+                                      steps=args.steps, out=out, cache_dir=args.cache_dir)
+    except (ValueError, TypeError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+
+    from tqdm.auto import tqdm
+
+    total = sum(len(jobs) for _, _, jobs in plan)
+    records: dict[tuple[str, str, int], dict[str, Any]] = {}
+    counts = {"reused": 0}
+    bar = tqdm(total=total, desc="scoreboard runs", unit="run", disable=args.no_progress)
+    started = time.perf_counter()
+
+    def on_record(record: dict[str, Any]) -> None:
+        records[(record["testbed"], record["controller"], record["seed"])] = record
+        bar.update()
+
+    def on_note(note: str) -> None:
+        bar.write(f"{PROG}: {note}", file=sys.stderr)
+
+    print(f"{PROG}: {len(testbeds)} testbeds x {len(controllers)} controllers, {total} runs, "
+          f"{args.workers} worker(s); output -> {out}", flush=True)  # fmt: skip
+    try:
+        # records found on disk are counted as reused before any new run finishes
+        from .runner import load_record, record_path
+
+        for _, _, jobs in plan:
+            for job in jobs:
+                payload, _ = load_record(record_path(out, job.testbed, job.controller, job.seed),
+                                         job.key)  # fmt: skip
+                counts["reused"] += payload is not None
+        start_info = run_jobs(out, plan, workers=args.workers, on_record=on_record,
+                              on_note=on_note)  # fmt: skip
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"{PROG}: interrupted; finished runs are kept in {out}/runs and reused next time",
+              file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, ValueError) as exc:
+        # a run that cannot proceed (e.g. the reference start model fails its quality check):
+        # one clear line; the finished runs stay on disk and are reused by the next invocation
+        bar.close()
+        print(f"{PROG}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    wall = time.perf_counter() - started
+
+    from .report import analyse
+
+    analysis = analyse(testbeds, controllers, records, seed_lists, resamples=args.resamples)
+    off_protocol = args.seeds is not None or args.steps is not None
+    meta = {
+        "quick": args.quick,
+        "off_protocol_budget": off_protocol,
+        "seeds_override": args.seeds,
+        "steps_override": args.steps,
+        "runs": total,
+        "reused": counts["reused"],
+        "workers": args.workers,
+        "wall_seconds": wall,
+        "start_models": start_info,
+        "metactl_version": metactl.__version__,
+    }
+    paths = write_report(out, analysis, meta, plots=not args.no_plots)
+    print(format_summary(analysis))
+    if off_protocol:
+        print("\nBudget overridden (--seeds/--steps): not the protocol's scoreboard.")
+    print(f"\n{total} runs ({counts['reused']} reused) in {wall:.1f} s with {args.workers} "
+          f"worker(s); report: {paths['markdown']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

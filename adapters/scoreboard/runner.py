@@ -1,0 +1,330 @@
+"""Running the scoreboard: one record per (testbed, controller, seed), reused when finished.
+
+A record is a small JSON file ``<out>/runs/<testbed>/<controller>/seed<s>.json`` written
+atomically (a uniquely named temporary file renamed into place) with a key (hash of everything
+that determines the run's result) and a checksum of its content. A record whose key differs (the
+testbed's configuration changed) or that does not verify (truncated, garbled) is recomputed, and
+the runner says so. Gym runs call ``metactl gym-study``'s :func:`run_one`; reference runs call the
+reference adapter's ``prepare_start`` (cached warm-up) and ``run_arm`` (its own resumable
+checkpoints under ``<out>/reference/<testbed>/``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metactl.adapters.gym.study import StudyConfig, run_one
+
+import metactl
+
+from .suite import Testbed, reference_controller_name
+
+__all__ = ["RECORD_FORMAT", "Job", "load_record", "record_path", "run_jobs", "write_record"]
+
+RECORD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the scoreboard."""
+
+    testbed: str
+    controller: str
+    seed: int
+    key: str
+
+
+def record_path(out: Path, testbed: str, controller: str, seed: int) -> Path:
+    """``<out>/runs/<testbed>/<controller>/seed<seed>.json``."""
+    return out / "runs" / testbed / controller / f"seed{seed}.json"
+
+
+def _checksum(payload: dict[str, Any]) -> str:
+    blob = json.dumps(payload, sort_keys=True, allow_nan=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_record(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with its checksum atomically (unique temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"payload": payload, "sha256": _checksum(payload)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_record(path: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(payload, None)`` for a finished run with this ``key``; ``(None, why)`` otherwise
+    (``why`` is ``None`` when there is simply no record yet)."""
+    if not path.exists():
+        return None, None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        payload, digest = data["payload"], data["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{path}: unreadable record ({type(exc).__name__}); recomputing it"
+    if not isinstance(payload, dict) or _checksum(payload) != digest:
+        return None, f"{path}: checksum mismatch (corrupted record); recomputing it"
+    if payload.get("key") != key:
+        return None, f"{path}: made by another configuration; recomputing it"
+    return payload, None
+
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def gym_key(config: StudyConfig, controller: str, seed: int) -> str:
+    """Key of a gym run: everything that determines its result."""
+    return _hash({"format": RECORD_FORMAT, "kind": "gym", "config": dataclasses.asdict(config),
+                  "controller": controller, "seed": seed})  # fmt: skip
+
+
+def reference_key(cfg: Any, controller: str, seed: int) -> str:
+    """Key of a reference run (not where it runs, how fast, or how the cache path is spelled)."""
+    d = cfg.to_dict()
+    for name in ("out", "workers", "threads_per_worker", "controllers", "seeds", "cache_dir"):
+        d.pop(name, None)
+    return _hash({"format": RECORD_FORMAT, "kind": "reference", "config": d,
+                  "controller": controller, "seed": seed})  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- workers
+def _gym_task(testbed: str, controller: str, seed: int, key: str,
+              config: StudyConfig) -> dict[str, Any]:  # fmt: skip
+    start = time.perf_counter()
+    run = run_one((controller, seed, config))
+    return {
+        "key": key,
+        "testbed": testbed,
+        "controller": controller,
+        "seed": seed,
+        "metrics": {
+            "auc": float(run["auc"]),
+            "final": float(run["final"]),
+            "final_greedy": float(run["greedy"][-1]),
+        },
+        "temperature": [float(t) for t in run["temperature"]],
+        "wall_seconds": time.perf_counter() - start,
+        "metactl_version": metactl.__version__,
+    }
+
+
+class _DiscardProgress:
+    """Stands in for the reference adapter's progress queue: no per-arm bar inside a worker
+    (the scoreboard draws one bar over all runs)."""
+
+    def put(self, item: Any) -> None:
+        del item
+
+
+def _quiet_reference() -> Any:
+    """Silence the reference adapter's per-arm progress bars; returns what it replaced."""
+    from metactl.adapters.reference import experiment
+
+    previous = getattr(experiment, "_PROGRESS", None)
+    if hasattr(experiment, "_PROGRESS"):
+        experiment._PROGRESS = _DiscardProgress()
+    return previous
+
+
+def _restore_reference(previous: Any) -> None:
+    from metactl.adapters.reference import experiment
+
+    if hasattr(experiment, "_PROGRESS"):
+        experiment._PROGRESS = previous
+
+
+def _init_worker(threads: int, with_torch: bool) -> None:
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(threads)
+        _quiet_reference()
+        try:  # the model loads of every arm would print a progress bar each
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _prepare_task(cfg: Any) -> tuple[str | None, dict[str, Any]]:
+    from metactl.adapters.reference.experiment import prepare_start
+
+    # The start model's task check samples 1,000 problems at every fixed temperature of the
+    # comparison: over the whole grid that is ten times the work of the check at T = 1.0 and
+    # changes nothing about the arms (the warm-up, its greedy-accuracy gate and the base scores
+    # are the same), so the check runs at T = 1.0 only.
+    return prepare_start(dataclasses.replace(cfg, controllers=("fixed-1.0",)), progress=False)
+
+
+def _reference_task(testbed: str, controller: str, seed: int, key: str, cfg: Any,
+                    start_path: str | None) -> dict[str, Any]:  # fmt: skip
+    from metactl.adapters.reference.experiment import run_arm
+
+    start = time.perf_counter()
+    result = run_arm(cfg, reference_controller_name(controller), seed, start_path)
+    avg = result["final"]["avg"]
+    return {
+        "key": key,
+        "testbed": testbed,
+        "controller": controller,
+        "seed": seed,
+        "metrics": {
+            "pass1": float(avg["pass1"]),
+            "greedy": float(avg["greedy"]),
+            "pass_at_k": float(avg["pass_at_k"]),
+        },
+        "temperature": [float(t) for t in result["temperature"]],
+        "train_seconds": float(result["train_seconds"]),
+        "meta_seconds": float(result.get("meta_seconds", 0.0)),
+        "wall_seconds": time.perf_counter() - start,
+        "metactl_version": metactl.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------- scheduler
+def run_jobs(
+    out: Path,
+    plan: list[tuple[Testbed, Any, list[Job]]],
+    *,
+    workers: int,
+    on_record: Callable[[dict[str, Any]], None],
+    on_note: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Run every job of ``plan`` (``(testbed, config, jobs)`` per testbed) not already finished.
+
+    Returns ``{testbed name: start info}`` of the reference testbeds (the start model's scores).
+    Finished records are passed to ``on_record`` (reused ones first); notes (recomputed
+    records) to ``on_note``. Reference arms are scheduled before gym runs, so the long runs
+    start early; each reference testbed's warm-up and checks run once, one testbed at a time
+    (they share the warm-up cache).
+    """
+    gym_jobs: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+    prepares: deque[tuple[Testbed, Any, list[Job]]] = deque()
+    for testbed, config, jobs in plan:
+        todo = []
+        for job in jobs:
+            payload, why = load_record(record_path(out, job.testbed, job.controller, job.seed),
+                                       job.key)  # fmt: skip
+            if why:
+                on_note(why)
+            if payload is not None:
+                on_record(payload)
+            else:
+                todo.append(job)
+        if not todo:
+            continue
+        if testbed.kind == "gym":
+            gym_jobs.extend((_gym_task, (j.testbed, j.controller, j.seed, j.key, config))
+                            for j in todo)  # fmt: skip
+        else:
+            prepares.append((testbed, config, todo))
+    start_info: dict[str, dict[str, Any]] = {}
+    if not gym_jobs and not prepares:
+        return start_info
+    with_torch = bool(prepares)
+
+    def finish(kind: str, value: Any, context: Any) -> list[tuple[Callable[..., Any], tuple]]:
+        if kind == "record":
+            write_record(record_path(out, value["testbed"], value["controller"], value["seed"]),
+                         value)  # fmt: skip
+            on_record(value)
+            return []
+        testbed, config, todo = context  # a finished prepare: its arms become runnable
+        start_path, info = value
+        start_info[testbed.name] = info
+        return [(_reference_task, (j.testbed, j.controller, j.seed, j.key, config, start_path))
+                for j in todo]  # fmt: skip
+
+    if workers == 1:  # in this process (the torch thread count and progress bars restored)
+        previous: Any = None
+        threads = 1
+        if with_torch:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            previous = _quiet_reference()
+        try:
+            while prepares:
+                context = prepares.popleft()
+                for fn, args in finish("prepare", _prepare_task(context[1]), context):
+                    finish("record", fn(*args), None)
+            while gym_jobs:
+                fn, args = gym_jobs.popleft()
+                finish("record", fn(*args), None)
+        finally:
+            if with_torch:
+                torch.set_num_threads(threads)
+                _restore_reference(previous)
+        return start_info
+
+    context_mp = mp.get_context("spawn")
+    reference_jobs: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+    in_flight: dict[cf.Future[Any], tuple[str, Any]] = {}
+    preparing = False
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context_mp,
+                                initializer=_init_worker,
+                                initargs=(1, with_torch)) as pool:  # fmt: skip
+        try:
+            while True:
+                if not preparing and prepares:
+                    context = prepares.popleft()
+                    in_flight[pool.submit(_prepare_task, context[1])] = ("prepare", context)
+                    preparing = True
+                # keep the workers busy, plus one queued job each, long reference arms first
+                while len(in_flight) < 2 * workers and (reference_jobs or gym_jobs):
+                    fn, args = (reference_jobs or gym_jobs).popleft()
+                    in_flight[pool.submit(fn, *args)] = ("record", None)
+                if not in_flight:
+                    break
+                # a timeout, so that Ctrl-C is seen within a second in any case
+                done, _ = cf.wait(in_flight, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    kind, context = in_flight.pop(future)
+                    if kind == "prepare":
+                        preparing = False
+                    reference_jobs.extend(finish(kind, future.result(), context))
+        except BaseException:
+            # Ctrl-C or a failed run: stop now, not after the queued and running jobs (finished
+            # records are on disk; a reference arm keeps its last checkpoint)
+            _stop_workers(pool)
+            raise
+    return start_info
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
+    """Cancel what is queued and terminate the worker processes (running jobs included)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        if process.is_alive():
+            process.terminate()
+    for process in list(processes.values()):
+        process.join(timeout=10)

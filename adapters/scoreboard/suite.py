@@ -1,0 +1,204 @@
+"""The declared suite of the scoreboard: testbeds, their split, budgets and controller names.
+
+This module is the executable form of ``benchmarks/PROTOCOL.md`` (sections 2 and 3); change one
+only together with the other, before the runs the change affects.
+
+Example
+-------
+>>> [t.name for t in TESTBEDS.values() if t.split == DEVELOPMENT]
+['gym-default', 'gym-sharp', 'gym-flat', 'reference-quick']
+>>> TESTBEDS["gym-sharp"].gym.prior_margin
+7.0
+>>> TESTBEDS["reference-full"].seeds(quick=True) is None    # not part of the --quick suite
+True
+>>> reference_controller_name("metagradient"), reference_controller_name("tampo")
+('metagrad', 'tampo')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from metactl.adapters.gym.study import CONTROLLERS as GYM_CONTROLLERS
+from metactl.adapters.gym.study import StudyConfig, make_controller
+
+if TYPE_CHECKING:  # the reference adapter needs torch: imported only where a reference run is
+    from metactl.adapters.reference.experiment import ReproduceConfig
+
+__all__ = [
+    "DEVELOPMENT",
+    "FIXED_GRID",
+    "HELD_OUT",
+    "TESTBEDS",
+    "Testbed",
+    "check_controller",
+    "default_controllers",
+    "reference_controller_name",
+]
+
+DEVELOPMENT = "development"
+HELD_OUT = "held-out"
+
+#: The fixed arms every testbed runs: the whole candidate grid 0.6..1.5.
+FIXED_GRID: tuple[str, ...] = tuple(f"fixed-{t / 10:.1f}" for t in range(6, 16))
+
+# scoreboard (= gym-study) name -> reference adapter name, where they differ
+_REFERENCE_NAMES: dict[str, str] = {
+    "metagradient": "metagrad",
+    "entropy": "entropy-0.3",
+    "linear": "linear-0.9-1.5",
+}
+
+
+def reference_controller_name(name: str) -> str:
+    """The reference adapter's name for the scoreboard controller ``name``."""
+    return _REFERENCE_NAMES.get(name, name)
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """One testbed of the suite.
+
+    ``gym`` (a :class:`StudyConfig`) or ``reference`` (``quick -> ReproduceConfig``, built lazily
+    because it needs torch) says what a run is. ``quick_seeds`` is ``None`` when the testbed is
+    not part of the ``--quick`` suite.
+    """
+
+    name: str
+    split: str
+    description: str
+    full_seeds: int
+    quick_seeds: int | None
+    gym: StudyConfig | None = None
+    reference: Callable[[bool], ReproduceConfig] | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in (DEVELOPMENT, HELD_OUT):
+            raise ValueError(f"split must be {DEVELOPMENT!r} or {HELD_OUT!r}, got {self.split!r}")
+        if (self.gym is None) == (self.reference is None):
+            raise ValueError(f"testbed {self.name!r} needs exactly one of gym= and reference=")
+        if self.full_seeds < 1 or (self.quick_seeds is not None and self.quick_seeds < 1):
+            raise ValueError(f"testbed {self.name!r}: seed counts must be >= 1")
+
+    @property
+    def kind(self) -> str:
+        """``"gym"`` or ``"reference"``."""
+        return "gym" if self.gym is not None else "reference"
+
+    @property
+    def metric(self) -> str:
+        """Name of the primary metric."""
+        return "auc" if self.kind == "gym" else "pass1"
+
+    def seeds(self, quick: bool) -> int | None:
+        """Seeds of this testbed in the quick or the full suite (``None``: not in it)."""
+        return self.quick_seeds if quick else self.full_seeds
+
+    def gym_config(self, steps: int | None = None) -> StudyConfig:
+        """The gym configuration, with ``steps`` overridden when given."""
+        assert self.gym is not None
+        return self.gym if steps is None else dataclasses.replace(self.gym, steps=steps)
+
+    def reference_config(self, quick: bool, steps: int | None = None) -> ReproduceConfig:
+        """The reference configuration of the quick or full budget (``steps`` overridden)."""
+        assert self.reference is not None
+        cfg = self.reference(quick)
+        if steps is not None:
+            cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, steps=steps))
+        return cfg
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe description (the configuration the runs use)."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "split": self.split,
+            "kind": self.kind,
+            "description": self.description,
+            "metric": self.metric,
+            "full_seeds": self.full_seeds,
+            "quick_seeds": self.quick_seeds,
+        }
+        if self.gym is not None:
+            d["gym"] = dataclasses.asdict(self.gym)
+        return d
+
+
+def _reference(preset_quick: bool, quick_steps: int | None) -> Callable[[bool], Any]:
+    """A reference testbed: the CPU preset (quick or full), ``quick_steps`` under ``--quick``."""
+
+    def build(quick: bool) -> ReproduceConfig:
+        from metactl.adapters.reference.presets import cpu_config
+
+        steps = quick_steps if quick else None
+        # out, controllers, seeds and workers are filled in by the runner
+        return cpu_config(quick=preset_quick, out="unset", controllers=("fixed-1.0",),
+                          seeds=(0,), workers=1, steps=steps)  # fmt: skip
+
+    return build
+
+
+def _gym(**fields: Any) -> StudyConfig:
+    return StudyConfig(steps=200, **fields)
+
+
+GYM_FULL_SEEDS = 30
+GYM_QUICK_SEEDS = 10
+
+#: The suite, in report order (development first). See benchmarks/PROTOCOL.md, section 2.
+TESTBEDS: dict[str, Testbed] = {
+    t.name: t
+    for t in (
+        Testbed("gym-default", DEVELOPMENT, "TokenSearch defaults", GYM_FULL_SEEDS,
+                GYM_QUICK_SEEDS, gym=_gym()),
+        Testbed("gym-sharp", DEVELOPMENT, "sharpened prior: prior_margin=7", GYM_FULL_SEEDS,
+                GYM_QUICK_SEEDS, gym=_gym(prior_margin=7.0)),
+        Testbed("gym-flat", DEVELOPMENT, "flattened prior: prior_margin=2.5", GYM_FULL_SEEDS,
+                GYM_QUICK_SEEDS, gym=_gym(prior_margin=2.5)),
+        Testbed("reference-quick", DEVELOPMENT,
+                "reference CPU preset, quick (150 steps; 60 under --quick)", 2, 2,
+                reference=_reference(preset_quick=True, quick_steps=60)),
+        Testbed("gym-wide", HELD_OUT, "vocab_size=32, length=8, num_tasks=8", GYM_FULL_SEEDS,
+                GYM_QUICK_SEEDS, gym=_gym(vocab_size=32, length=8, num_tasks=8)),
+        Testbed("gym-partial-g4", HELD_OUT, "reward=partial, group_size=4", GYM_FULL_SEEDS,
+                GYM_QUICK_SEEDS, gym=_gym(reward="partial", group_size=4)),
+        Testbed("gym-honest-hard", HELD_OUT,
+                "deceptive=False, families=(tail, double), noise_scale=0.5", GYM_FULL_SEEDS,
+                GYM_QUICK_SEEDS,
+                gym=_gym(deceptive=False, families=("tail", "double"), noise_scale=0.5)),
+        Testbed("gym-sharp-g16", HELD_OUT,
+                "prior_margin=6, length=8, families=(shoulder, double), group_size=16",
+                GYM_FULL_SEEDS, GYM_QUICK_SEEDS,
+                gym=_gym(prior_margin=6.0, length=8, families=("shoulder", "double"),
+                         group_size=16)),
+        Testbed("gym-flat-short", HELD_OUT,
+                "prior_margin=3, vocab_size=8, length=4, families=(shoulder, tail)",
+                GYM_FULL_SEEDS, GYM_QUICK_SEEDS,
+                gym=_gym(prior_margin=3.0, vocab_size=8, length=4,
+                         families=("shoulder", "tail"))),
+        Testbed("reference-full", HELD_OUT, "reference CPU preset, full (400 steps)", 3, None,
+                reference=_reference(preset_quick=False, quick_steps=None)),
+    )
+}
+
+
+def default_controllers() -> list[str]:
+    """Every controller ``metactl gym-study`` knows, fixed grid last (the same names)."""
+    adaptive = [c for c in GYM_CONTROLLERS if c not in FIXED_GRID]
+    return [*adaptive, *FIXED_GRID]
+
+
+def check_controller(name: str, testbed: Testbed) -> None:
+    """Raise ``ValueError`` unless controller ``name`` can be built for ``testbed``."""
+    if testbed.gym is not None:
+        make_controller(name, testbed.gym, seed=0)
+        return
+    from metactl.adapters.reference.controllers import make_policy
+
+    try:
+        make_policy(reference_controller_name(name), steps=10, seed=0)
+    except ValueError as exc:
+        raise ValueError(f"controller {name!r} is not available on testbed {testbed.name!r} "
+                         f"({exc})") from None

@@ -1,0 +1,297 @@
+"""``metactl scoreboard`` at a tiny budget: the table, JSON, heat-map, resume and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from metactl.adapters.scoreboard.cli import main, select_controllers, select_testbeds
+from metactl.adapters.scoreboard.stats import normalised_regret, paired_bootstrap_regret
+from metactl.adapters.scoreboard.suite import (
+    DEVELOPMENT,
+    FIXED_GRID,
+    HELD_OUT,
+    TESTBEDS,
+    check_controller,
+    default_controllers,
+)
+
+TINY = ["--testbeds", "gym-default,gym-flat", "--controllers", "tampo,linear", "--seeds", "2",
+        "--steps", "5", "--resamples", "200"]  # fmt: skip
+
+
+def _cli(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "metactl", "scoreboard", *TINY, "--out", str(out),
+         "--workers", "2", "--no-progress", *extra],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+
+
+def _records(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): p.read_text() for p in sorted((out / "runs").rglob("*.json"))}
+
+
+def test_smoke_run_writes_table_json_heatmap_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "board"
+    first = _cli(out)
+    assert first.returncode == 0, first.stderr
+    controllers = ["tampo", "linear", *FIXED_GRID]
+    # the printed summary table: one row per controller, one column per testbed
+    assert "| controller | gym-default (dev) | gym-flat (dev) | worst (dev) | worst (all) |" in (
+        first.stdout)
+    for c in controllers:
+        assert f"\n| {c} |" in first.stdout
+    assert "48 runs (0 reused)" in first.stdout
+    report = json.loads((out / "scoreboard.json").read_text())
+    assert report["order"] == ["gym-default", "gym-flat"]
+    assert report["controllers"] == controllers
+    assert report["off_protocol_budget"] is True
+    png = (out / "regret_heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    md = (out / "scoreboard.md").read_text()
+    assert "### gym-default (development" in md and "regret [95% CI]" in md
+    records = _records(out)
+    assert len(records) == 2 * 12 * 2
+
+    # the JSON's numbers are the records' numbers
+    tb = report["testbeds"]["gym-flat"]
+    def auc(c: str) -> np.ndarray:
+        return np.array([json.loads(records[f"runs/gym-flat/{c}/seed{s}.json"])["payload"]
+                         ["metrics"]["auc"] for s in (0, 1)])  # fmt: skip
+    fixed = np.stack([auc(c) for c in FIXED_GRID], axis=1)
+    assert tb["controllers"]["tampo"]["regret"]["regret"] == pytest.approx(
+        normalised_regret(auc("tampo"), fixed))
+    expected = paired_bootstrap_regret(auc("tampo"), fixed, resamples=200)
+    assert tb["controllers"]["tampo"]["regret"]["low"] == pytest.approx(expected["low"])
+    assert tb["best_fixed"] == FIXED_GRID[int(np.argmax(fixed.mean(axis=0)))]
+    assert report["summary"]["tampo"]["worst_all"] == pytest.approx(max(
+        report["summary"]["tampo"]["regret"].values()))
+    # the same seeds for every arm: fixed-1.0 vs itself ties on every seed
+    assert tb["controllers"]["fixed-1.0"]["vs_fixed_1.0"]["ties"] == 2
+
+    # resume: nothing is recomputed, the records and the numbers do not change
+    second = _cli(out)
+    assert second.returncode == 0, second.stderr
+    assert "48 runs (48 reused)" in second.stdout
+    assert _records(out) == records
+    again = json.loads((out / "scoreboard.json").read_text())
+    assert again["summary"] == report["summary"]
+
+    # a truncated record and a deleted one are recomputed (and said so), the others reused
+    truncated = out / "runs" / "gym-flat" / "tampo" / "seed1.json"
+    truncated.write_text(truncated.read_text()[:40])
+    (out / "runs" / "gym-default" / "fixed-0.6" / "seed0.json").unlink()
+    third = _cli(out)
+    assert third.returncode == 0, third.stderr
+    assert "48 runs (46 reused)" in third.stdout
+    assert f"{truncated}: unreadable record" in third.stderr
+    rerun = _records(out)
+    for path, text in records.items():  # deterministic: the same metrics as before
+        assert json.loads(rerun[path])["payload"]["metrics"] == json.loads(text)["payload"][
+            "metrics"], path
+    assert json.loads((out / "scoreboard.json").read_text())["summary"] == report["summary"]
+
+
+def test_garbled_record_with_valid_json_is_detected(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "board"
+    argv = [*TINY, "--testbeds", "gym-default", "--seeds", "1", "--out", str(out),
+            "--workers", "1", "--no-progress", "--no-plots"]  # fmt: skip
+    assert main(argv) == 0
+    path = out / "runs" / "gym-default" / "tampo" / "seed0.json"
+    data = json.loads(path.read_text())
+    data["payload"]["metrics"]["auc"] += 0.25  # a plausible but wrong number
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "checksum mismatch" in captured.err
+    assert "12 runs (11 reused)" in captured.out
+    fixed = json.loads(path.read_text())["payload"]["metrics"]["auc"]
+    assert fixed == pytest.approx(data["payload"]["metrics"]["auc"] - 0.25)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--controllers", "tampo,nonsense"], "unknown controller 'nonsense'"),
+        (["--controllers", "tampo,,linear"], "empty name"),
+        (["--controllers", "tampo,tampo"], "each controller once"),
+        (["--testbeds", "gym-nope"], "unknown testbed 'gym-nope'"),
+        (["--testbeds", "gym-default,gym-default"], "each testbed once"),
+        (["--quick", "--testbeds", "reference-full"], "not part of the --quick suite"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--seeds", "-3"], "--seeds must be >= 1"),
+        (["--steps", "1"], "--steps must be >= 2"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--resamples", "0"], "--resamples must be >= 1"),
+        (["--seeds", "many"], "invalid int value"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors_and_exit_2(bad: list[str], message: str,
+                                                       tmp_path: Path, capsys) -> None:  # fmt: skip
+    out = tmp_path / "never"
+    assert main(["--testbeds", "gym-default", *bad, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metactl scoreboard: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (out / "runs").exists()
+
+
+def test_out_naming_a_file_is_refused_before_any_run(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "a-file"
+    out.write_text("x")
+    assert main([*TINY, "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is not a directory" in err and err.count("\n") == 1
+
+
+def test_suite_matches_the_protocol() -> None:
+    protocol = (Path(__file__).resolve().parents[1] / "benchmarks" / "PROTOCOL.md").read_text()
+    dev = [t.name for t in TESTBEDS.values() if t.split == DEVELOPMENT]
+    held = [t.name for t in TESTBEDS.values() if t.split == HELD_OUT]
+    assert dev == ["gym-default", "gym-sharp", "gym-flat", "reference-quick"]
+    assert len([n for n in held if n.startswith("gym-")]) >= 4 and "reference-full" in held
+    for testbed in TESTBEDS.values():  # every testbed is declared in the protocol, split included
+        split = "DEVELOPMENT" if testbed.split == DEVELOPMENT else "HELD OUT"
+        assert f"| `{testbed.name}` | {split} |" in protocol, testbed.name
+    assert TESTBEDS["gym-sharp"].gym.prior_margin == 7.0  # type: ignore[union-attr]
+    assert TESTBEDS["gym-flat"].gym.prior_margin == 2.5  # type: ignore[union-attr]
+    # the quick suite: every testbed but reference-full
+    assert [t.name for t in select_testbeds("all", quick=True)] == [
+        n for n in TESTBEDS if n != "reference-full"]
+    assert [t.name for t in select_testbeds("development", quick=False)] == dev
+    # the whole fixed grid always runs, after the adaptive controllers
+    chosen, notes = select_controllers("tampo", select_testbeds("gym-default", quick=False))
+    assert chosen == ["tampo", *FIXED_GRID] and notes == []
+    assert FIXED_GRID == tuple(f"fixed-{t:.1f}" for t in np.arange(0.6, 1.55, 0.1))
+
+
+def test_gym_study_controller_names_are_the_scoreboards() -> None:
+    from metactl.adapters.gym.study import CONTROLLERS
+
+    assert set(default_controllers()) == set(CONTROLLERS)
+    for name in default_controllers():
+        for testbed in TESTBEDS.values():
+            if testbed.kind == "gym":
+                check_controller(name, testbed)
+
+
+def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) -> None:
+    """A miniature reference testbed, end to end through the reference adapter's own warm-up,
+    ``run_arm`` and checkpoints (nothing of GRPO re-implemented), with 2 worker processes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from metactl.adapters.reference.experiment import EvalConfig, ReproduceConfig
+    from metactl.adapters.reference.model import TinyModelConfig
+    from metactl.adapters.reference.sft import WarmupConfig
+    from metactl.adapters.reference.tasks import ChainTask
+    from metactl.adapters.reference.trainer import GRPOConfig
+    from metactl.adapters.scoreboard.cli import build_plan
+    from metactl.adapters.scoreboard.report import analyse, format_summary
+    from metactl.adapters.scoreboard.runner import run_jobs
+    from metactl.adapters.scoreboard.suite import Testbed
+
+    task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
+
+    def miniature(quick: bool) -> ReproduceConfig:
+        return ReproduceConfig(
+            preset="cpu", out="unset", controllers=("fixed-1.0",), seeds=(0,),
+            grpo=GRPOConfig(steps=2, prompts_per_step=4, group_size=4, lr=1e-3,
+                            max_new_tokens=task.max_completion_tokens, checkpoint_every=2),
+            eval=EvalConfig(n_per_benchmark=8, k=2, curve_n=4, curve_k=2, curve_points=1,
+                            train_check_n=20, start_greedy_range=(0.0, 1.0)),
+            workers=1, task=task,
+            model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64,
+                                  max_positions=32),
+            warmup=WarmupConfig(steps=10, batch_size=16),
+        )  # fmt: skip
+
+    testbed = Testbed("reference-mini", DEVELOPMENT, "miniature", 1, 1, reference=miniature)
+    controllers = ["linear", *FIXED_GRID]
+    out = tmp_path / "board"
+    plan, seeds = build_plan([testbed], controllers, quick=True, seeds=1, steps=None, out=out,
+                             cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    records: dict = {}
+    notes: list[str] = []
+
+    def keep(record: dict) -> None:
+        records[(record["testbed"], record["controller"], record["seed"])] = record
+
+    start = run_jobs(out, plan, workers=2, on_record=keep, on_note=notes.append)
+    assert len(records) == 11 and notes == []
+    assert "base" in start["reference-mini"]  # the start model's scores, from prepare_start
+    linear = records[("reference-mini", "linear", 0)]
+    assert linear["temperature"][0] == pytest.approx(0.9)  # linear-0.9-1.5 of the reference
+    # the reference adapter's own result files, under its own names
+    result = json.loads((out / "reference" / "reference-mini" / "runs" / "linear-0.9-1.5" /
+                         "seed0" / "result.json").read_text())  # fmt: skip
+    assert result["final"]["avg"]["pass1"] == linear["metrics"]["pass1"]
+    assert set(linear["metrics"]) == {"pass1", "greedy", "pass_at_k"}
+    analysis = analyse([testbed], controllers, records, seeds, resamples=100)
+    assert "| linear |" in format_summary(analysis)
+    # resume: the finished records are reused without running anything
+    again: dict = {}
+    run_jobs(out, plan, workers=2, on_record=lambda r: again.setdefault(r["controller"], r),
+             on_note=notes.append)  # fmt: skip
+    assert again["linear"] == linear and notes == []
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigint_stops_a_two_worker_run_at_once_and_the_rerun_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "board"
+    argv = [sys.executable, "-m", "metactl", "scoreboard", "--testbeds", "gym-default",
+            "--controllers", "tampo", "--seeds", "12", "--steps", "60", "--resamples", "100",
+            "--workers", "2", "--no-progress", "--no-plots", "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while len(list((out / "runs").rglob("*.json"))) < 4:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    workers = _children(process.pid)
+    assert len(workers) >= 2
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)  # to the main process only: it must stop its workers
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 15
+    assert process.returncode == 130 and "interrupted" in err, err
+    time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
+    kept = _records(out)
+    assert 4 <= len(kept) < 132
+    assert not list((out / "runs").rglob("*.tmp"))  # no half-written record left behind
+
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"132 runs ({len(kept)} reused)" in rerun.stdout
+    after = _records(out)
+    assert len(after) == 132 and all(after[path] == text for path, text in kept.items())
