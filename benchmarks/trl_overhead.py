@@ -1,21 +1,32 @@
 """Step-time overhead of ``MetaGRPOTrainer`` + TAMPO over plain TRL ``GRPOTrainer``.
 
-Three arms on the same locally built model (same seed, same initial weights, same data):
+Four arms on the same locally built model (same seed, same initial weights, same data):
 
 * ``plain``: ``trl.GRPOTrainer`` at a fixed temperature (1.0),
-* ``fast``:  ``MetaGRPOTrainer`` with TAMPO, ``likelihood="fast"`` (no extra forward),
+* ``fused``: ``MetaGRPOTrainer`` with TAMPO, ``likelihood="fused"`` (candidates folded into the
+  logit tiles of TRL's own fused log-prob head during its old-logprob pass: no extra matmul;
+  without an old-logprob pass it scores like ``fast``),
+* ``fast``:  ``MetaGRPOTrainer`` with TAMPO, ``likelihood="fast"`` (no extra transformer forward:
+  captured hidden states times the LM head),
 * ``exact``: ``MetaGRPOTrainer`` with TAMPO, ``likelihood="exact"`` (one extra scoring forward).
+
+Sizes: ``tiny``/``small``/``medium`` use the character tokenizer (21 tokens) and TRL's on-policy
+default (no old-logprob pass); ``bpe32k`` is shaped like a real model's head: a byte-level BPE
+tokenizer of 32,000 tokens trained locally, hidden size 256, and ``steps_per_generation=2`` (so
+TRL makes an old-logprob pass, as with buffered or vLLM runs, and ``fused`` has one to use).
 
 Every completion is forced to full length (``min_new_tokens``), so all arms do the same amount of
 generation whatever temperature they sample at. Arms run interleaved, ``--repeats`` times each
 (rotating their order); each run times ``--steps`` optimizer steps after ``--warmup`` untimed
 ones. The table shows the median of all timed step times of an arm (pooled over repeats), the
 overhead relative to ``plain`` from those medians, and the meta-policy's own work per step as
-measured inside the trainer (selection, scoring, gathering, update; median over runs), which is
-much less noisy than a difference of two noisy step times.
+measured inside the trainer (selection, scoring, gathering, update, and for ``fused`` the fold
+that runs inside TRL's pass; median over runs), which is much less noisy than a difference of two
+noisy step times: ``meta %`` is that work relative to the plain step.
 
     python benchmarks/trl_overhead.py        # two model sizes, ~2-4 minutes on 2 CPU cores
     python benchmarks/trl_overhead.py --sizes small --repeats 5 --steps 20
+    python benchmarks/trl_overhead.py --sizes bpe32k --repeats 2 --steps 4   # ~10 minutes
 
 Timings on a shared machine are noisy: compare arms within one run of this script only.
 """
@@ -46,7 +57,7 @@ from trl import GRPOTrainer
 
 import metactl
 
-ARMS = ("plain", "fast", "exact")
+ARMS = ("plain", "fused", "fast", "exact")
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,23 @@ class Size:
     completion_tokens: int
     prompts: int = 8
     generations: int = 8
+    vocab_size: int = 0  # BPE vocabulary (0: the character tokenizer)
+    steps_per_generation: int = 1  # > 1: TRL makes an old-logprob pass over every batch
+    num_heads: int = 4
 
 
 SIZES = {
     "tiny": Size("tiny", hidden_size=64, num_layers=2, completion_tokens=4),
     "small": Size("small", hidden_size=256, num_layers=4, completion_tokens=16),
     "medium": Size("medium", hidden_size=512, num_layers=6, completion_tokens=24),
+    "bpe32k": Size(
+        "bpe32k",
+        hidden_size=256,
+        num_layers=4,
+        completion_tokens=16,
+        vocab_size=32_000,
+        steps_per_generation=2,
+    ),
 }
 
 
@@ -95,6 +117,7 @@ def run_arm(arm: str, size: Size, model_dir: Path, steps: int, warmup: int, seed
         num_generations=size.generations,
         max_completion_length=n,
         generation_kwargs={"min_new_tokens": n},  # equal work in every arm
+        steps_per_generation=size.steps_per_generation,
         learning_rate=1e-4,
         logging_steps=10_000,
         seed=seed,
@@ -139,16 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="metactl_bench_") as tmp:
         for name in args.sizes:
             size = SIZES[name]
+            bpe = {"tokenizer": "bpe", "bpe_vocab_size": size.vocab_size} if size.vocab_size else {}
             spec = TinyModelSpec(hidden_size=size.hidden_size, num_layers=size.num_layers,
-                                 max_positions=64, seed=args.seed)  # fmt: skip
+                                 num_heads=size.num_heads, max_positions=64, seed=args.seed,
+                                 **bpe)  # fmt: skip
             model_dir = tiny_model_dir(spec)
-            params = sum(
-                p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()
-            )
+            loaded = AutoModelForCausalLM.from_pretrained(model_dir)
+            params = sum(p.numel() for p in loaded.parameters())
+            vocab = int(loaded.config.vocab_size)
             pooled: dict[str, list[float]] = {arm: [] for arm in ARMS}
             metas: dict[str, list[float]] = {arm: [] for arm in ARMS}
             for rep in range(args.repeats):
-                order = ARMS[rep % 3 :] + ARMS[: rep % 3]
+                order = ARMS[rep % len(ARMS) :] + ARMS[: rep % len(ARMS)]
                 for arm in order:
                     times, meta_step = run_arm(arm, size, model_dir, args.steps, args.warmup,
                                               args.seed, Path(tmp) / f"{name}-{rep}")  # fmt: skip
@@ -156,27 +181,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     metas[arm].append(meta_step)
                     median = statistics.median(times) * 1e3
                     print(f"  {name} repeat {rep} {arm:5s}: {median:8.1f} ms/step", flush=True)
-            rows.append((size, params, {a: statistics.median(v) for a, v in pooled.items()},
+            rows.append((size, vocab, params, {a: statistics.median(v) for a, v in pooled.items()},
                          {a: statistics.median(v) for a, v in metas.items()}))  # fmt: skip
 
     print()
     print(f"threads={args.threads}, repeats={args.repeats}, timed steps/run={args.steps}, "
           f"torch {torch.__version__}")  # fmt: skip
-    head = (
-        f"{'model':<7} {'params':>8} {'batch':>8} | {'plain ms':>9} | {'fast ms':>8} "
-        f"{'overhead':>8} {'meta ms':>8} | {'exact ms':>8} {'overhead':>8} {'meta ms':>8}"
-    )
+    head = f"{'model':<7} {'vocab':>6} {'params':>8} {'batch':>8} | {'plain ms':>9}"
+    for arm in ARMS[1:]:
+        head += f" | {arm + ' ms':>8} {'overhead':>8} {'meta ms':>8} {'meta %':>7}"
     print(head)
     print("-" * len(head))
-    for size, params, med, meta in rows:
+    for size, vocab, params, med, meta in rows:
         base = med["plain"]
         batch = f"{size.prompts * size.generations}x{size.completion_tokens}"
-        print(
-            f"{size.name:<7} {params / 1e6:7.2f}M {batch:>8} | {base * 1e3:9.1f} | "
-            f"{med['fast'] * 1e3:8.1f} {100 * (med['fast'] / base - 1):+7.1f}% "
-            f"{meta['fast'] * 1e3:8.2f} | {med['exact'] * 1e3:8.1f} "
-            f"{100 * (med['exact'] / base - 1):+7.1f}% {meta['exact'] * 1e3:8.2f}"
-        )
+        line = f"{size.name:<7} {vocab:>6} {params / 1e6:7.2f}M {batch:>8} | {base * 1e3:9.1f}"
+        for arm in ARMS[1:]:
+            line += (
+                f" | {med[arm] * 1e3:8.1f} {100 * (med[arm] / base - 1):+7.1f}% "
+                f"{meta[arm] * 1e3:8.2f} {100 * meta[arm] / base:6.2f}%"
+            )
+        print(line)
     print("overhead: median step time vs plain GRPOTrainer at T=1.0; meta ms: meta-policy work per "
           "step measured inside MetaGRPOTrainer")  # fmt: skip
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 
 import pytest
 from metactl.adapters.trl import META_STATE_NAME, MetaGRPOTrainer
@@ -52,3 +55,139 @@ def test_checkpoint_round_trip_gives_the_same_future_choices(tmp_path):
     # Without the restore, the fresh policy would have started from step 0 (uniform).
     fresh = _trainer(tmp_path / "fresh", max_steps=6)
     assert fresh.meta_policy.state_dict() != states[3]["policy"]
+
+
+# ------------------------------------------------------------------ corrupt or missing files
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory, one_thread):
+    """A real checkpoint written by the trainer (policy at step 3)."""
+    out = tmp_path_factory.mktemp("trl_saved")
+    trainer = _trainer(out / "run", max_steps=3)
+    trainer.train()
+    folder = out / "run" / "checkpoint-3"
+    assert not list(folder.glob("*.tmp"))  # written under a temporary name, renamed into place
+    json.loads((folder / META_STATE_NAME).read_text(), parse_constant=_no_constants)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fresh_trainer(tmp_path_factory, one_thread):
+    return _trainer(tmp_path_factory.mktemp("trl_fresh") / "run", max_steps=6)
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{META_STATE_NAME} holds {name}")
+
+
+def _replace_in_json(**changes):
+    def corrupt(data: bytes) -> bytes:
+        state = json.loads(data)
+        for key, value in changes.items():
+            if value is _DELETE:
+                del state[key]
+            else:
+                state[key] = value
+        return json.dumps(state).encode()
+
+    return corrupt
+
+
+_DELETE = object()
+
+
+def _garble_policy(data: bytes) -> bytes:
+    state = json.loads(data)
+    state["policy"]["rule_state"]["ema"][2] = "garbled"
+    return json.dumps(state).encode()
+
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "non-utf8": lambda data: data[:40] + b"\xff\xfe\xfa" + data[43:],
+    "no-policy": _replace_in_json(policy=_DELETE),
+    "nan-temperature": _replace_in_json(train_temperature=float("nan")),
+    "negative-temperature": _replace_in_json(train_temperature=-1.0),
+    "temperature-off-grid": _replace_in_json(train_temperature=40.0),
+    "string-temperature": _replace_in_json(train_temperature="hot"),
+    "bad-format": _replace_in_json(format=2),
+    "garbled-policy": _garble_policy,
+    "not-an-object": lambda data: b"[1, 2, 3]",
+}
+
+
+def _model_fingerprint(trainer) -> list[float]:
+    return [float(p.detach().double().sum()) for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_corrupt_meta_state_is_one_clear_error_before_anything_loads(
+    case, saved_checkpoint, fresh_trainer, tmp_path
+):
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(saved_checkpoint, folder)
+    path = folder / META_STATE_NAME
+    path.write_bytes(CORRUPTIONS[case](path.read_bytes()))
+    policy_before = fresh_trainer.meta_policy.state_dict()
+    model_before = _model_fingerprint(fresh_trainer)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        fresh_trainer.train(resume_from_checkpoint=str(folder))
+    # nothing was loaded: neither the policy (no partial load) nor the model
+    assert fresh_trainer.meta_policy.state_dict() == policy_before
+    assert fresh_trainer.meta_policy.step == 0
+    assert _model_fingerprint(fresh_trainer) == model_before
+    assert fresh_trainer.state.global_step == 0
+
+
+def test_load_meta_state_dict_validates_policy_and_temperature_together(
+    saved_checkpoint, fresh_trainer
+):
+    state = json.loads((saved_checkpoint / META_STATE_NAME).read_text())
+    before = fresh_trainer.meta_policy.state_dict()
+    with pytest.raises(ValueError, match="train_temperature"):
+        fresh_trainer.load_meta_state_dict({**state, "train_temperature": float("nan")})
+    assert fresh_trainer.meta_policy.state_dict() == before  # the valid policy was not applied
+
+
+def test_a_missing_meta_state_on_resume_is_an_error_unless_allowed(
+    saved_checkpoint, fresh_trainer, tmp_path, caplog
+):
+    folder = tmp_path / "checkpoint-3"
+    shutil.copytree(saved_checkpoint, folder)
+    (folder / META_STATE_NAME).unlink()
+    model_before = _model_fingerprint(fresh_trainer)
+    with pytest.raises(FileNotFoundError, match="allow_missing_meta_state"):
+        fresh_trainer.train(resume_from_checkpoint=str(folder))
+    assert _model_fingerprint(fresh_trainer) == model_before
+
+    allowing = MetaGRPOTrainer(
+        model=str(tiny_model_dir()),
+        reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(tmp_path / "allowing", max_steps=3, save_strategy="no"),
+        train_dataset=addition_dataset(64, seed=7),
+        meta_policy=metactl.tampo(seed=11),
+        allow_missing_meta_state=True,
+    )
+    with caplog.at_level(logging.WARNING, logger="metactl.adapters.trl.trainer"):
+        allowing.train(resume_from_checkpoint=str(folder))  # the model resumes at step 3
+    assert allowing.state.global_step >= 3  # the model and trainer state resumed
+    # the meta-policy kept its own (fresh) state, as asked: its first batch was at step 0
+    assert [h["policy_step"] for h in allowing.meta_history] == list(
+        range(len(allowing.meta_history))
+    )
+    assert META_STATE_NAME in caplog.text
+    with pytest.raises(TypeError, match="allow_missing_meta_state"):
+        MetaGRPOTrainer(model=str(tiny_model_dir()), allow_missing_meta_state="yes")
+
+
+def test_resume_from_the_last_checkpoint_checks_its_meta_state_too(saved_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(saved_checkpoint, out / "checkpoint-3")
+    path = out / "checkpoint-3" / META_STATE_NAME
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    trainer = _trainer(out, max_steps=6)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.meta_policy.step == 0 and trainer.state.global_step == 0

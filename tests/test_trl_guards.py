@@ -91,7 +91,7 @@ def test_bad_trainer_arguments(model_path, tmp_path):
     top_p_policy = metactl.MetaPolicy([0.8, 0.9], metactl.EXP3(), hyperparameter="top_p")
     with pytest.raises(ValueError, match="hyperparameter='temperature'"):
         _trainer(model_path, tmp_path, top_p_policy)
-    with pytest.raises(ValueError, match="likelihood must be 'fast' or 'exact'"):
+    with pytest.raises(ValueError, match="likelihood must be 'fast', 'fused' or 'exact'"):
         MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward, likelihood="approx")
     with pytest.raises(ValueError, match="loglik_window_bytes must be >= 1"):
         MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward, loglik_window_bytes=0)
@@ -109,3 +109,32 @@ def test_check_generation_settings_names_the_setting():
     with pytest.raises(ValueError, match=r"top_k=3 .* Set top_k=0"):
         check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=True)
     check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=False)
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.24.0"])
+def test_tested_transformers_versions_pass(version):
+    from metactl.adapters.trl.guards import check_transformers_version
+
+    check_transformers_version(version)
+
+
+@pytest.mark.parametrize("version", ["5.16.2", "5.25.0", "6.0.0", "4.57.1"])
+def test_untested_transformers_versions_raise(version, monkeypatch):
+    from metactl.adapters.trl.guards import TESTED_TRANSFORMERS, check_transformers_version
+
+    assert TESTED_TRANSFORMERS == ">=5.17,<5.25"
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"transformers>=5.17,<5.25"):
+        check_transformers_version(version)
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=r"transformers>=5.17,<5.25"):
+        check_transformers_version(version)
+
+
+def test_trainer_refuses_an_untested_transformers(model_path, tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    with pytest.raises(RuntimeError, match="is tested with transformers"):
+        _trainer(model_path, tmp_path)

@@ -9,7 +9,8 @@ Change one class name to learn the rollout temperature with TAMPO::
                               train_dataset=..., meta_policy=metactl.tampo(seed=0))
     trainer.train()
 
-Install with ``pip install "metactl[trl]"`` (tested with ``trl>=1.16,<1.17``). Heavy imports (torch,
+Install with ``pip install "metactl[trl]"`` (tested with ``trl>=1.16,<1.17`` and
+``transformers>=5.17,<5.25``). Heavy imports (torch,
 TRL) happen on first attribute access, so ``import metactl.adapters.trl`` stays cheap.
 
 Example:
@@ -23,16 +24,18 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .guards import TESTED_TRL
+from .guards import TESTED_TRANSFORMERS, TESTED_TRL
 
 __all__ = [
     "META_STATE_NAME",
+    "TESTED_TRANSFORMERS",
     "TESTED_TRL",
     "FusedHead",
     "MetaGRPOTrainer",
     "candidate_loglik_exact",
     "candidate_loglik_from_hidden",
     "check_generation_settings",
+    "check_transformers_version",
     "check_trl_version",
 ]
 
@@ -43,6 +46,7 @@ _LAZY = {
     "candidate_loglik_exact": ".scoring",
     "candidate_loglik_from_hidden": ".scoring",
     "check_generation_settings": ".guards",
+    "check_transformers_version": ".guards",
     "check_trl_version": ".guards",
 }
 

