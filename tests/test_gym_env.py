@@ -28,6 +28,8 @@ def test_registered_with_string_entry_point_and_time_limit() -> None:
         {},
         {"reward": "partial", "deceptive": False, "render_mode": "ansi"},
         {"vocab_size": 2, "length": 2, "num_tasks": 1, "families": ("double",)},
+        {"prior_margins": (2.5, 7.0)},
+        {"prior_margin_range": (2.0, 8.0), "num_tasks": 5},
     ],
 )
 def test_check_env_passes_without_warnings(kwargs: dict) -> None:
@@ -164,6 +166,21 @@ def test_reset_options_and_step_errors() -> None:
         ({"num_tasks": 0}, ValueError, "num_tasks"),
         ({"prior_margin": float("nan")}, ValueError, "prior_margin"),
         ({"deceptive": 1}, TypeError, "deceptive"),
+        ({"prior_margins": ()}, ValueError, "prior_margins must list at least one margin"),
+        ({"prior_margins": (2.5, float("nan"))}, ValueError, r"prior_margins\[1\] must be finite"),
+        ({"prior_margins": (-1.0,)}, ValueError, r"prior_margins\[0\] must be finite and >= 0"),
+        ({"prior_margins": ("a",)}, TypeError, r"prior_margins\[0\] must be a float"),
+        ({"prior_margins": (True,)}, TypeError, r"prior_margins\[0\] must be a float"),
+        ({"prior_margins": "2.5"}, TypeError, "prior_margins must be a tuple of floats"),
+        ({"prior_margins": 2.5}, TypeError, "prior_margins must be a tuple of floats"),
+        ({"prior_margins": (2.5,), "prior_margin": 3.0}, ValueError,
+         "leave prior_margin at its default"),
+        ({"prior_margin_range": (3.0, 2.0)}, ValueError, "prior_margin_range must be"),
+        ({"prior_margin_range": (1.0, 2.0, 3.0)}, ValueError, "prior_margin_range must be"),
+        ({"prior_margin_range": (1.0, float("inf"))}, ValueError,
+         r"prior_margin_range\[1\] must be finite"),
+        ({"prior_margins": (2.5,), "prior_margin_range": (1.0, 2.0)}, ValueError,
+         "prior_margins or prior_margin_range, not both"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs: dict, error: type, match: str) -> None:
@@ -179,3 +196,32 @@ def test_config_and_kwargs_are_exclusive() -> None:
     with pytest.raises(ValueError, match="render_mode"):
         TokenSearchEnv(render_mode="human")
     assert gym_adapter.FAMILIES == ("shoulder", "tail", "double")
+
+
+def test_mixed_sharpness_gives_each_task_its_margin_and_keeps_the_rest_of_the_task_set() -> None:
+    mixed = TokenSearchEnv(prior_margins=[2.5, 7.0])  # a list is accepted, stored as a tuple
+    assert mixed.config.prior_margins == (2.5, 7.0)
+    assert mixed.margins.tolist() == [2.5, 7.0, 2.5, 7.0, 2.5, 7.0]
+    # every family meets both margins (6 tasks: 3 families x 2 margins, coprime cycles)
+    assert {(f, float(m)) for f, m in zip(mixed.families, mixed.margins, strict=True)} == {
+        (f, m) for f in ("shoulder", "tail", "double") for m in (2.5, 7.0)}
+    plain = TokenSearchEnv()
+    assert np.array_equal(plain.targets, mixed.targets)  # same targets, decoys, noise draws
+    for task in range(6):
+        z = mixed.prior_logits(task)[:, 0]  # (L, V)
+        format_positions = ~mixed.decisive[task]
+        assert np.all(z[format_positions].max(axis=1) == mixed.margins[task])
+        assert np.all(z.max(axis=1) == mixed.margins[task])  # decoys at the same margin
+    # one listed margin equal to the default is the default env, bit for bit
+    same = TokenSearchEnv(prior_margins=(4.0,))
+    for task in range(6):
+        assert np.array_equal(same.prior_logits(task), plain.prior_logits(task))
+    assert plain.margins.tolist() == [4.0] * 6
+    # drawn margins: within the range, deterministic in task_seed, varying with it
+    drawn = TokenSearchEnv(prior_margin_range=(2.0, 8.0), num_tasks=8)
+    assert np.all((drawn.margins >= 2.0) & (drawn.margins <= 8.0))
+    assert np.array_equal(drawn.margins,
+                          TokenSearchEnv(prior_margin_range=(2.0, 8.0), num_tasks=8).margins)
+    other = TokenSearchEnv(prior_margin_range=(2.0, 8.0), num_tasks=8, task_seed=1).margins
+    assert not np.array_equal(drawn.margins, other)
+    assert gym.make(ENV_ID, prior_margins=(2.5, 7.0)).unwrapped.margins.tolist()[:2] == [2.5, 7.0]

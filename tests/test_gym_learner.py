@@ -10,6 +10,7 @@ import pytest
 from metactl.adapters.gym import ENV_ID, TokenSearchEnv
 from metactl.adapters.gym.learner import (
     GRPOConfig,
+    Rollout,
     StepRecord,
     TabularGRPO,
     TrainLog,
@@ -17,6 +18,7 @@ from metactl.adapters.gym.learner import (
     log_softmax,
     train,
 )
+from metactl.adapters.gym.study import CONTROLLERS, StudyConfig, make_controller
 
 import metactl
 
@@ -314,3 +316,100 @@ def test_train_refuses_a_rule_asking_for_an_unknown_normalization_before_select(
     with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
         train(policy, _small_env(), 2)
     assert policy.state_dict() == state
+
+
+# ------------------------------------------------------- per-task temperatures (issue 10)
+PER_PROMPT = ("ptgs", "tampo-per-prompt", "linear-thompson")
+
+
+def _mixed_env() -> TokenSearchEnv:
+    return TokenSearchEnv(vocab_size=8, length=3, num_tasks=4, prior_margins=(2.5, 7.0))
+
+
+def test_gym_rows_are_sampled_and_scored_at_their_tasks_temperature() -> None:
+    env = _mixed_env()
+    learner = TabularGRPO(env, GRPOConfig(group_size=4))
+    per_task = np.array([0.7, 1.4, 1.0, 0.6])
+    rows = np.repeat(per_task, 4)
+    batch = learner.rollout(rows, np.random.default_rng(5))
+    assert np.array_equal(batch.row_temperatures(), rows)
+    for task, temp in enumerate(per_task):
+        # the same uniforms at the task's temperature alone: that task's rows are identical
+        alone = learner.rollout(float(temp), np.random.default_rng(5))
+        mine = batch.tasks == task
+        assert np.array_equal(batch.tokens[mine], alone.tokens[mine])
+        # log-probs: row by row at its own temperature
+        expected = np.take_along_axis(
+            log_softmax(batch.logits[mine] / temp), batch.tokens[mine][..., None], axis=-1
+        )[..., 0]
+        np.testing.assert_array_equal(learner.token_logprobs(batch)[mine], expected)
+    # the gradient of task g's table equals the gradient of the batch scored at T_g alone
+    # (a task's rows only touch its own table)
+    adv = group_advantages(batch.rewards + np.arange(16) % 2, 4)
+    _, grad = learner.gradient(batch, adv)
+    for task, temp in enumerate(per_task):
+        scalar = Rollout(batch.tasks, batch.states, batch.tokens, batch.logits, batch.rewards,
+                         float(temp))
+        _, grad_alone = learner.gradient(scalar, adv)
+        np.testing.assert_array_equal(grad[task], grad_alone[task])
+    # entropy: every row at its own temperature
+    logp = log_softmax(batch.logits / rows[:, None, None])
+    assert learner.entropy(batch) == pytest.approx(float(-(np.exp(logp) * logp).sum(-1).mean()))
+
+
+def test_gym_uniform_per_row_temperature_is_the_global_path_bit_for_bit() -> None:
+    learner = TabularGRPO(_mixed_env(), GRPOConfig(group_size=4))
+    one = learner.rollout(1.3, np.random.default_rng(2))
+    rows = learner.rollout(np.full(learner.num_rows, 1.3), np.random.default_rng(2))
+    assert np.array_equal(one.tokens, rows.tokens) and np.array_equal(one.logits, rows.logits)
+    assert np.array_equal(learner.token_logprobs(one), learner.token_logprobs(rows))
+    adv = group_advantages(np.arange(16) % 3 / 2.0, 4)
+    assert np.array_equal(learner.gradient(one, adv)[1], learner.gradient(rows, adv)[1])
+    assert learner.entropy(one) == learner.entropy(rows)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "error", "match"),
+    [
+        (np.ones(3), ValueError, r"one per row, shape \(16,\)"),
+        (np.full(16, np.nan), ValueError, "finite values > 0"),
+        (np.zeros(16), ValueError, "finite values > 0"),
+        (-1.0, ValueError, "finite and > 0"),
+        ("hot", TypeError, "temperature must be a float"),
+    ],
+)
+def test_gym_rollout_rejects_bad_temperatures(temperature, error, match) -> None:
+    learner = TabularGRPO(_mixed_env(), GRPOConfig(group_size=4))
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    with pytest.raises(error, match=match):
+        learner.rollout(temperature, rng)
+    assert rng.bit_generator.state == before  # nothing drawn
+
+
+@pytest.mark.parametrize("name", PER_PROMPT)
+def test_gym_per_prompt_arms_run_end_to_end_keyed_by_task(name: str) -> None:
+    assert name in CONTROLLERS
+    policy = make_controller(name, StudyConfig(steps=4), seed=0)
+    assert policy.contextual
+    seen = []
+    log = train(policy, _mixed_env(), steps=4, config=GRPOConfig(group_size=4), seed=1,
+                on_step=seen.append)
+    assert policy.step == 4 and policy.num_contexts == 4
+    assert log.task_temperature is not None and log.task_temperature.shape == (4, 4)
+    for record, temps in zip(seen, log.task_temperature, strict=True):
+        assert [d.context for d in record.decision] == [0, 1, 2, 3]  # keyed by task id
+        np.testing.assert_array_equal(temps, record.decision.values)
+        np.testing.assert_array_equal(record.batch.row_temperatures(),
+                                      np.repeat(record.decision.values, 4))
+        for key in policy.requires:
+            assert np.shape(record.feedback[key])[0] == 16  # every row, in decision order
+    np.testing.assert_allclose(log.temperature, log.task_temperature.mean(axis=1))
+    assert np.all(np.isfinite(log.success))
+
+
+def test_gym_global_policy_logs_one_temperature_for_every_task() -> None:
+    log = train(metactl.MetaPolicy([0.8, 1.2], metactl.Fixed(1.2)), _mixed_env(), steps=3,
+                config=GRPOConfig(group_size=4), seed=0)
+    assert log.task_temperature is not None
+    assert np.all(log.task_temperature == 1.2) and log.temperature.tolist() == [1.2] * 3

@@ -34,6 +34,12 @@ decisive tokens have been found, a low temperature samples the whole answer most
 different families share every batch (``num_tasks`` tasks cycle through ``families``), so the best
 temperature for one task is not the best for another.
 
+Mixed sharpness (``prior_margins=(2.5, 7.0)``, cycled over the tasks, or ``prior_margin_range=
+(low, high)``, drawn per task): the tasks of one environment start from priors of different
+sharpness, as the prompts of a real data set do (a flat starting policy wants a low temperature, a
+sharp one a high temperature), so one temperature per step cannot suit every task of a batch and a
+temperature per task has something to find. Off by default (every task at ``prior_margin``).
+
 The task set (targets, decoys, decisive positions, prior noise) is a deterministic function of the
 configuration (``task_seed`` included): it is the definition of the environment, like a map. All
 randomness of an episode (which task ``reset`` draws) comes from ``self.np_random``.
@@ -70,6 +76,7 @@ FAMILIES: tuple[str, ...] = ("shoulder", "tail", "double")
 MAX_LENGTH = 64
 
 RewardMode = Literal["exact", "partial"]
+_DEFAULT_MARGIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,17 @@ class TokenSearchConfig:
     """``"exact"``: 1 if the whole answer matches, else 0; ``"partial"``: fraction that matches."""
     deceptive: bool = True
     """Give every decisive position a confident wrong decoy mode in the prior."""
-    prior_margin: float = 4.0
-    """Logit of the prior's mode token above the bulk (format tokens and decoys)."""
+    prior_margin: float = _DEFAULT_MARGIN
+    """Logit of the prior's mode token above the bulk (format tokens and decoys), every task."""
+    prior_margins: tuple[float, ...] | None = None
+    """Mixed sharpness, listed: task ``i`` gets the margin ``prior_margins[i % len]`` instead of
+    ``prior_margin`` (e.g. ``(2.5, 7.0)``: a flat and a sharp starting policy alternate over the
+    tasks, crossed with the families when the two lengths are coprime). ``None``: off."""
+    prior_margin_range: tuple[float, float] | None = None
+    """Mixed sharpness, drawn: task ``i`` gets a margin drawn uniformly from ``[low, high]`` by a
+    generator of its own (seeded by ``task_seed``; the rest of the task set is unchanged).
+    ``None``: off. At most one of ``prior_margins``, ``prior_margin_range`` may be given, and
+    then ``prior_margin`` must keep its default (it would be unused)."""
     shoulder_gap: float = 1.5
     """A shoulder target's logit sits this far below the mode."""
     noise_scale: float = 0.3
@@ -138,12 +154,61 @@ class TokenSearchConfig:
                 raise TypeError(f"{name} must be a float, got {type(value).__name__}")
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        self._check_margin_options()
         need = max(_DECISIVE[f] for f in self.families)
         if need > self.length:
             raise ValueError(
                 f"length={self.length} is too short for families {self.families}: "
                 f"a task needs up to {need} decisive positions"
             )
+
+
+    def _check_margin_options(self) -> None:
+        listed, drawn = self.prior_margins, self.prior_margin_range
+        if listed is None and drawn is None:
+            return
+        if listed is not None and drawn is not None:
+            raise ValueError("give prior_margins or prior_margin_range, not both")
+        if self.prior_margin != _DEFAULT_MARGIN:
+            which = "prior_margins" if listed is not None else "prior_margin_range"
+            raise ValueError(
+                f"{which} sets every task's margin: leave prior_margin at its default "
+                f"{_DEFAULT_MARGIN} (got {self.prior_margin})"
+            )
+        name = "prior_margins" if listed is not None else "prior_margin_range"
+        values = listed if listed is not None else drawn
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a tuple of floats, got {values!r}")
+        out = []
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                np.floating)):
+                raise TypeError(f"{name}[{i}] must be a float, got {type(value).__name__}")
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name}[{i}] must be finite and >= 0, got {value}")
+            out.append(float(value))
+        if listed is not None and not out:
+            raise ValueError("prior_margins must list at least one margin")
+        if drawn is not None and (len(out) != 2 or out[0] > out[1]):
+            raise ValueError(f"prior_margin_range must be (low, high) with low <= high, got "
+                             f"{tuple(drawn)}")
+        object.__setattr__(self, name, tuple(out))
+
+    def task_margins(self) -> np.ndarray:
+        """The prior margin of every task, shape ``(num_tasks,)`` (see ``prior_margins`` and
+        ``prior_margin_range``; otherwise ``prior_margin`` everywhere).
+
+        >>> TokenSearchConfig(num_tasks=4, prior_margins=(2.5, 7.0)).task_margins().tolist()
+        [2.5, 7.0, 2.5, 7.0]
+        """
+        n = self.num_tasks
+        if self.prior_margins is not None:
+            return np.array([self.prior_margins[i % len(self.prior_margins)] for i in range(n)])
+        if self.prior_margin_range is not None:
+            low, high = self.prior_margin_range
+            # a generator of its own: the targets, decoys and noise stay those of task_seed
+            return np.random.default_rng([self.task_seed, 1]).uniform(low, high, size=n)
+        return np.full(n, float(self.prior_margin))
 
 
 # Decisive positions per family, and the kind of target at each of them.
@@ -224,7 +289,9 @@ class TokenSearchEnv(gym.Env[dict[str, Any], np.int64]):
         self.targets = np.zeros((n, length), dtype=np.int64)
         self.decisive = np.zeros((n, length), dtype=bool)
         prior = np.zeros((n, length, v), dtype=np.float64)
+        self.margins = cfg.task_margins()
         for i, family in enumerate(self.families):
+            margin = float(self.margins[i])
             kinds = _TARGET_KINDS[family]
             positions = np.sort(rng.choice(length, size=len(kinds), replace=False))
             for t in range(length):
@@ -236,20 +303,21 @@ class TokenSearchEnv(gym.Env[dict[str, Any], np.int64]):
                     kind = kinds[int(np.flatnonzero(positions == t)[0])]
                     self.decisive[i, t] = True
                     if cfg.deceptive:
-                        z[mode] = cfg.prior_margin
+                        z[mode] = margin
                     if kind == "shoulder":
-                        z[target] = cfg.prior_margin - cfg.shoulder_gap
+                        z[target] = margin - cfg.shoulder_gap
                     else:
                         z[target] = 0.0
                 else:
                     target = mode
-                    z[mode] = cfg.prior_margin
+                    z[mode] = margin
                 self.targets[i, t] = target
                 prior[i, t] = z
         self._prior = prior
         self._prior.setflags(write=False)
         self.targets.setflags(write=False)
         self.decisive.setflags(write=False)
+        self.margins.setflags(write=False)
 
     @property
     def num_tasks(self) -> int:

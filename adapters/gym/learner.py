@@ -4,17 +4,24 @@ The policy is a tabular softmax over the next token for every state ``(task, pos
 token)`` (a bigram "language model" per task), initialised from the environment's
 ``prior_logits``. One training step, cleanrl style (see :func:`train`):
 
-1. ``d = meta.select()``; ``T = d.value``: the one temperature of this step.
-2. Roll out ``group_size`` answers for every task at temperature ``T`` (vectorised sampling of the
+1. ``d = meta.select()``; ``T = d.value``: the one temperature of this step. With a per-prompt
+   policy (``meta.contextual``: :class:`metactl.PTGS`, :class:`metactl.ContextualTAMPO`,
+   :class:`metactl.LinearThompson`), ``d = meta.select(contexts=task_ids)`` instead: one
+   decision per task (the key is the task id), task ``i``'s rows at ``d.values[i]``.
+2. Roll out ``group_size`` answers for every task at its temperature (vectorised sampling of the
    same dynamics as ``env.step``; rewards come from ``env.score``, the env's single definition).
 3. GRPO advantages per task group: ``A = (r - mean) / (std + eps)``.
-4. One policy-gradient step on ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T)[o_it]``, with
-   the log-probs at the same ``T`` that sampled the batch (Adam or SGD on the logit table).
+4. One policy-gradient step on ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T_i)[o_it]``,
+   with the log-probs of every row at the temperature ``T_i`` that sampled it (Adam or SGD on
+   the logit table).
 5. Feedback for the meta-policy from the logits the rollout already has (no extra episodes):
    only what ``meta.requires`` asks for, among ``loglik`` (``metactl.likelihood.candidate_loglik``,
    length-normalised, or summed per answer when the rule's ``likelihood_normalization`` is
    ``"sum"``), ``advantages``, ``reward`` (batch mean), ``rewards`` (one per answer),
-   ``group_size``, ``entropy`` (mean token entropy at ``T``) and ``vocab_size``.
+   ``group_size``, ``entropy`` (mean token entropy, each row at its ``T_i``) and ``vocab_size``.
+   The candidate likelihoods are over the candidate grid: they do not depend on the sampling
+   temperature. Rows are in decision order (task ``i`` owns rows ``i G .. (i + 1) G - 1``), as
+   :mod:`metactl.contexts` asks.
 6. ``meta.update(d, **feedback)``.
 
 Evaluation is exact (no sampling noise): the success rate of the learned policy at
@@ -38,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from metactl.diagnostics import signal_diagnostics, stack_diagnostics
 
 from .env import TokenSearchEnv
 
@@ -136,7 +145,8 @@ class Rollout:
 
     ``tasks (N,)``, ``states (N, L)`` (the previous token, ``V`` = begin), ``tokens (N, L)``,
     ``logits (N, L, V)`` raw (un-tempered) logits that predicted each token, ``rewards (N,)``,
-    and the ``temperature`` that sampled them.
+    and the ``temperature`` that sampled them: a float (one for the whole batch), or an
+    ``(N,)`` array, row ``i`` sampled at ``temperature[i]`` (a temperature per task).
     """
 
     tasks: np.ndarray
@@ -144,7 +154,44 @@ class Rollout:
     tokens: np.ndarray
     logits: np.ndarray
     rewards: np.ndarray
-    temperature: float
+    temperature: float | np.ndarray
+
+    def row_temperatures(self) -> np.ndarray:
+        """``(N,)``: the temperature of every row."""
+        if isinstance(self.temperature, np.ndarray):
+            return self.temperature.copy()
+        return np.full(self.tasks.shape[0], self.temperature)
+
+
+def _divisor(temperature: float | np.ndarray, ndim: int) -> float | np.ndarray:
+    """What to divide ``(N, ...)`` logits of ``ndim`` dimensions by: the float itself (the global
+    path, unchanged), or the per-row temperatures shaped ``(N, 1, ...)`` to broadcast."""
+    if isinstance(temperature, np.ndarray):
+        return temperature.reshape((-1,) + (1,) * (ndim - 1))
+    return temperature
+
+
+def _check_temperature(temperature: Any, n: int) -> float | np.ndarray:
+    """A float > 0, or a finite ``(n,)`` array of temperatures > 0 (one per row)."""
+    if isinstance(temperature, (list, tuple, np.ndarray)):
+        temps = np.asarray(temperature, dtype=np.float64)
+        if temps.shape != (n,):
+            raise ValueError(
+                f"temperature must be a float or one per row, shape ({n},), got {temps.shape}"
+            )
+        if not np.all(np.isfinite(temps)) or np.any(temps <= 0):
+            raise ValueError("temperature must hold finite values > 0 (one per row)")
+        return temps
+    if isinstance(temperature, bool) or not isinstance(
+        temperature, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            f"temperature must be a float or an array, got {type(temperature).__name__}"
+        )
+    value = float(temperature)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return value
 
 
 class TabularGRPO:
@@ -184,13 +231,21 @@ class TabularGRPO:
         self._positions = np.arange(length)
 
     # ------------------------------------------------------------------ rollouts
-    def rollout(self, temperature: float, rng: np.random.Generator) -> Rollout:
-        """Sample ``group_size`` answers per task at ``temperature``; score them with the env."""
-        temperature = float(temperature)
-        if not np.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    @property
+    def num_rows(self) -> int:
+        """Answers per rollout: ``num_tasks * group_size`` (task ``i`` owns rows ``i G ..``)."""
+        return int(self._tasks.shape[0])
+
+    def rollout(self, temperature: float | np.ndarray, rng: np.random.Generator) -> Rollout:
+        """Sample ``group_size`` answers per task at ``temperature``; score them with the env.
+
+        ``temperature``: a float for the whole batch, or ``(N,)`` per-row temperatures
+        (:attr:`num_rows`; e.g. ``np.repeat(per_task, group_size)``).
+        """
         tasks = self._tasks
         n = tasks.shape[0]
+        temperature = _check_temperature(temperature, n)
+        divisor = _divisor(temperature, 2)
         states = np.empty((n, self.length), dtype=np.int64)
         tokens = np.empty((n, self.length), dtype=np.int64)
         logits = np.empty((n, self.length, self.vocab_size))
@@ -198,7 +253,7 @@ class TabularGRPO:
         uniforms = rng.random((n, self.length))
         for t in range(self.length):
             z = self.logits[tasks, t, prev]
-            probs = np.exp(log_softmax(z / temperature))
+            probs = np.exp(log_softmax(z / divisor))
             cdf = np.cumsum(probs, axis=1)
             token = (uniforms[:, t, None] > cdf[:, :-1]).sum(axis=1)  # inverse-CDF sampling
             states[:, t], tokens[:, t], logits[:, t] = prev, token, z
@@ -207,10 +262,14 @@ class TabularGRPO:
         return Rollout(tasks, states, tokens, logits, rewards, temperature)
 
     # ------------------------------------------------------------------ learning
-    def token_logprobs(self, batch: Rollout, temperature: float | None = None) -> np.ndarray:
-        """``(N, L)`` log-probs of the sampled tokens at ``temperature`` (default: the batch's)."""
-        temperature = batch.temperature if temperature is None else float(temperature)
-        logp = log_softmax(batch.logits / temperature)
+    def token_logprobs(
+        self, batch: Rollout, temperature: float | np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(N, L)`` log-probs of the sampled tokens at ``temperature`` (a float or one per
+        row; default: the batch's own, each row at the temperature that sampled it)."""
+        n = batch.tokens.shape[0]
+        temp = batch.temperature if temperature is None else _check_temperature(temperature, n)
+        logp = log_softmax(batch.logits / _divisor(temp, 3))
         return np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
 
     def gradient(self, batch: Rollout, advantages: np.ndarray) -> tuple[float, np.ndarray]:
@@ -219,25 +278,26 @@ class TabularGRPO:
         Uses the current table at the batch's states, so repeated passes over a batch see the
         updated policy (the first pass equals the rollout's own logits).
 
-        Loss: ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T)[o_it]`` (on-policy: the
-        importance ratio is 1; no KL term). Returns ``(loss, grad)``, ``grad`` shaped like
-        :attr:`logits`.
+        Loss: ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T_i)[o_it]``, ``T_i`` the
+        temperature that sampled row ``i`` (on-policy: the importance ratio is 1; no KL term).
+        Returns ``(loss, grad)``, ``grad`` shaped like :attr:`logits`.
         """
         advantages = np.asarray(advantages, dtype=np.float64)
         n = batch.tokens.shape[0]
         if advantages.shape != (n,):
             raise ValueError(f"advantages must have shape ({n},), got {advantages.shape}")
-        temp = batch.temperature
+        temp = _divisor(batch.temperature, 3)  # (N, 1, 1) per-row, or the batch's float
         # the current table (equal to batch.logits for the on-policy step; fresher after a step)
         z = self.logits[batch.tasks[:, None], self._positions[None, :], batch.states]
         logp = log_softmax(z / temp)  # (N, L, V)
         index = batch.tokens[..., None]
         taken = np.take_along_axis(logp, index, axis=-1)[..., 0]
         loss = float(-(advantages[:, None] * taken).mean())
-        # d loss / d z_it = -(A_i / (N L)) (onehot(o_it) - softmax(z_it / T)) / T
+        # d loss / d z_it = -(A_i / (N L)) (onehot(o_it) - softmax(z_it / T_i)) / T_i
         rows = np.exp(logp)
         np.put_along_axis(rows, index, np.take_along_axis(rows, index, axis=-1) - 1.0, axis=-1)
-        rows *= (advantages / (n * self.length * temp))[:, None, None]
+        # batch.temperature: the float, or (N,) per row: one expression for both
+        rows *= (advantages / (n * self.length * batch.temperature))[:, None, None]
         grad = np.zeros_like(self.logits)
         np.add.at(grad, (batch.tasks[:, None], self._positions[None, :], batch.states), rows)
         return loss, grad
@@ -281,8 +341,8 @@ class TabularGRPO:
         own ``likelihood_normalization`` attribute (:func:`train` does). ``advantages``: the GRPO
         advantages. ``reward``: the batch's mean reward. ``rewards``: ``(N,)`` one reward per
         answer, rows in the order of ``loglik``. ``group_size``: answers per task (the groups
-        are consecutive rows). ``entropy``: mean token entropy (nats) at the sampling
-        temperature. ``vocab_size``: V.
+        are consecutive rows). ``entropy``: mean token entropy (nats), every row at the
+        temperature that sampled it. ``vocab_size``: V.
         """
         if likelihood_normalization not in ("mean", "sum"):
             raise ValueError(
@@ -320,8 +380,9 @@ class TabularGRPO:
         return out
 
     def entropy(self, batch: Rollout) -> float:
-        """Mean token entropy (nats) of ``batch``'s sampling distributions (at its temperature)."""
-        logp = log_softmax(batch.logits / batch.temperature)
+        """Mean token entropy (nats) of ``batch``'s sampling distributions (each row at the
+        temperature that sampled it)."""
+        logp = log_softmax(batch.logits / _divisor(batch.temperature, 3))
         return float(-(np.exp(logp) * logp).sum(axis=-1).mean())
 
     # ------------------------------------------------------------------ evaluation
@@ -378,9 +439,15 @@ class TrainLog:
     ``success``: exact eval success rate before every step and after the last (``steps + 1``);
     ``success_by_task``: the same per task (``steps + 1, num_tasks``); ``greedy``: fraction of
     tasks that greedy decoding solves (``steps + 1``, temperature-free); ``temperature``: the value
-    used at each step; ``reward``: the batch mean reward; ``entropy``: mean token entropy at the
-    sampling temperature; ``probs``: the meta-policy's probabilities after each update
-    (``steps, K``).
+    used at each step (with a per-task policy: the mean over the tasks); ``task_temperature``:
+    the value each task was sampled at (``steps, num_tasks``; every column equal for a global
+    policy); ``reward``: the batch mean reward; ``entropy``: mean token entropy at the sampling
+    temperatures; ``probs``: the meta-policy's probabilities after each update (``steps, K``; a
+    per-task policy's global probabilities). ``signal``: for a likelihood rule (one that asks
+    for ``loglik`` and ``advantages``, e.g. TAMPO), the per-step diagnostics of its signal
+    (:func:`metactl.diagnostics.stack_diagnostics` of every step's
+    :func:`metactl.diagnostics.signal_diagnostics`, computed from the feedback the rule got);
+    None for other rules.
     """
 
     success: np.ndarray
@@ -391,6 +458,8 @@ class TrainLog:
     entropy: np.ndarray
     probs: np.ndarray
     families: tuple[str, ...] = field(default_factory=tuple)
+    task_temperature: np.ndarray | None = None
+    signal: dict[str, np.ndarray] | None = None
 
     @property
     def auc(self) -> float:
@@ -414,8 +483,12 @@ def train(
 ) -> TrainLog:
     """Train a :class:`TabularGRPO` on ``env`` for ``steps`` steps; ``meta`` picks the temperature.
 
+    A global ``meta`` picks one temperature per step; a per-prompt one (``meta.contextual``)
+    picks one per task, keyed by the task id (``meta.select(contexts=[0, 1, ...])``), and its
+    update gets every row's feedback in task order.
+
     Args:
-        meta: a ``metactl.MetaPolicy`` (any rule or controller).
+        meta: a ``metactl.MetaPolicy`` (any rule or controller, global or per-prompt).
         env: a :class:`TokenSearchEnv` or a wrapper around one (e.g. ``gym.make(...)``).
         steps: number of GRPO steps (one meta decision each).
         config: learner hyperparameters.
@@ -438,6 +511,13 @@ def train(
     reward = np.empty(steps)
     entropy = np.empty(steps)
     probs = np.empty((steps, k))
+    # a likelihood rule's signal diagnostics, from the (N, K) likelihoods it already receives
+    diagnose = {"loglik", "advantages"} <= set(meta.requires)
+    signal_records: list[dict[str, Any]] = []
+    task_temperature = np.empty((steps, learner.env.num_tasks))
+    contextual = bool(getattr(meta, "contextual", False))
+    # the task ids are the contexts; rows come in task order, G per task (decision order)
+    task_ids = list(range(learner.env.num_tasks))
     # what the rule expects in ``loglik``: TAMPO's paper form is length-normalised ("mean")
     normalization = getattr(getattr(meta, "rule", None), "likelihood_normalization", "mean")
     if normalization not in ("mean", "sum"):  # checked before the first select draws from meta
@@ -449,9 +529,16 @@ def train(
         success[step] = by_task[step].mean()
         greedy[step] = learner.greedy_success_by_task().mean()
 
-        decision = meta.select()
-        temp = float(decision.value)
-        batch = learner.rollout(temp, rng)
+        decision = meta.select(contexts=task_ids) if contextual else meta.select()
+        if contextual:
+            per_task = np.asarray(decision.values, dtype=np.float64)
+            row_temps: float | np.ndarray = np.repeat(per_task, group)
+            temp = float(per_task.mean())
+        else:
+            temp = float(decision.value)
+            per_task = np.full(len(task_ids), temp)
+            row_temps = temp
+        batch = learner.rollout(row_temps, rng)
         advantages = group_advantages(batch.rewards, group, learner.config.adv_eps)
         learner.update(batch, advantages)
         feedback = learner.feedback(
@@ -462,10 +549,23 @@ def train(
             likelihood_normalization=normalization,
         )
         info = meta.update(decision, **feedback)
+        if diagnose:
+            signal_records.append(
+                signal_diagnostics(
+                    feedback["loglik"],
+                    feedback["advantages"],
+                    meta.candidates,
+                    row_temps,
+                    group,
+                    normalizer=getattr(meta.rule, "normalizer", "sparsemax"),
+                    tau=getattr(meta.rule, "tau", 1.0),
+                )
+            )
         if on_step is not None:
             on_step(StepRecord(step, decision, batch, advantages, feedback, info, learner))
 
         temperature[step] = temp
+        task_temperature[step] = per_task
         reward[step] = batch.rewards.mean()
         entropy[step] = learner.entropy(batch)
         probs[step] = info.probs
@@ -481,4 +581,6 @@ def train(
         entropy=entropy,
         probs=probs,
         families=learner.env.families,
+        task_temperature=task_temperature,
+        signal=stack_diagnostics(signal_records) if signal_records else None,
     )

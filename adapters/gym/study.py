@@ -17,7 +17,11 @@ the final greedy (argmax) success, which no evaluation temperature can favour, a
 temperature over the first and the last tenth of training.
 
 Writes into ``--out``: ``results.md`` and ``results.json`` (the table), ``runs.npz`` (every run's
-curves), ``learning_curves.png``, ``temperature.png`` and ``meta_probs.png``.
+curves), ``learning_curves.png``, ``temperature.png`` and ``meta_probs.png``; for the
+likelihood rules (TAMPO and its variants, Hedge, MetaGradient), ``signal.npz`` (every step's
+:func:`metactl.diagnostics.signal_diagnostics`, keys ``<controller>/<field>``, one row per seed
+as in ``<controller>/seed``) and, for the TAMPO arms, ``signal_diagnostics.png`` (why TAMPO
+moved where it did: :mod:`metactl.adapters.signal_plot`).
 
 Example
 -------
@@ -68,6 +72,10 @@ class StudyConfig:
     reward: str = "exact"
     deceptive: bool = True
     prior_margin: float = 4.0
+    prior_margins: tuple[float, ...] | None = None
+    """Mixed sharpness (issue 10): task ``i``'s margin ``prior_margins[i % len]``."""
+    prior_margin_range: tuple[float, float] | None = None
+    """Mixed sharpness (issue 10): each task's margin drawn from ``[low, high]``."""
     shoulder_gap: float = 1.5
     noise_scale: float = 0.3
     task_seed_offset: int = 0
@@ -100,6 +108,8 @@ class StudyConfig:
             reward=self.reward,  # type: ignore[arg-type]
             deceptive=self.deceptive,
             prior_margin=self.prior_margin,
+            prior_margins=self.prior_margins,
+            prior_margin_range=self.prior_margin_range,
             shoulder_gap=self.shoulder_gap,
             noise_scale=self.noise_scale,
             task_seed=self.task_seed_offset + task_seed,
@@ -156,8 +166,9 @@ CONTROLLERS: dict[str, Callable[[StudyConfig, int], metactl.MetaPolicy]] = {
         metactl.EntropySchedule(2 * cfg.entropy_target, cfg.entropy_target / 2, cfg.steps),
         seed=seed,
     ),
-    # issue 10 (untuned defaults): a temperature per task, keyed by the task id
-    "ptgs": lambda cfg, seed: metactl.ptgs(seed=seed, total_steps=cfg.steps),
+    # issue 10 (untuned defaults): a temperature per task, keyed by the task id (PTGS's values
+    # are continuous; the grid only names the nearest candidate, so every arm logs K = 10)
+    "ptgs": lambda cfg, seed: metactl.ptgs(CANDIDATES, seed=seed, total_steps=cfg.steps),
     "tampo-per-prompt": lambda cfg, seed: metactl.tampo_per_prompt(CANDIDATES, seed=seed),
     "linear-thompson": lambda cfg, seed: metactl.linear_thompson(CANDIDATES, seed=seed),
     **{f"fixed-{t:.1f}": _fixed(t) for t in CANDIDATES},
@@ -193,6 +204,7 @@ def run_one(job: tuple[str, int, StudyConfig]) -> dict[str, Any]:
         "entropy": log.entropy,
         "auc": log.auc,
         "final": log.final_success,
+        "signal": log.signal,  # a likelihood rule's per-step signal diagnostics, else None
     }
 
 
@@ -395,6 +407,19 @@ def make_plots(
     paths.append(out / "meta_probs.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    # why the TAMPO arms moved where they did, from their per-step signal diagnostics
+    tampo_arms = {
+        c: [r["signal"] for r in sorted(runs[c], key=lambda r: r["seed"])]
+        for c in controllers
+        if c.startswith("tampo") and all(r.get("signal") is not None for r in runs[c])
+    }
+    if tampo_arms:
+        from ..signal_plot import plot_signal_diagnostics
+
+        paths.append(plot_signal_diagnostics(
+            tampo_arms, CANDIDATES, out / "signal_diagnostics.png",
+            title="Why TAMPO moved where it did (TokenSearch; signal a_k of every step)"))
     return paths
 
 
@@ -462,6 +487,11 @@ def add_environment_arguments(parser: argparse.ArgumentParser) -> None:
     env.add_argument("--prior-margin", type=float, default=defaults.prior_margin,
                      help="logit of the prior's mode above the bulk: larger is a sharper "
                           f"starting policy (default {defaults.prior_margin})")
+    env.add_argument("--prior-margins", default=None, metavar="M1,M2,...",
+                     help="mixed sharpness: task i gets margin M[i mod count] (e.g. 2.5,7), "
+                          "instead of --prior-margin")
+    env.add_argument("--prior-margin-range", default=None, metavar="LOW,HIGH",
+                     help="mixed sharpness: each task's margin drawn uniformly from [LOW, HIGH]")
     env.add_argument("--shoulder-gap", type=float, default=defaults.shoulder_gap,
                      help="a shoulder target's logit below the mode "
                           f"(default {defaults.shoulder_gap})")
@@ -483,6 +513,17 @@ def add_environment_arguments(parser: argparse.ArgumentParser) -> None:
                               f"(default {defaults.eval_temperature})")
 
 
+def _float_list(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """``"2.5,7"`` -> ``(2.5, 7.0)``; ``None`` stays ``None``; raises ``ValueError`` naming
+    ``flag``."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """The :class:`StudyConfig` of parsed arguments (raises ``ValueError``/``TypeError``)."""
     return StudyConfig(
@@ -497,6 +538,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         reward=args.reward,
         deceptive=not args.no_deceptive,
         prior_margin=args.prior_margin,
+        prior_margins=_float_list(args.prior_margins, "--prior-margins"),
+        prior_margin_range=_float_list(args.prior_margin_range, "--prior-margin-range"),  # type: ignore[arg-type]
         shoulder_gap=args.shoulder_gap,
         noise_scale=args.noise_scale,
         task_seed_offset=args.task_seed_offset,
@@ -588,6 +631,15 @@ def main(argv: list[str] | None = None) -> int:
                     "entropy", "auc", "final")
     }  # fmt: skip
     np.savez_compressed(out / "runs.npz", **arrays)
+    signal_arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        diagnosed = [r for r in ordered if r["controller"] == name and r["signal"] is not None]
+        if diagnosed:
+            signal_arrays[f"{name}/seed"] = np.array([r["seed"] for r in diagnosed])
+            for key in diagnosed[0]["signal"]:
+                signal_arrays[f"{name}/{key}"] = np.array([r["signal"][key] for r in diagnosed])
+    if signal_arrays:
+        np.savez_compressed(out / "signal.npz", **signal_arrays)
     if not args.no_plots:
         make_plots(results, names, summary["best_fixed"], out)
     if not args.quiet:

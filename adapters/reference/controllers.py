@@ -9,6 +9,12 @@ likelihoods), and ``counterfactual``, ``uncertainty``, ``entropy-schedule-H0-H1`
 target moving linearly from H0 to H1 nats over the run) with its default ``entropy-schedule``
 (0.6 -> 0.15: annealed high to low, around the geometric mean 0.3 of ``entropy-0.3``).
 
+Per-prompt controllers (issue 10, untuned defaults; a temperature per prompt group, keyed by
+`tasks.Problem.context`): ``ptgs`` (`metactl.ptgs`, its pivot ramped over the run's steps),
+``tampo-per-prompt`` (`metactl.tampo_per_prompt`) and ``linear-thompson``
+(`metactl.linear_thompson` over the paper grid, the running pass rate as its feature).
+`is_per_prompt` tells them apart.
+
 Example:
     >>> make_policy("fixed-1.2", steps=10, seed=0).select().value
     1.2
@@ -28,12 +34,15 @@ PAPER_ARMS: tuple[str, ...] = ("fixed-0.9", "fixed-1.2", "fixed-1.5", "linear-0.
 OPTIONAL_ARMS: tuple[str, ...] = ("tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
                                   "thompson", "entropy-0.3", "cosine-0.9-1.5", "tampo-std",
                                   "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
-                                  "entropy-schedule")
+                                  "entropy-schedule", "ptgs", "tampo-per-prompt",
+                                  "linear-thompson")
+PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson")
 
 
 _SIMPLE_NAMES: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
                                   "thompson", "tampo-std", "tampo-sharp", "tampo-sum",
-                                  "counterfactual", "uncertainty", "entropy-schedule")
+                                  "counterfactual", "uncertainty", "entropy-schedule",
+                                  *PER_PROMPT_ARMS)
 # (prefix, how many numbers follow it, what they are) of the parameterised names
 _PARAMETERISED: dict[str, tuple[int, str]] = {
     "fixed": (1, "fixed-T"), "linear": (2, "linear-A-B"), "cosine": (2, "cosine-A-B"),
@@ -108,6 +117,11 @@ def make_policy(name: str, steps: int, seed: int) -> metactl.MetaPolicy:
         "uncertainty": lambda: metactl.MetaPolicy(grid, metactl.Uncertainty(), seed=seed),
         "entropy-schedule": lambda: metactl.MetaPolicy(
             grid, metactl.EntropySchedule(0.6, 0.15, total_steps=steps), seed=seed),
+        # PTGS's values are continuous in [1/1.5, 1.5]; the paper grid only names the nearest
+        # candidate (every arm logs the same K)
+        "ptgs": lambda: metactl.ptgs(grid, seed=seed, total_steps=steps),
+        "tampo-per-prompt": lambda: metactl.tampo_per_prompt(grid, seed=seed),
+        "linear-thompson": lambda: metactl.linear_thompson(grid, seed=seed),
     }
     return simple[kind]()
 
@@ -136,3 +150,13 @@ def validate_controller(name: str, steps: int = 1) -> str:
 def is_fixed(name: str) -> bool:
     """Whether ``name`` is a fixed-temperature arm."""
     return name.startswith("fixed-")
+
+
+def is_per_prompt(name: str) -> bool:
+    """Whether ``name`` is a per-prompt arm (a temperature per prompt group).
+
+    Example:
+        >>> is_per_prompt("ptgs"), is_per_prompt("tampo")
+        (True, False)
+    """
+    return name in PER_PROMPT_ARMS

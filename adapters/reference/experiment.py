@@ -150,6 +150,8 @@ class Setup:
     max_new_tokens: int
     ref_model: Any = None
     add_special_tokens: bool = False
+    # item -> context key for per-prompt arms (None: the items' own ``context``)
+    contexts: Any = None
 
 
 def build_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
@@ -177,7 +179,7 @@ def check_eval_sizes(cfg: ReproduceConfig) -> None:
 def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .tasks import chain_reward, heldout_prompts
+    from .tasks import PromptPool, chain_reward, heldout_prompts
 
     assert cfg.task is not None and start_path is not None
     task = cfg.task
@@ -192,9 +194,12 @@ def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
     ref = None
     if cfg.grpo.kl_beta > 0:
         ref = AutoModelForCausalLM.from_pretrained(start_path).float()
+    # a finite pool (cycled; keyed by pool index) or the infinite stream (keyed by chain length)
+    prompts: Any = (PromptPool(task.training_pool(exclude)) if task.train_pool
+                    else lambda rng, n: task.sample(rng, n, exclude=exclude))
     return Setup(
         model=model, tokenizer=tok,
-        prompts=lambda rng, n: task.sample(rng, n, exclude=exclude),
+        prompts=prompts,
         reward_fn=chain_reward, benchmarks=bench,
         curve_benchmarks={k: v[: cfg.eval.curve_n] for k, v in bench.items()},
         max_new_tokens=task.max_completion_tokens, ref_model=ref,
@@ -237,6 +242,11 @@ def _paper_setup(cfg: ReproduceConfig) -> Setup:
     def prompts(rng: np.random.Generator, n: int) -> list[MathProblem]:
         return [train[int(i)] for i in rng.choice(len(train), size=n, replace=False)]
 
+    # per-prompt arms: a problem's key is its (first) index in the training file
+    index_of: dict[str, int] = {}
+    for i, problem in enumerate(train):
+        index_of.setdefault(problem.prompt, i)
+
     ref = None
     if cfg.grpo.kl_beta > 0:
         ref, _ = load_model_and_tokenizer(cfg.model_path, device=device,
@@ -247,6 +257,7 @@ def _paper_setup(cfg: ReproduceConfig) -> Setup:
         model=model, tokenizer=tok, prompts=prompts, reward_fn=math_reward,
         benchmarks=bench, curve_benchmarks={k: v[: cfg.eval.curve_n] for k, v in bench.items()},
         max_new_tokens=cfg.grpo.max_new_tokens, ref_model=ref,
+        contexts=lambda item: index_of[item.prompt],
     )
 
 
@@ -482,7 +493,7 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
 
     trainer = GRPOTrainer(setup.model, setup.tokenizer, grpo, policy, prompts=setup.prompts,
                           reward_fn=setup.reward_fn, ref_model=setup.ref_model,
-                          evaluator=curve_eval, run_dir=run_dir)
+                          evaluator=curve_eval, run_dir=run_dir, contexts=setup.contexts)
     start_step = trainer.step_idx
     if _stop_requested():  # stopped while loading: nothing new to keep
         raise ArmStopped(f"{label}: stopped before training (at step {start_step} of {steps})")
@@ -522,6 +533,11 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "wall_seconds": time.perf_counter() - t0,
         "resumed_from_step": start_step,
     }
+    if any("signal" in h for h in history):  # a likelihood rule: its signal, every step
+        result["signal"] = [h.get("signal") for h in history]
+    if trainer.contextual:  # per-prompt arms: which context got which temperature, every step
+        result["context_temperatures"] = [
+            {"contexts": h["contexts"], "temperatures": h["temperatures"]} for h in history]
     write_json_checked(done, result)
     result = _read_result(done)  # what a rerun will read back (tuples as lists, ...)
     trainer.checkpoint_path.unlink(missing_ok=True)  # the result supersedes the checkpoint

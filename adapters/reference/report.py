@@ -148,6 +148,66 @@ def _smooth(x: np.ndarray, w: int) -> np.ndarray:
     return np.convolve(x, np.ones(w) / w, mode="valid")
 
 
+#: up to this many distinct contexts get a line each in the per-context temperature plot
+CONTEXT_LINES = 12
+
+
+def context_temperature_table(steps: Sequence[dict]) -> tuple[list, np.ndarray]:
+    """From a run's ``context_temperatures`` (per step: ``contexts`` and their
+    ``temperatures``): the distinct keys (first appearance order) and an (steps, keys) array of
+    each key's temperature at each step (the mean of its decisions that step; NaN where the
+    key was not in the batch).
+
+    Example:
+        >>> keys, table = context_temperature_table([
+        ...     {"contexts": [1, 2, 1], "temperatures": [0.8, 1.2, 1.0]},
+        ...     {"contexts": [2], "temperatures": [1.4]}])
+        >>> keys, table.round(2).tolist()
+        ([1, 2], [[0.9, 1.2], [nan, 1.4]])
+    """
+    keys: dict[Any, int] = {}
+    for entry in steps:
+        for key in entry["contexts"]:
+            keys.setdefault(key, len(keys))
+    total = np.zeros((len(steps), len(keys)))
+    count = np.zeros((len(steps), len(keys)))
+    for i, entry in enumerate(steps):
+        if len(entry["contexts"]) != len(entry["temperatures"]):
+            raise ValueError(f"context_temperatures[{i}]: {len(entry['contexts'])} contexts "
+                             f"but {len(entry['temperatures'])} temperatures")
+        for key, value in zip(entry["contexts"], entry["temperatures"], strict=True):
+            total[i, keys[key]] += value
+            count[i, keys[key]] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return list(keys), table
+
+
+def _plot_context_temperatures(ax: Any, steps: Sequence[dict]) -> None:
+    """A line per context (few contexts), else the median and the 10-90% band over the
+    step's contexts plus the three most frequent contexts."""
+    keys, table = context_temperature_table(steps)
+    x = np.arange(table.shape[0])
+    if len(keys) <= CONTEXT_LINES:
+        order = sorted(range(len(keys)), key=lambda j: (type(keys[j]).__name__, keys[j]))
+        for j in order:
+            key = keys[j]
+            seen = ~np.isnan(table[:, j])
+            ax.plot(x[seen], table[seen, j], lw=1, label=f"context {key}")
+        ax.legend(fontsize=6, ncol=2)
+        return
+    lo, mid, hi = (np.array([np.quantile(row[~np.isnan(row)], q) for row in table])
+                   for q in (0.1, 0.5, 0.9))
+    ax.fill_between(x, lo, hi, alpha=0.25, color="tab:blue", label="10-90% over contexts")
+    ax.plot(x, mid, color="tab:blue", label=f"median over the step's contexts "
+                                            f"({len(keys)} distinct)")
+    frequent = np.argsort(-np.sum(~np.isnan(table), axis=0), kind="stable")[:3]
+    for j in frequent:
+        seen = ~np.isnan(table[:, j])
+        ax.plot(x[seen], table[seen, j], lw=0.8, alpha=0.8, label=f"context {keys[j]}")
+    ax.legend(fontsize=6)
+
+
 def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -> dict[str, str]:
     """Write the PNG figures; returns {figure id: file name}."""
     import matplotlib
@@ -204,6 +264,24 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
     fig.savefig(out / "temperature.png", dpi=110)
     plt.close(fig)
     figs["temperature"] = "temperature.png"
+
+    # per-prompt arms: the temperature of every context (prompt or bucket) over training
+    per_prompt = [c for c in controllers if any(r.get("context_temperatures") for r in by[c])]
+    if per_prompt:
+        fig, axes = plt.subplots(1, len(per_prompt), figsize=(5.5 * len(per_prompt), 4),
+                                 squeeze=False)
+        for ax, c in zip(axes[0], per_prompt, strict=True):
+            run = min((r for r in by[c] if r.get("context_temperatures")),
+                      key=lambda r: r["seed"])
+            _plot_context_temperatures(ax, run["context_temperatures"])
+            ax.set_title(f"{method_name(c)}: temperature per context (seed {run['seed']})",
+                         fontsize=9)
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel("T")
+        fig.tight_layout()
+        fig.savefig(out / "context_temperature.png", dpi=110)
+        plt.close(fig)
+        figs["context_temperature"] = "context_temperature.png"
 
     # the paper's diagnostics, from every run that recorded likelihoods (TAMPO first)
     diag_runs = [r for r in results if r.get("diagnostics")]
@@ -265,6 +343,23 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
         fig.savefig(out / "meta_policy.png", dpi=110)
         plt.close(fig)
         figs["meta_policy"] = "meta_policy.png"
+
+    # why the likelihood rules moved where they did: their signal, every step (TAMPO first)
+    from ..signal_plot import plot_signal_diagnostics, stack_runs
+
+    signal_arms: dict[str, list] = {}
+    for c in sorted(controllers, key=lambda c: (c != "tampo", c)):
+        stacked = [stack_runs(r["signal"]) for r in sorted(by[c], key=lambda r: r["seed"])
+                   if r.get("signal")]
+        kept = [run for run in stacked if run is not None]
+        if kept and len(kept) == len(stacked):
+            signal_arms[method_name(c)] = kept
+    if signal_arms:
+        cands = next(np.asarray(r["candidates"]) for r in results if r.get("signal"))
+        plot_signal_diagnostics(signal_arms, cands, out / "signal_diagnostics.png",
+                                title="Why the likelihood rules moved where they did "
+                                      "(reference task; signal a_k of every step)")
+        figs["signal_diagnostics"] = "signal_diagnostics.png"
     return figs
 
 
@@ -408,11 +503,19 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
     md.append("## 7. Figures")
     captions = {
         "learning_curves": "Learning curves (Avg over the benchmarks' curve subsets).",
-        "temperature": "Chosen temperature and training reward over training.",
+        "temperature": "Chosen temperature (per-prompt arms: the mean over the step's prompts) "
+                       "and training reward over training.",
         "diagnostics": "Paper diagnostics: likelihood-vs-temperature curves of a few trajectories"
                        " (top) and histograms of each trajectory's likelihood-optimal temperature "
                        "split by advantage sign (bottom).",
         "meta_policy": "Meta-policy probabilities over training.",
+        "signal_diagnostics": "Why the likelihood rules moved where they did, from every step's "
+                              "signal a_k: (a) sampling T and the candidate each step favoured "
+                              "(area ~ the step's spread), (b) spread vs sampling T, (c) the "
+                              "summed centred signal by sampling T, (d) the sparsemax support "
+                              "size, (e) the within-group correlation of T* and advantage.",
+        "context_temperature": "Per-prompt arms: the temperature of each context (a pool "
+                               "prompt, or a chain-length bucket) over training, first seed.",
     }
     for key, fname in figs.items():
         md.append(f"{captions[key]}\n\n![{key}]({fname})\n")

@@ -1,9 +1,12 @@
 """Batched sampling with a KV cache and temperature-scaled token log-probabilities.
 
-These two functions are the only places where the temperature touches the model's logits:
-`sample` draws tokens from ``softmax(logits / T)`` (``T = 0`` means greedy) and
-`completion_logprobs` scores tokens with ``log_softmax(logits / T)``. The trainer passes the same
-``T`` to both, which is what makes a batch's sampling and scoring temperatures equal.
+These are the only places where the temperature touches the model's logits: `sample` draws
+tokens from ``softmax(logits / T)`` (``T = 0`` means greedy), `token_logprobs` scores tokens with
+``log_softmax(logits / T)`` and `token_entropy` measures ``softmax(logits / T)``. The trainer
+passes the same ``T`` to all of them, which is what makes a batch's sampling and scoring
+temperatures equal. ``T`` is a float (one temperature for every row) or a 1-D tensor of one
+temperature per row (a temperature per prompt group: row ``i`` is sampled, scored and measured
+at ``T[i]``); a float takes exactly the code path it always took.
 
 Example:
     >>> import torch
@@ -22,10 +25,35 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+Temperature = float | torch.Tensor
+"""A float for every row, or a (N,) tensor: row ``i`` at ``T[i]``."""
+
+
+def check_row_temperatures(temperature: torch.Tensor, n: int, name: str = "temperature") -> None:
+    """A per-row temperature: a 1-D floating tensor of ``n`` finite values > 0."""
+    if temperature.ndim != 1 or temperature.shape[0] != n:
+        raise ValueError(f"{name} must be a float or a 1-D tensor of one value per row ({n}), "
+                         f"got shape {tuple(temperature.shape)}")
+    if not temperature.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {temperature.dtype}")
+    if not bool(torch.isfinite(temperature).all()) or bool((temperature <= 0).any()):
+        raise ValueError(f"{name} must hold finite values > 0 (one per row)")
+
+
+def _divide(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    """``logits`` (N, ...) float32 divided by the float, or row ``i`` by ``temperature[i]``."""
+    if isinstance(temperature, torch.Tensor):
+        shape = (-1,) + (1,) * (logits.ndim - 1)
+        return logits.float() / temperature.to(device=logits.device,
+                                               dtype=torch.float32).reshape(shape)
+    return logits.float() / temperature
 
 
 @dataclass(frozen=True)
@@ -69,7 +97,7 @@ def sample(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     *,
-    temperature: float,
+    temperature: Temperature,
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
@@ -81,6 +109,8 @@ def sample(
     """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / temperature)``.
 
     ``prompt_ids``/``prompt_mask`` are left-padded (N, P). ``temperature=0`` decodes greedily.
+    ``temperature`` may be a (N,) tensor of values > 0: row ``i`` is sampled (and its entropy
+    measured) at ``temperature[i]``; a float keeps the one-temperature path unchanged.
     Positions are counted from each row's first real token, so left padding does not shift them.
     Sampling uses ``generator`` (on the model's device) so runs are reproducible.
 
@@ -90,11 +120,19 @@ def sample(
     controllers' feedback). The draws do not change (the sampling probabilities are computed
     exactly as without it). Needs ``temperature > 0``.
     """
-    if temperature < 0:
+    per_row = isinstance(temperature, torch.Tensor)
+    if per_row:
+        check_row_temperatures(temperature, prompt_ids.shape[0])  # type: ignore[arg-type]
+        temperature = temperature.to(device=prompt_ids.device,  # type: ignore[union-attr]
+                                     dtype=torch.float32)
+    elif not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+              and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite float or a tensor, got {temperature!r}")
+    elif temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    if return_entropy and temperature == 0:
+    if return_entropy and not per_row and temperature == 0:
         raise ValueError("return_entropy needs temperature > 0 (greedy decoding has no "
                          "sampling distribution)")
     if not (0.0 < top_p <= 1.0):
@@ -124,10 +162,10 @@ def sample(
     for t in range(max_new_tokens):
         if return_entropy:
             entropies.append(token_entropy(logits, temperature))
-        if temperature == 0:
+        if not per_row and temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            probs = _top_p_filter(F.softmax(logits / temperature, dim=-1), top_p)
+            probs = _top_p_filter(F.softmax(_divide(logits, temperature), dim=-1), top_p)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
@@ -180,8 +218,10 @@ def completion_logits(
     return out.logits[:, -(c + 1):-1]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log_softmax(logits / temperature)`` gathered at ``tokens``: (N, C) float32.
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   temperature: Temperature) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` gathered at ``tokens``: (N, C) float32;
+    ``temperature`` a float > 0 or a (N,) tensor (row ``i`` at ``temperature[i]``).
 
     Example:
         >>> z = torch.tensor([[[2.0, 0.0]]]); toks = torch.tensor([[0]])
@@ -189,13 +229,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
         >>> float(lp[0, 0]) == float(torch.log_softmax(z / 2, -1)[0, 0, 0])
         True
     """
-    if temperature <= 0:
+    if isinstance(temperature, torch.Tensor):
+        check_row_temperatures(temperature, logits.shape[0])
+    elif temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_divide(logits, temperature), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy (nats) of ``softmax(logits / temperature)`` at every position: (N, C)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+def token_entropy(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits / temperature)`` at every position: (N, C) (or (N,)
+    for (N, V) logits); ``temperature`` a float or a (N,) tensor (row ``i`` at
+    ``temperature[i]``)."""
+    if isinstance(temperature, torch.Tensor):
+        check_row_temperatures(temperature, logits.shape[0])
+    logp = torch.log_softmax(_divide(logits, temperature), dim=-1)
     return -(logp.exp() * logp).sum(-1)

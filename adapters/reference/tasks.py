@@ -23,6 +23,12 @@ probability that grows with the temperature. Traps are independent facts, so RL 
 and fix each one separately; that keeps headroom over hundreds of steps. Chains that hit more
 traps are harder; the five held-out benchmarks are chains of length 2..6.
 
+Per-prompt temperatures (`metactl.PTGS` and the other per-prompt policies) learn from prompts
+that recur. By default every training prompt is fresh (an infinite stream): a problem's context
+key (`Problem.context`) is then its chain length, a difficulty bucket. ``ChainTask(train_pool=P)``
+instead trains on a fixed pool of ``P`` distinct problems (drawn once from ``task_seed``, never a
+held-out one) visited in a fixed cycle by `PromptPool`; a problem's key is then its pool index.
+
 Example:
     >>> task = ChainTask()
     >>> import numpy as np
@@ -59,9 +65,13 @@ def _apply(op: str, x: int, b: int) -> int:
 class Problem:
     """One task instance: the prompt text, the reference answer and a few descriptors.
 
+    ``pool_index``: its position in the training pool (`ChainTask.training_pool`), ``None``
+    for a problem of the infinite stream.
+
     Example:
-        >>> Problem(prompt="1+2..=", answer="3", length=1, digits=(1, 2), ops=("+",)).answer
-        '3'
+        >>> p = Problem(prompt="1+2..=", answer="3", length=1, digits=(1, 2), ops=("+",))
+        >>> p.answer, p.context
+        ('3', 1)
     """
 
     prompt: str
@@ -69,6 +79,13 @@ class Problem:
     length: int = 0
     digits: tuple[int, ...] = ()
     ops: tuple[str, ...] = ()
+    pool_index: int | None = None
+
+    @property
+    def context(self) -> int:
+        """The problem's key for a per-prompt policy: its pool index when it comes from a
+        finite training pool, else its chain length (a difficulty bucket)."""
+        return self.length if self.pool_index is None else self.pool_index
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,9 @@ class ChainTask:
         trap_bias: probability that the warm-up teacher writes the wrong value at a trap.
         benchmark_lengths: chain length of each held-out benchmark (graded difficulty).
         task_seed: seeds the choice of traps and of their wrong values.
+        train_pool: 0 (the default): every training prompt is a fresh draw; ``P > 0``: RL
+            trains on a fixed pool of ``P`` distinct problems (`training_pool`), cycled
+            (`PromptPool`), each keyed by its pool index (for per-prompt policies).
 
     Example:
         >>> task = ChainTask(trap_fraction=0.25)
@@ -96,6 +116,7 @@ class ChainTask:
     trap_bias: float = 0.9
     benchmark_lengths: tuple[int, ...] = (2, 3, 4, 5, 6)
     task_seed: int = 1234
+    train_pool: int = 0
     traps: dict[tuple[str, int, int], int] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
@@ -118,6 +139,10 @@ class ChainTask:
                 f"benchmark_lengths must lie in [1, max_len={self.max_len}], "
                 f"got {self.benchmark_lengths}"
             )
+        if (isinstance(self.train_pool, bool) or not isinstance(self.train_pool, int)
+                or self.train_pool < 0):
+            raise ValueError(f"train_pool must be an int >= 0 (0: no pool), got "
+                             f"{self.train_pool!r}")
         rng = np.random.default_rng(self.task_seed)
         facts = [(op, x, b) for op in self.ops for x in range(10) for b in range(10)]
         n_traps = round(self.trap_fraction * len(facts))
@@ -130,8 +155,12 @@ class ChainTask:
 
     # -- identity ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """JSON-safe description of the configuration (used in cache keys and reports)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """JSON-safe description of the configuration (used in cache keys and reports).
+        ``train_pool`` appears only when set, so the default task keeps its keys."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if not self.train_pool:
+            del out["train_pool"]
+        return out
 
     @property
     def width(self) -> int:
@@ -171,6 +200,25 @@ class ChainTask:
             if p.prompt not in exclude:
                 out.append(p)
         return out
+
+    def training_pool(self, exclude: frozenset[str] = frozenset()) -> list[Problem]:
+        """The ``train_pool`` distinct training problems (a deterministic function of the
+        configuration: drawn with their own seed from ``task_seed``, skipping ``exclude``), each
+        with its ``pool_index``. Raises `ValueError` when ``train_pool`` is 0 or larger than the
+        distinct problems available."""
+        if not self.train_pool:
+            raise ValueError("train_pool is 0: this task has no finite training pool")
+        available = sum(self.n_distinct(n) for n in range(self.min_len, self.max_len + 1))
+        if self.train_pool > available // 2:
+            raise ValueError(f"train_pool={self.train_pool} is too many distinct problems "
+                             f"(at most {available // 2} for lengths {self.min_len}.."
+                             f"{self.max_len})")
+        rng = np.random.default_rng([self.task_seed, 7])
+        seen: dict[str, Problem] = {}
+        while len(seen) < self.train_pool:
+            p = self.sample(rng, 1, exclude=exclude)[0]
+            seen.setdefault(p.prompt, p)
+        return [dataclasses.replace(p, pool_index=i) for i, p in enumerate(seen.values())]
 
     def solution(self, problem: Problem) -> str:
         """The correct completion text (without EOS)."""
@@ -221,6 +269,54 @@ class ChainTask:
         """Five (by default) held-out evaluation sets of graded difficulty: ``chain-L`` holds
         ``n_per`` distinct problems of length L (the first of those `heldout_prompts` reserves)."""
         return {f"chain-{n}": self.benchmark(n, n_per, seed) for n in self.benchmark_lengths}
+
+
+class PromptPool:
+    """A finite training pool visited in a fixed cycle: each call ``pool(rng, n)`` returns the
+    next ``n`` problems, wrapping around at the end (``rng`` is not used: the order is fixed, so
+    every problem recurs once every ``len(pool) / n`` steps). Its position is its state
+    (`state_dict`), which `GRPOTrainer` checkpoints and restores, so a resumed run draws what
+    an uninterrupted one would.
+
+    Example:
+        >>> task = ChainTask(train_pool=4)
+        >>> pool = PromptPool(task.training_pool())
+        >>> [p.pool_index for p in pool(None, 3)], [p.pool_index for p in pool(None, 3)]
+        ([0, 1, 2], [3, 0, 1])
+        >>> pool.state_dict()
+        {'position': 2}
+    """
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        if not self.problems:
+            raise ValueError("problems must hold at least one problem")
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __call__(self, rng: object, n: int) -> list[Problem]:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.problems):
+            raise ValueError(f"n must be an int in [1, {len(self.problems)}] (the pool's size: "
+                             f"a batch holds each problem at most once), got {n!r}")
+        size, start = len(self.problems), self.position
+        out = [self.problems[(start + i) % size] for i in range(n)]
+        self.position = (start + n) % size
+        return out
+
+    def state_dict(self) -> dict:
+        """``{"position": next index}``: JSON-safe."""
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`; raises `ValueError` for a position outside the pool."""
+        position = state.get("position") if isinstance(state, dict) else None
+        if (isinstance(position, bool) or not isinstance(position, int)
+                or not 0 <= position < len(self.problems)):
+            raise ValueError(f"prompt pool state must be {{'position': int in [0, "
+                             f"{len(self.problems)})}}, got {state!r}")
+        self.position = position
 
 
 def heldout_prompts(task: ChainTask) -> frozenset[str]:

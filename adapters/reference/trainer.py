@@ -23,6 +23,17 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
    A trainer built on a run directory that holds a checkpoint resumes from it and ends exactly
    where an uninterrupted run would.
 
+**A temperature per prompt group.** With a per-prompt policy (``policy.contextual``:
+`metactl.PTGS`, `metactl.ContextualTAMPO`, `metactl.LinearThompson`; see `metactl.contexts`)
+the step draws its prompts first, then ``batch = policy.select(contexts=keys)`` with one stable
+key per prompt (``item.context``: a pool index or a bucket such as the chain length, or the
+``contexts`` function given to the trainer). Prompt ``i``'s ``group_size`` rows are sampled in
+the KV-cache loop at ``batch.values[i]`` (a per-row temperature tensor), and every log-prob of
+those rows (old, current, reference) and the sampling loop's entropy use that same row
+temperature; the candidate likelihoods ``L`` are over the candidate grid, independent of the
+sampling temperature. ``policy.update(batch, ...)`` then gets every row in decision order. A
+global policy takes exactly the one-temperature path above.
+
 Example:
     >>> import metactl
     >>> from metactl.adapters.reference.tasks import ChainTask, chain_reward
@@ -68,6 +79,9 @@ class PromptItem(Protocol):
 
 
 PromptSource = Callable[[np.random.Generator, int], Sequence[PromptItem]]
+"""``prompts(rng, n)``; a source with ``state_dict()``/``load_state_dict()`` (e.g.
+`tasks.PromptPool`, which cycles) has that state saved in the checkpoints and restored."""
+ContextFn = Callable[[Any], "int | str"]
 RewardFn = Callable[[str, str], float]
 Evaluator = Callable[[torch.nn.Module, int], dict]
 
@@ -271,6 +285,9 @@ class GRPOTrainer:
         ref_model: frozen reference model for the KL term (required when ``kl_beta > 0``).
         evaluator: ``evaluator(model, step) -> dict`` run every ``eval_every`` steps and at the end.
         run_dir: where checkpoints go; a checkpoint found there is resumed.
+        contexts: for a per-prompt policy, ``contexts(item) -> key`` (a stable ``int`` or
+            ``str`` per prompt); default: the item's ``context`` attribute (`tasks.Problem`:
+            its pool index, or its chain length when the pool is infinite).
     """
 
     def __init__(
@@ -285,7 +302,15 @@ class GRPOTrainer:
         ref_model: torch.nn.Module | None = None,
         evaluator: Evaluator | None = None,
         run_dir: str | os.PathLike | None = None,
+        contexts: ContextFn | None = None,
     ) -> None:
+        if contexts is not None and not callable(contexts):
+            raise TypeError(f"contexts must be a function item -> key, got {contexts!r}")
+        if getattr(policy, "contextual", False) and getattr(policy.rule, "feature_dim", 0):
+            raise ValueError(
+                f"policy {policy.rule.name} needs per-prompt features (feature_dim = "
+                f"{policy.rule.feature_dim}), which the reference trainer does not provide; use "
+                "feature_dim=0 (the running pass rate only)")
         if config.kl_beta > 0 and ref_model is None:
             raise ValueError("ref_model is required when config.kl_beta > 0")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -308,6 +333,8 @@ class GRPOTrainer:
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
         self.policy = policy
+        self.contextual = bool(getattr(policy, "contextual", False))
+        self.context_fn = contexts
         self.prompts = prompts
         self.reward_fn = reward_fn
         self.evaluator = evaluator
@@ -348,18 +375,22 @@ class GRPOTrainer:
                              add_special_tokens=self.cfg.add_special_tokens, **kw)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
-    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, temperature: float,
-                *, return_entropy: bool = False) -> Completions:
+    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                temperature: float | torch.Tensor, *,
+                return_entropy: bool = False) -> Completions:
         """Sample one completion per prompt row at ``temperature`` (chunked if configured); with
         ``return_entropy`` also the token entropy at ``temperature`` of every sampled position
-        (`Completions.entropy`, from the sampling loop's own logits)."""
+        (`Completions.entropy`, from the sampling loop's own logits). ``temperature``: a float,
+        or a (N,) tensor, row ``i`` sampled (and its entropy measured) at ``temperature[i]``."""
         chunk = self.cfg.rollout_chunk or prompt_ids.shape[0]
         parts = []
         self.model.eval()
         for s in range(0, prompt_ids.shape[0], chunk):
             parts.append(sample(
                 self.model, prompt_ids[s:s + chunk], prompt_mask[s:s + chunk],
-                temperature=temperature, max_new_tokens=self.cfg.max_new_tokens,
+                temperature=(temperature[s:s + chunk] if isinstance(temperature, torch.Tensor)
+                             else temperature),
+                max_new_tokens=self.cfg.max_new_tokens,
                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
                 top_p=self.cfg.rollout_top_p, generator=self.generator,
                 autocast_dtype=torch.bfloat16 if self.cfg.precision == "bf16" else None,
@@ -385,12 +416,14 @@ class GRPOTrainer:
         comp_ids: torch.Tensor,
         comp_mask: torch.Tensor,
         advantages: torch.Tensor,
-        temperature: float,
+        temperature: float | torch.Tensor,
         needs: set[str] | frozenset[str] = frozenset(),
         score_skipped_rows: bool = True,
         loglik_normalization: str = "mean",
     ) -> dict[str, Any]:
-        """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``.
+        """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``
+        (a float, or a (N,) CPU tensor: every log-prob of row ``i``, current, old and reference,
+        at ``temperature[i]``, the temperature that sampled it).
 
         Each epoch accumulates gradients over ``grad_accum_steps`` micro-batches. The first
         epoch's logits are the rollout policy's logits (nothing has been updated yet), so they
@@ -407,6 +440,11 @@ class GRPOTrainer:
                              f"{loglik_normalization!r}")
         cfg = self.cfg
         n = comp_ids.shape[0]
+        if isinstance(temperature, torch.Tensor):
+            from .rollout import check_row_temperatures
+
+            check_row_temperatures(temperature, n)
+            temperature = temperature.cpu()
         total_tokens = max(int(comp_mask.sum()), 1)
         adv_dev = advantages.to(self.device)
         with_kl = self.ref_model is not None and cfg.kl_beta > 0
@@ -460,9 +498,12 @@ class GRPOTrainer:
                 idx = rows.to(self.device)
                 ids, pm, ci, cm = (prompt_ids[idx], prompt_mask[idx], comp_ids[idx],
                                    comp_mask[idx])
+                # the temperature that sampled these rows: the step's T, or each row's own
+                row_t = (temperature[rows] if isinstance(temperature, torch.Tensor)
+                         else temperature)
                 with self._autocast():
                     logits = completion_logits(self.model, ids, pm, ci, cm)
-                logp = token_logprobs(logits, ci, temperature)  # the step's T, as sampled
+                logp = token_logprobs(logits, ci, row_t)
                 if epoch == 0:
                     # on-policy: the first pass's logits are the rollout policy's logits
                     old_logp.append(logp.detach())
@@ -472,7 +513,7 @@ class GRPOTrainer:
                             assert self.ref_model is not None
                             with self._autocast():
                                 ref_logits = completion_logits(self.ref_model, ids, pm, ci, cm)
-                            ref_logp.append(token_logprobs(ref_logits, ci, temperature))
+                            ref_logp.append(token_logprobs(ref_logits, ci, row_t))
                         else:
                             ref_logp.append(None)
                 del logits
@@ -529,19 +570,28 @@ class GRPOTrainer:
             raise ValueError("policy.rule.likelihood_normalization must be 'mean' or 'sum', got "
                              f"{normalization!r}")
 
-        # 1. one temperature for the whole step, from the meta-policy
-        decision = self.policy.select()
-        temperature = float(decision.value)
-        t_select = time.perf_counter() - t0
-
-        # 2. prompts, each repeated group_size times (groups are contiguous), and rollouts at T
-        items = list(self.prompts(self.rng, cfg.prompts_per_step))
+        if self.contextual:
+            # 1'-2'. the prompts first (their keys are the contexts), then one temperature per
+            # prompt group: row j of the batch at np.repeat(batch.values, G)[j]
+            items, decision, t_select = self._select_per_prompt()
+            values = np.asarray(decision.values, dtype=np.float64)
+            row_temperature: float | torch.Tensor = torch.from_numpy(
+                np.repeat(values, cfg.group_size)).float()
+            temperature = float(values.mean())  # the step's summary in the log
+        else:
+            # 1. one temperature for the whole step, from the meta-policy
+            decision = self.policy.select()
+            temperature = float(decision.value)
+            row_temperature = temperature
+            t_select = time.perf_counter() - t0
+            # 2. prompts, each repeated group_size times (groups are contiguous), rollouts at T
+            items = list(self.prompts(self.rng, cfg.prompts_per_step))
         texts = [it.prompt for it in items for _ in range(cfg.group_size)]
         answers = [it.answer for it in items for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = self.encode_prompts(texts)
         with self._autocast():
             # the entropy controllers' feedback comes from the sampling loop's own logits
-            sampled = self.rollout(prompt_ids, prompt_mask, temperature,
+            sampled = self.rollout(prompt_ids, prompt_mask, row_temperature,
                                    return_entropy="entropy" in needs)
         comp_ids, comp_mask = sampled.tokens, sampled.mask
         t_rollout = time.perf_counter() - t0
@@ -559,7 +609,7 @@ class GRPOTrainer:
         diagnostic = self.step_idx in set(cfg.diagnostic_steps)
         score_skipped = diagnostic or not self.policy.rule.zero_advantage_rows_ignored
         opt = self.optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages,
-                            temperature, needs=needs, score_skipped_rows=score_skipped,
+                            row_temperature, needs=needs, score_skipped_rows=score_skipped,
                             loglik_normalization=normalization)
 
         # 5. meta-policy update: only the feedback its rule requires is computed
@@ -583,12 +633,22 @@ class GRPOTrainer:
         t_update = time.perf_counter()
         info = self.policy.update(decision, **feedback)
         t_update = time.perf_counter() - t_update
+        # a likelihood rule's signal diagnostics, every step: they read only the (N, K)
+        # likelihoods and advantages the rule just received (no model call)
+        signal = None
+        if loglik is not None and "advantages" in needs:
+            from metactl.diagnostics import signal_diagnostics
+
+            signal = signal_diagnostics(
+                loglik, feedback["advantages"], self.candidates, row_temperature,
+                cfg.group_size, normalizer=getattr(self.policy.rule, "normalizer", "sparsemax"),
+                tau=getattr(self.policy.rule, "tau", 1.0))
 
         # 6. log everything that changed this step
         record = {
             "step": self.step_idx,
+            # per prompt: the mean of the prompts' temperatures (= the mean over the rows)
             "temperature": temperature,
-            "decision_index": int(decision.index),
             "lr": opt["lr"],
             "reward": float(rewards.mean()),
             "frac_solved_groups": float((rewards.view(-1, cfg.group_size).max(1).values > 0)
@@ -606,17 +666,66 @@ class GRPOTrainer:
             # select + candidate likelihoods + entropy + update: the cost of the meta step
             "meta_seconds": t_select + opt["meta_seconds"] + t_entropy + t_update,
         }
+        if self.contextual:  # which prompt (context key) got which temperature
+            record["contexts"] = [d.context for d in decision]
+            record["temperatures"] = [float(v) for v in decision.values]
+            record["decision_indices"] = [int(i) for i in decision.indices]
+        else:
+            record["decision_index"] = int(decision.index)
         if "entropy" in feedback:
             record["entropy"] = feedback["entropy"]
+        if signal is not None:
+            record["signal"] = signal
         if loglik is not None and diagnostic:
-            self.diagnostics.append({
+            entry = {
                 "step": self.step_idx, "temperature": temperature,
                 "loglik": loglik.tolist(), "advantages": advantages.tolist(),
                 "rewards": rewards.tolist(),
-            })
+            }
+            if self.contextual:
+                entry["temperatures"] = record["temperatures"]
+            self.diagnostics.append(entry)
         self.history.append(record)
         self.step_idx += 1
         return record
+
+    def context_keys(self, items: Sequence[PromptItem]) -> list[int | str]:
+        """The context key of every prompt item (``contexts(item)``, default ``item.context``):
+        an ``int`` or ``str``, stable across steps."""
+        keys: list[int | str] = []
+        for i, item in enumerate(items):
+            if self.context_fn is not None:
+                key = self.context_fn(item)
+            elif hasattr(item, "context"):
+                key = item.context
+            else:
+                raise TypeError(
+                    f"a per-prompt policy needs a context key per prompt: prompt item {i} "
+                    f"({type(item).__name__}) has no 'context' attribute; pass "
+                    "GRPOTrainer(contexts=item -> key) or items with .context")
+            keys.append(key)
+        return keys
+
+    def _select_per_prompt(self) -> tuple[list[PromptItem], Any, float]:
+        """Draw the step's prompts, then one decision per prompt from the per-prompt policy.
+        A failure (no key, a bad key) leaves the prompt source and its RNG as they were."""
+        rng_state = self.rng.bit_generator.state
+        source_state = self._prompt_source_state()
+        try:
+            items = list(self.prompts(self.rng, self.cfg.prompts_per_step))
+            keys = self.context_keys(items)
+            t0 = time.perf_counter()
+            batch = self.policy.select(contexts=keys)
+            return items, batch, time.perf_counter() - t0
+        except Exception:
+            self.rng.bit_generator.state = rng_state
+            if source_state is not None:
+                cast(Any, self.prompts).load_state_dict(source_state)
+            raise
+
+    def _prompt_source_state(self) -> dict | None:
+        state_fn = getattr(self.prompts, "state_dict", None)
+        return state_fn() if callable(state_fn) else None
 
     # -- loop -------------------------------------------------------------------------------
     def evaluate(self) -> None:
@@ -685,6 +794,7 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "policy": self.policy.state_dict(),
+            "prompt_source": self._prompt_source_state(),
             "rng_numpy": self.rng.bit_generator.state,
             "rng_sampling": self.generator.get_state(),
             "rng_torch": torch.get_rng_state(),
@@ -706,10 +816,21 @@ class GRPOTrainer:
         no hash; nothing is restored then.
         """
         state = read_checkpoint(self.checkpoint_path)
+        source = state.get("prompt_source")
+        loader = getattr(self.prompts, "load_state_dict", None)
+        if (source is None) != (self._prompt_source_state() is None) or (
+                source is not None and not callable(loader)):
+            raise ValueError(
+                f"{self.checkpoint_path}: the checkpoint's prompt source "
+                f"{'has' if source is not None else 'has no'} state but this trainer's "
+                f"{'has none' if source is not None else 'has'} (another prompt pool "
+                f"configuration); {CHECKPOINT_ADVICE}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.policy.load_state_dict(state["policy"])
+        if source is not None:
+            cast(Any, self.prompts).load_state_dict(source)
         self.rng.bit_generator.state = state["rng_numpy"]
         self.generator.set_state(state["rng_sampling"].cpu())
         torch.set_rng_state(state["rng_torch"].cpu())
