@@ -66,6 +66,19 @@ def test_steps_and_other_flags_win_over_the_quick_preset():
     assert default.grpo.steps == 150 and default.seeds == (0, 1) and default.workers == 2
 
 
+def test_train_pool_reaches_the_task_and_keeps_the_warmup_key():
+    from metactl.adapters.reference.model import TinyModelConfig
+    from metactl.adapters.reference.sft import WarmupConfig, cache_key
+
+    cfg = config_from_args(build_parser().parse_args(["--quick", "--train-pool", "64"]))
+    assert cfg.task.train_pool == 64
+    default = config_from_args(build_parser().parse_args(["--quick"]))
+    assert default.task.train_pool == 0
+    # the pool only picks RL prompts: the cached warm-up is shared
+    assert cache_key(cfg.task, TinyModelConfig(), WarmupConfig()) == cache_key(
+        default.task, TinyModelConfig(), WarmupConfig())
+
+
 BAD_VALUES = [
     (["--steps", "0"], "--steps"), (["--steps", "-5"], "--steps"), (["--steps", "abc"], "--steps"),
     (["--seeds", "0"], "--seeds"), (["--seeds", "-2"], "--seeds"),
@@ -78,6 +91,7 @@ BAD_VALUES = [
     (["--kl-beta", "-0.1"], "--kl-beta"), (["--kl-beta", "inf"], "--kl-beta"),
     (["--max-prompt-len", "-1"], "--max-prompt-len"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
+    (["--train-pool", "-1"], "--train-pool"),
     (["--eval-n", "0"], "--eval-n"), (["--eval-n", "5000"], "--eval-n"),  # > held-out problems
     (["--eval-k", "0"], "--eval-k"),
     (["--eval-temperature", "-0.5"], "--eval-temperature"),
@@ -135,6 +149,8 @@ UNUSED_BY_PRESET = [
     (["--preset", "paper", "--model", "m", "--data", "d.jsonl", "--cache-dir", "c"],
      "--cache-dir"),
     (["--preset", "paper", "--model", "m", "--data", "d.jsonl", "--workers", "2"], "--workers"),
+    (["--preset", "paper", "--model", "m", "--data", "d.jsonl", "--train-pool", "8"],
+     "--train-pool"),
     (["--preset", "paper", "--model", "m", "--data", "d.jsonl", "--eval-data", "a=b.jsonl",
       "--eval-size", "5"], "--eval-size"),
     (["--preset", "paper", "--model", "m", "--data", "d.jsonl", "--eval-data", "=b.jsonl"],

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-beta", type=_finite_float(at_least=0))
     g.add_argument("--max-new-tokens", type=pos,
                    help="paper preset only (the cpu task fixes its completion length)")
+    g.add_argument("--train-pool", type=_int_at_least(0), default=None,
+                   help="cpu preset: train on a fixed, cycled pool of this many problems (keyed "
+                        "by pool index, so per-prompt rules such as ptgs see prompts recur); "
+                        "default 0: a fresh problem every time, keyed by chain length")
     g.add_argument("--max-prompt-len", type=_int_at_least(0), help="0: no truncation")
     g.add_argument("--checkpoint-every", type=_int_at_least(0), help="0: no checkpoints")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -234,6 +238,9 @@ def _refuse_unused(args: argparse.Namespace) -> None:
                                        "completion length)")}
     else:
         unused = {"--quick": (args.quick, "is a cpu-preset option"),
+                  "--train-pool": (args.train_pool is not None,
+                                   "is a cpu-preset option (the paper preset keys prompts by "
+                                   "their index in --data)"),
                   "--cache-dir": (args.cache_dir is not None,
                                   "is a cpu-preset option (the paper preset has no warm-up)"),
                   "--workers": (args.workers is not None and args.workers != 1,
@@ -276,7 +283,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                 controllers=controllers, seeds=seeds,
                 workers=CPU_WORKERS if args.workers is None else args.workers,
                 threads_per_worker=args.threads, cache_dir=args.cache_dir, grpo=grpo,
-                eval_overrides=ev,
+                eval_overrides=ev, train_pool=args.train_pool or 0,
             )
             check_eval_sizes(cfg)
         except ValueError as exc:

@@ -36,7 +36,7 @@ def cpu_config(
     *, quick: bool = False, out: str = "runs/reproduce", controllers: tuple[str, ...] = PAPER_ARMS,
     seeds: tuple[int, ...] | None = None, workers: int = 2, cache_dir: str | None = None,
     grpo: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
-    steps: int | None = None, threads_per_worker: int = 1,
+    steps: int | None = None, threads_per_worker: int = 1, train_pool: int = 0,
 ) -> ReproduceConfig:
     """The CPU-scale reproduction (full or ``quick``), with optional overrides.
 
@@ -53,7 +53,7 @@ def cpu_config(
         if grpo.get("steps") is not None and grpo["steps"] != steps:
             raise ValueError(f"steps={steps} and grpo['steps']={grpo['steps']} disagree")
         grpo["steps"] = steps
-    task = ChainTask()
+    task = ChainTask(train_pool=train_pool)
     base_grpo = GRPOConfig(
         steps=150 if quick else 400,
         prompts_per_step=16, group_size=8, grad_accum_steps=1, ppo_epochs=1,

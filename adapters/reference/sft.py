@@ -86,8 +86,10 @@ def cache_key(task: ChainTask, model_cfg: TinyModelConfig, cfg: WarmupConfig) ->
     """Stable hash of everything that determines the warm-up checkpoint."""
     import transformers
 
+    task_fields = task.to_dict()
+    task_fields.pop("train_pool", None)  # the pool picks RL prompts; the warm-up never sees it
     blob = json.dumps(
-        {"task": task.to_dict(), "model": model_cfg.to_dict(), "warmup": dataclasses.asdict(cfg),
+        {"task": task_fields, "model": model_cfg.to_dict(), "warmup": dataclasses.asdict(cfg),
          "alphabet": ALPHABET, "format": WARMUP_FORMAT, "torch": torch.__version__.split("+")[0],
          "transformers": transformers.__version__},
         sort_keys=True, default=list,
