@@ -7,8 +7,15 @@ Compares :func:`metactl.likelihood.candidate_loglik` (K = 10 temperatures 0.6..1
   trainer already pays to score its batch at the sampling temperature.
 
 On CUDA, ``candidate_loglik`` defaults to its fused Triton kernel; the table then also shows
-the eager chunked path (``fused=False``). All positions are masked (no padding), so no method
-saves work by skipping positions.
+the eager chunked path (``fused=False``).
+
+A second table times every other likelihood family at K = 10 on the same logits, against the
+same single pass: temperatures under a fixed truncation (``top_p=0.9``, ``top_k=50``,
+``min_p=0.1``, and all three), the ``min_p``, ``top_p`` and ``top_k`` families (the candidates
+are that knob's values, at T = 1), and a joint 5 x 2 grid over (T, top_p); each with its
+maximum error against a dense float64 reference built from HF's own logits warpers on the
+first 64 positions (``--skip-families`` leaves the table out). All positions are masked (no
+padding), so no method saves work by skipping positions.
 
 Times are medians over ``--repeats`` interleaved runs after one warm-up (``--threads`` torch
 CPU threads for every method). Peak extra memory (over the resident logits) is measured per
@@ -17,7 +24,9 @@ method, as the peak resident set size (``VmHWM``, reset through ``/proc/self/cle
 minus the resident size just before the call, after a small warm-up call (steady state) and
 with glibc's mmap threshold fixed at 128 KiB so that freed buffers leave the resident set.
 RSS is page-granular and includes thread stacks, so expect a few KiB of noise. Targets
-(issue 2): >= 3.5x faster than naive, <= 3x the single pass, peak extra memory <= one chunk.
+(issue 2): >= 3.5x faster than naive, <= 3x the single pass, peak extra memory <= one chunk;
+(issue 12): temperatures under a fixed truncation <= 3x the single pass; top-p and top-k (a
+selection or a sort per position) as measured.
 
 Usage::
 
@@ -36,13 +45,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from metactl.knobs import grid
 from metactl.likelihood import candidate_loglik, default_chunk_size
 
 CANDIDATES = [round(0.6 + 0.1 * i, 1) for i in range(10)]
 SAMPLING_T = 1.0
+EPSILON = 1e-3
+# name: (label, candidates, family, fixed knobs); K = 10 each
+FAMILIES: dict[str, tuple[str, Any, str | None, dict[str, Any]]] = {
+    "t_top_p": ("T x10 | top_p=0.9", CANDIDATES, "temperature", {"top_p": 0.9}),
+    "t_top_k": ("T x10 | top_k=50", CANDIDATES, "temperature", {"top_k": 50}),
+    "t_min_p": ("T x10 | min_p=0.1", CANDIDATES, "temperature", {"min_p": 0.1}),
+    "t_all": ("T x10 | top_k=50,top_p=0.9,min_p=0.1", CANDIDATES, "temperature",
+              {"top_k": 50, "top_p": 0.9, "min_p": 0.1}),
+    "min_p": ("min_p x10 (T=1)", [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5],
+              "min_p", {}),
+    "top_p": ("top_p x10 (T=1)", [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.95, 0.98, 1.0],
+              "top_p", {}),
+    "top_k": ("top_k x10 (T=1)", [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], "top_k", {}),
+    "joint": ("grid T x5 * top_p x2", grid(temperature=[0.6, 0.8, 1.0, 1.2, 1.4],
+                                           top_p=[0.9, 1.0]), None, {}),
+}  # fmt: skip
 METHODS = ("single", "naive", "metactl")
 CUDA_METHODS = (*METHODS, "eager")  # on CUDA, metactl defaults to the fused Triton kernel
 DIST = (
@@ -113,10 +140,51 @@ def method_fn(
         return naive
     if name == "single":
         return single
+    if name in FAMILIES:
+        _, cands, family, fixed = FAMILIES[name]
+        return lambda lg, tk, mk: candidate_loglik(
+            lg, tk, mk, cands, family, **fixed, chunk_size=chunk
+        )
     fused = False if name == "eager" else None
     return lambda lg, tk, mk: candidate_loglik(
         lg, tk, mk, CANDIDATES, chunk_size=chunk, fused=fused
     )
+
+
+def family_error(
+    name: str, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> float:
+    """Max |metactl - dense reference| over the first 64 positions of the first row: the
+    dense reference applies HF's logits warpers in ``generate``'s order per candidate
+    (float64) and smooths with epsilon."""
+    from transformers.generation import logits_process as lp
+
+    _, cands, family, fixed = FAMILIES[name]
+    knob = {"temperature": "temperature", "min_p": "min_p", "top_p": "top_p", "top_k": "top_k"}
+    settings = list(cands) if family is None else [{**fixed, knob[family]: c} for c in cands]
+    lg, tk, mk = logits[:1, :64], tokens[:1, :64], mask[:1, :64]
+    ours = candidate_loglik(lg, tk, mk, cands, family, **fixed).double().cpu()
+    z = lg[0].double().cpu()
+    cols = []
+    for cfg in settings:
+        scores = z / cfg.get("temperature", 1.0)
+        full = scores.log_softmax(-1)
+        if cfg.get("top_k") is not None:
+            scores = lp.TopKLogitsWarper(cfg["top_k"])(None, scores)
+        if cfg.get("top_p", 1.0) < 1.0:
+            scores = lp.TopPLogitsWarper(cfg["top_p"])(None, scores)
+        if cfg.get("min_p", 0.0) > 0.0:
+            scores = lp.MinPLogitsWarper(cfg["min_p"])(None, scores)
+        truncated = any(
+            (cfg.get("top_k") is not None, cfg.get("top_p", 1.0) < 1.0, cfg.get("min_p", 0.0) > 0)
+        )
+        if truncated:
+            q = (1 - EPSILON) * scores.softmax(-1) + EPSILON * full.exp()
+            logq = q.log()
+        else:
+            logq = full
+        cols.append(logq.gather(-1, tk[0].cpu().unsqueeze(-1)).mean())
+    return float((ours[0] - torch.stack(cols)).abs().max())
 
 
 def sync(device: str) -> None:
@@ -196,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="positions per chunk")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--skip-memory", action="store_true", help="do not measure memory")
-    p.add_argument("--measure-memory", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--skip-families", action="store_true", help="only the temperature family")
+    p.add_argument("--measure-memory", choices=(*METHODS, *FAMILIES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure_memory:
         measure_memory_child(args)
@@ -230,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'; eager path only' if device.startswith('cuda') else ''})")  # fmt: skip
 
     methods = CUDA_METHODS if device.startswith("cuda") else METHODS
+    families = () if args.skip_families else tuple(FAMILIES)
+    methods = (*methods, *families)
     fns = {name: method_fn(name, args.chunk_size) for name in methods}
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.no_grad():
@@ -262,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     header += f"{'peak extra MiB':>16}"
     print(header)
     print("-" * len(header))
+    base_methods = [name for name in methods if name not in FAMILIES]
     labels = {
         "single": "single log_softmax (1 T)",
         "naive": f"naive {len(CANDIDATES)} x log_softmax",
@@ -270,12 +342,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     if device.startswith("cuda"):
         labels["metactl"] += " (fused)"
-    for name in methods:
+    for name in base_methods:
         m = mem.get(name)
         mem_s = "n/a" if m is None else f"{m / 2**20:.1f}"
         rel = med[name] / med["single"]
         print(f"{labels[name]:<34}{med[name]:>10.3f}{min(times[name]):>9.3f}"
               f"{max(times[name]):>9.3f}{rel:>10.2f}x{mem_s:>16}")  # fmt: skip
+    if families:
+        print()
+        print(f"every family at K = 10, epsilon = {EPSILON:g} (max err: vs dense HF-warper "
+              "reference, first 64 positions)")  # fmt: skip
+        fam_header = f"{'family':<40}{'median s':>10}{'vs single':>11}{'peak extra MiB':>16}"
+        fam_header += f"{'chunks':>8}{'max err':>10}"
+        print(fam_header)
+        print("-" * len(fam_header))
+        for name in families:
+            m = mem.get(name)
+            mem_s = "n/a" if m is None else f"{m / 2**20:.1f}"
+            chunks_s = "n/a" if m is None else f"{m / chunk_bytes:.2f}"
+            err = family_error(name, logits, tokens, mask)
+            rel = med[name] / med["single"]
+            print(f"{FAMILIES[name][0]:<40}{med[name]:>10.3f}{rel:>10.2f}x{mem_s:>16}"
+                  f"{chunks_s:>8}{err:>10.1e}")  # fmt: skip
+        worst = max(med[n] / med["single"] for n in families if n.startswith("t_"))
+        print(f"temperature under a fixed truncation: at most {worst:.2f}x the single pass "
+              f"(target <= 3x: {'met' if worst <= 3.0 else 'MISSED'}); top-p / top-k as "
+              "measured")  # fmt: skip
     print()
     speedup = med["naive"] / med["metactl"]
     vs_single = med["metactl"] / med["single"]

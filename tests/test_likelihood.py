@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import metactl.likelihood as lk  # noqa: E402
+import metactl.likelihood._torch as lk  # noqa: E402
 from metactl.likelihood import (  # noqa: E402
     candidate_loglik,
     default_chunk_size,
@@ -477,7 +477,7 @@ def test_candidate_loglik_rejects_bad_input(build, exc, match, as_numpy):
 @pytest.mark.parametrize(
     ("extra", "exc", "match"),
     [
-        ({"family": "top_k"}, ValueError, "family"),
+        ({"family": "top_n"}, ValueError, "family"),
         ({"family": 3}, TypeError, "family"),
         ({"family": "min_p", "candidates": [0.0, 1.0]}, ValueError, "candidates"),
         ({"family": "min_p", "candidates": [-0.1, 0.5]}, ValueError, "candidates"),
@@ -686,6 +686,13 @@ def test_default_chunk_size():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(lk, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3
-    assert result.failed == 0
+    import metactl.knobs
+    import metactl.likelihood
+    import metactl.likelihood._checks
+
+    attempted = 0
+    for module in (metactl.likelihood, metactl.likelihood._checks, lk, metactl.knobs):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 8

@@ -1,0 +1,256 @@
+"""Sampling families: which distribution each candidate samples from, and its exact math.
+
+Every candidate ``k`` is a full sampler setting ``(T_k, top_k_k, top_p_k, min_p_k)``; a
+*family* says which of these the candidates vary (the others are held at fixed values):
+
+* ``"temperature"``: the candidates are temperatures; ``top_k``, ``top_p``, ``min_p`` fixed;
+* ``"min_p"`` / ``"top_p"`` / ``"top_k"``: the candidates are that knob's values, at a fixed
+  temperature (and the other truncations fixed);
+* ``"joint"``: the candidates are mappings of knob values (:func:`metactl.knobs.grid`).
+
+Order of operations (the sampler's own). HF ``generate`` (transformers 5.x,
+``_get_logits_processor``) applies temperature, then top-k, then top-p, then min-p; each
+truncation renormalises what is left, so top-p's cumulative mass is that of the top-k
+survivors. vLLM's v1 sampler applies temperature, then min-p (an "argmax-invariant logits
+processor"), then top-k and top-p (``apply_top_k_top_p``: top-k, then top-p on the top-k
+survivors). Top-k and min-p commute with each other (a rank and a ratio to the maximum), so the
+two orders differ only when top-p and min-p are both active: vLLM's top-p then measures mass
+among the min-p survivors. ``order="hf"`` (default) or ``order="vllm"`` selects one.
+
+Kept sets (every one a prefix of the tokens sorted by logit, ties kept together):
+
+* top-k: tokens whose logit is ``>=`` the ``k``-th largest logit, ties at the boundary kept,
+  exactly as HF's ``TopKLogitsWarper`` and vLLM (``scores < kth`` is removed); ``k >= V`` keeps
+  everything (HF clips ``k`` to ``V``).
+* top-p: token ``v`` is kept when the probability mass of the tokens strictly more likely than
+  ``v`` (among the survivors of the previous truncations) is ``< top_p`` times that survivors'
+  mass. The most likely token is always kept. HF and vLLM sort and remove the tokens whose
+  ascending cumulative probability is ``<= 1 - top_p``; that is the same set when no tie
+  straddles the boundary. When tokens tie *at* the boundary, HF/vLLM keep a prefix of the tie
+  in their sort's (unspecified) order; here the whole tie is kept (a superset of theirs, and
+  independent of sort order).
+* min-p: ``p_v >= min_p * max(p)`` (HF ``MinPLogitsWarper``, vLLM), evaluated on
+  ``p_v / max(p) = exp((z_v - max z) / T)`` in float32 (torch) or float64 (NumPy).
+
+The membership tests are evaluated in floating point: a token whose cumulative mass or
+probability ratio ties the threshold to rounding may fall on either side, as in the samplers.
+
+Smoothing: a sampled token outside the kept set has probability 0 under the truncated
+distribution (log-likelihood ``-inf``), so each truncated candidate is scored under
+``q = (1 - epsilon) * p_trunc + epsilon * p`` with ``p = softmax(z / T)`` and ``p_trunc`` the
+renormalised restriction of ``p`` to the kept set (as the ``min_p`` family always did). A
+candidate with no active truncation is scored under ``p`` itself, exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._validation import candidate_values
+from ..knobs import KNOBS, KnobGrid, check_knob, joint_candidates, knob_values
+
+__all__ = ["FAMILIES", "ORDERS", "CandidateSpec", "build_spec", "numpy_logq"]
+
+#: Sampling families understood by :func:`metactl.likelihood.candidate_loglik`.
+FAMILIES: tuple[str, ...] = ("temperature", "min_p", "top_p", "top_k", "joint")
+#: Orders of operations: HF ``generate`` or vLLM's sampler (see the module docstring).
+ORDERS: tuple[str, ...] = ("hf", "vllm")
+
+_FAMILY_KNOB = {"temperature": "temperature", "min_p": "min_p", "top_p": "top_p", "top_k": "top_k"}
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """Every candidate's full sampler setting: arrays of length ``K``.
+
+    ``top_k = 0`` means off (keep all), ``top_p = 1`` and ``min_p = 0`` likewise.
+    """
+
+    family: str
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    min_p: np.ndarray
+    order: str
+
+    @property
+    def size(self) -> int:
+        return int(self.temperature.size)
+
+    def truncated(self) -> np.ndarray:
+        """``(K,)`` bool: candidate ``k`` has an active truncation."""
+        return (self.top_k > 0) | (self.top_p < 1.0) | (self.min_p > 0.0)
+
+    def is_pure(self, family: str) -> bool:
+        """True when only ``family``'s own knob varies and no other truncation is active
+        (the cases with dedicated fast paths: plain temperature, plain min-p)."""
+        if self.family != family:
+            return False
+        if family == "temperature":
+            return not bool(self.truncated().any())
+        if family == "min_p":
+            return bool(np.all(self.top_k == 0) and np.all(self.top_p == 1.0))
+        return False
+
+
+def _fixed(knob: str, value: object) -> Any:
+    """A fixed (non-candidate) knob value; ``None`` for top_k means off."""
+    if knob == "top_k" and value is None:
+        return 0
+    return check_knob(knob, value, knob)
+
+
+def build_spec(
+    candidates: object,
+    family: str | None,
+    *,
+    temperature: object,
+    top_p: object,
+    top_k: object,
+    min_p: object,
+    order: object,
+    to_numpy: Any,
+) -> CandidateSpec:
+    """Validate the candidates and the fixed knobs; returns every candidate's setting."""
+    if order not in ORDERS:
+        if not isinstance(order, str):
+            raise TypeError(f"order must be a str, one of {list(ORDERS)}, got "
+                            f"{type(order).__name__}")  # fmt: skip
+        raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+    is_joint = isinstance(candidates, KnobGrid) or (
+        isinstance(candidates, (list, tuple))
+        and any(isinstance(c, dict) or hasattr(c, "keys") for c in candidates)
+    )
+    if family is None:
+        family = "joint" if is_joint else "temperature"
+    if not isinstance(family, str):
+        raise TypeError(f"family must be a str, one of {FAMILIES}, got {type(family).__name__}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if is_joint and family != "joint":
+        raise ValueError(f"candidates are knob mappings (a joint grid), so family must be "
+                         f"'joint' or None, got family={family!r}")  # fmt: skip
+
+    fixed = {
+        "temperature": _fixed("temperature", temperature),
+        "top_p": _fixed("top_p", top_p),
+        "top_k": _fixed("top_k", top_k),
+        "min_p": _fixed("min_p", min_p),
+    }
+    off = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+    if family == "joint":
+        cand_grid = joint_candidates(candidates)
+        varied = cand_grid.knobs
+        k = len(cand_grid)
+        columns = {knob: cand_grid.column(knob) for knob in varied}
+    else:
+        knob = _FAMILY_KNOB[family]
+        varied = (knob,)
+        if knob == "top_k":
+            # the raw values, so that a bool or a float among ints is seen as such
+            values = knob_values("top_k", candidates, "candidates", minimum=2)
+        else:
+            values = candidate_values(to_numpy(candidates, "candidates"), knob)
+        k = values.size
+        columns = {knob: values}
+    for knob in varied:
+        if fixed[knob] != off[knob]:
+            default = None if knob == "top_k" else off[knob]
+            raise ValueError(
+                f"{knob}={fixed[knob]!r} conflicts with the candidates, which set {knob} "
+                f"themselves (family={family!r}); leave {knob} at its default ({default!r})"
+            )
+    arrays = {}
+    for knob in KNOBS:
+        if knob in columns:
+            arrays[knob] = np.asarray(columns[knob], dtype=np.int64 if knob == "top_k" else None)
+        else:
+            arrays[knob] = np.full(k, fixed[knob], dtype=np.int64 if knob == "top_k" else None)
+    return CandidateSpec(
+        family=family,
+        temperature=arrays["temperature"].astype(np.float64),
+        top_k=arrays["top_k"].astype(np.int64),
+        top_p=arrays["top_p"].astype(np.float64),
+        min_p=arrays["min_p"].astype(np.float64),
+        order=str(order),
+    )
+
+
+def temperature_groups(spec: CandidateSpec) -> list[tuple[float, list[int]]]:
+    """Candidates grouped by temperature (first-appearance order): one ``exp`` pass each."""
+    groups: dict[float, list[int]] = {}
+    for j, t in enumerate(spec.temperature.tolist()):
+        groups.setdefault(t, []).append(j)
+    return list(groups.items())
+
+
+def numpy_logq(
+    z: np.ndarray, toks: np.ndarray, spec: CandidateSpec, eps: float
+) -> np.ndarray:
+    """``(c, K)`` float64 ``log q_k(toks | z)`` for a chunk of logit rows ``z`` (``(c, V)``,
+    finite except ``-inf`` off the sampled token), every candidate of ``spec``."""
+    c, vocab = z.shape
+    rows = np.arange(c)
+    m = z.max(axis=1, keepdims=True)
+    u = z - m  # <= 0, max exactly 0
+    u_o = u[rows, toks]
+    z_o = z[rows, toks]
+    truncated = spec.truncated()
+    if truncated.any():
+        # descending by logit; the order does not depend on T (T > 0)
+        order = np.argsort(-z, axis=1, kind="stable")
+        zs = np.take_along_axis(z, order, axis=1)
+        new_group = np.ones_like(zs, dtype=bool)
+        new_group[:, 1:] = zs[:, 1:] != zs[:, :-1]
+        first = np.maximum.accumulate(np.where(new_group, np.arange(vocab), 0), axis=1)
+    out = np.empty((c, spec.size))
+    for temp, members in temperature_groups(spec):
+        e = np.exp(u / temp)  # p / p_max
+        total = np.maximum(e.sum(axis=1), 1.0)
+        logp_o = u_o / temp - np.log(total)
+        if not truncated[members].any():
+            out[:, members] = logp_o[:, None]
+            continue
+        ws = np.take_along_axis(e, order, axis=1)
+        cum = np.cumsum(ws, axis=1)
+        above = np.take_along_axis(cum - ws, first, axis=1)  # mass strictly more likely
+        for j in members:
+            if not truncated[j]:
+                out[:, j] = logp_o
+                continue
+            n = _kept_count_numpy(zs, ws, cum, above, spec, j)
+            kept_mass = cum[rows, n - 1]
+            kept_o = z_o >= zs[rows, n - 1]
+            frac = np.minimum(kept_mass / total, 1.0)
+            ratio = np.where(kept_o, (1.0 - eps) / frac + eps, eps)
+            out[:, j] = np.minimum(logp_o + np.log(ratio), 0.0)
+    return out
+
+
+def _kept_count_numpy(
+    zs: np.ndarray,
+    ws: np.ndarray,
+    cum: np.ndarray,
+    above: np.ndarray,
+    spec: CandidateSpec,
+    j: int,
+) -> np.ndarray:
+    """Length of candidate ``j``'s kept prefix (in ``[1, V]``) for each row."""
+    c, vocab = zs.shape
+    rows = np.arange(c)
+    full = np.full(c, vocab)
+    k = int(spec.top_k[j])
+    n_k = full if k == 0 else (zs >= zs[:, min(k, vocab) - 1 : min(k, vocab)]).sum(axis=1)
+    mp = float(spec.min_p[j])
+    n_mp = full if mp == 0.0 else (ws >= mp).sum(axis=1)
+    p = float(spec.top_p[j])
+    if p == 1.0:
+        return np.minimum(n_k, n_mp)
+    base = n_k if spec.order == "hf" else np.minimum(n_k, n_mp)
+    base_mass = cum[rows, base - 1]
+    n_p = (above < p * base_mass[:, None]).sum(axis=1)
+    return np.minimum(np.minimum(n_k, n_mp), n_p)
