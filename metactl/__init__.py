@@ -14,8 +14,9 @@ The core needs numpy and scipy only; ``metactl.likelihood`` uses torch when give
 and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[gym]``, ...).
 """
 
-from . import contexts, distributed, likelihood
+from . import contexts, diagnostics, distributed, knobs, likelihood
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
+from .knobs import KnobGrid, grid
 from .policy import (
     PAPER_TEMPERATURES,
     SCHEMA_VERSION,
@@ -68,6 +69,7 @@ __all__ = [
     "Fixed",
     "Greedy",
     "Hedge",
+    "KnobGrid",
     "LinearThompson",
     "MetaGradient",
     "MetaPolicy",
@@ -82,7 +84,10 @@ __all__ = [
     "__version__",
     "candidate_advantages",
     "contexts",
+    "diagnostics",
     "distributed",
+    "grid",
+    "knobs",
     "likelihood",
     "linear_thompson",
     "minmax_probs",
