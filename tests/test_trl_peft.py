@@ -127,6 +127,9 @@ def test_lora_every_pass_scores_at_the_sampling_temperature_and_fast_equals_exac
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
 
 
+# the tiny model ties its head to the embeddings; PEFT warns that a saved copy of a tied head
+# breaks the tie when merging, which this test (what the fast path scores with) does not do
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
 def test_trained_copy_of_the_lm_head_is_what_the_fast_path_scores_with(model_path, tmp_path):
     """``modules_to_save=["lm_head"]``: PEFT wraps the head and trains a copy of it (TRL refuses
     a LoRA layer on the head itself). Generation samples from the trained copy, so the fast path
@@ -145,7 +148,8 @@ def test_trained_copy_of_the_lm_head_is_what_the_fast_path_scores_with(model_pat
     assert type(head).__name__ == "ModulesToSaveWrapper"
     trainer.train()
     original = head.original_module.weight
-    assert float((head.weight - original).abs().max()) > 1e-3, "the head copy did not train"
+    trained = float((head.weight - original).detach().abs().max())
+    assert trained > 1e-3, "the head copy did not train"
     assert [used for used, _, _ in trainer.comparisons] == ["generate"] * 4
     assert all(diff < 1e-5 and tokens > 0 for _, diff, tokens in trainer.comparisons)
 

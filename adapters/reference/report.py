@@ -235,7 +235,8 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
         ax.set_xlabel("GRPO step")
         ax.set_ylabel(f"Avg {METRICS[m].split(' (')[0]} (%)")
         ax.set_title(f"learning curves: {METRICS[m]}", fontsize=9)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # no curve points: nothing to name
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=110)
     plt.close(fig)
