@@ -3,7 +3,6 @@ hyperparameter, with ``select()`` once per rollout batch and ``update()`` from i
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, overload
@@ -11,8 +10,17 @@ from typing import Any, overload
 import numpy as np
 
 from . import _validation as check
+from ._feedback import FEEDBACK_NAMES, ROW_FEEDBACK, validate_feedback
+from ._state import (
+    MAX_STEP,
+    SCHEMA_VERSION,
+    check_new_state,
+    check_state_header,
+    float64_guard,
+    state_from_json,
+    state_to_json,
+)
 from .contexts import (
-    DEFAULT_MAX_CONTEXTS,
     ContextRows,
     ContextStore,
     ContextualRule,
@@ -21,8 +29,7 @@ from .contexts import (
     decision_arrays,
 )
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
-from .rules import PTGS, RULES, TAMPO, ContextualTAMPO, LinearThompson, Rule
-from .rules.base import Feedback, RuleState
+from .rules import RULES, Rule
 from .selectors import SELECTORS, Greedy, Nucleus, Sample, Selector
 
 __all__ = [
@@ -37,102 +44,7 @@ __all__ = [
     "tampo_per_prompt",
 ]
 
-SCHEMA_VERSION = 1
-# Steps (and the counts that sum to them) stay below 2**53, where float64 counts are exact.
-MAX_STEP = 2**53
 PAPER_TEMPERATURES: tuple[float, ...] = tuple(round(0.6 + 0.1 * i, 1) for i in range(10))
-FEEDBACK_NAMES = (
-    "loglik",
-    "advantages",
-    "reward",
-    "entropy",
-    "vocab_size",
-    "rewards",
-    "group_size",
-)
-_STATE_KEYS = {
-    "schema_version",
-    "hyperparameter",
-    "candidates",
-    "rule",
-    "selector",
-    "seed",
-    "step",
-    "rule_state",
-    "rng",
-}
-_ROW_FEEDBACK = ("loglik", "advantages", "rewards")  # one entry (row) per trajectory
-
-
-def _validate_feedback(feedback: dict[str, Any], k: int) -> Feedback:
-    """Check every feedback value given (needed by the rule or not) and convert it."""
-    unknown = sorted(set(feedback) - set(FEEDBACK_NAMES))
-    if unknown:
-        raise TypeError(f"unknown feedback {unknown}; accepted names are {list(FEEDBACK_NAMES)}")
-    out: Feedback = {}
-    if "loglik" in feedback:
-        loglik = check.finite_array(feedback["loglik"], "loglik", ndim=2)
-        if loglik.shape[1] != k:
-            raise ValueError(f"loglik must have shape (N, K={k}), got {loglik.shape}")
-        out["loglik"] = loglik
-    if "advantages" in feedback:
-        advantages = check.finite_array(feedback["advantages"], "advantages", ndim=1)
-        if "loglik" in out and advantages.shape[0] != out["loglik"].shape[0]:
-            raise ValueError(
-                f"advantages has {advantages.shape[0]} entries but loglik has "
-                f"{out['loglik'].shape[0]} rows: one advantage per trajectory"
-            )
-        out["advantages"] = advantages
-    if "reward" in feedback:
-        out["reward"] = check.finite_scalar(feedback["reward"], "reward")
-    if "rewards" in feedback:  # one reward per trajectory, rows in the order of ``loglik``
-        rewards = check.finite_array(feedback["rewards"], "rewards", ndim=1)
-        if "loglik" in out and rewards.shape[0] != out["loglik"].shape[0]:
-            raise ValueError(
-                f"rewards has {rewards.shape[0]} entries but loglik has "
-                f"{out['loglik'].shape[0]} rows: one reward per trajectory"
-            )
-        out["rewards"] = rewards
-    if "group_size" in feedback:  # completions per prompt; groups are consecutive rows
-        out["group_size"] = check.integer(feedback["group_size"], "group_size", minimum=1)
-    if "entropy" in feedback:
-        out["entropy"] = check.positive_scalar(feedback["entropy"], "entropy", allow_zero=True)
-    if "vocab_size" in feedback:
-        out["vocab_size"] = check.integer(feedback["vocab_size"], "vocab_size", minimum=2)
-    return out
-
-
-def _state_to_json(state: RuleState) -> dict[str, Any]:
-    return {
-        key: value.tolist() if isinstance(value, np.ndarray) else value
-        for key, value in state.items()
-    }
-
-
-def _state_from_json(data: Any, template: RuleState) -> RuleState:
-    """Convert ``state_dict['rule_state']`` to the rule's types: the template's keys, float64
-    arrays of the template's shapes and finite floats, every entry finite."""
-    if not isinstance(data, dict) or set(data) != set(template):
-        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"state_dict['rule_state'] must have keys {sorted(template)}, got {got}")
-    out: RuleState = {}
-    for key, like in template.items():
-        name = f"state_dict['rule_state'][{key!r}]"
-        if isinstance(like, np.ndarray):
-            value = check.finite_array(data[key], name, ndim=1)
-            if value.shape != like.shape:
-                raise ValueError(f"{name} must have shape {like.shape}, got {value.shape}")
-            out[key] = value
-        else:
-            out[key] = check.finite_scalar(data[key], name)
-    return out
-
-
-def _json_equal(value: Any, mine: Any, name: str) -> bool:
-    try:
-        return bool(json.loads(json.dumps(value)) == json.loads(json.dumps(mine)))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(f"{name} is not JSON data: {exc}") from exc
 
 
 class MetaPolicy:
@@ -429,37 +341,15 @@ class MetaPolicy:
         missing = [name for name in self._rule.requires if name not in feedback]
         if missing:
             raise ValueError(f"{self._rule.name} needs feedback {missing} (got {sorted(feedback)})")
-        checked = _validate_feedback(feedback, self._candidates.shape[0])
+        checked = validate_feedback(feedback, self._candidates.shape[0])
         if self._step + 1 >= MAX_STEP:
             raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
         # Floating-point overflow or an invalid operation anywhere in the update (feedback near
         # the float64 limit) raises instead of leaving inf/NaN in the state; the new state is
         # checked like a loaded one, and assigned only when it passes.
-        try:
-            with np.errstate(over="raise", invalid="raise", divide="raise"):
-                new_state, signal = self._rule.update(
-                    self._state, self._candidates, decision, checked
-                )
-        except FloatingPointError as exc:
-            raise ValueError(
-                f"{self._rule.name} update overflows float64 ({exc}); the feedback is too large "
-                "in magnitude (rescale it); the policy is unchanged"
-            ) from exc
-        if signal is not None and not np.all(np.isfinite(signal)):
-            raise ValueError(f"{self._rule.name} update gave a non-finite signal; policy unchanged")
-        for key, value in new_state.items():
-            if not np.all(np.isfinite(value)):
-                raise ValueError(
-                    f"{self._rule.name} update would leave a non-finite rule_state[{key!r}] "
-                    "(feedback too large in magnitude); the policy is unchanged"
-                )
-        try:
-            self._rule.validate_state(new_state, self._candidates, self._step + 1)
-        except ValueError as exc:
-            raise ValueError(
-                f"{self._rule.name} update would leave an invalid state ({exc}); "
-                "the policy is unchanged"
-            ) from exc
+        with float64_guard(self._rule.name):
+            new_state, signal = self._rule.update(self._state, self._candidates, decision, checked)
+        check_new_state(self._rule, new_state, signal, self._candidates, self._step + 1)
         self._state = new_state
         self._step += 1
         return UpdateInfo(step=decision.step, probs=self.probs, candidate_advantages=signal)
@@ -492,9 +382,9 @@ class MetaPolicy:
         missing = [name for name in rule.requires if name not in feedback]
         if missing:
             raise ValueError(f"{rule.name} needs feedback {missing} (got {sorted(feedback)})")
-        checked = _validate_feedback(feedback, k)
+        checked = validate_feedback(feedback, k)
         n = 1 if keys is None else len(keys)
-        row_counts = {name: checked[name].shape[0] for name in _ROW_FEEDBACK if name in checked}
+        row_counts = {name: checked[name].shape[0] for name in ROW_FEEDBACK if name in checked}
         if not row_counts:
             raise ValueError(f"{rule.name} needs per-row feedback {list(rule.requires)}")
         if len(set(row_counts.values())) != 1:
@@ -544,33 +434,23 @@ class MetaPolicy:
             indices=indices,
             features=features,
         )
-        try:
-            with np.errstate(over="raise", invalid="raise", divide="raise"):
-                new_state, new_rows, signal = rule.update_contexts(
-                    self._state, rows, groups, checked, self._candidates, self._step
-                )
-        except FloatingPointError as exc:
-            raise ValueError(
-                f"{rule.name} update overflows float64 ({exc}); the feedback is too large "
-                "in magnitude (rescale it); the policy is unchanged"
-            ) from exc
-        if signal is not None and not np.all(np.isfinite(signal)):
-            raise ValueError(f"{rule.name} update gave a non-finite signal; policy unchanged")
-        for label, part in (("rule_state", new_state), ("contexts", new_rows)):
-            for key, value in part.items():
-                if not np.all(np.isfinite(value)):
-                    raise ValueError(
-                        f"{rule.name} update would leave a non-finite {label}[{key!r}] "
-                        "(feedback too large in magnitude); the policy is unchanged"
-                    )
-        try:
-            rule.validate_state(new_state, self._candidates, self._step + 1)
-            if keys is not None:
-                rule.check_rows(new_rows, self._candidates, self._step + 1)
-        except ValueError as exc:
-            raise ValueError(
-                f"{rule.name} update would leave an invalid state ({exc}); the policy is unchanged"
-            ) from exc
+        with float64_guard(rule.name):
+            new_state, new_rows, signal = rule.update_contexts(
+                self._state, rows, groups, checked, self._candidates, self._step
+            )
+        check_new_state(
+            rule,
+            new_state,
+            signal,
+            self._candidates,
+            self._step + 1,
+            new_rows=new_rows,
+            check_rows=(
+                None
+                if keys is None
+                else lambda: rule.check_rows(new_rows, self._candidates, self._step + 1)
+            ),
+        )
         # commit: nothing above changed the policy
         evicted: list[ContextKey] = []
         if keys is not None:
@@ -596,7 +476,7 @@ class MetaPolicy:
             "selector": {"type": self._selector.name, "config": self._selector.config()},
             "seed": self._seed,
             "step": self._step,
-            "rule_state": _state_to_json(self._state),
+            "rule_state": state_to_json(self._state),
             "rng": self._rng.bit_generator.state,
             **({} if self._store is None else {"contexts": self._store.to_json()}),
         }
@@ -612,37 +492,17 @@ class MetaPolicy:
         controller's temperature lies inside the candidate range) and gives a probability
         distribution without overflow; the RNG is a PCG64 state with ints in range.
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
-        version = state.get("schema_version")
-        if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
-            raise ValueError(
-                f"state_dict['schema_version'] is {state.get('schema_version')!r}; "
-                f"this metactl reads schema {SCHEMA_VERSION}"
-            )
-        expected = _STATE_KEYS if self._store is None else _STATE_KEYS | {"contexts"}
-        if set(state) != expected:
-            raise ValueError(
-                f"state_dict has keys {sorted(map(str, state))}; expected exactly "
-                f"{sorted(expected)}"
-            )
         mine = {  # the configuration only (not the stored contexts, which may be millions)
             "hyperparameter": self._hyperparameter,
             "candidates": self._candidates.tolist(),
             "rule": {"type": self._rule.name, "config": self._rule.config()},
             "selector": {"type": self._selector.name, "config": self._selector.config()},
         }
-        for key in ("hyperparameter", "candidates", "rule", "selector"):
-            if not _json_equal(state[key], mine[key], f"state_dict[{key!r}]"):
-                raise ValueError(
-                    f"state_dict[{key!r}] = {state[key]!r} does not match this policy's "
-                    f"{mine[key]!r}; build the policy with the same configuration "
-                    "(or use MetaPolicy.from_state_dict)"
-                )
+        check_state_header(state, mine, contextual=self._store is not None)
         # Validate everything before assigning anything: a rejected state changes nothing.
         step = check.integer(state["step"], "state_dict['step']", minimum=0, below=MAX_STEP)
         seed = check.integer(state["seed"], "state_dict['seed']", minimum=0)
-        rule_state = _state_from_json(state["rule_state"], self._rule.init_state(self._candidates))
+        rule_state = state_from_json(state["rule_state"], self._rule.init_state(self._candidates))
         self._rule.validate_state(rule_state, self._candidates, step)
         store = None
         if self._store is not None:
@@ -692,115 +552,20 @@ class MetaPolicy:
         )
 
 
-def tampo(
-    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
-    *,
-    alpha: float = 0.05,
-    normalizer: str = "sparsemax",
-    top_p: float = 0.7,
-    seed: int = 0,
-) -> MetaPolicy:
-    """A TAMPO meta-policy with the paper's defaults: temperatures 0.6..1.5 (step 0.1),
-    ``alpha = 0.05``, sparsemax, nucleus selection with ``top_p = 0.7``.
+# The ready-made policies live in ``factories`` (which imports ``MetaPolicy`` from here); they
+# are re-exported so that ``from metactl.policy import tampo`` keeps working. Imported last:
+# ``factories`` needs this module's names defined.
+from .factories import (  # noqa: E402
+    linear_thompson,
+    ptgs,
+    ptgs_candidates,
+    tampo,
+    tampo_per_prompt,
+)
 
-    Example:
-        >>> import metactl
-        >>> policy = metactl.tampo(seed=0)
-        >>> policy.probs.round(2).tolist() == [0.1] * 10   # uniform before the first update
-        True
-    """
-    return MetaPolicy(candidates, TAMPO(alpha=alpha, normalizer=normalizer), Nucleus(top_p), seed)
-
-
-def ptgs_candidates(tau: float = 1.5, t_ref: float = 1.0, k: int = 11) -> np.ndarray:
-    """The default grid of a PTGS policy: ``t_ref * tau ** h`` for ``k`` evenly spaced ``h`` in
-    [-1, 1] (log-spaced over PTGS's range ``[t_ref / tau, tau t_ref]``, ``t_ref`` included for
-    odd ``k``). PTGS's values are continuous; the grid only names the nearest candidate
-    (``Decision.index``) and the cells of ``probs``.
-
-    Example:
-        >>> ptgs_candidates(1.5, 1.0, 3).round(4).tolist()
-        [0.6667, 1.0, 1.5]
-    """
-    rule = PTGS(tau=tau, t_ref=t_ref)  # validates tau and t_ref
-    count = check.integer(k, "k", minimum=2)
-    low, high = rule.bounds
-    grid = rule.t_ref * rule.tau ** np.linspace(-1.0, 1.0, count)
-    grid[0], grid[-1] = low, high  # the range's ends exactly
-    return grid
-
-
-def ptgs(
-    candidates: Sequence[float] | np.ndarray | None = None,
-    *,
-    tau: float = 1.5,
-    gamma: float = 0.95,
-    t_ref: float = 1.0,
-    pivot_start: float = 0.25,
-    pivot_end: float = 0.5,
-    total_steps: int | None = None,
-    max_contexts: int = DEFAULT_MAX_CONTEXTS,
-    seed: int = 0,
-) -> MetaPolicy:
-    """A PTGS policy (:class:`metactl.PTGS`, the note's defaults): a temperature per context
-    from a Thompson draw of its success rate. ``total_steps=None`` keeps the pivot at
-    ``pivot_start`` (no ramp); give the run's number of updates to ramp it geometrically to
-    ``pivot_end``. ``candidates`` default: :func:`ptgs_candidates` (11 points over the range).
-
-    Example:
-        >>> import metactl
-        >>> policy = metactl.ptgs(seed=0, total_steps=100)
-        >>> policy.rule.pivot(0), policy.rule.pivot(100)
-        (0.25, 0.5)
-    """
-    rule = PTGS(
-        tau=tau,
-        gamma=gamma,
-        t_ref=t_ref,
-        pivot_start=pivot_start,
-        pivot_end=pivot_end,
-        total_steps=total_steps,
-        max_contexts=max_contexts,
-    )
-    grid = ptgs_candidates(rule.tau, rule.t_ref) if candidates is None else candidates
-    return MetaPolicy(grid, rule, seed=seed)
-
-
-def tampo_per_prompt(
-    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
-    *,
-    alpha: float = 0.05,
-    normalizer: str = "sparsemax",
-    prior_weight: float = 4.0,
-    top_p: float = 0.7,
-    max_contexts: int = DEFAULT_MAX_CONTEXTS,
-    seed: int = 0,
-) -> MetaPolicy:
-    """A per-prompt TAMPO policy (:class:`metactl.ContextualTAMPO`) with the paper's defaults
-    (temperatures 0.6..1.5, ``alpha = 0.05``, sparsemax, nucleus ``top_p = 0.7``); each
-    context's EMA is shrunk toward the global one with weight ``n / (n + prior_weight)``."""
-    rule = ContextualTAMPO(
-        alpha=alpha, normalizer=normalizer, prior_weight=prior_weight, max_contexts=max_contexts
-    )
-    return MetaPolicy(candidates, rule, Nucleus(top_p), seed)
-
-
-def linear_thompson(
-    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
-    *,
-    gamma: float = 0.95,
-    ridge: float = 1.0,
-    noise_std: float = 0.5,
-    feature_dim: int = 0,
-    max_contexts: int = DEFAULT_MAX_CONTEXTS,
-    seed: int = 0,
-) -> MetaPolicy:
-    """A :class:`metactl.LinearThompson` policy over ``candidates`` (default 0.6..1.5)."""
-    rule = LinearThompson(
-        gamma=gamma,
-        ridge=ridge,
-        noise_std=noise_std,
-        feature_dim=feature_dim,
-        max_contexts=max_contexts,
-    )
-    return MetaPolicy(candidates, rule, seed=seed)
+# doctest.testmod(metactl.policy) keeps running the factories' examples.
+__test__ = {
+    "tampo": tampo,
+    "ptgs_candidates": ptgs_candidates,
+    "ptgs": ptgs,
+}

@@ -1,0 +1,130 @@
+"""Ready-made meta-policies with published defaults: :func:`tampo`, :func:`ptgs` (and its grid
+:func:`ptgs_candidates`), :func:`tampo_per_prompt` and :func:`linear_thompson`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import _validation as check
+from .contexts import DEFAULT_MAX_CONTEXTS
+from .policy import PAPER_TEMPERATURES, MetaPolicy
+from .rules import PTGS, TAMPO, ContextualTAMPO, LinearThompson
+from .selectors import Nucleus
+
+__all__ = ["linear_thompson", "ptgs", "ptgs_candidates", "tampo", "tampo_per_prompt"]
+
+
+def tampo(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    *,
+    alpha: float = 0.05,
+    normalizer: str = "sparsemax",
+    top_p: float = 0.7,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A TAMPO meta-policy with the paper's defaults: temperatures 0.6..1.5 (step 0.1),
+    ``alpha = 0.05``, sparsemax, nucleus selection with ``top_p = 0.7``.
+
+    Example:
+        >>> import metactl
+        >>> policy = metactl.tampo(seed=0)
+        >>> policy.probs.round(2).tolist() == [0.1] * 10   # uniform before the first update
+        True
+    """
+    return MetaPolicy(candidates, TAMPO(alpha=alpha, normalizer=normalizer), Nucleus(top_p), seed)
+
+
+def ptgs_candidates(tau: float = 1.5, t_ref: float = 1.0, k: int = 11) -> np.ndarray:
+    """The default grid of a PTGS policy: ``t_ref * tau ** h`` for ``k`` evenly spaced ``h`` in
+    [-1, 1] (log-spaced over PTGS's range ``[t_ref / tau, tau t_ref]``, ``t_ref`` included for
+    odd ``k``). PTGS's values are continuous; the grid only names the nearest candidate
+    (``Decision.index``) and the cells of ``probs``.
+
+    Example:
+        >>> ptgs_candidates(1.5, 1.0, 3).round(4).tolist()
+        [0.6667, 1.0, 1.5]
+    """
+    rule = PTGS(tau=tau, t_ref=t_ref)  # validates tau and t_ref
+    count = check.integer(k, "k", minimum=2)
+    low, high = rule.bounds
+    grid = rule.t_ref * rule.tau ** np.linspace(-1.0, 1.0, count)
+    grid[0], grid[-1] = low, high  # the range's ends exactly
+    return grid
+
+
+def ptgs(
+    candidates: Sequence[float] | np.ndarray | None = None,
+    *,
+    tau: float = 1.5,
+    gamma: float = 0.95,
+    t_ref: float = 1.0,
+    pivot_start: float = 0.25,
+    pivot_end: float = 0.5,
+    total_steps: int | None = None,
+    max_contexts: int = DEFAULT_MAX_CONTEXTS,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A PTGS policy (:class:`metactl.PTGS`, the note's defaults): a temperature per context
+    from a Thompson draw of its success rate. ``total_steps=None`` keeps the pivot at
+    ``pivot_start`` (no ramp); give the run's number of updates to ramp it geometrically to
+    ``pivot_end``. ``candidates`` default: :func:`ptgs_candidates` (11 points over the range).
+
+    Example:
+        >>> import metactl
+        >>> policy = metactl.ptgs(seed=0, total_steps=100)
+        >>> policy.rule.pivot(0), policy.rule.pivot(100)
+        (0.25, 0.5)
+    """
+    rule = PTGS(
+        tau=tau,
+        gamma=gamma,
+        t_ref=t_ref,
+        pivot_start=pivot_start,
+        pivot_end=pivot_end,
+        total_steps=total_steps,
+        max_contexts=max_contexts,
+    )
+    grid = ptgs_candidates(rule.tau, rule.t_ref) if candidates is None else candidates
+    return MetaPolicy(grid, rule, seed=seed)
+
+
+def tampo_per_prompt(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    *,
+    alpha: float = 0.05,
+    normalizer: str = "sparsemax",
+    prior_weight: float = 4.0,
+    top_p: float = 0.7,
+    max_contexts: int = DEFAULT_MAX_CONTEXTS,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A per-prompt TAMPO policy (:class:`metactl.ContextualTAMPO`) with the paper's defaults
+    (temperatures 0.6..1.5, ``alpha = 0.05``, sparsemax, nucleus ``top_p = 0.7``); each
+    context's EMA is shrunk toward the global one with weight ``n / (n + prior_weight)``."""
+    rule = ContextualTAMPO(
+        alpha=alpha, normalizer=normalizer, prior_weight=prior_weight, max_contexts=max_contexts
+    )
+    return MetaPolicy(candidates, rule, Nucleus(top_p), seed)
+
+
+def linear_thompson(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    *,
+    gamma: float = 0.95,
+    ridge: float = 1.0,
+    noise_std: float = 0.5,
+    feature_dim: int = 0,
+    max_contexts: int = DEFAULT_MAX_CONTEXTS,
+    seed: int = 0,
+) -> MetaPolicy:
+    """A :class:`metactl.LinearThompson` policy over ``candidates`` (default 0.6..1.5)."""
+    rule = LinearThompson(
+        gamma=gamma,
+        ridge=ridge,
+        noise_std=noise_std,
+        feature_dim=feature_dim,
+        max_contexts=max_contexts,
+    )
+    return MetaPolicy(candidates, rule, seed=seed)
