@@ -27,6 +27,7 @@ from .policy import (
     tampo,
     tampo_per_prompt,
 )
+from .recommended import recommended
 from .rules import (
     EXP3,
     PTGS,
@@ -93,6 +94,7 @@ __all__ = [
     "minmax_probs",
     "ptgs",
     "ptgs_candidates",
+    "recommended",
     "softmax",
     "sparsemax",
     "tampo",

@@ -171,6 +171,9 @@ CONTROLLERS: dict[str, Callable[[StudyConfig, int], metactl.MetaPolicy]] = {
     "ptgs": lambda cfg, seed: metactl.ptgs(CANDIDATES, seed=seed, total_steps=cfg.steps),
     "tampo-per-prompt": lambda cfg, seed: metactl.tampo_per_prompt(CANDIDATES, seed=seed),
     "linear-thompson": lambda cfg, seed: metactl.linear_thompson(CANDIDATES, seed=seed),
+    # the controller chosen by benchmarks/PROTOCOL.md section 7 (metactl.recommended), in its
+    # fixed configuration
+    "recommended": lambda cfg, seed: metactl.recommended(seed=seed),
     **{f"fixed-{t:.1f}": _fixed(t) for t in CANDIDATES},
 }
 ADAPTIVE = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy")

@@ -35,14 +35,14 @@ OPTIONAL_ARMS: tuple[str, ...] = ("tampo-softmax", "hedge", "metagrad", "exp3", 
                                   "thompson", "entropy-0.3", "cosine-0.9-1.5", "tampo-std",
                                   "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
                                   "entropy-schedule", "ptgs", "tampo-per-prompt",
-                                  "linear-thompson")
+                                  "linear-thompson", "recommended")
 PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson")
 
 
 _SIMPLE_NAMES: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
                                   "thompson", "tampo-std", "tampo-sharp", "tampo-sum",
                                   "counterfactual", "uncertainty", "entropy-schedule",
-                                  *PER_PROMPT_ARMS)
+                                  *PER_PROMPT_ARMS, "recommended")
 # (prefix, how many numbers follow it, what they are) of the parameterised names
 _PARAMETERISED: dict[str, tuple[int, str]] = {
     "fixed": (1, "fixed-T"), "linear": (2, "linear-A-B"), "cosine": (2, "cosine-A-B"),
@@ -122,6 +122,8 @@ def make_policy(name: str, steps: int, seed: int) -> metactl.MetaPolicy:
         "ptgs": lambda: metactl.ptgs(grid, seed=seed, total_steps=steps),
         "tampo-per-prompt": lambda: metactl.tampo_per_prompt(grid, seed=seed),
         "linear-thompson": lambda: metactl.linear_thompson(grid, seed=seed),
+        # benchmarks/PROTOCOL.md section 7's choice, the same policy as the gym study's
+        "recommended": lambda: metactl.recommended(seed=seed),
     }
     return simple[kind]()
 
