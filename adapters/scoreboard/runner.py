@@ -140,7 +140,7 @@ class _DiscardProgress:
 
 def _quiet_reference() -> Any:
     """Silence the reference adapter's per-arm progress bars; returns what it replaced."""
-    from metactl.adapters.reference import experiment
+    from metactl.adapters.reference import workers as experiment  # its state lives there
 
     previous = getattr(experiment, "_PROGRESS", None)
     if hasattr(experiment, "_PROGRESS"):
@@ -149,7 +149,7 @@ def _quiet_reference() -> Any:
 
 
 def _restore_reference(previous: Any) -> None:
-    from metactl.adapters.reference import experiment
+    from metactl.adapters.reference import workers as experiment  # its state lives there
 
     if hasattr(experiment, "_PROGRESS"):
         experiment._PROGRESS = previous
