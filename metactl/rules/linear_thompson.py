@@ -31,7 +31,7 @@ from .._validation import integer, positive_scalar, unit_interval
 from ..selectors import Greedy, Selector
 from .base import Feedback, RuleState, state_field
 from .contextual import DEFAULT_MAX_CONTEXTS, ContextRows, ContextualRule, RowGroups
-from .ptgs import check_unit_rewards
+from .ptgs import PassCountRows, check_pass_counts, check_unit_rewards
 
 __all__ = ["LinearThompson"]
 
@@ -40,7 +40,7 @@ _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
 
 
 @dataclass(frozen=True)
-class LinearThompson(ContextualRule):
+class LinearThompson(PassCountRows, ContextualRule):
     """Thompson sampling over per-candidate Bayesian linear models of the group's reward
     spread, on the context's running pass rate and features (see the module docstring).
 
@@ -109,19 +109,8 @@ class LinearThompson(ContextualRule):
             "failures": 0.0,
         }
 
-    def prior_rows(self, state: RuleState, candidates: np.ndarray, m: int) -> ContextRows:
-        return {"successes": np.zeros(m), "failures": np.zeros(m)}
-
-    def global_rows(self, state: RuleState, candidates: np.ndarray) -> ContextRows:
-        return {
-            "successes": np.array([float(state["successes"])]),
-            "failures": np.array([float(state["failures"])]),
-        }
-
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
-        for key in ("successes", "failures"):
-            if float(state[key]) < 0:
-                raise ValueError(f"{state_field(key)} must be >= 0, got {state[key]}")
+        check_pass_counts(state)
         k, d = candidates.shape[0], self.dim
         precision = state["precision"].reshape(k, d, d)
         if not np.array_equal(precision, np.swapaxes(precision, 1, 2)):
@@ -132,11 +121,6 @@ class LinearThompson(ContextualRule):
             raise ValueError(
                 f"{state_field('precision')} must hold positive-definite matrices"
             ) from exc
-
-    def check_rows(self, rows: ContextRows, candidates: np.ndarray, step: int) -> None:
-        for key in ("successes", "failures"):
-            if np.any(rows[key] < 0):
-                raise ValueError(f"state_dict['contexts']['rows'][{key!r}] must be >= 0")
 
     # -- the model ----------------------------------------------------------------------------
     def phi(self, rows: ContextRows, features: np.ndarray | None) -> np.ndarray:

@@ -51,8 +51,36 @@ def check_unit_rewards(rewards: np.ndarray) -> None:
         )
 
 
+
+def check_pass_counts(state: RuleState) -> None:
+    """The global discounted pass counts of a state are non-negative."""
+    for key in ("successes", "failures"):
+        if float(state[key]) < 0:
+            raise ValueError(f"{state_field(key)} must be >= 0, got {state[key]}")
+
+
+class PassCountRows:
+    """Per-context rows of discounted pass counts (``successes``, ``failures``), shared by the
+    rules that estimate a prompt's pass rate (PTGS, LinearThompson): an unseen context has none,
+    and the global state's counts form a one-row table."""
+
+    def prior_rows(self, state: RuleState, candidates: np.ndarray, m: int) -> ContextRows:
+        return {"successes": np.zeros(m), "failures": np.zeros(m)}
+
+    def global_rows(self, state: RuleState, candidates: np.ndarray) -> ContextRows:
+        return {
+            "successes": np.array([float(state["successes"])]),
+            "failures": np.array([float(state["failures"])]),
+        }
+
+    def check_rows(self, rows: ContextRows, candidates: np.ndarray, step: int) -> None:
+        for key in ("successes", "failures"):
+            if np.any(rows[key] < 0):
+                raise ValueError(f"state_dict['contexts']['rows'][{key!r}] must be >= 0")
+
+
 @dataclass(frozen=True)
-class PTGS(ContextualRule):
+class PTGS(PassCountRows, ContextualRule):
     """Posterior-tempered group sampling: a temperature per context (see the module docstring).
 
     Args:
@@ -188,24 +216,8 @@ class PTGS(ContextualRule):
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {"successes": 0.0, "failures": 0.0}
 
-    def prior_rows(self, state: RuleState, candidates: np.ndarray, m: int) -> ContextRows:
-        return {"successes": np.zeros(m), "failures": np.zeros(m)}
-
-    def global_rows(self, state: RuleState, candidates: np.ndarray) -> ContextRows:
-        return {
-            "successes": np.array([float(state["successes"])]),
-            "failures": np.array([float(state["failures"])]),
-        }
-
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
-        for key in ("successes", "failures"):
-            if float(state[key]) < 0:
-                raise ValueError(f"{state_field(key)} must be >= 0, got {state[key]}")
-
-    def check_rows(self, rows: ContextRows, candidates: np.ndarray, step: int) -> None:
-        for key in ("successes", "failures"):
-            if np.any(rows[key] < 0):
-                raise ValueError(f"state_dict['contexts']['rows'][{key!r}] must be >= 0")
+        check_pass_counts(state)
 
     def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         a, b, pivot = self._posterior(self.global_rows(state, candidates), step)
