@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,33 +72,12 @@ def _worker(out_dir: str, model_path: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_choose_identically(tmp_path):
-    from metactl.adapters.trl.testing import tiny_model_dir
+    from metactl.adapters.trl.testing import launch_two_processes, tiny_model_dir
 
     model_path = str(tiny_model_dir())  # built once here, read by both ranks
-    env = dict(os.environ)
-    env.update(
-        {
-            "CUDA_VISIBLE_DEVICES": "",
-            "OMP_NUM_THREADS": "1",
-            "HF_HOME": str(tmp_path / "hf"),  # ignore any user accelerate config
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        __file__, "--worker", str(tmp_path), model_path,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_processes(__file__, ["--worker", str(tmp_path), model_path],
+                                ["--multi_gpu"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,37 +143,17 @@ def _allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init  # type: ignore[method-assign]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_fsdp_two_processes_agree_and_score_at_the_sampling_temperature(tmp_path):
-    from metactl.adapters.trl.testing import tiny_model_dir
+    from metactl.adapters.trl.testing import launch_two_processes, tiny_model_dir
 
     model_path = str(tiny_model_dir())  # built once here, read by both ranks
-    env = dict(os.environ)
-    env.update(
-        {
-            "CUDA_VISIBLE_DEVICES": "",
-            "OMP_NUM_THREADS": "1",
-            "HF_HOME": str(tmp_path / "hf"),  # ignore any user accelerate config
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
-        "--fsdp_reshard_after_forward", "true",
+    fsdp = [
+        "--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_transformer_layer_cls_to_wrap", "Qwen2DecoderLayer",
         "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        __file__, "--worker", str(tmp_path), model_path,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_two_processes(__file__, ["--worker", str(tmp_path), model_path], fsdp, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -477,3 +477,35 @@ def torch_threads(n: int = 1) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def launch_two_processes(
+    script: str | os.PathLike[str], script_args: Sequence[str], launch_args: Sequence[str],
+    workdir: str | os.PathLike[str], *, timeout: float = 300,
+) -> Any:
+    """Run ``script`` on 2 CPU processes under ``accelerate launch`` (gloo, a free local port,
+    one OpenMP thread each, no user accelerate config) and return the finished process.
+
+    ``launch_args`` select the mode, e.g. ``["--multi_gpu"]`` (plain data parallel; accelerate
+    falls back to CPU) or the FSDP flags."""
+    import socket
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.update({
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(Path(workdir) / "hf"),  # ignore any user accelerate config
+        "PYTHONUNBUFFERED": "1",
+    })
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", *launch_args,
+        "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), str(script), *script_args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
