@@ -100,7 +100,7 @@ def plot_signal_diagnostics(
         ax_time.set_ylim(cands.min() - step_t, cands.max() + step_t)
         ax_time.set_ylabel(f"{name}\nT")
         ax_time.set_title("a. first seed: sampling T and the favoured candidate", fontsize=9)
-        ax_time.legend(fontsize=7, loc="upper right")
+        ax_time.legend(fontsize=7, loc="best")  # the sampled values may fill any corner
 
         # b. spread vs sampling T (all seeds), coloured by the favoured candidate
         rng = np.random.default_rng(0)  # jitter only, for legibility

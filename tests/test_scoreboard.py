@@ -62,6 +62,11 @@ def test_smoke_run_writes_table_json_heatmap_and_resumes(tmp_path: Path) -> None
     assert "### gym-default (development" in md and "regret [95% CI]" in md
     records = _records(out)
     assert len(records) == 2 * 12 * 2
+    # a page per testbed, with the likelihood rule's signal diagnostics
+    for name in ("gym-default", "gym-flat"):
+        assert f"(testbeds/{name}.md)" in md
+        assert "![tampo: signal diagnostics]" in (out / "testbeds" / f"{name}.md").read_text()
+        assert (out / "testbeds" / name / "signal-tampo.png").read_bytes()[:8] == png[:8]
 
     # the JSON's numbers are the records' numbers
     tb = report["testbeds"]["gym-flat"]
@@ -198,9 +203,13 @@ def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) ->
     from metactl.adapters.reference.tasks import ChainTask
     from metactl.adapters.reference.trainer import GRPOConfig
     from metactl.adapters.scoreboard.cli import build_plan
+    from metactl.adapters.scoreboard.pages import write_testbed_pages
     from metactl.adapters.scoreboard.report import analyse, format_summary
     from metactl.adapters.scoreboard.runner import run_jobs
+    from metactl.adapters.scoreboard.signal_record import decode_signal
     from metactl.adapters.scoreboard.suite import Testbed
+
+    from metactl.diagnostics import stack_diagnostics
 
     task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
 
@@ -218,7 +227,7 @@ def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) ->
         )  # fmt: skip
 
     testbed = Testbed("reference-mini", DEVELOPMENT, "miniature", 1, 1, reference=miniature)
-    controllers = ["linear", *FIXED_GRID]
+    controllers = ["linear", "tampo", *FIXED_GRID]
     out = tmp_path / "board"
     plan, seeds = build_plan([testbed], controllers, quick=True, seeds=1, steps=None, out=out,
                              cache_dir=str(tmp_path / "cache"))  # fmt: skip
@@ -229,7 +238,7 @@ def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) ->
         records[(record["testbed"], record["controller"], record["seed"])] = record
 
     start = run_jobs(out, plan, workers=2, on_record=keep, on_note=notes.append)
-    assert len(records) == 11 and notes == []
+    assert len(records) == 12 and notes == []
     assert "base" in start["reference-mini"]  # the start model's scores, from prepare_start
     linear = records[("reference-mini", "linear", 0)]
     assert linear["temperature"][0] == pytest.approx(0.9)  # linear-0.9-1.5 of the reference
@@ -240,6 +249,22 @@ def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) ->
     assert set(linear["metrics"]) == {"pass1", "greedy", "pass_at_k"}
     analysis = analyse([testbed], controllers, records, seeds, resamples=100)
     assert "| linear |" in format_summary(analysis)
+    # the likelihood rule's record keeps the reference trainer's per-step signal diagnostics
+    assert linear["signal"] is None
+    tampo_result = json.loads((out / "reference" / "reference-mini" / "runs" / "tampo" /
+                               "seed0" / "result.json").read_text())  # fmt: skip
+    arrays, candidates = decode_signal(records[("reference-mini", "tampo", 0)]["signal"])
+    assert candidates.tolist() == tampo_result["candidates"]
+    np.testing.assert_array_equal(arrays["step"], [0, 1])
+    expected = stack_diagnostics(tampo_result["signal"])
+    for field in ("signal", "signal_spread", "support_mean", "signal_rows"):
+        np.testing.assert_array_equal(arrays[field], expected[field], err_msg=field)
+    pages = write_testbed_pages(out, analysis, [testbed], records)
+    assert pages["reference-mini"]["signal"] == {"tampo": {
+        "seeds_with_diagnostics": [0], "figure": "testbeds/reference-mini/signal-tampo.png",
+        "notes": []}}  # fmt: skip
+    assert (out / "testbeds" / "reference-mini" / "signal-tampo.png").read_bytes()[:4] == (
+        b"\x89PNG")
     # resume: the finished records are reused without running anything
     again: dict = {}
     run_jobs(out, plan, workers=2, on_record=lambda r: again.setdefault(r["controller"], r),
@@ -295,3 +320,43 @@ def test_sigint_stops_a_two_worker_run_at_once_and_the_rerun_resumes(tmp_path: P
     assert f"132 runs ({len(kept)} reused)" in rerun.stdout
     after = _records(out)
     assert len(after) == 132 and all(after[path] == text for path, text in kept.items())
+
+
+def test_report_only_marks_arms_not_run_and_refuses_incomplete_folders(
+        tmp_path: Path, capsys) -> None:  # fmt: skip
+    """--report-only runs nothing; an arm with no run on a testbed is 'not run' there (its
+    worst cases cover the other testbeds); partial seeds or a missing fixed arm are refused."""
+    out = tmp_path / "board"
+    tiny = ["--seeds", "2", "--steps", "5", "--resamples", "200", "--workers", "1",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(["--testbeds", "gym-default,gym-flat", "--controllers", "tampo", *tiny]) == 0
+    assert main(["--testbeds", "gym-flat", "--controllers", "linear", *tiny]) == 0
+    before = _records(out)
+    capsys.readouterr()
+    assert main(["--testbeds", "gym-default,gym-flat", "--controllers", "tampo,linear",
+                 "--report-only", *tiny]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert _records(out) == before  # nothing was run or rewritten
+    linear_row = next(line for line in printed.splitlines() if line.startswith("| linear |"))
+    cells = [c.strip() for c in linear_row.split("|")[1:-1]]
+    assert cells[1] == "not run" and cells[2] != "not run"
+    assert cells[-1] == "0/1" or cells[-1] == "1/1"  # 'beats' counts the testbed it ran on
+    assert "Not run (no record" in printed and "linear on gym-default" in printed
+    assert "report only: 46 finished runs of the 48 planned" in printed
+    report = json.loads((out / "scoreboard.json").read_text())
+    assert report["summary"]["linear"]["regret"]["gym-default"] is None
+    assert report["summary"]["linear"]["ran_on"] == ["gym-flat"]
+    assert report["summary"]["linear"]["worst_all"] == report["summary"]["linear"]["regret"][
+        "gym-flat"]
+    assert report["not_run"] == {"linear": ["gym-default"]}
+    assert (out / "testbeds" / "gym-default.md").is_file()
+    # one seed of an arm missing: never summarised as if complete
+    (out / "runs" / "gym-flat" / "linear" / "seed1.json").unlink()
+    assert main(["--testbeds", "gym-default,gym-flat", "--controllers", "tampo,linear",
+                 "--report-only", *tiny]) == 1  # fmt: skip
+    assert "cannot report" in capsys.readouterr().err
+    # a fixed arm missing: no regret can be computed
+    (out / "runs" / "gym-flat" / "fixed-1.2" / "seed0.json").unlink()
+    assert main(["--testbeds", "gym-default,gym-flat", "--controllers", "tampo",
+                 "--report-only", *tiny]) == 1  # fmt: skip
+    assert "cannot report" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_bad_inputs_raise_clear_errors(call, message: str) -> None:
         call()
 
 
-@pytest.mark.parametrize("suffix", [".stats", ".suite"])
+@pytest.mark.parametrize("suffix", [".stats", ".suite", ".signal_record"])
 def test_docstring_examples(suffix: str) -> None:
     import doctest
     import importlib

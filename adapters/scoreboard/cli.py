@@ -5,12 +5,18 @@ Examples:
     metactl scoreboard --quick --testbeds development   # development testbeds only
     metactl scoreboard                                  # the full suite, < 60 min on 2 cores
     metactl scoreboard --testbeds gym-default,gym-sharp --controllers tampo,linear --seeds 5
+    metactl scoreboard --report-only --out DIR         # the report of the runs already in DIR
 
 The fixed grid 0.6..1.5 always runs (normalised regret needs it); ``--controllers`` adds the
 adaptive controllers and schedules (default: every controller ``metactl gym-study`` knows).
 Finished runs are reused, so an interrupted scoreboard resumes where it stopped. Runs are
 keyed by configuration, controller and seed, not by the code: after changing a rule or a
 learner, use a fresh --out.
+
+Writes into --out: ``scoreboard.md`` / ``scoreboard.json`` (every number), ``regret_heatmap.png``,
+and one page per testbed, ``testbeds/<name>.md``: its full table and, for every likelihood-rule
+arm (TAMPO and its variants, Hedge, MetaGradient), the figure of its signal diagnostics
+(``testbeds/<name>/signal-<controller>.png``: why the rule moved where it did).
 """
 
 from __future__ import annotations
@@ -69,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=10_000,
                    help="bootstrap resamples of the regret CI (default 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-plots", action="store_true", help="skip the heat-map PNG")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the PNGs (heat-map, per-testbed signal diagnostics)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the report from the finished runs in --out; a "
+                        "controller with no run on a testbed is reported as 'not run' there "
+                        "(the fixed grid must be complete, and no controller may have only "
+                        "some of a testbed's seeds)")
     return p
 
 
@@ -216,8 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payload, _ = load_record(record_path(out, job.testbed, job.controller, job.seed),
                                          job.key)  # fmt: skip
                 counts["reused"] += payload is not None
-        start_info = run_jobs(out, plan, workers=args.workers, on_record=on_record,
-                              on_note=on_note)  # fmt: skip
+                if args.report_only and payload is not None:
+                    on_record(payload)
+        start_info = ({} if args.report_only else
+                      run_jobs(out, plan, workers=args.workers, on_record=on_record,
+                               on_note=on_note))  # fmt: skip
     except KeyboardInterrupt:
         bar.close()
         print(f"{PROG}: interrupted; finished runs are kept in {out}/runs and reused next time",
@@ -234,7 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .report import analyse
 
-    analysis = analyse(testbeds, controllers, records, seed_lists, resamples=args.resamples)
+    try:
+        analysis = analyse(testbeds, controllers, records, seed_lists, resamples=args.resamples,
+                           allow_not_run=args.report_only)  # fmt: skip
+    except ValueError as exc:  # --report-only over an incomplete folder
+        print(f"{PROG}: cannot report: {exc}", file=sys.stderr)
+        return 1
     off_protocol = args.seeds is not None or args.steps is not None
     meta = {
         "quick": args.quick,
@@ -243,17 +263,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps_override": args.steps,
         "runs": total,
         "reused": counts["reused"],
+        "report_only": args.report_only,
         "workers": args.workers,
         "wall_seconds": wall,
         "start_models": start_info,
         "metactl_version": metactl.__version__,
     }
-    paths = write_report(out, analysis, meta, plots=not args.no_plots)
+    from .pages import write_testbed_pages
+
+    pages = write_testbed_pages(out, analysis, testbeds, records, plots=not args.no_plots,
+                                workers=args.workers)
+    paths = write_report(out, analysis, meta, plots=not args.no_plots, pages=pages)
     print(format_summary(analysis))
     if off_protocol:
         print("\nBudget overridden (--seeds/--steps): not the protocol's scoreboard.")
-    print(f"\n{total} runs ({counts['reused']} reused) in {wall:.1f} s with {args.workers} "
-          f"worker(s); report: {paths['markdown']}")  # fmt: skip
+    if args.report_only:
+        print(f"\nreport only: {len(records)} finished runs of the {total} planned, nothing run; "
+              f"report: {paths['markdown']}")  # fmt: skip
+    else:
+        print(f"\n{total} runs ({counts['reused']} reused) in {wall:.1f} s with {args.workers} "
+              f"worker(s); report: {paths['markdown']}")  # fmt: skip
     return 0
 
 

@@ -30,20 +30,32 @@ def analyse(
     seeds: dict[str, list[int]],
     *,
     resamples: int = 10_000,
+    allow_not_run: bool = False,
 ) -> dict[str, Any]:
     """Every number of the scoreboard from the records ``{(testbed, controller, seed): record}``.
 
     ``controllers`` must include the whole fixed grid. Raises ``ValueError`` when a run is
-    missing (a partial scoreboard is never summarised as if it were complete).
+    missing (a partial scoreboard is never summarised as if it were complete). With
+    ``allow_not_run`` (``metactl scoreboard --report-only``), a non-fixed controller with no run
+    at all on a testbed is reported as *not run* there (``None`` in the summary, listed under
+    ``"not_run"``; its worst cases cover the testbeds it ran on); the fixed grid must still be
+    complete and a controller with only some of a testbed's seeds is still an error.
     """
     missing = [g for g in FIXED_GRID if g not in controllers]
     if missing:
         raise ValueError(f"controllers must include the whole fixed grid; missing {missing}")
     per_testbed: dict[str, Any] = {}
+    not_run: dict[str, list[str]] = {}
     for testbed in testbeds:
         tb_seeds = seeds[testbed.name]
         absent = [(c, s) for c in controllers for s in tb_seeds
                   if (testbed.name, c, s) not in records]  # fmt: skip
+        if allow_not_run:
+            skipped = {c for c, _ in absent if c not in FIXED_GRID
+                       and all((testbed.name, c, s) not in records for s in tb_seeds)}
+            for c in sorted(skipped):
+                not_run.setdefault(c, []).append(testbed.name)
+            absent = [(c, s) for c, s in absent if c not in skipped]
         if absent:
             raise ValueError(f"testbed {testbed.name}: {len(absent)} runs missing, e.g. "
                              f"{absent[0]}")  # fmt: skip
@@ -59,6 +71,8 @@ def analyse(
         worst = FIXED_GRID[int(np.argmin(fixed_means))]
         rows: dict[str, Any] = {}
         for c in controllers:
+            if testbed.name in not_run.get(c, ()):
+                continue
             primary = values(c, metric)
             temps = np.array([records[(testbed.name, c, s)]["temperature"] for s in tb_seeds])
             row: dict[str, Any] = {
@@ -88,17 +102,21 @@ def analyse(
     summary: dict[str, Any] = {}
     dev = [t.name for t in testbeds if t.split == DEVELOPMENT]
     for c in controllers:
-        regrets = {t.name: per_testbed[t.name]["controllers"][c]["regret"]["regret"]
-                   for t in testbeds}  # fmt: skip
+        ran = [t.name for t in testbeds if c in per_testbed[t.name]["controllers"]]
+        regrets = {t.name: (per_testbed[t.name]["controllers"][c]["regret"]["regret"]
+                            if t.name in ran else None) for t in testbeds}  # fmt: skip
+        dev_ran = [t for t in dev if t in ran]
         summary[c] = {
             "regret": regrets,
-            "worst_all": _worst(regrets.values()),
-            "worst_development": _worst(regrets[t] for t in dev) if dev else float("nan"),
-            "beats_fixed_1.0_on": [t.name for t in testbeds
-                                   if per_testbed[t.name]["controllers"][c]["beats_fixed_1.0"]],
+            "ran_on": ran,
+            "worst_all": _worst(regrets[t] for t in ran),
+            "worst_development": _worst(regrets[t] for t in dev_ran) if dev_ran
+            else float("nan"),
+            "beats_fixed_1.0_on": [t for t in ran
+                                   if per_testbed[t]["controllers"][c]["beats_fixed_1.0"]],
         }  # fmt: skip
     return {"testbeds": per_testbed, "summary": summary, "controllers": list(controllers),
-            "order": [t.name for t in testbeds]}  # fmt: skip
+            "order": [t.name for t in testbeds], "not_run": not_run}  # fmt: skip
 
 
 def _worst(values: Any) -> float:
@@ -107,6 +125,10 @@ def _worst(values: Any) -> float:
     if not items or any(math.isnan(v) for v in items):
         return float("nan")
     return max(items)
+
+
+def _nan_if_none(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def _num(x: float, digits: int = 2) -> str:
@@ -167,16 +189,23 @@ def format_summary(analysis: dict[str, Any]) -> str:
     ]
     for c in analysis["controllers"]:
         s = analysis["summary"][c]
-        cells = " | ".join(_num(s["regret"][t]) for t in order)
+        cells = " | ".join("not run" if s["regret"][t] is None else _num(s["regret"][t])
+                           for t in order)  # fmt: skip
+        ran = s.get("ran_on", order)
         lines.append(
             f"| {c} | {cells} | {_num(s['worst_development'])} | {_num(s['worst_all'])} | "
-            f"{len(s['beats_fixed_1.0_on'])}/{len(order)} |"
+            f"{len(s['beats_fixed_1.0_on'])}/{len(ran)} |"
         )
     best = " · ".join(f"{t}: {tbs[t]['best_fixed']}" for t in order)
     lines += ["", f"Best fixed arm per testbed: {best}.",
               "Normalised regret (0 = best fixed arm of the grid 0.6..1.5, 1 = worst; < 0 beats "
               "the best); 'beats T=1.0': mean > 0 and Wilcoxon p < 0.05, paired by seed, no "
               "correction across testbeds."]  # fmt: skip
+    not_run = analysis.get("not_run") or {}
+    if not_run:
+        lines.append("Not run (no record; worst cases and 'beats' cover the testbeds each "
+                     "controller ran on): " + "; ".join(
+                         f"{c} on {', '.join(t)}" for c, t in not_run.items()) + ".")
     return "\n".join(lines)
 
 
@@ -190,15 +219,20 @@ def heatmap(analysis: dict[str, Any], path: Path) -> Path:
     order = analysis["order"]
     controllers = analysis["controllers"]
     cols = [*order, "worst (all)"]
-    grid = np.array([[analysis["summary"][c]["regret"][t] for t in order]
-                     + [analysis["summary"][c]["worst_all"]] for c in controllers])  # fmt: skip
+    grid = np.array([[_nan_if_none(analysis["summary"][c]["regret"][t]) for t in order]
+                     + [analysis["summary"][c]["worst_all"]] for c in controllers],
+                    dtype=float)  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(1.1 * len(cols) + 3.0, 6.0),
                                     0.42 * len(controllers) + 2.0))
-    shown = np.clip(np.nan_to_num(grid, nan=1.0), -0.5, 1.0)
-    image = ax.imshow(shown, cmap="RdYlGn_r", vmin=-0.5, vmax=1.0, aspect="auto")
-    for i in range(grid.shape[0]):
+    # undefined regrets and arms not run are grey cells, never a colour of the scale
+    shown = np.ma.masked_invalid(np.clip(grid, -0.5, 1.0))
+    cmap = plt.get_cmap("RdYlGn_r").with_extremes(bad="lightgrey")
+    image = ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=1.0, aspect="auto")
+    for i, c in enumerate(controllers):
         for j in range(grid.shape[1]):
-            ax.text(j, i, _num(grid[i, j]), ha="center", va="center", fontsize=8)
+            not_run = j < len(order) and analysis["summary"][c]["regret"][order[j]] is None
+            ax.text(j, i, "not run" if not_run else _num(grid[i, j]), ha="center",
+                    va="center", fontsize=7 if not_run else 8)
     ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(controllers)), controllers, fontsize=8)
     ax.axvline(len(order) - 0.5, color="black", linewidth=1.5)
@@ -223,8 +257,17 @@ def _finite(obj: Any) -> Any:
 
 
 def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
-                 *, plots: bool = True) -> dict[str, Path]:  # fmt: skip
-    """Write ``scoreboard.md``, ``scoreboard.json`` and ``regret_heatmap.png`` into ``out``."""
+                 *, plots: bool = True,
+                 pages: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:  # fmt: skip
+    """Write ``scoreboard.md``, ``scoreboard.json`` and ``regret_heatmap.png`` into ``out``.
+
+    ``pages``: :func:`.pages.write_testbed_pages`'s index; each testbed's section then links to
+    its page, and the JSON holds the index under ``"testbed_pages"``.
+    """
+    if pages is not None:
+        absent = [name for name in analysis["order"] if name not in pages]
+        if absent:
+            raise ValueError(f"pages lacks the testbeds {absent}")
     paths = {"markdown": out / "scoreboard.md", "json": out / "scoreboard.json"}
     if plots:
         paths["heatmap"] = heatmap(analysis, out / "regret_heatmap.png")
@@ -242,10 +285,22 @@ def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
     ]
     if plots:
         parts += ["![regret heat-map](regret_heatmap.png)", ""]
+    if pages is not None:
+        links = " · ".join(f"[{name}]({pages[name]['page']})" for name in analysis["order"])
+        parts += [f"Per-testbed pages (full table, signal diagnostics of the likelihood rules): "
+                  f"{links}.", ""]  # fmt: skip
     parts += ["## Per testbed", ""]
     for name in analysis["order"]:
         parts += [format_testbed(name, analysis["testbeds"][name]), ""]
+        if pages is not None:
+            arms = pages[name]["signal"]
+            drawn = [c for c, arm in arms.items() if arm["figure"] is not None]
+            what = (f"signal diagnostics of {', '.join(drawn)}" if drawn else
+                    "no signal-diagnostics figure")  # fmt: skip
+            parts += [f"Page: [{pages[name]['page']}]({pages[name]['page']}) (this table; "
+                      f"{what}).", ""]  # fmt: skip
     paths["markdown"].write_text("\n".join(parts), encoding="utf-8")
-    blob = json.dumps(_finite({**meta, **analysis}), indent=1, allow_nan=False)
+    extra = {} if pages is None else {"testbed_pages": pages}
+    blob = json.dumps(_finite({**meta, **analysis, **extra}), indent=1, allow_nan=False)
     paths["json"].write_text(blob, encoding="utf-8")
     return paths

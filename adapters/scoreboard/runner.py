@@ -7,6 +7,12 @@ testbed's configuration changed) or that does not verify (truncated, garbled) is
 the runner says so. Gym runs call ``metactl gym-study``'s :func:`run_one`; reference runs call the
 reference adapter's ``prepare_start`` (cached warm-up) and ``run_arm`` (its own resumable
 checkpoints under ``<out>/reference/<testbed>/``).
+
+The record of a likelihood-rule run (TAMPO and its variants, Hedge, MetaGradient: any run whose
+log has signal diagnostics) keeps, under ``"signal"``, every step's diagnostics of its signal
+(:mod:`.signal_record`; ``None`` for a run without them), for the per-testbed pages. A record
+written before that field existed has the same key and is reused as it is: its page says that
+its diagnostics were not recorded.
 """
 
 from __future__ import annotations
@@ -25,14 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metactl.adapters.gym.study import StudyConfig, run_one
+from metactl.adapters.gym.study import StudyConfig, make_controller, run_one
 
 import metactl
 
+from .signal_record import from_gym_run, from_reference_result
 from .suite import Testbed, reference_controller_name
 
 __all__ = ["RECORD_FORMAT", "Job", "load_record", "record_path", "run_jobs", "write_record"]
 
+# part of every run's key: a change here recomputes every record. The optional "signal" field
+# (signal_record.SIGNAL_FORMAT) is not: it adds diagnostics without changing any metric.
 RECORD_FORMAT = 1
 
 
@@ -125,6 +134,10 @@ def _gym_task(testbed: str, controller: str, seed: int, key: str,
             "final_greedy": float(run["greedy"][-1]),
         },
         "temperature": [float(t) for t in run["temperature"]],
+        # the columns of the signal are the controller's candidates (run_one does not return
+        # the policy; building it again is cheap and draws nothing from the run's RNGs)
+        "signal": from_gym_run(run["signal"],
+                               make_controller(controller, config, seed).candidates),
         "wall_seconds": time.perf_counter() - start,
         "metactl_version": metactl.__version__,
     }
@@ -197,6 +210,7 @@ def _reference_task(testbed: str, controller: str, seed: int, key: str, cfg: Any
             "pass_at_k": float(avg["pass_at_k"]),
         },
         "temperature": [float(t) for t in result["temperature"]],
+        "signal": from_reference_result(result),
         "train_seconds": float(result["train_seconds"]),
         "meta_seconds": float(result.get("meta_seconds", 0.0)),
         "wall_seconds": time.perf_counter() - start,

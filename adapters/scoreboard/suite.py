@@ -36,6 +36,7 @@ __all__ = [
     "Testbed",
     "check_controller",
     "default_controllers",
+    "is_likelihood_rule",
     "reference_controller_name",
 ]
 
@@ -203,3 +204,17 @@ def check_controller(name: str, testbed: Testbed) -> None:
     except ValueError as exc:
         raise ValueError(f"controller {name!r} is not available on testbed {testbed.name!r} "
                          f"({exc})") from None
+
+
+def is_likelihood_rule(name: str, testbed: Testbed) -> bool:
+    """Whether controller ``name`` on ``testbed`` is a likelihood rule (it asks for the
+    candidate likelihoods and the advantages, as TAMPO does): the runs whose logs hold signal
+    diagnostics. Raises ``ValueError`` as :func:`check_controller` does."""
+    check_controller(name, testbed)
+    if testbed.gym is not None:
+        policy = make_controller(name, testbed.gym, seed=0)
+    else:
+        from metactl.adapters.reference.controllers import make_policy
+
+        policy = make_policy(reference_controller_name(name), steps=10, seed=0)
+    return {"loglik", "advantages"} <= set(policy.requires)
