@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-HYPERPARAMETERS = ("temperature", "top_p", "min_p", "generic")
+from .knobs import KnobGrid, check_knob, knob_values
+
+#: What a :class:`metactl.MetaPolicy` can control: one sampler knob (its candidates are values
+#: of that knob), ``"joint"`` (candidates are a :class:`metactl.KnobGrid` of knob mappings) or
+#: ``"generic"`` (any finite numbers, no knob: the caller applies them).
+HYPERPARAMETERS = ("temperature", "top_p", "top_k", "min_p", "joint", "generic")
+
+#: How errors name each knob's values.
+_KNOB_LABELS = {
+    "temperature": "temperatures",
+    "top_p": "top-p values",
+    "top_k": "top-k values",
+    "min_p": "min-p values",
+}
 
 
 def to_numpy(x: Any, name: str) -> np.ndarray:
@@ -151,24 +164,69 @@ def one_of(x: Any, name: str, allowed: Sequence[str]) -> str:
     return x
 
 
+def is_joint_like(candidates: Any) -> bool:
+    """Whether ``candidates`` is a joint grid: a :class:`~metactl.knobs.KnobGrid` or a non-empty
+    list/tuple whose first entry is a mapping (``{"temperature": 0.8, "top_p": 0.9}``)."""
+    if isinstance(candidates, KnobGrid):
+        return True
+    return (
+        isinstance(candidates, (list, tuple))
+        and len(candidates) > 0
+        and isinstance(candidates[0], Mapping)
+    )
+
+
 def candidate_values(
     candidates: Any, hyperparameter: str = "temperature", name: str = "candidates"
 ) -> np.ndarray:
-    """Validate a candidate grid: 1-D, K >= 2, finite, unique, and in the hyperparameter's range.
+    """Validate the candidates of one knob (or ``"generic"`` numbers): 1-D, K >= 2, finite,
+    unique, every value in the knob's range (:func:`metactl.knobs.check_knob`: temperature
+    ``> 0``, top_p in ``(0, 1]``, top_k an integer ``>= 1``, min_p in ``[0, 1)``).
 
-    Order is kept as given (it is the index order of probabilities and decisions).
+    Returns a float64 array, order kept (it is the index order of probabilities and
+    decisions); ``top_k`` values must be integers (a float such as ``50.0`` is refused, as by
+    ``check_knob``) and come back as exact float64 integers. A joint grid (a ``KnobGrid`` or a
+    list of knob mappings) is refused: it has no single value per candidate.
     """
     one_of(hyperparameter, "hyperparameter", HYPERPARAMETERS)
+    if hyperparameter == "joint":
+        raise ValueError(
+            f"{name}: joint candidates are a KnobGrid, not an array of values; use "
+            "metactl.knobs.joint_candidates"
+        )
+    if is_joint_like(candidates):
+        knobs = (
+            list(candidates.knobs)
+            if isinstance(candidates, KnobGrid)
+            else sorted(map(str, candidates[0]))
+        )
+        needs = (
+            "one number per candidate"
+            if hyperparameter == "generic"
+            else f"the values of one knob (hyperparameter={hyperparameter!r})"
+        )
+        raise ValueError(
+            f"{name} is a joint grid over {knobs} (knob mappings), but this needs {needs}; "
+            "build a joint policy with hyperparameter='joint', or pass one knob's values "
+            "(grid.column(knob)) or the candidate indices (numpy.arange(K))"
+        )
+    if hyperparameter == "top_k":
+        # the raw values, so that a bool or a float among the ints is refused as such
+        ints = knob_values("top_k", candidates, name, minimum=2)
+        return ints.astype(np.float64)
     arr = finite_array(candidates, name, ndim=1)
     if arr.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 values (K >= 2), got {arr.shape[0]}")
     if np.unique(arr).shape[0] != arr.shape[0]:
         values, counts = np.unique(arr, return_counts=True)
         raise ValueError(f"{name} has duplicate values: {values[counts > 1].tolist()}")
-    if hyperparameter == "temperature" and np.any(arr <= 0):
-        raise ValueError(f"{name}: temperatures must be > 0, got {arr[arr <= 0].tolist()}")
-    if hyperparameter == "top_p" and np.any((arr <= 0) | (arr > 1)):
-        raise ValueError(f"{name}: top-p values must lie in (0, 1], got {arr.tolist()}")
-    if hyperparameter == "min_p" and np.any((arr < 0) | (arr >= 1)):
-        raise ValueError(f"{name}: min-p values must lie in [0, 1), got {arr.tolist()}")
+    if hyperparameter != "generic":
+        for i, value in enumerate(arr.tolist()):
+            try:
+                check_knob(hyperparameter, value, f"{name}[{i}]")
+            except ValueError as exc:
+                raise ValueError(
+                    f"{name}: {_KNOB_LABELS[hyperparameter]} out of range ({exc}); got "
+                    f"{arr.tolist()}"
+                ) from exc
     return arr

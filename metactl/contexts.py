@@ -355,6 +355,8 @@ def decision_arrays(
         if not 0 <= d.index < n_candidates:
             raise ValueError(f"{name}.index {d.index} is out of range")
         contexts.append(_key(d.context, f"{name}.context"))
+        if isinstance(d.value, dict):  # joint policies make no per-context decisions
+            raise TypeError(f"{name} is a joint decision; per-context decisions set one knob")
         values[i] = d.value
         indices[i] = d.index
         if features is not None:

@@ -10,6 +10,8 @@ from typing import overload
 
 import numpy as np
 
+from .knobs import KnobValue
+
 __all__ = ["ContextKey", "Decision", "DecisionBatch", "UpdateInfo"]
 
 ContextKey = int | str
@@ -28,7 +30,12 @@ class Decision:
             temperature) and ``index`` is the candidate nearest to ``value`` (smallest
             ``|value - candidate|``, ties to the lower index); apply ``value``, never
             ``candidates[index]``.
-        value: the value to sample with (and to score the rows with).
+        value: the value to sample with (and to score the rows with): a ``float`` for a
+            policy over one knob (also for ``top_k``: the float of the integer, see
+            ``setting``) or ``"generic"`` numbers; for a joint policy
+            (``hyperparameter="joint"``) the candidate's knob mapping, a plain JSON-safe
+            ``dict`` such as ``{"temperature": 0.8, "top_p": 0.95}`` (knobs in the order of
+            :data:`metactl.knobs.KNOBS`); a joint decision is then not hashable.
         prob: the probability with which the policy picked ``index`` (its propensity): for
             continuous values, the probability that the rule's draw falls nearest to
             ``candidates[index]`` (see the rule).
@@ -38,16 +45,51 @@ class Decision:
         on_grid: whether ``value`` is exactly ``candidates[index]`` (see ``index``).
         features: the context's feature vector given to ``select`` (rules with features), else
             ``None``.
+        knobs: the sampler knobs the decision sets (``policy.knobs``): ``("temperature",)``,
+            ``("top_k",)``, ..., the grid's knobs for a joint policy, ``()`` for
+            ``"generic"``.
+
+    ``setting`` is the sampler keyword arguments of the decision, ``{knob: value}``, so that an
+    adapter can always do ``sampler_kwargs.update(decision.setting)``.
     """
 
     index: int
-    value: float
+    value: float | dict[str, KnobValue]
     prob: float
     step: int
     policy_id: str
     context: ContextKey | None = None
     on_grid: bool = True
     features: tuple[float, ...] | None = None
+    knobs: tuple[str, ...] = ()
+
+    @property
+    def setting(self) -> dict[str, KnobValue]:
+        """The sampler setting ``{knob: value}`` (a new dict each call): ``{"temperature":
+        0.9}``, ``{"top_k": 50}`` (an ``int``), ``{"temperature": 0.8, "top_p": 0.95}``.
+
+        Raises:
+            ValueError: a ``"generic"`` decision (it sets no knob; apply ``value`` yourself).
+        """
+        return decision_setting(self.knobs, self.value)
+
+
+def decision_setting(knobs: tuple[str, ...], value: float | dict[str, KnobValue]) -> dict[
+    str, KnobValue
+]:
+    """``{knob: value}`` of a decision over ``knobs`` (see :attr:`Decision.setting`)."""
+    if not knobs:
+        raise ValueError(
+            "a 'generic' decision sets no sampler knob (hyperparameter='generic'): apply "
+            "decision.value yourself"
+        )
+    if isinstance(value, dict):
+        return dict(value)
+    if len(knobs) != 1:
+        raise ValueError(f"a decision over the knobs {list(knobs)} needs a mapping value")
+    knob = knobs[0]
+    # top_k decisions are always on the grid (continuous rules are refused for it): exact int
+    return {knob: int(value) if knob == "top_k" else float(value)}
 
 
 class DecisionBatch(Sequence[Decision]):
@@ -61,13 +103,17 @@ class DecisionBatch(Sequence[Decision]):
     (PTGS's cell probabilities cost two incomplete-beta evaluations per context, which a
     trainer that never reads them should not pay); the values are fixed at ``select``. Pass
     it (or a list of its decisions, or the concatenation of several batches of the same step
-    as a list) to ``policy.update``; the arrays are read-only.
+    as a list) to ``policy.update``; the arrays are read-only. ``knobs`` is the one knob the
+    values set (``()`` for ``"generic"``) and ``settings`` the per-context sampler settings.
+    Per-context decisions exist for one-knob policies only: a joint policy refuses contextual
+    rules (see :class:`metactl.MetaPolicy`).
     """
 
     __slots__ = (
         "_contexts",
         "_features",
         "_indices",
+        "_knobs",
         "_on_grid",
         "_probs",
         "_probs_fn",
@@ -87,8 +133,11 @@ class DecisionBatch(Sequence[Decision]):
         features: np.ndarray | None,
         step: int,
         policy_id: str,
+        knobs: tuple[str, ...] = (),
     ) -> None:
         n = len(contexts)
+        if len(knobs) > 1:
+            raise ValueError("a DecisionBatch holds the values of one knob (or generic values)")
         self._probs_fn: Callable[[], np.ndarray] | None = None
         if callable(probs):
             self._probs_fn, probs = probs, np.zeros(n)
@@ -106,6 +155,7 @@ class DecisionBatch(Sequence[Decision]):
         self._probs = probs
         self._on_grid = on_grid
         self._features = features
+        self._knobs = tuple(knobs)
         self.step = step
         self.policy_id = policy_id
 
@@ -145,6 +195,17 @@ class DecisionBatch(Sequence[Decision]):
         """The features given to ``select``, shape (n, d), or None."""
         return self._features
 
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        """The knob the values set (``("temperature",)``, ...), ``()`` for generic values."""
+        return self._knobs
+
+    @property
+    def settings(self) -> list[dict[str, KnobValue]]:
+        """The sampler setting of each context, ``[{knob: value}, ...]`` (see
+        :attr:`Decision.setting`); ``ValueError`` for generic values."""
+        return [decision_setting(self._knobs, v) for v in self._values.tolist()]
+
     def __len__(self) -> int:
         return len(self._contexts)
 
@@ -171,6 +232,7 @@ class DecisionBatch(Sequence[Decision]):
             context=self._contexts[i],
             on_grid=bool(self._on_grid[i]),
             features=feats,
+            knobs=self._knobs,
         )
 
     def __iter__(self) -> Iterator[Decision]:

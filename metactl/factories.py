@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _validation as check
 from .contexts import DEFAULT_MAX_CONTEXTS
+from .knobs import KnobGrid
 from .policy import PAPER_TEMPERATURES, MetaPolicy
 from .rules import PTGS, TAMPO, ContextualTAMPO, LinearThompson
 from .selectors import Nucleus
@@ -17,23 +18,39 @@ __all__ = ["linear_thompson", "ptgs", "ptgs_candidates", "tampo", "tampo_per_pro
 
 
 def tampo(
-    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    candidates: Sequence[float] | np.ndarray | KnobGrid = PAPER_TEMPERATURES,
     *,
     alpha: float = 0.05,
     normalizer: str = "sparsemax",
     top_p: float = 0.7,
     seed: int = 0,
+    hyperparameter: str | None = None,
 ) -> MetaPolicy:
     """A TAMPO meta-policy with the paper's defaults: temperatures 0.6..1.5 (step 0.1),
-    ``alpha = 0.05``, sparsemax, nucleus selection with ``top_p = 0.7``.
+    ``alpha = 0.05``, sparsemax, nucleus selection with ``top_p = 0.7`` (the selector's
+    nucleus over the candidates, not a sampler knob).
+
+    ``hyperparameter`` (see :class:`MetaPolicy`) defaults to ``"joint"`` when ``candidates``
+    is a joint grid (a :class:`metactl.KnobGrid` or a list of knob mappings), else to
+    ``"temperature"``.
 
     Example:
         >>> import metactl
         >>> policy = metactl.tampo(seed=0)
         >>> policy.probs.round(2).tolist() == [0.1] * 10   # uniform before the first update
         True
+        >>> metactl.tampo(metactl.grid(temperature=[0.8, 1.0], top_p=[0.9, 1.0])).knobs
+        ('temperature', 'top_p')
     """
-    return MetaPolicy(candidates, TAMPO(alpha=alpha, normalizer=normalizer), Nucleus(top_p), seed)
+    if hyperparameter is None:
+        hyperparameter = "joint" if check.is_joint_like(candidates) else "temperature"
+    return MetaPolicy(
+        candidates,
+        TAMPO(alpha=alpha, normalizer=normalizer),
+        Nucleus(top_p),
+        seed,
+        hyperparameter=hyperparameter,
+    )
 
 
 def ptgs_candidates(tau: float = 1.5, t_ref: float = 1.0, k: int = 11) -> np.ndarray:

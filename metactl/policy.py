@@ -1,10 +1,11 @@
 """The meta-policy: a categorical distribution over candidate values of one sampling
-hyperparameter, with ``select()`` once per rollout batch and ``update()`` from its feedback."""
+hyperparameter (or over joint settings of several, :func:`metactl.grid`), with ``select()`` once
+per rollout batch and ``update()`` from its feedback."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
 import numpy as np
@@ -28,7 +29,8 @@ from .contexts import (
     context_keys,
     decision_arrays,
 )
-from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
+from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo, decision_setting
+from .knobs import KNOBS, KnobGrid, KnobValue, joint_candidates
 from .rules import RULES, Rule
 from .selectors import SELECTORS, Greedy, Nucleus, Sample, Selector
 
@@ -48,17 +50,36 @@ PAPER_TEMPERATURES: tuple[float, ...] = tuple(round(0.6 + 0.1 * i, 1) for i in r
 
 
 class MetaPolicy:
-    """A learned distribution over candidate values of one sampling hyperparameter.
+    """A learned distribution over candidate values of one sampling hyperparameter (a knob),
+    or over joint settings of several knobs.
 
     Args:
-        candidates: the K >= 2 candidate values (unique, finite; > 0 for temperatures).
+        candidates: the K >= 2 candidates: unique values of the knob (each in the knob's range,
+            :func:`metactl.knobs.check_knob`: temperatures ``> 0``, top_p in ``(0, 1]``, top_k
+            integers ``>= 1``, min_p in ``[0, 1)``; any finite numbers for ``"generic"``), or
+            for ``hyperparameter="joint"`` a :class:`metactl.KnobGrid`
+            (``metactl.grid(temperature=[...], top_p=[...])``) or a list of mappings that all
+            set the same knobs (turned into one).
         rule: the update rule or controller (:class:`TAMPO`, :class:`Hedge`, :class:`Fixed`, ...).
         selector: how a value is drawn from the probabilities; default: the rule's own
             (``Nucleus(0.7)`` for TAMPO, ``Sample()`` for Hedge/EXP3, ``Greedy()`` for controllers).
         seed: seeds the policy's own ``numpy.random.Generator`` (PCG64). Equal seeds and equal
             feedback give equal choices, on every rank of a distributed run.
-        hyperparameter: ``"temperature"`` (default), ``"top_p"``, ``"min_p"`` or ``"generic"``;
-            sets the range the candidates are checked against.
+        hyperparameter: what the candidates are: ``"temperature"`` (default), ``"top_p"``,
+            ``"top_k"``, ``"min_p"``, ``"joint"`` (a grid of knob mappings) or ``"generic"``
+            (numbers that set no sampler knob; the caller applies them).
+
+    Each decision names its sampler setting: ``decision.setting`` is ``{knob: value}``
+    (``{"temperature": 0.9}``, ``{"top_k": 50}``, ``{"temperature": 0.8, "top_p": 0.95}``) and
+    ``policy.setting(k)`` that of candidate ``k``; ``policy.family`` is the
+    :func:`metactl.likelihood.candidate_loglik` family that scores the candidates.
+
+    A joint policy takes the rules that use only the candidates' indices (TAMPO, Hedge,
+    MetaGradient, EXP3, UCB1, ThompsonGaussian): the rules that read candidate values as
+    numbers (Fixed, Counterfactual) or produce continuous values between them (Schedule,
+    EntropyTarget, EntropySchedule, Uncertainty, PTGS) are refused, and so are per-context
+    rules (ContextualTAMPO, LinearThompson, PTGS): per-prompt decisions over a joint grid are
+    not supported. A ``top_k`` policy (an integer knob) refuses the continuous rules.
 
     With a contextual rule (:class:`PTGS`, :class:`ContextualTAMPO`, :class:`LinearThompson`)
     the policy also keeps per-context state: ``select(contexts=...)`` gives one decision per
@@ -77,7 +98,7 @@ class MetaPolicy:
 
     def __init__(
         self,
-        candidates: Sequence[float] | np.ndarray,
+        candidates: Sequence[float] | np.ndarray | KnobGrid | Sequence[Mapping[str, KnobValue]],
         rule: Rule,
         selector: Selector | None = None,
         seed: int = 0,
@@ -91,8 +112,31 @@ class MetaPolicy:
                 f"selector must be a metactl selector (e.g. Nucleus()), got {selector!r}"
             )
         self._hyperparameter = check.one_of(hyperparameter, "hyperparameter", check.HYPERPARAMETERS)
-        self._candidates = check.candidate_values(candidates, hyperparameter)
+        self._grid: KnobGrid | None = None
+        if hyperparameter == "joint":
+            if not check.is_joint_like(candidates):
+                raise ValueError(
+                    "candidates: hyperparameter='joint' needs a KnobGrid (metactl.grid("
+                    "temperature=[...], top_p=[...])) or a list of knob mappings, got "
+                    f"{type(candidates).__name__}"
+                )
+            self._grid = joint_candidates(candidates, "candidates")
+            # The rules see the candidate positions: a joint policy takes "indices" rules only.
+            self._candidates = np.arange(len(self._grid), dtype=np.float64)
+        else:
+            self._candidates = check.candidate_values(candidates, hyperparameter)
         self._candidates.setflags(write=False)
+        # what ``candidates`` shows: top_k values as the ints the sampler takes
+        self._public = (
+            self._candidates.astype(np.int64) if hyperparameter == "top_k" else self._candidates
+        )
+        self._public.setflags(write=False)
+        self._knobs: tuple[str, ...] = (
+            tuple(k for k in KNOBS if k in self._grid.knobs)
+            if self._grid is not None
+            else () if hyperparameter == "generic" else (hyperparameter,)
+        )
+        check_rule_fits(rule, hyperparameter)
         rule.validate_candidates(self._candidates)
         self._rule = rule
         self._selector = selector if selector is not None else rule.default_selector()
@@ -121,9 +165,58 @@ class MetaPolicy:
 
     # -- read-only views ---------------------------------------------------------------------
     @property
-    def candidates(self) -> np.ndarray:
-        """The candidate values, shape (K,) (read-only)."""
-        return self._candidates
+    def candidates(self) -> Any:
+        """The candidates: the values, a read-only array of shape (K,) (float64; int64 for
+        ``top_k``), or for a joint policy its :class:`metactl.KnobGrid`. Pass it to
+        ``candidate_loglik(..., policy.candidates, policy.family)``."""
+        return self._grid if self._grid is not None else self._public
+
+    @property
+    def num_candidates(self) -> int:
+        """K, the number of candidates."""
+        return int(self._candidates.shape[0])
+
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        """The sampler knobs the policy sets: ``("temperature",)``, ``("top_p",)``, ...; a joint
+        policy's grid knobs in the canonical order of :data:`metactl.knobs.KNOBS`; ``()`` for
+        ``"generic"``."""
+        return self._knobs
+
+    @property
+    def family(self) -> str:
+        """The :func:`metactl.likelihood.candidate_loglik` family of the candidates:
+        ``"temperature"``, ``"top_p"``, ``"top_k"``, ``"min_p"`` or ``"joint"`` (score with
+        ``candidate_loglik(..., policy.candidates, policy.family, **fixed_knobs)``).
+
+        Raises:
+            ValueError: a ``"generic"`` policy (its numbers are no sampler knob).
+        """
+        if self._hyperparameter == "generic":
+            raise ValueError(
+                "a 'generic' policy has no likelihood family: its candidates set no sampler "
+                "knob (build it with hyperparameter='temperature', 'top_p', ... or 'joint')"
+            )
+        return self._hyperparameter
+
+    def setting(self, index: int) -> dict[str, KnobValue]:
+        """The sampler setting of candidate ``index`` (``0 <= index < K``): ``{"temperature":
+        0.9}``, ``{"top_k": 50}`` (an int), ``{"temperature": 0.8, "top_p": 0.95}`` (joint,
+        knobs in :data:`metactl.knobs.KNOBS` order). A new dict each call.
+
+        Raises:
+            TypeError: ``index`` is not an int.
+            ValueError: ``index`` out of range, or a ``"generic"`` policy (it sets no knob).
+        """
+        k = self.num_candidates
+        i = check.integer(index, "index", minimum=0, below=k)
+        return self._setting(i)
+
+    def _setting(self, index: int) -> dict[str, KnobValue]:
+        if self._grid is not None:
+            cand = self._grid[index]
+            return {knob: cand[knob] for knob in self._knobs}
+        return decision_setting(self._knobs, float(self._candidates[index]))
 
     @property
     def rule(self) -> Rule:
@@ -198,13 +291,16 @@ class MetaPolicy:
         else:
             prob = float(probs[index])
         value = self._rule.decision_value(self._state, self._candidates, self._step, index)
+        on_grid = bool(value == self._candidates[index])
         return Decision(
             index=int(index),
-            value=float(value),
+            # a joint policy's rules are "indices" rules: always on the grid
+            value=self._setting(int(index)) if self._grid is not None else float(value),
             prob=float(prob),
             step=self._step,
             policy_id=self._id,
-            on_grid=bool(value == self._candidates[index]),
+            on_grid=on_grid,
+            knobs=self._knobs,
         )
 
     def _checked_features(self, features: Any, n: int) -> np.ndarray | None:
@@ -273,6 +369,7 @@ class MetaPolicy:
             features=checked,
             step=self._step,
             policy_id=self._id,
+            knobs=self._knobs,
         )
 
     def _select_contextual_global(self) -> Decision:
@@ -285,6 +382,7 @@ class MetaPolicy:
             step=self._step,
             policy_id=self._id,
             on_grid=bool(on_grid[0]),
+            knobs=self._knobs,
         )
 
     def context_probs(self, contexts: Any, *, features: Any = None) -> np.ndarray:
@@ -466,12 +564,26 @@ class MetaPolicy:
         )
 
     # -- state -------------------------------------------------------------------------------
+    def _candidates_state(self) -> Any:
+        """The candidates as JSON: the list of values (ints for ``top_k``), or for a joint
+        policy ``KnobGrid.to_state()`` (``{"version", "knobs", "candidates"}``)."""
+        if self._grid is not None:
+            return self._grid.to_state()
+        if self._hyperparameter == "top_k":
+            return [int(v) for v in self._candidates.tolist()]
+        return self._candidates.tolist()
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically, as plain JSON-safe values."""
+        """Everything needed to continue bit-identically, as plain JSON-safe values.
+
+        The knobs are named by ``"hyperparameter"`` (the one knob, ``"joint"`` or
+        ``"generic"``) and, for a joint policy, by ``"candidates"``: the grid's
+        ``KnobGrid.to_state()``, ``{"version": 1, "knobs": [...], "candidates": [[...], ...]}``.
+        """
         return {
             "schema_version": SCHEMA_VERSION,
             "hyperparameter": self._hyperparameter,
-            "candidates": self._candidates.tolist(),
+            "candidates": self._candidates_state(),
             "rule": {"type": self._rule.name, "config": self._rule.config()},
             "selector": {"type": self._selector.name, "config": self._selector.config()},
             "seed": self._seed,
@@ -494,7 +606,7 @@ class MetaPolicy:
         """
         mine = {  # the configuration only (not the stored contexts, which may be millions)
             "hyperparameter": self._hyperparameter,
-            "candidates": self._candidates.tolist(),
+            "candidates": self._candidates_state(),
             "rule": {"type": self._rule.name, "config": self._rule.config()},
             "selector": {"type": self._selector.name, "config": self._selector.config()},
         }
@@ -532,8 +644,11 @@ class MetaPolicy:
             selector_cls = SELECTORS[state["selector"]["type"]]
             rule = rule_cls(**state["rule"]["config"])
             selector = selector_cls(**state["selector"]["config"])
+            candidates = state["candidates"]
+            if state["hyperparameter"] == "joint":
+                candidates = KnobGrid.from_state(candidates)
             policy = cls(
-                state["candidates"],
+                candidates,
                 rule,
                 selector,
                 seed=state["seed"],
@@ -546,9 +661,49 @@ class MetaPolicy:
 
     def __repr__(self) -> str:
         probs = np.array2string(self.probs, precision=3, separator=", ")
+        cands = (
+            [
+                ",".join(f"{knob}={v:g}" for knob, v in self._setting(i).items())
+                for i in range(self.num_candidates)
+            ]
+            if self._grid is not None
+            else self._candidates_state()
+        )
         return (
-            f"MetaPolicy({self._hyperparameter}, candidates={self._candidates.tolist()}, "
+            f"MetaPolicy({self._hyperparameter}, knobs={list(self._knobs)}, candidates={cands}, "
             f"rule={self._rule!r}, selector={self._selector!r}, step={self._step}, probs={probs})"
+        )
+
+
+def check_rule_fits(rule: Rule, hyperparameter: str) -> None:
+    """Refuse a rule that cannot decide over this kind of candidates (see
+    ``Rule.candidate_use``): a joint grid has no numeric value per candidate, so it takes
+    "indices" rules only, and global ones (no per-prompt joint decisions); an integer knob
+    (top_k) cannot take the continuous values between its candidates."""
+    use = rule.candidate_use
+    if hyperparameter == "joint":
+        if isinstance(rule, ContextualRule):
+            raise ValueError(
+                f"{rule.name} is a per-context rule: per-prompt decisions over a joint grid "
+                "(hyperparameter='joint') are not supported; use a global rule (TAMPO, Hedge, "
+                "EXP3, ...) or a policy over one knob"
+            )
+        if use == "continuous":
+            raise ValueError(
+                f"{rule.name} produces continuous values between the candidates, which exist "
+                "for one knob only: it cannot run with a joint grid (hyperparameter='joint'); "
+                "use a policy over one knob (e.g. hyperparameter='temperature')"
+            )
+        if use != "indices":
+            raise ValueError(
+                f"{rule.name} reads the candidate values as numbers, which a joint grid "
+                "(hyperparameter='joint') does not have; use an index-only rule (TAMPO, Hedge, "
+                "MetaGradient, EXP3, UCB1, ThompsonGaussian)"
+            )
+    if hyperparameter == "top_k" and use == "continuous":
+        raise ValueError(
+            f"{rule.name} produces continuous values between the candidates, but top_k is an "
+            "integer knob (hyperparameter='top_k'); use a rule that decides on the grid"
         )
 
 

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["", ".env", ".wrappers", ".learner", ".study"]
+MODULES = ["", ".env", ".wrappers", ".learner", ".sampling", ".training", ".study"]
 
 
 @pytest.mark.parametrize("suffix", MODULES)

@@ -75,8 +75,11 @@ def test_bad_arguments_exit_with_status_2(bad: list[str], tmp_path: Path, capsys
 
 def test_every_controller_builds_and_the_grid_is_complete() -> None:
     config = StudyConfig(steps=10)
+    sizes = {"top-p": 5, "tampo-joint": 20}  # the arms over other knobs (issue 12)
     for name in CONTROLLERS:
-        assert make_controller(name, config, seed=0).candidates.shape == (10,)
+        assert len(make_controller(name, config, seed=0).candidates) == sizes.get(name, 10)
+    assert make_controller("top-p", config, seed=0).knobs == ("top_p",)
+    assert make_controller("tampo-joint", config, seed=0).knobs == ("temperature", "top_p")
     assert {f"fixed-{t / 10:.1f}" for t in range(6, 16)} <= set(CONTROLLERS)
     assert {"tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy",
             "linear"} <= set(CONTROLLERS)  # fmt: skip

@@ -689,9 +689,12 @@ def test_docstring_examples():
     import metactl.knobs
     import metactl.likelihood
     import metactl.likelihood._checks
+    import metactl.likelihood._torch_ops
 
     attempted = 0
-    for module in (metactl.likelihood, metactl.likelihood._checks, lk, metactl.knobs):
+    modules = (metactl.likelihood, metactl.likelihood._checks, lk,
+               metactl.likelihood._torch_ops, metactl.knobs)  # fmt: skip
+    for module in modules:
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, module.__name__
         attempted += result.attempted

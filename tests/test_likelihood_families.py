@@ -14,6 +14,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import metactl.likelihood._torch as lk_torch  # noqa: E402
+import metactl.likelihood._torch_nucleus as lk_nucleus  # noqa: E402
+import metactl.likelihood._torch_truncation as lk_trunc  # noqa: E402
 from metactl.knobs import KnobGrid, check_knob, grid, joint_candidates  # noqa: E402
 from metactl.likelihood import candidate_loglik  # noqa: E402
 
@@ -284,7 +286,7 @@ def test_window_growth_and_chunking_do_not_change_results(monkeypatch, first_win
     logits, tokens, mask = make_batch(n=2, length=7, vocab=300, scale=0.3, seed=2, ties=ties)
     logits[0, 3, :50] = 1.0  # a 50-way tie at the top
     if first_window is not None:  # start too small: the window must grow until sets fit
-        monkeypatch.setattr(lk_torch, "_window_size", lambda *args: first_window)
+        monkeypatch.setattr(lk_trunc, "_window_size", lambda *args: first_window)
     g = grid(temperature=[0.8, 1.2], top_p=[0.5, 0.97], top_k=[60, 300])
     cases = [(g, list(g), "hf")]
     for order in ("hf", "vllm"):
@@ -298,35 +300,107 @@ def test_window_growth_and_chunking_do_not_change_results(monkeypatch, first_win
             np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=3e-5)
 
 
-def test_window_bound_holds_every_kept_set(monkeypatch):
-    """The window bound alone (before any widening) holds every kept set, and is smaller than
-    the vocabulary on a peaked distribution (so no full sort is needed)."""
+def test_window_holds_every_top_k_kept_set(monkeypatch):
+    """The top-k window (k + 1 logits) holds every top-k kept set, also with top-p and min-p
+    on the survivors, without widening on distinct logits; it is far smaller than V."""
     logits, tokens, mask = make_batch(n=2, length=5, vocab=2000, scale=4.0, seed=3)
     sizes = []
-    real = lk_torch._window_size
+    real = lk_trunc._window_size
 
     def recording(*args):
         sizes.append(real(*args))
         return sizes[-1]
 
-    monkeypatch.setattr(lk_torch, "_window_size", recording)
-    g = grid(temperature=[0.7, 1.5], top_p=[0.3, 0.9], min_p=[0.0, 0.05])
+    monkeypatch.setattr(lk_trunc, "_window_size", recording)
+    real_topk = torch.topk
+    widths = []
+
+    def topk(x, k, *args, **kwargs):
+        widths.append(k)
+        return real_topk(x, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", topk)
+    g = grid(temperature=[0.7, 1.5], top_p=[0.3, 0.9], min_p=[0.0, 0.05], top_k=[20, 60])
     for order in ("hf", "vllm"):
         sizes.clear()
+        widths.clear()
         got = candidate_loglik(logits, tokens, mask, g, order=order)
         np.testing.assert_allclose(
             got.double().numpy(), ref_loglik(logits, tokens, mask, list(g), order),
             rtol=1e-5, atol=3e-5,
         )  # fmt: skip
-        largest = max(
-            int(ref_kept(logits[i, t].double().numpy(), c["temperature"], None, c["top_p"],
-                         c["min_p"], order)[0].sum())
-            for c in g
-            for i in range(2)
-            for t in range(5)
-            if mask[i, t]
-        )
-        assert sizes and min(sizes) > largest and max(sizes) < 2000
+        assert sizes and set(sizes) == {61} and set(widths) == {61}  # never widened
+
+
+def test_nucleus_candidates_need_no_torch_sort_or_topk(monkeypatch):
+    """Top-p without top-k reads its kept sets off one NumPy sort per position (CPU): no
+    torch.sort or torch.topk, whose cost on a large vocabulary is many exp passes."""
+    logits, tokens, mask = make_batch(n=2, length=5, vocab=2000, scale=1.0, seed=3)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the nucleus path must not call torch.sort / torch.topk")
+
+    monkeypatch.setattr(torch, "sort", forbidden)
+    monkeypatch.setattr(torch, "topk", forbidden)
+    g = grid(temperature=[0.7, 1.4], top_p=[0.3, 0.9, 1.0], min_p=[0.0, 0.05])
+    for order in ("hf", "vllm"):
+        got = candidate_loglik(logits, tokens, mask, g, order=order)
+        want = candidate_loglik(logits.numpy(), tokens.numpy(), mask.numpy(), list(g), "joint",
+                                order=order)  # fmt: skip
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 16, 4096])
+def test_nucleus_blocks_do_not_change_results(monkeypatch, block):
+    """Any block size (1, not a power of two, or larger than V) gives the same kept sets,
+    including a tie longer than a block that straddles a block edge and the boundary."""
+    monkeypatch.setattr(lk_nucleus, "_block_size", lambda vocab: block)
+    logits, tokens, mask = make_batch(n=2, length=7, vocab=300, scale=0.3, seed=2, ties=True)
+    logits[0, 3, :50] = 1.0  # a 50-way tie at the top: top_p = 0.5 cuts through it
+    logits[1, 2, 7:200] = 0.25  # a 193-way tie in the middle
+    cases = [
+        (grid(temperature=[0.6, 1.2], top_p=[0.5, 0.97]), "hf"),  # 0.6 = 1.2 / 2: squared
+        (grid(temperature=[0.8, 1.2], top_p=[0.9], min_p=[0.0, 0.3]), "hf"),
+        (grid(temperature=[0.8, 1.2], top_p=[0.9], min_p=[0.0, 0.3]), "vllm"),
+    ]
+    for cands, order in cases:
+        want = ref_loglik(logits, tokens, mask, list(cands), order)
+        for chunk_size in (None, 1, 4):
+            got = candidate_loglik(logits, tokens, mask, cands, order=order,
+                                   chunk_size=chunk_size)  # fmt: skip
+            np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=3e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("vocab", [4096, 3001])
+def test_nucleus_on_a_large_vocabulary_matches_numpy(dtype, vocab):
+    """Vocabularies with many blocks (V = 3001 leaves a partial last block): temperatures
+    under top-p (with a halving chain), the top-p family, min-p on top, both orders, ties,
+    -inf logits and 16-bit input, against the float64 NumPy backend (itself checked against
+    the brute force above)."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, 12, vocab, generator=g) * 3
+    logits[2] = (logits[2] * 2).round() / 2  # coarse grid: ties everywhere
+    logits[0, 3, :200] = logits[0, 3].max() + 1  # a 200-way tie at the top
+    logits[1, :, 5:50] = float("-inf")
+    logits = logits.to(dtype)
+    tokens = torch.randint(0, vocab, (3, 12), generator=g)
+    tokens[1] = torch.where((tokens[1] >= 5) & (tokens[1] < 50), 0, tokens[1])
+    tokens[0, 4] = int(logits[0, 4].float().argmax())  # the top token
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    ref = logits.double().numpy()
+    cases = [
+        ([0.6, 0.7, 1.2, 1.4, 2.0], "temperature", {"top_p": 0.9}),
+        ([0.3, 0.5, 0.9, 0.99, 1.0], "top_p", {"temperature": 1.1}),
+        ([0.6, 1.2], "temperature", {"top_p": 0.8, "min_p": 0.05}),
+    ]
+    for cands, family, fixed in cases:
+        for order in ("hf", "vllm"):
+            got = candidate_loglik(logits, tokens, mask, cands, family, **fixed, order=order)
+            want = candidate_loglik(ref, tokens.numpy(), mask.numpy(), cands, family, **fixed,
+                                    order=order)  # fmt: skip
+            assert got.dtype == torch.float32
+            np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("workers", [1, 3])

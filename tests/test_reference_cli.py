@@ -131,7 +131,9 @@ def test_validate_controller_accepts_every_documented_arm_and_names_the_bad_one(
     for name in (*controllers.PAPER_ARMS, *controllers.OPTIONAL_ARMS, "fixed-0.6",
                  "cosine-1.5-0.6", "entropy-1.2"):
         assert validate_controller(name) == name
-        assert controllers.make_policy(name, steps=5, seed=0).select().value > 0
+        # every knob value > 0 (a joint arm's decision value is its {knob: value} setting)
+        setting = controllers.make_policy(name, steps=5, seed=0).select().setting
+        assert setting and all(v > 0 for v in setting.values())
     for name in ("fixed-abc", "foo", "entropy-x", "linear-1", "fixed-", "linear-0.9-"):
         with pytest.raises(ValueError, match=f"'{name}'.*valid forms"):
             validate_controller(name)

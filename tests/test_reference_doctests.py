@@ -10,8 +10,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-MODULES = ["tokenizer", "tasks", "model", "rollout", "trainer", "evaluate", "controllers",
-           "report", "presets", "paper", "sft", "experiment", "__init__"]
+MODULES = ["tokenizer", "tasks", "model", "rollout", "knobs", "loss", "config", "trainer",
+           "evaluate", "controllers", "report", "presets", "paper", "sft", "experiment",
+           "__init__"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -112,6 +112,8 @@ CORRUPTIONS = {
     "negative-temperature": _replace_in_json(train_temperature=-1.0),
     "temperature-off-grid": _replace_in_json(train_temperature=40.0),
     "string-temperature": _replace_in_json(train_temperature="hot"),
+    "setting-off-grid": _replace_in_json(train_setting={"temperature": 40.0}),
+    "setting-wrong-knob": _replace_in_json(train_setting={"top_p": 0.9}),
     "bad-format": _replace_in_json(format=2),
     "garbled-policy": _garble_policy,
     "not-an-object": lambda data: b"[1, 2, 3]",

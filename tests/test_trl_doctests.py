@@ -8,7 +8,7 @@ import importlib
 import pytest
 from metactl.adapters.trl.testing import torch_threads
 
-MODULES = ["", ".guards", ".patching", ".scoring", ".testing", ".trainer"]
+MODULES = ["", ".fused", ".guards", ".knobs", ".patching", ".scoring", ".testing", ".trainer"]
 
 
 @pytest.mark.parametrize("suffix", MODULES)

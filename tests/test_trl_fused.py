@@ -15,7 +15,9 @@ import torch
 import trl.kernels.chunked_logprob as kernels
 import trl.trainer.utils as trl_utils
 from metactl.adapters.trl import MetaGRPOTrainer
-from metactl.adapters.trl.scoring import FusedLogitsCapture, candidate_loglik_exact
+from metactl.adapters.trl.fused import FusedLogitsCapture
+from metactl.adapters.trl.knobs import CandidateScoring
+from metactl.adapters.trl.scoring import candidate_loglik_exact
 from metactl.adapters.trl.testing import (
     addition_dataset,
     build_char_tokenizer,
@@ -77,6 +79,37 @@ def test_fused_fold_equals_exact_and_leaves_trl_numbers_alone(
     torch.testing.assert_close(result.loglik, exact.loglik, rtol=0, atol=1e-5)
     assert torch.all(result.loglik[4] == 0)
     assert result.entropy_sum == pytest.approx(exact.entropy_sum, rel=1e-5)
+
+
+@pytest.mark.parametrize("vocab_chunk", [32768, 5])
+def test_fused_truncated_family_whole_tiles_or_a_clear_fallback(vocab_chunk, monkeypatch):
+    """A truncated family (here top_p under a fixed temperature and top_k) is scored on tiles
+    holding the whole vocabulary (== the exact path with the same scoring); split vocabularies
+    make the capture decline with a reason (the trainer then scores with an extra forward)."""
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", vocab_chunk)
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=3).eval()
+    add_fused_lm_head(model, temperature=0.9)
+    ids = torch.randint(4, len(tok), (3, 9), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :-5] = -100
+    scoring = CandidateScoring(candidates=(0.3, 0.6, 1.0), family="top_p", temperature=0.9,
+                               top_k=6)  # fmt: skip
+    capture = FusedLogitsCapture(scoring)
+    with capture.recording(ids, torch.ones_like(ids), 5, None), torch.no_grad():
+        model(input_ids=ids, labels=labels, fused_lm_head=True)
+    mask = torch.ones(3, 5)
+    result = capture.result(ids[:, -5:], mask)
+    if vocab_chunk < len(tok):
+        assert result is None and "whole vocabulary" in str(capture.failure)
+        return
+    assert result is not None, capture.failure
+    exact = candidate_loglik_exact(model, ids, torch.ones_like(ids), ids[:, -5:], mask, scoring,
+                                   batch_size=3)  # fmt: skip
+    torch.testing.assert_close(result.loglik, exact.loglik, rtol=0, atol=1e-5)
+    plain = candidate_loglik_exact(model, ids, torch.ones_like(ids), ids[:, -5:], mask,
+                                   [0.9, 1.0], batch_size=3)  # fmt: skip
+    assert not torch.allclose(exact.loglik[:, :1], plain.loglik[:, :1], atol=1e-3)
 
 
 def test_fused_capture_refuses_completions_it_did_not_score():

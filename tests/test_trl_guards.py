@@ -57,17 +57,31 @@ def test_trainer_refuses_an_untested_trl(model_path, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "name"),
     [
-        ({"top_p": 0.9}, "top_p"),
-        ({"top_k": 5}, "top_k"),
-        ({"min_p": 0.05}, "min_p"),
         ({"repetition_penalty": 1.1}, "repetition_penalty"),
-        ({"generation_kwargs": {"top_p": 0.8}}, "top_p"),  # overrides the config field
         ({"generation_kwargs": {"typical_p": 0.9}}, "typical_p"),
+        ({"generation_kwargs": {"epsilon_cutoff": 0.01}}, "epsilon_cutoff"),
     ],
 )
-def test_truncated_sampling_with_likelihood_rule_raises(model_path, tmp_path, overrides, name):
-    with pytest.raises(ValueError, match=rf"^{name}=.*truncates the sampling distribution"):
+def test_unmodelled_sampling_with_likelihood_rule_raises(model_path, tmp_path, overrides, name):
+    with pytest.raises(ValueError, match=rf"^{name}=.*no likelihood\s+family models"):
         _trainer(model_path, tmp_path, metactl.tampo(), **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "knob", "value"),
+    [
+        ({"top_p": 0.9}, "top_p", 0.9),
+        ({"top_k": 5}, "top_k", 5),
+        ({"min_p": 0.05}, "min_p", 0.05),
+        ({"top_p": 0.9, "generation_kwargs": {"top_p": 0.8}}, "top_p", 0.8),  # kwargs override
+    ],
+)
+def test_fixed_truncation_is_scored_with_a_temperature_policy(
+    model_path, tmp_path, overrides, knob, value
+):
+    trainer = _trainer(model_path, tmp_path, metactl.tampo(), **overrides)
+    assert trainer.meta_scoring.family == "temperature"
+    assert getattr(trainer.meta_scoring, knob) == value
 
 
 def test_truncated_sampling_is_fine_without_likelihoods(model_path, tmp_path):
@@ -88,9 +102,9 @@ def test_pinned_temperature_in_generation_kwargs_raises(model_path, tmp_path):
 def test_bad_trainer_arguments(model_path, tmp_path):
     with pytest.raises(TypeError, match=r"meta_policy must be a metactl\.MetaPolicy"):
         _trainer(model_path, tmp_path, policy="tampo")
-    top_p_policy = metactl.MetaPolicy([0.8, 0.9], metactl.EXP3(), hyperparameter="top_p")
-    with pytest.raises(ValueError, match="hyperparameter='temperature'"):
-        _trainer(model_path, tmp_path, top_p_policy)
+    generic = metactl.MetaPolicy([0.8, 0.9], metactl.EXP3(), hyperparameter="generic")
+    with pytest.raises(ValueError, match="which is no sampling knob"):
+        _trainer(model_path, tmp_path, generic)
     with pytest.raises(ValueError, match="likelihood must be 'fast', 'fused' or 'exact'"):
         MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward, likelihood="approx")
     with pytest.raises(ValueError, match="loglik_window_bytes must be >= 1"):
@@ -106,9 +120,10 @@ def test_default_policy_is_paper_tampo(model_path, tmp_path):
 def test_check_generation_settings_names_the_setting():
     check_generation_settings({"top_p": 1.0, "top_k": 0, "min_p": None},
                               generation_kwargs=None, needs_likelihood=True)  # fmt: skip
-    with pytest.raises(ValueError, match=r"top_k=3 .* Set top_k=0"):
-        check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=True)
-    check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=False)
+    check_generation_settings({"top_k": 3}, generation_kwargs={}, needs_likelihood=True)
+    with pytest.raises(ValueError, match=r"num_beams=3 .* Set num_beams=1"):
+        check_generation_settings({"num_beams": 3}, generation_kwargs={}, needs_likelihood=True)
+    check_generation_settings({"num_beams": 3}, generation_kwargs={}, needs_likelihood=False)
 
 
 @pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.24.0"])

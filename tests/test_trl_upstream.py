@@ -84,7 +84,7 @@ CASES = [
     Case("test_train_with_generation_kwargs",
          {"generation_kwargs": {"do_sample": True, "top_k": 50, "num_beams": 2,
                                 "length_penalty": -0.1}},
-         tampo_refused="top_k=50 truncates the sampling distribution"),
+         tampo_refused="num_beams=2 reshapes the sampling distribution"),
     Case("test_train_with_eval",
          {"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 3},
          with_eval=True),

@@ -1,31 +1,18 @@
-"""A small GRPO learner for ``TokenSearchEnv``, its temperature chosen by a ``MetaPolicy``.
+"""A small GRPO learner for ``TokenSearchEnv``, its sampler setting chosen by a ``MetaPolicy``.
 
 The policy is a tabular softmax over the next token for every state ``(task, position, previous
 token)`` (a bigram "language model" per task), initialised from the environment's
-``prior_logits``. One training step, cleanrl style (see :func:`train`):
-
-1. ``d = meta.select()``; ``T = d.value``: the one temperature of this step. With a per-prompt
-   policy (``meta.contextual``: :class:`metactl.PTGS`, :class:`metactl.ContextualTAMPO`,
-   :class:`metactl.LinearThompson`), ``d = meta.select(contexts=task_ids)`` instead: one
-   decision per task (the key is the task id), task ``i``'s rows at ``d.values[i]``.
-2. Roll out ``group_size`` answers for every task at its temperature (vectorised sampling of the
-   same dynamics as ``env.step``; rewards come from ``env.score``, the env's single definition).
-3. GRPO advantages per task group: ``A = (r - mean) / (std + eps)``.
-4. One policy-gradient step on ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T_i)[o_it]``,
-   with the log-probs of every row at the temperature ``T_i`` that sampled it (Adam or SGD on
-   the logit table).
-5. Feedback for the meta-policy from the logits the rollout already has (no extra episodes):
-   only what ``meta.requires`` asks for, among ``loglik`` (``metactl.likelihood.candidate_loglik``,
-   length-normalised, or summed per answer when the rule's ``likelihood_normalization`` is
-   ``"sum"``), ``advantages``, ``reward`` (batch mean), ``rewards`` (one per answer),
-   ``group_size``, ``entropy`` (mean token entropy, each row at its ``T_i``) and ``vocab_size``.
-   The candidate likelihoods are over the candidate grid: they do not depend on the sampling
-   temperature. Rows are in decision order (task ``i`` owns rows ``i G .. (i + 1) G - 1``), as
-   :mod:`metactl.contexts` asks.
-6. ``meta.update(d, **feedback)``.
+``prior_logits``. The sampler applies every knob of :data:`metactl.knobs.KNOBS`: temperature,
+top-k, top-p and min-p, in Hugging Face's order, exactly as :mod:`metactl.likelihood`'s families
+define them (:mod:`metactl.adapters.gym.sampling`), so the batch's log-probabilities, the
+gradient and the candidates' likelihoods all use the distribution that sampled it. The knobs a
+policy does not set stay at the learner's fixed values (:class:`GRPOConfig`: ``temperature``,
+``top_p``, ``top_k``, ``min_p``). The training loop, one meta decision per GRPO step, is
+:func:`train` (:mod:`metactl.adapters.gym.training`, which lists its steps).
 
 Evaluation is exact (no sampling noise): the success rate of the learned policy at
-``eval_temperature`` is ``mean_task prod_t softmax(z[task, t, target_{t-1}] / T_eval)[target_t]``.
+``eval_temperature`` (no truncation) is
+``mean_task prod_t softmax(z[task, t, target_{t-1}] / T_eval)[target_t]``.
 
 Example
 -------
@@ -36,19 +23,23 @@ Example
 >>> log = train(metactl.MetaPolicy([0.8, 1.2], metactl.Fixed(1.2)), env, steps=5, seed=0)
 >>> log.success.shape, log.temperature.tolist()
 ((6,), [1.2, 1.2, 1.2, 1.2, 1.2])
+>>> top_p = metactl.MetaPolicy([0.8, 1.0], metactl.Fixed(0.8), hyperparameter="top_p")
+>>> train(top_p, env, steps=3, seed=0).knobs["top_p"].tolist()
+[0.8, 0.8, 0.8]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from metactl.diagnostics import signal_diagnostics, stack_diagnostics
+from metactl.knobs import check_knob
 
 from .env import TokenSearchEnv
+from .sampling import SamplerRows, family_log_probs, log_softmax, row_settings
 
 __all__ = [
     "GRPOConfig",
@@ -61,36 +52,7 @@ __all__ = [
     "train",
 ]
 
-
-def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable ``log softmax`` along ``axis``.
-
-    >>> np.round(np.exp(log_softmax(np.array([0.0, np.log(3.0)]))), 3).tolist()
-    [0.25, 0.75]
-    """
-    shifted = z - z.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
-
-
-def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-4) -> np.ndarray:
-    """GRPO advantages: rewards standardised within consecutive groups of ``group_size``.
-
-    ``A = (r - mean_group) / (std_group + eps)`` with the unbiased std (as TRL); a group whose
-    rewards are all equal gets zero advantages.
-
-    >>> group_advantages(np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), 3).round(3).tolist()
-    [1.155, -0.577, -0.577, 0.0, 0.0, 0.0]
-    """
-    rewards = np.asarray(rewards, dtype=np.float64)
-    if group_size < 2 or rewards.ndim != 1 or rewards.shape[0] % group_size:
-        raise ValueError(
-            f"rewards must be 1-D with a length divisible by group_size >= 2, "
-            f"got shape {rewards.shape} and group_size={group_size}"
-        )
-    grouped = rewards.reshape(-1, group_size)
-    centred = grouped - grouped.mean(axis=1, keepdims=True)
-    std = grouped.std(axis=1, ddof=1, keepdims=True)
-    return (centred / (std + eps)).reshape(-1)
+_CONFIG: Any = object()  # "the learner's fixed value" (top_k=None already means "off")
 
 
 @dataclass(frozen=True)
@@ -121,6 +83,17 @@ class GRPOConfig:
     """Epsilon added to the group std of the advantages (TRL's value)."""
     eval_temperature: float = 1.0
     """Temperature at which the learned policy's success rate is evaluated."""
+    temperature: float = 1.0
+    """The sampling temperature when the meta-policy does not set it (e.g. a top-p policy)."""
+    top_p: float = 1.0
+    """The fixed top-p, in ``(0, 1]`` (1: off), when the meta-policy does not set it."""
+    top_k: int | None = None
+    """The fixed top-k, an int ``>= 1`` (``None``: off), when the meta-policy does not set it."""
+    min_p: float = 0.0
+    """The fixed min-p, in ``[0, 1)`` (0: off), when the meta-policy does not set it."""
+    truncation_epsilon: float = 1e-3
+    """Smoothing of a truncated sampler, in ``(0, 1)``: it samples
+    ``(1 - eps) p|S + eps p`` (:mod:`metactl.adapters.gym.sampling`); the likelihood default."""
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)):
@@ -137,6 +110,25 @@ class GRPOConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two floats in [0, 1), got {self.betas}")
+        check_knob("temperature", self.temperature, "temperature")
+        check_knob("top_p", self.top_p, "top_p")
+        if self.top_k is not None:
+            check_knob("top_k", self.top_k, "top_k")
+        check_knob("min_p", self.min_p, "min_p")
+        row_settings(1, epsilon=self.truncation_epsilon)  # validates the epsilon
+
+    def fixed_knobs(self) -> dict[str, Any]:
+        """The learner's sampler setting for the knobs a policy does not set.
+
+        >>> GRPOConfig(top_p=0.9).fixed_knobs()
+        {'temperature': 1.0, 'top_p': 0.9, 'top_k': None, 'min_p': 0.0}
+        """
+        return {
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "top_k": None if self.top_k is None else int(self.top_k),
+            "min_p": float(self.min_p),
+        }
 
 
 @dataclass(frozen=True)
@@ -147,6 +139,8 @@ class Rollout:
     ``logits (N, L, V)`` raw (un-tempered) logits that predicted each token, ``rewards (N,)``,
     and the ``temperature`` that sampled them: a float (one for the whole batch), or an
     ``(N,)`` array, row ``i`` sampled at ``temperature[i]`` (a temperature per task).
+    ``truncation``: the rows' top-k / top-p / min-p (:class:`~.sampling.SamplerRows`), or
+    ``None`` when no row was truncated (plain ``softmax(z / T)``).
     """
 
     tasks: np.ndarray
@@ -155,6 +149,18 @@ class Rollout:
     logits: np.ndarray
     rewards: np.ndarray
     temperature: float | np.ndarray
+    truncation: SamplerRows | None = None
+
+    def setting(self, knob: str) -> float | np.ndarray:
+        """The value of ``knob`` that sampled the batch: a float when every row shares it,
+        else ``(N,)`` per row (top_k: 0 = off)."""
+        if knob == "temperature":
+            values = self.row_temperatures()
+        elif self.truncation is None:
+            return 0.0 if knob == "top_k" else float(knob == "top_p")
+        else:
+            values = self.truncation.value(knob)
+        return float(values[0]) if np.all(values == values[0]) else values
 
     def row_temperatures(self) -> np.ndarray:
         """``(N,)``: the temperature of every row."""
@@ -236,16 +242,45 @@ class TabularGRPO:
         """Answers per rollout: ``num_tasks * group_size`` (task ``i`` owns rows ``i G ..``)."""
         return int(self._tasks.shape[0])
 
-    def rollout(self, temperature: float | np.ndarray, rng: np.random.Generator) -> Rollout:
-        """Sample ``group_size`` answers per task at ``temperature``; score them with the env.
+    def truncation(
+        self, top_p: Any = _CONFIG, top_k: Any = _CONFIG, min_p: Any = _CONFIG
+    ) -> SamplerRows | None:
+        """The rows' truncation knobs (each a scalar or one per row; omitted: the config's
+        fixed value; ``top_k=None``: off), or ``None`` when no row is truncated."""
+        fixed = self.config.fixed_knobs()
+        rows = row_settings(
+            self.num_rows,
+            top_p=fixed["top_p"] if top_p is _CONFIG else top_p,
+            top_k=fixed["top_k"] if top_k is _CONFIG else top_k,
+            min_p=fixed["min_p"] if min_p is _CONFIG else min_p,
+            epsilon=self.config.truncation_epsilon,
+        )
+        return rows if rows.truncated.any() else None
+
+    def rollout(
+        self,
+        temperature: float | np.ndarray,
+        rng: np.random.Generator,
+        *,
+        top_p: Any = _CONFIG,
+        top_k: Any = _CONFIG,
+        min_p: Any = _CONFIG,
+    ) -> Rollout:
+        """Sample ``group_size`` answers per task at the given setting; score them with the env.
 
         ``temperature``: a float for the whole batch, or ``(N,)`` per-row temperatures
-        (:attr:`num_rows`; e.g. ``np.repeat(per_task, group_size)``).
+        (:attr:`num_rows`; e.g. ``np.repeat(per_task, group_size)``). ``top_p``, ``top_k``,
+        ``min_p``: likewise a value or one per row (each checked as
+        :func:`metactl.knobs.check_knob` does; ``top_k=None`` keeps every token); omitted, the
+        config's fixed value. Every row samples from the family distribution of its setting
+        (:mod:`metactl.adapters.gym.sampling`); with no truncation, ``softmax(z / T)``.
         """
         tasks = self._tasks
         n = tasks.shape[0]
         temperature = _check_temperature(temperature, n)
+        truncation = self.truncation(top_p, top_k, min_p)
         divisor = _divisor(temperature, 2)
+        row_temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (n,))
         states = np.empty((n, self.length), dtype=np.int64)
         tokens = np.empty((n, self.length), dtype=np.int64)
         logits = np.empty((n, self.length, self.vocab_size))
@@ -253,24 +288,44 @@ class TabularGRPO:
         uniforms = rng.random((n, self.length))
         for t in range(self.length):
             z = self.logits[tasks, t, prev]
-            probs = np.exp(log_softmax(z / divisor))
+            if truncation is None:
+                probs = np.exp(log_softmax(z / divisor))
+            else:
+                probs = np.exp(family_log_probs(z, row_temps, truncation).log_q)
             cdf = np.cumsum(probs, axis=1)
             token = (uniforms[:, t, None] > cdf[:, :-1]).sum(axis=1)  # inverse-CDF sampling
             states[:, t], tokens[:, t], logits[:, t] = prev, token, z
             prev = token
         rewards = self.env.score(tasks, tokens)
-        return Rollout(tasks, states, tokens, logits, rewards, temperature)
+        return Rollout(tasks, states, tokens, logits, rewards, temperature, truncation)
+
+    def _family_terms(
+        self, z: np.ndarray, batch: Rollout, temperature: float | np.ndarray
+    ) -> Any:
+        """The family terms of ``(N, L, V)`` logits ``z`` at ``temperature`` under the batch's
+        truncation (flattened to ``(N L, V)`` rows)."""
+        assert batch.truncation is not None
+        n, length, vocab = z.shape
+        temps = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (n,))
+        return family_log_probs(
+            z.reshape(n * length, vocab), np.repeat(temps, length), batch.truncation.repeat(length)
+        )
 
     # ------------------------------------------------------------------ learning
     def token_logprobs(
         self, batch: Rollout, temperature: float | np.ndarray | None = None
     ) -> np.ndarray:
         """``(N, L)`` log-probs of the sampled tokens at ``temperature`` (a float or one per
-        row; default: the batch's own, each row at the temperature that sampled it)."""
+        row; default: the batch's own, each row at the temperature that sampled it), under the
+        batch's truncation (the distribution that sampled it)."""
         n = batch.tokens.shape[0]
         temp = batch.temperature if temperature is None else _check_temperature(temperature, n)
-        logp = log_softmax(batch.logits / _divisor(temp, 3))
-        return np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
+        if batch.truncation is None:
+            logp = log_softmax(batch.logits / _divisor(temp, 3))
+            return np.take_along_axis(logp, batch.tokens[..., None], axis=-1)[..., 0]
+        terms = self._family_terms(batch.logits, batch, temp)
+        flat = batch.tokens.reshape(-1)
+        return terms.log_q[np.arange(flat.shape[0]), flat].reshape(batch.tokens.shape)
 
     def gradient(self, batch: Rollout, advantages: np.ndarray) -> tuple[float, np.ndarray]:
         """GRPO loss of ``batch`` at its own temperature and its gradient w.r.t. the logit table.
@@ -278,9 +333,10 @@ class TabularGRPO:
         Uses the current table at the batch's states, so repeated passes over a batch see the
         updated policy (the first pass equals the rollout's own logits).
 
-        Loss: ``-(1/N) sum_i A_i (1/L) sum_t log softmax(z_it / T_i)[o_it]``, ``T_i`` the
-        temperature that sampled row ``i`` (on-policy: the importance ratio is 1; no KL term).
-        Returns ``(loss, grad)``, ``grad`` shaped like :attr:`logits`.
+        Loss: ``-(1/N) sum_i A_i (1/L) sum_t log q_i(o_it | z_it)``, ``q_i`` the distribution
+        that sampled row ``i`` (``softmax(z / T_i)`` without truncation; on-policy: the
+        importance ratio is 1; no KL term). Returns ``(loss, grad)``, ``grad`` shaped like
+        :attr:`logits`.
         """
         advantages = np.asarray(advantages, dtype=np.float64)
         n = batch.tokens.shape[0]
@@ -289,12 +345,19 @@ class TabularGRPO:
         temp = _divisor(batch.temperature, 3)  # (N, 1, 1) per-row, or the batch's float
         # the current table (equal to batch.logits for the on-policy step; fresher after a step)
         z = self.logits[batch.tasks[:, None], self._positions[None, :], batch.states]
-        logp = log_softmax(z / temp)  # (N, L, V)
         index = batch.tokens[..., None]
-        taken = np.take_along_axis(logp, index, axis=-1)[..., 0]
+        if batch.truncation is None:
+            logp = log_softmax(z / temp)  # (N, L, V)
+            taken = np.take_along_axis(logp, index, axis=-1)[..., 0]
+            # d loss / d z_it = -(A_i / (N L)) (onehot(o_it) - softmax(z_it / T_i)) / T_i
+            rows = np.exp(logp)
+        else:
+            terms = self._family_terms(z, batch, batch.temperature)
+            flat = batch.tokens.reshape(-1)
+            taken = terms.log_q[np.arange(flat.shape[0]), flat].reshape(batch.tokens.shape)
+            # d loss / d z_it = -(A_i / (N L)) (onehot(o_it) - w_it) / T_i (sampling.py)
+            rows = terms.grad_weights(flat).reshape(z.shape)
         loss = float(-(advantages[:, None] * taken).mean())
-        # d loss / d z_it = -(A_i / (N L)) (onehot(o_it) - softmax(z_it / T_i)) / T_i
-        rows = np.exp(logp)
         np.put_along_axis(rows, index, np.take_along_axis(rows, index, axis=-1) - 1.0, axis=-1)
         # batch.temperature: the float, or (N,) per row: one expression for both
         rows *= (advantages / (n * self.length * batch.temperature))[:, None, None]
@@ -327,15 +390,20 @@ class TabularGRPO:
         requires: Sequence[str],
         batch: Rollout,
         advantages: np.ndarray,
-        candidates: np.ndarray,
+        candidates: Any,
         *,
+        family: str = "temperature",
+        fixed: Mapping[str, Any] | None = None,
         likelihood_normalization: str = "mean",
     ) -> dict[str, Any]:
         """The feedback a meta-policy asks for (``requires``), from the rollout's own logits.
 
-        ``loglik``: ``(N, K)`` log-likelihood of every answer under every candidate temperature
-        (``metactl.likelihood.candidate_loglik``; every position counts, as all answers have
-        length L): length-normalised when ``likelihood_normalization="mean"`` (TAMPO's paper
+        ``loglik``: ``(N, K)`` log-likelihood of every answer under every candidate
+        (``metactl.likelihood.candidate_loglik(..., candidates, family, **fixed)``, in HF's
+        order with the config's ``truncation_epsilon``: ``candidates`` and ``family`` are the
+        policy's, ``fixed`` the knobs it does not set at the values that sampled the batch, as
+        :func:`train` passes them; every position counts, as all answers have length L):
+        length-normalised when ``likelihood_normalization="mean"`` (TAMPO's paper
         form), the sum over the answer's L tokens when ``"sum"`` (the probability of the whole
         answer, e.g. for :class:`metactl.Counterfactual`'s importance weights); pass the rule's
         own ``likelihood_normalization`` attribute (:func:`train` does). ``advantages``: the GRPO
@@ -357,7 +425,14 @@ class TabularGRPO:
                 mask = np.ones(batch.tokens.shape, dtype=bool)
                 loglik = np.asarray(
                     candidate_loglik(
-                        batch.logits, batch.tokens, mask, np.asarray(candidates, dtype=np.float64)
+                        batch.logits,
+                        batch.tokens,
+                        mask,
+                        candidates,
+                        family,
+                        order="hf",
+                        epsilon=self.config.truncation_epsilon,
+                        **dict(fixed or {}),
                     )
                 )
                 if likelihood_normalization == "sum":
@@ -381,9 +456,13 @@ class TabularGRPO:
 
     def entropy(self, batch: Rollout) -> float:
         """Mean token entropy (nats) of ``batch``'s sampling distributions (each row at the
-        temperature that sampled it)."""
-        logp = log_softmax(batch.logits / _divisor(batch.temperature, 3))
-        return float(-(np.exp(logp) * logp).sum(axis=-1).mean())
+        setting that sampled it)."""
+        if batch.truncation is None:
+            logp = log_softmax(batch.logits / _divisor(batch.temperature, 3))
+            return float(-(np.exp(logp) * logp).sum(axis=-1).mean())
+        log_q = self._family_terms(batch.logits, batch, batch.temperature).log_q
+        q = np.exp(log_q)
+        return float(-np.where(q > 0.0, q * log_q, 0.0).sum(axis=-1).mean())
 
     # ------------------------------------------------------------------ evaluation
     def success_by_task(self, temperature: float | None = None) -> np.ndarray:
@@ -419,168 +498,9 @@ class TabularGRPO:
         return float(self.success_by_task(temperature).mean())
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """One step of :func:`train`, handed to its ``on_step`` callback (after both updates)."""
-
-    step: int
-    decision: Any
-    batch: Rollout
-    advantages: np.ndarray
-    feedback: dict[str, Any]
-    info: Any
-    learner: TabularGRPO
 
 
-@dataclass
-class TrainLog:
-    """What :func:`train` records; ``steps`` rows unless noted.
-
-    ``success``: exact eval success rate before every step and after the last (``steps + 1``);
-    ``success_by_task``: the same per task (``steps + 1, num_tasks``); ``greedy``: fraction of
-    tasks that greedy decoding solves (``steps + 1``, temperature-free); ``temperature``: the value
-    used at each step (with a per-task policy: the mean over the tasks); ``task_temperature``:
-    the value each task was sampled at (``steps, num_tasks``; every column equal for a global
-    policy); ``reward``: the batch mean reward; ``entropy``: mean token entropy at the sampling
-    temperatures; ``probs``: the meta-policy's probabilities after each update (``steps, K``; a
-    per-task policy's global probabilities). ``signal``: for a likelihood rule (one that asks
-    for ``loglik`` and ``advantages``, e.g. TAMPO), the per-step diagnostics of its signal
-    (:func:`metactl.diagnostics.stack_diagnostics` of every step's
-    :func:`metactl.diagnostics.signal_diagnostics`, computed from the feedback the rule got);
-    None for other rules.
-    """
-
-    success: np.ndarray
-    success_by_task: np.ndarray
-    greedy: np.ndarray
-    temperature: np.ndarray
-    reward: np.ndarray
-    entropy: np.ndarray
-    probs: np.ndarray
-    families: tuple[str, ...] = field(default_factory=tuple)
-    task_temperature: np.ndarray | None = None
-    signal: dict[str, np.ndarray] | None = None
-
-    @property
-    def auc(self) -> float:
-        """Area under the learning curve: mean of ``success`` over the ``steps + 1`` evaluations."""
-        s = self.success  # trapezoid rule on a unit grid (np.trapezoid needs numpy >= 2)
-        return float((s[:-1] + s[1:]).sum() / 2.0 / (s.shape[0] - 1))
-
-    @property
-    def final_success(self) -> float:
-        """The success rate after the last step."""
-        return float(self.success[-1])
-
-
-def train(
-    meta: Any,
-    env: Any,
-    steps: int,
-    config: GRPOConfig | None = None,
-    seed: int = 0,
-    on_step: Callable[[StepRecord], None] | None = None,
-) -> TrainLog:
-    """Train a :class:`TabularGRPO` on ``env`` for ``steps`` steps; ``meta`` picks the temperature.
-
-    A global ``meta`` picks one temperature per step; a per-prompt one (``meta.contextual``)
-    picks one per task, keyed by the task id (``meta.select(contexts=[0, 1, ...])``), and its
-    update gets every row's feedback in task order.
-
-    Args:
-        meta: a ``metactl.MetaPolicy`` (any rule or controller, global or per-prompt).
-        env: a :class:`TokenSearchEnv` or a wrapper around one (e.g. ``gym.make(...)``).
-        steps: number of GRPO steps (one meta decision each).
-        config: learner hyperparameters.
-        seed: seeds the rollout sampler (the meta-policy has its own seed).
-        on_step: called after every step with a :class:`StepRecord` (for logging or checks).
-
-    Returns:
-        A :class:`TrainLog`.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    learner = TabularGRPO(env, config)
-    group = learner.config.group_size
-    rng = np.random.default_rng(seed)
-    k = len(meta.candidates)
-    success = np.empty(steps + 1)
-    by_task = np.empty((steps + 1, learner.env.num_tasks))
-    greedy = np.empty(steps + 1)
-    temperature = np.empty(steps)
-    reward = np.empty(steps)
-    entropy = np.empty(steps)
-    probs = np.empty((steps, k))
-    # a likelihood rule's signal diagnostics, from the (N, K) likelihoods it already receives
-    diagnose = {"loglik", "advantages"} <= set(meta.requires)
-    signal_records: list[dict[str, Any]] = []
-    task_temperature = np.empty((steps, learner.env.num_tasks))
-    contextual = bool(getattr(meta, "contextual", False))
-    # the task ids are the contexts; rows come in task order, G per task (decision order)
-    task_ids = list(range(learner.env.num_tasks))
-    # what the rule expects in ``loglik``: TAMPO's paper form is length-normalised ("mean")
-    normalization = getattr(getattr(meta, "rule", None), "likelihood_normalization", "mean")
-    if normalization not in ("mean", "sum"):  # checked before the first select draws from meta
-        raise ValueError(
-            f"meta.rule.likelihood_normalization must be 'mean' or 'sum', got {normalization!r}"
-        )
-    for step in range(steps):
-        by_task[step] = learner.success_by_task()
-        success[step] = by_task[step].mean()
-        greedy[step] = learner.greedy_success_by_task().mean()
-
-        decision = meta.select(contexts=task_ids) if contextual else meta.select()
-        if contextual:
-            per_task = np.asarray(decision.values, dtype=np.float64)
-            row_temps: float | np.ndarray = np.repeat(per_task, group)
-            temp = float(per_task.mean())
-        else:
-            temp = float(decision.value)
-            per_task = np.full(len(task_ids), temp)
-            row_temps = temp
-        batch = learner.rollout(row_temps, rng)
-        advantages = group_advantages(batch.rewards, group, learner.config.adv_eps)
-        learner.update(batch, advantages)
-        feedback = learner.feedback(
-            meta.requires,
-            batch,
-            advantages,
-            meta.candidates,
-            likelihood_normalization=normalization,
-        )
-        info = meta.update(decision, **feedback)
-        if diagnose:
-            signal_records.append(
-                signal_diagnostics(
-                    feedback["loglik"],
-                    feedback["advantages"],
-                    meta.candidates,
-                    row_temps,
-                    group,
-                    normalizer=getattr(meta.rule, "normalizer", "sparsemax"),
-                    tau=getattr(meta.rule, "tau", 1.0),
-                )
-            )
-        if on_step is not None:
-            on_step(StepRecord(step, decision, batch, advantages, feedback, info, learner))
-
-        temperature[step] = temp
-        task_temperature[step] = per_task
-        reward[step] = batch.rewards.mean()
-        entropy[step] = learner.entropy(batch)
-        probs[step] = info.probs
-    by_task[steps] = learner.success_by_task()
-    success[steps] = by_task[steps].mean()
-    greedy[steps] = learner.greedy_success_by_task().mean()
-    return TrainLog(
-        success=success,
-        success_by_task=by_task,
-        greedy=greedy,
-        temperature=temperature,
-        reward=reward,
-        entropy=entropy,
-        probs=probs,
-        families=learner.env.families,
-        task_temperature=task_temperature,
-        signal=stack_diagnostics(signal_records) if signal_records else None,
-    )
+# The training loop lives in ``training`` (which imports the learner from here); re-exported so
+# that ``from metactl.adapters.gym.learner import train`` keeps working. Imported last: it needs
+# this module's names defined.
+from .training import StepRecord, TrainLog, group_advantages, train  # noqa: E402

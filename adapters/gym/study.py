@@ -1,23 +1,29 @@
-"""Multi-seed study: every temperature controller on ``TokenSearch`` under one GRPO learner.
+"""Multi-seed study: every sampling controller on ``TokenSearch`` under one GRPO learner.
 
 Runs each controller (TAMPO with the paper's defaults, TAMPO with a softmax normaliser, Hedge,
-MetaGradient, EXP3, the E3 entropy controller, a fixed temperature at every candidate 0.6..1.5 and
-the linear 0.9 -> 1.5 schedule) for ``--seeds`` seeds. Seed ``s`` fixes the task set
-(``task_seed = s``), the rollout sampler and the meta-policy's own RNG, so runs with the same seed
-are paired across controllers (``--task-seed-offset`` shifts the task sets:
-``task_seed = offset + s``). Every option of the environment (``--prior-margin`` for the sharpness
-of the starting policy included) and of the learner is a flag; every argument, ``--out`` included,
-is validated before any run starts (one-line error, exit status 2).
+MetaGradient, EXP3, the E3 entropy controller, a fixed temperature at every candidate 0.6..1.5,
+the linear 0.9 -> 1.5 schedule, ..., and two arms over other knobs: ``top-p``, TAMPO (paper
+defaults) over top-p in (0.8, 0.85, 0.9, 0.95, 1.0) at T = 1.0, and ``tampo-joint``, TAMPO over
+the joint grid temperature 0.6..1.5 x top-p (0.9, 1.0), K = 20) for ``--seeds`` seeds. Seed
+``s`` fixes the task set (``task_seed = s``), the rollout sampler and the meta-policy's own RNG,
+so runs with the same seed are paired across controllers (``--task-seed-offset`` shifts the
+task sets: ``task_seed = offset + s``). Every option of the environment (``--prior-margin``
+for the sharpness of the starting policy included) and of the learner is a flag; every
+argument, ``--out`` included, is validated before any run starts (one-line error, exit
+status 2).
 
 Reported per controller: final success rate and area under the learning curve (exact success rate
 of the learned policy at ``T_eval = 1``, averaged over the evaluations before every step and after
 the last), each as mean +- 95% CI (Student t over seeds), and a paired Wilcoxon signed-rank test of
 the AUC against the best fixed temperature (chosen post hoc by mean AUC). The table also gives
-the final greedy (argmax) success, which no evaluation temperature can favour, and the mean
-temperature over the first and the last tenth of training.
+the final greedy (argmax) success, which no evaluation temperature can favour, the mean
+temperature over the first and the last tenth of training and, for an arm that sets another
+knob (top-p, ...), that knob's mean over the first and the last tenth.
 
 Writes into ``--out``: ``results.md`` and ``results.json`` (the table), ``runs.npz`` (every run's
-curves), ``learning_curves.png``, ``temperature.png`` and ``meta_probs.png``; for the
+curves: ``temperature``, ``top_p``, ``top_k`` (0: off) and ``min_p`` per step; ``probs`` when
+every arm has the same K, else ``probs/<controller>``), ``learning_curves.png``,
+``temperature.png`` (every knob an arm sets) and ``meta_probs.png``; for the
 likelihood rules (TAMPO and its variants, Hedge, MetaGradient), ``signal.npz`` (every step's
 :func:`metactl.diagnostics.signal_diagnostics`, keys ``<controller>/<field>``, one row per seed
 as in ``<controller>/seed``) and, for the TAMPO arms, ``signal_diagnostics.png`` (why TAMPO
@@ -55,6 +61,10 @@ from .learner import GRPOConfig, train
 __all__ = ["CONTROLLERS", "StudyConfig", "main", "make_controller", "run_one", "summarise"]
 
 CANDIDATES: tuple[float, ...] = tuple(metactl.PAPER_TEMPERATURES)
+#: The ``top-p`` arm's candidates (sampled at the learner's T = 1.0).
+TOP_P_CANDIDATES: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 1.0)
+#: The ``tampo-joint`` arm's grid: the paper's temperatures x top-p in (0.9, 1.0), K = 20.
+JOINT_GRID = metactl.grid(temperature=CANDIDATES, top_p=(0.9, 1.0))
 
 
 @dataclass(frozen=True)
@@ -174,9 +184,29 @@ CONTROLLERS: dict[str, Callable[[StudyConfig, int], metactl.MetaPolicy]] = {
     # the controller chosen by benchmarks/PROTOCOL.md section 7 (metactl.recommended), in its
     # fixed configuration
     "recommended": lambda cfg, seed: metactl.recommended(seed=seed),
+    # issue 12 (paper defaults, untuned): TAMPO over another knob, and over a joint grid
+    "top-p": lambda cfg, seed: metactl.tampo(TOP_P_CANDIDATES, hyperparameter="top_p", seed=seed),
+    "tampo-joint": lambda cfg, seed: metactl.tampo(JOINT_GRID, seed=seed),
     **{f"fixed-{t:.1f}": _fixed(t) for t in CANDIDATES},
 }
-ADAPTIVE = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy")
+ADAPTIVE = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy", "top-p",
+            "tampo-joint")  # fmt: skip
+#: The knobs a run's log records per step (TrainLog.knobs), as ``runs.npz`` keys.
+KNOB_KEYS: tuple[str, ...] = ("temperature", "top_p", "top_k", "min_p")
+
+
+def candidate_labels(policy: metactl.MetaPolicy) -> list[str]:
+    """One label per candidate: ``"1.2"`` for a one-knob policy, ``"temperature=1.2,top_p=0.9"``
+    for a joint one.
+
+    >>> candidate_labels(make_controller("tampo-joint", StudyConfig(), seed=0))[:2]
+    ['temperature=0.6,top_p=0.9', 'temperature=0.6,top_p=1']
+    """
+    return [
+        ",".join(f"{k}={v:g}" for k, v in policy.setting(i).items()) if len(policy.knobs) > 1
+        else f"{next(iter(policy.setting(i).values())):g}"
+        for i in range(policy.num_candidates)
+    ]  # fmt: skip
 
 
 def make_controller(name: str, config: StudyConfig, seed: int) -> metactl.MetaPolicy:
@@ -199,9 +229,12 @@ def run_one(job: tuple[str, int, StudyConfig]) -> dict[str, Any]:
     return {
         "controller": name,
         "seed": seed,
+        "knobs": policy.knobs,
+        "candidate_labels": candidate_labels(policy),
         "success": log.success,
         "greedy": log.greedy,
         "temperature": log.temperature,
+        **{knob: log.knobs[knob] for knob in KNOB_KEYS if knob != "temperature"},
         "probs": log.probs,
         "reward": log.reward,
         "entropy": log.entropy,
@@ -265,6 +298,19 @@ def summarise(results: list[dict[str, Any]], controllers: list[str]) -> dict[str
             "temperature_first_tenth": float(temps[:, :tenth].mean()),
             "temperature_last_tenth": float(temps[:, -tenth:].mean()),
         }
+        # the other knobs the arm sets (a top-p or joint arm): first and last tenth
+        knobs = by_name[c][seeds[0]].get("knobs", ("temperature",)) if seeds else ()
+        other: dict[str, dict[str, float]] = {}
+        for knob in knobs:
+            if knob != "temperature":
+                values = np.array([by_name[c][s][knob] for s in seeds])
+                other[knob] = {
+                    "mean": float(values.mean()),
+                    "first_tenth": float(values[:, :tenth].mean()),
+                    "last_tenth": float(values[:, -tenth:].mean()),
+                }
+        row["knobs"] = list(knobs)
+        row["other_knobs"] = other
         if best_fixed is not None and c != best_fixed:
             row["delta_auc"] = mean_ci(auc[c] - auc[best_fixed])
             row["p_auc"] = paired_pvalue(auc[c], auc[best_fixed])
@@ -292,18 +338,23 @@ def format_table(summary: dict[str, Any]) -> str:
     best = summary["best_fixed"]
     lines = [
         "| controller | final success | AUC | ΔAUC vs best fixed | p (AUC) | p (final) "
-        "| final greedy | mean T | T first → last 10% |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| final greedy | mean T | T first → last 10% | other knobs first → last 10% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         name = row["controller"] + (" (best fixed)" if row["controller"] == best else "")
         delta = _fmt(row["delta_auc"]) if "delta_auc" in row else "-"
         p_auc = f"{row['p_auc']:.3g}" if "p_auc" in row else "-"
         p_fin = f"{row['p_final']:.3g}" if "p_final" in row else "-"
+        others = "; ".join(
+            f"{knob} {v['first_tenth']:.3g} → {v['last_tenth']:.3g}"
+            for knob, v in row.get("other_knobs", {}).items()
+        )
         lines.append(
             f"| {name} | {_fmt(row['final'])} | {_fmt(row['auc'])} | {delta} | {p_auc} | "
             f"{p_fin} | {_fmt(row['final_greedy'])} | {row['mean_temperature']:.2f} | "
-            f"{row['temperature_first_tenth']:.2f} → {row['temperature_last_tenth']:.2f} |"
+            f"{row['temperature_first_tenth']:.2f} → {row['temperature_last_tenth']:.2f} | "
+            f"{others or '-'} |"
         )
     n = len(summary["seeds"])
     lines += [
@@ -367,28 +418,34 @@ def make_plots(
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    adaptive = [c for c in controllers if c in ADAPTIVE or c == "linear"]
-    cols = min(max(len(adaptive), 1), 4)
-    rows = -(-max(len(adaptive), 1) // cols)
+    # one panel per (arm, knob it sets): a joint arm gets one per knob
+    panels = [
+        (c, knob)
+        for c in controllers
+        if c in ADAPTIVE or c == "linear"
+        for knob in runs[c][0].get("knobs", ("temperature",))
+    ]
+    cols = min(max(len(panels), 1), 4)
+    rows = -(-max(len(panels), 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True,
-                             sharey=True, squeeze=False)  # fmt: skip
-    for ax, c in zip(axes.flat, adaptive, strict=False):
-        temps = np.array([r["temperature"] for r in runs[c]])
-        steps = np.arange(temps.shape[1])
-        low, high = np.percentile(temps, [10, 90], axis=0)
+                             squeeze=False)  # fmt: skip
+    for ax, (c, knob) in zip(axes.flat, panels, strict=False):
+        values = np.array([r[knob] for r in runs[c]])
+        steps = np.arange(values.shape[1])
+        low, high = np.percentile(values, [10, 90], axis=0)
         ax.fill_between(steps, low, high, alpha=0.25, label="10-90%")
-        ax.plot(steps, temps.mean(axis=0), label="mean")
-        ax.set_title(c, fontsize=9)
-        ax.set_ylim(CANDIDATES[0] - 0.05, CANDIDATES[-1] + 0.05)
-    for ax in axes.flat[len(adaptive) :]:
+        ax.plot(steps, values.mean(axis=0), label="mean")
+        ax.set_title(c if knob == "temperature" else f"{c}: {knob}", fontsize=9)
+        ax.set_ylabel(knob, fontsize=8)
+        if knob == "temperature":
+            ax.set_ylim(CANDIDATES[0] - 0.05, CANDIDATES[-1] + 0.05)
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("temperature")
     for ax in axes[-1]:
         ax.set_xlabel("GRPO step")
-    if adaptive:
+    if panels:
         axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Chosen temperature over training (mean and 10-90% band over seeds)")
+    fig.suptitle("Chosen sampler setting over training (mean and 10-90% band over seeds)")
     fig.tight_layout()
     paths.append(out / "temperature.png")
     fig.savefig(paths[-1], dpi=120)
@@ -399,10 +456,12 @@ def make_plots(
                              squeeze=False)  # fmt: skip
     for ax, c in zip(axes[:, 0], learned, strict=False):
         probs = np.array([r["probs"] for r in runs[c]]).mean(axis=0)  # (steps, K)
+        labels = runs[c][0].get("candidate_labels", [f"{t:.1f}" for t in CANDIDATES])
         image = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis",
-                          extent=(0, probs.shape[0], -0.5, len(CANDIDATES) - 0.5))  # fmt: skip
-        ax.set_yticks(range(len(CANDIDATES)), [f"{t:.1f}" for t in CANDIDATES], fontsize=7)
-        ax.set_ylabel(f"{c}\nT")
+                          extent=(0, probs.shape[0], -0.5, len(labels) - 0.5))  # fmt: skip
+        ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) <= 10 else 4)
+        knobs = runs[c][0].get("knobs", ("temperature",))
+        ax.set_ylabel(f"{c}\n{'T' if knobs == ('temperature',) else ' x '.join(knobs)}")
         fig.colorbar(image, ax=ax, label="mean prob")
     axes[-1, 0].set_xlabel("GRPO step")
     fig.suptitle("Meta-policy probabilities (mean over seeds)")
@@ -554,7 +613,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineErrorParser(
         prog="metactl gym-study",
-        description="Compare temperature controllers on metactl/TokenSearch-v0 over many seeds.",
+        description="Compare sampling controllers (temperature, top-p, joint grids) on "
+        "metactl/TokenSearch-v0 over many seeds.",
     )
     parser.add_argument("--seeds", type=int, default=30, help="number of seeds (default 30)")
     parser.add_argument("--steps", type=int, default=200, help="GRPO steps per run (default 200)")
@@ -630,11 +690,19 @@ def main(argv: list[str] | None = None) -> int:
     ordered = sorted(results, key=lambda r: (names.index(r["controller"]), r["seed"]))
     arrays: dict[str, Any] = {
         key: np.array([r[key] for r in ordered])
-        for key in ("controller", "seed", "success", "greedy", "temperature", "probs", "reward",
+        for key in ("controller", "seed", "success", "greedy", *KNOB_KEYS, "reward",
                     "entropy", "auc", "final")
     }  # fmt: skip
+    # probs is (runs, steps, K): one array when every arm has the same K, else one per arm
+    if len({r["probs"].shape for r in ordered}) == 1:
+        arrays["probs"] = np.array([r["probs"] for r in ordered])
+    else:
+        for name in names:
+            arrays[f"probs/{name}"] = np.array(
+                [r["probs"] for r in ordered if r["controller"] == name]
+            )
     np.savez_compressed(out / "runs.npz", **arrays)
-    signal_arrays: dict[str, np.ndarray] = {}
+    signal_arrays: dict[str, Any] = {}  # (Any: numpy's stubs type **kwargs as allow_pickle)
     for name in names:
         diagnosed = [r for r in ordered if r["controller"] == name and r["signal"] is not None]
         if diagnosed:

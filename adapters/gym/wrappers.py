@@ -36,7 +36,9 @@ from typing import Any, SupportsFloat
 
 import gymnasium as gym
 
-__all__ = ["KnobWrapper", "TemperatureWrapper", "positive_finite"]
+from metactl.knobs import KNOBS, check_knob
+
+__all__ = ["KnobWrapper", "TemperatureWrapper", "knob_value", "positive_finite"]
 
 
 def positive_finite(name: str, value: Any) -> float:
@@ -59,6 +61,23 @@ def positive_finite(name: str, value: Any) -> float:
     return out
 
 
+def knob_value(name: str, value: Any) -> Any:
+    """Validate a sampler knob's value as :func:`metactl.knobs.check_knob` does (top_p in
+    ``(0, 1]``, top_k an int ``>= 1`` or ``None`` for off, min_p in ``[0, 1)``, temperature
+    ``> 0``): the default validator of a :class:`KnobWrapper` named after a knob.
+
+    >>> knob_value("top_k", 50), knob_value("top_k", None)
+    (50, None)
+    >>> knob_value("top_p", 1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: top_p must lie in (0, 1], got 1.5
+    """
+    if name == "top_k" and value is None:
+        return None
+    return check_knob(name, value, name)
+
+
 class KnobWrapper(gym.Wrapper):
     """Expose one named, validated knob (attribute) on an environment.
 
@@ -67,7 +86,9 @@ class KnobWrapper(gym.Wrapper):
         name: the attribute name (a Python identifier not already used by the wrapper API).
         value: the initial value.
         validator: ``validator(name, value) -> value`` that raises ``ValueError``/``TypeError`` on a
-            bad value; defaults to :func:`positive_finite`.
+            bad value; defaults to :func:`knob_value` for a sampler knob's name
+            (:data:`metactl.knobs.KNOBS`: ``top_p``, ``top_k``, ``min_p``, ``temperature``),
+            else :func:`positive_finite`.
 
     Example
     -------
@@ -77,6 +98,10 @@ class KnobWrapper(gym.Wrapper):
     >>> env.top_p = 0.7
     >>> env.get_wrapper_attr("top_p")
     0.7
+    >>> env.top_p = 1.2
+    Traceback (most recent call last):
+    ...
+    ValueError: top_p must lie in (0, 1], got 1.2
     """
 
     _knob_name: str
@@ -88,9 +113,11 @@ class KnobWrapper(gym.Wrapper):
         name: str,
         value: Any,
         *,
-        validator: Callable[[str, Any], Any] = positive_finite,
+        validator: Callable[[str, Any], Any] | None = None,
     ) -> None:
         super().__init__(env)
+        if validator is None:
+            validator = knob_value if name in KNOBS else positive_finite
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ValueError(f"name must be a public Python identifier, got {name!r}")
         if hasattr(self, name):

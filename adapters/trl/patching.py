@@ -1,4 +1,5 @@
-"""Setting the temperature at every place TRL 1.16's ``GRPOTrainer`` keeps it.
+"""Setting the temperature (and ``top_p``, ``top_k``, ``min_p``) at every place TRL 1.16's
+``GRPOTrainer`` keeps it.
 
 ``GRPOTrainer`` reads ``args.temperature`` once, in ``__init__``, and copies it into:
 
@@ -9,6 +10,9 @@
    log-probs) and on the reference model,
 4. ``trainer.vllm_generation.temperature`` when vLLM generates,
 5. ``trainer.temperature`` (read by nothing after ``__init__``; kept in sync for users).
+
+The truncation knobs ``top_p``, ``top_k`` and ``min_p`` live in (1), (2), (4) and (5) only
+(:func:`set_trainer_knob`): TRL's log-prob head scores at the temperature alone.
 
 For (3) the adapter writes the ``temperature`` cell of TRL's ``_fused_forward`` closure in place.
 That changes exactly one number: it keeps any wrapper installed around the forward afterwards
@@ -43,12 +47,16 @@ __all__ = [
     "find_trainer_heads",
     "output_embeddings",
     "policy_target",
+    "set_trainer_knob",
+    "set_trainer_setting",
     "set_trainer_temperature",
+    "trainer_knobs",
     "trainer_temperatures",
     "unwrap",
 ]
 
 _FUSED_CODE_NAME = "_fused_forward"
+_TRUNCATION_KNOBS = ("top_p", "top_k", "min_p")
 
 
 def _candidates(fn: Any) -> Iterator[Any]:
@@ -232,6 +240,65 @@ def trainer_temperatures(trainer: Any, heads: list[FusedHead]) -> dict[str, floa
     vllm = getattr(trainer, "vllm_generation", None)
     if vllm is not None:
         out["vllm_generation"] = float(vllm.temperature)
+    return out
+
+
+def _engine_value(knob: str, value: Any) -> Any:
+    """How TRL and both engines spell a knob value (``top_k`` an ``int``, the others floats;
+    ``None`` only where TRL itself held ``None``, e.g. ``min_p`` off)."""
+    if value is None:
+        return None
+    return int(value) if knob == "top_k" else float(value)
+
+
+def set_trainer_knob(trainer: Any, knob: str, value: Any) -> None:
+    """Write a truncation knob (``top_p``, ``top_k`` or ``min_p``) everywhere TRL 1.16 keeps it.
+
+    ``trainer.<knob>`` (read by nothing after ``__init__``; kept in sync),
+    ``trainer.generation_config.<knob>`` (transformers ``generate``),
+    ``trainer.generation_kwargs[knob]`` (``unwrap_model_for_generation``) and
+    ``trainer.vllm_generation.<knob>`` (read at every vLLM ``generate`` call, colocate and
+    server). TRL's log-prob head has no truncation (its loss scores at the temperature only).
+    """
+    if knob not in _TRUNCATION_KNOBS:
+        raise ValueError(f"knob must be one of {list(_TRUNCATION_KNOBS)}, got {knob!r}")
+    value = _engine_value(knob, value)
+    setattr(trainer, knob, value)
+    config = getattr(trainer, "generation_config", None)
+    if config is not None:
+        setattr(config, knob, value)
+    kwargs = getattr(trainer, "generation_kwargs", None)
+    if isinstance(kwargs, dict):
+        kwargs[knob] = value
+    vllm = getattr(trainer, "vllm_generation", None)
+    if vllm is not None:
+        setattr(vllm, knob, value)
+
+
+def set_trainer_setting(trainer: Any, setting: dict[str, Any], heads: list[FusedHead]) -> None:
+    """Write every knob of ``setting`` (``{knob: value}``) where TRL keeps it."""
+    for knob, value in setting.items():
+        if knob == "temperature":
+            set_trainer_temperature(trainer, value, heads)
+        else:
+            set_trainer_knob(trainer, knob, value)
+
+
+def trainer_knobs(trainer: Any, knob: str) -> dict[str, Any]:
+    """Every value of a truncation knob ``trainer`` holds, by place (for checks and debugging).
+
+    Example keys: ``"trainer.top_p"``, ``"generation_config"``, ``"vllm_generation"``.
+    """
+    out: dict[str, Any] = {f"trainer.{knob}": getattr(trainer, knob)}
+    config = getattr(trainer, "generation_config", None)
+    if config is not None:
+        out["generation_config"] = getattr(config, knob)
+    kwargs = getattr(trainer, "generation_kwargs", None)
+    if isinstance(kwargs, dict) and knob in kwargs:
+        out["generation_kwargs"] = kwargs[knob]
+    vllm = getattr(trainer, "vllm_generation", None)
+    if vllm is not None:
+        out["vllm_generation"] = getattr(vllm, knob)
     return out
 
 

@@ -21,8 +21,9 @@ from metactl.distributed import gather_feedback
 from .scoring import HiddenCapture
 
 if TYPE_CHECKING:
+    from .fused import FusedLogitsCapture
     from .patching import FusedHead
-    from .scoring import FusedLogitsCapture, LikelihoodResult
+    from .scoring import LikelihoodResult
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer as _TrainerBase
@@ -49,9 +50,19 @@ _TEMPERATURE_DEPENDENT = {
 
 
 def _check_per_prompt_policy(
-    policy: metactl.MetaPolicy, likelihood: str, context_column: str | None
+    policy: metactl.MetaPolicy,
+    likelihood: str,
+    context_column: str | None,
+    knobs: tuple[str, ...] = ("temperature",),
 ) -> None:
     """Refuse the per-prompt configurations this adapter cannot carry, before TRL starts."""
+    if knobs != ("temperature",):
+        raise ValueError(
+            f"a per-prompt meta_policy over {list(knobs)}: MetaGRPOTrainer carries one value per "
+            "prompt group for the temperature only (a per-row logits processor); transformers' "
+            "top_p / top_k / min_p warpers and vLLM's SamplingParams take one value per batch. "
+            "Use a global meta_policy for these knobs"
+        )
     if context_column is None:
         raise ValueError(
             "a per-prompt meta_policy (policy.contextual) needs one stable context key per prompt, "
@@ -115,7 +126,7 @@ class PerPromptMixin(_TrainerBase):
         _meta_old_done: bool
         _meta_row_temperatures: torch.Tensor | None
         _meta_rewards_per_func: torch.Tensor | None
-        _meta_train_temperature: float | None
+        _meta_train_setting: dict[str, Any] | None
 
         @property
         def _multi_process(self) -> bool: ...
@@ -235,7 +246,7 @@ class PerPromptMixin(_TrainerBase):
         row_temperatures = torch.tensor(rows, dtype=torch.float64)
         # generation at T = 1: the per-row logits processor applies each row's temperature
         self.set_temperature(1.0)
-        self._meta_train_temperature = None
+        self._meta_train_setting = None
         requires = set(self.meta_policy.requires)
         path = self._likelihood_path() if "loglik" in requires else None
         capture: HiddenCapture | None = None

@@ -8,6 +8,11 @@ and written to every place TRL keeps the temperature (:mod:`.patching`). The rol
 reference and current log-probs of every optimisation pass over that batch therefore all use the
 temperature that sampled it.
 
+A policy over ``top_p``, ``top_k``, ``min_p`` or a joint grid works the same way (:mod:`.knobs`):
+the chosen setting is written where TRL keeps each knob for the window; the knobs it does not own
+stay at the user's values and are held fixed when its candidates are scored, in the engine's
+order of operations; TRL's own loss keeps its temperature-only log-probs.
+
 The meta update happens in the same call, right after TRL has scored the batch: the advantages
 come from TRL's output, the candidate likelihoods from :mod:`.scoring` (fast path: hidden states
 captured during the old-logprob pass when TRL makes one, else during generation; exact path: one
@@ -45,13 +50,22 @@ import metactl
 from metactl.distributed import assert_same_choice, gather_feedback, torch_collectives
 
 from .checkpoint import META_STATE_NAME, MetaCheckpointMixin
-from .guards import check_generation_settings, check_transformers_version, check_trl_version
+from .fused import FusedLogitsCapture
+from .guards import (
+    check_continuous_batching,
+    check_generation_settings,
+    check_transformers_version,
+    check_trl_version,
+)
+from .knobs import CandidateScoring, PolicyKnobs
 from .patching import (
     FusedHead,
     find_trainer_heads,
     output_embeddings,
     policy_target,
+    set_trainer_setting,
     set_trainer_temperature,
+    trainer_knobs,
     trainer_temperatures,
 )
 from .per_prompt import (
@@ -65,7 +79,6 @@ from .per_prompt import (
 )
 from .scoring import (
     DEFAULT_WINDOW_BYTES,
-    FusedLogitsCapture,
     HiddenCapture,
     LikelihoodResult,
     candidate_loglik_exact,
@@ -79,14 +92,18 @@ logger = logging.getLogger(__name__)
 
 
 class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
-    """``GRPOTrainer`` whose rollout temperature is chosen per generation batch by ``meta_policy``.
+    """``GRPOTrainer`` whose rollout temperature (or ``top_p``, ``top_k``, ``min_p``, or a joint
+    setting of them) is chosen per generation batch by ``meta_policy``.
 
-    All ``GRPOTrainer`` arguments are accepted unchanged; ``GRPOConfig.temperature`` becomes the
-    *evaluation* temperature (evaluation samples and scores at it and never updates the policy).
+    All ``GRPOTrainer`` arguments are accepted unchanged; for a knob the policy owns,
+    ``GRPOConfig``'s value becomes the *evaluation* value (evaluation samples and scores at it and
+    never updates the policy); knobs it does not own stay at the user's values and are held
+    fixed when the candidates are scored (the README's guard matrix says which are accepted).
 
     Args:
-        meta_policy: a :class:`metactl.MetaPolicy` over temperatures (default
-            :func:`metactl.tampo`). Give every rank the same seed.
+        meta_policy: a :class:`metactl.MetaPolicy` over the temperature, ``top_p``, ``top_k``,
+            ``min_p`` or a joint grid (default :func:`metactl.tampo`). Give every rank the same
+            seed.
         likelihood: ``"fast"`` (default; no extra transformer forward: hidden states are captured
             during TRL's old-logprob pass when it makes one, else during generation, and the LM head
             is applied window by window), ``"fused"`` (when TRL makes an old-logprob pass, the
@@ -106,15 +123,21 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
 
     Attributes:
         meta_history: one dict per generation batch: ``policy_step``, ``global_step``,
-            ``value``, ``index``, ``probs`` (after the update), ``candidate_advantages``,
-            ``likelihood_path``, ``reward`` (TRL's mean reward of the batch, all ranks); with a
-            per-prompt policy ``value`` is the mean over the prompts and ``contexts``,
-            ``values``, ``indices`` give each prompt's decision.
+            ``value``, ``setting`` (``{knob: value}``), ``index``, ``probs`` (after the
+            update), ``candidate_advantages``, ``likelihood_path``, ``reward`` (TRL's mean
+            reward of the batch, all ranks); with a per-prompt policy ``value`` is the mean
+            over the prompts and ``contexts``, ``values``, ``indices`` give each prompt's
+            decision.
         eval_temperature: the temperature used during evaluation (``args.temperature``).
+        eval_setting: the owned knobs' values during evaluation (``GRPOConfig``'s).
+        meta_knobs: the knobs the policy owns, its family and candidate settings.
+        meta_scoring: how the candidates are scored (family, fixed knobs, engine order).
         meta_seconds: wall time spent in the meta-policy work (selection, scoring, update).
 
-    Logged metrics (``self._metrics``, so every TRL logger sees them): ``metactl/temperature``,
-    ``metactl/decision_prob``, ``metactl/prob/<T>``, ``metactl/candidate_advantage/<T>``.
+    Logged metrics (``self._metrics``, so every TRL logger sees them): ``metactl/<knob>`` for
+    every knob of the decision (``metactl/temperature``, ``metactl/top_p``, ...),
+    ``metactl/decision_prob``, ``metactl/prob/<label>``, ``metactl/candidate_advantage/<label>``
+    (``<label>``: the value, or ``temperature=0.7,top_p=0.9`` for a joint grid).
     """
 
     def __init__(
@@ -135,10 +158,11 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
             raise TypeError(
                 f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}"
             )
-        if policy.hyperparameter != "temperature":
+        knobs = PolicyKnobs.from_policy(policy)
+        if "entropy" in policy.requires and knobs.knobs != ("temperature",):
             raise ValueError(
-                f"meta_policy controls {policy.hyperparameter!r}; MetaGRPOTrainer sets the "
-                "temperature, so build the policy with hyperparameter='temperature'"
+                f"meta_policy's rule needs the entropy at the chosen temperature, but the policy "
+                f"sets {list(knobs.knobs)}; entropy controllers set the temperature only"
             )
         if likelihood not in ("fast", "fused", "exact"):
             raise ValueError(f"likelihood must be 'fast', 'fused' or 'exact', got {likelihood!r}")
@@ -161,7 +185,7 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
                 f"{type(meta_context_column).__name__}"
             )
         if self.contextual:
-            _check_per_prompt_policy(policy, likelihood, meta_context_column)
+            _check_per_prompt_policy(policy, likelihood, meta_context_column, knobs.knobs)
         self.meta_context_column = meta_context_column
         # per-row temperatures of the log-prob pass in progress (None: one scalar temperature)
         self._meta_row_temperatures: torch.Tensor | None = None
@@ -175,7 +199,9 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         self.loglik_window_bytes = loglik_window_bytes
         self.meta_history: list[dict[str, Any]] = []
         self.meta_seconds = 0.0
-        self._meta_train_temperature: float | None = None
+        self.meta_knobs = knobs
+        # the sampler setting of the buffered window ({knob: value}; None: none yet, per-prompt)
+        self._meta_train_setting: dict[str, Any] | None = None
         self._meta_capture: HiddenCapture | FusedLogitsCapture | None = None
         self._meta_old_done = False
         self._meta_collectives: tuple[Any, Any] | None = None
@@ -183,26 +209,55 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
 
         config: Any = self.args
         self.eval_temperature = float(config.temperature)
-        settings = dict(getattr(self, "generation_kwargs", None) or {})
-        for name in ("top_p", "top_k", "min_p", "repetition_penalty"):
-            settings.setdefault(name, getattr(config, name, None))
+        # the effective sampling settings: TRL's config fields, overridden by generation_kwargs
+        # (as TRL merges them for transformers, and vLLM in colocate and server mode)
+        settings: dict[str, Any] = {
+            name: getattr(config, name, None)
+            for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        }
+        settings.update(getattr(self, "generation_kwargs", None) or {})
+        settings.update(config.generation_kwargs or {})
         check_generation_settings(
             settings,
             generation_kwargs=config.generation_kwargs,
             needs_likelihood="loglik" in policy.requires,
+            owned=knobs.knobs,
         )
+        if getattr(self, "use_transformers_continuous_batching", False):
+            check_continuous_batching(
+                settings, owned=knobs.knobs, needs_likelihood="loglik" in policy.requires
+            )
         self._meta_heads: list[FusedHead] = find_trainer_heads(self)
+        #: the setting evaluation samples at: the values TRL holds from GRPOConfig (for a knob
+        #: the policy owns besides the temperature, its off value: the guards require it)
+        self.eval_setting: dict[str, Any] = {
+            knob: self.eval_temperature if knob == "temperature" else getattr(self, knob)
+            for knob in knobs.knobs
+        }
+        order = "vllm" if getattr(self, "use_vllm", False) else "hf"
+        settings["temperature"] = self.eval_temperature
+        self.meta_scoring: CandidateScoring = knobs.scoring(settings, order=order)
         if self.contextual:
             self._check_per_prompt_paths(settings)
 
-    # ------------------------------------------------------------------ temperature plumbing
+    # ------------------------------------------------------------------ sampler plumbing
     def set_temperature(self, value: float) -> None:
         """Write ``value`` to every place TRL keeps the temperature (see :mod:`.patching`)."""
         set_trainer_temperature(self, value, self._meta_heads)
 
+    def set_sampling(self, setting: dict[str, Any]) -> None:
+        """Write every knob of ``setting`` (``{knob: value}``) where TRL keeps it."""
+        set_trainer_setting(self, setting, self._meta_heads)
+
     def temperatures(self) -> dict[str, float]:
         """Every temperature the trainer currently holds, by place (they are always equal)."""
         return trainer_temperatures(self, self._meta_heads)
+
+    def knob_values(self, knob: str) -> dict[str, Any]:
+        """Every value of ``knob`` the trainer currently holds, by place (always equal)."""
+        if knob == "temperature":
+            return dict(self.temperatures())
+        return trainer_knobs(self, knob)
 
     # ------------------------------------------------------------------ collectives
     def _collectives(self) -> tuple[Any, Any]:
@@ -240,8 +295,9 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         if not cast(torch.nn.Module, self.model).training:
             # Evaluation: sample and score at the evaluation temperature; never update the policy.
-            self.set_temperature(self.eval_temperature)
-            self._metrics["eval"]["metactl/temperature"].append(self.eval_temperature)
+            self.set_sampling(self.eval_setting)
+            for knob, value in self.eval_setting.items():
+                self._metrics["eval"][f"metactl/{knob}"].append(float(value or 0.0))
             return super()._generate_and_score_completions(inputs)
         if self.contextual:
             return self._generate_per_prompt(inputs)
@@ -250,8 +306,9 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         decision = self.meta_policy.select()
         if self.check_sync and self._multi_process:
             assert_same_choice(decision, self._collectives()[1])
-        self.set_temperature(decision.value)
-        self._meta_train_temperature = decision.value
+        setting = self.meta_knobs.setting(decision.value)
+        self.set_sampling(setting)
+        self._meta_train_setting = setting
         requires = set(self.meta_policy.requires)
         needs_scoring = bool(requires & {"loglik", "entropy"})
         path = self._likelihood_path() if needs_scoring else None
@@ -260,8 +317,10 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
             capture = HiddenCapture(self._backbone(), path)
         elif path == "fused":
             capture = FusedLogitsCapture(
-                self.meta_policy.candidates.tolist(),
-                entropy_temperature=decision.value if "entropy" in requires else None,
+                self.meta_scoring,
+                entropy_temperature=(
+                    float(setting["temperature"]) if "entropy" in requires else None
+                ),
             )
         self._meta_capture, self._meta_old_done = capture, False
         self.meta_seconds += time.perf_counter() - t0
@@ -342,8 +401,12 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        candidates = self.meta_policy.candidates.tolist()
-        ent_t = decision.value if "entropy" in self.meta_policy.requires else None
+        candidates = self.meta_scoring
+        ent_t = (
+            float(self.meta_knobs.setting(decision.value)["temperature"])
+            if "entropy" in self.meta_policy.requires
+            else None
+        )
         if isinstance(capture, FusedLogitsCapture):
             fused = capture.result(tokens, mask)
             if fused is not None:
@@ -456,21 +519,24 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         self, decision: metactl.Decision, info: metactl.UpdateInfo, path: Path | None
     ) -> None:
         metrics = self._metrics["train"]
-        metrics["metactl/temperature"].append(decision.value)
+        setting = self.meta_knobs.setting(decision.value)
+        for knob, value in setting.items():
+            metrics[f"metactl/{knob}"].append(float(value))
         metrics["metactl/decision_prob"].append(decision.prob)
-        candidates = self.meta_policy.candidates
-        for value, prob in zip(candidates, info.probs, strict=True):
-            metrics[f"metactl/prob/{value:g}"].append(float(prob))
+        labels = self.meta_knobs.labels()
+        for label, prob in zip(labels, info.probs, strict=True):
+            metrics[f"metactl/prob/{label}"].append(float(prob))
         adv = info.candidate_advantages
         rewards = metrics.get("reward")  # TRL's mean reward of this batch over all ranks
         if adv is not None:
-            for value, a in zip(candidates, adv, strict=True):
-                metrics[f"metactl/candidate_advantage/{value:g}"].append(float(a))
+            for label, a in zip(labels, adv, strict=True):
+                metrics[f"metactl/candidate_advantage/{label}"].append(float(a))
         self.meta_history.append(
             {
                 "policy_step": decision.step,
                 "global_step": int(self.state.global_step),
                 "value": decision.value,
+                "setting": setting,
                 "index": decision.index,
                 "probs": [float(p) for p in info.probs],
                 "candidate_advantages": None if adv is None else [float(a) for a in adv],
@@ -487,11 +553,11 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> Any:
-        # Evaluation generates *and* computes its loss at the evaluation temperature; then the
-        # training temperature of the current (possibly half-consumed) buffered batch comes back.
-        self.set_temperature(self.eval_temperature)
+        # Evaluation generates *and* computes its loss at the evaluation setting; then the
+        # training setting of the current (possibly half-consumed) buffered batch comes back.
+        self.set_sampling(self.eval_setting)
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         finally:
-            if self._meta_train_temperature is not None:
-                self.set_temperature(self._meta_train_temperature)
+            if self._meta_train_setting is not None:
+                self.set_sampling(self._meta_train_setting)

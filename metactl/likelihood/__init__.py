@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from .._validation import candidate_values
+from .._validation import candidate_values, is_joint_like
 from ..knobs import KnobGrid
 from ._checks import (
     ArrayLike,
@@ -119,16 +119,15 @@ def candidate_loglik(
             threads score chunks in parallel (each with single-threaded ops, which stays fast
             when other processes share the cores); ``torch.set_num_threads(1)`` makes it
             sequential. Results do not depend on ``W`` or ``chunk_size`` beyond rounding.
-            Candidates with top-k or top-p (torch) also take each position's top logits
-            once: a ``torch.topk`` window of ``k + 1`` logits for top-k, or as many as a
-            bound on the nucleus allows for top-p (widened 8x if a kept set does not fit, up
-            to a full sort); the window's probabilities are computed for a batch of
-            candidates at a time, at most ``V`` window entries per position in all, so the
-            extra scratch stays a small constant number of ``chunk_size x V`` buffers (about
-            five at a full sort: the values, their int64 indices, probabilities and
-            cumulative sums). Top-p needs that selection or sort per position, top-k a
-            ``topk`` of ``k + 1``; plain min-p and min-p under several temperatures need no
-            sort at all.
+            Candidates with top-k (torch) also take each position's top ``k + 1`` logits
+            once (a ``torch.topk`` window, widened 8x if a tie at the ``k``-th logit runs
+            past it); the window's probabilities are computed for a batch of candidates at a
+            time, at most ``V`` window entries per position in all. Top-p without top-k
+            sorts each position's logits once (values only; NumPy's sort on CPU) and runs
+            every temperature's ``exp`` pass over the sorted order, reading each kept set off
+            block sums of that pass (no cumulative sum over the vocabulary). Either way the
+            extra scratch stays a small constant number of ``chunk_size x V`` buffers; plain
+            min-p and min-p under several temperatures need no sort at all.
             Small problems (temperature family with ``V x K <= 1024``, e.g. character-level
             vocabularies) are scored in blocks of ``chunk_size`` masked positions taken across
             rows, all ``K`` candidates at once (a ``chunk_size x K x V`` block, default
@@ -241,6 +240,8 @@ def likelihood_optimal(loglik: ArrayLike, candidates: Sequence[float] | ArrayLik
         >>> likelihood_optimal([[-1.0, -0.5, -0.5], [-0.1, -2.0, -3.0]], [0.8, 1.0, 1.2])
         array([1. , 0.8])
     """
+    if is_joint_like(candidates):  # a KnobGrid has no value per candidate: a clear error
+        candidate_values(candidates, "generic")
     cands = candidate_values(_to_numpy(candidates, "candidates"), "generic")
     arr = _to_numpy(loglik, "loglik")
     if arr.dtype == np.bool_ or not (

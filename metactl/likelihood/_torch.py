@@ -3,10 +3,9 @@ paths; the fused CUDA kernel is in ``_triton``). Imported only when torch tensor
 
 On CPU, worker threads score chunks of positions with single-threaded torch ops in
 cache-sized buffers (``exp2`` on scaled logits, one pass per candidate, squaring where one
-temperature is half another). Truncated candidates with top-k or top-p additionally take the
-top logits of each position once (a ``topk`` window sized by a bound on the kept sets,
-widened up to a full sort only when a kept set does not fit) and read every kept set and its
-mass off that window (see ``_score_truncated``).
+temperature is half another). Truncated candidates are scored in ``_torch_truncation``: top-p
+from the same ``exp`` passes run over each position's logits sorted once (``_torch_nucleus``),
+top-k from a ``topk`` window of the top ``k + 1`` logits. Shared helpers: ``_torch_ops``.
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ from ._checks import (
     _to_numpy,
     default_chunk_size,
 )
-from .families import CandidateSpec, temperature_groups
+from ._torch_ops import _cpu_exp2_is_fast, _exp_inplace, _scaled_shift, _Scratch
+from ._torch_truncation import _score_truncated, _TruncPlan
+from .families import CandidateSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,8 +46,6 @@ _INV_LN2 = 1.0 / _LN2
 # all K candidates in one vectorised (positions, K, V) step. Per-segment Python work would
 # otherwise dominate (tiny vocabularies, short completions, many rows).
 _SMALL_VOCAB_ELEMENTS = 1 << 10
-# Smallest sorted-logit window of the truncated path (fewer gains nothing).
-_MIN_WINDOW = 16
 
 
 def _loglik_torch(
@@ -107,9 +106,7 @@ def _loglik_torch(
 
     if family == "temperature":
         plan = _square_plan(cands)
-    elif family == "truncated":
-        trunc_plan = _TruncPlan(torch, spec, device)
-    else:
+    elif family != "truncated":
         order = np.argsort(cands, kind="stable")
         # threshold_ keeps x > thr; with thr the float32 just below min_p this keeps x >= min_p.
         thr = [
@@ -124,13 +121,15 @@ def _loglik_torch(
     unit = _INV_LN2 if use_exp2 else 1.0
     scales = unit / (cands if family != "min_p" else np.array([temp]))
     fuse_limit = 1e37 / float(scales.max())
+    if family == "truncated":
+        trunc_plan = _TruncPlan(torch, spec, device, vocab, unit, use_exp2)
     rows_l, starts_l, stops_l = seg_row.tolist(), seg_start.tolist(), seg_stop.tolist()
 
-    def score_segment(idx: int, scratch: torch.Tensor) -> None:
+    def score_segment(idx: int, scratch: _Scratch) -> None:
         i, t0, t1 = rows_l[idx], starts_l[idx], stops_l[idx]
         seg = logits[i, t0:t1]  # (c, V) view, input dtype
         c = t1 - t0
-        e = scratch[:c]
+        e = scratch.e[:c]
         hi = seg.amax(dim=-1)  # NaN propagates; +inf shows here
         lo = seg.amin(dim=-1)  # for fuse_ok (torch.aminmax is much slower on CPU)
         m = hi.float().unsqueeze(-1)  # (c, 1)
@@ -142,6 +141,11 @@ def _loglik_torch(
         # NaN or +inf anywhere makes hi non-finite; -inf at the sampled token makes u_o -inf.
         # -inf elsewhere is probability 0: exp(s * (-inf - m)) = 0 in both shift forms.
         bad[idx] = ~(torch.isfinite(hi).all() & torch.isfinite(u_o).all())
+        if family == "truncated" and bool(bad[idx]):
+            # reported once all segments are done; the truncated path's index arithmetic
+            # (sorted blocks, windows) needs finite logits, so it does not run on this segment
+            partial[idx] = 0.0
+            return
         if family == "temperature":
             sums = torch.empty((k, c), dtype=torch.float32, device=device)
             for j, square in plan:
@@ -157,7 +161,8 @@ def _loglik_torch(
             # and keeps log q <= 0 (u_o <= 0 holds exactly).
             logq = betas.unsqueeze(-1) * u_o.T - sums.clamp_min_(1.0).log_()  # (K, c)
         elif family == "truncated":
-            logq = _score_truncated(seg, m, u_o, tok, e, trunc_plan, eps, unit, use_exp2, fuse_ok)
+            logq = _score_truncated(seg, m, u_o, tok, scratch, trunc_plan, eps, unit, use_exp2,
+                                    fuse_ok)  # fmt: skip
         else:
             s = unit / temp
             _scaled_shift(seg, m, s, e, fuse_ok)
@@ -180,7 +185,7 @@ def _loglik_torch(
 
     with torch.no_grad():
         if workers <= 1:
-            scratch = torch.empty((longest, vocab), dtype=torch.float32, device=device)
+            scratch = _Scratch(torch, (longest, vocab), device)
             for idx in range(n_seg):
                 score_segment(idx, scratch)
         else:
@@ -319,7 +324,7 @@ def _run_pooled(
     lock = threading.Lock()
 
     def loop() -> None:
-        buffer = torch.empty(buffer_shape, dtype=torch.float32)
+        buffer = _Scratch(torch, buffer_shape, torch.device("cpu"))
         with torch.no_grad():  # grad mode is thread-local
             while True:
                 with lock:
@@ -332,323 +337,3 @@ def _run_pooled(
         futures = [pool.submit(loop) for _ in range(workers)]
         for fut in futures:
             fut.result()  # re-raises a worker's exception
-
-
-def _exp_inplace(e: torch.Tensor, use_exp2: bool) -> None:
-    if use_exp2:
-        e.exp2_()
-    else:
-        e.exp_()
-
-
-def _cpu_exp2_is_fast(version: str) -> bool:
-    """Whether to use ``exp2`` on CPU: torch >= 2.13, where single-threaded ``exp2_`` measured
-    4.6x faster than ``exp_`` on an AVX-512 CPU (0.069 vs 0.319 ms for 512k floats); with
-    torch 2.11 on another machine the exp2 path ran about 3x slower than expected.
-
-    Example:
-        >>> _cpu_exp2_is_fast("2.13.0+cpu"), _cpu_exp2_is_fast("2.11.0+cu130")
-        (True, False)
-    """
-    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
-    return (major, minor) >= (2, 13)
-
-
-def _scaled_shift(
-    seg: torch.Tensor, m: torch.Tensor, s: float, out: torch.Tensor, fuse: bool
-) -> None:
-    """``out = s * (seg - m)``: one fused pass when ``s * seg`` cannot overflow, else two."""
-    import torch
-
-    if fuse:
-        torch.add(m * (-s), seg, alpha=s, out=out)
-    else:
-        torch.sub(seg, m, out=out)
-        out.mul_(s)
-
-
-
-# --------------------------------------------------------------------------------------
-# truncated candidates (top-k, top-p, min-p under any temperature; joint grids)
-# --------------------------------------------------------------------------------------
-
-
-class _TruncPlan:
-    """Per-call constants of the truncated path (built once, shared by the workers)."""
-
-    def __init__(self, torch: Any, spec: CandidateSpec, device: Any) -> None:
-        self.spec = spec
-        self.groups = temperature_groups(spec)
-        k = spec.size
-        group_of = np.empty(k, dtype=np.int64)
-        for g, (_, members) in enumerate(self.groups):
-            group_of[members] = g
-        self.group_of = torch.from_numpy(group_of).to(device)
-        self.inv_temp_groups = torch.tensor(
-            [1.0 / t for t, _ in self.groups], dtype=torch.float32, device=device
-        )
-        truncated = spec.truncated()
-        sorted_mask = (spec.top_k > 0) | (spec.top_p < 1.0)
-        self.untruncated = np.flatnonzero(~truncated).tolist()
-        self.sorted_ones = np.flatnonzero(sorted_mask).tolist()
-        # min-p alone: thresholded in place in the exp buffer, ascending within a group
-        self.min_p_only: list[list[tuple[int, float, float]]] = []
-        for _, members in self.groups:
-            only = [j for j in members if truncated[j] and not sorted_mask[j]]
-            only.sort(key=lambda j: float(spec.min_p[j]))
-            self.min_p_only.append(
-                [
-                    (j, float(np.float32(spec.min_p[j])),
-                     float(np.nextafter(np.float32(spec.min_p[j]), np.float32(-np.inf))))
-                    for j in only
-                ]
-            )  # fmt: skip
-        self.min_p_only_idx = [j for g in self.min_p_only for j, _, _ in g]
-        # first row of each group's min-p-only candidates in min_p_only_idx
-        self.min_p_rows = np.cumsum([0] + [len(g) for g in self.min_p_only]).tolist()
-        # hottest first, squaring where one temperature is half another (as the plain family)
-        self.pass_order = _square_plan(np.array([t for t, _ in self.groups]))
-
-        def f32(values: np.ndarray) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        idx = np.asarray(self.sorted_ones, dtype=np.int64)
-        self.s_temp = f32(spec.temperature[idx])
-        self.s_top_k = torch.from_numpy(spec.top_k[idx].astype(np.int64)).to(device)
-        self.s_top_p = f32(spec.top_p[idx])
-        self.s_min_p = f32(spec.min_p[idx].astype(np.float32))
-        self.s_idx = torch.from_numpy(idx).to(device)
-        self.max_top_k = int(spec.top_k.max())
-        # the window bound for nuclei without top-k (see _window_size)
-        nucleus = (spec.top_k[idx] == 0) & (spec.top_p[idx] < 1.0)
-        self.nucleus = torch.from_numpy(nucleus).to(device)
-        self.any_nucleus = bool(nucleus.any())
-        unit_mass = (spec.min_p[idx] > 0) if spec.order == "vllm" else np.zeros(idx.size, bool)
-        self.unit_mass = torch.from_numpy(unit_mass).to(device)
-        with np.errstate(divide="ignore"):
-            self.log_tail = f32(np.log((1.0 - np.minimum(spec.top_p[idx], 1.0)) / 1.0))
-
-
-def _score_truncated(
-    seg: torch.Tensor,
-    m: torch.Tensor,
-    u_o: torch.Tensor,
-    tok: torch.Tensor,
-    e: torch.Tensor,
-    plan: _TruncPlan,
-    eps: float,
-    unit: float,
-    use_exp2: bool,
-    fuse_ok: bool,
-) -> torch.Tensor:
-    """``(K, c)`` float32 ``log q_k(o)`` for one segment ``seg`` (``(c, V)``, input dtype)
-    under truncated candidates (see :mod:`metactl.likelihood.families` for the definitions).
-
-    Pass 1, per temperature: one ``exp`` pass over the vocabulary gives the normaliser (as in
-    the plain temperature family); a candidate truncated by min-p alone reads its kept mass
-    off the same buffer (``p / p_max >= min_p``, thresholded in place). Pass 2, only for
-    candidates with top-k or top-p: every kept set is a prefix of the position's logits in
-    descending order (ties kept together), so it is read off the top ``size`` logits
-    (``torch.topk``, T-invariant, taken once), with ``size`` from a cheap bound on the kept
-    sets; when a kept set could extend past the window it is widened 8x (up to a full sort).
-    Pass 2 scores batches of candidates at once (``(B, c, size)`` tensors, ``B * size <= V``).
-    """
-    import torch
-
-    c, vocab = seg.shape
-    spec = plan.spec
-    k = spec.size
-    device = seg.device
-    n_groups = len(plan.groups)
-    totals_g = torch.empty((n_groups, c), dtype=torch.float32, device=device)
-    n_mp_only = len(plan.min_p_only_idx)
-    if n_mp_only:
-        kept_mass_mp = torch.empty((n_mp_only, c), dtype=torch.float32, device=device)
-        e_o_mp = torch.empty((n_mp_only, c), dtype=torch.float32, device=device)
-        thr_mp = torch.empty((n_mp_only, 1), dtype=torch.float32, device=device)
-    intact = False  # e holds the previous group's exp(beta u), not thresholded
-    for g, square in plan.pass_order:
-        temp = plan.groups[g][0]
-        if square and intact:  # T_g == T_prev / 2: exp(2 beta u) == exp(beta u) ** 2
-            e.mul_(e)
-        else:
-            _scaled_shift(seg, m, unit / temp, e, fuse_ok)
-            _exp_inplace(e, use_exp2)  # e_v = p_v / p_max, the max token gives exactly 1
-        torch.sum(e, dim=-1, out=totals_g[g])
-        only = plan.min_p_only[g]
-        intact = not only
-        if only:
-            row = plan.min_p_rows[g]
-            e_o = e.gather(-1, tok).squeeze(-1)  # (c,)
-            # thresholds ascend, so thresholding in place is cumulative and exact;
-            # threshold_ keeps x > thr, and thr is the float32 just below min_p
-            for _, mp, below in only:
-                torch.threshold_(e, below, 0.0)
-                torch.sum(e, dim=-1, out=kept_mass_mp[row])
-                e_o_mp[row] = e_o
-                thr_mp[row] = mp
-                row += 1
-    totals_g.clamp_min_(1.0)  # >= 1 up to rounding (the max term is exactly 1)
-    logp_g = u_o.T * plan.inv_temp_groups.unsqueeze(-1) - totals_g.log()  # (G, c)
-    logp = logp_g.index_select(0, plan.group_of)  # (K, c)
-    totals = totals_g.index_select(0, plan.group_of)
-    logq = torch.empty((k, c), dtype=torch.float32, device=device)
-    if plan.untruncated:
-        logq[plan.untruncated] = logp[plan.untruncated]
-    if n_mp_only:
-        idx = plan.min_p_only_idx
-        logq[idx] = _smoothed(logp[idx], e_o_mp >= thr_mp, kept_mass_mp, totals[idx], eps)
-    if not plan.sorted_ones:
-        return logq
-
-    z_o = seg.gather(-1, tok)  # (c, 1), input dtype: compared with sorted logits exactly
-    s_totals = totals.index_select(0, plan.s_idx)  # (S, c)
-    s_logp = logp.index_select(0, plan.s_idx)
-    size = _window_size(seg, m, s_totals, plan, vocab)
-    n_sorted = len(plan.sorted_ones)
-    while True:
-        if size < vocab:
-            vals = torch.topk(seg, size, dim=-1, largest=True, sorted=True).values
-        else:
-            vals = torch.sort(seg, dim=-1, descending=True).values
-        shifted = vals.float() - m  # (c, size), <= 0
-        neg_vals = -vals  # ascending, for searchsorted
-        batch = max(1, vocab // size)  # (B, c, size) buffers stay within one (c, V) chunk
-        out = torch.empty((n_sorted, c), dtype=torch.float32, device=device)
-        overflow = False
-        for a in range(0, n_sorted, batch):
-            sl = slice(a, min(n_sorted, a + batch))
-            res, over = _score_sorted(vals, neg_vals, shifted, z_o, plan, sl, s_totals[sl],
-                                      s_logp[sl], eps, unit, use_exp2, vocab)  # fmt: skip
-            if over:
-                overflow = True
-                break
-            out[sl] = res
-        if not overflow or size >= vocab:
-            logq[plan.sorted_ones] = out
-            return logq
-        size = min(vocab, size * 8)
-
-
-def _score_sorted(
-    vals: torch.Tensor,
-    neg_vals: torch.Tensor,
-    shifted: torch.Tensor,
-    z_o: torch.Tensor,
-    plan: _TruncPlan,
-    sl: slice,
-    total: torch.Tensor,
-    logp_o: torch.Tensor,
-    eps: float,
-    unit: float,
-    use_exp2: bool,
-    vocab: int,
-) -> tuple[torch.Tensor, bool]:
-    """Score the sorted-path candidates ``plan.sorted_ones[sl]`` (``B`` of them) on the window
-    ``vals`` (``(c, size)`` descending logits; ``neg_vals = -vals`` ascending, for
-    ``searchsorted``). Returns ``(B, c)`` log q and whether some kept set (or the survivors'
-    mass top-p needs) may continue past the window."""
-    import torch
-
-    c, size = vals.shape
-    partial = size < vocab
-    top_k = plan.s_top_k[sl]  # (B,)
-    if partial and int(top_k.max()) > size - 1:
-        return torch.empty(0), True  # the k-th logit (or its tie check) is past the window
-    b = top_k.numel()
-    full = torch.full((b, c), vocab, dtype=torch.long, device=vals.device)
-
-    def count_at_least(x: torch.Tensor) -> torch.Tensor:
-        """``(B, c)``: how many window logits are ``>= x`` (``(B, c)``, window values)."""
-        return torch.searchsorted(neg_vals, (-x).T.contiguous(), right=True).T
-
-    scale = (unit / plan.s_temp[sl]).view(b, 1, 1)
-    ws = shifted.unsqueeze(0) * scale  # (B, c, size)
-    _exp_inplace(ws, use_exp2)  # p / p_max of the sorted logits
-    cum = ws.cumsum(dim=-1)  # non-decreasing (sums of non-negative terms)
-    # ties at the k-th logit are kept (HF, vLLM): count every logit >= it
-    kth = vals.index_select(1, (top_k - 1).clamp(0, size - 1)).T  # (B, c)
-    n_k = torch.where((top_k > 0).unsqueeze(-1), count_at_least(kth), full)
-    min_p = plan.s_min_p[sl].view(b, 1, 1)
-    if bool((min_p > 0).any()):
-        n_mp = torch.where((min_p > 0).view(b, 1), (ws >= min_p).sum(-1), full)
-    else:
-        n_mp = full
-    # >= 1 for valid rows (the top token is always kept); the clamp only keeps the indices
-    # in range for a NaN row, which is reported once the segment is done
-    n = torch.minimum(n_k, n_mp).clamp_min_(1)
-    top_p = plan.s_top_p[sl].view(b, 1)
-    has_top_p = top_p < 1.0
-    over = torch.zeros((b, c), dtype=torch.bool, device=vals.device)
-    if bool(has_top_p.any()):
-        base = n_k if plan.spec.order == "hf" else n  # top-p measures the survivors' mass
-        if partial:  # that mass must be known: all tokens, or a prefix inside the window
-            over |= has_top_p & (base >= size) & (base < vocab)
-        inside = cum.gather(-1, (base - 1).clamp(0, size - 1).unsqueeze(-1)).squeeze(-1)
-        base_mass = torch.where(base >= vocab, total, inside)  # (B, c)
-        # token i is kept when the mass sorted before it, cum[i - 1], is < top_p * base mass
-        # (the first token always is); then extend to the end of the last one's tie group
-        # (a tie straddling the boundary is kept whole)
-        limit = (top_p * base_mass).unsqueeze(-1)
-        # count over cum[:-1] = count over cum, capped at size - 1 (cum is non-decreasing)
-        below = torch.searchsorted(cum, limit.contiguous()).squeeze(-1)
-        n_excl = 1 + below.clamp_max_(size - 1)
-        boundary = vals.gather(1, (n_excl - 1).clamp(0, size - 1).T).T  # (B, c)
-        n_p = torch.where(has_top_p, count_at_least(boundary), full)
-        n = torch.minimum(n, n_p).clamp_min_(1)
-    if partial:
-        over |= n >= size
-        if bool(over.any()):
-            return torch.empty(0), True
-    last = (n - 1).clamp_max_(size - 1)  # (B, c) index of the last kept token
-    kept_o = z_o.T >= vals.gather(1, last.T).T  # (B, c)
-    kept_mass = cum.gather(-1, last.unsqueeze(-1)).squeeze(-1)
-    return _smoothed(logp_o, kept_o, kept_mass, total, eps), False
-
-
-def _smoothed(
-    logp_o: torch.Tensor,
-    kept_o: torch.Tensor,
-    kept_mass: torch.Tensor,
-    total: torch.Tensor,
-    eps: float,
-) -> torch.Tensor:
-    """``log q(o) = log p(o) + log((1 - eps) [o kept] / Z + eps)``, ``Z`` the kept mass."""
-    import torch
-
-    frac = (kept_mass / total).clamp_(min=1e-38, max=1.0)  # kept mass, (0, 1]
-    ratio = torch.where(kept_o, (1.0 - eps) / frac + eps, eps)
-    # q(o) <= 1 exactly; the clamp removes rounding only
-    return (logp_o + ratio.log()).clamp_max_(0.0)
-
-
-# Extra room in the window bound: e^-0.05 in probability, far beyond float32 rounding of the
-# bound (a too-small window is detected and widened anyway; this only avoids the retry).
-_BOUND_SLACK = 0.05
-
-
-def _window_size(
-    seg: torch.Tensor, m: torch.Tensor, totals: torch.Tensor, plan: _TruncPlan, vocab: int
-) -> int:
-    """How many top logits per position should hold every kept set of the sorted path.
-
-    A top-k set needs ``k + 1`` logits (the extra one shows whether a tie continues). A
-    nucleus without top-k holds only tokens with ``p_v > (1 - top_p) * Z_b / V``: the tokens
-    below it have mass at most ``1 - top_p`` of the survivors' mass ``Z_b`` and are the least
-    likely, so they are all dropped. ``Z_b`` is bounded below by the full normaliser (HF
-    order, or no min-p) or by 1 (the top token; vLLM order with min-p first). ``totals`` are
-    the sorted-path candidates' normalisers ``(S, c)``.
-    """
-    import torch
-
-    need = min(vocab, plan.max_top_k) + 1 if plan.max_top_k > 0 else 1
-    if plan.any_nucleus:
-        log_zb = torch.where(plan.unit_mass.unsqueeze(-1), 0.0, totals.log())  # (S, c)
-        # exp(u / T) / Z_b > (1 - top_p) / V  <=>  u > T (log((1 - top_p) / V) + log Z_b)
-        temp = plan.s_temp.unsqueeze(-1)
-        bound = temp * (plan.log_tail.unsqueeze(-1) - math.log(vocab) + log_zb - _BOUND_SLACK)
-        bound = torch.where(plan.nucleus.unsqueeze(-1), bound, float("inf"))
-        lowest = bound.amin(dim=0)  # (c,)
-        above = (seg >= (m.squeeze(-1) + lowest).unsqueeze(-1)).sum(dim=-1)
-        need = max(need, int(above.max()) + 1)
-    return min(vocab, max(need, _MIN_WINDOW))

@@ -69,6 +69,7 @@ class EXP3(Rule):
     reward_min: float = 0.0
     reward_max: float = 1.0
     requires: ClassVar[tuple[str, ...]] = ("reward",)
+    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", unit_interval(self.gamma, "gamma", low_open=True))
@@ -109,6 +110,7 @@ class UCB1(Rule):
 
     exploration: float = 1.0
     requires: ClassVar[tuple[str, ...]] = ("reward",)
+    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         value = positive_scalar(self.exploration, "exploration", allow_zero=True)
@@ -170,6 +172,7 @@ class ThompsonGaussian(Rule):
     noise_std: float = 0.5
     mc_samples: int = 4096
     requires: ClassVar[tuple[str, ...]] = ("reward",)
+    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prior_mean", finite_scalar(self.prior_mean, "prior_mean"))

@@ -46,6 +46,13 @@ class Rule:
     # trajectory with advantage 0 contributes exactly nothing whatever its likelihoods: a trainer
     # may skip scoring such rows and pass any finite ``loglik`` values for them (e.g. zeros).
     zero_advantage_rows_ignored: ClassVar[bool] = False
+    # How the rule uses the candidates (checked by MetaPolicy against its hyperparameter):
+    # "indices": only K and the chosen index (any candidates work, a joint KnobGrid too);
+    # "values": reads the candidate values as numbers (the candidate nearest a configured value)
+    # but decides on the grid; "continuous": produces off-grid values between the candidates
+    # (schedules, entropy controllers, PTGS). A joint policy takes "indices" rules only, an
+    # integer knob (top_k) refuses "continuous" ones. The default is the cautious "values".
+    candidate_use: ClassVar[str] = "values"
 
     @property
     def name(self) -> str:

@@ -95,6 +95,7 @@ class ContextualTAMPO(ContextualRule):
     prior_weight: float = 4.0
     max_contexts: int = DEFAULT_MAX_CONTEXTS
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    candidate_use: ClassVar[str] = "indices"
     zero_advantage_rows_ignored: ClassVar[bool] = True
     uses_selector: ClassVar[bool] = True
 

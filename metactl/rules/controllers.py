@@ -94,6 +94,7 @@ class Schedule(Rule):
     end: float
     total_steps: int
     requires: ClassVar[tuple[str, ...]] = ()
+    candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         one_of(self.kind, "kind", ("linear", "cosine"))
@@ -164,6 +165,7 @@ class EntropyTarget(Rule):
     target_entropy: float
     initial: float = 1.0
     requires: ClassVar[tuple[str, ...]] = ("entropy", "vocab_size")
+    candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         target = positive_scalar(self.target_entropy, "target_entropy")

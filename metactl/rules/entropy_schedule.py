@@ -60,6 +60,7 @@ class EntropySchedule(Rule):
     initial: float = 1.0
     kind: str = "linear"
     requires: ClassVar[tuple[str, ...]] = EntropyTarget.requires
+    candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         object.__setattr__(

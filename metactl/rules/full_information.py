@@ -44,6 +44,7 @@ class Hedge(Rule):
     step_size: float = 1.0
     normalizer: str = "sparsemax"
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    candidate_use: ClassVar[str] = "indices"
     zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:
@@ -99,6 +100,7 @@ class MetaGradient(Rule):
     baseline_decay: float = 0.9
     normalizer: str = "sparsemax"
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    candidate_use: ClassVar[str] = "indices"
     zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:

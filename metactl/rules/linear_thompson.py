@@ -74,6 +74,7 @@ class LinearThompson(PassCountRows, ContextualRule):
     feature_dim: int = 0
     max_contexts: int = DEFAULT_MAX_CONTEXTS
     requires: ClassVar[tuple[str, ...]] = ("rewards",)
+    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", unit_interval(self.gamma, "gamma", low_open=True))

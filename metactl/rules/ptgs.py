@@ -125,6 +125,7 @@ class PTGS(PassCountRows, ContextualRule):
     total_steps: int | None = None
     max_contexts: int = DEFAULT_MAX_CONTEXTS
     requires: ClassVar[tuple[str, ...]] = ("rewards",)
+    candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         tau = positive_scalar(self.tau, "tau")

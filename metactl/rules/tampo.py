@@ -193,6 +193,7 @@ class TAMPO(Rule):
     tau: float = 1.0
     likelihood_normalization: str = "mean"
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    candidate_use: ClassVar[str] = "indices"
     zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:

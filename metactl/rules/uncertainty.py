@@ -91,6 +91,7 @@ class Uncertainty(Rule):
     beta: float = 0.1
     clip: float = 2.0
     requires: ClassVar[tuple[str, ...]] = ("rewards", "group_size")
+    candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", positive_scalar(self.base, "base"))
