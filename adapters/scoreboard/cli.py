@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=PROG, description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--quick", action="store_true",
-                   help="the quick suite: fewer seeds, reference-quick at 60 steps, no "
-                        "reference-full (see benchmarks/PROTOCOL.md)")  # fmt: skip
+                   help="the quick suite: fewer seeds, reference-quick at 25 steps with a "
+                        "smaller evaluation, no reference-full (see benchmarks/PROTOCOL.md)")
     p.add_argument("--out", default=None,
                    help="output folder (default runs/scoreboard or runs/scoreboard-quick)")
     p.add_argument("--controllers", default="all",
