@@ -360,3 +360,41 @@ def test_report_only_marks_arms_not_run_and_refuses_incomplete_folders(
     assert main(["--testbeds", "gym-default,gym-flat", "--controllers", "tampo",
                  "--report-only", *tiny]) == 1  # fmt: skip
     assert "cannot report" in capsys.readouterr().err
+
+
+def test_reference_full_runs_the_fixed_grid_and_recommended_by_default(tmp_path: Path) -> None:
+    """PROTOCOL section 15: ``--controllers all`` plans only the fixed grid and `recommended` on
+    reference-full (every arm elsewhere); named controllers run on every selected testbed; the
+    arms not planned are reported as not run, never as missing runs."""
+    pytest.importorskip("torch")
+    from metactl.adapters.scoreboard.cli import build_plan
+    from metactl.adapters.scoreboard.report import analyse
+
+    testbeds = [TESTBEDS["gym-flat"], TESTBEDS["reference-full"]]
+    every, _ = select_controllers("all", testbeds)
+    plan, seeds = build_plan(testbeds, every, quick=False, seeds=None, steps=None,
+                             out=tmp_path, cache_dir=None, default_arms=True)  # fmt: skip
+    planned = {t.name: sorted({j.controller for j in jobs}) for t, _, jobs in plan}
+    assert planned["gym-flat"] == sorted(every)
+    assert planned["reference-full"] == sorted([*FIXED_GRID, "recommended"])
+    named, _ = build_plan(testbeds, ["tampo", *FIXED_GRID], quick=False, seeds=None,
+                          steps=None, out=tmp_path, cache_dir=None)  # fmt: skip
+    assert {j.controller for j in named[1][2]} == {"tampo", *FIXED_GRID}
+    # synthetic records of exactly the planned runs: tampo is 'not run' on reference-full
+    rng = np.random.default_rng(0)
+    records = {}
+    for testbed, _, jobs in plan:
+        for job in jobs:
+            metrics = {m: float(rng.uniform()) for m in ("auc", "final", "final_greedy",
+                                                          "pass1", "greedy", "pass_at_k")}
+            records[(job.testbed, job.controller, job.seed)] = {
+                "metrics": metrics, "temperature": [1.0], "wall_seconds": 0.0}
+    controllers = ["tampo", "recommended", *FIXED_GRID]
+    analysis = analyse(testbeds, controllers, records, seeds, resamples=50, planned=planned)
+    assert analysis["not_run"] == {"tampo": ["reference-full"]}
+    assert analysis["summary"]["tampo"]["regret"]["reference-full"] is None
+    assert analysis["summary"]["recommended"]["regret"]["reference-full"] is not None
+    # a planned run that is missing is still an error
+    del records[("reference-full", "recommended", 0)]
+    with pytest.raises(ValueError, match="runs missing"):
+        analyse(testbeds, controllers, records, seeds, resamples=50, planned=planned)

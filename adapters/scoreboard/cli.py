@@ -143,13 +143,20 @@ def select_controllers(text: str, testbeds: Sequence[Testbed]) -> tuple[list[str
 
 
 def build_plan(testbeds: Sequence[Testbed], controllers: Sequence[str], *, quick: bool,
-               seeds: int | None, steps: int | None, out: Path,
-               cache_dir: str | None) -> tuple[list[tuple[Testbed, Any, list[Job]]],
-                                               dict[str, list[int]]]:  # fmt: skip
-    """Per testbed: its run configuration and its jobs (same seeds for every controller)."""
+               seeds: int | None, steps: int | None, out: Path, cache_dir: str | None,
+               default_arms: bool = False) -> tuple[list[tuple[Testbed, Any, list[Job]]],
+                                                    dict[str, list[int]]]:  # fmt: skip
+    """Per testbed: its run configuration and its jobs (same seeds for every controller).
+
+    ``default_arms`` (``--controllers all``): a testbed with `Testbed.default_arms` gets only
+    the fixed grid and those arms.
+    """
     plan = []
     seed_lists: dict[str, list[int]] = {}
+    every_controller = controllers
     for testbed in testbeds:
+        controllers = (testbed.default_plan(every_controller) if default_arms
+                       else every_controller)  # fmt: skip
         n = seeds if seeds is not None else testbed.seeds(quick)
         assert n is not None
         seed_list = list(range(n))
@@ -195,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = check_out_dir(args.out or ("runs/scoreboard-quick" if args.quick
                                          else "runs/scoreboard"))  # fmt: skip
         plan, seed_lists = build_plan(testbeds, controllers, quick=args.quick, seeds=args.seeds,
-                                      steps=args.steps, out=out, cache_dir=args.cache_dir)
+                                      steps=args.steps, out=out, cache_dir=args.cache_dir,
+                                      default_arms=args.controllers.strip() == "all")
+        planned = {testbed.name: sorted({job.controller for job in jobs})
+                   for testbed, _, jobs in plan}  # fmt: skip
     except (ValueError, TypeError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -251,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         analysis = analyse(testbeds, controllers, records, seed_lists, resamples=args.resamples,
-                           allow_not_run=args.report_only)  # fmt: skip
+                           allow_not_run=args.report_only, planned=planned)  # fmt: skip
     except ValueError as exc:  # --report-only over an incomplete folder
         print(f"{PROG}: cannot report: {exc}", file=sys.stderr)
         return 1

@@ -31,6 +31,7 @@ def analyse(
     *,
     resamples: int = 10_000,
     allow_not_run: bool = False,
+    planned: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Every number of the scoreboard from the records ``{(testbed, controller, seed): record}``.
 
@@ -40,6 +41,8 @@ def analyse(
     at all on a testbed is reported as *not run* there (``None`` in the summary, listed under
     ``"not_run"``; its worst cases cover the testbeds it ran on); the fixed grid must still be
     complete and a controller with only some of a testbed's seeds is still an error.
+    ``planned`` (``{testbed: controllers}``): a controller not planned on a testbed (see
+    `Testbed.default_arms`) is reported as not run there; a planned one must be complete.
     """
     missing = [g for g in FIXED_GRID if g not in controllers]
     if missing:
@@ -48,8 +51,13 @@ def analyse(
     not_run: dict[str, list[str]] = {}
     for testbed in testbeds:
         tb_seeds = seeds[testbed.name]
+        if planned is not None:
+            for c in controllers:
+                if c not in planned[testbed.name] and c not in FIXED_GRID:
+                    not_run.setdefault(c, []).append(testbed.name)
         absent = [(c, s) for c in controllers for s in tb_seeds
-                  if (testbed.name, c, s) not in records]  # fmt: skip
+                  if (testbed.name, c, s) not in records
+                  and testbed.name not in not_run.get(c, ())]  # fmt: skip
         if allow_not_run:
             skipped = {c for c, _ in absent if c not in FIXED_GRID
                        and all((testbed.name, c, s) not in records for s in tb_seeds)}

@@ -18,7 +18,7 @@ True
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,10 @@ class Testbed:
 
     ``gym`` (a :class:`StudyConfig`) or ``reference`` (``quick -> ReproduceConfig``, built lazily
     because it needs torch) says what a run is. ``quick_seeds`` is ``None`` when the testbed is
-    not part of the ``--quick`` suite.
+    not part of the ``--quick`` suite. ``default_arms``: the non-fixed controllers that
+    ``--controllers all`` (the default) runs on this testbed, ``None`` for every one; the others
+    are reported as not run there (PROTOCOL section 15). Controllers named explicitly run on
+    every selected testbed.
     """
 
     name: str
@@ -75,6 +78,13 @@ class Testbed:
     quick_seeds: int | None
     gym: StudyConfig | None = None
     reference: Callable[[bool], ReproduceConfig] | None = None
+    default_arms: tuple[str, ...] | None = None
+
+    def default_plan(self, controllers: Sequence[str]) -> list[str]:
+        """The controllers of ``controllers`` that ``--controllers all`` runs here."""
+        if self.default_arms is None:
+            return list(controllers)
+        return [c for c in controllers if c in FIXED_GRID or c in self.default_arms]
 
     def __post_init__(self) -> None:
         if self.split not in (DEVELOPMENT, HELD_OUT):
@@ -188,8 +198,11 @@ TESTBEDS: dict[str, Testbed] = {
                 GYM_FULL_SEEDS, GYM_QUICK_SEEDS,
                 gym=_gym(prior_margin=3.0, vocab_size=8, length=4,
                          families=("shoulder", "tail"))),
+        # the fixed grid and `recommended` only by default: 29 arms x 2 seeds x ~85 s would
+        # not fit the full scoreboard's 60 minutes (PROTOCOL section 15)
         Testbed("reference-full", HELD_OUT, "reference CPU preset, full (400 steps)", 2, None,
-                reference=_reference(preset_quick=False, quick_steps=None)),
+                reference=_reference(preset_quick=False, quick_steps=None),
+                default_arms=("recommended",)),
     )
 }
 
