@@ -3,7 +3,7 @@
 Examples:
     metactl scoreboard --quick                          # the quick suite, < 10 min on 2 cores
     metactl scoreboard --quick --testbeds development   # development testbeds only
-    metactl scoreboard                                  # the full suite, < 60 min on 2 cores
+    metactl scoreboard                                  # the full suite (~40 min on 2 cores)
     metactl scoreboard --testbeds gym-default,gym-sharp --controllers tampo,linear --seeds 5
     metactl scoreboard --report-only --out DIR         # the report of the runs already in DIR
 
