@@ -383,7 +383,7 @@ def test_reference_full_runs_the_fixed_grid_and_recommended_by_default(tmp_path:
     # synthetic records of exactly the planned runs: tampo is 'not run' on reference-full
     rng = np.random.default_rng(0)
     records = {}
-    for testbed, _, jobs in plan:
+    for _, _, jobs in plan:
         for job in jobs:
             metrics = {m: float(rng.uniform()) for m in ("auc", "final", "final_greedy",
                                                           "pass1", "greedy", "pass_at_k")}
