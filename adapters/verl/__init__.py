@@ -1,0 +1,45 @@
+"""verl integration: the meta-policy inside verl's V1 trainer, selected by configuration.
+
+verl imports every module named in ``VERL_USE_EXTERNAL_MODULES`` at ``import verl`` (in the
+driver and in every Ray worker); :mod:`metactl.adapters.verl.register` registers
+
+* the trainer ``trainer.v1.trainer_mode=metactl`` (:class:`.trainer.MetaPPOTrainer`, a subclass
+  of verl's sync V1 trainer ``PPOTrainerSync``) and
+* the agent loop ``metactl_single_turn`` (:class:`.agent_loop.MetaSingleTurnAgentLoop`, a
+  subclass of ``SingleTurnAgentLoop`` that samples each prompt at its chosen temperature).
+
+The ``metactl`` config group (candidates, rule, selector, seed, context_key) is parsed by
+:func:`.config.policy_from_config`. This package imports nothing heavy: verl is imported only by
+``register``, ``trainer``, ``agent_loop`` and ``testing``.
+
+Example:
+    >>> import metactl.adapters.verl as mverl
+    >>> mverl.TRAINER_NAME, mverl.AGENT_LOOP_NAME
+    ('metactl', 'metactl_single_turn')
+"""
+
+from __future__ import annotations
+
+from .config import (
+    AGENT_LOOP_NAME,
+    META_STATE_NAME,
+    SAMPLED_TEMPERATURE_KEY,
+    TEMPERATURE_FIELD,
+    TESTED_VERL,
+    TRAINER_NAME,
+    MetaSettings,
+    policy_from_config,
+    settings_from_config,
+)
+
+__all__ = [
+    "AGENT_LOOP_NAME",
+    "META_STATE_NAME",
+    "SAMPLED_TEMPERATURE_KEY",
+    "TEMPERATURE_FIELD",
+    "TESTED_VERL",
+    "TRAINER_NAME",
+    "MetaSettings",
+    "policy_from_config",
+    "settings_from_config",
+]

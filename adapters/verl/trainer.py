@@ -1,0 +1,421 @@
+"""``MetaPPOTrainer`` (``trainer.v1.trainer_mode=metactl``): verl's sync V1 trainer with the
+rollout temperature chosen by a metactl meta-policy, per step or per prompt.
+
+* **Select** when a training batch is submitted to the rollout (``_submit_batch_to_rollout``):
+  one decision per step, or one per prompt (``select(contexts=...)`` with the
+  ``metactl.context_key`` field), stamped on every prompt as :data:`TEMPERATURE_FIELD`; the
+  ``metactl_single_turn`` agent loop samples with it and verl stores it with each trajectory.
+* **Log-prob passes**: verl stamps ``extra_info["temperature"]`` from the config in five places
+  (``trainer_base.py``: sampling, old log-prob, reference, values, actor update). The worker
+  groups' entry points are wrapped so that the batch leaving the driver carries the chosen value
+  (per step: the scalar, fused kernels allowed) or no scalar and a per-sample ``temperature``
+  field of shape ``(bsz,)`` written to the TransferQueue (per prompt; the FSDP engine divides
+  each row's logits by it; fused kernels are refused).
+* **Feedback** right after verl's advantages (``_compute_advantage``): advantages, rewards and
+  entropies from the batch; candidate likelihoods (rules that need ``loglik``) from one extra
+  no-grad ``compute_log_prob`` pass per candidate temperature (verl has no extension point in
+  its old-log-prob pass that exposes the logits). ``meta_seconds`` measures it.
+* **Checkpoint**: :data:`META_STATE_NAME` in every ``global_step_<n>/`` folder, written before
+  verl's ``latest_checkpointed_iteration.txt``, read and validated on resume.
+
+The driver holds the only policy; every worker rank receives the same value with the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import transfer_queue as tq
+from tensordict import TensorDict
+from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
+from verl.workers.utils.padding import response_from_nested
+
+import metactl
+from metactl.contexts import context_keys
+from metactl.decision import Decision, DecisionBatch
+
+from . import feedback as fb
+from .config import (
+    AGENT_LOOP_NAME,
+    META_STATE_NAME,
+    SAMPLED_TEMPERATURE_KEY,
+    TEMPERATURE_FIELD,
+    TRAINER_NAME,
+    policy_from_config,
+    settings_from_config,
+)
+
+__all__ = ["WRAPPED_METHODS", "MetaPPOTrainer"]
+
+logger = logging.getLogger(__name__)
+
+#: Worker-group methods that receive a batch whose ``extra_info["temperature"]`` verl stamped.
+WRAPPED_METHODS = (
+    "compute_log_prob",
+    "compute_ref_log_prob",
+    "update_actor",
+    "infer_batch",
+    "train_mini_batch",
+)
+_STATE_FORMAT = 1
+
+
+@dataclass
+class _Submission:
+    """The decision(s) behind one submitted training batch, awaiting their feedback."""
+
+    decision: Decision | DecisionBatch
+    uids: list[str]
+    temperatures: np.ndarray  # per prompt, in submission order
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return list(value.tolist())
+    return list(value)
+
+
+@register_trainer(TRAINER_NAME)
+class MetaPPOTrainer(PPOTrainerSync):
+    """``PPOTrainerSync`` whose rollout temperature is chosen by the ``metactl`` config group."""
+
+    def __init__(self, config: Any) -> None:
+        group = config.get("metactl")
+        self.meta_policy = policy_from_config(group)
+        self.meta_settings = settings_from_config(group, self.meta_policy)
+        self._check_supported(config)
+        super().__init__(config)
+        self.meta_history: list[dict[str, Any]] = []
+        self.meta_seconds = 0.0
+        # the submission whose batch is in flight (kept until the next one: the actor update
+        # runs after the feedback) and whether its feedback is still due
+        self._pending: _Submission | None = None
+        self._awaiting_feedback = False
+        self._step_temperature: float | None = None  # per step; None with a per-prompt policy
+        self._original_methods: dict[tuple[int, str], Callable[..., Any]] = {}
+
+    # ------------------------------------------------------------------ configuration checks
+    def _check_supported(self, config: Any) -> None:
+        rollout = config.actor_rollout_ref.rollout
+        agent = rollout.get("agent", {}) or {}
+        if agent.get("default_agent_loop") != AGENT_LOOP_NAME:
+            raise ValueError(
+                "MetaPPOTrainer samples through its own agent loop: set "
+                f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT_LOOP_NAME} (got "
+                f"{agent.get('default_agent_loop')!r})"
+            )
+        v1 = config.trainer.v1
+        if v1.get(TRAINER_NAME, {}) and v1[TRAINER_NAME].get("parameter_sync_step", 1) != 1:
+            raise ValueError(
+                "MetaPPOTrainer makes one decision per step: parameter_sync_step must be 1"
+            )
+        filter_groups = config.algorithm.get("filter_groups", None)
+        if filter_groups is not None and filter_groups.get("enable", False):
+            raise ValueError(
+                "algorithm.filter_groups (DAPO) refills prompts within a step, so one step's "
+                "trajectories would come from several decisions; not supported by MetaPPOTrainer"
+            )
+        if v1.sampler.get("sync_refill_failed_groups", False):
+            raise ValueError("trainer.v1.sampler.sync_refill_failed_groups is not supported")
+        if self.meta_policy.contextual and config.actor_rollout_ref.model.get("use_fused_kernels"):
+            raise ValueError(
+                "a per-prompt temperature needs a (bsz,) temperature tensor, which verl's fused "
+                "kernels refuse: set actor_rollout_ref.model.use_fused_kernels=False"
+            )
+
+    def _build_replay_buffer(self) -> Any:
+        # verl branches on ``trainer_mode == "sync"`` (the replay buffer, exact refills, the
+        # TransferQueue in checkpoints); registered under its own name, this is the sync trainer
+        self.trainer_mode = "sync"
+        return super()._build_replay_buffer()
+
+    # ------------------------------------------------------------------ setup and the wrappers
+    def _setup(self) -> None:
+        super()._setup()
+        groups = {}
+        for name in ("actor_rollout_wg", "ref_policy_wg", "critic_wg"):
+            group = getattr(self, name, None)
+            if group is not None:
+                groups[id(group)] = group
+        for group in groups.values():
+            self.wrap_worker_group(group)
+
+    def wrap_worker_group(self, group: Any) -> None:
+        """Route every batch-taking entry point of ``group`` through :meth:`stamp_temperature`."""
+        for name in WRAPPED_METHODS:
+            method = getattr(group, name, None)
+            if method is None or (id(group), name) in self._original_methods:
+                continue
+            self._original_methods[(id(group), name)] = method
+
+            def wrapped(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+                for arg in (*args, *kwargs.values()):
+                    if hasattr(arg, "extra_info"):
+                        self.stamp_temperature(arg)
+                return _method(*args, **kwargs)
+
+            setattr(group, name, wrapped)
+
+    def stamp_temperature(self, batch: Any) -> None:
+        """Replace the config temperature verl stamped on ``batch.extra_info`` with the chosen
+        one: the step's scalar, or (per prompt) no scalar, so that the per-sample
+        ``temperature`` field written by :meth:`_write_row_temperatures` reaches the engine."""
+        info = batch.extra_info
+        if "temperature" not in info:
+            return
+        if self._pending is None:
+            raise RuntimeError(
+                "a log-prob pass ran with no meta-policy decision in flight; MetaPPOTrainer "
+                "selects when a training batch is submitted"
+            )
+        if self.meta_policy.contextual:
+            del info["temperature"]
+        else:
+            info["temperature"] = self._step_temperature
+
+    # ------------------------------------------------------------------ selection
+    def _submit_batch_to_rollout(self, batch: TensorDict) -> int:
+        self.begin_submission(batch)
+        return super()._submit_batch_to_rollout(batch)
+
+    def begin_submission(self, batch: TensorDict) -> None:
+        """Select for a training batch about to be submitted and stamp each prompt's value as
+        :data:`TEMPERATURE_FIELD` (float64, one per prompt)."""
+        if self._awaiting_feedback:
+            raise RuntimeError(
+                "a second training batch was submitted before the first one's feedback; "
+                "MetaPPOTrainer supports one submission per step"
+            )
+        t0 = time.perf_counter()
+        uids = [str(u) for u in _as_list(batch["uid"])]
+        decision: Decision | DecisionBatch
+        if self.meta_policy.contextual:
+            key = self.meta_settings.context_key
+            assert key is not None
+            if key not in batch.keys():
+                raise KeyError(f"metactl.context_key {key!r} is not a field of the training batch")
+            contexts = context_keys(_as_list(batch[key]), f"batch[{key!r}]")
+            decision = self.meta_policy.select(contexts=list(contexts))
+            temperatures = np.asarray(decision.values, dtype=np.float64)
+            self._step_temperature = None
+        else:
+            decision = self.meta_policy.select()
+            value = float(decision.value)  # type: ignore[arg-type]  # a temperature policy
+            temperatures = np.full(len(uids), value)
+            self._step_temperature = value
+        batch[TEMPERATURE_FIELD] = torch.as_tensor(temperatures, dtype=torch.float64)
+        self._pending = _Submission(decision, uids, temperatures)
+        self._awaiting_feedback = True
+        self.meta_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ per-row temperatures
+    def _balance_batch(self, batch: Any, metrics: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = super()._balance_batch(batch, metrics, *args, **kwargs)
+        if self.meta_policy.contextual:
+            self._write_row_temperatures(batch)
+        return batch
+
+    def _write_row_temperatures(self, batch: Any) -> None:
+        """Write each row's sampling temperature as the per-sample ``temperature`` field
+        (float32, shape ``(bsz,)``), the layout verl's FSDP engine accepts."""
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=[TEMPERATURE_FIELD]
+        )
+        values = torch.as_tensor(data[TEMPERATURE_FIELD]).reshape(-1).to(torch.float32)
+        if values.shape[0] != len(batch.keys):
+            raise RuntimeError(f"{len(batch.keys)} rows but {values.shape[0]} temperatures")
+        tq.kv_batch_put(
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            fields=TensorDict({"temperature": values}, batch_size=len(batch.keys)),
+        )
+
+    # ------------------------------------------------------------------ feedback and update
+    def _compute_advantage(self, batch: Any, metrics: dict[str, Any]) -> Any:
+        batch = super()._compute_advantage(batch, metrics)
+        t0 = time.perf_counter()
+        self._update_policy(batch, metrics)
+        self.meta_seconds += time.perf_counter() - t0
+        metrics["metactl/seconds"] = self.meta_seconds
+        return batch
+
+    def _real_rows(self, batch: Any) -> list[str]:
+        return [
+            k
+            for k, tag in zip(batch.keys, batch.tags, strict=True)
+            if not tag.get("is_padding", False)
+        ]
+
+    def _update_policy(self, batch: Any, metrics: dict[str, Any]) -> None:
+        pending = self._pending
+        if pending is None or not self._awaiting_feedback:
+            raise RuntimeError("advantages were computed with no meta-policy decision in flight")
+        requires = set(self.meta_policy.requires)
+        keys = self._real_rows(batch)
+        fields = [
+            "uid",
+            "advantages",
+            "rm_scores",
+            "response_mask",
+            TEMPERATURE_FIELD,
+            "extra_fields",
+        ]
+        if "entropy" in requires:
+            fields.append("entropy")
+        raw = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
+        uids = [str(u) for u in _as_list(raw.pop("uid"))]
+        extra = _as_list(raw.pop("extra_fields"))
+        sampled = np.array([float(e.get(SAMPLED_TEMPERATURE_KEY, np.nan)) for e in extra])
+        data = raw.to_padded_tensor()
+        mask = data["response_mask"]
+        position = {uid: i for i, uid in enumerate(pending.uids)}
+        if any(u not in position for u in uids):
+            raise RuntimeError("the batch holds trajectories of a prompt this step did not submit")
+        rows = np.array([position[u] for u in uids])
+        expected = pending.temperatures[rows]
+        if not np.array_equal(sampled, expected):
+            raise RuntimeError(
+                "trajectories were not sampled at the chosen temperatures (is the agent loop "
+                f"{AGENT_LOOP_NAME}?): chosen {expected.tolist()}, sampled {sampled.tolist()}"
+            )
+        # decision order: prompts in submission order, each prompt's trajectories together
+        order = np.argsort(rows, kind="stable")
+        feedback: dict[str, Any] = {}
+        advantages = fb.trajectory_advantages(data["advantages"], mask)[order]
+        if requires & {"advantages", "loglik"}:
+            feedback["advantages"] = advantages
+        if requires & {"rewards", "reward"}:
+            rewards = fb.trajectory_rewards(data["rm_scores"], mask)[order]
+            if "rewards" in requires:
+                feedback["rewards"] = rewards
+            if "reward" in requires:
+                feedback["reward"] = float(rewards.mean())
+        if "entropy" in requires:
+            feedback["entropy"] = fb.mean_entropy(data["entropy"], mask)
+        if "vocab_size" in requires:
+            feedback["vocab_size"] = int(self.tokenizer.vocab_size)
+        if "loglik" in requires:
+            feedback["loglik"] = self._candidate_loglik(batch, keys)[order]
+        decision: Any = pending.decision
+        if isinstance(decision, DecisionBatch):
+            counts = np.bincount(rows, minlength=len(pending.uids))
+            group = int(self.config.actor_rollout_ref.rollout.n)
+            complete = np.flatnonzero(counts == group)
+            if complete.size != len(pending.uids):
+                # a failed rollout group was evicted by verl's replay buffer: update the others
+                keep = np.isin(rows[order], complete)
+                feedback = {
+                    k: v[keep] if isinstance(v, np.ndarray) else v for k, v in feedback.items()
+                }
+                decision = [decision[int(i)] for i in complete]
+        info = self.meta_policy.update(decision, **feedback)
+        self._awaiting_feedback = False
+        self._log(pending, info, metrics)
+
+    def _candidate_loglik(self, batch: Any, keys: list[str]) -> np.ndarray:
+        """``(N, K)`` likelihoods of the real rows: one no-grad log-prob pass per candidate."""
+        original = self._original_methods[(id(self.actor_rollout_wg), "compute_log_prob")]
+        log_probs = []
+        mask = None
+        for value in self.meta_policy.candidates.tolist():
+            scoring = copy.copy(batch)
+            scoring.extra_info = {
+                "calculate_entropy": False,
+                "compute_loss": False,
+                "temperature": value,
+            }
+            original(scoring)
+            data = tq.kv_batch_get(
+                keys=keys,
+                partition_id=batch.partition_id,
+                select_fields=["log_probs", "response_mask"],
+            )
+            lp = response_from_nested(data.pop("log_probs"), data["response_mask"])
+            padded = TensorDict(
+                {"lp": lp, "mask": data["response_mask"]}, batch_size=len(keys)
+            ).to_padded_tensor()
+            log_probs.append(padded["lp"])
+            mask = padded["mask"]
+        assert mask is not None
+        return fb.candidate_loglik(log_probs, mask)
+
+    def _log(self, pending: _Submission, info: metactl.UpdateInfo, metrics: dict[str, Any]) -> None:
+        temperatures = pending.temperatures
+        metrics["metactl/temperature"] = float(temperatures.mean())
+        metrics["metactl/temperature_min"] = float(temperatures.min())
+        metrics["metactl/temperature_max"] = float(temperatures.max())
+        for value, prob in zip(self.meta_policy.candidates, info.probs, strict=True):
+            metrics[f"metactl/prob/{value:g}"] = float(prob)
+        self.meta_history.append(
+            {
+                "global_step": int(self.global_steps),
+                "policy_step": int(self.meta_policy.step),
+                "temperatures": temperatures.tolist(),
+                "probs": [float(p) for p in info.probs],
+            }
+        )
+        print(f"metactl: step {self.global_steps} temperatures {temperatures.tolist()}", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _step_folder(self, step: int) -> str:
+        root = self.config.trainer.default_local_dir
+        if not os.path.isabs(root):
+            root = os.path.join(os.getcwd(), root)
+        return os.path.join(root, f"global_step_{step}")
+
+    def meta_state_dict(self) -> dict[str, Any]:
+        return {"format": _STATE_FORMAT, "policy": self.meta_policy.state_dict()}
+
+    def _save_checkpoint(self) -> None:
+        # written before verl's tracker file, so a checkpoint verl resumes from always has it
+        folder = self._step_folder(self.global_steps)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, META_STATE_NAME)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metactl_state.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.meta_state_dict(), f)
+        os.replace(tmp, path)
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self) -> None:
+        super()._load_checkpoint()
+        if self.global_steps == 0:
+            return
+        if self.config.trainer.resume_mode == "resume_path":
+            folder = self.config.trainer.resume_from_path
+            if not os.path.isabs(folder):
+                folder = os.path.join(os.getcwd(), folder)
+        else:
+            folder = self._step_folder(self.global_steps)
+        self.load_meta_state(os.path.join(folder, META_STATE_NAME))
+
+    def load_meta_state(self, path: str) -> None:
+        """Read, validate and apply a :data:`META_STATE_NAME`; any problem is a ``ValueError``
+        (``FileNotFoundError`` when missing) naming the file, and changes nothing."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: resuming would restart the meta-policy while the model resumes"
+            )
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+                raise ValueError(f"format must be {_STATE_FORMAT}")
+            trial = copy.deepcopy(self.meta_policy)
+            trial.load_state_dict(state["policy"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{path} is not a valid metactl state: {error}") from error
+        self.meta_policy = trial
+        logger.info("metactl: meta-policy restored from %s (step %d)", path, trial.step)
