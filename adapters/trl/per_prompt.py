@@ -18,7 +18,7 @@ import torch
 import metactl
 from metactl.distributed import gather_feedback
 
-from .scoring import HiddenCapture
+from .scoring import HiddenCapture, completion_advantages
 
 if TYPE_CHECKING:
     from .fused import FusedLogitsCapture
@@ -312,15 +312,8 @@ class PerPromptMixin(_TrainerBase):
             scored = (result.counts > 0).cpu().numpy()
             local["loglik"] = result.loglik.cpu().numpy()
         if "advantages" in requires or "loglik" in requires:
-            advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
-            if advantages.ndim != 1:
-                raise ValueError(
-                    "MetaGRPOTrainer needs one advantage per completion (shape (N,)); got "
-                    f"shape {advantages.shape}"
-                )
-            if "loglik" in local:
-                advantages = np.where(scored, advantages, 0.0)
-            local["advantages"] = advantages
+            local["advantages"] = completion_advantages(
+                output, scored if "loglik" in local else None)
         feedback = (
             gather_feedback(local, self._collectives()[0])
             if self._multi_process and local

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 
 from .knobs import CandidateScoring
@@ -120,6 +121,20 @@ def _accumulate(
         rows[keep].to(sums.device),
         means.double() * counts[keep].double().unsqueeze(1).to(means.device),
     )
+
+
+def completion_advantages(output: dict[str, Any], scored: np.ndarray | None) -> np.ndarray:
+    """TRL's advantages of the batch (one per completion) as float64, for the meta-policy.
+
+    ``scored``: which completions have a scored token (``None`` when no likelihood was
+    computed). A completion with no scored token (mask_truncated_completions, tool-only)
+    carries no likelihood; TRL leaves it out of the loss, and weight 0 leaves it out here.
+    """
+    advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
+    if advantages.ndim != 1:
+        raise ValueError("MetaGRPOTrainer needs one advantage per completion (shape (N,)); got "
+                         f"shape {advantages.shape}")  # fmt: skip
+    return advantages if scored is None else np.where(scored, advantages, 0.0)
 
 
 def candidate_loglik_from_hidden(

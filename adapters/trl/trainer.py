@@ -42,7 +42,6 @@ import logging
 import time
 from typing import Any, Literal, cast
 
-import numpy as np
 import torch
 from trl import GRPOTrainer
 
@@ -83,6 +82,7 @@ from .scoring import (
     LikelihoodResult,
     candidate_loglik_exact,
     candidate_loglik_from_hidden,
+    completion_advantages,
     dense_head,
 )
 
@@ -493,17 +493,8 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
                 tokens = float(result.counts.sum())
                 feedback["entropy"] = float(result.entropy_sum or 0.0) / max(tokens, 1.0)
         if "advantages" in requires or "loglik" in requires:
-            advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
-            if advantages.ndim != 1:
-                raise ValueError(
-                    "MetaGRPOTrainer needs one advantage per completion (shape (N,)); got "
-                    f"shape {advantages.shape}"
-                )
-            if "loglik" in feedback:
-                # A completion with no scored token (mask_truncated_completions, tool-only) carries
-                # no likelihood; TRL leaves it out of the loss, and weight 0 leaves it out here.
-                advantages = np.where(scored, advantages, 0.0)
-            feedback["advantages"] = advantages
+            feedback["advantages"] = completion_advantages(
+                output, scored if "loglik" in feedback else None)
         if "reward" in requires:
             # TRL's logged batch reward is already the mean over all ranks' completions.
             feedback["reward"] = float(self._metrics["train"]["reward"][-1])
