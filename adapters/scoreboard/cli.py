@@ -259,9 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .report import analyse
 
+    if args.report_only:  # an arm without any record on a testbed was not run there
+        planned = {name: [c for c in arms if any((name, c, s) in records
+                                                 for s in seed_lists[name])]
+                   for name, arms in planned.items()}  # fmt: skip
     try:
         analysis = analyse(testbeds, controllers, records, seed_lists, resamples=args.resamples,
-                           allow_not_run=args.report_only, planned=planned)  # fmt: skip
+                           planned=planned)  # fmt: skip
     except ValueError as exc:  # --report-only over an incomplete folder
         print(f"{PROG}: cannot report: {exc}", file=sys.stderr)
         return 1

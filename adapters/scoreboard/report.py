@@ -30,19 +30,17 @@ def analyse(
     seeds: dict[str, list[int]],
     *,
     resamples: int = 10_000,
-    allow_not_run: bool = False,
     planned: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Every number of the scoreboard from the records ``{(testbed, controller, seed): record}``.
 
     ``controllers`` must include the whole fixed grid. Raises ``ValueError`` when a run is
-    missing (a partial scoreboard is never summarised as if it were complete). With
-    ``allow_not_run`` (``metactl scoreboard --report-only``), a non-fixed controller with no run
-    at all on a testbed is reported as *not run* there (``None`` in the summary, listed under
-    ``"not_run"``; its worst cases cover the testbeds it ran on); the fixed grid must still be
-    complete and a controller with only some of a testbed's seeds is still an error.
-    ``planned`` (``{testbed: controllers}``): a controller not planned on a testbed (see
-    `Testbed.default_arms`) is reported as not run there; a planned one must be complete.
+    missing (a partial scoreboard is never summarised as if it were complete). ``planned``
+    (``{testbed: controllers}``, default every controller everywhere): a non-fixed controller
+    not planned on a testbed (`Testbed.default_arms`, or no record at all under ``metactl
+    scoreboard --report-only``) is reported as *not run* there (``None`` in the summary, listed
+    under ``"not_run"``; its worst cases cover the testbeds it ran on); the fixed grid and every
+    planned controller must be complete.
     """
     missing = [g for g in FIXED_GRID if g not in controllers]
     if missing:
@@ -52,18 +50,12 @@ def analyse(
     for testbed in testbeds:
         tb_seeds = seeds[testbed.name]
         if planned is not None:
-            for c in controllers:
+            for c in sorted(controllers):
                 if c not in planned[testbed.name] and c not in FIXED_GRID:
                     not_run.setdefault(c, []).append(testbed.name)
         absent = [(c, s) for c in controllers for s in tb_seeds
                   if (testbed.name, c, s) not in records
                   and testbed.name not in not_run.get(c, ())]  # fmt: skip
-        if allow_not_run:
-            skipped = {c for c, _ in absent if c not in FIXED_GRID
-                       and all((testbed.name, c, s) not in records for s in tb_seeds)}
-            for c in sorted(skipped):
-                not_run.setdefault(c, []).append(testbed.name)
-            absent = [(c, s) for c, s in absent if c not in skipped]
         if absent:
             raise ValueError(f"testbed {testbed.name}: {len(absent)} runs missing, e.g. "
                              f"{absent[0]}")  # fmt: skip
