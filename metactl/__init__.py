@@ -14,8 +14,9 @@ The core needs numpy and scipy only; ``metactl.likelihood`` uses torch when give
 and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[gym]``, ...).
 """
 
-from . import contexts, diagnostics, distributed, knobs, likelihood
+from . import contexts, diagnostics, distributed, feedback, knobs, likelihood
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
+from .feedback import Feedback, FeedbackSpec, TrainerSupport, build_feedback, check_trainer
 from .knobs import KnobGrid, grid
 from .policy import (
     PAPER_TEMPERATURES,
@@ -67,6 +68,8 @@ __all__ = [
     "DecisionBatch",
     "EntropySchedule",
     "EntropyTarget",
+    "Feedback",
+    "FeedbackSpec",
     "Fixed",
     "Greedy",
     "Hedge",
@@ -80,13 +83,17 @@ __all__ = [
     "Schedule",
     "Selector",
     "ThompsonGaussian",
+    "TrainerSupport",
     "Uncertainty",
     "UpdateInfo",
     "__version__",
+    "build_feedback",
     "candidate_advantages",
+    "check_trainer",
     "contexts",
     "diagnostics",
     "distributed",
+    "feedback",
     "grid",
     "knobs",
     "likelihood",

@@ -11,7 +11,6 @@ from typing import Any, overload
 import numpy as np
 
 from . import _validation as check
-from ._feedback import FEEDBACK_NAMES, ROW_FEEDBACK, validate_feedback
 from ._state import (
     MAX_STEP,
     SCHEMA_VERSION,
@@ -30,6 +29,7 @@ from .contexts import (
     decision_arrays,
 )
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo, decision_setting
+from .feedback import FEEDBACK_NAMES, ROW_FEEDBACK, Feedback, FeedbackSpec
 from .knobs import KNOBS, KnobGrid, KnobValue, joint_candidates
 from .rules import RULES, Rule
 from .selectors import SELECTORS, Greedy, Nucleus, Sample, Selector
@@ -241,6 +241,21 @@ class MetaPolicy:
         return self._rule.requires
 
     @property
+    def spec(self) -> FeedbackSpec:
+        """The trainer contract of this policy (:class:`metactl.FeedbackSpec`): the feedback
+        its rule needs, how ``loglik`` is reduced over tokens, whether zero-advantage rows may
+        go unscored, per-context decisions and features, and the knobs the decisions set."""
+        rule = self._rule
+        return FeedbackSpec(
+            feedback=rule.requires,
+            loglik=rule.loglik_reduction,  # type: ignore[arg-type]
+            zero_advantage_rows_free=rule.zero_advantage_rows_ignored,
+            per_context=self._store is not None,
+            feature_dim=rule.feature_dim if isinstance(rule, ContextualRule) else 0,
+            knobs=self._knobs,
+        )
+
+    @property
     def probs(self) -> np.ndarray:
         """The current probabilities over candidates, shape (K,), non-negative, summing to 1."""
         return self._rule.probs(self._state, self._candidates, self._step)
@@ -399,13 +414,18 @@ class MetaPolicy:
         )
 
     def update(
-        self, decision: Decision | DecisionBatch | Sequence[Decision], **feedback: Any
+        self,
+        decision: Decision | DecisionBatch | Sequence[Decision],
+        feedback: Feedback | None = None,
+        /,
+        **kwargs: Any,
     ) -> UpdateInfo:
         """Update from the feedback of the batch sampled with ``decision``.
 
-        Keyword feedback: ``loglik`` (N, K), ``advantages`` (N,), ``rewards`` (N,),
-        ``reward``, ``entropy``, ``vocab_size``, ``group_size``. Every name given is validated;
-        the rule uses those in ``requires``.
+        The feedback is a :class:`metactl.Feedback` (``metactl.build_feedback`` makes one from
+        a trainer's tensors) or keywords: ``loglik`` (N, K), ``advantages`` (N,), ``rewards``
+        (N,), ``reward``, ``entropy``, ``vocab_size``, ``group_size``. Every value given is
+        validated; the rule uses those in ``policy.spec.feedback``.
 
         ``decision`` is the global :class:`Decision` of ``select()``, or, for a contextual rule,
         the :class:`DecisionBatch` of ``select(contexts=...)`` (or a list of its per-context
@@ -418,6 +438,12 @@ class MetaPolicy:
         would still overflow float64 (feedback near the float64 limit) or leave a state that
         ``load_state_dict`` would refuse raises ``ValueError`` with the policy unchanged.
         """
+        if feedback is None:
+            feedback = Feedback.from_kwargs(kwargs)
+        elif not isinstance(feedback, Feedback):
+            raise TypeError(f"feedback must be a metactl.Feedback, got {type(feedback).__name__}")
+        elif kwargs:
+            raise TypeError("pass the feedback as a Feedback or as keywords, not both")
         if self._store is not None:
             return self._update_contextual(decision, feedback)
         if isinstance(decision, DecisionBatch) or isinstance(decision, (list, tuple)):
@@ -436,10 +462,7 @@ class MetaPolicy:
             )
         if not 0 <= decision.index < self._candidates.shape[0]:
             raise ValueError(f"decision.index {decision.index} is out of range")
-        missing = [name for name in self._rule.requires if name not in feedback]
-        if missing:
-            raise ValueError(f"{self._rule.name} needs feedback {missing} (got {sorted(feedback)})")
-        checked = validate_feedback(feedback, self._candidates.shape[0])
+        checked = self._checked_feedback(feedback)
         if self._step + 1 >= MAX_STEP:
             raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
         # Floating-point overflow or an invalid operation anywhere in the update (feedback near
@@ -452,7 +475,17 @@ class MetaPolicy:
         self._step += 1
         return UpdateInfo(step=decision.step, probs=self.probs, candidate_advantages=signal)
 
-    def _update_contextual(self, decision: Any, feedback: dict[str, Any]) -> UpdateInfo:
+    def _checked_feedback(self, feedback: Feedback) -> dict[str, Any]:
+        given = feedback.given()
+        missing = [name for name in self._rule.requires if name not in given]
+        if missing:
+            raise ValueError(f"{self._rule.name} needs feedback {missing} (got {sorted(given)})")
+        k = self._candidates.shape[0]
+        if feedback.loglik is not None and feedback.loglik.shape[1] != k:
+            raise ValueError(f"loglik must have shape (N, K={k}), got {feedback.loglik.shape}")
+        return {name: getattr(feedback, name) for name in given}
+
+    def _update_contextual(self, decision: Any, feedback: Feedback) -> UpdateInfo:
         """The update of a contextual rule: validate everything, compute the new global state
         and context rows, check them, then commit (store, evict, step)."""
         rule = self._rule
@@ -477,10 +510,7 @@ class MetaPolicy:
             keys, values, indices, features = decision_arrays(
                 batch, self._id, self._step, k, rule.feature_dim
             )
-        missing = [name for name in rule.requires if name not in feedback]
-        if missing:
-            raise ValueError(f"{rule.name} needs feedback {missing} (got {sorted(feedback)})")
-        checked = validate_feedback(feedback, k)
+        checked = self._checked_feedback(feedback)
         n = 1 if keys is None else len(keys)
         row_counts = {name: checked[name].shape[0] for name in ROW_FEEDBACK if name in checked}
         if not row_counts:
@@ -700,6 +730,14 @@ def check_rule_fits(rule: Rule, hyperparameter: str) -> None:
                 "(hyperparameter='joint') does not have; use an index-only rule (TAMPO, Hedge, "
                 "MetaGradient, EXP3, UCB1, ThompsonGaussian)"
             )
+    if rule.knobs is not None and hyperparameter not in ("joint", "generic") and (
+        hyperparameter not in rule.knobs
+    ):
+        raise ValueError(
+            f"{rule.name} drives {' and '.join(rule.knobs)} only (its update moves the value "
+            f"in a direction that means something for that knob alone): it cannot run over "
+            f"hyperparameter={hyperparameter!r}"
+        )
     if hyperparameter == "top_k" and use == "continuous":
         raise ValueError(
             f"{rule.name} produces continuous values between the candidates, but top_k is an "

@@ -53,6 +53,16 @@ class Rule:
     # (schedules, entropy controllers, PTGS). A joint policy takes "indices" rules only, an
     # integer knob (top_k) refuses "continuous" ones. The default is the cautious "values".
     candidate_use: ClassVar[str] = "values"
+    # The sampler knobs the rule can drive: None for any knob (the rule ranks candidates without
+    # reading a direction into their values); ("temperature",) for rules whose update moves the
+    # value in a direction that only means something for a temperature (heat / cool).
+    knobs: ClassVar[tuple[str, ...] | None] = None
+
+    @property
+    def loglik_reduction(self) -> str:
+        """How the rule expects ``loglik`` rows reduced over tokens: ``"mean"`` (per-token
+        mean, TAMPO's paper form) or ``"sum"`` (the whole completion)."""
+        return "mean"
 
     @property
     def name(self) -> str:

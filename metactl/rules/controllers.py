@@ -166,6 +166,7 @@ class EntropyTarget(Rule):
     initial: float = 1.0
     requires: ClassVar[tuple[str, ...]] = ("entropy", "vocab_size")
     candidate_use: ClassVar[str] = "continuous"
+    knobs: ClassVar[tuple[str, ...] | None] = ("temperature",)
 
     def __post_init__(self) -> None:
         target = positive_scalar(self.target_entropy, "target_entropy")

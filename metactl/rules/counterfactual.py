@@ -178,6 +178,10 @@ class Counterfactual(Rule):
     requires: ClassVar[tuple[str, ...]] = ("loglik", "rewards", "group_size")
     likelihood_normalization: ClassVar[str] = "sum"
 
+    @property
+    def loglik_reduction(self) -> str:
+        return "sum"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", unit_interval(self.alpha, "alpha", low_open=True))
         object.__setattr__(self, "min_ess", unit_interval(self.min_ess, "min_ess", low_open=True))

@@ -61,6 +61,7 @@ class EntropySchedule(Rule):
     kind: str = "linear"
     requires: ClassVar[tuple[str, ...]] = EntropyTarget.requires
     candidate_use: ClassVar[str] = "continuous"
+    knobs: ClassVar[tuple[str, ...] | None] = ("temperature",)
 
     def __post_init__(self) -> None:
         object.__setattr__(

@@ -126,6 +126,7 @@ class PTGS(PassCountRows, ContextualRule):
     max_contexts: int = DEFAULT_MAX_CONTEXTS
     requires: ClassVar[tuple[str, ...]] = ("rewards",)
     candidate_use: ClassVar[str] = "continuous"
+    knobs: ClassVar[tuple[str, ...] | None] = ("temperature",)
 
     def __post_init__(self) -> None:
         tau = positive_scalar(self.tau, "tau")

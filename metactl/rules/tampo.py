@@ -196,6 +196,10 @@ class TAMPO(Rule):
     candidate_use: ClassVar[str] = "indices"
     zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
+    @property
+    def loglik_reduction(self) -> str:
+        return self.likelihood_normalization
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", unit_interval(self.alpha, "alpha", low_open=True))
         one_of(self.normalizer, "normalizer", NORMALIZERS)

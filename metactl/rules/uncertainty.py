@@ -92,6 +92,7 @@ class Uncertainty(Rule):
     clip: float = 2.0
     requires: ClassVar[tuple[str, ...]] = ("rewards", "group_size")
     candidate_use: ClassVar[str] = "continuous"
+    knobs: ClassVar[tuple[str, ...] | None] = ("temperature",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "base", positive_scalar(self.base, "base"))
