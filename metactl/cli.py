@@ -1,6 +1,7 @@
-"""The ``metactl`` command: ``metactl reproduce ...`` and ``metactl gym-study ...``.
+"""The ``metactl`` command: ``metactl reproduce``, ``metactl gym-study``, ``metactl scoreboard``.
 
-Subcommands import their adapter lazily, so ``metactl --help`` works with the core alone.
+Every subcommand is a lab command (``metactl.adapters.lab``) imported lazily, so ``metactl
+--help`` works with the core alone.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ from collections.abc import Sequence
 # subcommand -> (module with main(argv) -> int, one-line help, extra that provides it)
 COMMANDS = {
     "reproduce": (
-        "metactl.adapters.reference.cli",
+        "metactl.adapters.lab.reproduce.cli",
         "run the paper's comparison (TAMPO vs fixed and scheduled temperatures) and write a report",
         "metactl[reference]",
     ),
     "gym-study": (
-        "metactl.adapters.gym.study",
+        "metactl.adapters.lab.gym_study",
         "compare every controller on the TokenSearch toy environment over many seeds",
         "metactl[gym]",
     ),
     "scoreboard": (
-        "metactl.adapters.scoreboard.cli",
+        "metactl.adapters.lab.scoreboard.cli",
         "every controller on every testbed of the declared suite: regret table and heat-map",
         "metactl[gym]",
     ),

@@ -82,32 +82,22 @@ from __future__ import annotations
 
 import numbers
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _validation as check
 from .decision import ContextKey, Decision, DecisionBatch
-from .rules.contextual import (
-    DEFAULT_MAX_CONTEXTS,
-    ContextRows,
-    ContextualRule,
-    RowGroups,
-    nearest_index,
-    select_rows,
-)
+from .rules.base import DEFAULT_MAX_CONTEXTS, ContextRows
 
 __all__ = [
     "DEFAULT_MAX_CONTEXTS",
     "ContextRows",
     "ContextStore",
-    "ContextualRule",
-    "RowGroups",
+    "DecisionArrays",
     "context_keys",
     "decision_arrays",
-    "nearest_index",
-    "select_rows",
 ]
 
 
@@ -309,22 +299,66 @@ class ContextStore:
         return store, rows
 
 
+class DecisionArrays(NamedTuple):
+    """The decisions of one update as arrays: ``contexts`` (None for the global decision),
+    ``values``, ``indices`` (n,), ``features`` ((n, d) or None) and a function giving the
+    propensities (n,) (computed only for rules that read them)."""
+
+    contexts: tuple[ContextKey, ...] | None
+    values: np.ndarray
+    indices: np.ndarray
+    features: np.ndarray | None
+    propensities: Callable[[], np.ndarray]
+
+
+def _check_owner(d: Decision | DecisionBatch, name: str, policy_id: str, step: int) -> None:
+    was, are = ("were", "are") if isinstance(d, DecisionBatch) else ("was", "is")
+    if d.policy_id != policy_id:
+        raise ValueError(f"{name} {was} made by another MetaPolicy; select() on this one")
+    if d.step != step:
+        raise ValueError(
+            f"{name} {are} from step {d.step} but the policy is at step {step}: each "
+            "decision is updated once, at the step it was made"
+        )
+
+
+def _check_index(index: object, name: str, n_candidates: int) -> int:
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name}.index must be an int, got {type(index).__name__} {index!r}")
+    if not 0 <= int(index) < n_candidates:
+        raise ValueError(f"{name}.index {index} is out of range")
+    return int(index)
+
+
 def decision_arrays(
-    decisions: Any, policy_id: str, step: int, n_candidates: int, feature_dim: int
-) -> tuple[tuple[ContextKey, ...], np.ndarray, np.ndarray, np.ndarray | None]:
-    """Check per-context decisions (a :class:`DecisionBatch` or a list of :class:`Decision`)
-    against the policy and step: ``(contexts, values, indices, features)``."""
+    decisions: Any, policy_id: str, step: int, candidates: np.ndarray, feature_dim: int
+) -> DecisionArrays:
+    """Check the decisions of an update against the policy and step: the global
+    :class:`Decision` of ``select()``, a :class:`DecisionBatch`, or a list of per-context
+    :class:`Decision` records. Returns them as :class:`DecisionArrays`."""
+    k = candidates.shape[0]
+    if isinstance(decisions, Decision) and decisions.context is None:
+        _check_owner(decisions, "decision", policy_id, step)
+        index = _check_index(decisions.index, "decision", k)
+        value = decisions.value if not isinstance(decisions.value, dict) else candidates[index]
+        prob = decisions.prob
+        return DecisionArrays(
+            None,
+            np.array([value], dtype=np.float64),
+            np.array([index], dtype=np.int64),
+            None,
+            lambda: np.array([prob], dtype=np.float64),
+        )
     if isinstance(decisions, DecisionBatch):
-        if decisions.policy_id != policy_id:
-            raise ValueError("decisions were made by another MetaPolicy; select() on this one")
-        if decisions.step != step:
-            raise ValueError(
-                f"decisions are from step {decisions.step} but the policy is at step {step}: "
-                "each decision is updated once, at the step it was made"
-            )
+        _check_owner(decisions, "decisions", policy_id, step)
         if len(decisions) == 0:
             raise ValueError("decisions is empty")
-        return decisions.contexts, decisions.values, decisions.indices, decisions.features
+        batch = decisions
+        return DecisionArrays(
+            batch.contexts, batch.values, batch.indices, batch.features, lambda: batch.probs
+        )
+    if isinstance(decisions, Decision):
+        decisions = [decisions]
     if not isinstance(decisions, (list, tuple)):
         raise TypeError(
             "decisions must be a metactl.Decision, a DecisionBatch or a list of Decisions, got "
@@ -335,32 +369,26 @@ def decision_arrays(
     contexts: list[ContextKey] = []
     values = np.empty(len(decisions))
     indices = np.empty(len(decisions), dtype=np.int64)
+    props = np.empty(len(decisions))
     features = np.empty((len(decisions), feature_dim)) if feature_dim else None
     for i, d in enumerate(decisions):
         name = f"decisions[{i}]"
         if not isinstance(d, Decision):
             raise TypeError(f"{name} must be a metactl.Decision, got {type(d).__name__}")
-        if d.policy_id != policy_id:
-            raise ValueError(f"{name} was made by another MetaPolicy; select() on this one")
-        if d.step != step:
-            raise ValueError(
-                f"{name} is from step {d.step} but the policy is at step {step}: each "
-                "decision is updated once, at the step it was made"
-            )
+        _check_owner(d, name, policy_id, step)
         if d.context is None:
             raise ValueError(
                 f"{name} is a global decision (context None): update it alone, not in a list "
                 "of per-context decisions"
             )
-        if not 0 <= d.index < n_candidates:
-            raise ValueError(f"{name}.index {d.index} is out of range")
+        indices[i] = _check_index(d.index, name, k)
         contexts.append(_key(d.context, f"{name}.context"))
         if isinstance(d.value, dict):  # joint policies make no per-context decisions
             raise TypeError(f"{name} is a joint decision; per-context decisions set one knob")
         values[i] = d.value
-        indices[i] = d.index
+        props[i] = d.prob
         if features is not None:
             if d.features is None or len(d.features) != feature_dim:
                 raise ValueError(f"{name}.features must hold {feature_dim} values")
             features[i] = d.features
-    return tuple(contexts), values, indices, features
+    return DecisionArrays(tuple(contexts), values, indices, features, lambda: props)

@@ -10,7 +10,7 @@ from typing import overload
 
 import numpy as np
 
-from .knobs import KnobValue
+from .knobs import KnobGrid, KnobValue
 
 __all__ = ["ContextKey", "Decision", "DecisionBatch", "UpdateInfo"]
 
@@ -93,8 +93,10 @@ def decision_setting(knobs: tuple[str, ...], value: float | dict[str, KnobValue]
 
 
 class DecisionBatch(Sequence[Decision]):
-    """The decisions of one ``select(contexts=...)`` call: one per context, in the order of
-    ``contexts``, held as arrays (no per-context Python object until one is indexed).
+    """The decisions of one ``select`` call: one per context, in the order of ``contexts``,
+    held as arrays (no per-context Python object until one is indexed). ``select()`` without
+    contexts makes a batch of one global decision (``contexts`` None) and returns its only
+    element.
 
     It is a ``Sequence[Decision]`` (``len``, indexing, iteration give :class:`Decision`
     records), and exposes the arrays a trainer needs to apply the values to its rows:
@@ -106,12 +108,14 @@ class DecisionBatch(Sequence[Decision]):
     as a list) to ``policy.update``; the arrays are read-only. ``knobs`` is the one knob the
     values set (``()`` for ``"generic"``) and ``settings`` the per-context sampler settings.
     Per-context decisions exist for one-knob policies only: a joint policy refuses contextual
-    rules (see :class:`metactl.MetaPolicy`).
+    rules (see :class:`metactl.MetaPolicy`); its global decision's value is the setting of the
+    candidate in ``grid``.
     """
 
     __slots__ = (
         "_contexts",
         "_features",
+        "_grid",
         "_indices",
         "_knobs",
         "_on_grid",
@@ -125,7 +129,7 @@ class DecisionBatch(Sequence[Decision]):
     def __init__(
         self,
         *,
-        contexts: tuple[ContextKey, ...],
+        contexts: tuple[ContextKey, ...] | None,
         values: np.ndarray,
         indices: np.ndarray,
         probs: np.ndarray | Callable[[], np.ndarray],
@@ -134,10 +138,11 @@ class DecisionBatch(Sequence[Decision]):
         step: int,
         policy_id: str,
         knobs: tuple[str, ...] = (),
+        grid: KnobGrid | None = None,
     ) -> None:
-        n = len(contexts)
-        if len(knobs) > 1:
-            raise ValueError("a DecisionBatch holds the values of one knob (or generic values)")
+        n = 1 if contexts is None else len(contexts)
+        if len(knobs) > 1 and grid is None:
+            raise ValueError("a DecisionBatch over several knobs needs their grid")
         self._probs_fn: Callable[[], np.ndarray] | None = None
         if callable(probs):
             self._probs_fn, probs = probs, np.zeros(n)
@@ -150,6 +155,7 @@ class DecisionBatch(Sequence[Decision]):
             if array is not None:
                 array.setflags(write=False)
         self._contexts = contexts
+        self._grid = grid
         self._values = values
         self._indices = indices
         self._probs = probs
@@ -160,7 +166,8 @@ class DecisionBatch(Sequence[Decision]):
         self.policy_id = policy_id
 
     @property
-    def contexts(self) -> tuple[ContextKey, ...]:
+    def contexts(self) -> tuple[ContextKey, ...] | None:
+        """The context keys, in order; None for the global decision of ``select()``."""
         return self._contexts
 
     @property
@@ -204,10 +211,12 @@ class DecisionBatch(Sequence[Decision]):
     def settings(self) -> list[dict[str, KnobValue]]:
         """The sampler setting of each context, ``[{knob: value}, ...]`` (see
         :attr:`Decision.setting`); ``ValueError`` for generic values."""
+        if self._grid is not None:
+            return [self._grid[i] for i in self._indices.tolist()]
         return [decision_setting(self._knobs, v) for v in self._values.tolist()]
 
     def __len__(self) -> int:
-        return len(self._contexts)
+        return self._values.shape[0]
 
     @overload
     def __getitem__(self, i: int) -> Decision: ...
@@ -218,18 +227,19 @@ class DecisionBatch(Sequence[Decision]):
     def __getitem__(self, i: int | slice) -> Decision | list[Decision]:
         if isinstance(i, slice):
             return [self[j] for j in range(len(self))[i]]
-        n = len(self._contexts)
+        n = len(self)
         if not -n <= i < n:
             raise IndexError(f"DecisionBatch index {i} out of range for {n} decisions")
         i = i % n
         feats = None if self._features is None else tuple(self._features[i].tolist())
+        index = int(self._indices[i])
         return Decision(
-            index=int(self._indices[i]),
-            value=float(self._values[i]),
+            index=index,
+            value=float(self._values[i]) if self._grid is None else self._grid[index],
             prob=float(self.probs[i]),
             step=self.step,
             policy_id=self.policy_id,
-            context=self._contexts[i],
+            context=None if self._contexts is None else self._contexts[i],
             on_grid=bool(self._on_grid[i]),
             features=feats,
             knobs=self._knobs,

@@ -5,7 +5,7 @@ per rollout batch and ``update()`` from its feedback."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
 import numpy as np
@@ -20,19 +20,13 @@ from ._state import (
     state_from_json,
     state_to_json,
 )
-from .contexts import (
-    ContextRows,
-    ContextStore,
-    ContextualRule,
-    RowGroups,
-    context_keys,
-    decision_arrays,
-)
+from .contexts import ContextStore, context_keys, decision_arrays
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo, decision_setting
 from .feedback import FEEDBACK_NAMES, ROW_FEEDBACK, Feedback, FeedbackSpec
 from .knobs import KNOBS, KnobGrid, KnobValue, joint_candidates
 from .rules import RULES, Rule
-from .selectors import SELECTORS, Greedy, Nucleus, Sample, Selector
+from .rules.base import Batch, Contexts
+from .selectors import SELECTORS, Selector
 
 __all__ = [
     "FEEDBACK_NAMES",
@@ -136,31 +130,29 @@ class MetaPolicy:
             if self._grid is not None
             else () if hyperparameter == "generic" else (hyperparameter,)
         )
-        check_rule_fits(rule, hyperparameter)
+        check_rule_fits(rule, hyperparameter, self._candidates)
         rule.validate_candidates(self._candidates)
         self._rule = rule
         self._selector = selector if selector is not None else rule.default_selector()
-        if isinstance(rule, ContextualRule):
-            if rule.uses_selector and not isinstance(self._selector, (Nucleus, Sample, Greedy)):
-                raise TypeError(
-                    f"{rule.name} selects per context with Nucleus, Sample or Greedy; got "
-                    f"selector {self._selector!r}"
-                )
-            if not rule.uses_selector and self._selector != rule.default_selector():
-                raise ValueError(
-                    f"{rule.name} draws its own values and uses no selector: pass selector=None "
-                    f"(got {self._selector!r})"
-                )
+        fields = rule.row_fields(self._candidates)
+        if fields and rule.uses_selector and not self._selector.vectorised:
+            raise TypeError(
+                f"{rule.name} selects per context with a vectorised selector (Nucleus, Sample "
+                f"or Greedy, or one implementing select_rows); got selector {self._selector!r}"
+            )
+        if not rule.uses_selector and self._selector != rule.default_selector():
+            raise ValueError(
+                f"{rule.name} draws its own values and uses no selector: pass selector=None "
+                f"(got {self._selector!r})"
+            )
         self._seed = check.integer(seed, "seed", minimum=0)
         self._rng = np.random.Generator(np.random.PCG64(self._seed))
         self._state = rule.init_state(self._candidates)
         self._step = 0
         self._id = uuid.uuid4().hex
-        # Per-context rows of a contextual rule (PTGS, ContextualTAMPO, ...); None otherwise.
+        # Per-context rows of a per-prompt rule (PTGS, ContextualTAMPO, ...); None otherwise.
         self._store: ContextStore | None = (
-            ContextStore(rule.row_fields(self._candidates), rule.max_contexts)
-            if isinstance(rule, ContextualRule)
-            else None
+            ContextStore(fields, rule.max_contexts) if fields else None
         )
 
     # -- read-only views ---------------------------------------------------------------------
@@ -251,14 +243,14 @@ class MetaPolicy:
             loglik=rule.loglik_reduction,  # type: ignore[arg-type]
             zero_advantage_rows_free=rule.zero_advantage_rows_ignored,
             per_context=self._store is not None,
-            feature_dim=rule.feature_dim if isinstance(rule, ContextualRule) else 0,
+            feature_dim=rule.feature_dim,
             knobs=self._knobs,
         )
 
     @property
     def probs(self) -> np.ndarray:
         """The current probabilities over candidates, shape (K,), non-negative, summing to 1."""
-        return self._rule.probs(self._state, self._candidates, self._step)
+        return self._rule.global_probs(self._state, self._candidates, self._step)
 
     @property
     def contextual(self) -> bool:
@@ -280,46 +272,22 @@ class MetaPolicy:
     def select(self, contexts: Any = None, *, features: Any = None) -> Decision | DecisionBatch:
         """Choose the value for the next rollout batch, or (``contexts`` given) one value per
         context, returned as a :class:`DecisionBatch` (one :class:`Decision` per context, in
-        order). ``contexts`` needs a contextual rule (PTGS, ContextualTAMPO, LinearThompson);
+        order). ``contexts`` needs a per-prompt rule (PTGS, ContextualTAMPO, LinearThompson);
         ``features`` (n, feature_dim) is required by rules with features and refused by the
         others. See :mod:`metactl.contexts` for the contract. A rejected call draws nothing.
         """
         if contexts is None:
             if features is not None:
                 raise ValueError("features are given per context: pass contexts=... with them")
-            if self._store is None:
-                return self._select_global()
-            return self._select_contextual_global()
+            return self._draw(None, None)[0]
         if self._store is None:
             raise TypeError(
                 f"contexts=... needs a contextual rule (metactl.PTGS, metactl.ContextualTAMPO, "
                 f"metactl.LinearThompson); {self._rule.name} keeps one global state"
             )
-        keys = context_keys(contexts, "contexts")
-        return self._select_contextual(keys, features)
-
-    def _select_global(self) -> Decision:
-        probs = self.probs
-        index = self._rule.choose(self._state, self._candidates, self._step, self._rng)
-        if index is None:
-            index, prob = self._selector.select(probs, self._rng)
-        else:
-            prob = float(probs[index])
-        value = self._rule.decision_value(self._state, self._candidates, self._step, index)
-        on_grid = bool(value == self._candidates[index])
-        return Decision(
-            index=int(index),
-            # a joint policy's rules are "indices" rules: always on the grid
-            value=self._setting(int(index)) if self._grid is not None else float(value),
-            prob=float(prob),
-            step=self._step,
-            policy_id=self._id,
-            on_grid=on_grid,
-            knobs=self._knobs,
-        )
+        return self._draw(context_keys(contexts, "contexts"), features)
 
     def _checked_features(self, features: Any, n: int) -> np.ndarray | None:
-        assert isinstance(self._rule, ContextualRule)
         dim = self._rule.feature_dim
         if dim == 0:
             if features is not None:
@@ -335,69 +303,50 @@ class MetaPolicy:
             )
         return array
 
-    def _context_rows(self, keys: tuple[ContextKey, ...]) -> tuple[np.ndarray, ContextRows]:
-        assert self._store is not None and isinstance(self._rule, ContextualRule)
-        slots = self._store.slots(keys)
-        prior = self._rule.prior_rows(self._state, self._candidates, len(keys))
-        return slots, self._store.gather(slots, prior)
-
-    def _draw(
-        self, keys: tuple[ContextKey, ...] | None, features: Any
-    ) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray | Callable[[], np.ndarray], np.ndarray, np.ndarray | None
-    ]:
-        """Validate, then draw ``(values, indices, probs, on_grid, features)`` for the contexts
-        (``keys=None``: the one global context). Nothing is drawn when validation fails."""
+    def _contexts(
+        self, keys: tuple[ContextKey, ...] | None, features: np.ndarray | None
+    ) -> tuple[Contexts, np.ndarray]:
+        """The hook argument for these contexts (``keys=None``: the one global context) and
+        their store slots (-1: not stored). Reads the store, changes nothing."""
         rule = self._rule
-        assert isinstance(rule, ContextualRule)
-        if keys is None:  # the global context (all-zero features for rules with features)
-            checked = None
+        if keys is None or self._store is None:
             rows = rule.global_rows(self._state, self._candidates)
+            slots = np.zeros(0, dtype=np.int64)
+            n = 1
         else:
+            n = len(keys)
+            slots = self._store.slots(keys)
+            prior = rule.prior_rows(self._state, self._candidates, n)
+            rows = self._store.gather(slots, prior)
+        ctx = Contexts(self._candidates, self._step, self._selector, n, rows, features)
+        return ctx, slots
+
+    def _draw(self, keys: tuple[ContextKey, ...] | None, features: Any) -> DecisionBatch:
+        """Validate, then draw one decision per context (``keys=None``: the global context,
+        returned as a batch of one). Nothing is drawn when validation fails."""
+        checked = None
+        if keys is not None:
             checked = self._checked_features(features, len(keys))
             distinct = len(set(keys))
-            if distinct > rule.max_contexts:
+            if distinct > self._rule.max_contexts:
                 raise ValueError(
                     f"contexts has {distinct} distinct keys, more than max_contexts = "
-                    f"{rule.max_contexts}: one update could not store them"
+                    f"{self._rule.max_contexts}: one update could not store them"
                 )
-            rows = self._context_rows(keys)[1]
-        values, indices, probs, on_grid = rule.select_contexts(
-            self._state, rows, checked, self._candidates, self._step, self._selector, self._rng
-        )
-        return (
-            np.asarray(values, dtype=np.float64),
-            np.asarray(indices, dtype=np.int64),
-            probs if callable(probs) else np.asarray(probs, dtype=np.float64),
-            np.asarray(on_grid, dtype=bool),
-            checked,
-        )
-
-    def _select_contextual(self, keys: tuple[ContextKey, ...], features: Any) -> DecisionBatch:
-        values, indices, probs, on_grid, checked = self._draw(keys, features)
+        ctx, _ = self._contexts(keys, checked)
+        draw = self._rule.select(self._state, ctx, self._rng)
+        probs = draw.probs
         return DecisionBatch(
             contexts=keys,
-            values=values,
-            indices=indices,
-            probs=probs,
-            on_grid=on_grid,
+            values=np.asarray(draw.values, dtype=np.float64),
+            indices=np.asarray(draw.indices, dtype=np.int64),
+            probs=probs if callable(probs) else np.asarray(probs, dtype=np.float64),
+            on_grid=np.asarray(draw.on_grid, dtype=bool),
             features=checked,
             step=self._step,
             policy_id=self._id,
             knobs=self._knobs,
-        )
-
-    def _select_contextual_global(self) -> Decision:
-        values, indices, probs, on_grid, _ = self._draw(None, None)
-        prob = probs() if callable(probs) else probs
-        return Decision(
-            index=int(indices[0]),
-            value=float(values[0]),
-            prob=float(prob[0]),
-            step=self._step,
-            policy_id=self._id,
-            on_grid=bool(on_grid[0]),
-            knobs=self._knobs,
+            grid=self._grid,
         )
 
     def context_probs(self, contexts: Any, *, features: Any = None) -> np.ndarray:
@@ -405,13 +354,9 @@ class MetaPolicy:
         draws nothing, changes nothing). Unseen contexts get the rule's prior."""
         if self._store is None:
             raise TypeError(f"context_probs needs a contextual rule; {self._rule.name} is global")
-        assert isinstance(self._rule, ContextualRule)
         keys = context_keys(contexts, "contexts")
-        checked = self._checked_features(features, len(keys))
-        rows = self._context_rows(keys)[1]
-        return self._rule.context_probs(
-            self._state, rows, checked, self._candidates, self._step, self._selector
-        )
+        ctx, _ = self._contexts(keys, self._checked_features(features, len(keys)))
+        return self._rule.probs(self._state, ctx)
 
     def update(
         self,
@@ -427,7 +372,7 @@ class MetaPolicy:
         (N,), ``reward``, ``entropy``, ``vocab_size``, ``group_size``. Every value given is
         validated; the rule uses those in ``policy.spec.feedback``.
 
-        ``decision`` is the global :class:`Decision` of ``select()``, or, for a contextual rule,
+        ``decision`` is the global :class:`Decision` of ``select()``, or, for a per-prompt rule,
         the :class:`DecisionBatch` of ``select(contexts=...)`` (or a list of its per-context
         decisions): then the per-row feedback holds G rows per decision, in order (see
         :mod:`metactl.contexts`).
@@ -444,36 +389,80 @@ class MetaPolicy:
             raise TypeError(f"feedback must be a metactl.Feedback, got {type(feedback).__name__}")
         elif kwargs:
             raise TypeError("pass the feedback as a Feedback or as keywords, not both")
-        if self._store is not None:
-            return self._update_contextual(decision, feedback)
-        if isinstance(decision, DecisionBatch) or isinstance(decision, (list, tuple)):
+        rule, store = self._rule, self._store
+        if store is None and (
+            isinstance(decision, (DecisionBatch, list, tuple))
+            or (isinstance(decision, Decision) and decision.context is not None)
+        ):
             raise TypeError(
-                f"a list of decisions needs a contextual rule; {self._rule.name} takes the one "
+                f"a list of decisions needs a contextual rule; {rule.name} takes the one "
                 "Decision of select()"
             )
-        if not isinstance(decision, Decision):
+        if store is None and not isinstance(decision, Decision):
             raise TypeError(f"decision must be a metactl.Decision, got {type(decision).__name__}")
-        if decision.policy_id != self._id:
-            raise ValueError("decision was made by another MetaPolicy; select() on this one")
-        if decision.step != self._step:
-            raise ValueError(
-                f"decision is from step {decision.step} but the policy is at step {self._step}: "
-                "each decision is updated once, at the step it was made"
-            )
-        if not 0 <= decision.index < self._candidates.shape[0]:
-            raise ValueError(f"decision.index {decision.index} is out of range")
+        keys, values, indices, features, propensities = decision_arrays(
+            decision, self._id, self._step, self._candidates, rule.feature_dim
+        )
         checked = self._checked_feedback(feedback)
+        n = 1 if keys is None else len(keys)
+        group_size = self._group_size(checked, n, contextual=store is not None)
         if self._step + 1 >= MAX_STEP:
             raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
-        # Floating-point overflow or an invalid operation anywhere in the update (feedback near
-        # the float64 limit) raises instead of leaving inf/NaN in the state; the new state is
-        # checked like a loaded one, and assigned only when it passes.
-        with float64_guard(self._rule.name):
-            new_state, signal = self._rule.update(self._state, self._candidates, decision, checked)
-        check_new_state(self._rule, new_state, signal, self._candidates, self._step + 1)
+        if keys is None:
+            unique: list[ContextKey] = []
+            inverse = np.zeros(1, dtype=np.int64)
+        else:
+            position: dict[ContextKey, int] = {}
+            inverse = np.fromiter(
+                (position.setdefault(key, len(position)) for key in keys), dtype=np.int64, count=n
+            )
+            unique = list(position)
+            if len(unique) > rule.max_contexts:
+                raise ValueError(
+                    f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
+                    f"{rule.max_contexts}"
+                )
+        ctx, slots = self._contexts(None if keys is None else tuple(unique), None)
+        m = max(len(unique), 1)
+        batch = Batch(
+            n=n,
+            group_size=group_size,
+            inverse=inverse,
+            m=m,
+            counts=np.bincount(inverse, minlength=m),
+            values=values,
+            indices=indices,
+            features=features,
+            propensity_of=propensities,
+        )
+        with float64_guard(rule.name):
+            new_state, new_rows, signal = rule.update(self._state, ctx, batch, checked)
+        check_new_state(
+            rule,
+            new_state,
+            signal,
+            self._candidates,
+            self._step + 1,
+            new_rows=new_rows or None,
+            check_rows=(
+                None
+                if keys is None
+                else lambda: rule.check_rows(new_rows, self._candidates, self._step + 1)
+            ),
+        )
+        # commit: nothing above changed the policy
+        evicted: list[ContextKey] = []
+        if keys is not None and store is not None:
+            evicted = store.write(unique, slots, new_rows)
         self._state = new_state
         self._step += 1
-        return UpdateInfo(step=decision.step, probs=self.probs, candidate_advantages=signal)
+        return UpdateInfo(
+            step=self._step - 1,
+            probs=self.probs,
+            candidate_advantages=signal,
+            contexts=None if keys is None else len(unique),
+            evicted=tuple(evicted),
+        )
 
     def _checked_feedback(self, feedback: Feedback) -> dict[str, Any]:
         given = feedback.given()
@@ -485,36 +474,16 @@ class MetaPolicy:
             raise ValueError(f"loglik must have shape (N, K={k}), got {feedback.loglik.shape}")
         return {name: getattr(feedback, name) for name in given}
 
-    def _update_contextual(self, decision: Any, feedback: Feedback) -> UpdateInfo:
-        """The update of a contextual rule: validate everything, compute the new global state
-        and context rows, check them, then commit (store, evict, step)."""
+    def _group_size(self, checked: dict[str, Any], n: int, *, contextual: bool) -> int:
+        """G, the rows per decision: the per-row feedback holds ``n * G`` rows (0 when the
+        feedback has no per-row entry, which only a global rule may lack; its ``group_size``
+        feedback is then its own, the prompts' group size)."""
         rule = self._rule
-        store = self._store
-        assert isinstance(rule, ContextualRule) and store is not None
-        k = self._candidates.shape[0]
-        keys: tuple[ContextKey, ...] | None
-        if isinstance(decision, Decision) and decision.context is None:
-            if decision.policy_id != self._id:
-                raise ValueError("decision was made by another MetaPolicy; select() on this one")
-            if decision.step != self._step:
-                raise ValueError(
-                    f"decision is from step {decision.step} but the policy is at step "
-                    f"{self._step}: each decision is updated once, at the step it was made"
-                )
-            if not 0 <= decision.index < k:
-                raise ValueError(f"decision.index {decision.index} is out of range")
-            keys, values = None, np.array([decision.value])
-            indices, features = np.array([decision.index], dtype=np.int64), None
-        else:
-            batch = [decision] if isinstance(decision, Decision) else decision
-            keys, values, indices, features = decision_arrays(
-                batch, self._id, self._step, k, rule.feature_dim
-            )
-        checked = self._checked_feedback(feedback)
-        n = 1 if keys is None else len(keys)
         row_counts = {name: checked[name].shape[0] for name in ROW_FEEDBACK if name in checked}
         if not row_counts:
-            raise ValueError(f"{rule.name} needs per-row feedback {list(rule.requires)}")
+            if contextual:
+                raise ValueError(f"{rule.name} needs per-row feedback {list(rule.requires)}")
+            return 0
         if len(set(row_counts.values())) != 1:
             raise ValueError(
                 f"per-row feedback must have the same number of rows, got {row_counts}"
@@ -527,71 +496,12 @@ class MetaPolicy:
                 "decision owns G consecutive rows (N = len(decisions) * G)"
             )
         group_size = rows_total // n
-        if "group_size" in checked and checked["group_size"] != group_size:
+        if contextual and "group_size" in checked and checked["group_size"] != group_size:
             raise ValueError(
                 f"group_size is {checked['group_size']} but {name} has {rows_total} rows for "
                 f"{n} decisions (G = {group_size})"
             )
-        if self._step + 1 >= MAX_STEP:
-            raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
-        if keys is None:
-            unique: list[ContextKey] = []
-            inverse = np.zeros(1, dtype=np.int64)
-            slots = np.zeros(0, dtype=np.int64)
-            rows = rule.global_rows(self._state, self._candidates)
-        else:
-            position: dict[ContextKey, int] = {}
-            inverse = np.fromiter(
-                (position.setdefault(key, len(position)) for key in keys), dtype=np.int64, count=n
-            )
-            unique = list(position)
-            if len(unique) > rule.max_contexts:
-                raise ValueError(
-                    f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
-                    f"{rule.max_contexts}"
-                )
-            slots, rows = self._context_rows(tuple(unique))
-        m = max(len(unique), 1)
-        groups = RowGroups(
-            n=n,
-            group_size=group_size,
-            inverse=inverse,
-            m=m,
-            counts=np.bincount(inverse, minlength=m),
-            values=values,
-            indices=indices,
-            features=features,
-        )
-        with float64_guard(rule.name):
-            new_state, new_rows, signal = rule.update_contexts(
-                self._state, rows, groups, checked, self._candidates, self._step
-            )
-        check_new_state(
-            rule,
-            new_state,
-            signal,
-            self._candidates,
-            self._step + 1,
-            new_rows=new_rows,
-            check_rows=(
-                None
-                if keys is None
-                else lambda: rule.check_rows(new_rows, self._candidates, self._step + 1)
-            ),
-        )
-        # commit: nothing above changed the policy
-        evicted: list[ContextKey] = []
-        if keys is not None:
-            evicted = store.write(unique, slots, new_rows)
-        self._state = new_state
-        self._step += 1
-        return UpdateInfo(
-            step=self._step - 1,
-            probs=self.probs,
-            candidate_advantages=signal,
-            contexts=None if keys is None else len(unique),
-            evicted=tuple(evicted),
-        )
+        return group_size
 
     # -- state -------------------------------------------------------------------------------
     def _candidates_state(self) -> Any:
@@ -649,7 +559,6 @@ class MetaPolicy:
         store = None
         if self._store is not None:
             rule = self._rule
-            assert isinstance(rule, ContextualRule)
             store, rows = ContextStore.from_json(
                 state["contexts"],
                 rule.row_fields(self._candidates),
@@ -705,14 +614,14 @@ class MetaPolicy:
         )
 
 
-def check_rule_fits(rule: Rule, hyperparameter: str) -> None:
+def check_rule_fits(rule: Rule, hyperparameter: str, candidates: np.ndarray) -> None:
     """Refuse a rule that cannot decide over this kind of candidates (see
     ``Rule.candidate_use``): a joint grid has no numeric value per candidate, so it takes
     "indices" rules only, and global ones (no per-prompt joint decisions); an integer knob
     (top_k) cannot take the continuous values between its candidates."""
     use = rule.candidate_use
     if hyperparameter == "joint":
-        if isinstance(rule, ContextualRule):
+        if rule.row_fields(candidates):
             raise ValueError(
                 f"{rule.name} is a per-context rule: per-prompt decisions over a joint grid "
                 "(hyperparameter='joint') are not supported; use a global rule (TAMPO, Hedge, "

@@ -1,7 +1,9 @@
-"""Selectors turn the meta-policy's probabilities into one choice per step.
+"""Selectors turn the meta-policy's probabilities into one choice per context (one per step for
+the global policy).
 
-Each selector draws at most one uniform number from the policy's own generator, so two policies
-with the same seed and the same history choose identically (on every rank of a distributed run).
+Each selector draws at most one uniform number per context from the policy's own generator, so
+two policies with the same seed and the same history choose identically (on every rank of a
+distributed run).
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ _MASS_TOLERANCE = 1e-12
 TIE_ULPS = 8
 
 
-def _inverse_cdf(probs: np.ndarray, u: float) -> int:
-    cdf = np.cumsum(probs)
-    index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    # u * total can equal cdf[-1] only through rounding; fall back to the last positive entry.
-    return min(index, int(np.flatnonzero(probs > 0)[-1]))
+def _inverse_cdf_rows(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Row-wise inverse CDF: the first index whose cumulative probability exceeds ``u`` times
+    the row's total (``searchsorted(..., side="right")``); ``u * total`` can reach the total only
+    through rounding, so the last positive entry bounds the result."""
+    cdf = np.cumsum(probs, axis=1)
+    target = u * cdf[:, -1]
+    index = np.sum(cdf <= target[:, None], axis=1)
+    k = probs.shape[1]
+    last_positive = k - 1 - np.argmax((probs > 0)[:, ::-1], axis=1)
+    return np.minimum(index, last_positive)
 
 
 def nucleus_support(probs: np.ndarray, top_p: float) -> np.ndarray:
@@ -65,12 +72,34 @@ def nucleus_support(probs: np.ndarray, top_p: float) -> np.ndarray:
 
 
 class Selector:
-    """Base class: ``select(probs, rng) -> (index, probability of that index)``."""
+    """Base class. A selector implements ``select_rows(probs (n, K), rng) -> (indices (n,),
+    probabilities (n,))``, one choice per row (the global policy is one row); ``select(probs
+    (K,), rng)`` is the one-row case. A custom selector may implement ``select`` alone: it then
+    serves global policies (one row per step); per-prompt policies need ``select_rows``."""
 
     name: ClassVar[str] = "Selector"
 
+    @property
+    def vectorised(self) -> bool:
+        """Whether the selector implements ``select_rows`` itself."""
+        return type(self).select_rows is not Selector.select_rows
+
+    def select_rows(
+        self, probs: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if type(self).select is Selector.select:
+            raise NotImplementedError(f"{type(self).__name__} implements neither select_rows "
+                                      "nor select")  # fmt: skip
+        chosen = [self.select(row, rng) for row in probs]
+        return (
+            np.array([index for index, _ in chosen], dtype=np.int64),
+            np.array([prob for _, prob in chosen], dtype=np.float64),
+        )
+
     def select(self, probs: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
-        raise NotImplementedError
+        """Choose one index from ``probs`` (K,): ``(index, probability of that index)``."""
+        index, prob = self.select_rows(np.asarray(probs, dtype=np.float64)[None, :], rng)
+        return int(index[0]), float(prob[0])
 
     def config(self) -> dict[str, Any]:
         return {}
@@ -84,7 +113,7 @@ class Nucleus(Selector):
     candidate tied with its least probable member (see :func:`nucleus_support`: ties are kept,
     so from the uniform start every candidate can be chosen), renormalises and samples.
     ``top_p = 0`` is argmax (uniform among tied maxima); ``top_p = 1`` samples from the whole
-    distribution. Draws exactly one uniform number from the policy's generator.
+    distribution. Draws exactly one uniform number per row from the policy's generator.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -98,12 +127,34 @@ class Nucleus(Selector):
     def __post_init__(self) -> None:
         object.__setattr__(self, "top_p", unit_interval(self.top_p, "top_p"))
 
-    def select(self, probs: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
-        kept = nucleus_support(probs, self.top_p)
-        mass = probs[kept] / probs[kept].sum()
-        u = rng.random()
-        choice = _inverse_cdf(mass, u) if kept.shape[0] > 1 else 0
-        return int(kept[choice]), float(mass[choice])
+    def select_rows(
+        self, probs: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        n, k = probs.shape
+        rows = np.arange(n)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        ordered = np.take_along_axis(probs, order, axis=1)
+        cumulative = np.cumsum(ordered, axis=1)
+        reach = np.sum(cumulative < self.top_p - _MASS_TOLERANCE, axis=1) + 1
+        size = np.minimum(reach, k)
+        boundary = ordered[rows, size - 1]
+        position = np.arange(k)[None, :]
+        tied = (ordered >= (boundary - TIE_ULPS * np.spacing(boundary))[:, None]) & (ordered > 0)
+        after = position >= size[:, None]
+        # candidates tied with the boundary directly follow it: count the leading run of ties
+        run = np.cumprod(np.where(after, tied, True), axis=1).astype(bool) & after
+        kept_size = size + run.sum(axis=1)
+        kept = np.where(position < kept_size[:, None], ordered, 0.0)
+        total = np.empty(n)
+        # sum each row's kept entries as a 1-D array of their length (rows of equal length
+        # together), so the renormalisation is that of nucleus_support's kept set
+        for length in np.unique(kept_size):
+            same = kept_size == length
+            total[same] = ordered[same, :length].sum(axis=1)
+        mass = kept / total[:, None]
+        u = np.asarray(rng.random(n), dtype=np.float64)
+        choice = np.where(kept_size > 1, _inverse_cdf_rows(mass, u), 0)
+        return order[rows, choice].astype(np.int64), mass[rows, choice]
 
     def config(self) -> dict[str, Any]:
         return {"top_p": self.top_p}
@@ -111,7 +162,7 @@ class Nucleus(Selector):
 
 @dataclass(frozen=True)
 class Sample(Selector):
-    """Sample a candidate in proportion to its probability.
+    """Sample a candidate in proportion to its probability (one uniform draw per row).
 
     Example:
         >>> Sample().select(np.array([0.0, 1.0]), np.random.default_rng(0))
@@ -120,9 +171,12 @@ class Sample(Selector):
 
     name: ClassVar[str] = "Sample"
 
-    def select(self, probs: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
-        index = _inverse_cdf(probs, rng.random())
-        return index, float(probs[index] / probs.sum())
+    def select_rows(
+        self, probs: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        u = np.asarray(rng.random(probs.shape[0]), dtype=np.float64)
+        index = _inverse_cdf_rows(probs, u)
+        return index.astype(np.int64), probs[np.arange(probs.shape[0]), index] / probs.sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -136,8 +190,10 @@ class Greedy(Selector):
 
     name: ClassVar[str] = "Greedy"
 
-    def select(self, probs: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
-        return int(np.argmax(probs)), 1.0
+    def select_rows(
+        self, probs: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return np.argmax(probs, axis=1).astype(np.int64), np.ones(probs.shape[0])
 
 
 SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (Nucleus, Sample, Greedy)}

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from metactl.selectors import nucleus_support
 
 import metactl
 from metactl import PTGS, Decision, DecisionBatch, MetaPolicy
-from metactl.rules.contextual import select_rows
 from metactl.rules.contextual_tampo import minmax_rows
 from metactl.selectors import Greedy, Nucleus, Sample
 
@@ -248,11 +248,30 @@ def test_vectorised_selectors_match_the_scalar_ones(
 ) -> None:
     raw[:, 0] += 1e-3  # every row has some mass
     probs = raw / raw.sum(axis=1, keepdims=True)
+
+    def inverse_cdf(p: np.ndarray, u: float) -> int:
+        cdf = np.cumsum(p)
+        index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        return min(index, int(np.flatnonzero(p > 0)[-1]))
+
+    def scalar(selector: object, row: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
+        """The selection rule one row at a time, written out with nucleus_support."""
+        if isinstance(selector, Greedy):
+            return int(np.argmax(row)), 1.0
+        if isinstance(selector, Sample):
+            index = inverse_cdf(row, rng.random())
+            return index, float(row[index] / row.sum())
+        kept = nucleus_support(row, top_p)
+        mass = row[kept] / row[kept].sum()
+        u = rng.random()
+        choice = inverse_cdf(mass, u) if kept.shape[0] > 1 else 0
+        return int(kept[choice]), float(mass[choice])
+
     for selector in (Nucleus(top_p), Sample(), Greedy()):
         scalar_rng = np.random.default_rng(seed)
-        expected = [selector.select(row, scalar_rng) for row in probs]
+        expected = [scalar(selector, row, scalar_rng) for row in probs]
         vector_rng = np.random.default_rng(seed)
-        index, prob = select_rows(probs, selector, vector_rng)
+        index, prob = selector.select_rows(probs, vector_rng)
         assert [(int(i), float(p)) for i, p in zip(index, prob, strict=True)] == expected
         assert scalar_rng.bit_generator.state == vector_rng.bit_generator.state
 
@@ -320,7 +339,7 @@ def test_unseen_context_gets_the_prior(name: str) -> None:
         batch = policy.select(contexts=["a", "b"])
         policy.update(batch, **_feedback(policy, rng, 8))
     rule = policy.rule
-    assert isinstance(rule, metactl.contexts.ContextualRule)
+    assert rule.row_fields(np.asarray(policy.candidates, dtype=np.float64))  # per-context rows
     state = policy.state_dict()
     prior = rule.prior_rows(policy._state, policy.candidates, 1)
     if name == "tampo-per-prompt":  # the global EMA of now, no updates

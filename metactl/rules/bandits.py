@@ -11,9 +11,21 @@ from typing import ClassVar
 import numpy as np
 
 from .._validation import finite_scalar, integer, positive_scalar, unit_interval
-from ..decision import Decision
 from ..sparsemax import softmax
-from .base import Feedback, Rule, RuleState, check_counts, check_max_is_zero, one_hot, state_field
+from .base import (
+    Batch,
+    ContextRows,
+    Contexts,
+    Draw,
+    Feedback,
+    Rule,
+    RuleState,
+    check_counts,
+    check_max_is_zero,
+    one_hot,
+    one_value,
+    state_field,
+)
 
 __all__ = ["EXP3", "UCB1", "ThompsonGaussian"]
 
@@ -78,21 +90,22 @@ class EXP3(Rule):
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {"log_weights": np.zeros(candidates.shape[0])}
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        k = candidates.shape[0]
-        return (1.0 - self.gamma) * softmax(state["log_weights"]) + self.gamma / k
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        k = ctx.candidates.shape[0]
+        return ((1.0 - self.gamma) * softmax(state["log_weights"]) + self.gamma / k)[None, :]
 
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
         check_max_is_zero(state, "log_weights")
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
         reward = _require_in_range(feedback["reward"], self.reward_min, self.reward_max)
-        k = candidates.shape[0]
+        k = ctx.candidates.shape[0]
         log_weights = state["log_weights"].copy()
-        log_weights[decision.index] += (self.gamma / k) * reward / decision.prob
-        return {"log_weights": log_weights - log_weights.max()}, None
+        propensity = float(batch.propensities[0])
+        log_weights[batch.index] += (self.gamma / k) * reward / propensity
+        return {"log_weights": log_weights - log_weights.max()}, {}, None
 
 
 @dataclass(frozen=True)
@@ -131,22 +144,21 @@ class UCB1(Rule):
         bonus = self.exploration * np.sqrt(2.0 * np.log(counts.sum()) / counts)
         return int(np.argmax(means + bonus))
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return one_hot(candidates.shape[0], self._next(state))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], self._next(state))
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return self._next(state)
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        index = self._next(state)
+        return one_value(ctx, float(ctx.candidates[index]), index)
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
         counts, means = state["counts"].copy(), state["means"].copy()
-        i = decision.index
+        i = batch.index
         counts[i] += 1.0
         means[i] += (feedback["reward"] - means[i]) / counts[i]
-        return {"counts": counts, "means": means}, None
+        return {"counts": counts, "means": means}, {}, None
 
 
 @dataclass(frozen=True)
@@ -200,22 +212,22 @@ class ThompsonGaussian(Rule):
         mean = (self.prior_mean / self.prior_std**2 + state["sums"] / self.noise_std**2) / precision
         return mean, 1.0 / np.sqrt(precision)
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
         mean, std = self.posterior(state)
-        draws = np.random.default_rng(step).standard_normal((self.mc_samples, mean.shape[0]))
+        draws = np.random.default_rng(ctx.step).standard_normal((self.mc_samples, mean.shape[0]))
         best = np.argmax(mean + std * draws, axis=1)
-        return np.bincount(best, minlength=mean.shape[0]) / self.mc_samples
+        return (np.bincount(best, minlength=mean.shape[0]) / self.mc_samples)[None, :]
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
         mean, std = self.posterior(state)
-        return int(np.argmax(mean + std * rng.standard_normal(mean.shape[0])))
+        index = int(np.argmax(mean + std * rng.standard_normal(mean.shape[0])))
+        draw = one_value(ctx, float(ctx.candidates[index]), index)
+        return Draw(draw.values, draw.indices, self.probs(state, ctx)[:, index], draw.on_grid)
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
         counts, sums = state["counts"].copy(), state["sums"].copy()
-        counts[decision.index] += 1.0
-        sums[decision.index] += feedback["reward"]
-        return {"counts": counts, "sums": sums}, None
+        counts[batch.index] += 1.0
+        sums[batch.index] += feedback["reward"]
+        return {"counts": counts, "sums": sums}, {}, None

@@ -27,15 +27,16 @@ import numpy as np
 from .._validation import finite_scalar, integer, one_of, unit_interval
 from ..selectors import Nucleus, Selector
 from ..sparsemax import softmax, sparsemax
-from .base import Feedback, RuleState
-from .contextual import (
+from .base import (
     DEFAULT_MAX_CONTEXTS,
+    Batch,
     ContextRows,
-    ContextualRule,
-    RowGroups,
-    select_rows,
+    Contexts,
+    Feedback,
+    Rule,
+    RuleState,
 )
-from .tampo import _RELATIVE_SPREAD_FLOOR, NORMALIZERS, candidate_advantages, minmax_probs
+from .tampo import _RELATIVE_SPREAD_FLOOR, NORMALIZERS, candidate_advantages
 
 __all__ = ["ContextualTAMPO", "minmax_rows"]
 
@@ -57,7 +58,7 @@ def minmax_rows(ema: np.ndarray) -> np.ndarray:
     return probs
 
 
-def _group_means(weighted: np.ndarray, groups: RowGroups) -> np.ndarray:
+def _group_means(weighted: np.ndarray, groups: Batch) -> np.ndarray:
     """Mean over each distinct context's rows of ``weighted`` (N, K): (m, K)."""
     per_decision = groups.per_decision(weighted).mean(axis=1)  # (n, K)
     if groups.m == groups.n:
@@ -66,7 +67,7 @@ def _group_means(weighted: np.ndarray, groups: RowGroups) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ContextualTAMPO(ContextualRule):
+class ContextualTAMPO(Rule):
     """TAMPO with one EMA per context, shrunk toward the global EMA (module docstring).
 
     Args:
@@ -97,7 +98,6 @@ class ContextualTAMPO(ContextualRule):
     requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
     candidate_use: ClassVar[str] = "indices"
     zero_advantage_rows_ignored: ClassVar[bool] = True
-    uses_selector: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", unit_interval(self.alpha, "alpha", low_open=True))
@@ -133,9 +133,6 @@ class ContextualTAMPO(ContextualRule):
                 "a stored context was updated at least once, at most once per step"
             )
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return minmax_probs(state["ema"])
-
     def shrunk(self, state: RuleState, rows: ContextRows) -> np.ndarray:
         """``Abar_global + w_x (Abar_x - Abar_global)`` per context, (n, K)."""
         n_x = rows["updates"]
@@ -143,40 +140,13 @@ class ContextualTAMPO(ContextualRule):
         weight = np.divide(n_x, total, out=np.zeros_like(n_x), where=total > 0)
         return state["ema"] + weight[:, None] * (rows["ema"] - state["ema"])
 
-    def context_probs(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        features: np.ndarray | None,
-        candidates: np.ndarray,
-        step: int,
-        selector: Selector,
-    ) -> np.ndarray:
-        return minmax_rows(self.shrunk(state, rows))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return minmax_rows(self.shrunk(state, ctx.rows))
 
-    def select_contexts(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        features: np.ndarray | None,
-        candidates: np.ndarray,
-        step: int,
-        selector: Selector,
-        rng: np.random.Generator,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        probs = minmax_rows(self.shrunk(state, rows))
-        indices, chosen = select_rows(probs, selector, rng)
-        return candidates[indices], indices, chosen, np.ones(indices.shape[0], dtype=bool)
-
-    def update_contexts(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        groups: RowGroups,
-        feedback: Feedback,
-        candidates: np.ndarray,
-        step: int,
+    def update(
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
     ) -> tuple[RuleState, ContextRows, np.ndarray]:
+        rows, groups = ctx.rows, batch
         loglik, advantages = feedback["loglik"], feedback["advantages"]
         normalize = sparsemax if self.normalizer == "sparsemax" else softmax
         weights = normalize(loglik, axis=1)

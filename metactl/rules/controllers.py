@@ -11,9 +11,19 @@ from typing import ClassVar
 import numpy as np
 
 from .._validation import finite_scalar, integer, one_of, positive_scalar
-from ..decision import Decision
 from ..selectors import Greedy, Selector
-from .base import Feedback, Rule, RuleState, one_hot, state_field
+from .base import (
+    Batch,
+    ContextRows,
+    Contexts,
+    Draw,
+    Feedback,
+    Rule,
+    RuleState,
+    one_hot,
+    one_value,
+    state_field,
+)
 
 __all__ = ["EntropyTarget", "Fixed", "Schedule"]
 
@@ -56,18 +66,17 @@ class Fixed(Rule):
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {}
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return one_hot(candidates.shape[0], _nearest(candidates, self.value))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.value))
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return _nearest(candidates, self.value)
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        index = _nearest(ctx.candidates, self.value)
+        return one_value(ctx, float(ctx.candidates[index]), index)
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
-        return {}, None
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
+        return {}, {}, None
 
 
 @dataclass(frozen=True)
@@ -119,23 +128,16 @@ class Schedule(Rule):
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {}
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return one_hot(candidates.shape[0], _nearest(candidates, self.at(step)))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.at(ctx.step)))
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return _nearest(candidates, self.at(step))
-
-    def decision_value(
-        self, state: RuleState, candidates: np.ndarray, step: int, index: int
-    ) -> float:
-        return self.at(step)
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        return one_value(ctx, self.at(ctx.step))
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
-        return {}, None
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
+        return {}, {}, None
 
 
 @dataclass(frozen=True)
@@ -192,22 +194,16 @@ class EntropyTarget(Rule):
                 f"[{low}, {high}], got {value}"
             )
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return one_hot(candidates.shape[0], _nearest(candidates, state["value"]))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, state["value"]))
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return _nearest(candidates, state["value"])
-
-    def decision_value(
-        self, state: RuleState, candidates: np.ndarray, step: int, index: int
-    ) -> float:
-        return float(state["value"])
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        return one_value(ctx, float(state["value"]))
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
+        candidates = ctx.candidates
         entropy, vocab = feedback["entropy"], feedback["vocab_size"]
         if entropy <= 0:
             raise ValueError(f"entropy must be > 0 for the E3 rule (ln(H*/H)), got {entropy}")
@@ -221,4 +217,4 @@ class EntropyTarget(Rule):
             / (math.log(vocab) + math.log(math.log(vocab)))
         )
         bounded = min(max(t_next, float(candidates.min())), float(candidates.max()))
-        return {"value": bounded}, None
+        return {"value": bounded}, {}, None

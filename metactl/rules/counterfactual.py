@@ -18,9 +18,19 @@ from typing import ClassVar
 import numpy as np
 
 from .._validation import finite_scalar, one_of, unit_interval
-from ..decision import Decision
 from ..selectors import Greedy, Selector
-from .base import Feedback, Rule, RuleState, one_hot, state_field
+from .base import (
+    Batch,
+    ContextRows,
+    Contexts,
+    Draw,
+    Feedback,
+    Rule,
+    RuleState,
+    one_hot,
+    one_value,
+    state_field,
+)
 
 __all__ = ["OBJECTIVES", "Counterfactual", "counterfactual_scores"]
 
@@ -227,22 +237,21 @@ class Counterfactual(Rule):
                 f"{state_field('score')} = {score.tolist()}: the rule always moves to one"
             )
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return one_hot(candidates.shape[0], int(state["current"]))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], int(state["current"]))
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return int(state["current"])
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        index = int(state["current"])
+        return one_value(ctx, float(ctx.candidates[index]), index)
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, np.ndarray]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, np.ndarray]:
         scores, _ = counterfactual_scores(
             feedback["loglik"],
             feedback["rewards"],
             feedback["group_size"],
-            decision.index,
+            batch.index,
             objective=self.objective,
             min_ess=self.min_ess,
         )
@@ -250,7 +259,7 @@ class Counterfactual(Rule):
         if self.objective == "informative":
             score = np.minimum(score, 1.0)  # an EMA of values in [0, 1]: only rounding exceeds 1
         current = _nearest_maximiser(score, int(state["current"]))
-        return {"score": score, "current": float(current)}, scores
+        return {"score": score, "current": float(current)}, {}, scores
 
 
 def _maximisers(score: np.ndarray) -> np.ndarray:

@@ -10,9 +10,8 @@ from typing import ClassVar
 import numpy as np
 
 from .._validation import integer, one_of, positive_scalar
-from ..decision import Decision
 from ..selectors import Greedy, Selector
-from .base import Feedback, Rule, RuleState
+from .base import Batch, ContextRows, Contexts, Draw, Feedback, Rule, RuleState
 from .controllers import EntropyTarget, Schedule
 
 __all__ = ["EntropySchedule"]
@@ -92,20 +91,13 @@ class EntropySchedule(Rule):
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
         self._controller(step).check_state(state, candidates, step)
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return self._controller(step).probs(state, candidates, step)
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return self._controller(ctx.step).probs(state, ctx)
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return self._controller(step).choose(state, candidates, step, rng)
-
-    def decision_value(
-        self, state: RuleState, candidates: np.ndarray, step: int, index: int
-    ) -> float:
-        return self._controller(step).decision_value(state, candidates, step, index)
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        return self._controller(ctx.step).select(state, ctx, rng)
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
-        return self._controller(decision.step).update(state, candidates, decision, feedback)
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
+        return self._controller(ctx.step).update(state, ctx, batch, feedback)

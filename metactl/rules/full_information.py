@@ -15,9 +15,8 @@ from typing import ClassVar
 import numpy as np
 
 from .._validation import one_of, positive_scalar, unit_interval
-from ..decision import Decision
 from ..sparsemax import softmax
-from .base import Feedback, Rule, RuleState, check_max_is_zero
+from .base import Batch, ContextRows, Contexts, Feedback, Rule, RuleState, check_max_is_zero
 from .tampo import NORMALIZERS, candidate_advantages
 
 __all__ = ["Hedge", "MetaGradient"]
@@ -57,15 +56,15 @@ class Hedge(Rule):
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
         check_max_is_zero(state, "logits")
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return softmax(state["logits"])
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return softmax(state["logits"])[None, :]
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, np.ndarray]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, np.ndarray]:
         signal = candidate_advantages(feedback["loglik"], feedback["advantages"], self.normalizer)
         logits = state["logits"] + self.step_size * signal
-        return {"logits": logits - logits.max()}, signal  # shift: same softmax, bounded logits
+        return {"logits": logits - logits.max()}, {}, signal  # shift: same softmax, bounded
 
 
 @dataclass(frozen=True)
@@ -116,22 +115,22 @@ class MetaGradient(Rule):
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
         check_max_is_zero(state, "logits")
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return softmax(state["logits"])
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return softmax(state["logits"])[None, :]
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, np.ndarray]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, np.ndarray]:
         signal = candidate_advantages(feedback["loglik"], feedback["advantages"], self.normalizer)
         pi = softmax(state["logits"])
         baseline = float(state["baseline"])
         if self.estimator == "expected":
             grad = pi * (signal - pi @ signal)
         else:
-            chosen = signal[decision.index]
+            chosen = signal[batch.index]
             score = -pi
-            score[decision.index] += 1.0
+            score[batch.index] += 1.0
             grad = (chosen - baseline) * score
             baseline = self.baseline_decay * baseline + (1.0 - self.baseline_decay) * chosen
         logits = state["logits"] + self.lr * grad
-        return {"logits": logits - logits.max(), "baseline": baseline}, signal
+        return {"logits": logits - logits.max(), "baseline": baseline}, {}, signal

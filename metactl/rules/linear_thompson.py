@@ -20,7 +20,6 @@ pass rate 1/2, its own features) gets the shared model's choice at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,8 +28,17 @@ from scipy.special import log_ndtr
 
 from .._validation import integer, positive_scalar, unit_interval
 from ..selectors import Greedy, Selector
-from .base import Feedback, RuleState, state_field
-from .contextual import DEFAULT_MAX_CONTEXTS, ContextRows, ContextualRule, RowGroups
+from .base import (
+    DEFAULT_MAX_CONTEXTS,
+    Batch,
+    ContextRows,
+    Contexts,
+    Draw,
+    Feedback,
+    Rule,
+    RuleState,
+    state_field,
+)
 from .ptgs import PassCountRows, check_pass_counts, check_unit_rewards
 
 __all__ = ["LinearThompson"]
@@ -40,7 +48,7 @@ _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
 
 
 @dataclass(frozen=True)
-class LinearThompson(PassCountRows, ContextualRule):
+class LinearThompson(PassCountRows, Rule):
     """Thompson sampling over per-candidate Bayesian linear models of the group's reward
     spread, on the context's running pass rate and features (see the module docstring).
 
@@ -75,6 +83,7 @@ class LinearThompson(PassCountRows, ContextualRule):
     max_contexts: int = DEFAULT_MAX_CONTEXTS
     requires: ClassVar[tuple[str, ...]] = ("rewards",)
     candidate_use: ClassVar[str] = "indices"
+    uses_selector: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", unit_interval(self.gamma, "gamma", low_open=True))
@@ -168,51 +177,25 @@ class LinearThompson(PassCountRows, ContextualRule):
         out = np.maximum(out, 0.0)
         return out / out.sum(axis=1, keepdims=True)
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        phi = self.phi(self.global_rows(state, candidates), None)
-        mean, std = self._scores(state, phi, candidates)
-        return self._all_win_probabilities(mean, std)[0]
-
-    def context_probs(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        features: np.ndarray | None,
-        candidates: np.ndarray,
-        step: int,
-        selector: Selector,
-    ) -> np.ndarray:
-        mean, std = self._scores(state, self.phi(rows, features), candidates)
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        mean, std = self._scores(state, self.phi(ctx.rows, ctx.features), ctx.candidates)
         return self._all_win_probabilities(mean, std)
 
-    def select_contexts(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        features: np.ndarray | None,
-        candidates: np.ndarray,
-        step: int,
-        selector: Selector,
-        rng: np.random.Generator,
-    ) -> tuple[np.ndarray, np.ndarray, Callable[[], np.ndarray], np.ndarray]:
-        mean, std = self._scores(state, self.phi(rows, features), candidates)
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        candidates = ctx.candidates
+        mean, std = self._scores(state, self.phi(ctx.rows, ctx.features), candidates)
         draws = mean + std * rng.standard_normal(mean.shape)
         indices = np.argmax(draws, axis=1).astype(np.int64)
 
         def probs() -> np.ndarray:  # on first access; quadrature error kept inside [0, 1]
             return np.clip(self._win_probability(mean, std, indices), 0.0, 1.0)
 
-        return candidates[indices], indices, probs, np.ones(indices.shape[0], dtype=bool)
+        return Draw(candidates[indices], indices, probs, np.ones(indices.shape[0], dtype=bool))
 
-    def update_contexts(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        groups: RowGroups,
-        feedback: Feedback,
-        candidates: np.ndarray,
-        step: int,
+    def update(
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
     ) -> tuple[RuleState, ContextRows, None]:
+        rows, groups, candidates = ctx.rows, batch, ctx.candidates
         rewards = feedback["rewards"]
         check_unit_rewards(rewards)
         per_decision = groups.per_decision(rewards)  # (n, G)

@@ -19,7 +19,6 @@ Exactly the rule of ``research/controllers-2026.md`` (section 3), for each conte
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,13 +27,17 @@ from scipy.special import betainc
 
 from .._validation import integer, positive_scalar, unit_interval
 from ..selectors import Greedy, Selector
-from .base import Feedback, RuleState, state_field
-from .contextual import (
+from .base import (
     DEFAULT_MAX_CONTEXTS,
+    Batch,
     ContextRows,
-    ContextualRule,
-    RowGroups,
+    Contexts,
+    Draw,
+    Feedback,
+    Rule,
+    RuleState,
     nearest_index,
+    state_field,
 )
 
 __all__ = ["PTGS", "check_unit_rewards"]
@@ -80,7 +83,7 @@ class PassCountRows:
 
 
 @dataclass(frozen=True)
-class PTGS(PassCountRows, ContextualRule):
+class PTGS(PassCountRows, Rule):
     """Posterior-tempered group sampling: a temperature per context (see the module docstring).
 
     Args:
@@ -127,6 +130,7 @@ class PTGS(PassCountRows, ContextualRule):
     requires: ClassVar[tuple[str, ...]] = ("rewards",)
     candidate_use: ClassVar[str] = "continuous"
     knobs: ClassVar[tuple[str, ...] | None] = ("temperature",)
+    uses_selector: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         tau = positive_scalar(self.tau, "tau")
@@ -202,7 +206,7 @@ class PTGS(PassCountRows, ContextualRule):
         cells = np.maximum(cdf[:, :-1] - cdf[:, 1:], 0.0)
         return cells[:, rank]
 
-    # -- the ContextualRule contract -----------------------------------------------------------
+    # -- the rule contract ---------------------------------------------------------------------
     def default_selector(self) -> Selector:
         return Greedy()  # not used: PTGS draws its own values
 
@@ -221,33 +225,13 @@ class PTGS(PassCountRows, ContextualRule):
     def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
         check_pass_counts(state)
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        a, b, pivot = self._posterior(self.global_rows(state, candidates), step)
-        return self._cell_probs(a, b, candidates, pivot)[0]
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        a, b, pivot = self._posterior(ctx.rows, ctx.step)
+        return self._cell_probs(a, b, ctx.candidates, pivot)
 
-    def context_probs(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        features: np.ndarray | None,
-        candidates: np.ndarray,
-        step: int,
-        selector: Selector,
-    ) -> np.ndarray:
-        a, b, pivot = self._posterior(rows, step)
-        return self._cell_probs(a, b, candidates, pivot)
-
-    def select_contexts(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        features: np.ndarray | None,
-        candidates: np.ndarray,
-        step: int,
-        selector: Selector,
-        rng: np.random.Generator,
-    ) -> tuple[np.ndarray, np.ndarray, Callable[[], np.ndarray], np.ndarray]:
-        a, b, pivot = self._posterior(rows, step)
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        candidates = ctx.candidates
+        a, b, pivot = self._posterior(ctx.rows, ctx.step)
         p_hat = rng.beta(a, b)
         values = self.temperature(p_hat, pivot)
         indices = nearest_index(values, candidates)
@@ -257,17 +241,12 @@ class PTGS(PassCountRows, ContextualRule):
         def probs() -> np.ndarray:  # on first access: two incomplete-beta calls per context
             return np.maximum(betainc(a, b, p_edge[r]) - betainc(a, b, p_edge[r + 1]), 0.0)
 
-        return values, indices, probs, values == candidates[indices]
+        return Draw(values, indices, probs, values == candidates[indices])
 
-    def update_contexts(
-        self,
-        state: RuleState,
-        rows: ContextRows,
-        groups: RowGroups,
-        feedback: Feedback,
-        candidates: np.ndarray,
-        step: int,
+    def update(
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
     ) -> tuple[RuleState, ContextRows, None]:
+        rows, groups = ctx.rows, batch
         rewards = feedback["rewards"]
         check_unit_rewards(rewards)
         per_decision = groups.per_decision(rewards)

@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._validation import one_of, positive_scalar, unit_interval
-from ..decision import Decision
 from ..selectors import Nucleus, Selector
 from ..sparsemax import softmax, sparsemax
-from .base import Feedback, Rule, RuleState
+from .base import Batch, ContextRows, Contexts, Feedback, Rule, RuleState
 
 __all__ = [
     "LIKELIHOOD_NORMALIZATIONS",
@@ -228,19 +227,19 @@ class TAMPO(Rule):
     def init_state(self, candidates: np.ndarray) -> RuleState:
         return {"ema": np.zeros(candidates.shape[0])}
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return minmax_probs(state["ema"])
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return minmax_probs(state["ema"])[None, :]
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, np.ndarray]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, np.ndarray]:
         signal = candidate_advantages(
             feedback["loglik"], feedback["advantages"], self.normalizer, tau=self.tau
         )
         if self.standardize == "none":
             ema = (1.0 - self.alpha) * state["ema"] + self.alpha * signal
-            return {"ema": ema}, signal
+            return {"ema": ema}, {}, signal
         scaled = standardized_signal(signal, self.standardize)
         if scaled is None:  # zero spread: no ranking this step, the EMA is left as it was
-            return {"ema": state["ema"].copy()}, signal
-        return {"ema": (1.0 - self.alpha) * state["ema"] + self.alpha * scaled}, signal
+            return {"ema": state["ema"].copy()}, {}, signal
+        return {"ema": (1.0 - self.alpha) * state["ema"] + self.alpha * scaled}, {}, signal

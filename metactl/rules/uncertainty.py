@@ -12,9 +12,19 @@ from typing import ClassVar
 import numpy as np
 
 from .._validation import positive_scalar, unit_interval
-from ..decision import Decision
 from ..selectors import Greedy, Selector
-from .base import Feedback, Rule, RuleState, one_hot, state_field
+from .base import (
+    Batch,
+    ContextRows,
+    Contexts,
+    Draw,
+    Feedback,
+    Rule,
+    RuleState,
+    one_hot,
+    one_value,
+    state_field,
+)
 
 __all__ = ["Uncertainty", "outcome_uncertainty"]
 
@@ -157,25 +167,18 @@ class Uncertainty(Rule):
     def _index(self, state: RuleState, candidates: np.ndarray) -> int:
         return int(np.argmin(np.abs(candidates - float(state["value"]))))
 
-    def probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
-        return one_hot(candidates.shape[0], self._index(state, candidates))
+    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], self._index(state, ctx.candidates))
 
-    def choose(
-        self, state: RuleState, candidates: np.ndarray, step: int, rng: np.random.Generator
-    ) -> int:
-        return self._index(state, candidates)
-
-    def decision_value(
-        self, state: RuleState, candidates: np.ndarray, step: int, index: int
-    ) -> float:
-        return float(state["value"])
+    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+        return one_value(ctx, float(state["value"]), self._index(state, ctx.candidates))
 
     def update(
-        self, state: RuleState, candidates: np.ndarray, decision: Decision, feedback: Feedback
-    ) -> tuple[RuleState, None]:
+        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
+    ) -> tuple[RuleState, ContextRows, None]:
         uncertainty = outcome_uncertainty(feedback["rewards"], feedback["group_size"])
-        if decision.step == 0:
-            return {"value": self.base, "baseline": uncertainty, "deviation": 0.0}, None
+        if ctx.step == 0:
+            return {"value": self.base, "baseline": uncertainty, "deviation": 0.0}, {}, None
         centred = uncertainty - float(state["baseline"])
         deviation = (1.0 - self.beta) * float(state["deviation"]) + self.beta * abs(centred)
         z = centred / deviation if deviation > 0 else 0.0
@@ -186,4 +189,4 @@ class Uncertainty(Rule):
             "value": value,
             "baseline": min(max(baseline, 0.0), 1.0),  # an EMA of values in [0, 1]: rounding
             "deviation": min(deviation, 1.0),  # |u - b| <= 1: only rounding exceeds 1
-        }, None
+        }, {}, None
