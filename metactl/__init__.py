@@ -16,18 +16,17 @@ and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[g
 
 from . import contexts, diagnostics, distributed, feedback, knobs, likelihood
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
-from .feedback import Feedback, FeedbackSpec, TrainerSupport, build_feedback, check_trainer
-from .knobs import KnobGrid, grid
-from .policy import (
+from .factories import (
     PAPER_TEMPERATURES,
-    SCHEMA_VERSION,
-    MetaPolicy,
     linear_thompson,
     ptgs,
     ptgs_candidates,
     tampo,
     tampo_per_prompt,
 )
+from .feedback import Feedback, FeedbackSpec, TrainerSupport, build_feedback, check_trainer
+from .knobs import KnobGrid, grid
+from .policy import SCHEMA_VERSION, MetaPolicy
 from .recommended import recommended
 from .rules import (
     EXP3,

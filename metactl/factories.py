@@ -10,11 +10,21 @@ import numpy as np
 from . import _validation as check
 from .contexts import DEFAULT_MAX_CONTEXTS
 from .knobs import KnobGrid
-from .policy import PAPER_TEMPERATURES, MetaPolicy
+from .policy import MetaPolicy
 from .rules import PTGS, TAMPO, ContextualTAMPO, LinearThompson
 from .selectors import Nucleus
 
-__all__ = ["linear_thompson", "ptgs", "ptgs_candidates", "tampo", "tampo_per_prompt"]
+__all__ = [
+    "PAPER_TEMPERATURES",
+    "linear_thompson",
+    "ptgs",
+    "ptgs_candidates",
+    "tampo",
+    "tampo_per_prompt",
+]
+
+#: The paper's candidate temperatures, 0.6 to 1.5 in steps of 0.1.
+PAPER_TEMPERATURES: tuple[float, ...] = tuple(round(0.6 + 0.1 * i, 1) for i in range(10))
 
 
 def tampo(

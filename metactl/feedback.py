@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from . import _validation as check
 from .knobs import KNOBS
-
-if TYPE_CHECKING:
-    from .policy import MetaPolicy
 
 __all__ = [
     "FEEDBACK_NAMES",
@@ -133,7 +130,7 @@ class TrainerSupport:
     loglik: tuple[str, ...] = LOGLIK_REDUCTIONS
 
 
-def check_trainer(policy: MetaPolicy, trainer: TrainerSupport) -> None:
+def check_trainer(policy: Any, trainer: TrainerSupport) -> None:
     """Refuse, before any rollout, a policy the trainer cannot feed or sample.
 
     Raises:
@@ -142,13 +139,12 @@ def check_trainer(policy: MetaPolicy, trainer: TrainerSupport) -> None:
         ValueError: naming what is missing: a feedback name, a log-likelihood reduction, a
             knob, per-prompt decisions or features.
     """
-    from .policy import MetaPolicy
-
-    if not isinstance(policy, MetaPolicy):
+    spec = getattr(policy, "spec", None)  # a MetaPolicy (not imported: it imports this module)
+    if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}")
     if not isinstance(trainer, TrainerSupport):
         raise TypeError(f"trainer must be a TrainerSupport, got {type(trainer).__name__}")
-    spec, rule = policy.spec, policy.rule.name
+    rule = policy.rule.name
     missing = [name for name in spec.feedback if name not in trainer.feedback]
     if missing:
         raise ValueError(

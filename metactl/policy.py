@@ -22,26 +22,13 @@ from ._state import (
 )
 from .contexts import ContextStore, context_keys, decision_arrays
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo, decision_setting
-from .feedback import FEEDBACK_NAMES, ROW_FEEDBACK, Feedback, FeedbackSpec
+from .feedback import ROW_FEEDBACK, Feedback, FeedbackSpec
 from .knobs import KNOBS, KnobGrid, KnobValue, joint_candidates
 from .rules import RULES, Rule
 from .rules.base import Batch, Contexts
 from .selectors import SELECTORS, Selector
 
-__all__ = [
-    "FEEDBACK_NAMES",
-    "PAPER_TEMPERATURES",
-    "SCHEMA_VERSION",
-    "MetaPolicy",
-    "linear_thompson",
-    "ptgs",
-    "ptgs_candidates",
-    "tampo",
-    "tampo_per_prompt",
-]
-
-PAPER_TEMPERATURES: tuple[float, ...] = tuple(round(0.6 + 0.1 * i, 1) for i in range(10))
-
+__all__ = ["SCHEMA_VERSION", "MetaPolicy"]
 
 class MetaPolicy:
     """A learned distribution over candidate values of one sampling hyperparameter (a knob),
@@ -652,22 +639,3 @@ def check_rule_fits(rule: Rule, hyperparameter: str, candidates: np.ndarray) -> 
             f"{rule.name} produces continuous values between the candidates, but top_k is an "
             "integer knob (hyperparameter='top_k'); use a rule that decides on the grid"
         )
-
-
-# The ready-made policies live in ``factories`` (which imports ``MetaPolicy`` from here); they
-# are re-exported so that ``from metactl.policy import tampo`` keeps working. Imported last:
-# ``factories`` needs this module's names defined.
-from .factories import (  # noqa: E402
-    linear_thompson,
-    ptgs,
-    ptgs_candidates,
-    tampo,
-    tampo_per_prompt,
-)
-
-# doctest.testmod(metactl.policy) keeps running the factories' examples.
-__test__ = {
-    "tampo": tampo,
-    "ptgs_candidates": ptgs_candidates,
-    "ptgs": ptgs,
-}

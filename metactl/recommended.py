@@ -29,7 +29,8 @@ Example:
 
 from __future__ import annotations
 
-from .policy import PAPER_TEMPERATURES, MetaPolicy
+from .factories import PAPER_TEMPERATURES
+from .policy import MetaPolicy
 from .rules import EXP3
 
 __all__ = ["CHOSEN_AS", "recommended"]

@@ -24,20 +24,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 import metactl
-from metactl.factories import ptgs_candidates
-from metactl.policy import PAPER_TEMPERATURES
+from metactl import PAPER_TEMPERATURES, ptgs_candidates
+from metactl.feedback import TrainerSupport, check_trainer
 from metactl.rules import RULES
 from metactl.selectors import SELECTORS
 
 __all__ = [
     "AGENT_LOOP_NAME",
+    "META_HISTORY_LIMIT",
     "META_STATE_NAME",
     "SAMPLED_TEMPERATURE_KEY",
     "TEMPERATURE_FIELD",
     "TESTED_VERL",
     "TRAINER_NAME",
+    "TRAINER_SUPPORT",
     "MetaSettings",
+    "check_rollout",
     "policy_from_config",
     "settings_from_config",
 ]
@@ -55,6 +60,22 @@ TEMPERATURE_FIELD = "metactl_temperature"
 SAMPLED_TEMPERATURE_KEY = "metactl_sampled_temperature"
 #: File written into every verl checkpoint folder (``global_step_<n>/``).
 META_STATE_NAME = "metactl_state.json"
+#: The most entries ``MetaPPOTrainer.meta_history`` keeps (one per training step, the oldest
+#: dropped first); saved with the meta state and restored on resume.
+META_HISTORY_LIMIT = 1000
+
+#: What ``MetaPPOTrainer`` can give a rule (checked by :func:`metactl.check_trainer`): every
+#: feedback name (``rewards`` per trajectory, ``group_size`` = ``rollout.n``, ``loglik``
+#: summed or length-normalised from one log-prob pass per candidate temperature), the
+#: temperature only, one value per prompt, no context features.
+TRAINER_SUPPORT = TrainerSupport(
+    "MetaPPOTrainer",
+    feedback=("loglik", "advantages", "reward", "entropy", "vocab_size", "rewards", "group_size"),
+    knobs=("temperature",),
+    per_context=True,
+    features=False,
+    loglik=("mean", "sum"),
+)
 
 _KEYS = {"rule", "rule_kwargs", "candidates", "selector", "selector_kwargs", "seed", "context_key"}
 
@@ -86,19 +107,54 @@ def _plain(group: Any) -> dict[str, Any]:
 
 
 def _kwargs(group: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = group.get(name) or {}
+    """``metactl.<name>``: a mapping of keyword arguments; absent or null is ``{}`` (an empty
+    list, ``0`` or ``""`` is a mistake, not "no arguments")."""
+    value = group.get(name)
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
-        raise TypeError(f"metactl.{name} must be a mapping, got {type(value).__name__}")
+        raise TypeError(
+            f"metactl.{name} must be a mapping of keyword arguments (or null), got "
+            f"{type(value).__name__} {value!r}"
+        )
     return {str(k): v for k, v in value.items()}
+
+
+def _name(group: Mapping[str, Any], key: str, registry: Mapping[str, Any], default: Any) -> Any:
+    """``metactl.<key>``: one name of ``registry`` (a str); ``default`` when absent, and null
+    only where ``default`` is null."""
+    name = group.get(key, default)
+    allowed = f"one of {sorted(registry)}" + (" or null" if default is None else "")
+    if name is None and default is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(
+            f"metactl.{key} must be one name (a str), {allowed}, got {type(name).__name__} "
+            f"{name!r}"
+        )
+    if name not in registry:
+        raise ValueError(f"metactl.{key} must be {allowed}, got {name!r}")
+    return name
+
+
+def _candidates(value: Any) -> list[Any]:
+    """``metactl.candidates``: an ordered list of temperatures (a list, tuple or 1-D array);
+    a mapping or a set is refused (their order is not the user's)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"metactl.candidates must be a list of temperatures, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    return list(value)
 
 
 def policy_from_config(group: Any) -> metactl.MetaPolicy:
     """Build the temperature meta-policy the ``metactl`` config group describes (defaults: TAMPO
     with the paper's candidates and selector, seed 0). Every error names the key."""
     group = _plain(group)
-    rule_name = group.get("rule", "TAMPO")
-    if rule_name not in RULES:
-        raise ValueError(f"metactl.rule must be one of {sorted(RULES)}, got {rule_name!r}")
+    rule_name = _name(group, "rule", RULES, "TAMPO")
     try:
         rule = RULES[rule_name](**_kwargs(group, "rule_kwargs"))
     except TypeError as error:
@@ -109,23 +165,18 @@ def policy_from_config(group: Any) -> metactl.MetaPolicy:
             candidates = ptgs_candidates(rule.tau, rule.t_ref)
         else:
             candidates = PAPER_TEMPERATURES
-    elif isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
-        raise TypeError(f"metactl.candidates must be a list of temperatures, got {candidates!r}")
-    selector_name = group.get("selector")
+    else:
+        candidates = _candidates(candidates)
+    selector_name = _name(group, "selector", SELECTORS, None)
     selector = None
     if selector_name is not None:
-        if selector_name not in SELECTORS:
-            raise ValueError(
-                f"metactl.selector must be one of {sorted(SELECTORS)} or null, got "
-                f"{selector_name!r}"
-            )
         try:
             selector = SELECTORS[selector_name](**_kwargs(group, "selector_kwargs"))
         except TypeError as error:
             raise TypeError(
                 f"metactl.selector_kwargs do not fit {selector_name}: {error}"
             ) from error
-    elif group.get("selector_kwargs"):
+    elif _kwargs(group, "selector_kwargs"):
         raise ValueError("metactl.selector_kwargs is set but metactl.selector is null")
     seed = group.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -134,20 +185,74 @@ def policy_from_config(group: Any) -> metactl.MetaPolicy:
 
 
 def settings_from_config(group: Any, policy: metactl.MetaPolicy) -> MetaSettings:
-    """Validate ``metactl.context_key`` against the policy: required (a non-empty str) for a
-    per-prompt rule, refused for a global one."""
+    """Check the policy against what the verl trainer gives (:data:`TRAINER_SUPPORT`, through
+    :func:`metactl.check_trainer`) and validate ``metactl.context_key``: required (a non-empty
+    str) for a per-prompt rule, refused for a global one."""
+    check_trainer(policy, TRAINER_SUPPORT)
     key = _plain(group).get("context_key")
-    if policy.contextual:
+    rule = policy.rule.name
+    if policy.spec.per_context:
         if not isinstance(key, str) or not key:
             raise ValueError(
-                f"{policy.rule.name} chooses a temperature per prompt: set metactl.context_key to "
+                f"{rule} chooses a temperature per prompt: set metactl.context_key to "
                 "the dataset field holding a stable int or str id per prompt (verl's 'index' "
                 "comes from extra_info.index and is 0 for rows without one)"
             )
-        if getattr(policy.rule, "feature_dim", 0):
-            raise ValueError("the verl trainer passes no context features: use feature_dim=0")
     elif key is not None:
-        raise ValueError(
-            f"metactl.context_key is only used by per-prompt rules, not {policy.rule.name}"
-        )
+        raise ValueError(f"metactl.context_key is only used by per-prompt rules, not {rule}")
     return MetaSettings(context_key=key)
+
+
+def _truncation(rollout: Mapping[str, Any]) -> dict[str, Any]:
+    """The truncating knobs ``rollout`` samples with (verl's off values: ``top_p=1``,
+    ``top_k=-1``; vLLM also reads ``top_k=0`` as off)."""
+    active: dict[str, Any] = {}
+    top_p = rollout.get("top_p", 1.0)
+    if top_p is not None and float(top_p) != 1.0:
+        active["top_p"] = top_p
+    top_k = rollout.get("top_k", -1)
+    if top_k is not None and int(top_k) not in (-1, 0):
+        active["top_k"] = top_k
+    return active
+
+
+def check_rollout(policy: metactl.MetaPolicy, rollout: Mapping[str, Any]) -> None:
+    """Refuse, at construction, a rollout config (``actor_rollout_ref.rollout``) the trainer
+    cannot feed the policy's rule from.
+
+    * A rule that scores candidates by their likelihood (``loglik``) with ``top_p < 1`` or
+      ``top_k`` set: verl samples with the truncation, but its log-prob pass (the only place
+      the logits are) scores at the temperature alone, so the candidates' likelihoods would
+      describe another sampler.
+    * A rule that needs ``group_size`` (``rollout.n``, completions per prompt) with
+      ``rollout.n < 2`` (a group of one has no spread).
+
+    Raises:
+        ValueError: naming the config key and the rule.
+
+    Example:
+        >>> check_rollout(metactl.tampo(), {"top_p": 1.0, "top_k": -1, "n": 4})
+        >>> check_rollout(metactl.tampo(), {"top_p": 0.9, "top_k": -1, "n": 4})
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: actor_rollout_ref.rollout.top_p=0.9: ...
+    """
+    spec, rule = policy.spec, policy.rule.name
+    truncation = _truncation(rollout)
+    if spec.needs_loglik and truncation:
+        given = ", ".join(f"actor_rollout_ref.rollout.{k}={v}" for k, v in truncation.items())
+        raise ValueError(
+            f"{given}: {rule} scores the candidate temperatures by the likelihood of the "
+            "sampled tokens, and MetaPPOTrainer scores them with verl's log-prob pass, which "
+            f"applies the temperature only, not {' or '.join(truncation)}; set "
+            "rollout.top_p=1.0 and rollout.top_k=-1, or use a rule that needs no likelihoods "
+            "(EXP3, UCB1, PTGS, EntropyTarget, Uncertainty, ...)"
+        )
+    if "group_size" in spec.feedback:
+        n = rollout.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.n={n!r}: {rule} compares the completions of each "
+                "prompt (group_size = rollout.n), so it needs rollout.n >= 2"
+            )
