@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .knobs import KnobGrid, check_knob, knob_values
+from .knobs import MAX_CANDIDATES, KnobGrid, check_knob, knob_values
 
 #: What a :class:`metactl.MetaPolicy` can control: one sampler knob (its candidates are values
 #: of that knob), ``"joint"`` (candidates are a :class:`metactl.KnobGrid` of knob mappings) or
@@ -213,10 +213,14 @@ def candidate_values(
     if hyperparameter == "top_k":
         # the raw values, so that a bool or a float among the ints is refused as such
         ints = knob_values("top_k", candidates, name, minimum=2)
+        if ints.shape[0] > MAX_CANDIDATES:
+            raise ValueError(f"{name} holds {ints.shape[0]} values, more than {MAX_CANDIDATES}")
         return ints.astype(np.float64)
     arr = finite_array(candidates, name, ndim=1)
     if arr.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 values (K >= 2), got {arr.shape[0]}")
+    if arr.shape[0] > MAX_CANDIDATES:
+        raise ValueError(f"{name} holds {arr.shape[0]} values, more than {MAX_CANDIDATES}")
     if np.unique(arr).shape[0] != arr.shape[0]:
         values, counts = np.unique(arr, return_counts=True)
         raise ValueError(f"{name} has duplicate values: {values[counts > 1].tolist()}")

@@ -103,7 +103,7 @@ __all__ = [
 
 def _key(x: Any, name: str) -> ContextKey:
     if isinstance(x, str):
-        return x
+        return str(x)  # numpy.str_ and other str subclasses become plain (JSON-safe) str
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must hold context keys (int or str), got {type(x).__name__} {x!r}")
     return int(x)

@@ -40,6 +40,14 @@ KNOB_OFF: dict[str, float | int | None] = {
 
 KnobValue = float | int
 
+#: The temperatures a sampler can use: below 1e-6 logits / T overflows float32 for ordinary
+#: logits, above 1e6 every distribution is uniform to float64 precision.
+TEMPERATURE_RANGE = (1e-6, 1e6)
+#: top_k values are held as float64 candidates: every integer below 2**53 is exact there.
+TOP_K_LIMIT = 2**53
+#: The most candidates a policy or a grid holds (the rules keep O(K) to O(K^2) numbers each).
+MAX_CANDIDATES = 10_000
+
 _STATE_VERSION = 1
 
 
@@ -81,8 +89,8 @@ def check_knob(knob: str, value: object, name: str | None = None) -> KnobValue:
             raise TypeError(f"{label} must be an integer >= 1, got {type(value).__name__} "
                             f"{value!r}")  # fmt: skip
         k = int(value)
-        if k < 1:
-            raise ValueError(f"{label} must be an integer >= 1, got {k}")
+        if not 1 <= k < TOP_K_LIMIT:
+            raise ValueError(f"{label} must be an integer >= 1 and below 2**53, got {k}")
         return k
     if not isinstance(value, numbers.Real):
         raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
@@ -92,8 +100,11 @@ def check_knob(knob: str, value: object, name: str | None = None) -> KnobValue:
         raise ValueError(f"{label} must be finite, got a number beyond the float64 range") from exc
     if not math.isfinite(x):
         raise ValueError(f"{label} must be finite, got {x}")
-    if knob == "temperature" and x <= 0:
-        raise ValueError(f"{label} must be > 0, got {x}")
+    if knob == "temperature" and not TEMPERATURE_RANGE[0] <= x <= TEMPERATURE_RANGE[1]:
+        raise ValueError(
+            f"{label} must be a temperature in [{TEMPERATURE_RANGE[0]:g}, "
+            f"{TEMPERATURE_RANGE[1]:g}] (> 0), got {x}"
+        )
     if knob == "top_p" and not 0.0 < x <= 1.0:
         raise ValueError(f"{label} must lie in (0, 1], got {x}")
     if knob == "min_p" and not 0.0 <= x < 1.0:
@@ -174,6 +185,9 @@ class KnobGrid(Sequence[Mapping[str, KnobValue]]):
             arr.setflags(write=False)
             cols[knob] = arr
         rows = list(zip(*(cols[k].tolist() for k in knobs), strict=True))
+        if len(rows) > MAX_CANDIDATES:
+            raise ValueError(f"a candidate grid holds at most {MAX_CANDIDATES} candidates, got "
+                             f"{len(rows)}")  # fmt: skip
         if len(rows) < 2:
             raise ValueError(f"a candidate grid needs at least 2 candidates (K >= 2), got "
                              f"{len(rows)}")  # fmt: skip
@@ -251,7 +265,8 @@ class KnobGrid(Sequence[Mapping[str, KnobValue]]):
         if set(state) != {"version", "knobs", "candidates"}:
             raise ValueError(f"state must have keys ['candidates', 'knobs', 'version'], got "
                              f"{sorted(map(str, state))}")  # fmt: skip
-        if state["version"] != _STATE_VERSION:
+        version = state["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version != _STATE_VERSION:
             raise ValueError(f"state['version'] must be {_STATE_VERSION}, got {state['version']!r}")
         knobs = state["knobs"]
         rows = state["candidates"]
@@ -291,6 +306,12 @@ def grid(**axes: Sequence[KnobValue]) -> KnobGrid:
         if knob not in KNOBS:
             raise ValueError(f"grid: unknown knob {knob!r}; known knobs are {list(KNOBS)}")
     values = {knob: knob_values(knob, vals, knob) for knob, vals in axes.items()}
+    size = math.prod(len(v) for v in values.values())
+    if size > MAX_CANDIDATES:
+        raise ValueError(
+            f"grid: {size} candidates, more than the {MAX_CANDIDATES} a policy holds; use "
+            "fewer values per knob"
+        )
     knobs = tuple(axes)
     rows = list(itertools.product(*(values[k].tolist() for k in knobs)))
     columns = {k: np.array([r[j] for r in rows]) for j, k in enumerate(knobs)}

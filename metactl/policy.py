@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from typing import Any, overload
 
 import numpy as np
@@ -141,6 +142,20 @@ class MetaPolicy:
         self._store: ContextStore | None = (
             ContextStore(fields, rule.max_contexts) if fields else None
         )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MetaPolicy:
+        """An independent policy with the same state and a new identity: the original refuses
+        the copy's decisions and the copy the original's."""
+        copy = MetaPolicy.__new__(MetaPolicy)
+        memo[id(self)] = copy
+        for key, value in self.__dict__.items():
+            setattr(copy, key, deepcopy(value, memo))
+        copy._id = uuid.uuid4().hex
+        return copy
+
+    def __copy__(self) -> MetaPolicy:
+        """As :meth:`__deepcopy__`: a copy sharing the state arrays would corrupt both."""
+        return self.__deepcopy__({})
 
     # -- read-only views ---------------------------------------------------------------------
     @property

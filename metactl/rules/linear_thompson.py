@@ -43,6 +43,8 @@ from .ptgs import PassCountRows, check_pass_counts, check_unit_rewards
 
 __all__ = ["LinearThompson"]
 
+#: The most features per context: the state holds K (3 + feature_dim)^2 numbers.
+MAX_FEATURES = 256
 _QUADRATURE_NODES = 16
 _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
 
@@ -93,7 +95,11 @@ class LinearThompson(PassCountRows, Rule):
             if not 1e-150 < value < 1e150:
                 raise ValueError(f"{name} must lie in (1e-150, 1e150), got {value}")
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "feature_dim", integer(self.feature_dim, "feature_dim", minimum=0))
+        object.__setattr__(
+            self,
+            "feature_dim",
+            integer(self.feature_dim, "feature_dim", minimum=0, below=MAX_FEATURES + 1),
+        )
         object.__setattr__(
             self, "max_contexts", integer(self.max_contexts, "max_contexts", minimum=1)
         )
@@ -131,6 +137,25 @@ class LinearThompson(PassCountRows, Rule):
             raise ValueError(
                 f"{state_field('precision')} must hold positive-definite matrices"
             ) from exc
+        # A_k - ridge I = sum phi phi' / s2 is positive semi-definite (never below the prior),
+        # and b_k = sum phi y / s2 lies in its range (the span of the observed phi)
+        data = precision - self.ridge * np.eye(d)[None]
+        eigenvalues, vectors = np.linalg.eigh(data)
+        scale = np.maximum(np.abs(eigenvalues).max(axis=1), self.ridge)  # (K,)
+        tolerance = 1e-9 * d * scale
+        if np.any(eigenvalues < -tolerance[:, None]):
+            raise ValueError(
+                f"{state_field('precision')} must be ridge * I plus a positive semi-definite "
+                f"sum of outer products (ridge = {self.ridge}); it falls below the prior"
+            )
+        moment = state["moment"].reshape(k, d)
+        null = np.abs(eigenvalues) <= tolerance[:, None]  # directions no phi has touched
+        leak = np.einsum("kde,kd->ke", vectors, moment) * null
+        if np.any(np.abs(leak) > 1e-9 * np.maximum(np.abs(moment).max(axis=1), 1.0)[:, None]):
+            raise ValueError(
+                f"{state_field('moment')} must lie in the span of the observed phi (where "
+                f"{state_field('precision')} exceeds ridge * I); got moments no data explains"
+            )
 
     # -- the model ----------------------------------------------------------------------------
     def phi(self, rows: ContextRows, features: np.ndarray | None) -> np.ndarray:
@@ -177,13 +202,23 @@ class LinearThompson(PassCountRows, Rule):
         out = np.maximum(out, 0.0)
         return out / out.sum(axis=1, keepdims=True)
 
+    def _checked_scores(self, state: RuleState, ctx: Contexts) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean, std = self._scores(state, self.phi(ctx.rows, ctx.features), ctx.candidates)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+            largest = 0.0 if ctx.features is None else float(np.max(np.abs(ctx.features)))
+            raise ValueError(
+                "features: the candidates' scores overflow float64 for these features (largest "
+                f"|feature| = {largest:g}); rescale the features"
+            )
+        return mean, std
+
     def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
-        mean, std = self._scores(state, self.phi(ctx.rows, ctx.features), ctx.candidates)
-        return self._all_win_probabilities(mean, std)
+        return self._all_win_probabilities(*self._checked_scores(state, ctx))
 
     def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
         candidates = ctx.candidates
-        mean, std = self._scores(state, self.phi(ctx.rows, ctx.features), candidates)
+        mean, std = self._checked_scores(state, ctx)
         draws = mean + std * rng.standard_normal(mean.shape)
         indices = np.argmax(draws, axis=1).astype(np.int64)
 

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.special import betainc
 
 from .._validation import integer, positive_scalar, unit_interval
+from ..knobs import TEMPERATURE_RANGE
 from ..selectors import Greedy, Selector
 from .base import (
     DEFAULT_MAX_CONTEXTS,
@@ -149,8 +150,13 @@ class PTGS(PassCountRows, Rule):
         object.__setattr__(
             self, "max_contexts", integer(self.max_contexts, "max_contexts", minimum=1)
         )
-        if not math.isfinite(self.t_ref * self.tau) or self.t_ref / self.tau <= 0:
-            raise ValueError("t_ref * tau and t_ref / tau must be positive finite numbers")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.t_ref / self.tau <= self.t_ref * self.tau <= high:
+            raise ValueError(
+                f"PTGS's temperatures [t_ref / tau, tau t_ref] = [{self.t_ref / self.tau:g}, "
+                f"{self.t_ref * self.tau:g}] must lie inside [{low:g}, {high:g}]: use a smaller "
+                "tau or another t_ref"
+            )
 
     # -- the rule's math ----------------------------------------------------------------------
     def pivot(self, step: int) -> float:
@@ -214,6 +220,13 @@ class PTGS(PassCountRows, Rule):
         if np.any(candidates <= 0):
             raise ValueError(
                 f"PTGS needs temperatures > 0 as candidates, got {candidates.tolist()}"
+            )
+        low, high = self.bounds
+        if np.any(candidates < low) or np.any(candidates > high):
+            raise ValueError(
+                f"PTGS draws temperatures in [t_ref / tau, tau t_ref] = [{low:g}, {high:g}]; the "
+                f"candidates name the nearest value, so they must lie in that range too, got "
+                f"{candidates.tolist()} (metactl.ptgs_candidates(tau, t_ref) makes a grid)"
             )
 
     def row_fields(self, candidates: np.ndarray) -> dict[str, int]:
