@@ -44,7 +44,7 @@ def _chain_setup(cache_dir: str | None):
 def time_reference(path: Path, task, exclude, policy_name: str, args,
                    skip: bool = True) -> tuple[float, float]:
     """Median step seconds and median meta-step seconds of our trainer over one run."""
-    from metactl.adapters.reference.controllers import make_policy
+    from metactl.adapters.lab.controllers import make_policy
     from metactl.adapters.reference.tasks import chain_reward
     from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,12 +5,12 @@ Usage::
     python examples/gym_study.py                     # full default study (30 seeds, 200 steps)
     python examples/gym_study.py --seeds 5 --controllers tampo,fixed-1.0,linear --out runs/quick
 
-Same as ``metactl gym-study``; see ``metactl.adapters.gym.study`` for the options.
+Same as ``metactl gym-study``; see ``metactl.adapters.lab.gym_study`` for the options.
 """
 
 import sys
 
-from metactl.adapters.gym.study import main
+from metactl.adapters.lab.gym_study import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metactl.adapters.reference.cli import main as reproduce
+from metactl.adapters.lab.reproduce.cli import main as reproduce
 from metactl.adapters.reference.model import TinyModelConfig, build_model
 from metactl.adapters.reference.tokenizer import build_char_tokenizer
 

@@ -208,8 +208,9 @@ def test_stack_diagnostics_makes_per_step_arrays_with_gaps_on_flat_steps():
 # ---------------------------------------------------------------------- the trainers record it
 def test_the_gym_learner_records_the_signal_of_every_step_for_likelihood_rules(tmp_path):
     from metactl.adapters.gym import TokenSearchEnv
-    from metactl.adapters.gym.learner import GRPOConfig, train
-    from metactl.adapters.gym.study import main
+    from metactl.adapters.gym.learner import GRPOConfig
+    from metactl.adapters.gym.training import train
+    from metactl.adapters.lab.gym_study import main
 
     env = TokenSearchEnv(vocab_size=5, length=3, num_tasks=3)
     config = GRPOConfig(group_size=4)
@@ -248,8 +249,8 @@ def test_the_reference_trainer_records_the_signal_of_every_step(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import torch
+    from metactl.adapters.lab.reproduce.report import make_plots
     from metactl.adapters.reference.model import TinyModelConfig, build_model
-    from metactl.adapters.reference.report import make_plots
     from metactl.adapters.reference.tasks import ALPHABET, ChainTask
     from metactl.adapters.reference.tokenizer import build_char_tokenizer
     from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer
@@ -311,7 +312,7 @@ def test_the_module_examples_run():
 
 
 def test_the_figure_draws_arms_without_any_signal_and_rejects_bad_input(tmp_path):
-    from metactl.adapters.signal_plot import plot_signal_diagnostics, stack_runs
+    from metactl.adapters.lab.signal_plot import plot_signal_diagnostics, stack_runs
 
     cands = [0.8, 1.0, 1.2]
     loud = stack_runs([signal_diagnostics(_one_hot_rows([0, 1, 2, 0]), [1, -1, 2, -2], cands,

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["", ".env", ".wrappers", ".learner", ".sampling", ".training", ".study"]
+MODULES = ["", ".env", ".wrappers", ".learner", ".sampling", ".training"]
 
 
 @pytest.mark.parametrize("suffix", MODULES)

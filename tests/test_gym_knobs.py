@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 from metactl.adapters.gym import TokenSearchEnv
-from metactl.adapters.gym.learner import GRPOConfig, StepRecord, TabularGRPO, train
+from metactl.adapters.gym.learner import GRPOConfig, TabularGRPO
 from metactl.adapters.gym.sampling import family_log_probs, log_softmax, row_settings
-from metactl.adapters.gym.study import JOINT_GRID, TOP_P_CANDIDATES, main, make_controller
+from metactl.adapters.gym.training import StepRecord, train
+from metactl.adapters.lab.controllers import JOINT_GRID
+from metactl.adapters.lab.controllers import TOP_P_GRID as TOP_P_CANDIDATES
+from metactl.adapters.lab.gym_study import main, make_controller
 
 import metactl
 from metactl.likelihood import candidate_loglik
@@ -287,7 +290,7 @@ def test_study_runs_the_new_arms_end_to_end(tmp_path: Path, capsys) -> None:
 
 
 def result_config(result: dict) -> Any:
-    from metactl.adapters.gym.study import StudyConfig
+    from metactl.adapters.lab.gym_study import StudyConfig
 
     config = dict(result["config"])
     config["families"] = tuple(config["families"])

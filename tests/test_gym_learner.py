@@ -8,17 +8,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from metactl.adapters.gym import ENV_ID, TokenSearchEnv
-from metactl.adapters.gym.learner import (
-    GRPOConfig,
-    Rollout,
-    StepRecord,
-    TabularGRPO,
-    TrainLog,
-    group_advantages,
-    log_softmax,
-    train,
-)
-from metactl.adapters.gym.study import CONTROLLERS, StudyConfig, make_controller
+from metactl.adapters.gym.learner import GRPOConfig, Rollout, TabularGRPO, log_softmax
+from metactl.adapters.gym.training import StepRecord, TrainLog, group_advantages, train
+from metactl.adapters.lab.controllers import STUDY_ARMS as CONTROLLERS
+from metactl.adapters.lab.gym_study import StudyConfig, make_controller
 
 import metactl
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from metactl.adapters.gym.study import (
-    CONTROLLERS,
+from metactl.adapters.lab.controllers import STUDY_ARMS
+from metactl.adapters.lab.gym_study import (
     StudyConfig,
     main,
     make_controller,
@@ -76,13 +76,13 @@ def test_bad_arguments_exit_with_status_2(bad: list[str], tmp_path: Path, capsys
 def test_every_controller_builds_and_the_grid_is_complete() -> None:
     config = StudyConfig(steps=10)
     sizes = {"top-p": 5, "tampo-joint": 20}  # the arms over other knobs (issue 12)
-    for name in CONTROLLERS:
+    for name in STUDY_ARMS:
         assert len(make_controller(name, config, seed=0).candidates) == sizes.get(name, 10)
     assert make_controller("top-p", config, seed=0).knobs == ("top_p",)
     assert make_controller("tampo-joint", config, seed=0).knobs == ("temperature", "top_p")
-    assert {f"fixed-{t / 10:.1f}" for t in range(6, 16)} <= set(CONTROLLERS)
+    assert {f"fixed-{t / 10:.1f}" for t in range(6, 16)} <= set(STUDY_ARMS)
     assert {"tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy",
-            "linear"} <= set(CONTROLLERS)  # fmt: skip
+            "linear"} <= set(STUDY_ARMS)  # fmt: skip
 
 
 def test_summary_picks_the_best_fixed_arm_by_mean_auc_and_pairs_by_seed() -> None:
@@ -126,7 +126,7 @@ def _unwritable_dir(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind", ["file", "unwritable", "under-a-file"])
 def test_bad_out_is_refused_before_any_run(kind: str, tmp_path: Path, capsys,
                                            monkeypatch) -> None:  # fmt: skip
-    import metactl.adapters.gym.study as study
+    import metactl.adapters.lab.gym_study as study
 
     if kind == "file":
         out = tmp_path / "results.txt"
@@ -180,7 +180,7 @@ def test_every_tokensearch_option_reaches_the_environment(tmp_path: Path) -> Non
     import dataclasses
 
     from metactl.adapters.gym.env import TokenSearchConfig
-    from metactl.adapters.gym.study import _parse, config_from_args
+    from metactl.adapters.lab.gym_study import _parse, config_from_args
 
     args = _parse(["--vocab-size", "9", "--length", "5", "--num-tasks", "4",
                    "--families", "tail,double", "--reward", "partial", "--no-deceptive",
@@ -200,7 +200,7 @@ def test_every_tokensearch_option_reaches_the_environment(tmp_path: Path) -> Non
 
 
 def test_prior_margin_sharpens_the_starting_policy_of_a_run(tmp_path: Path) -> None:
-    from metactl.adapters.gym.study import run_one
+    from metactl.adapters.lab.gym_study import run_one
 
     # a sharper prior starts (step 0, T_eval = 1) with a higher or lower success, not the same
     soft = run_one(("fixed-1.0", 0, StudyConfig(steps=2, prior_margin=2.5)))

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.reference.trainer as trainer_mod  # noqa: E402
-from metactl.adapters.reference.controllers import (  # noqa: E402
+from metactl.adapters.lab.controllers import (  # noqa: E402
     PER_PROMPT_ARMS,
     is_per_prompt,
     make_policy,
@@ -347,7 +347,11 @@ def test_pool_errors_name_the_problem() -> None:
 def test_miniature_comparison_with_per_prompt_arms_plots_the_context_temperatures(
         tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from metactl.adapters.reference.experiment import EvalConfig, ReproduceConfig, run_experiment
+    from metactl.adapters.lab.reproduce.experiment import (
+        EvalConfig,
+        ReproduceConfig,
+        run_experiment,
+    )
     from metactl.adapters.reference.sft import WarmupConfig
 
     task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2), train_pool=8)

@@ -8,8 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from metactl.adapters.gym.study import CONTROLLERS, StudyConfig, make_controller
-from metactl.adapters.gym.study import main as gym_study_main
+from metactl.adapters.lab.controllers import STUDY_ARMS as CONTROLLERS
+from metactl.adapters.lab.gym_study import StudyConfig, make_controller
+from metactl.adapters.lab.gym_study import main as gym_study_main
 
 import metactl
 from metactl.recommended import CHOSEN_AS
@@ -51,7 +52,7 @@ def test_the_factory_builds_a_fresh_policy_of_the_chosen_rule():
 
 def test_it_is_the_scoreboard_arm_it_was_chosen_as():
     """Same rule, same configuration as the development run's arm, on every gym testbed."""
-    from metactl.adapters.scoreboard.suite import TESTBEDS, default_controllers
+    from metactl.adapters.lab.scoreboard.suite import TESTBEDS, default_controllers
 
     assert CHOSEN_AS in CONTROLLERS and "recommended" in default_controllers()
     for steps in (200, 37):
@@ -68,8 +69,8 @@ def test_it_is_the_scoreboard_arm_it_was_chosen_as():
 
 def test_the_reference_adapter_builds_the_same_policy():
     pytest.importorskip("torch")
-    from metactl.adapters.reference.controllers import make_policy, validate_controller
-    from metactl.adapters.scoreboard.suite import reference_controller_name
+    from metactl.adapters.lab.controllers import make_policy, validate_controller
+    from metactl.adapters.lab.scoreboard.suite import reference_controller_name
 
     assert validate_controller("recommended") == "recommended"
     assert reference_controller_name("recommended") == "recommended"
@@ -82,7 +83,7 @@ def test_the_reference_adapter_builds_the_same_policy():
 def test_reproduce_accepts_recommended():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from metactl.adapters.reference.cli import build_parser, config_from_args
+    from metactl.adapters.lab.reproduce.cli import build_parser, config_from_args
 
     cfg = config_from_args(build_parser().parse_args(
         ["--quick", "--controllers", "recommended,fixed-1.0", "--seeds", "1"]))  # fmt: skip
@@ -109,7 +110,7 @@ def test_gym_study_runs_recommended(tmp_path):
 
 
 def test_scoreboard_runs_recommended(tmp_path, capsys):
-    from metactl.adapters.scoreboard.cli import main as scoreboard_main
+    from metactl.adapters.lab.scoreboard.cli import main as scoreboard_main
 
     out = tmp_path / "board"
     rc = scoreboard_main(["--testbeds", "gym-default", "--controllers", "recommended",

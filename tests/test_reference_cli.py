@@ -16,9 +16,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from metactl.adapters.reference import controllers, experiment
-from metactl.adapters.reference.cli import build_parser, config_from_args, main
-from metactl.adapters.reference.presets import cpu_config
+from metactl.adapters.lab import controllers
+from metactl.adapters.lab.reproduce import experiment
+from metactl.adapters.lab.reproduce.cli import build_parser, config_from_args, main
+from metactl.adapters.lab.reproduce.presets import cpu_config
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_run(flag, no_work, ca
 
 
 def test_the_write_check_leaves_no_file_behind(no_work, capsys, tmp_path):
-    from metactl.adapters.reference.cli import check_output_dirs
+    from metactl.adapters.lab.reproduce.cli import check_output_dirs
 
     out, cache = tmp_path / "o" / "deep", tmp_path / "c"
     cfg = config_from_args(build_parser().parse_args(
@@ -258,7 +259,7 @@ def test_no_progress_is_passed_on_and_quiets_the_hub_bars(tmp_path, monkeypatch,
 
 
 def test_no_progress_hides_every_progress_bar_with_one_worker(tmp_path, capfd, monkeypatch):
-    from metactl.adapters.reference.cli import quiet_progress_bars
+    from metactl.adapters.lab.reproduce.cli import quiet_progress_bars
     from metactl.adapters.reference.model import TinyModelConfig
     from metactl.adapters.reference.sft import WarmupConfig
     from metactl.adapters.reference.tasks import ChainTask

@@ -12,14 +12,14 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from metactl.adapters.reference.cli import build_parser, config_from_args
-from metactl.adapters.reference.experiment import (
+from metactl.adapters.lab.reproduce.cli import build_parser, config_from_args
+from metactl.adapters.lab.reproduce.experiment import (
     EvalConfig,
     ReproduceConfig,
     run_experiment,
 )
+from metactl.adapters.lab.reproduce.report import paired, sensitivity_check
 from metactl.adapters.reference.model import TinyModelConfig
-from metactl.adapters.reference.report import paired, sensitivity_check
 from metactl.adapters.reference.sft import WarmupConfig
 from metactl.adapters.reference.tasks import ChainTask
 from metactl.adapters.reference.trainer import GRPOConfig

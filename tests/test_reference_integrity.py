@@ -28,7 +28,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 import metactl.adapters.reference.integrity as integrity  # noqa: E402
-from metactl.adapters.reference.experiment import (  # noqa: E402
+from metactl.adapters.lab.reproduce.experiment import (  # noqa: E402
     EvalConfig,
     ReproduceConfig,
     StartModelError,
@@ -400,7 +400,7 @@ import sys
 if __name__ == "__main__":  # not in the spawned workers, which import this file too
     sys.path.insert(0, {tests!r})
     from test_reference_integrity import mini_config
-    from metactl.adapters.reference.experiment import run_experiment
+    from metactl.adapters.lab.reproduce.experiment import run_experiment
 
     try:
         run_experiment(mini_config(*sys.argv[1:3]), progress=False)

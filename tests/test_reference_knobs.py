@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.reference.trainer as trainer_mod  # noqa: E402
-from metactl.adapters.reference.controllers import (  # noqa: E402
+from metactl.adapters.lab.controllers import (  # noqa: E402
     JOINT_TOP_P,
     TOP_P_GRID,
     controller_knobs,
@@ -344,7 +344,11 @@ def test_a_temperature_policy_under_a_fixed_nucleus_is_scored_under_it(monkeypat
 # ----------------------------------------------------------------------------------------------
 def test_a_miniature_comparison_with_knob_arms_writes_a_report_naming_them(tmp_path):
     pytest.importorskip("matplotlib")
-    from metactl.adapters.reference.experiment import EvalConfig, ReproduceConfig, run_experiment
+    from metactl.adapters.lab.reproduce.experiment import (
+        EvalConfig,
+        ReproduceConfig,
+        run_experiment,
+    )
     from metactl.adapters.reference.sft import WarmupConfig
 
     cfg = ReproduceConfig(

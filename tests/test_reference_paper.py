@@ -12,13 +12,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("math_verify")
 
-from metactl.adapters.reference.cli import main
-from metactl.adapters.reference.model import TinyModelConfig, build_model
-from metactl.adapters.reference.paper import (
+from metactl.adapters.lab.reproduce.cli import main
+from metactl.adapters.lab.reproduce.paper import (
     format_prompt,
     load_math_dataset,
     resolve_model_path,
 )
+from metactl.adapters.reference.model import TinyModelConfig, build_model
 from metactl.adapters.reference.tokenizer import build_char_tokenizer
 
 ALPHABET = "0123456789+-*/=.,()^ \n\\{}$abcdefghijklmnopqrstuvwxyz?"
@@ -119,7 +119,7 @@ def _write_jsonl(path, lines):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    from metactl.adapters.reference import experiment, paper
+    from metactl.adapters.lab.reproduce import experiment, paper
 
     def started(*args, **kwargs):
         raise AssertionError("work started before the data was validated")

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import itertools
 
-from metactl.adapters.reference.controllers import PAPER_ARMS, make_policy
+from metactl.adapters.lab.controllers import PAPER_ARMS, make_policy
 from metactl.adapters.reference.evaluate import pass_at_k
 from metactl.adapters.reference.tasks import (
     ALPHABET,
@@ -123,7 +123,7 @@ def test_chain_reward_checks_only_the_final_value():
                                         "3/4", "\\boxed{\\frac{3}{4}}", "$0.75$"])
 def test_math_verify_reward_accepts_equivalent_answer_formats(completion):
     pytest.importorskip("math_verify")
-    from metactl.adapters.reference.paper import math_reward
+    from metactl.adapters.lab.reproduce.paper import math_reward
 
     assert math_reward(completion, "3/4") == 1.0
     assert math_reward(completion, "\\frac{3}{4}") == 1.0
@@ -132,7 +132,7 @@ def test_math_verify_reward_accepts_equivalent_answer_formats(completion):
 @pytest.mark.parametrize("completion", ["\\boxed{4/3}", "0.7", "no answer", ""])
 def test_math_verify_reward_rejects_wrong_answers(completion):
     pytest.importorskip("math_verify")
-    from metactl.adapters.reference.paper import math_reward
+    from metactl.adapters.lab.reproduce.paper import math_reward
 
     assert math_reward(completion, "3/4") == 0.0
 

@@ -383,7 +383,7 @@ def test_entropy_feedback_equals_the_old_scoring_pass_without_any_extra_forward(
 
 @pytest.mark.parametrize("name", ["counterfactual", "tampo-sum", "uncertainty"])
 def test_new_rules_get_rewards_group_size_and_the_likelihoods_they_declare(monkeypatch, name):
-    from metactl.adapters.reference.controllers import make_policy
+    from metactl.adapters.lab.controllers import make_policy
 
     captured: dict = {}
     real_rollout = GRPOTrainer.rollout

@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from metactl.adapters.scoreboard.cli import main, select_controllers, select_testbeds
-from metactl.adapters.scoreboard.stats import normalised_regret, paired_bootstrap_regret
-from metactl.adapters.scoreboard.suite import (
+from metactl.adapters.lab.scoreboard.cli import main, select_controllers, select_testbeds
+from metactl.adapters.lab.scoreboard.stats import normalised_regret, paired_bootstrap_regret
+from metactl.adapters.lab.scoreboard.suite import (
     DEVELOPMENT,
     FIXED_GRID,
     HELD_OUT,
@@ -183,7 +183,7 @@ def test_suite_matches_the_protocol() -> None:
 
 
 def test_gym_study_controller_names_are_the_scoreboards() -> None:
-    from metactl.adapters.gym.study import CONTROLLERS
+    from metactl.adapters.lab.controllers import STUDY_ARMS as CONTROLLERS
 
     assert set(default_controllers()) == set(CONTROLLERS)
     for name in default_controllers():
@@ -197,17 +197,17 @@ def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) ->
     ``run_arm`` and checkpoints (nothing of GRPO re-implemented), with 2 worker processes."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from metactl.adapters.reference.experiment import EvalConfig, ReproduceConfig
+    from metactl.adapters.lab.reproduce.experiment import EvalConfig, ReproduceConfig
+    from metactl.adapters.lab.scoreboard.cli import build_plan
+    from metactl.adapters.lab.scoreboard.pages import write_testbed_pages
+    from metactl.adapters.lab.scoreboard.report import analyse, format_summary
+    from metactl.adapters.lab.scoreboard.runner import run_jobs
+    from metactl.adapters.lab.scoreboard.signal_record import decode_signal
+    from metactl.adapters.lab.scoreboard.suite import Testbed
     from metactl.adapters.reference.model import TinyModelConfig
     from metactl.adapters.reference.sft import WarmupConfig
     from metactl.adapters.reference.tasks import ChainTask
     from metactl.adapters.reference.trainer import GRPOConfig
-    from metactl.adapters.scoreboard.cli import build_plan
-    from metactl.adapters.scoreboard.pages import write_testbed_pages
-    from metactl.adapters.scoreboard.report import analyse, format_summary
-    from metactl.adapters.scoreboard.runner import run_jobs
-    from metactl.adapters.scoreboard.signal_record import decode_signal
-    from metactl.adapters.scoreboard.suite import Testbed
 
     from metactl.diagnostics import stack_diagnostics
 
@@ -367,8 +367,8 @@ def test_reference_full_runs_the_fixed_grid_and_recommended_by_default(tmp_path:
     reference-full (every arm elsewhere); named controllers run on every selected testbed; the
     arms not planned are reported as not run, never as missing runs."""
     pytest.importorskip("torch")
-    from metactl.adapters.scoreboard.cli import build_plan
-    from metactl.adapters.scoreboard.report import analyse
+    from metactl.adapters.lab.scoreboard.cli import build_plan
+    from metactl.adapters.lab.scoreboard.report import analyse
 
     testbeds = [TESTBEDS["gym-flat"], TESTBEDS["reference-full"]]
     every, _ = select_controllers("all", testbeds)

@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from metactl.adapters.gym.study import run_one
-from metactl.adapters.scoreboard.cli import main
-from metactl.adapters.scoreboard.runner import load_record, write_record
-from metactl.adapters.scoreboard.signal_record import (
+from metactl.adapters.lab.gym_study import run_one
+from metactl.adapters.lab.scoreboard.cli import main
+from metactl.adapters.lab.scoreboard.runner import load_record, write_record
+from metactl.adapters.lab.scoreboard.signal_record import (
     COUNT_FIELDS,
     FLOAT_FIELDS,
     NOT_RECORDED,
@@ -22,7 +22,7 @@ from metactl.adapters.scoreboard.signal_record import (
     encode_signal,
     from_reference_result,
 )
-from metactl.adapters.scoreboard.suite import TESTBEDS, is_likelihood_rule
+from metactl.adapters.lab.scoreboard.suite import TESTBEDS, is_likelihood_rule
 
 from metactl.diagnostics import signal_diagnostics, stack_diagnostics
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from metactl.adapters.scoreboard.stats import (
+from metactl.adapters.lab.scoreboard.stats import (
     mean_ci,
     normalised_regret,
     paired_bootstrap_regret,
@@ -118,6 +118,6 @@ def test_docstring_examples(suffix: str) -> None:
     import doctest
     import importlib
 
-    module = importlib.import_module("metactl.adapters.scoreboard" + suffix)
+    module = importlib.import_module("metactl.adapters.lab.scoreboard" + suffix)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -18,7 +18,8 @@ Example
 -------
 >>> import metactl
 >>> from metactl.adapters.gym import TokenSearchEnv
->>> from metactl.adapters.gym.learner import GRPOConfig, train
+>>> from metactl.adapters.gym.learner import GRPOConfig
+>>> from metactl.adapters.gym.training import train
 >>> env = TokenSearchEnv(vocab_size=6, length=3, families=("shoulder",))
 >>> log = train(metactl.MetaPolicy([0.8, 1.2], metactl.Fixed(1.2)), env, steps=5, seed=0)
 >>> log.success.shape, log.temperature.tolist()
@@ -44,12 +45,8 @@ from .sampling import SamplerRows, family_log_probs, log_softmax, row_settings
 __all__ = [
     "GRPOConfig",
     "Rollout",
-    "StepRecord",
     "TabularGRPO",
-    "TrainLog",
-    "group_advantages",
     "log_softmax",
-    "train",
 ]
 
 _CONFIG: Any = object()  # "the learner's fixed value" (top_k=None already means "off")
@@ -496,11 +493,3 @@ class TabularGRPO:
     def success_rate(self, temperature: float | None = None) -> float:
         """Mean over tasks of :meth:`success_by_task`."""
         return float(self.success_by_task(temperature).mean())
-
-
-
-
-# The training loop lives in ``training`` (which imports the learner from here); re-exported so
-# that ``from metactl.adapters.gym.learner import train`` keeps working. Imported last: it needs
-# this module's names defined.
-from .training import StepRecord, TrainLog, group_advantages, train  # noqa: E402

@@ -1,25 +1,29 @@
-"""Named temperature controllers for the comparison, all as `metactl.MetaPolicy` objects.
+"""The one registry of controller names: every lab command (``metactl reproduce``,
+``gym-study``, ``scoreboard``) turns a name into a `metactl.MetaPolicy` here, so a name means
+the same policy everywhere.
 
-Names: ``fixed-T`` (T on the paper grid 0.6..1.5), ``linear-A-B`` / ``cosine-A-B`` schedules,
-``tampo`` (paper defaults), ``tampo-softmax``, ``hedge``, ``metagrad``, ``exp3``, ``ucb1``,
-``thompson``, ``entropy-H`` (the E3 entropy-targeting rule with target H nats), and (issue 9,
-untuned defaults) the TAMPO variants ``tampo-std`` (each step's signal standardised),
-``tampo-sharp`` (``tau = 0.1`` inside sparsemax), ``tampo-tau-X``, ``tampo-sum`` (summed
-likelihoods), and ``counterfactual``, ``uncertainty``, ``entropy-schedule-H0-H1`` (E3 toward a
-target moving linearly from H0 to H1 nats over the run) with its default ``entropy-schedule``
-(0.6 -> 0.15: annealed high to low, around the geometric mean 0.3 of ``entropy-0.3``).
+Names (temperatures on the paper grid 0.6..1.5 unless a knob arm says otherwise):
 
-Per-prompt controllers (issue 10, untuned defaults; a temperature per prompt group, keyed by
-`tasks.Problem.context`): ``ptgs`` (`metactl.ptgs`, its pivot ramped over the run's steps),
-``tampo-per-prompt`` (`metactl.tampo_per_prompt`) and ``linear-thompson``
-(`metactl.linear_thompson` over the paper grid, the running pass rate as its feature).
-`is_per_prompt` tells them apart.
+* ``fixed-T`` (T on the grid); the schedules ``linear-A-B`` and ``cosine-A-B`` (A, B in
+  [0.6, 1.5]), ``linear`` being ``linear-0.9-1.5``.
+* ``tampo`` (the paper's defaults, `metactl.tampo`), ``tampo-softmax``, and the untuned TAMPO
+  variants ``tampo-std`` (each step's signal standardised), ``tampo-sharp`` (``tau = 0.1`` inside
+  sparsemax), ``tampo-tau-X``, ``tampo-sum`` (summed likelihoods).
+* the bandits and other rules at their defaults: ``hedge``, ``metagrad`` (also spelled
+  ``metagradient``), ``exp3``, ``ucb1``, ``thompson``, ``counterfactual``, ``uncertainty``.
+* entropy control: ``entropy-H`` (the E3 rule with target H nats), ``entropy`` (E3 toward the
+  run's entropy target, 0.3 nats by default), ``entropy-schedule-H0-H1`` (a target moving
+  linearly from H0 to H1 nats over the run) and ``entropy-schedule`` (from twice the run's
+  entropy target to half of it: 0.6 -> 0.15 by default, annealed high to low around ``entropy``).
+* per-prompt controllers (a temperature per prompt group; untuned defaults): ``ptgs`` (its pivot
+  ramped over the run's steps), ``tampo-per-prompt``, ``linear-thompson``.
+* ``recommended``: `metactl.recommended`, the choice of ``benchmarks/PROTOCOL.md`` section 7.
+* arms over other sampler knobs (TAMPO with the paper's defaults): ``top-p`` (over ``top_p`` in
+  `TOP_P_GRID` at the trainer's fixed temperature) and ``tampo-joint`` (over the paper's
+  temperatures x ``top_p`` in `JOINT_TOP_P`, 20 settings).
 
-Controllers over other sampling knobs (issue 12, TAMPO with the paper's defaults: ``alpha =
-0.05``, sparsemax, nucleus selection ``0.7``): ``top-p`` (over ``top_p`` in ``TOP_P_GRID``
-at the trainer's fixed temperature, ``GRPOConfig.rollout_temperature``, 1.0 by default) and
-``tampo-joint`` (over ``metactl.grid(temperature=<the paper grid>, top_p=(0.9, 1.0))``, 20
-settings). `controller_knobs` names the knobs an arm sets.
+`PAPER_ARMS` and `OPTIONAL_ARMS` are ``metactl reproduce``'s arms, `STUDY_ARMS` those of
+``metactl gym-study`` and of the scoreboard (`FIXED_GRID` included).
 
 Example:
     >>> make_policy("fixed-1.2", steps=10, seed=0).select().value
@@ -28,44 +32,127 @@ Example:
     0.9
     >>> make_policy("tampo", steps=10, seed=0).requires
     ('loglik', 'advantages')
+    >>> canonical_name("metagradient"), canonical_name("linear"), canonical_name("entropy")
+    ('metagrad', 'linear-0.9-1.5', 'entropy-0.3')
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import metactl
 
+__all__ = [
+    "DEFAULT_ENTROPY_TARGET",
+    "FIXED_GRID",
+    "GRID",
+    "JOINT_GRID",
+    "JOINT_TOP_P",
+    "KNOB_ARMS",
+    "OPTIONAL_ARMS",
+    "PAPER_ARMS",
+    "PER_PROMPT_ARMS",
+    "STUDY_ARMS",
+    "TOP_P_GRID",
+    "VALID_FORMS",
+    "canonical_name",
+    "controller_knobs",
+    "is_fixed",
+    "is_per_prompt",
+    "make_policy",
+    "validate_controller",
+]
+
+#: The paper's temperature grid 0.6..1.5, the candidates of every temperature arm.
+GRID: tuple[float, ...] = tuple(metactl.PAPER_TEMPERATURES)
+#: The entropy target (nats) of ``entropy`` and ``entropy-schedule`` unless a run sets another.
+DEFAULT_ENTROPY_TARGET = 0.3
+#: The fixed arms of the whole candidate grid 0.6..1.5.
+FIXED_GRID: tuple[str, ...] = tuple(f"fixed-{t:.1f}" for t in GRID)
+#: The ``top-p`` arm's candidates (at the trainer's fixed temperature, 1.0 by default).
+TOP_P_GRID: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 1.0)
+#: The ``tampo-joint`` arm's top-p values (crossed with the paper's temperatures).
+JOINT_TOP_P: tuple[float, ...] = (0.9, 1.0)
+#: The ``tampo-joint`` arm's grid: the paper's temperatures x `JOINT_TOP_P`, K = 20.
+JOINT_GRID = metactl.grid(temperature=GRID, top_p=JOINT_TOP_P)
+#: The arms over knobs other than the temperature alone, and the knobs each sets.
+KNOB_ARMS: dict[str, tuple[str, ...]] = {"top-p": ("top_p",),
+                                         "tampo-joint": ("temperature", "top_p")}
+PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson")
+#: ``metactl reproduce``'s default arms.
 PAPER_ARMS: tuple[str, ...] = ("fixed-0.9", "fixed-1.2", "fixed-1.5", "linear-0.9-1.5", "tampo")
+#: Further arms ``metactl reproduce --controllers`` documents.
 OPTIONAL_ARMS: tuple[str, ...] = ("tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
                                   "thompson", "entropy-0.3", "cosine-0.9-1.5", "tampo-std",
                                   "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
-                                  "entropy-schedule", "ptgs", "tampo-per-prompt",
-                                  "linear-thompson", "recommended", "top-p", "tampo-joint")
-PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson")
-#: the ``top-p`` arm's candidates (at the trainer's temperature, 1.0 by default)
-TOP_P_GRID: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 1.0)
-#: the ``tampo-joint`` arm's top-p values (crossed with the paper's temperatures)
-JOINT_TOP_P: tuple[float, ...] = (0.9, 1.0)
-#: the arms over knobs other than the temperature, and the knobs each sets
-KNOB_ARMS: dict[str, tuple[str, ...]] = {"top-p": ("top_p",),
-                                         "tampo-joint": ("temperature", "top_p")}
+                                  "entropy-schedule", *PER_PROMPT_ARMS, "recommended",
+                                  *KNOB_ARMS)  # fmt: skip
+#: The arms of ``metactl gym-study`` (its ``--controllers all``) and of the scoreboard.
+STUDY_ARMS: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3",
+                               "entropy", "linear", "tampo-std", "tampo-sharp", "tampo-sum",
+                               "counterfactual", "uncertainty", "entropy-schedule",
+                               *PER_PROMPT_ARMS, "recommended", *KNOB_ARMS,
+                               *FIXED_GRID)  # fmt: skip
+
+# names without numbers -> their spelling with numbers, where they have one
+_ALIASES: dict[str, str] = {"metagradient": "metagrad", "linear": "linear-0.9-1.5"}
 
 
-_SIMPLE_NAMES: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
-                                  "thompson", "tampo-std", "tampo-sharp", "tampo-sum",
-                                  "counterfactual", "uncertainty", "entropy-schedule",
-                                  *PER_PROMPT_ARMS, "recommended", *KNOB_ARMS)
-# (prefix, how many numbers follow it, what they are) of the parameterised names
-_PARAMETERISED: dict[str, tuple[int, str]] = {
-    "fixed": (1, "fixed-T"), "linear": (2, "linear-A-B"), "cosine": (2, "cosine-A-B"),
-    "entropy": (1, "entropy-H"), "entropy-schedule": (2, "entropy-schedule-H0-H1"),
-    "tampo-tau": (1, "tampo-tau-X"),
+def _tampo_over(candidates: tuple[float, ...] | metactl.KnobGrid,
+                hyperparameter: str | None = None) -> Callable[[int, int, float],
+                                                               metactl.MetaPolicy]:  # fmt: skip
+    return lambda steps, seed, target: metactl.tampo(candidates, hyperparameter=hyperparameter,
+                                                     seed=seed)
+
+
+def _on_grid(rule: Callable[[int, float], metactl.Rule]) -> Callable[
+        [int, int, float], metactl.MetaPolicy]:  # fmt: skip
+    return lambda steps, seed, target: metactl.MetaPolicy(GRID, rule(steps, target), seed=seed)
+
+
+# name -> build(steps, seed, entropy_target)
+_SIMPLE: dict[str, Callable[[int, int, float], metactl.MetaPolicy]] = {
+    "tampo": lambda steps, seed, target: metactl.tampo(seed=seed),
+    "tampo-softmax": lambda steps, seed, target: metactl.tampo(normalizer="softmax", seed=seed),
+    "hedge": _on_grid(lambda steps, target: metactl.Hedge()),
+    "metagrad": _on_grid(lambda steps, target: metactl.MetaGradient()),
+    "exp3": _on_grid(lambda steps, target: metactl.EXP3()),
+    "ucb1": _on_grid(lambda steps, target: metactl.UCB1()),
+    "thompson": _on_grid(lambda steps, target: metactl.ThompsonGaussian()),
+    "tampo-std": _on_grid(lambda steps, target: metactl.TAMPO(standardize="std")),
+    "tampo-sharp": _on_grid(lambda steps, target: metactl.TAMPO(tau=0.1)),
+    "tampo-sum": _on_grid(lambda steps, target: metactl.TAMPO(likelihood_normalization="sum")),
+    "counterfactual": _on_grid(lambda steps, target: metactl.Counterfactual()),
+    "uncertainty": _on_grid(lambda steps, target: metactl.Uncertainty()),
+    "entropy": _on_grid(lambda steps, target: metactl.EntropyTarget(target)),
+    "entropy-schedule": _on_grid(
+        lambda steps, target: metactl.EntropySchedule(2 * target, target / 2, total_steps=steps)),
+    # PTGS's values are continuous in [1/1.5, 1.5]; the grid only names the nearest candidate
+    # (every arm logs the same K)
+    "ptgs": lambda steps, seed, target: metactl.ptgs(GRID, seed=seed, total_steps=steps),
+    "tampo-per-prompt": lambda steps, seed, target: metactl.tampo_per_prompt(GRID, seed=seed),
+    "linear-thompson": lambda steps, seed, target: metactl.linear_thompson(GRID, seed=seed),
+    "recommended": lambda steps, seed, target: metactl.recommended(seed=seed),
+    "top-p": _tampo_over(TOP_P_GRID, hyperparameter="top_p"),
+    "tampo-joint": _tampo_over(JOINT_GRID),
+}
+# prefix -> (how many numbers follow it, the form, build(numbers, steps) -> rule on the grid)
+_PARAMETERISED: dict[str, tuple[int, str, Callable[[tuple[float, ...], int], metactl.Rule]]] = {
+    "fixed": (1, "fixed-T", lambda v, steps: metactl.Fixed(v[0])),
+    "linear": (2, "linear-A-B",
+               lambda v, steps: metactl.Schedule("linear", v[0], v[1], total_steps=steps)),
+    "cosine": (2, "cosine-A-B",
+               lambda v, steps: metactl.Schedule("cosine", v[0], v[1], total_steps=steps)),
+    "entropy": (1, "entropy-H", lambda v, steps: metactl.EntropyTarget(v[0])),
+    "entropy-schedule": (2, "entropy-schedule-H0-H1",
+                         lambda v, steps: metactl.EntropySchedule(v[0], v[1], total_steps=steps)),
+    "tampo-tau": (1, "tampo-tau-X", lambda v, steps: metactl.TAMPO(tau=v[0])),
 }
 VALID_FORMS = (
     "fixed-T (T on the grid 0.6, 0.7, ..., 1.5), linear-A-B, cosine-A-B (A, B in [0.6, 1.5]), "
     "entropy-H (H > 0 nats), entropy-schedule-H0-H1 (H0, H1 > 0 nats), tampo-tau-X (X > 0), "
-    + ", ".join(_SIMPLE_NAMES)
+    + ", ".join([*_SIMPLE, *_ALIASES])
 )
 
 
@@ -74,14 +161,15 @@ def _parse_name(name: str) -> tuple[str, tuple[float, ...]]:
     naming the controller and listing the valid forms (nothing is built)."""
     if not isinstance(name, str):
         raise TypeError(f"controller name must be a str, got {type(name).__name__}")
-    if name in _SIMPLE_NAMES:
+    name = _ALIASES.get(name, name)
+    if name in _SIMPLE:
         return name, ()
     # the longest matching prefix: "entropy-schedule-..." is not "entropy-H"
     matches = [k for k in _PARAMETERISED if name == k or name.startswith(k + "-")]
     if matches:
         kind = max(matches, key=len)
+        count, form, _ = _PARAMETERISED[kind]
         rest = name[len(kind) + 1:]
-        count, form = _PARAMETERISED[kind]
         parts = rest.split("-") if rest else []
         try:
             values = tuple(float(x) for x in parts)
@@ -95,58 +183,38 @@ def _parse_name(name: str) -> tuple[str, tuple[float, ...]]:
     raise ValueError(f"unknown controller {name!r}; valid forms: {VALID_FORMS}")
 
 
-def make_policy(name: str, steps: int, seed: int) -> metactl.MetaPolicy:
-    """Build the meta-policy called ``name`` for a run of ``steps`` GRPO steps."""
+def _check_steps_and_seed(steps: int, seed: int) -> None:
+    for label, value in (("steps", steps), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{label} must be an int, got {type(value).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def make_policy(name: str, steps: int, seed: int, *,
+                entropy_target: float = DEFAULT_ENTROPY_TARGET) -> metactl.MetaPolicy:
+    """Build the meta-policy called ``name`` for a run of ``steps`` steps.
+
+    ``entropy_target`` (nats) is the run's target of ``entropy`` and ``entropy-schedule``;
+    names with their own numbers (``entropy-0.5``) ignore it. Raises `ValueError` (one line,
+    naming the controller and the valid forms) for a name outside the grammar or numbers the
+    rule refuses.
+    """
+    _check_steps_and_seed(steps, seed)
+    if isinstance(entropy_target, bool) or not isinstance(entropy_target, (int, float)):
+        raise TypeError(f"entropy_target must be a float, got {type(entropy_target).__name__}")
+    if not math.isfinite(entropy_target) or entropy_target <= 0:
+        raise ValueError(f"entropy_target must be finite and > 0, got {entropy_target}")
     kind, values = _parse_name(name)
-    grid = metactl.PAPER_TEMPERATURES
     try:
-        if kind == "fixed":
-            return metactl.MetaPolicy(grid, metactl.Fixed(values[0]), seed=seed)
-        if kind in ("linear", "cosine"):
-            rule = metactl.Schedule(kind, values[0], values[1], total_steps=steps)
-            return metactl.MetaPolicy(grid, rule, seed=seed)
-        if kind == "entropy":
-            return metactl.MetaPolicy(grid, metactl.EntropyTarget(values[0]), seed=seed)
-        if kind == "entropy-schedule" and values:  # without numbers: the default, below
-            target = metactl.EntropySchedule(values[0], values[1], total_steps=steps)
-            return metactl.MetaPolicy(grid, target, seed=seed)
-        if kind == "tampo-tau":
-            return metactl.MetaPolicy(grid, metactl.TAMPO(tau=values[0]), seed=seed)
+        if not values:  # a simple name ("entropy" is one, "entropy-H" is not)
+            return _SIMPLE[kind](steps, seed, float(entropy_target))
+        rule = _PARAMETERISED[kind][2](values, steps)
+        return metactl.MetaPolicy(GRID, rule, seed=seed)
     except ValueError as exc:
         raise ValueError(f"controller {name!r}: {exc}; valid forms: {VALID_FORMS}") from exc
-    simple = {
-        "tampo": lambda: metactl.tampo(seed=seed),
-        "tampo-softmax": lambda: metactl.tampo(normalizer="softmax", seed=seed),
-        "hedge": lambda: metactl.MetaPolicy(grid, metactl.Hedge(), seed=seed),
-        "metagrad": lambda: metactl.MetaPolicy(grid, metactl.MetaGradient(), seed=seed),
-        "exp3": lambda: metactl.MetaPolicy(grid, metactl.EXP3(), seed=seed),
-        "ucb1": lambda: metactl.MetaPolicy(grid, metactl.UCB1(), seed=seed),
-        "thompson": lambda: metactl.MetaPolicy(grid, metactl.ThompsonGaussian(), seed=seed),
-        "tampo-std": lambda: metactl.MetaPolicy(grid, metactl.TAMPO(standardize="std"), seed=seed),
-        "tampo-sharp": lambda: metactl.MetaPolicy(grid, metactl.TAMPO(tau=0.1), seed=seed),
-        "tampo-sum": lambda: metactl.MetaPolicy(
-            grid, metactl.TAMPO(likelihood_normalization="sum"), seed=seed),
-        "counterfactual": lambda: metactl.MetaPolicy(grid, metactl.Counterfactual(), seed=seed),
-        "uncertainty": lambda: metactl.MetaPolicy(grid, metactl.Uncertainty(), seed=seed),
-        "entropy-schedule": lambda: metactl.MetaPolicy(
-            grid, metactl.EntropySchedule(0.6, 0.15, total_steps=steps), seed=seed),
-        # PTGS's values are continuous in [1/1.5, 1.5]; the paper grid only names the nearest
-        # candidate (every arm logs the same K)
-        "ptgs": lambda: metactl.ptgs(grid, seed=seed, total_steps=steps),
-        "tampo-per-prompt": lambda: metactl.tampo_per_prompt(grid, seed=seed),
-        "linear-thompson": lambda: metactl.linear_thompson(grid, seed=seed),
-        # benchmarks/PROTOCOL.md section 7's choice, the same policy as the gym study's
-        "recommended": lambda: metactl.recommended(seed=seed),
-        # TAMPO with the paper's defaults (as metactl.tampo) over other knobs
-        "top-p": lambda: metactl.MetaPolicy(
-            TOP_P_GRID, metactl.TAMPO(alpha=0.05, normalizer="sparsemax"), metactl.Nucleus(0.7),
-            seed, hyperparameter="top_p"),
-        "tampo-joint": lambda: metactl.MetaPolicy(
-            metactl.grid(temperature=grid, top_p=JOINT_TOP_P),
-            metactl.TAMPO(alpha=0.05, normalizer="sparsemax"), metactl.Nucleus(0.7), seed,
-            hyperparameter="joint"),
-    }
-    return simple[kind]()
 
 
 def validate_controller(name: str, steps: int = 1) -> str:
@@ -170,6 +238,16 @@ def validate_controller(name: str, steps: int = 1) -> str:
     return name
 
 
+def canonical_name(name: str, entropy_target: float = DEFAULT_ENTROPY_TARGET) -> str:
+    """``name`` spelled with its numbers where it has a shorter spelling (``linear`` ->
+    ``linear-0.9-1.5``, ``metagradient`` -> ``metagrad``, ``entropy`` -> ``entropy-<target>``);
+    any other valid name unchanged. Raises `ValueError` for an unknown name."""
+    kind, _ = _parse_name(name)
+    if kind == "entropy" and name == "entropy":
+        return f"entropy-{entropy_target:g}"
+    return _ALIASES.get(name, name)
+
+
 def controller_knobs(name: str) -> tuple[str, ...]:
     """The sampler knobs the arm called ``name`` sets.
 
@@ -183,6 +261,8 @@ def controller_knobs(name: str) -> tuple[str, ...]:
 
 def is_fixed(name: str) -> bool:
     """Whether ``name`` is a fixed-temperature arm."""
+    if not isinstance(name, str):
+        raise TypeError(f"controller name must be a str, got {type(name).__name__}")
     return name.startswith("fixed-")
 
 
@@ -193,4 +273,6 @@ def is_per_prompt(name: str) -> bool:
         >>> is_per_prompt("ptgs"), is_per_prompt("tampo")
         (True, False)
     """
+    if not isinstance(name, str):
+        raise TypeError(f"controller name must be a str, got {type(name).__name__}")
     return name in PER_PROMPT_ARMS

@@ -27,12 +27,12 @@ every arm has the same K, else ``probs/<controller>``), ``learning_curves.png``,
 likelihood rules (TAMPO and its variants, Hedge, MetaGradient), ``signal.npz`` (every step's
 :func:`metactl.diagnostics.signal_diagnostics`, keys ``<controller>/<field>``, one row per seed
 as in ``<controller>/seed``) and, for the TAMPO arms, ``signal_diagnostics.png`` (why TAMPO
-moved where it did: :mod:`metactl.adapters.signal_plot`).
+moved where it did: :mod:`metactl.adapters.lab.signal_plot`).
 
 Example
 -------
 >>> import tempfile
->>> from metactl.adapters.gym.study import main
+>>> from metactl.adapters.lab.gym_study import main
 >>> out = tempfile.mkdtemp()
 >>> main(["--seeds", "2", "--steps", "5", "--controllers", "tampo,fixed-1.0",
 ...       "--workers", "1", "--out", out, "--quiet", "--no-plots"])
@@ -46,25 +46,21 @@ import json
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
+from metactl.adapters.gym.env import FAMILIES, TokenSearchConfig, TokenSearchEnv
+from metactl.adapters.gym.learner import GRPOConfig
+from metactl.adapters.gym.training import train
 
 import metactl
 
-from .env import FAMILIES, TokenSearchConfig, TokenSearchEnv
-from .learner import GRPOConfig, train
+from .commands import OneLineErrorParser, check_writable_dir, parse_name_list
+from .controllers import GRID, STUDY_ARMS, make_policy
 
-__all__ = ["CONTROLLERS", "StudyConfig", "main", "make_controller", "run_one", "summarise"]
-
-CANDIDATES: tuple[float, ...] = tuple(metactl.PAPER_TEMPERATURES)
-#: The ``top-p`` arm's candidates (sampled at the learner's T = 1.0).
-TOP_P_CANDIDATES: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95, 1.0)
-#: The ``tampo-joint`` arm's grid: the paper's temperatures x top-p in (0.9, 1.0), K = 20.
-JOINT_GRID = metactl.grid(temperature=CANDIDATES, top_p=(0.9, 1.0))
+__all__ = ["StudyConfig", "main", "make_controller", "run_one", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -83,9 +79,9 @@ class StudyConfig:
     deceptive: bool = True
     prior_margin: float = 4.0
     prior_margins: tuple[float, ...] | None = None
-    """Mixed sharpness (issue 10): task ``i``'s margin ``prior_margins[i % len]``."""
+    """Mixed sharpness: task ``i``'s margin ``prior_margins[i % len]``."""
     prior_margin_range: tuple[float, float] | None = None
-    """Mixed sharpness (issue 10): each task's margin drawn from ``[low, high]``."""
+    """Mixed sharpness: each task's margin drawn from ``[low, high]``."""
     shoulder_gap: float = 1.5
     noise_scale: float = 0.3
     task_seed_offset: int = 0
@@ -135,60 +131,8 @@ class StudyConfig:
         )
 
 
-def _fixed(value: float) -> Callable[[StudyConfig, int], metactl.MetaPolicy]:
-    return lambda cfg, seed: metactl.MetaPolicy(CANDIDATES, metactl.Fixed(value), seed=seed)
-
-
-#: name -> factory(config, seed) -> MetaPolicy. Adaptive rules use the core's default settings.
-CONTROLLERS: dict[str, Callable[[StudyConfig, int], metactl.MetaPolicy]] = {
-    "tampo": lambda cfg, seed: metactl.tampo(seed=seed),
-    "tampo-softmax": lambda cfg, seed: metactl.tampo(normalizer="softmax", seed=seed),
-    "hedge": lambda cfg, seed: metactl.MetaPolicy(CANDIDATES, metactl.Hedge(), seed=seed),
-    "metagradient": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.MetaGradient(), seed=seed
-    ),
-    "exp3": lambda cfg, seed: metactl.MetaPolicy(CANDIDATES, metactl.EXP3(), seed=seed),
-    "entropy": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.EntropyTarget(cfg.entropy_target, initial=1.0), seed=seed
-    ),
-    "linear": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.Schedule("linear", 0.9, 1.5, cfg.steps), seed=seed
-    ),
-    # issue 9 (untuned defaults): TAMPO variants, then the rules built for the learning signal
-    "tampo-std": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.TAMPO(standardize="std"), seed=seed
-    ),
-    "tampo-sharp": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.TAMPO(tau=0.1), seed=seed
-    ),
-    "tampo-sum": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.TAMPO(likelihood_normalization="sum"), seed=seed
-    ),
-    "counterfactual": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.Counterfactual(), seed=seed
-    ),
-    "uncertainty": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES, metactl.Uncertainty(), seed=seed
-    ),
-    # annealed high -> low (Entrocraft); 2 H* -> H* / 2 has the geometric mean of `entropy`'s H*
-    "entropy-schedule": lambda cfg, seed: metactl.MetaPolicy(
-        CANDIDATES,
-        metactl.EntropySchedule(2 * cfg.entropy_target, cfg.entropy_target / 2, cfg.steps),
-        seed=seed,
-    ),
-    # issue 10 (untuned defaults): a temperature per task, keyed by the task id (PTGS's values
-    # are continuous; the grid only names the nearest candidate, so every arm logs K = 10)
-    "ptgs": lambda cfg, seed: metactl.ptgs(CANDIDATES, seed=seed, total_steps=cfg.steps),
-    "tampo-per-prompt": lambda cfg, seed: metactl.tampo_per_prompt(CANDIDATES, seed=seed),
-    "linear-thompson": lambda cfg, seed: metactl.linear_thompson(CANDIDATES, seed=seed),
-    # the controller chosen by benchmarks/PROTOCOL.md section 7 (metactl.recommended), in its
-    # fixed configuration
-    "recommended": lambda cfg, seed: metactl.recommended(seed=seed),
-    # issue 12 (paper defaults, untuned): TAMPO over another knob, and over a joint grid
-    "top-p": lambda cfg, seed: metactl.tampo(TOP_P_CANDIDATES, hyperparameter="top_p", seed=seed),
-    "tampo-joint": lambda cfg, seed: metactl.tampo(JOINT_GRID, seed=seed),
-    **{f"fixed-{t:.1f}": _fixed(t) for t in CANDIDATES},
-}
+#: The arms that get a panel in ``temperature.png`` (their setting changes over a run), and
+#: whose meta-policy probabilities ``meta_probs.png`` draws (all but ``entropy``).
 ADAPTIVE = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3", "entropy", "top-p",
             "tampo-joint")  # fmt: skip
 #: The knobs a run's log records per step (TrainLog.knobs), as ``runs.npz`` keys.
@@ -210,14 +154,15 @@ def candidate_labels(policy: metactl.MetaPolicy) -> list[str]:
 
 
 def make_controller(name: str, config: StudyConfig, seed: int) -> metactl.MetaPolicy:
-    """Build controller ``name`` (a key of :data:`CONTROLLERS`) for one run.
+    """Build controller ``name`` (a name of :mod:`metactl.adapters.lab.controllers`) for one run
+    of ``config``: its steps, and its entropy target for ``entropy`` and ``entropy-schedule``.
 
     >>> make_controller("fixed-1.2", StudyConfig(), seed=0).select().value
     1.2
     """
-    if name not in CONTROLLERS:
-        raise ValueError(f"unknown controller {name!r}; choose from {sorted(CONTROLLERS)}")
-    return CONTROLLERS[name](config, seed)
+    if not isinstance(config, StudyConfig):
+        raise TypeError(f"config must be a StudyConfig, got {type(config).__name__}")
+    return make_policy(name, steps=config.steps, seed=seed, entropy_target=config.entropy_target)
 
 
 def run_one(job: tuple[str, int, StudyConfig]) -> dict[str, Any]:
@@ -438,7 +383,7 @@ def make_plots(
         ax.set_title(c if knob == "temperature" else f"{c}: {knob}", fontsize=9)
         ax.set_ylabel(knob, fontsize=8)
         if knob == "temperature":
-            ax.set_ylim(CANDIDATES[0] - 0.05, CANDIDATES[-1] + 0.05)
+            ax.set_ylim(GRID[0] - 0.05, GRID[-1] + 0.05)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax in axes[-1]:
@@ -456,7 +401,7 @@ def make_plots(
                              squeeze=False)  # fmt: skip
     for ax, c in zip(axes[:, 0], learned, strict=False):
         probs = np.array([r["probs"] for r in runs[c]]).mean(axis=0)  # (steps, K)
-        labels = runs[c][0].get("candidate_labels", [f"{t:.1f}" for t in CANDIDATES])
+        labels = runs[c][0].get("candidate_labels", [f"{t:.1f}" for t in GRID])
         image = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis",
                           extent=(0, probs.shape[0], -0.5, len(labels) - 0.5))  # fmt: skip
         ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) <= 10 else 4)
@@ -477,61 +422,15 @@ def make_plots(
         if c.startswith("tampo") and all(r.get("signal") is not None for r in runs[c])
     }
     if tampo_arms:
-        from ..signal_plot import plot_signal_diagnostics
+        from .signal_plot import plot_signal_diagnostics
 
         paths.append(plot_signal_diagnostics(
-            tampo_arms, CANDIDATES, out / "signal_diagnostics.png",
+            tampo_arms, GRID, out / "signal_diagnostics.png",
             title="Why TAMPO moved where it did (TokenSearch; signal a_k of every step)"))
     return paths
 
 
 # ---------------------------------------------------------------------------------- CLI
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (``prog: message``), exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
-def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """Create ``path`` if needed and prove it is a writable directory (before any work).
-
-    Raises ``ValueError`` naming ``flag`` when ``path`` is a file, cannot be created, or a file
-    cannot be written into it. The probe writes and removes a uniquely named temporary file, so
-    it is a real write (permission bits alone do not say whether a write succeeds, e.g. as root
-    or on a read-only mount).
-    """
-    import tempfile
-
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {str(out)!r} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-", delete=True):
-            pass
-    except OSError as exc:
-        raise ValueError(
-            f"{flag} {str(out)!r} is not a writable directory ({exc.strerror or exc})"
-        ) from None
-    return out
-
-
-def parse_controllers(text: str, known: list[str] | tuple[str, ...]) -> list[str]:
-    """``"all"`` or a comma-separated list of distinct names from ``known`` (validated)."""
-    if text.strip() == "all":
-        return list(known)
-    names = [c.strip() for c in text.split(",")]
-    if not names or any(not c for c in names):
-        raise ValueError(f"--controllers has an empty name in {text!r}")
-    for name in names:
-        if name not in known:
-            raise ValueError(f"unknown controller {name!r}; choose from {', '.join(known)}")
-    if len(set(names)) != len(names):
-        raise ValueError("--controllers must name each controller once")
-    return names
-
-
 def add_environment_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of :class:`TokenSearchConfig` and of the learner, with StudyConfig defaults."""
     defaults = StudyConfig()
@@ -622,7 +521,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--controllers",
         default="all",
-        help=f"comma-separated subset of {','.join(CONTROLLERS)} (default: all)",
+        help=f"comma-separated controllers, or 'all' (default): {','.join(STUDY_ARMS)}; any "
+        "other name of the controller registry too (linear-A-B, entropy-H, ucb1, ...)",
     )
     parser.add_argument("--out", default="runs/gym_study", help="output folder")
     add_environment_arguments(parser)
@@ -642,9 +542,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        names = parse_controllers(args.controllers, list(CONTROLLERS))
+        names = (list(STUDY_ARMS) if args.controllers.strip() == "all"
+                 else parse_name_list(args.controllers, "--controllers", "controller"))
         config = config_from_args(args)
-        out = check_out_dir(args.out)
+        for name in names:  # the checks a run would apply, before any run
+            make_controller(name, config, seed=0)
+        out = check_writable_dir(Path(args.out).expanduser(), "--out")
     except (ValueError, TypeError) as exc:
         print(f"metactl gym-study: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""metactl's lean GRPO reference trainer and the paper reproduction (``metactl reproduce``).
+"""metactl's lean GRPO reference trainer (the paper reproduction, ``metactl reproduce``, is in
+``metactl.adapters.lab.reproduce``).
 
 Modules (torch and transformers are imported by the modules, so ``pip install metactl[reference]``):
 
@@ -9,11 +10,9 @@ Modules (torch and transformers are imported by the modules, so ``pip install me
 * `tasks`: the CPU-scale task (modular operation chains with a systematically biased teacher),
   its five graded held-out benchmarks and its verifier.
 * `tokenizer`, `model`, `sft`: char-level tokenizer, tiny Qwen2/Llama, cached supervised warm-up.
-* `paper`: local model/data loading and the `math-verify` reward for ``--preset paper``.
-* `controllers`, `experiment`, `report`, `presets`, `cli`: the comparison and its report.
 
 Example:
-    >>> from metactl.adapters.reference.controllers import make_policy
-    >>> make_policy("tampo", steps=100, seed=0).requires
-    ('loglik', 'advantages')
+    >>> from metactl.adapters.reference.trainer import GRPOConfig
+    >>> GRPOConfig().group_size > 1
+    True
 """

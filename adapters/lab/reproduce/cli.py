@@ -20,11 +20,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from ..commands import OneLineErrorParser, check_writable_dir, parse_name_list
+from ..controllers import OPTIONAL_ARMS, PAPER_ARMS, validate_controller
 
 # the defaults of flags whose default depends on the preset (their argparse default is None,
 # so that an explicit value can be told apart from the default and refused where unused)
@@ -32,13 +34,6 @@ CPU_WORKERS = 2
 EVAL_SIZE = 100
 PROMPT_FIELD = "problem"
 ANSWER_FIELD = "answer"
-
-
-class _Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose errors are one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # -- argparse `type=` functions: a bad value is refused while parsing, naming the flag ------------
@@ -89,22 +84,13 @@ def _non_empty(text: str) -> str:
 
 
 def _controller_list(text: str) -> tuple[str, ...]:
-    from .controllers import validate_controller
-
-    names = tuple(c.strip() for c in text.split(","))
-    if not any(names):
-        raise argparse.ArgumentTypeError("names no controller")
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"has an empty name in {text!r}")
-    for name in names:
-        try:
+    try:
+        names = parse_name_list(text, "--controllers", "controller")
+        for name in names:
             validate_controller(name)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"names {', '.join(repeated)} more than once")
-    return names
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return tuple(names)
 
 
 def _eval_data_spec(text: str) -> tuple[str, str]:
@@ -118,9 +104,7 @@ def _eval_data_spec(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``metactl reproduce``."""
-    from .controllers import OPTIONAL_ARMS, PAPER_ARMS
-
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="metactl reproduce",
         description="GRPO with fixed, scheduled and TAMPO-learned rollout temperatures; writes a "
                     "markdown + JSON + PNG report into --out.",
@@ -262,7 +246,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
     checked before a model loads: flags the preset does not use, cross-flag constraints, the
     evaluation sizes, and for ``--preset paper`` the model path and every data file row by row.
     Raises `ValueError` (one line naming the flag or file) on any problem; creates nothing."""
-    from .controllers import PAPER_ARMS
     from .presets import cpu_config, paper_config
 
     _refuse_unused(args)
@@ -338,36 +321,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def _check_writable_dir(path: str | os.PathLike, flag: str) -> None:
-    """Create folder ``path`` if needed and prove it writable by writing and removing a
-    uniquely named file in it (``os.access`` alone can say yes where a write fails)."""
-    p = Path(path)  # as the run will use it (no ~ expansion: the run would not expand it)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"{flag} {path}: exists and is not a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot create the folder ({exc.strerror or exc})") \
-            from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: the folder is not writable")
-    try:
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".metactl-write-test-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: the folder is not writable ({exc.strerror or exc})") \
-            from None
-
-
 def check_output_dirs(cfg: Any) -> None:
     """The report folder and (cpu preset) the warm-up cache exist or can be created, and accept
     a file; raises `ValueError` naming the flag otherwise."""
-    from .sft import default_cache_dir
+    from metactl.adapters.reference.sft import default_cache_dir
 
-    _check_writable_dir(cfg.out, "--out")
+    check_writable_dir(cfg.out, "--out")
     if cfg.preset == "cpu":
-        _check_writable_dir(cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(),
-                            "--cache-dir")
+        check_writable_dir(cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(),
+                           "--cache-dir")
 
 
 def quiet_progress_bars() -> None:
@@ -397,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"metactl reproduce: preset {cfg.preset}{' (quick)' if args.quick else ''}, "
           f"{len(cfg.controllers)} arms x {len(cfg.seeds)} seeds x {cfg.grpo.steps} steps, "
           f"{cfg.workers} worker(s); report -> {cfg.out}", flush=True)
-    from .integrity import RunRefusedError
+    from metactl.adapters.reference.integrity import RunRefusedError
 
     try:
         report = run_experiment(cfg, progress=not args.no_progress)

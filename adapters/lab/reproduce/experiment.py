@@ -2,7 +2,7 @@
 run in parallel worker processes; the results feed `report.write_report`.
 
 Example (a miniature CPU comparison; the CLI builds the real one from the presets):
-    >>> from metactl.adapters.reference.presets import cpu_config
+    >>> from metactl.adapters.lab.reproduce.presets import cpu_config
     >>> cfg = cpu_config(quick=True, out="/tmp/metactl-doctest", controllers=("fixed-0.9",),
     ...                  seeds=(0,), steps=2)                      # doctest: +SKIP
     >>> report_path = run_experiment(cfg)                          # doctest: +SKIP
@@ -20,23 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from metactl.adapters.reference.integrity import RunRefusedError
+from metactl.adapters.reference.model import TinyModelConfig
+from metactl.adapters.reference.sft import WarmupConfig
+from metactl.adapters.reference.tasks import ChainTask
+from metactl.adapters.reference.trainer import GRPOConfig
 
-from . import workers
-from .integrity import RunRefusedError
-from .model import TinyModelConfig
-from .sft import WarmupConfig
-from .tasks import ChainTask
-from .trainer import GRPOConfig
-from .workers import (  # the worker machinery; the entry points are re-exported from here
-    ArmStopped,
-    _init_worker,  # noqa: F401
-    _interrupted_exit,
-    _Interrupts,
-    _note,
-    _run_arm_job,  # noqa: F401
-    _run_parallel,
-    _stop_requested,
-)
+from ..commands import output_lock
+from .workers import ArmStopped, Interrupts, RunControl, interrupted_exit, run_in_workers
 
 
 @dataclass(frozen=True)
@@ -169,7 +160,7 @@ def build_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
 def check_eval_sizes(cfg: ReproduceConfig) -> None:
     """Cheap checks of the evaluation sizes (no model, no data), so that the CLI can refuse them
     before the warm-up: the CPU preset's benchmarks hold at most this many distinct problems."""
-    from .tasks import HELDOUT_PER_BENCHMARK
+    from metactl.adapters.reference.tasks import HELDOUT_PER_BENCHMARK
 
     if cfg.preset != "cpu":
         return
@@ -182,14 +173,13 @@ def check_eval_sizes(cfg: ReproduceConfig) -> None:
 
 
 def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
+    from metactl.adapters.reference.tasks import PromptPool, chain_reward, heldout_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .tasks import PromptPool, chain_reward, heldout_prompts
 
     assert cfg.task is not None and start_path is not None
     task = cfg.task
     check_eval_sizes(cfg)
-    from .sft import verify_entry
+    from metactl.adapters.reference.sft import verify_entry
 
     verify_entry(start_path)  # the files about to be loaded are the ones the warm-up wrote
     model = AutoModelForCausalLM.from_pretrained(start_path).float()
@@ -269,7 +259,7 @@ def _paper_setup(cfg: ReproduceConfig) -> Setup:
 def evaluate_setup(cfg: ReproduceConfig, setup: Setup, model: Any, *, final: bool,
                    seed: int) -> dict:
     """Evaluate ``model`` on the final benchmarks (``final=True``) or the curve subsets."""
-    from .evaluate import evaluate_benchmarks
+    from metactl.adapters.reference.evaluate import evaluate_benchmarks
 
     ev = cfg.eval
     return evaluate_benchmarks(
@@ -310,8 +300,8 @@ def start_identity(start_path: str | None) -> str | None:
     files, see `sft.WarmupEntry`), ``None`` without a warm-up (paper preset)."""
     if start_path is None:
         return None
-    from .integrity import read_json_checked
-    from .sft import META_FILE, entry_identity
+    from metactl.adapters.reference.integrity import read_json_checked
+    from metactl.adapters.reference.sft import META_FILE, entry_identity
 
     meta = read_json_checked(Path(start_path) / META_FILE,
                              advice="rerun: the warm-up cache entry is rebuilt automatically")
@@ -332,8 +322,8 @@ def arm_key(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     d["grpo"] = {k: v for k, v in d["grpo"].items() if k not in _GRPO_NOT_IN_ARM_KEY
                  and not (k in _GRPO_KNOBS_OFF and v == _GRPO_KNOBS_OFF[k])}
     if cfg.grpo.sampler_setting.truncation.active:
-        # since issue 12 a truncated rollout is scored under its truncation (knobs): a result
-        # of the older, untruncated scoring is another computation
+        # a truncated rollout is scored under its truncation: a result of the older,
+        # untruncated scoring is another computation
         d["grpo"]["truncated_scoring"] = 1
     d["eval"] = {k: v for k, v in d["eval"].items() if k not in _EVAL_NOT_IN_ARM_KEY}
     d["model_path"], d["data"] = _resolved(d["model_path"]), _resolved(d["data"])
@@ -350,7 +340,7 @@ _RESULT_ADVICE = "delete it to recompute this arm"
 def _read_result(path: Path) -> dict:
     """A run's ``result.json`` (hash checked; `CorruptFileError` naming it when damaged). A
     result without a hash (an older metactl) loads: its key never matches, so it is redone."""
-    from .integrity import read_json_checked
+    from metactl.adapters.reference.integrity import read_json_checked
 
     return read_json_checked(path, advice=_RESULT_ADVICE, require_hash=False)
 
@@ -388,10 +378,11 @@ def _set_aside(path: Path, old_key: str | None) -> Path:
 
 
 def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | None,
-            progress: bool = True) -> dict:
+            progress: bool = True, control: RunControl | None = None) -> dict:
     """Train one (controller, seed) arm (resuming its checkpoint if any), evaluate it, write
-    ``result.json`` in its run directory and return the result. ``progress``: show the arm's
-    progress bar when it runs in this process (workers report to the parent's bar instead).
+    ``result.json`` in its run directory and return the result. ``control``: how the arm
+    reports its steps and notes and sees a stop request (default: notes on stderr, no stop);
+    ``progress``: draw the arm's own progress bar when ``control`` does not count the steps.
 
     A checkpoint or result of another configuration (another key) is never deleted: it is
     moved to ``superseded/`` in the run directory. Raises `ArmStopped` when a stop is requested
@@ -399,13 +390,17 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     checkpoint or result is damaged.
     """
     import torch
+    from metactl.adapters.reference.integrity import write_json_checked, write_text_atomic
+    from metactl.adapters.reference.trainer import GRPOTrainer
 
-    from .controllers import make_policy
-    from .integrity import write_json_checked, write_text_atomic
-    from .trainer import GRPOTrainer
+    from ..controllers import make_policy
 
+    if control is None:
+        control = RunControl()
+    if not isinstance(control, RunControl):
+        raise TypeError(f"control must be a RunControl, got {type(control).__name__}")
     label = f"{controller} seed {seed}"
-    if _stop_requested():  # queued before the stop: never started
+    if control.stop_requested():  # queued before the stop: never started
         raise ArmStopped(f"{label}: not started")
     run_dir = run_dir_for(cfg, controller, seed)
     done = run_dir / "result.json"
@@ -418,11 +413,12 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     old_key = key_file.read_text().strip() if key_file.exists() else None
     if ckpt.exists() and old_key != key:
         aside = _set_aside(ckpt, old_key)
-        _note(f"{label}: {ckpt} is of another configuration (key {old_key or 'unknown'}, this "
-              f"run {key}); kept as {aside}, this arm starts from step 0")
+        control.note(f"{label}: {ckpt} is of another configuration (key "
+                     f"{old_key or 'unknown'}, this run {key}); kept as {aside}, this arm starts "
+                     "from step 0")
     if old_result is not None:
         aside = _set_aside(done, old_result.get("key"))
-        _note(f"{label}: {done} is of another configuration; kept as {aside}")
+        control.note(f"{label}: {done} is of another configuration; kept as {aside}")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(key_file, key)
     t0 = time.perf_counter()
@@ -441,23 +437,22 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
                           reward_fn=setup.reward_fn, ref_model=setup.ref_model,
                           evaluator=curve_eval, run_dir=run_dir, contexts=setup.contexts)
     start_step = trainer.step_idx
-    if _stop_requested():  # stopped while loading: nothing new to keep
+    if control.stop_requested():  # stopped while loading: nothing new to keep
         raise ArmStopped(f"{label}: stopped before training (at step {start_step} of {steps})")
     if start_step:
-        _note(f"{label}: resumed at step {start_step} of {steps} from {ckpt}")
+        control.note(f"{label}: resumed at step {start_step} of {steps} from {ckpt}")
 
     def after_step(record: dict) -> None:
-        if workers._PROGRESS is not None:
-            workers._PROGRESS.put(("step", 1))
-        if _stop_requested():
+        control.steps_done(1)
+        if control.stop_requested():
             if cfg.grpo.checkpoint_every:  # keep this step's work: resume starts after it
                 trainer.save_checkpoint()
             raise ArmStopped(f"{label}: stopped after step {trainer.step_idx} of {steps}")
 
-    if workers._PROGRESS is not None and start_step:
-        workers._PROGRESS.put(("step", start_step))
+    if start_step:
+        control.steps_done(start_step)
     history = trainer.train(callback=after_step,
-                            progress_bar=progress and workers._PROGRESS is None)
+                            progress_bar=progress and not control.counts_steps)
     final = evaluate_setup(cfg, setup, trainer.model, final=True, seed=20_000)
     train_seconds = sum(h["seconds"] for h in history)
     result = {
@@ -505,26 +500,31 @@ class StartModelError(RunRefusedError):
     """The warm-up's start model is outside the range the comparison needs."""
 
 
-def prepare_start(cfg: ReproduceConfig, progress: bool = True) -> tuple[str | None, dict]:
+def prepare_start(cfg: ReproduceConfig, progress: bool = True,
+                  control: RunControl | None = None) -> tuple[str | None, dict]:
     """Warm-up (CPU preset; cached) and the pre-RL checks: returns (start path, start info).
 
     The start info holds the starting model's benchmark scores ("base, no RL") and, for the CPU
     preset, the task check: greedy accuracy on the training distribution and sampled accuracy at
     each fixed temperature of the comparison. Raises `StartModelError` when the greedy accuracy
-    is outside ``cfg.eval.start_greedy_range`` (before the base evaluation).
+    is outside ``cfg.eval.start_greedy_range`` (before the base evaluation). ``control``
+    receives the notes (default: stderr).
     """
     import torch
+
+    if control is None:
+        control = RunControl()
 
     start_path: str | None = None
     info: dict[str, Any] = {}
     if cfg.preset == "cpu":
-        from .sft import warmup_entry
+        from metactl.adapters.reference.sft import warmup_entry
 
         assert cfg.task and cfg.model and cfg.warmup
         entry = warmup_entry(cfg.task, cfg.model, cfg.warmup, cache_dir=cfg.cache_dir,
                              progress=progress)
         if entry.rebuilt is not None and entry.rebuilt != "missing":
-            _note(f"warm-up cache entry {entry.key} was damaged and has been rebuilt "
+            control.note(f"warm-up cache entry {entry.key} was damaged and has been rebuilt "
                   f"({entry.rebuilt})")
         start_path = str(entry.path)
         info["warmup"] = {"path": start_path, "key": entry.key, "identity": entry.identity,
@@ -550,10 +550,10 @@ def task_check(cfg: ReproduceConfig, setup: Setup) -> dict:
     """Accuracy of the starting model on fresh training-distribution problems: greedy and
     sampled at each temperature of the comparison's fixed arms (and 1.0); ``greedy_in_range``
     says whether the greedy accuracy is inside ``cfg.eval.start_greedy_range``."""
-    from .evaluate import evaluate_benchmarks
+    from metactl.adapters.reference.evaluate import evaluate_benchmarks
 
     assert cfg.task is not None
-    from .tasks import heldout_prompts
+    from metactl.adapters.reference.tasks import heldout_prompts
 
     rng = np.random.default_rng(4242)
     train = {"train": cfg.task.sample(rng, cfg.eval.train_check_n,
@@ -587,30 +587,28 @@ def run_all_arms(cfg: ReproduceConfig, start_path: str | None, progress: bool = 
     jobs = [(cfg, c, s, start_path) for c in cfg.controllers for s in cfg.seeds]
     pending = [j for j in jobs if not _finished(cfg, j[1], j[2], start_path)]
     results: dict[tuple[str, int], dict] = {}
+    here = RunControl()
     for j in jobs:
         if j not in pending:
-            results[(j[1], j[2])] = run_arm(*j)
-            _note(f"{j[1]} seed {j[2]}: finished earlier, result reused")
+            results[(j[1], j[2])] = run_arm(*j, control=here)
+            here.note(f"{j[1]} seed {j[2]}: finished earlier, result reused")
     if pending and (cfg.workers == 1 or len(pending) == 1):
         import torch
 
         torch.set_num_threads(cfg.threads_per_worker)
         stopped: list[str] = []
-        with _Interrupts(threading.Event()) as ctl:
-            workers._STOP = ctl.stop
-            try:
-                for j in pending:
-                    try:
-                        results[(j[1], j[2])] = run_arm(*j, progress=progress)
-                    except ArmStopped as exc:
-                        stopped.append(str(exc))
-                        break
-            finally:
-                workers._STOP = None
+        with Interrupts(threading.Event()) as ctl:
+            control = RunControl(stop=ctl.stop)
+            for j in pending:
+                try:
+                    results[(j[1], j[2])] = run_arm(*j, progress=progress, control=control)
+                except ArmStopped as exc:
+                    stopped.append(str(exc))
+                    break
         if ctl.interrupted:
-            raise _interrupted_exit(stopped)
+            raise interrupted_exit(stopped)
     elif pending:
-        results.update(_run_parallel(cfg, pending, progress))
+        results.update(run_in_workers(cfg, pending, progress, run_arm))
     return [results[(c, s)] for c in cfg.controllers for s in cfg.seeds]
 
 
@@ -621,8 +619,8 @@ def check_run_files(cfg: ReproduceConfig) -> None:
     lock held."""
     import zipfile
 
-    from .integrity import CorruptFileError, remove_stale_temps
-    from .trainer import CHECKPOINT_ADVICE
+    from metactl.adapters.reference.integrity import CorruptFileError, remove_stale_temps
+    from metactl.adapters.reference.trainer import CHECKPOINT_ADVICE
 
     for c in cfg.controllers:
         for s in cfg.seeds:
@@ -652,8 +650,8 @@ def run_experiment(cfg: ReproduceConfig, progress: bool = True) -> Path:
     `run_all_arms`).
     """
     import torch
+    from metactl.adapters.reference.integrity import wait_exclusive, write_text_atomic
 
-    from .integrity import exclusive_lock, wait_exclusive, write_text_atomic
     from .report import write_report
 
     # tiny models run fastest single-threaded, and on a busy machine OpenMP spin-waiting makes
@@ -662,7 +660,7 @@ def run_experiment(cfg: ReproduceConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out / ".lock", f"output folder {out}"):
+    with output_lock(out):
         # the workers of a run whose main process was killed exit within a second
         wait_exclusive(out / ".workers.lock", timeout=30, what=f"output folder {out}")
         check_run_files(cfg)

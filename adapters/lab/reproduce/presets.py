@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .controllers import PAPER_ARMS
+from metactl.adapters.reference.model import TinyModelConfig
+from metactl.adapters.reference.sft import WarmupConfig
+from metactl.adapters.reference.tasks import ChainTask
+from metactl.adapters.reference.trainer import GRPOConfig
+
+from ..controllers import PAPER_ARMS
 from .experiment import EvalConfig, ReproduceConfig
-from .model import TinyModelConfig
-from .sft import WarmupConfig
-from .tasks import ChainTask
-from .trainer import GRPOConfig
 
 
 def _replace(obj: Any, overrides: dict[str, Any]) -> Any:

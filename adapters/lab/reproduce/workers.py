@@ -1,10 +1,10 @@
 """The worker-process machinery of the comparison: the spawn-based worker pool that runs arms in
 parallel, worker start-up (threads, the shared ``<out>/.workers.lock``), dying with the parent,
-Ctrl-C handling (the first stops every arm after its current step, a second at once), and the
-per-process state through which an arm reports progress and sees a stop request.
-
-The state lives here (set by :func:`_init_worker` in each worker, and by
-``experiment.run_all_arms`` around its in-process loop); ``experiment.run_arm`` reads it.
+Ctrl-C handling (the first stops every arm after its current step, a second at once), and
+`RunControl`, the object through which a running arm reports progress and notes and sees a stop
+request. Whoever runs an arm builds its `RunControl` and passes it to ``experiment.run_arm``:
+the in-process loop of ``experiment.run_all_arms``, each worker process (around the parent's
+queue and stop event), or the scoreboard (a control of its own).
 """
 
 from __future__ import annotations
@@ -18,19 +18,109 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .experiment import ReproduceConfig
-
-# Set in each worker by _init_worker (and around the in-process loop of run_all_arms):
-_PROGRESS: Any = None  # a multiprocessing queue: ("step", n) and ("note", text) for the parent
-_STOP: Any = None  # an event: once set, every arm stops after its current step (checkpointed)
-_PARENT_PID: int | None = None  # a worker exits as soon as its parent is gone
-_WORKER_LOCK_FD: int | None = None  # a shared flock on <out>/.workers.lock while a worker lives
+from typing import Any, Protocol
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class StopSignal(Protocol):
+    """What a stop request is read from: a `threading.Event` or a multiprocessing one."""
+
+    def is_set(self) -> bool: ...
+
+
+def print_note(text: str) -> None:
+    """One line for the user on stderr (the default of `RunControl.on_note`)."""
+    print(f"metactl: {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """How a running arm talks to whoever runs it.
+
+    ``on_steps(n)`` is told each time ``n`` more steps are done (``None``: nobody counts, and
+    the arm may draw its own progress bar); ``on_note(text)`` gets the lines meant for the user
+    (resumed from a checkpoint, a result of another configuration set aside); once ``stop`` is
+    set, the arm stops after its current step, keeping a checkpoint. ``parent_pid``: in a worker
+    process, the parent's pid; the arm exits as soon as that parent is gone.
+
+    Example:
+        >>> import threading
+        >>> done = []
+        >>> control = RunControl(on_steps=done.append, stop=threading.Event())
+        >>> control.steps_done(3); control.stop_requested()
+        False
+        >>> control.stop.set(); done, control.stop_requested()
+        ([3], True)
+    """
+
+    on_steps: Callable[[int], None] | None = None
+    on_note: Callable[[str], None] = print_note
+    stop: StopSignal | None = None
+    parent_pid: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("on_steps", "on_note"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+        if self.stop is not None and not callable(getattr(self.stop, "is_set", None)):
+            raise TypeError(f"stop must have is_set(), got {type(self.stop).__name__}")
+        pid = self.parent_pid
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
+            raise ValueError(f"parent_pid must be an int >= 1 or None, got {pid!r}")
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether someone counts the steps (then the arm draws no progress bar of its own)."""
+        return self.on_steps is not None
+
+    def steps_done(self, n: int) -> None:
+        """Tell the runner that ``n`` more steps are done."""
+        if self.on_steps is not None:
+            self.on_steps(n)
+
+    def note(self, text: str) -> None:
+        """A line for the user."""
+        self.on_note(text)
+
+    def stop_requested(self) -> bool:
+        """Whether the arm must stop after its current step. In a worker whose parent is gone,
+        exits at once (the watcher thread may not have run yet)."""
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            os._exit(1)
+        return self.stop is not None and self.stop.is_set()
+
+
+class _QueueCallbacks:
+    """The callbacks of a worker's `RunControl`: steps and notes go to the parent's queue as
+    ``("step", n)`` and ``("note", text)``."""
+
+    def __init__(self, progress_queue: Any) -> None:
+        self.queue = progress_queue
+
+    def steps(self, n: int) -> None:
+        self.queue.put(("step", n))
+
+    def note(self, text: str) -> None:
+        self.queue.put(("note", text))
+
+
+@dataclass
+class _WorkerProcess:
+    """What a worker process keeps from its start-up for the arms it runs: their control, and
+    the shared lock on ``<out>/.workers.lock`` (held while the process lives)."""
+
+    control: RunControl
+    lock_fd: int | None
+
+
+# A worker process's own state, set once by _init_worker in that process (the pool hands the
+# parent's queue and event over only at process start, so jobs cannot carry them).
+_worker: _WorkerProcess | None = None
 
 
 class ArmStopped(Exception):
@@ -40,7 +130,7 @@ class ArmStopped(Exception):
 
 def _init_worker(progress_queue: Any, stop_event: Any, threads: int, parent_pid: int,
                  worker_lock: str | None) -> None:
-    global _PROGRESS, _STOP, _PARENT_PID, _WORKER_LOCK_FD
+    global _worker
     # Ctrl-C reaches the whole process group; the parent alone decides, and tells the workers
     # through stop_event, so they stop between steps instead of dying mid-arm
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -48,11 +138,15 @@ def _init_worker(progress_queue: Any, stop_event: Any, threads: int, parent_pid:
     import torch
 
     torch.set_num_threads(threads)
-    _PROGRESS, _STOP, _PARENT_PID = progress_queue, stop_event, parent_pid
+    callbacks = _QueueCallbacks(progress_queue)
+    control = RunControl(on_steps=callbacks.steps, on_note=callbacks.note, stop=stop_event,
+                         parent_pid=parent_pid)
+    lock_fd = None
     if worker_lock is not None:
-        from .integrity import shared_lock_fd
+        from metactl.adapters.reference.integrity import shared_lock_fd
 
-        _WORKER_LOCK_FD = shared_lock_fd(worker_lock)
+        lock_fd = shared_lock_fd(worker_lock)
+    _worker = _WorkerProcess(control, lock_fd)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -77,21 +171,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="metactl-parent-watch", daemon=True).start()
 
 
-def _note(text: str) -> None:
-    """One line for the user: sent to the parent from a worker, printed to stderr otherwise."""
-    if _PROGRESS is not None:
-        _PROGRESS.put(("note", text))
-    else:
-        print(f"metactl: {text}", file=sys.stderr, flush=True)
-
-
-def _stop_requested() -> bool:
-    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
-        os._exit(1)  # the parent is gone (the watcher thread may not have run yet)
-    return _STOP is not None and _STOP.is_set()
-
-
-class _Interrupts:
+class Interrupts:
     """While active (main thread only): the first Ctrl-C sets ``stop`` (every arm ends after its
     current step, keeping a checkpoint) and records ``interrupted``; a second one raises
     ``KeyboardInterrupt`` at once."""
@@ -109,7 +189,7 @@ class _Interrupts:
         print("\nmetactl: interrupted, stopping every arm after its current step (their "
               "checkpoints are kept; Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> _Interrupts:
+    def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -119,21 +199,24 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _interrupted_exit(stopped: list[str]) -> KeyboardInterrupt:
+def interrupted_exit(stopped: list[str]) -> KeyboardInterrupt:
+    """Print why each stopped arm stopped and how to resume; the exception to raise."""
     for line in stopped:
         print(f"metactl: {line}", file=sys.stderr, flush=True)
     print("metactl: stopped; run the same command again to resume", file=sys.stderr, flush=True)
     return KeyboardInterrupt()
 
 
-def _run_arm_job(args: tuple) -> dict:
-    from .experiment import run_arm  # here: experiment imports this module
+def run_in_workers(cfg: Any, pending: list[tuple], progress: bool,
+                   run_arm: Callable[..., dict]) -> dict:
+    """Run the arms ``pending`` (``(cfg, controller, seed, start_path)`` each, ``cfg`` the
+    comparison's ``experiment.ReproduceConfig``) with
+    ``run_arm(cfg, controller, seed, start_path, progress=False, control=...)`` in
+    ``cfg.workers`` spawned worker processes; returns ``{(controller, seed): result}``.
 
-    cfg, controller, seed, start_path = args
-    return run_arm(cfg, controller, seed, start_path, progress=False)
-
-
-def _run_parallel(cfg: ReproduceConfig, pending: list[tuple], progress: bool) -> dict:
+    ``run_arm`` must be a module-level function (it is pickled to the workers). Ctrl-C stops
+    every arm after its current step and raises ``KeyboardInterrupt``; an arm's error stops the
+    others the same way and is raised. ``progress``: one bar over every arm's steps."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()  # a plain queue and event: no manager process that could outlive us
     stop = ctx.Event()
@@ -165,7 +248,7 @@ def _run_parallel(cfg: ReproduceConfig, pending: list[tuple], progress: bool) ->
                                   initializer=_init_worker,
                                   initargs=(q, stop, cfg.threads_per_worker, os.getpid(),
                                             worker_lock))
-    ctl = _Interrupts(stop)
+    ctl = Interrupts(stop)
     finished_cleanly = False
     try:
         with ctl:
@@ -176,7 +259,7 @@ def _run_parallel(cfg: ReproduceConfig, pending: list[tuple], progress: bool) ->
             if masked:
                 old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                futures = {pool.submit(_run_arm_job, j): (j[1], j[2]) for j in pending}
+                futures = {pool.submit(_run_arm_job, run_arm, j): (j[1], j[2]) for j in pending}
             finally:
                 if masked:
                     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -217,5 +300,12 @@ def _run_parallel(cfg: ReproduceConfig, pending: list[tuple], progress: bool) ->
     if error is not None:
         raise error
     if ctl.interrupted:
-        raise _interrupted_exit(stopped)
+        raise interrupted_exit(stopped)
     return out
+
+
+def _run_arm_job(run_arm: Callable[..., dict], args: tuple) -> dict:
+    """One arm in a worker process, under the control its start-up built."""
+    assert _worker is not None, "a worker runs its jobs after _init_worker"
+    cfg, controller, seed, start_path = args
+    return run_arm(cfg, controller, seed, start_path, progress=False, control=_worker.control)

@@ -29,12 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metactl.adapters.gym.study import OneLineErrorParser, check_out_dir
+from metactl.adapters.reference.integrity import OutputInUseError
 
 import metactl
 
-from .report import format_summary, write_report
-from .runner import Job, gym_key, reference_key, run_jobs
+from ..commands import OneLineErrorParser, check_writable_dir, output_lock, parse_name_list
+from .report import format_summary, off_protocol_note, write_report
+from .runner import Job, gym_key, reference_key, run_jobs, scan_records
 from .suite import (
     DEVELOPMENT,
     FIXED_GRID,
@@ -93,16 +94,12 @@ def select_testbeds(text: str, quick: bool) -> list[Testbed]:
         return suite
     if spec in (DEVELOPMENT, HELD_OUT):
         return [t for t in suite if t.split == spec]
-    names = [n.strip() for n in text.split(",")]
-    if any(not n for n in names):
-        raise ValueError(f"--testbeds has an empty name in {text!r}")
+    names = parse_name_list(text, "--testbeds", "testbed")
     for name in names:
         if name not in TESTBEDS:
             raise ValueError(f"unknown testbed {name!r}; choose from {', '.join(TESTBEDS)}")
         if TESTBEDS[name].seeds(quick) is None:
             raise ValueError(f"testbed {name!r} is not part of the --quick suite")
-    if len(set(names)) != len(names):
-        raise ValueError("--testbeds must name each testbed once")
     return [t for t in suite if t.name in names]
 
 
@@ -127,11 +124,7 @@ def select_controllers(text: str, testbeds: Sequence[Testbed]) -> tuple[list[str
             else:
                 chosen.append(name)
     else:
-        chosen = [c.strip() for c in text.split(",")]
-        if any(not c for c in chosen):
-            raise ValueError(f"--controllers has an empty name in {text!r}")
-        if len(set(chosen)) != len(chosen):
-            raise ValueError("--controllers must name each controller once")
+        chosen = parse_name_list(text, "--controllers", "controller")
         known = default_controllers()
         for name in chosen:
             if name not in known:
@@ -178,8 +171,20 @@ def build_plan(testbeds: Sequence[Testbed], controllers: Sequence[str], *, quick
     return plan, seed_lists
 
 
+def output_folder(path: str, report_only: bool) -> Path:
+    """The ``--out`` folder, checked before any work: writable (created if needed) for a run;
+    for ``--report-only`` an existing folder with a ``runs/`` folder, nothing created. Raises
+    ``ValueError`` naming ``--out``."""
+    out = Path(path).expanduser()
+    if report_only and not (out / "runs").is_dir():
+        raise ValueError(f"--out {out}: no runs to report (no folder {out / 'runs'}); "
+                         "--report-only runs and creates nothing")  # fmt: skip
+    return check_writable_dir(out, "--out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``metactl scoreboard``; returns the exit status."""
+    """Entry point of ``metactl scoreboard``; returns the exit status (2: refused before any
+    work; 1: a run or the report failed; 130: interrupted)."""
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
@@ -199,24 +204,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"the reference testbeds need pip install "
                                  f"'metactl[reference]' ({exc})") from None  # fmt: skip
         controllers, notes = select_controllers(args.controllers, testbeds)
-        out = check_out_dir(args.out or ("runs/scoreboard-quick" if args.quick
-                                         else "runs/scoreboard"))  # fmt: skip
+        out = output_folder(args.out or ("runs/scoreboard-quick" if args.quick
+                                         else "runs/scoreboard"), args.report_only)  # fmt: skip
         plan, seed_lists = build_plan(testbeds, controllers, quick=args.quick, seeds=args.seeds,
                                       steps=args.steps, out=out, cache_dir=args.cache_dir,
                                       default_arms=args.controllers.strip() == "all")
-        planned = {testbed.name: sorted({job.controller for job in jobs})
-                   for testbed, _, jobs in plan}  # fmt: skip
     except (ValueError, TypeError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"{PROG}: {note}", file=sys.stderr)
+    try:
+        with output_lock(out):
+            return _run_and_report(args, out, testbeds, controllers, plan, seed_lists)
+    except OutputInUseError as exc:  # another scoreboard on this folder: refused, not redone
+        # (_run_and_report reports the errors of the runs themselves: only the lock's is here)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
 
+
+def _run_and_report(args: argparse.Namespace, out: Path, testbeds: list[Testbed],
+                    controllers: list[str], plan: list[tuple[Testbed, Any, list[Job]]],
+                    seed_lists: dict[str, list[int]]) -> int:  # fmt: skip
+    """Run what is not finished (nothing under ``--report-only``), then write the report; the
+    output folder's lock is held by the caller."""
     from tqdm.auto import tqdm
 
+    planned = {testbed.name: sorted({job.controller for job in jobs})
+               for testbed, _, jobs in plan}  # fmt: skip
     total = sum(len(jobs) for _, _, jobs in plan)
     records: dict[tuple[str, str, int], dict[str, Any]] = {}
-    counts = {"reused": 0}
     bar = tqdm(total=total, desc="scoreboard runs", unit="run", disable=args.no_progress)
     started = time.perf_counter()
 
@@ -229,31 +246,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"{PROG}: {len(testbeds)} testbeds x {len(controllers)} controllers, {total} runs, "
           f"{args.workers} worker(s); output -> {out}", flush=True)  # fmt: skip
-    try:
-        # records found on disk are counted as reused before any new run finishes
-        from .runner import load_record, record_path
-
-        for _, _, jobs in plan:
-            for job in jobs:
-                payload, _ = load_record(record_path(out, job.testbed, job.controller, job.seed),
-                                         job.key)  # fmt: skip
-                counts["reused"] += payload is not None
-                if args.report_only and payload is not None:
-                    on_record(payload)
-        start_info = ({} if args.report_only else
-                      run_jobs(out, plan, workers=args.workers, on_record=on_record,
-                               on_note=on_note))  # fmt: skip
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"{PROG}: interrupted; finished runs are kept in {out}/runs and reused next time",
-              file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, ValueError) as exc:
-        # a run that cannot proceed (e.g. the reference start model fails its quality check):
-        # one clear line; the finished runs stay on disk and are reused by the next invocation
-        bar.close()
-        print(f"{PROG}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    scan = scan_records(out, plan)
+    if args.report_only:
+        if scan.damaged:  # never reported as 'not run', never summarised without them
+            bar.close()
+            for why in scan.damaged:
+                print(f"{PROG}: {why}", file=sys.stderr)
+            print(f"{PROG}: cannot report: {len(scan.damaged)} record(s) above cannot be used; "
+                  "the same command without --report-only recomputes exactly those (a record "
+                  "of another configuration: pass the --quick, --seeds and --steps that wrote "
+                  "it)", file=sys.stderr)  # fmt: skip
+            return 1
+        for payload in scan.finished:
+            on_record(payload)
+        start_info: dict[str, dict[str, Any]] = {}
+    else:
+        try:
+            start_info = run_jobs(out, plan, workers=args.workers, on_record=on_record,
+                                  on_note=on_note, scan=scan)  # fmt: skip
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"{PROG}: interrupted; finished runs are kept in {out}/runs and reused next "
+                  "time", file=sys.stderr)  # fmt: skip
+            return 130
+        except (RuntimeError, OSError, ValueError) as exc:
+            # a run that cannot proceed (e.g. the reference start model fails its quality
+            # check): one clear line; the finished runs stay on disk and are reused next time
+            bar.close()
+            print(f"{PROG}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     bar.close()
     wall = time.perf_counter() - started
 
@@ -276,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds_override": args.seeds,
         "steps_override": args.steps,
         "runs": total,
-        "reused": counts["reused"],
+        "reused": len(scan.finished),
         "report_only": args.report_only,
         "workers": args.workers,
         "wall_seconds": wall,
@@ -290,13 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = write_report(out, analysis, meta, plots=not args.no_plots, pages=pages)
     print(format_summary(analysis))
     if off_protocol:
-        print("\nBudget overridden (--seeds/--steps): not the protocol's scoreboard.")
+        print(f"\n{off_protocol_note(meta)}")
     if args.report_only:
         print(f"\nreport only: {len(records)} finished runs of the {total} planned, nothing run; "
               f"report: {paths['markdown']}")  # fmt: skip
     else:
-        print(f"\n{total} runs ({counts['reused']} reused) in {wall:.1f} s with {args.workers} "
-              f"worker(s); report: {paths['markdown']}")  # fmt: skip
+        print(f"\n{total} runs ({len(scan.finished)} reused) in {wall:.1f} s with "
+              f"{args.workers} worker(s); report: {paths['markdown']}")  # fmt: skip
     return 0
 
 

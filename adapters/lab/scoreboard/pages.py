@@ -2,7 +2,7 @@
 
 Each page holds the testbed's full table (:func:`.report.format_testbed`) and, for every
 likelihood-rule arm (TAMPO and its variants, Hedge, MetaGradient: the arms whose logs hold signal
-diagnostics), the figure of :func:`metactl.adapters.signal_plot.plot_signal_diagnostics` drawn
+diagnostics), the figure of :func:`metactl.adapters.lab.signal_plot.plot_signal_diagnostics` drawn
 from the diagnostics its run records keep (``<out>/testbeds/<name>/signal-<controller>.png``):
 why the rule moved where it did. A seed whose record has no diagnostics (written before the
 scoreboard kept them), or whose diagnostics do not cover every step, is left out of the figure

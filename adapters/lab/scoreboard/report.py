@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import numpy as np
 from .stats import mean_ci, paired_bootstrap_regret, paired_difference
 from .suite import DEVELOPMENT, FIXED_GRID, Testbed
 
-__all__ = ["analyse", "format_summary", "format_testbed", "heatmap", "write_report"]
+__all__ = ["analyse", "format_summary", "format_testbed", "heatmap", "off_protocol_note",
+           "write_report"]  # fmt: skip
 
 BASELINE = "fixed-1.0"
 SECONDARY = {"gym": ("final", "final_greedy"), "reference": ("greedy", "pass_at_k")}
@@ -30,7 +31,7 @@ def analyse(
     seeds: dict[str, list[int]],
     *,
     resamples: int = 10_000,
-    planned: dict[str, Sequence[str]] | None = None,
+    planned: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Every number of the scoreboard from the records ``{(testbed, controller, seed): record}``.
 
@@ -62,7 +63,7 @@ def analyse(
 
         def values(controller: str, metric: str, tb: Testbed = testbed,
                    sd: list[int] = tb_seeds) -> np.ndarray:  # fmt: skip
-            return np.array([records[(tb.name, controller, s)]["metrics"][metric] for s in sd])
+            return np.array([_metric(records, tb.name, controller, s, metric) for s in sd])
 
         metric = testbed.metric
         fixed = np.stack([values(c, metric) for c in FIXED_GRID], axis=1)  # (seeds, arms)
@@ -117,6 +118,20 @@ def analyse(
         }  # fmt: skip
     return {"testbeds": per_testbed, "summary": summary, "controllers": list(controllers),
             "order": [t.name for t in testbeds], "not_run": not_run}  # fmt: skip
+
+
+def _metric(records: dict[tuple[str, str, int], dict[str, Any]], testbed: str, controller: str,
+            seed: int, metric: str) -> float:  # fmt: skip
+    """One run's metric; ``ValueError`` naming the run when its record lacks it or it is not a
+    finite number (a summary over seeds would fail later with no run named)."""
+    metrics = records[(testbed, controller, seed)].get("metrics")
+    value = metrics.get(metric) if isinstance(metrics, dict) else None
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value)):  # fmt: skip
+        what = "no metrics" if not isinstance(metrics, dict) else f"metric {metric!r} = {value!r}"
+        raise ValueError(f"testbed {testbed}: {controller} seed {seed}: {what}, not a finite "
+                         "number")  # fmt: skip
+    return float(value)
 
 
 def _worst(values: Any) -> float:
@@ -256,6 +271,19 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def off_protocol_note(meta: dict[str, Any]) -> str:
+    """The line that marks a budget overridden by ``--seeds``/``--steps`` (stdout and markdown).
+
+    >>> off_protocol_note({"seeds_override": 1, "steps_override": 3})
+    "Budget overridden (--seeds 1, --steps 3): off protocol, not the protocol's scoreboard."
+    """
+    flags = [f"{flag} {meta[key]}" for flag, key in (("--seeds", "seeds_override"),
+                                                     ("--steps", "steps_override"))
+             if meta.get(key) is not None]  # fmt: skip
+    return (f"Budget overridden ({', '.join(flags)}): off protocol, not the protocol's "
+            "scoreboard.")
+
+
 def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
                  *, plots: bool = True,
                  pages: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:  # fmt: skip
@@ -278,6 +306,10 @@ def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
         f"{meta['runs']} runs ({meta['reused']} reused), wall time {meta['wall_seconds']:.0f} s "
         f"with {meta['workers']} worker(s).",
         "",
+    ]
+    if meta.get("off_protocol_budget"):
+        parts += [f"**{off_protocol_note(meta)}**", ""]
+    parts += [
         "## Normalised regret",
         "",
         format_summary(analysis),

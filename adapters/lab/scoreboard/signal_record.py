@@ -3,7 +3,7 @@
 The gym learner (``TrainLog.signal``) and the reference trainer (``result["signal"]``, one
 :func:`metactl.diagnostics.signal_diagnostics` dict per step) both record, every step, what a
 likelihood rule's signal said. A scoreboard record keeps the arrays that
-:func:`metactl.adapters.signal_plot.plot_signal_diagnostics` draws, under ``"signal"``:
+:func:`metactl.adapters.lab.signal_plot.plot_signal_diagnostics` draws, under ``"signal"``:
 
 - a dict (see :func:`encode_signal`) for a run whose log has diagnostics;
 - ``None`` for a run whose log has none (the controller is not a likelihood rule);

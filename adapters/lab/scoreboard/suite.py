@@ -22,11 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from metactl.adapters.gym.study import CONTROLLERS as GYM_CONTROLLERS
-from metactl.adapters.gym.study import StudyConfig, make_controller
+import metactl
 
-if TYPE_CHECKING:  # the reference adapter needs torch: imported only where a reference run is
-    from metactl.adapters.reference.experiment import ReproduceConfig
+from ..controllers import FIXED_GRID, STUDY_ARMS, canonical_name, make_policy
+from ..gym_study import StudyConfig, make_controller
+
+if TYPE_CHECKING:  # the reference trainer needs torch: imported only where a reference run is
+    from ..reproduce.experiment import ReproduceConfig
 
 __all__ = [
     "DEVELOPMENT",
@@ -38,25 +40,21 @@ __all__ = [
     "default_controllers",
     "is_likelihood_rule",
     "reference_controller_name",
+    "testbed_policy",
 ]
 
 DEVELOPMENT = "development"
 HELD_OUT = "held-out"
 
-#: The fixed arms every testbed runs: the whole candidate grid 0.6..1.5.
-FIXED_GRID: tuple[str, ...] = tuple(f"fixed-{t / 10:.1f}" for t in range(6, 16))
-
-# scoreboard (= gym-study) name -> reference adapter name, where they differ
-_REFERENCE_NAMES: dict[str, str] = {
-    "metagradient": "metagrad",
-    "entropy": "entropy-0.3",
-    "linear": "linear-0.9-1.5",
-}
+# FIXED_GRID (from the controller registry): the fixed arms every testbed runs, the whole
+# candidate grid 0.6..1.5.
 
 
 def reference_controller_name(name: str) -> str:
-    """The reference adapter's name for the scoreboard controller ``name``."""
-    return _REFERENCE_NAMES.get(name, name)
+    """The name of the scoreboard controller ``name`` in a reference testbed's own run folders
+    (``metactl reproduce``'s spelling: ``linear-0.9-1.5`` for ``linear``, ...). Raises
+    ``ValueError`` for an unknown name."""
+    return canonical_name(name)
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def _reference(preset_quick: bool, quick_steps: int | None) -> Callable[[bool], 
     steps and the smaller evaluation of `QUICK_REFERENCE_EVAL`."""
 
     def build(quick: bool) -> ReproduceConfig:
-        from metactl.adapters.reference.presets import cpu_config
+        from ..reproduce.presets import cpu_config
 
         steps = quick_steps if quick else None
         # out, controllers, seeds and workers are filled in by the runner
@@ -208,34 +206,32 @@ TESTBEDS: dict[str, Testbed] = {
 
 
 def default_controllers() -> list[str]:
-    """Every controller ``metactl gym-study`` knows, fixed grid last (the same names)."""
-    adaptive = [c for c in GYM_CONTROLLERS if c not in FIXED_GRID]
+    """Every controller ``metactl gym-study`` runs by default, fixed grid last (the same names)."""
+    adaptive = [c for c in STUDY_ARMS if c not in FIXED_GRID]
     return [*adaptive, *FIXED_GRID]
+
+
+def testbed_policy(name: str, testbed: Testbed) -> metactl.MetaPolicy:
+    """Controller ``name`` as a run on ``testbed`` builds it (seed 0). Raises ``ValueError``
+    naming the controller and the testbed when it cannot be built there."""
+    if not isinstance(testbed, Testbed):
+        raise TypeError(f"testbed must be a Testbed, got {type(testbed).__name__}")
+    try:
+        if testbed.gym is not None:
+            return make_controller(name, testbed.gym, seed=0)
+        return make_policy(reference_controller_name(name), steps=10, seed=0)
+    except ValueError as exc:
+        raise ValueError(f"controller {name!r} is not available on testbed {testbed.name!r} "
+                         f"({exc})") from None
 
 
 def check_controller(name: str, testbed: Testbed) -> None:
     """Raise ``ValueError`` unless controller ``name`` can be built for ``testbed``."""
-    if testbed.gym is not None:
-        make_controller(name, testbed.gym, seed=0)
-        return
-    from metactl.adapters.reference.controllers import make_policy
-
-    try:
-        make_policy(reference_controller_name(name), steps=10, seed=0)
-    except ValueError as exc:
-        raise ValueError(f"controller {name!r} is not available on testbed {testbed.name!r} "
-                         f"({exc})") from None
+    testbed_policy(name, testbed)
 
 
 def is_likelihood_rule(name: str, testbed: Testbed) -> bool:
     """Whether controller ``name`` on ``testbed`` is a likelihood rule (it asks for the
     candidate likelihoods and the advantages, as TAMPO does): the runs whose logs hold signal
     diagnostics. Raises ``ValueError`` as :func:`check_controller` does."""
-    check_controller(name, testbed)
-    if testbed.gym is not None:
-        policy = make_controller(name, testbed.gym, seed=0)
-    else:
-        from metactl.adapters.reference.controllers import make_policy
-
-        policy = make_policy(reference_controller_name(name), steps=10, seed=0)
-    return {"loglik", "advantages"} <= set(policy.requires)
+    return {"loglik", "advantages"} <= set(testbed_policy(name, testbed).requires)
