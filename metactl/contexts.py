@@ -17,65 +17,11 @@ Example (G = 2 rollouts per prompt; PTGS needs the per-row ``rewards``):
     >>> info.contexts, policy.num_contexts, policy.step             # 17's two groups are pooled
     (2, 2, 1)
 
-**What a trainer hands over.**
-
-* ``contexts``: a list/tuple (or 1-D numpy array of ints or strs) of keys, one per prompt
-  group of the batch. A key is a stable ``int`` (a prompt id, a data-set index, a bucket such
-  as a chain length) or ``str`` (a task id); ``bool``, floats, ``None`` and other types raise
-  ``TypeError`` naming ``contexts``. Keys must be stable across steps (the same prompt gets the
-  same key whenever it recurs); prompt text hashed by Python's ``hash`` is not stable across
-  processes, so pass an id. The same key may appear more than once in one call (a prompt
-  drawn twice): each occurrence gets its own decision (its own draw), and in ``update`` the
-  rows of all its occurrences are pooled into one update of that context.
-* ``features`` (only for rules with ``feature_dim > 0``, required then, refused otherwise):
-  a finite float array of shape ``(n, feature_dim)``, row i describing context i. The features
-  travel with the decisions to ``update`` (``DecisionBatch.features``, ``Decision.features``).
-* ``policy.update(decisions, **feedback)``: ``decisions`` is the :class:`DecisionBatch` that
-  ``select`` returned, or a list of per-context :class:`Decision` records of this step (e.g.
-  several batches of the same step concatenated, or a subset whose rows were actually
-  generated); every per-row feedback array has ``N = len(decisions) * G`` rows, decision i
-  owning rows ``i*G ... (i+1)*G - 1`` (G rollouts per decision, inferred as ``N //
-  len(decisions)``; ``N`` not divisible by ``len(decisions)`` raises ``ValueError``; a
-  ``group_size`` given must equal G). Row feedback: ``rewards`` (N,), ``advantages`` (N,),
-  ``loglik`` (N, K), named as in the global API; see each rule's ``requires``. The rows of
-  decision i must have been sampled (and scored: old, current and reference log-probs) at
-  ``decisions[i].value``; the per-row temperatures are ``numpy.repeat(batch.values, G)``.
-  Hand over every group, including groups whose rewards are all equal (PTGS counts all-fail
-  groups: filter them out of the *loss* afterwards, not out of the feedback).
-* One ``update`` per step covers the whole batch and advances the step by one; a decision of
-  another step or another policy, or a global decision mixed in, raises ``ValueError`` with
-  nothing changed.
-
-**The rules and what each needs** (G rows per decision; every array in decision order):
-
-* :class:`metactl.PTGS` (``metactl.ptgs(seed=0, total_steps=None)``): ``rewards`` (N,) in
-  [0, 1] (1 = success; fractional rewards add fractional counts); continuous values.
-* :class:`metactl.ContextualTAMPO` (``metactl.tampo_per_prompt(seed=0)``): ``loglik`` (N, K)
-  (each row's length-normalised log-likelihood under every candidate, as for TAMPO) and
-  ``advantages`` (N,); grid values.
-* :class:`metactl.LinearThompson` (``metactl.linear_thompson(seed=0, feature_dim=0)``):
-  ``rewards`` (N,) in [0, 1], and ``features`` (n, feature_dim) at ``select`` when
-  ``feature_dim > 0``; grid values.
-
-**Values and ``Decision.index``.** ``Decision.index`` is always a valid candidate index. Rules
-that pick from the candidate grid (ContextualTAMPO, LinearThompson) give ``on_grid=True`` and
-``value == candidates[index]``; PTGS draws a continuous temperature in ``[t_ref / tau, tau
-t_ref]``: ``on_grid=False`` and ``index`` is the nearest candidate (ties to the lower index),
-for logging only; always apply ``value``.
-
-**Global use.** ``select()`` without contexts on a contextual rule returns one global
-:class:`Decision` (``context=None``) from the rule's global state, and ``update(decision,
-...)`` trains only that; every contextual update trains the global state from all its rows
-too (the global policy is the special case of one context; ContextualTAMPO's global state is
-exactly TAMPO's EMA).
-
-**Memory.** At most ``rule.max_contexts`` contexts are stored. When an update would store
-more, the least recently *updated* contexts (not those of this update) are evicted, oldest
-first, and reported in ``UpdateInfo.evicted``; a key seen again after eviction, like a key
-never seen, starts from the rule's documented prior. Selecting never creates or reorders an
-entry. The keys, their least-recently-updated order and every row are part of
-``state_dict()['contexts']``, so a resumed policy continues bit-identically (evictions
-included). Select and update cost O(contexts in the batch), not O(contexts stored).
+The contract a trainer follows (keys, features, G consecutive rows per decision, which
+feedback each rule needs, eviction) is in ``docs/api.md`` ("Per prompt"). This module holds the
+keys' validation, the bounded store of per-context rows (least recently updated evicted first,
+part of ``state_dict()['contexts']`` so a resumed policy continues bit-identically) and the
+check of an update's decisions against the policy and step.
 """
 
 from __future__ import annotations

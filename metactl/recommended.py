@@ -3,7 +3,7 @@
 ``benchmarks/PROTOCOL.md`` (section 7) fixed the rule before the new controllers were run:
 among every non-fixed arm of ``metactl scoreboard --testbeds development`` (full budget), the
 one with the lowest worst-case normalised regret over the four development testbeds (ties within
-0.01 broken by the mean development regret). Applied to that run (2026-12-01), it chose
+0.01 broken by the mean development regret). Applied to that run, it chose
 :data:`CHOSEN_AS`: EXP3 over the paper grid with its untuned defaults, exactly the
 configuration the scoreboard ran. ``metactl gym-study --controllers recommended``,
 ``metactl reproduce --controllers recommended`` and ``metactl scoreboard --controllers
