@@ -75,7 +75,7 @@ def test_bad_arguments_exit_with_status_2(bad: list[str], tmp_path: Path, capsys
 
 def test_every_controller_builds_and_the_grid_is_complete() -> None:
     config = StudyConfig(steps=10)
-    sizes = {"top-p": 5, "tampo-joint": 20}  # the arms over other knobs (issue 12)
+    sizes = {"top-p": 5, "tampo-joint": 20}  # the arms over other knobs
     for name in STUDY_ARMS:
         assert len(make_controller(name, config, seed=0).candidates) == sizes.get(name, 10)
     assert make_controller("top-p", config, seed=0).knobs == ("top_p",)
@@ -109,7 +109,7 @@ def test_summary_picks_the_best_fixed_arm_by_mean_auc_and_pairs_by_seed() -> Non
     assert mean == pytest.approx(0.85) and half > 0
 
 
-# ---------------------------------------------------------------------------------- issue 8/9
+# ---------------------------------------------------------------------------------- bad input
 def _unwritable_dir(tmp_path: Path) -> Path:
     """A real directory that no file can be created in: a read-only folder for a normal user;
     root ignores permission bits, so for root a folder of the read-only sysfs."""
