@@ -3,8 +3,9 @@ parallel, worker start-up (threads, the shared ``<out>/.workers.lock``), dying w
 Ctrl-C handling (the first stops every arm after its current step, a second at once), and
 `RunControl`, the object through which a running arm reports progress and notes and sees a stop
 request. Whoever runs an arm builds its `RunControl` and passes it to ``experiment.run_arm``:
-the in-process loop of ``experiment.run_all_arms``, each worker process (around the parent's
-queue and stop event), or the scoreboard (a control of its own).
+the in-process loop of ``experiment.run_all_arms`` (around its Ctrl-C handler's stop event) and
+each worker process (around the parent's queue and stop event); the scoreboard runs its arms
+with the default control (notes on stderr, no stop) and no per-arm progress bar.
 """
 
 from __future__ import annotations
