@@ -15,7 +15,7 @@ and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[g
 """
 
 from . import contexts, diagnostics, distributed, feedback, knobs, likelihood
-from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo
+from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo, group_settings
 from .factories import (
     PAPER_TEMPERATURES,
     linear_thompson,
@@ -94,6 +94,7 @@ __all__ = [
     "distributed",
     "feedback",
     "grid",
+    "group_settings",
     "knobs",
     "likelihood",
     "linear_thompson",

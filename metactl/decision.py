@@ -12,7 +12,7 @@ import numpy as np
 
 from .knobs import KnobGrid, KnobValue
 
-__all__ = ["ContextKey", "Decision", "DecisionBatch", "UpdateInfo"]
+__all__ = ["ContextKey", "Decision", "DecisionBatch", "UpdateInfo", "group_settings"]
 
 ContextKey = int | str
 """A context's key: a Python ``int`` (a prompt id, a data-set index, a bucket number) or a
@@ -274,3 +274,28 @@ class UpdateInfo:
     candidate_advantages: np.ndarray | None = None
     contexts: int | None = None
     evicted: tuple[ContextKey, ...] = ()
+
+
+def group_settings(decision: Decision | DecisionBatch, groups: int) -> list[dict[str, KnobValue]]:
+    """The sampler setting of each of ``groups`` prompt groups, in order: a per-prompt
+    :class:`DecisionBatch`'s own settings (one per decision, ``groups`` of them), or the global
+    :class:`Decision`'s setting for every group. The one place a trainer turns a decision into
+    per-group settings, whatever the rule.
+
+    Example:
+        >>> import metactl
+        >>> group_settings(metactl.tampo(seed=0).select(), 2)
+        [{'temperature': 1.2}, {'temperature': 1.2}]
+    """
+    if isinstance(decision, DecisionBatch):
+        if len(decision) != groups:
+            raise ValueError(f"groups is {groups} but the batch holds {len(decision)} decisions")
+        return decision.settings
+    if not isinstance(decision, Decision):
+        raise TypeError(f"decision must be a metactl.Decision or DecisionBatch, got "
+                        f"{type(decision).__name__}")  # fmt: skip
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    setting = decision.setting
+    return [dict(setting) for _ in range(groups)]
+

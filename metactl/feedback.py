@@ -259,6 +259,7 @@ def build_feedback(
     spec: FeedbackSpec,
     *,
     loglik_sum: Any = None,
+    loglik_mean: Any = None,
     token_counts: Any = None,
     advantages: Any = None,
     rewards: Any = None,
@@ -276,7 +277,11 @@ def build_feedback(
         loglik_sum: (N, K) summed per-token log-probabilities of each trajectory under every
             candidate; reduced to ``spec.loglik`` (``"mean"``: divided by ``token_counts``,
             rows with no token give 0).
-        token_counts: (N,) completion tokens per trajectory (needed for ``"mean"``).
+        loglik_mean: instead of ``loglik_sum``, the per-token means (N, K) (what
+            :func:`metactl.likelihood.candidate_loglik` returns); multiplied by
+            ``token_counts`` when the rule wants sums, passed on exactly when it wants means.
+        token_counts: (N,) completion tokens per trajectory (needed to convert between the
+            two).
         advantages, rewards: (N,) one per trajectory.
         reward: the batch's scalar reward; default the mean of ``rewards``.
         entropy_sum, entropy_tokens: the summed per-token entropy and the number of tokens it
@@ -289,8 +294,10 @@ def build_feedback(
     if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"spec must be a FeedbackSpec (policy.spec), got {type(spec).__name__}")
     needs = set(spec.feedback)
+    if loglik_sum is not None and loglik_mean is not None:
+        raise ValueError("build_feedback: give loglik_sum or loglik_mean, not both")
     given = {
-        "loglik": loglik_sum,
+        "loglik": loglik_sum if loglik_sum is not None else loglik_mean,
         "advantages": advantages,
         "rewards": rewards,
         "entropy": entropy_sum,
@@ -306,19 +313,27 @@ def build_feedback(
         raise ValueError(f"build_feedback: the rule needs {missing}, which were not given")
     out: dict[str, Any] = {}
     if "loglik" in needs:
-        loglik = _numpy(loglik_sum, "loglik_sum")
+        given_as = "sum" if loglik_sum is not None else "mean"
+        name = f"loglik_{given_as}"
+        loglik = _numpy(given["loglik"], name)
         if loglik.ndim != 2:
-            raise ValueError(f"loglik_sum must have shape (N, K), got {loglik.shape}")
-        if spec.loglik == "mean":
+            raise ValueError(f"{name} must have shape (N, K), got {loglik.shape}")
+        if spec.loglik != given_as:
             if token_counts is None:
-                raise ValueError("build_feedback: mean log-likelihoods need token_counts")
+                raise ValueError(
+                    f"build_feedback: the rule wants {spec.loglik!r} log-likelihoods; turning "
+                    f"{name} into them needs token_counts"
+                )
             counts = _numpy(token_counts, "token_counts")
             if counts.shape != (loglik.shape[0],) or np.any(counts < 0):
                 raise ValueError(
                     f"token_counts must hold {loglik.shape[0]} non-negative counts, got shape "
                     f"{counts.shape}"
                 )
-            loglik = loglik / np.maximum(counts, 1.0)[:, None]
+            if spec.loglik == "mean":
+                loglik = loglik / np.maximum(counts, 1.0)[:, None]
+            else:
+                loglik = loglik * counts[:, None]
         out["loglik"] = loglik
     if "advantages" in needs:
         out["advantages"] = advantages
