@@ -3,8 +3,15 @@ Needs no verl (the parser is numpy-only); OmegaConf nodes are checked where it i
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from metactl.adapters.verl import policy_from_config, settings_from_config
+from metactl.adapters.verl import (
+    TRAINER_SUPPORT,
+    check_rollout,
+    policy_from_config,
+    settings_from_config,
+)
 
 import metactl
 
@@ -62,11 +69,87 @@ def test_per_prompt_rules_need_a_context_key() -> None:
         ({"seed": 1.5}, TypeError, "metactl.seed"),
         ({"seed": True}, TypeError, "metactl.seed"),
         ([("rule", "TAMPO")], TypeError, "must be a mapping"),
+        ({"rule": ["TAMPO"]}, TypeError, r"metactl\.rule must be one name \(a str\)"),
+        ({"rule": None}, TypeError, r"metactl\.rule must be one name"),
+        ({"selector": ["Sample"]}, TypeError, r"metactl\.selector must be one name"),
+        ({"selector": {"Sample": 1}}, TypeError, r"metactl\.selector must be one name"),
+        ({"rule_kwargs": []}, TypeError, r"metactl\.rule_kwargs must be a mapping"),
+        ({"rule_kwargs": 0}, TypeError, r"metactl\.rule_kwargs must be a mapping"),
+        ({"rule_kwargs": ""}, TypeError, r"metactl\.rule_kwargs must be a mapping"),
+        ({"rule_kwargs": False}, TypeError, r"metactl\.rule_kwargs must be a mapping"),
+        ({"selector_kwargs": []}, TypeError, r"metactl\.selector_kwargs must be a mapping"),
+        (
+            {"selector": "Nucleus", "selector_kwargs": ""},
+            TypeError,
+            r"metactl\.selector_kwargs must be a mapping",
+        ),
+        ({"candidates": {0.7: "a", 1.0: "b"}}, TypeError, r"metactl\.candidates must be a list"),
+        ({"candidates": {0.7, 1.0, 1.3}}, TypeError, r"metactl\.candidates must be a list"),
+        ({"candidates": 0.7}, TypeError, r"metactl\.candidates must be a list"),
     ],
 )
 def test_bad_groups_are_refused(group: object, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         policy_from_config(group)
+
+
+def test_null_kwargs_mean_no_arguments() -> None:
+    policy = policy_from_config({"rule": "Hedge", "rule_kwargs": None, "selector_kwargs": None})
+    assert policy.rule == metactl.Hedge()
+
+
+def test_the_trainer_support_feeds_every_rule_the_trainer_can_sample() -> None:
+    # rewards (per trajectory) and group_size (rollout.n) included: Counterfactual, Uncertainty
+    for group in (
+        {"rule": "Counterfactual"},
+        {"rule": "Uncertainty", "candidates": [0.5, 1.0, 1.5]},
+        {"rule": "TAMPO", "rule_kwargs": {"likelihood_normalization": "sum"}},
+        {"rule": "PTGS"},
+    ):
+        metactl.check_trainer(policy_from_config(group), TRAINER_SUPPORT)
+    assert TRAINER_SUPPORT.knobs == ("temperature",) and not TRAINER_SUPPORT.features
+
+
+def test_rules_needing_context_features_are_refused() -> None:
+    group = {"rule": "LinearThompson", "rule_kwargs": {"feature_dim": 2}, "context_key": "index"}
+    with pytest.raises(ValueError, match="feature_dim=0"):
+        settings_from_config(group, policy_from_config(group))
+
+
+_ROLLOUT = {"top_p": 1.0, "top_k": -1, "n": 4}
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"top_p": 0.9}, r"actor_rollout_ref\.rollout\.top_p=0\.9: TAMPO scores the candidate"),
+        ({"top_k": 50}, r"actor_rollout_ref\.rollout\.top_k=50: TAMPO .* not top_k;"),
+        ({"top_p": 0.95, "top_k": 20}, r"top_p=0\.95, actor_rollout_ref\.rollout\.top_k=20"),
+    ],
+)
+def test_truncated_rollouts_are_refused_for_likelihood_rules(
+    changes: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_rollout(metactl.tampo(), {**_ROLLOUT, **changes})
+
+
+def test_truncation_is_fine_where_no_likelihood_is_scored() -> None:
+    check_rollout(metactl.tampo(), {**_ROLLOUT, "top_k": 0})  # vLLM's other "off"
+    check_rollout(metactl.tampo(), _ROLLOUT)
+    for rule in ("PTGS", "EXP3"):
+        check_rollout(policy_from_config({"rule": rule}), {**_ROLLOUT, "top_p": 0.9, "top_k": 5})
+
+
+@pytest.mark.parametrize(
+    "group", [{"rule": "Counterfactual"}, {"rule": "Uncertainty", "candidates": [0.5, 1.0, 1.5]}]
+)
+def test_group_rules_need_several_completions_per_prompt(group: dict[str, Any]) -> None:
+    policy = policy_from_config(group)
+    with pytest.raises(ValueError, match=r"rollout\.n=1: .* needs rollout\.n >= 2"):
+        check_rollout(policy, {**_ROLLOUT, "n": 1})
+    check_rollout(policy, {**_ROLLOUT, "n": 2})
+    check_rollout(metactl.tampo(), {**_ROLLOUT, "n": 1})  # TAMPO reads no groups
 
 
 def test_an_omegaconf_group_from_hydra_overrides() -> None:
@@ -82,8 +165,8 @@ def test_docstring_examples_run() -> None:
     import doctest
 
     import metactl.adapters.verl as package
-    from metactl.adapters.verl import config
+    from metactl.adapters.verl import config, state
 
-    for module in (package, config):
+    for module in (package, config, state):
         result = doctest.testmod(module, raise_on_error=False)
         assert result.attempted > 0 and result.failed == 0, module.__name__

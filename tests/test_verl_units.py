@@ -6,6 +6,7 @@ trainer's configuration checks, selection and temperature stamping on real ``Ten
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ import torch
 import verl
 from metactl.adapters.verl import (
     AGENT_LOOP_NAME,
+    META_STATE_NAME,
     SAMPLED_TEMPERATURE_KEY,
     TEMPERATURE_FIELD,
     TRAINER_NAME,
 )
 from metactl.adapters.verl import feedback as fb
+from metactl.adapters.verl import trainer as trainer_module
 from metactl.adapters.verl.agent_loop import MetaSingleTurnAgentLoop, sampling_params_for
 from metactl.adapters.verl.trainer import MetaPPOTrainer
 from omegaconf import OmegaConf
@@ -36,6 +39,9 @@ from verl.trainer.ppo.v1 import get_trainer_cls
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
+
+import metactl
+import metactl.likelihood
 
 
 def _config(**metactl: Any) -> Any:
@@ -225,15 +231,342 @@ def test_feedback_from_transfer_queue_layout() -> None:
     entropy = _nested_to_padded([[1.0, 2.0, 3.0], [6.0]])
     assert fb.trajectory_advantages(advantages, mask).tolist() == [0.5, -0.5]
     assert fb.trajectory_rewards(scores, mask).tolist() == [1.0, 0.25]
-    assert fb.mean_entropy(entropy, mask) == 3.0
+    assert fb.entropy_totals(entropy, mask) == (12.0, 4)  # a mean of 3.0 nats per token
     lp = [
         _nested_to_padded([[-1.0, -2.0, -3.0], [-4.0]]),
         _nested_to_padded([[0.0, 0.0, -3.0], [-1.0]]),
     ]
-    assert fb.candidate_loglik(lp, mask).tolist() == [[-2.0, -1.0], [-4.0, -1.0]]
+    feedback = metactl.build_feedback(
+        metactl.tampo().spec,
+        loglik_sum=fb.candidate_loglik_sums(lp, mask),
+        token_counts=fb.token_counts(mask),
+        advantages=[0.5, -0.5],
+    )
+    assert feedback.loglik.tolist() == [[-2.0, -1.0], [-4.0, -1.0]]
     with pytest.raises(ValueError, match="NaN or inf"):
         fb.trajectory_advantages(torch.where(mask.bool(), float("nan"), 0.0), mask)
     with pytest.raises(ValueError, match="shape"):
         fb.trajectory_rewards(scores[:, :2], mask)
-    with pytest.raises(ValueError, match="no response token"):
-        fb.mean_entropy(entropy, torch.zeros_like(mask))
+
+
+# ---------------------------------------------------------------- construction-time refusals
+
+
+@pytest.mark.parametrize(
+    ("group", "rollout", "match"),
+    [
+        ({"rule": "TAMPO"}, {"top_p": 0.9}, r"rollout\.top_p=0\.9: TAMPO"),
+        ({"rule": "TAMPO"}, {"top_k": 50}, r"rollout\.top_k=50: TAMPO"),
+        ({"rule": "Counterfactual"}, {"top_k": 50, "n": 2}, r"rollout\.top_k=50: Counterfactual"),
+        ({"rule": "Counterfactual"}, {"n": 1}, r"rollout\.n=1: Counterfactual"),
+        (
+            {"rule": "Uncertainty", "candidates": [0.5, 1.0, 1.5]},
+            {"n": 1},
+            r"rollout\.n=1: Uncertainty",
+        ),
+        (
+            {"rule": "LinearThompson", "rule_kwargs": {"feature_dim": 2}, "context_key": "index"},
+            {"n": 2},
+            "feature_dim=0",
+        ),
+    ],
+)
+def test_rules_the_trainer_cannot_feed_are_refused_at_construction(
+    group: dict[str, Any], rollout: dict[str, Any], match: str
+) -> None:
+    config = _config(**group)
+    config.actor_rollout_ref.rollout.update(rollout)
+    with pytest.raises(ValueError, match=match):
+        MetaPPOTrainer(config)
+
+
+def test_truncated_rollouts_stay_allowed_for_rules_without_likelihoods() -> None:
+    config = _config(rule="PTGS", context_key="index")
+    config.actor_rollout_ref.rollout.update(top_p=0.9, top_k=50)
+    MetaPPOTrainer(config)
+
+
+# ---------------------------------------------------------------- feedback through the trainer
+
+_VOCAB = 6
+_PROMPT_LEN = 2
+
+
+def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+class _TransferQueue:
+    """Stands in for verl's TransferQueue client (``kv_batch_get``/``kv_batch_put``): one
+    step's trajectories, returned as verl returns them (per-token fields as jagged nested
+    tensors, ``log_probs`` over prompt and response with NaN outside the response, the rest
+    as ``NonTensorStack``). ``log_probs`` are those of the last ``compute_log_prob`` call's
+    temperature, computed as verl's engine does (float32 ``log_softmax(z / T)``)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.temperature: float | None = None
+        self.scored: list[float] = []
+
+    def add(self, key: str, uid: str, sampled: float, length: int, reward: float) -> None:
+        logits = torch.randn(length, _VOCAB, generator=self.generator, dtype=torch.float64) * 2
+        tokens = torch.randint(0, _VOCAB, (length,), generator=self.generator)
+        advantage = float(torch.randn((), generator=self.generator, dtype=torch.float64))
+        self.rows[key] = {
+            "uid": uid,
+            "extra_fields": {SAMPLED_TEMPERATURE_KEY: sampled},
+            TEMPERATURE_FIELD: torch.tensor(sampled, dtype=torch.float64),
+            "response_mask": torch.ones(length, dtype=torch.int64),
+            "advantages": torch.full((length,), advantage, dtype=torch.float32),
+            "rm_scores": torch.cat([torch.zeros(length - 1), torch.tensor([reward])]),
+            "entropy": torch.rand(length, generator=self.generator),
+            "logits": logits,
+            "tokens": tokens,
+        }
+
+    def compute_log_prob(self, meta: KVBatchMeta) -> None:
+        self.temperature = float(meta.extra_info["temperature"])
+        self.scored.append(self.temperature)
+
+    def _log_probs(self, row: dict[str, Any]) -> torch.Tensor:
+        assert self.temperature is not None
+        z = (row["logits"] / self.temperature).float()
+        response = torch.log_softmax(z, dim=-1).gather(1, row["tokens"][:, None])[:, 0]
+        nan = torch.full((_PROMPT_LEN - 1,), float("nan"))
+        return torch.cat([nan, response, torch.tensor([float("nan")])])
+
+    def kv_batch_get(self, keys: list[str], partition_id: str, select_fields: list[str]) -> Any:
+        rows = [self.rows[k] for k in keys]
+        fields: dict[str, Any] = {}
+        for name in select_fields:
+            if name in ("uid", "extra_fields"):
+                values = [r[name] for r in rows]
+                fields[name] = np.array(values, dtype=object) if name == "uid" else values
+            elif name == "log_probs":
+                fields[name] = _nested([self._log_probs(r) for r in rows])
+            elif name == TEMPERATURE_FIELD:
+                fields[name] = torch.stack([r[name] for r in rows])
+            else:
+                fields[name] = _nested([r[name] for r in rows])
+        return tu.get_tensordict(fields)
+
+    def kv_batch_put(self, **kwargs: Any) -> None:
+        raise AssertionError("a per-step policy writes no per-row temperatures")
+
+    def reference_loglik_sums(self, keys: list[str], candidates: list[float]) -> np.ndarray:
+        """``(N, K)`` summed log-likelihoods from metactl's own scoring."""
+        rows = [self.rows[k] for k in keys]
+        length = max(len(r["tokens"]) for r in rows)
+        logits = np.zeros((len(rows), length, _VOCAB))
+        tokens = np.zeros((len(rows), length), dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=bool)
+        for i, r in enumerate(rows):
+            n = len(r["tokens"])
+            logits[i, :n], tokens[i, :n], mask[i, :n] = r["logits"], r["tokens"], True
+        means = metactl.likelihood.candidate_loglik(logits, tokens, mask, candidates)
+        return means * mask.sum(axis=1, keepdims=True)
+
+
+class _Updates:
+    """Records every ``MetaPolicy.update`` (decision, feedback) and runs it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[Any, metactl.Feedback]] = []
+        original = metactl.MetaPolicy.update
+
+        def update(policy: Any, decision: Any, feedback: Any = None, /, **kwargs: Any) -> Any:
+            given = feedback if feedback is not None else metactl.Feedback.from_kwargs(kwargs)
+            self.calls.append((decision, given))
+            return original(policy, decision, feedback, **kwargs)
+
+        monkeypatch.setattr(metactl.MetaPolicy, "update", update)
+
+
+@pytest.fixture
+def queue(monkeypatch: pytest.MonkeyPatch) -> _TransferQueue:
+    fake = _TransferQueue()
+    monkeypatch.setattr(trainer_module, "tq", fake)
+    return fake
+
+
+def _trainer(queue: _TransferQueue, n: int, **group: Any) -> MetaPPOTrainer:
+    config = _config(**group)
+    config.actor_rollout_ref.rollout.n = n
+    trainer = MetaPPOTrainer(config)
+    trainer.actor_rollout_wg = queue  # the worker group: only compute_log_prob is called
+    trainer.wrap_worker_group(queue)
+    trainer.global_steps = 1
+    return trainer
+
+
+def _step(
+    trainer: MetaPPOTrainer,
+    queue: _TransferQueue,
+    groups: list[int],
+    *,
+    lengths: list[int] | None = None,
+    rewards: list[float] | None = None,
+) -> list[str]:
+    """Submit ``len(groups)`` prompts, let prompt ``p`` return ``groups[p]`` trajectories (in
+    an interleaved order, as verl's replay buffer may), run the feedback and the update;
+    returns the trajectory keys in decision order."""
+    trainer.begin_submission(_batch(len(groups)))
+    pending = trainer._pending
+    queue.rows.clear()
+    keys = []
+    for p, count in enumerate(groups):
+        for j in range(count):
+            keys.append(f"u{p}_{j}")
+    i = 0
+    for key in keys:
+        p = int(key[1:].split("_")[0])
+        length = lengths[i % len(lengths)] if lengths else 1 + i % 3
+        reward = rewards[i % len(rewards)] if rewards else float(i % 2)
+        queue.add(key, f"u{p}", float(pending.temperatures[p]), length, reward)
+        i += 1
+    interleaved = sorted(keys, key=lambda k: (k.split("_")[1], k))
+    meta = KVBatchMeta(partition_id="train", keys=interleaved, tags=[{} for _ in interleaved])
+    trainer._update_policy(meta, {})
+    trainer.global_steps += 1
+    return keys
+
+
+@pytest.mark.parametrize("normalization", ["sum", "mean"])
+def test_candidate_likelihoods_follow_the_rules_normalization(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch, normalization: str
+) -> None:
+    updates = _Updates(monkeypatch)
+    candidates = [0.5, 1.0, 1.5]
+    trainer = _trainer(
+        queue,
+        2,
+        rule="TAMPO",
+        rule_kwargs={"likelihood_normalization": normalization},
+        candidates=candidates,
+    )
+    keys = _step(trainer, queue, [2, 2], lengths=[3, 1, 2, 5])
+    assert queue.scored == candidates  # one log-prob pass per candidate temperature
+    ((_, feedback),) = updates.calls
+    sums = queue.reference_loglik_sums(keys, candidates)
+    counts = np.array([len(queue.rows[k]["tokens"]) for k in keys])[:, None]
+    expected = sums if normalization == "sum" else sums / counts
+    np.testing.assert_allclose(feedback.loglik, expected, rtol=1e-5, atol=1e-5)
+    assert feedback.advantages.tolist() == [
+        float(queue.rows[k]["advantages"][0]) for k in keys
+    ]
+    assert trainer.meta_policy.step == 1
+
+
+def test_counterfactual_gets_summed_likelihoods_rewards_and_the_group_size(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates(monkeypatch)
+    candidates = [0.5, 1.0, 1.5]
+    trainer = _trainer(queue, 2, rule="Counterfactual", candidates=candidates)
+    keys = _step(trainer, queue, [2, 2, 2], rewards=[1.0, 0.0, 0.0])
+    ((_, feedback),) = updates.calls
+    np.testing.assert_allclose(
+        feedback.loglik, queue.reference_loglik_sums(keys, candidates), rtol=1e-5, atol=1e-5
+    )
+    assert feedback.rewards.tolist() == [float(queue.rows[k]["rm_scores"][-1]) for k in keys]
+    assert feedback.group_size == 2
+    assert trainer.meta_policy.step == 1
+
+
+def test_uncertainty_gets_rewards_and_the_group_size_without_scoring(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates(monkeypatch)
+    trainer = _trainer(queue, 3, rule="Uncertainty", candidates=[0.5, 1.0, 1.5])
+    for _ in range(2):
+        keys = _step(trainer, queue, [3, 3], rewards=[1.0, 0.0])
+    assert queue.scored == []  # no likelihood pass for a rule that reads none
+    _, feedback = updates.calls[-1]
+    assert feedback.given() == ("rewards", "group_size")
+    assert feedback.rewards.tolist() == [float(queue.rows[k]["rm_scores"][-1]) for k in keys]
+    assert feedback.group_size == 3 and trainer.meta_policy.step == 2
+
+
+def test_incomplete_prompt_groups_are_left_out_of_grouped_feedback(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates(monkeypatch)
+    trainer = _trainer(queue, 2, rule="Counterfactual", candidates=[0.5, 1.0, 1.5])
+    keys = _step(trainer, queue, [2, 1, 0, 2], rewards=[1.0, 0.0, 0.0])
+    ((_, feedback),) = updates.calls
+    kept = [k for k in keys if k.startswith(("u0_", "u3_"))]
+    assert feedback.rewards.tolist() == [float(queue.rows[k]["rm_scores"][-1]) for k in kept]
+    with pytest.raises(RuntimeError, match="no prompt of this step came back with all"):
+        _step(trainer, queue, [1, 1])
+
+
+def test_per_prompt_feedback_updates_the_complete_groups_only(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates(monkeypatch)
+    trainer = _trainer(queue, 2, rule="PTGS", context_key="index")
+    keys = _step(trainer, queue, [2, 0, 2])
+    ((decision, feedback),) = updates.calls
+    assert [d.context for d in decision] == [10, 12]
+    assert feedback.rewards.tolist() == [float(queue.rows[k]["rm_scores"][-1]) for k in keys]
+
+
+# ---------------------------------------------------------------- history and checkpoints
+
+
+def test_meta_history_is_bounded_saved_and_restored(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(trainer_module, "META_HISTORY_LIMIT", 3, raising=False)
+    monkeypatch.setattr(trainer_module.PPOTrainerSync, "_save_checkpoint", lambda self: None)
+    trainer = _trainer(queue, 2, rule="EXP3", candidates=[0.5, 1.0], seed=0)
+    trainer.config.trainer.default_local_dir = str(tmp_path)
+    for _ in range(5):
+        _step(trainer, queue, [2, 2])
+    assert [h["global_step"] for h in trainer.meta_history] == [3, 4, 5]
+    trainer.global_steps = 5
+    trainer._save_checkpoint()
+    path = tmp_path / "global_step_5" / META_STATE_NAME
+    resumed = _trainer(queue, 2, rule="EXP3", candidates=[0.5, 1.0], seed=0)
+    resumed.load_meta_state(str(path))
+    assert list(resumed.meta_history) == list(trainer.meta_history)
+    assert resumed.meta_history.maxlen == 3
+    assert resumed.meta_policy.state_dict() == trainer.meta_policy.state_dict()
+
+
+def test_checkpoint_file_is_fsynced_before_verl_writes_its_own(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    events: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        events.append("fsync " + os.path.realpath(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    monkeypatch.setattr(
+        trainer_module.PPOTrainerSync, "_save_checkpoint", lambda self: events.append("verl")
+    )
+    trainer = _trainer(queue, 2, rule="EXP3", candidates=[0.5, 1.0])
+    trainer.config.trainer.default_local_dir = str(tmp_path)
+    trainer._save_checkpoint()
+    folder = tmp_path / "global_step_1"
+    assert len(events) == 3 and events[-1] == "verl"
+    assert events[0].startswith(f"fsync {folder.resolve()}/") and events[0].endswith(".tmp")
+    assert events[1] == f"fsync {folder.resolve()}"
+    assert sorted(p.name for p in folder.iterdir()) == [META_STATE_NAME]
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_a_state_whose_format_is_no_int_version_is_refused(
+    tmp_path: Path, version: Any
+) -> None:
+    trainer = MetaPPOTrainer(_config(rule="EXP3", candidates=[0.5, 1.0]))
+    path = tmp_path / META_STATE_NAME
+    path.write_text(json.dumps({"format": version, "policy": trainer.meta_policy.state_dict()}))
+    policy = trainer.meta_policy
+    with pytest.raises(ValueError, match="format must be an int version"):
+        trainer.load_meta_state(str(path))
+    assert trainer.meta_policy is policy

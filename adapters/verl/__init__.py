@@ -9,7 +9,9 @@ driver and in every Ray worker); :mod:`metactl.adapters.verl.register` registers
   subclass of ``SingleTurnAgentLoop`` that samples each prompt at its chosen temperature).
 
 The ``metactl`` config group (candidates, rule, selector, seed, context_key) is parsed by
-:func:`.config.policy_from_config`. This package imports nothing heavy: verl is imported only by
+:func:`.config.policy_from_config` and checked against what the trainer gives
+(:data:`.config.TRAINER_SUPPORT`, :func:`.config.check_rollout`); its names are
+re-exported here. This package imports nothing heavy: verl is imported only by
 ``register``, ``trainer``, ``agent_loop`` and ``testing``.
 
 Example:
@@ -20,26 +22,8 @@ Example:
 
 from __future__ import annotations
 
-from .config import (
-    AGENT_LOOP_NAME,
-    META_STATE_NAME,
-    SAMPLED_TEMPERATURE_KEY,
-    TEMPERATURE_FIELD,
-    TESTED_VERL,
-    TRAINER_NAME,
-    MetaSettings,
-    policy_from_config,
-    settings_from_config,
-)
+from . import config as _config
+from .config import *  # noqa: F403  (the public names are config's)
 
-__all__ = [
-    "AGENT_LOOP_NAME",
-    "META_STATE_NAME",
-    "SAMPLED_TEMPERATURE_KEY",
-    "TEMPERATURE_FIELD",
-    "TESTED_VERL",
-    "TRAINER_NAME",
-    "MetaSettings",
-    "policy_from_config",
-    "settings_from_config",
-]
+__all__: list[str] = []
+__all__ += _config.__all__

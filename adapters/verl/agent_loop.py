@@ -10,11 +10,12 @@ Validation batches carry no field: they sample at ``rollout.val_kwargs.temperatu
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from verl.experimental.agent_loop.agent_loop import register
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+from metactl.knobs import check_knob
 
 from .config import AGENT_LOOP_NAME, SAMPLED_TEMPERATURE_KEY, TEMPERATURE_FIELD
 
@@ -22,18 +23,15 @@ __all__ = ["MetaSingleTurnAgentLoop", "sampling_params_for"]
 
 
 def sampling_params_for(sampling_params: dict[str, Any], value: Any) -> dict[str, Any]:
-    """A copy of ``sampling_params`` with the chosen temperature ``value`` (a finite float > 0, or
-    a 0-d tensor holding one). A greedy request (``temperature == 0``, verl's ``__do_sample__``)
-    conflicts with a chosen temperature and is refused."""
-    if hasattr(value, "item"):
-        if getattr(value, "numel", lambda: 1)() != 1:
+    """A copy of ``sampling_params`` with the chosen temperature ``value`` (a temperature as
+    :func:`metactl.knobs.check_knob` accepts it, or a one-element tensor holding one). A greedy
+    request (``temperature == 0``, verl's ``__do_sample__``) conflicts with a chosen temperature
+    and is refused."""
+    if hasattr(value, "numel") and hasattr(value, "reshape"):  # verl hands a tensor per prompt
+        if value.numel() != 1:
             raise ValueError(f"{TEMPERATURE_FIELD} must hold one value per prompt, got {value!r}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{TEMPERATURE_FIELD} must be a number, got {type(value).__name__}")
-    temperature = float(value)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{TEMPERATURE_FIELD} must be finite and > 0, got {temperature!r}")
+        value = value.item()  # a Python number (a bool tensor gives a bool, which is refused)
+    temperature = float(check_knob("temperature", value, TEMPERATURE_FIELD))
     if float(sampling_params.get("temperature", 1.0)) == 0.0:
         raise ValueError(
             "this prompt asks for greedy decoding (__do_sample__=False) but the meta-policy chose "

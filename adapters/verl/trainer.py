@@ -11,12 +11,21 @@ rollout temperature chosen by a metactl meta-policy, per step or per prompt.
   (per step: the scalar, fused kernels allowed) or no scalar and a per-sample ``temperature``
   field of shape ``(bsz,)`` written to the TransferQueue (per prompt; the FSDP engine divides
   each row's logits by it; fused kernels are refused).
-* **Feedback** right after verl's advantages (``_compute_advantage``): advantages, rewards and
-  entropies from the batch; candidate likelihoods (rules that need ``loglik``) from one extra
-  no-grad ``compute_log_prob`` pass per candidate temperature (verl has no extension point in
-  its old-log-prob pass that exposes the logits). ``meta_seconds`` measures it.
-* **Checkpoint**: :data:`META_STATE_NAME` in every ``global_step_<n>/`` folder, written before
-  verl's ``latest_checkpointed_iteration.txt``, read and validated on resume.
+* **Feedback** right after verl's advantages (``_compute_advantage``): only what
+  ``policy.spec.feedback`` names, from the batch: advantages, rewards (``rm_scores`` summed per
+  trajectory), the entropy, ``group_size`` (``rollout.n``), and candidate likelihoods (summed
+  per trajectory, from one extra no-grad ``compute_log_prob`` pass per candidate temperature:
+  verl has no extension point in its old-log-prob pass that exposes the logits), all turned
+  into a :class:`metactl.Feedback` by :func:`metactl.build_feedback` (which reduces the
+  likelihoods to the rule's mean or sum). ``meta_seconds`` measures it.
+* **Checks at construction**, before any worker group or rollout server starts: the policy
+  against :data:`.config.TRAINER_SUPPORT` (:func:`metactl.check_trainer`) and the rollout config
+  against the rule (:func:`.config.check_rollout`: no ``top_p``/``top_k`` truncation for
+  likelihood rules, ``rollout.n >= 2`` for rules comparing a prompt's completions).
+* **Checkpoint**: :data:`META_STATE_NAME` in every ``global_step_<n>/`` folder (the policy's
+  state and ``meta_history``, the last :data:`META_HISTORY_LIMIT` steps), written atomically
+  and durably before verl's ``latest_checkpointed_iteration.txt``, read and validated on
+  resume.
 
 The driver holds the only policy; every worker rank receives the same value with the batch.
 """
@@ -24,11 +33,10 @@ The driver holds the only policy; every worker rank receives the same value with
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,18 +50,20 @@ from verl.workers.utils.padding import response_from_nested
 
 import metactl
 from metactl.contexts import context_keys
-from metactl.decision import Decision, DecisionBatch
 
 from . import feedback as fb
 from .config import (
     AGENT_LOOP_NAME,
+    META_HISTORY_LIMIT,
     META_STATE_NAME,
     SAMPLED_TEMPERATURE_KEY,
     TEMPERATURE_FIELD,
     TRAINER_NAME,
+    check_rollout,
     policy_from_config,
     settings_from_config,
 )
+from .state import meta_state, read_meta_state, write_meta_state
 
 __all__ = ["WRAPPED_METHODS", "MetaPPOTrainer"]
 
@@ -67,14 +77,14 @@ WRAPPED_METHODS = (
     "infer_batch",
     "train_mini_batch",
 )
-_STATE_FORMAT = 1
 
 
 @dataclass
 class _Submission:
-    """The decision(s) behind one submitted training batch, awaiting their feedback."""
+    """The decision(s) behind one submitted training batch, awaiting their feedback: one
+    ``Decision`` per step, or the batch of per-prompt decisions."""
 
-    decision: Decision | DecisionBatch
+    decision: Any
     uids: list[str]
     temperatures: np.ndarray  # per prompt, in submission order
 
@@ -89,7 +99,16 @@ def _as_list(value: Any) -> list[Any]:
 
 @register_trainer(TRAINER_NAME)
 class MetaPPOTrainer(PPOTrainerSync):
-    """``PPOTrainerSync`` whose rollout temperature is chosen by the ``metactl`` config group."""
+    """``PPOTrainerSync`` whose rollout temperature is chosen by the ``metactl`` config group.
+
+    Attributes:
+        meta_policy: the driver's :class:`metactl.MetaPolicy`.
+        meta_history: one entry per training step (``global_step``, ``policy_step``, the
+            per-prompt ``temperatures``, the candidate ``probs`` after the update), the last
+            :data:`META_HISTORY_LIMIT` steps only (a ``deque``, oldest dropped first); saved in
+            every checkpoint and restored on resume.
+        meta_seconds: cumulative seconds of metactl's work (selection, feedback, scoring).
+    """
 
     def __init__(self, config: Any) -> None:
         group = config.get("metactl")
@@ -97,7 +116,7 @@ class MetaPPOTrainer(PPOTrainerSync):
         self.meta_settings = settings_from_config(group, self.meta_policy)
         self._check_supported(config)
         super().__init__(config)
-        self.meta_history: list[dict[str, Any]] = []
+        self.meta_history: deque[dict[str, Any]] = deque(maxlen=META_HISTORY_LIMIT)
         self.meta_seconds = 0.0
         # the submission whose batch is in flight (kept until the next one: the actor update
         # runs after the feedback) and whether its feedback is still due
@@ -109,6 +128,7 @@ class MetaPPOTrainer(PPOTrainerSync):
     # ------------------------------------------------------------------ configuration checks
     def _check_supported(self, config: Any) -> None:
         rollout = config.actor_rollout_ref.rollout
+        check_rollout(self.meta_policy, rollout)
         agent = rollout.get("agent", {}) or {}
         if agent.get("default_agent_loop") != AGENT_LOOP_NAME:
             raise ValueError(
@@ -129,7 +149,9 @@ class MetaPPOTrainer(PPOTrainerSync):
             )
         if v1.sampler.get("sync_refill_failed_groups", False):
             raise ValueError("trainer.v1.sampler.sync_refill_failed_groups is not supported")
-        if self.meta_policy.contextual and config.actor_rollout_ref.model.get("use_fused_kernels"):
+        if self.meta_policy.spec.per_context and config.actor_rollout_ref.model.get(
+            "use_fused_kernels"
+        ):
             raise ValueError(
                 "a per-prompt temperature needs a (bsz,) temperature tensor, which verl's fused "
                 "kernels refuse: set actor_rollout_ref.model.use_fused_kernels=False"
@@ -180,7 +202,7 @@ class MetaPPOTrainer(PPOTrainerSync):
                 "a log-prob pass ran with no meta-policy decision in flight; MetaPPOTrainer "
                 "selects when a training batch is submitted"
             )
-        if self.meta_policy.contextual:
+        if self.meta_policy.spec.per_context:
             del info["temperature"]
         else:
             info["temperature"] = self._step_temperature
@@ -200,19 +222,21 @@ class MetaPPOTrainer(PPOTrainerSync):
             )
         t0 = time.perf_counter()
         uids = [str(u) for u in _as_list(batch["uid"])]
-        decision: Decision | DecisionBatch
-        if self.meta_policy.contextual:
+        decision: Any
+        if self.meta_policy.spec.per_context:
             key = self.meta_settings.context_key
             assert key is not None
             if key not in batch.keys():
                 raise KeyError(f"metactl.context_key {key!r} is not a field of the training batch")
             contexts = context_keys(_as_list(batch[key]), f"batch[{key!r}]")
             decision = self.meta_policy.select(contexts=list(contexts))
-            temperatures = np.asarray(decision.values, dtype=np.float64)
+            temperatures = np.array(
+                [float(d.setting["temperature"]) for d in decision], dtype=np.float64
+            )
             self._step_temperature = None
         else:
             decision = self.meta_policy.select()
-            value = float(decision.value)  # type: ignore[arg-type]  # a temperature policy
+            value = float(decision.setting["temperature"])
             temperatures = np.full(len(uids), value)
             self._step_temperature = value
         batch[TEMPERATURE_FIELD] = torch.as_tensor(temperatures, dtype=torch.float64)
@@ -223,7 +247,7 @@ class MetaPPOTrainer(PPOTrainerSync):
     # ------------------------------------------------------------------ per-row temperatures
     def _balance_batch(self, batch: Any, metrics: Any, *args: Any, **kwargs: Any) -> Any:
         batch = super()._balance_batch(batch, metrics, *args, **kwargs)
-        if self.meta_policy.contextual:
+        if self.meta_policy.spec.per_context:
             self._write_row_temperatures(batch)
         return batch
 
@@ -262,24 +286,20 @@ class MetaPPOTrainer(PPOTrainerSync):
         pending = self._pending
         if pending is None or not self._awaiting_feedback:
             raise RuntimeError("advantages were computed with no meta-policy decision in flight")
-        requires = set(self.meta_policy.requires)
+        spec = self.meta_policy.spec
+        needs = set(spec.feedback)
         keys = self._real_rows(batch)
-        fields = [
-            "uid",
-            "advantages",
-            "rm_scores",
-            "response_mask",
-            TEMPERATURE_FIELD,
-            "extra_fields",
-        ]
-        if "entropy" in requires:
-            fields.append("entropy")
+        fields = ["uid", "response_mask", "extra_fields"]
+        fields += [name for name, used in (
+            ("advantages", "advantages" in needs),
+            ("rm_scores", bool(needs & {"rewards", "reward"})),
+            ("entropy", "entropy" in needs),
+        ) if used]  # fmt: skip
         raw = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
         uids = [str(u) for u in _as_list(raw.pop("uid"))]
         extra = _as_list(raw.pop("extra_fields"))
         sampled = np.array([float(e.get(SAMPLED_TEMPERATURE_KEY, np.nan)) for e in extra])
         data = raw.to_padded_tensor()
-        mask = data["response_mask"]
         position = {uid: i for i, uid in enumerate(pending.uids)}
         if any(u not in position for u in uids):
             raise RuntimeError("the batch holds trajectories of a prompt this step did not submit")
@@ -290,42 +310,70 @@ class MetaPPOTrainer(PPOTrainerSync):
                 "trajectories were not sampled at the chosen temperatures (is the agent loop "
                 f"{AGENT_LOOP_NAME}?): chosen {expected.tolist()}, sampled {sampled.tolist()}"
             )
-        # decision order: prompts in submission order, each prompt's trajectories together
-        order = np.argsort(rows, kind="stable")
-        feedback: dict[str, Any] = {}
-        advantages = fb.trajectory_advantages(data["advantages"], mask)[order]
-        if requires & {"advantages", "loglik"}:
-            feedback["advantages"] = advantages
-        if requires & {"rewards", "reward"}:
-            rewards = fb.trajectory_rewards(data["rm_scores"], mask)[order]
-            if "rewards" in requires:
-                feedback["rewards"] = rewards
-            if "reward" in requires:
-                feedback["reward"] = float(rewards.mean())
-        if "entropy" in requires:
-            feedback["entropy"] = fb.mean_entropy(data["entropy"], mask)
-        if "vocab_size" in requires:
-            feedback["vocab_size"] = int(self.tokenizer.vocab_size)
-        if "loglik" in requires:
-            feedback["loglik"] = self._candidate_loglik(batch, keys)[order]
-        decision: Any = pending.decision
-        if isinstance(decision, DecisionBatch):
-            counts = np.bincount(rows, minlength=len(pending.uids))
-            group = int(self.config.actor_rollout_ref.rollout.n)
-            complete = np.flatnonzero(counts == group)
-            if complete.size != len(pending.uids):
-                # a failed rollout group was evicted by verl's replay buffer: update the others
-                keep = np.isin(rows[order], complete)
-                feedback = {
-                    k: v[keep] if isinstance(v, np.ndarray) else v for k, v in feedback.items()
-                }
-                decision = [decision[int(i)] for i in complete]
-        info = self.meta_policy.update(decision, **feedback)
+        decision, selected = self._feedback_rows(pending, rows, spec)
+        pick = torch.as_tensor(selected, dtype=torch.long)
+        mask = data["response_mask"][pick]
+        inputs: dict[str, Any] = {}
+        if "advantages" in needs:
+            inputs["advantages"] = fb.trajectory_advantages(data["advantages"][pick], mask)
+        if needs & {"rewards", "reward"}:
+            rewards = fb.trajectory_rewards(data["rm_scores"][pick], mask)
+            if "rewards" in needs:
+                inputs["rewards"] = rewards
+            if "reward" in needs:  # the batch's mean reward (bandit rules)
+                inputs["reward"] = float(rewards.mean())
+        if "entropy" in needs:
+            inputs["entropy_sum"], inputs["entropy_tokens"] = fb.entropy_totals(
+                data["entropy"][pick], mask
+            )
+        if "vocab_size" in needs:
+            inputs["vocab_size"] = int(self.tokenizer.vocab_size)
+        if "group_size" in needs:
+            inputs["group_size"] = int(self.config.actor_rollout_ref.rollout.n)
+        if spec.needs_loglik:
+            log_probs, scored_mask = self._candidate_log_probs(batch, keys)
+            scored_mask = scored_mask[pick]
+            inputs["loglik_sum"] = fb.candidate_loglik_sums(
+                [lp[pick] for lp in log_probs], scored_mask
+            )
+            inputs["token_counts"] = fb.token_counts(scored_mask)
+        feedback = metactl.build_feedback(spec, **inputs)
+        info = self.meta_policy.update(decision, feedback)
         self._awaiting_feedback = False
         self._log(pending, info, metrics)
 
-    def _candidate_loglik(self, batch: Any, keys: list[str]) -> np.ndarray:
-        """``(N, K)`` likelihoods of the real rows: one no-grad log-prob pass per candidate."""
+    def _feedback_rows(
+        self, pending: _Submission, rows: np.ndarray, spec: metactl.FeedbackSpec
+    ) -> tuple[Any, np.ndarray]:
+        """The decision(s) to update and the batch rows of their feedback, in decision order
+        (prompts in submission order, each prompt's trajectories together).
+
+        Where rows are grouped per prompt (a per-prompt policy: ``rollout.n`` rows per decision;
+        a rule that needs ``group_size``), only complete groups are kept: a group that verl's
+        replay buffer evicted (failed requests) or sampled with another ``n`` is left out."""
+        order = np.argsort(rows, kind="stable")
+        if not (spec.per_context or "group_size" in spec.feedback):
+            return pending.decision, order
+        group = int(self.config.actor_rollout_ref.rollout.n)
+        counts = np.bincount(rows, minlength=len(pending.uids))
+        complete = np.flatnonzero(counts == group)
+        if complete.size == 0:
+            raise RuntimeError(
+                f"no prompt of this step came back with all rollout.n = {group} trajectories "
+                f"(trajectories per prompt: {counts.tolist()}): {self.meta_policy.rule.name} "
+                "needs whole prompt groups"
+            )
+        selected = order[np.isin(rows[order], complete)]
+        decision = pending.decision
+        if spec.per_context and complete.size != len(pending.uids):
+            decision = [decision[int(i)] for i in complete]
+        return decision, selected
+
+    def _candidate_log_probs(
+        self, batch: Any, keys: list[str]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-token log-probs of the rows ``keys`` under every candidate temperature (one
+        no-grad log-prob pass each), right-padded ``(N, L)``, and their response mask."""
         original = self._original_methods[(id(self.actor_rollout_wg), "compute_log_prob")]
         log_probs = []
         mask = None
@@ -349,7 +397,7 @@ class MetaPPOTrainer(PPOTrainerSync):
             log_probs.append(padded["lp"])
             mask = padded["mask"]
         assert mask is not None
-        return fb.candidate_loglik(log_probs, mask)
+        return log_probs, mask
 
     def _log(self, pending: _Submission, info: metactl.UpdateInfo, metrics: dict[str, Any]) -> None:
         temperatures = pending.temperatures
@@ -376,17 +424,14 @@ class MetaPPOTrainer(PPOTrainerSync):
         return os.path.join(root, f"global_step_{step}")
 
     def meta_state_dict(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "policy": self.meta_policy.state_dict()}
+        """The JSON-safe meta state: the policy's state and :attr:`meta_history`."""
+        return meta_state(self.meta_policy, self.meta_history)
 
     def _save_checkpoint(self) -> None:
         # written before verl's tracker file, so a checkpoint verl resumes from always has it
         folder = self._step_folder(self.global_steps)
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, META_STATE_NAME)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metactl_state.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.meta_state_dict(), f)
-        os.replace(tmp, path)
+        write_meta_state(os.path.join(folder, META_STATE_NAME), self.meta_state_dict())
         super()._save_checkpoint()
 
     def _load_checkpoint(self) -> None:
@@ -402,20 +447,10 @@ class MetaPPOTrainer(PPOTrainerSync):
         self.load_meta_state(os.path.join(folder, META_STATE_NAME))
 
     def load_meta_state(self, path: str) -> None:
-        """Read, validate and apply a :data:`META_STATE_NAME`; any problem is a ``ValueError``
-        (``FileNotFoundError`` when missing) naming the file, and changes nothing."""
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} is missing: resuming would restart the meta-policy while the model resumes"
-            )
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-                raise ValueError(f"format must be {_STATE_FORMAT}")
-            trial = copy.deepcopy(self.meta_policy)
-            trial.load_state_dict(state["policy"])
-        except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{path} is not a valid metactl state: {error}") from error
-        self.meta_policy = trial
-        logger.info("metactl: meta-policy restored from %s (step %d)", path, trial.step)
+        """Read, validate and apply a :data:`META_STATE_NAME` (the policy's state and
+        :attr:`meta_history`); any problem is a ``ValueError`` (``FileNotFoundError`` when
+        missing) naming the file, and changes nothing."""
+        policy, history = read_meta_state(path, self.meta_policy)
+        self.meta_policy = policy
+        self.meta_history = deque(history, maxlen=META_HISTORY_LIMIT)
+        logger.info("metactl: meta-policy restored from %s (step %d)", path, policy.step)
