@@ -8,6 +8,13 @@ is read back: a truncated, emptied or garbled file raises `CorruptFileError`, wh
 the file and what to do about it, instead of loading wrong numbers or failing deep inside a
 library.
 
+A torch file (a checkpoint) is a pickle, and unpickling can run any function the file names, so
+a run folder someone hands over could run code when it is resumed. `read_torch_checked` never
+lets that happen: it first reads the pickle's opcodes without executing them (`check_torch_file`)
+and refuses any file that names anything but tensors, storages and dtypes, then loads it with
+``torch.load(weights_only=True)``, and only then checks the content hash. `plain_tree` turns
+what a writer stores into values such a load reads back exactly.
+
 Example:
     >>> import tempfile, pathlib
     >>> folder = pathlib.Path(tempfile.mkdtemp())
@@ -28,8 +35,11 @@ import hashlib
 import json
 import math
 import os
+import pickletools
+import re
 import struct
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -255,6 +265,193 @@ def read_json_checked(path: str | os.PathLike, *, advice: str,
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`atomic_write` of a UTF-8 text."""
     atomic_write_bytes(path, text.encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# torch files read without running code
+# ----------------------------------------------------------------------------------------------
+TORCH_PICKLE_PROTOCOL = 2  # what `torch.save` writes by default; a writer pins it (see below)
+
+# The opcodes a protocol-2 pickle of dicts, lists, tuples, numbers, strings and tensors uses.
+# Left out on purpose: the ones that import or build objects other than through a ``GLOBAL``
+# this module checks (STACK_GLOBAL, INST, OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, BUILD, PERSID), and
+# bytes, sets and buffers, which such a file never holds.
+_DATA_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "NEWTRUE", "NEWFALSE",
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+    "BINUNICODE8", "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1",
+    "TUPLE2", "TUPLE3", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "GET", "BINGET",
+    "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+    "GLOBAL",  # checked against `_torch_global_allowed`
+    "REDUCE",  # calls what a checked GLOBAL (or torch's storage loader) put on the stack
+    "BINPERSID",  # a tensor's storage, resolved by torch's loader
+})
+_TORCH_REBUILDERS = frozenset({"_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"})
+_STORAGE_NAME = re.compile(r"[A-Za-z0-9_]+Storage")
+
+
+def _torch_global_allowed(module: str, name: str) -> bool:
+    """Whether a pickle ``GLOBAL`` is one that `torch.save` writes for tensors: the tensor and
+    parameter rebuilders, a storage class, a dtype, or ``collections.OrderedDict`` (a module's
+    ``state_dict``). Looked up in the modules' ``__dict__``, so nothing is imported."""
+    if (module, name) == ("collections", "OrderedDict"):
+        return True
+    if module == "torch._utils":
+        return name in _TORCH_REBUILDERS
+    if module == "torch.storage":
+        return name == "UntypedStorage"
+    if module != "torch":
+        return False
+    import torch
+
+    obj = vars(torch).get(name)
+    if isinstance(obj, torch.dtype):
+        return True
+    return (_STORAGE_NAME.fullmatch(name) is not None and isinstance(obj, type)
+            and issubclass(obj, torch.storage.TypedStorage | torch.storage.UntypedStorage))
+
+
+def check_torch_file(path: str | os.PathLike, *, advice: str) -> None:
+    """Refuse a torch file whose loading could run code, before anything in it is loaded.
+
+    Reads the file as the zip archive `torch.save` writes and walks its pickle's opcodes with
+    `pickletools.genops` (which parses, never executes): every object the pickle names must be a
+    tensor rebuilder, a storage, a dtype or ``OrderedDict`` (`_torch_global_allowed`), and every
+    opcode one that builds plain data. Raises `CorruptFileError` (the file, the problem, then
+    ``advice``) for an empty, truncated or garbled file, torch's legacy non-zip format, an
+    archive not laid out as `torch.save` lays it out, or a pickle naming anything else (for
+    instance ``builtins.exec`` or ``posix.system``: a crafted file; or numpy objects)."""
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise CorruptFileError(p, "empty file", advice)
+    try:
+        with zipfile.ZipFile(p) as archive:
+            names = archive.namelist()
+            pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1 or len(set(names)) != len(names):
+                raise CorruptFileError(
+                    p, "is not laid out as torch.save writes a file (one data.pkl, no repeated "
+                       "entries); it was not loaded", advice)
+            prefix = pickles[0][: -len("data.pkl")]
+            if not all(n.startswith(prefix) for n in names):
+                raise CorruptFileError(
+                    p, "is not laid out as torch.save writes a file (entries outside its "
+                       f"{prefix!r} folder); it was not loaded", advice)
+            data = archive.read(pickles[0])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
+        raise CorruptFileError(
+            p, f"not a torch zip archive: truncated, garbled, or torch's legacy format "
+               f"({type(exc).__name__}: {exc}); it was not loaded", advice) from None
+    names_seen: set[str] = set()
+    opcodes_seen: set[str] = set()
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name not in _DATA_OPCODES:
+                opcodes_seen.add(op.name)
+            elif op.name == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+                if not _torch_global_allowed(module, name):
+                    names_seen.add(f"{module}.{name}")
+    except (ValueError, EOFError) as exc:  # genops: an unknown opcode, data cut short
+        raise CorruptFileError(p, f"its pickle is truncated or garbled ({exc}); it was not "
+                                  "loaded", advice) from None
+    if not names_seen and not opcodes_seen:
+        return
+    listed = ", ".join(sorted(names_seen))
+    # numpy scalars and arrays pickle as numpy's reconstructors, a dtype set up by BUILD, and
+    # their raw bytes as _codecs.encode (protocol 2)
+    numpy_only = any(n.startswith("numpy.") for n in names_seen) and all(
+        n.startswith("numpy.") or n == "_codecs.encode" for n in names_seen) and (
+        opcodes_seen <= {"BUILD"})
+    if numpy_only:
+        problem = (f"holds numpy objects ({listed}), which loading would have to import and "
+                   "call; a checkpoint holds only tensors, numbers, strings, lists and dicts, "
+                   "so it was refused unread (one written before this check could hold numpy "
+                   "values; it cannot be read safely)")
+    elif names_seen:
+        problem = (f"names {listed}, which a checkpoint never holds (only tensors, numbers, "
+                   "strings, lists and dicts); it was refused unread and nothing in it ran "
+                   "(it may have been crafted to run code)")
+    else:
+        problem = (f"its pickle uses the {', '.join(sorted(opcodes_seen))} opcode(s), which "
+                   "can build arbitrary objects and which torch.save never writes for a "
+                   "checkpoint; it was refused unread and nothing in it ran (it may have been "
+                   "crafted to run code)")
+    raise CorruptFileError(p, problem, advice)
+
+
+def read_torch_checked(path: str | os.PathLike, *, advice: str) -> dict:
+    """Load a dict written with `torch.save` (tensors on the CPU) and check its content hash
+    (stored under `HASH_FIELD`, over the rest of the dict: `tree_sha256`), without ever running
+    code named in the file: `check_torch_file` first, then ``torch.load(weights_only=True)``,
+    then the hash.
+
+    Raises `CorruptFileError` (the file, the problem, then ``advice``) when the file is refused
+    by `check_torch_file`, does not load, is not a dict, has no hash or a wrong one. Returns the
+    dict without the hash field.
+    """
+    import torch
+
+    p = Path(path)
+    check_torch_file(p, advice=advice)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CorruptFileError(p, f"does not load, truncated or garbled ({type(exc).__name__}: "
+                                  f"{first})", advice) from None
+    if not isinstance(state, dict) or HASH_FIELD not in state:
+        raise CorruptFileError(p, "has no content hash (not written by this trainer, or by an "
+                                  "older metactl)", advice)
+    stored = state.pop(HASH_FIELD)
+    try:
+        actual = tree_sha256(state)
+    except TypeError as exc:
+        raise CorruptFileError(p, f"holds an unexpected object ({exc})", advice) from None
+    if stored != actual:
+        raise CorruptFileError(p, "content hash mismatch (the file was changed or damaged "
+                                  "after it was written)", advice)
+    return state
+
+
+def plain_tree(obj: Any, where: str = "state") -> Any:
+    """A copy of ``obj`` that ``torch.load(weights_only=True)`` reads back as the same values:
+    dicts (``OrderedDict`` kept), lists, tuples, ``None``, bools, ints, floats, strings and
+    torch tensors (or parameters) stay; subclasses of the scalars (``np.float64``, ``np.str_``,
+    an ``IntEnum``) become the plain scalar of the same value; other numpy scalars become their
+    ``.item()`` and numpy arrays nested lists of the same numbers (exact: float32, float64 and
+    integer values all survive the conversion). Anything else raises ``TypeError`` naming where
+    it is (``where``, then the keys and indices down to it), because loading it back would mean
+    running code the file names."""
+    import collections
+
+    kind = type(obj)
+    if obj is None or kind in (bool, int, float, str):
+        return obj
+    if isinstance(obj, np.ndarray | np.generic):
+        if obj.dtype.kind not in ("biuf" if isinstance(obj, np.ndarray) else "biufU"):
+            raise TypeError(f"{where} is a numpy {obj.dtype} value; a checkpoint stores only "
+                            "numbers, strings, lists, dicts and tensors (convert it first)")
+        return plain_tree(obj.tolist() if isinstance(obj, np.ndarray) else obj.item(), where)
+    if isinstance(obj, int | float | str):  # IntEnum, a str or float subclass: its plain value
+        return (int if isinstance(obj, int) else float if isinstance(obj, float) else str)(obj)
+    if isinstance(obj, dict):
+        items = [(plain_tree(k, f"{where} key {k!r}"), plain_tree(v, f"{where}[{k!r}]"))
+                 for k, v in obj.items()]
+        return (collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict)
+                else dict(items))
+    if isinstance(obj, list | tuple):
+        seq = [plain_tree(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return seq if isinstance(obj, list) else tuple(seq)
+    if kind.__module__.startswith("torch"):
+        import torch
+
+        if kind in (torch.Tensor, torch.nn.Parameter):
+            return obj
+    raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}; a checkpoint stores "
+                    "only numbers, strings, lists, tuples, dicts and torch tensors, so that it "
+                    "can be loaded without running code (convert it first)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ second run finds it in the cache. Each entry's ``warmup.json`` records the SHA-2
 other file of the entry (and of itself), checked whenever the entry is used: a truncated or
 bit-flipped weight file, or a half-written entry, is rebuilt instead of trusted.
 
+A cache folder can come from elsewhere (a shared drive, a copied cache), and its hashes prove
+only that its files are consistent, not who wrote them. So an entry may hold only the files
+``save_pretrained`` writes for this model, safetensors weights and JSON, none of which can run
+code when loaded: a pickled weight file (``pytorch_model.bin``, ``*.pt``), a Python file, or a
+JSON configuration that points ``from_pretrained`` at custom code (``auto_map``) makes the entry
+refused and rebuilt, before anything loads it.
+
 Example:
     >>> from metactl.adapters.reference.tasks import ChainTask
     >>> cfg = WarmupConfig(steps=2, batch_size=8)
@@ -181,6 +188,28 @@ class WarmupEntry:
 
 META_FILE = "warmup.json"
 _CACHE_ADVICE = "the entry is rebuilt automatically"
+# what save_pretrained writes for the tiny model and its tokenizer: formats that hold only data
+_ENTRY_SUFFIXES = (".json", ".safetensors")
+
+
+def _check_entry_file(folder: Path, name: str) -> None:
+    """Refuse (`CorruptFileError`) a file a warm-up entry never holds and whose loading could
+    run code: one in a subfolder, of another format than JSON or safetensors, or a JSON
+    configuration with an ``auto_map`` (custom model or tokenizer code)."""
+    path = folder / name
+    if "/" in name or not name.endswith(_ENTRY_SUFFIXES):
+        raise CorruptFileError(path, "is not a file a warm-up entry holds (only the "
+                                     "safetensors weights and JSON files save_pretrained "
+                                     "writes; a pickled or code file is never loaded)",
+                               _CACHE_ADVICE)
+    if name.endswith(".json") and name != META_FILE:
+        try:
+            obj = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(path, f"not valid JSON ({exc})", _CACHE_ADVICE) from None
+        if isinstance(obj, dict) and "auto_map" in obj:
+            raise CorruptFileError(path, "names custom code (auto_map), which a warm-up entry "
+                                         "never does; it is not loaded", _CACHE_ADVICE)
 
 
 def _entry_files(folder: Path) -> dict[str, str]:
@@ -196,8 +225,9 @@ def entry_identity(files: dict[str, str]) -> str:
 
 def verify_entry(path: str | os.PathLike, key: str | None = None) -> WarmupEntry:
     """Check a warm-up cache entry: ``warmup.json`` intact (its own hash), for ``key`` when
-    given, and every model and tokenizer file present with the hash recorded there, and no
-    unrecorded file. Raises `CorruptFileError` saying what is wrong."""
+    given, every model and tokenizer file present with the hash recorded there, no unrecorded
+    file, and every file one that loads without running code (safetensors or JSON without
+    ``auto_map``; see the module docstring). Raises `CorruptFileError` saying what is wrong."""
     folder = Path(path)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
@@ -223,6 +253,8 @@ def verify_entry(path: str | os.PathLike, key: str | None = None) -> WarmupEntry
     if extra:
         raise CorruptFileError(folder / extra[0], "is not part of the cache entry as written",
                                _CACHE_ADVICE)
+    for name in sorted(actual):  # the hashes show the files are consistent, not who wrote them
+        _check_entry_file(folder, name)
     return WarmupEntry(path=folder, key=str(meta["key"]), identity=entry_identity(files),
                        meta=meta, rebuilt=None)
 

@@ -78,7 +78,15 @@ import numpy as np
 import torch
 
 from .config import GRPOConfig
-from .integrity import HASH_FIELD, CorruptFileError, atomic_write, tree_sha256
+from .integrity import (
+    HASH_FIELD,
+    TORCH_PICKLE_PROTOCOL,
+    CorruptFileError,
+    atomic_write,
+    plain_tree,
+    read_torch_checked,
+    tree_sha256,
+)
 from .knobs import SamplerSetting, Truncation, check_policy_knobs, setting_logprobs
 from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs
@@ -688,10 +696,16 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Atomically write everything needed to resume exactly (model, optimizer, scheduler,
-        meta-policy state, RNG states, step, history)."""
+        meta-policy state, RNG states, step, history).
+
+        Everything is stored as tensors, numbers, strings, lists and dicts (`plain_tree`: numpy
+        values in a history or an evaluator's result become the same Python numbers and lists),
+        so `read_checkpoint` loads it with ``torch.load(weights_only=True)``, which runs no code.
+        Raises ``TypeError`` naming the field when something else was given to store.
+        """
         path = self.checkpoint_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
+        state = plain_tree({
             "step": self.step_idx,
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
@@ -706,11 +720,12 @@ class GRPOTrainer:
             "history": self.history,
             "evals": self.evals,
             "diagnostics": self.diagnostics,
-        }
+        }, "checkpoint")
         state[HASH_FIELD] = tree_sha256(state)  # checked by load_checkpoint
         # a uniquely named temporary file renamed into place: a reader sees the old checkpoint
-        # or the new one, and two writers never share a temporary file
-        atomic_write(path, lambda f: torch.save(state, f))
+        # or the new one, and two writers never share a temporary file; the protocol is pinned
+        # because the reader's opcode check accepts exactly what protocol 2 writes
+        atomic_write(path, lambda f: torch.save(state, f, pickle_protocol=TORCH_PICKLE_PROTOCOL))
         return path
 
     def load_checkpoint(self) -> None:
@@ -750,31 +765,30 @@ CHECKPOINT_ADVICE = ("delete it to restart this run from step 0 (its other files
                      "use a fresh output folder")
 
 
+# what `GRPOTrainer.load_checkpoint` reads unconditionally ("prompt_source" and "rng_cuda" are
+# optional there)
+_CHECKPOINT_FIELDS = ("step", "config", "model", "optimizer", "scheduler", "policy", "rng_numpy",
+                      "rng_sampling", "rng_torch", "history", "evals", "diagnostics")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a `GRPOTrainer` checkpoint on the CPU and check its content hash.
+    """Load a `GRPOTrainer` checkpoint on the CPU and check its content hash, without running
+    any code the file names (`integrity.read_torch_checked`: its pickle's opcodes are checked
+    before anything is loaded, then ``torch.load(weights_only=True)``, then the hash).
 
     Raises `CorruptFileError` naming ``path`` when the file is empty, truncated or garbled (it
-    does not load, or its hash does not match what was saved) or has no hash.
+    does not load, or its hash does not match what was saved), has no hash, lacks a field a
+    resume needs, or names anything but tensors (a crafted file, or numpy values in a
+    checkpoint written before this check: it is refused, never loaded unsafely).
     """
     p = Path(path)
-    if p.stat().st_size == 0:
-        raise CorruptFileError(p, "empty file", CHECKPOINT_ADVICE)
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CorruptFileError(p, f"does not load, truncated or garbled ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''})",
-                               CHECKPOINT_ADVICE) from None
-    if not isinstance(state, dict) or HASH_FIELD not in state:
-        raise CorruptFileError(p, "has no content hash (not written by this trainer, or by an "
-                                  "older metactl)", CHECKPOINT_ADVICE)
-    stored = state.pop(HASH_FIELD)
-    try:
-        actual = tree_sha256(state)
-    except TypeError as exc:
-        raise CorruptFileError(p, f"holds an unexpected object ({exc})", CHECKPOINT_ADVICE) \
-            from None
-    if stored != actual:
-        raise CorruptFileError(p, "content hash mismatch (the file was changed or damaged "
-                                  "after it was written)", CHECKPOINT_ADVICE)
+    state = read_torch_checked(p, advice=CHECKPOINT_ADVICE)
+    missing = [k for k in _CHECKPOINT_FIELDS if k not in state]
+    if missing:
+        raise CorruptFileError(p, f"lacks the field(s) {', '.join(missing)} (not written by "
+                                  "this trainer)", CHECKPOINT_ADVICE)
+    for key in ("rng_sampling", "rng_torch"):
+        if not isinstance(state[key], torch.Tensor) or state[key].dtype != torch.uint8:
+            raise CorruptFileError(p, f"its {key} is not a byte tensor (not written by this "
+                                      "trainer)", CHECKPOINT_ADVICE)
     return state
