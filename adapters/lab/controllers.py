@@ -16,7 +16,8 @@ Names (temperatures on the paper grid 0.6..1.5 unless a knob arm says otherwise)
   linearly from H0 to H1 nats over the run) and ``entropy-schedule`` (from twice the run's
   entropy target to half of it: 0.6 -> 0.15 by default, annealed high to low around ``entropy``).
 * per-prompt controllers (a temperature per prompt group; untuned defaults): ``ptgs`` (its pivot
-  ramped over the run's steps), ``tampo-per-prompt``, ``linear-thompson``.
+  ramped over the run's steps; continuous temperatures in its range [1/1.5, 1.5], named by the
+  nearest of 10 log-spaced candidates there), ``tampo-per-prompt``, ``linear-thompson``.
 * ``recommended``: `metactl.recommended`, the choice of ``benchmarks/PROTOCOL.md`` section 7.
 * arms over other sampler knobs (TAMPO with the paper's defaults): ``top-p`` (over ``top_p`` in
   `TOP_P_GRID` at the trainer's fixed temperature) and ``tampo-joint`` (over the paper's
@@ -128,9 +129,11 @@ _SIMPLE: dict[str, Callable[[int, int, float], metactl.MetaPolicy]] = {
     "entropy": _on_grid(lambda steps, target: metactl.EntropyTarget(target)),
     "entropy-schedule": _on_grid(
         lambda steps, target: metactl.EntropySchedule(2 * target, target / 2, total_steps=steps)),
-    # PTGS's values are continuous in [1/1.5, 1.5]; the grid only names the nearest candidate
-    # (every arm logs the same K)
-    "ptgs": lambda steps, seed, target: metactl.ptgs(GRID, seed=seed, total_steps=steps),
+    # PTGS's values are continuous in its range [1/1.5, 1.5]; its grid only names the nearest
+    # candidate, so it is PTGS's own log-spaced grid over that range with the paper grid's K
+    # (every temperature arm logs the same K)
+    "ptgs": lambda steps, seed, target: metactl.ptgs(metactl.ptgs_candidates(k=len(GRID)),
+                                                     seed=seed, total_steps=steps),
     "tampo-per-prompt": lambda steps, seed, target: metactl.tampo_per_prompt(GRID, seed=seed),
     "linear-thompson": lambda steps, seed, target: metactl.linear_thompson(GRID, seed=seed),
     "recommended": lambda steps, seed, target: metactl.recommended(seed=seed),
