@@ -13,20 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from .knobs import MAX_CANDIDATES, KnobGrid, check_knob, knob_values
-
-#: What a :class:`metactl.MetaPolicy` can control: one sampler knob (its candidates are values
-#: of that knob), ``"joint"`` (candidates are a :class:`metactl.KnobGrid` of knob mappings) or
-#: ``"generic"`` (any finite numbers, no knob: the caller applies them).
-HYPERPARAMETERS = ("temperature", "top_p", "top_k", "min_p", "joint", "generic")
-
-#: How errors name each knob's values.
-_KNOB_LABELS = {
-    "temperature": "temperatures",
-    "top_p": "top-p values",
-    "top_k": "top-k values",
-    "min_p": "min-p values",
-}
+from .knobs import (
+    HYPERPARAMETERS,
+    KNOB_PLURALS,
+    MAX_CANDIDATES,
+    KnobGrid,
+    check_knob,
+    knob_values,
+)
 
 
 def to_numpy(x: Any, name: str) -> np.ndarray:
@@ -230,7 +224,7 @@ def candidate_values(
                 check_knob(hyperparameter, value, f"{name}[{i}]")
             except ValueError as exc:
                 raise ValueError(
-                    f"{name}: {_KNOB_LABELS[hyperparameter]} out of range ({exc}); got "
+                    f"{name}: {KNOB_PLURALS[hyperparameter]} out of range ({exc}); got "
                     f"{arr.tolist()}"
                 ) from exc
     return arr

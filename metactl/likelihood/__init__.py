@@ -37,11 +37,10 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from .._validation import candidate_values, is_joint_like
-from ..knobs import KnobGrid
+from ..knobs import SMOOTHING_EPS, KnobGrid, _check_epsilon
 from ._checks import (
     ArrayLike,
     _check_chunk_size,
-    _check_real,
     _is_torch,
     _to_numpy,
     default_chunk_size,
@@ -72,7 +71,7 @@ def candidate_loglik(
     top_p: float = 1.0,
     top_k: int | None = None,
     min_p: float = 0.0,
-    epsilon: float = 1e-3,
+    epsilon: float = SMOOTHING_EPS,
     order: str = "hf",
     chunk_size: int | None = None,
     fused: bool | None = None,
@@ -105,7 +104,8 @@ def candidate_loglik(
             tokens). E.g. ``family="temperature", top_p=0.9`` scores temperature candidates
             as the sampler draws with nucleus 0.9. A fixed value for a knob the candidates
             set is an error.
-        epsilon: smoothing weight of truncated candidates, in ``(0, 1)`` (see below).
+        epsilon: smoothing weight of truncated candidates, in ``(0, 1)`` (see below; default
+            :data:`metactl.knobs.SMOOTHING_EPS`, what :func:`metactl.knobs.log_probs` uses).
         order: order of the truncations: ``"hf"`` (HF ``generate``: top-k, top-p, min-p) or
             ``"vllm"`` (vLLM: min-p, top-k, top-p); they differ only when top-p and min-p
             are both active (see :mod:`metactl.likelihood.families`).
@@ -195,9 +195,7 @@ def candidate_loglik(
         order=order,
         to_numpy=_to_numpy,
     )
-    eps = _check_real(epsilon, "epsilon")
-    if not 0.0 < eps < 1.0:
-        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
+    eps = _check_epsilon(epsilon)
     chunk = _check_chunk_size(chunk_size)
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"fused must be True, False or None, got {fused!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import sys
 from typing import TYPE_CHECKING, Any, Union
@@ -39,15 +38,6 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
         return np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic objects
         raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}") from exc
-
-
-def _check_real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
 
 
 def _check_chunk_size(chunk_size: object) -> int | None:

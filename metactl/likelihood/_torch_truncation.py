@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..knobs import _kept_count_torch, _smoothed_torch
 from ._checks import _square_plan
 from ._torch_nucleus import _NucleusPlan, _NucleusSegment, _SortedSegment
 from ._torch_ops import _exp_inplace, _scaled_shift, _Scratch
@@ -86,9 +87,10 @@ class _TruncPlan:
 
         idx = np.asarray(self.sorted_ones, dtype=np.int64)
         self.s_temp = f32(spec.temperature[idx])
-        self.s_top_k = torch.from_numpy(spec.top_k[idx].astype(np.int64)).to(device)
-        self.s_top_p = f32(spec.top_p[idx])
-        self.s_min_p = f32(spec.min_p[idx].astype(np.float32))
+        # (S, 1): broadcast over the positions of a segment
+        self.s_top_k = torch.from_numpy(spec.top_k[idx].astype(np.int64)).to(device).view(-1, 1)
+        self.s_top_p = f32(spec.top_p[idx]).view(-1, 1)
+        self.s_min_p = f32(spec.min_p[idx].astype(np.float32)).view(-1, 1)
         self.s_idx = torch.from_numpy(idx).to(device)
         self.max_top_k = int(spec.top_k[idx].max()) if idx.size else 0
 
@@ -194,14 +196,13 @@ def _score_truncated(
         else:
             vals = torch.sort(seg, dim=-1, descending=True).values
         shifted = vals.float() - m  # (c, size), <= 0
-        neg_vals = -vals  # ascending, for searchsorted
         batch = max(1, vocab // size)  # (B, c, size) buffers stay within one (c, V) chunk
         out = torch.empty((n_sorted, c), dtype=torch.float32, device=device)
         overflow = False
         for a in range(0, n_sorted, batch):
             sl = slice(a, min(n_sorted, a + batch))
-            res, over = _score_sorted(vals, neg_vals, shifted, z_o, plan, sl, s_totals[sl],
-                                      s_logp[sl], eps, unit, use_exp2, vocab)  # fmt: skip
+            res, over = _score_sorted(vals, shifted, z_o, plan, sl, s_totals[sl], s_logp[sl],
+                                      eps, unit, use_exp2, vocab)  # fmt: skip
             if over:
                 overflow = True
                 break
@@ -214,7 +215,6 @@ def _score_truncated(
 
 def _score_sorted(
     vals: torch.Tensor,
-    neg_vals: torch.Tensor,
     shifted: torch.Tensor,
     z_o: torch.Tensor,
     plan: _TruncPlan,
@@ -227,58 +227,27 @@ def _score_sorted(
     vocab: int,
 ) -> tuple[torch.Tensor, bool]:
     """Score the top-k candidates ``plan.sorted_ones[sl]`` (``B`` of them) on the window
-    ``vals`` (``(c, size)`` descending logits; ``neg_vals = -vals`` ascending, for
-    ``searchsorted``). Returns ``(B, c)`` log q and whether some kept set (or the survivors'
-    mass top-p needs) may continue past the window."""
+    ``vals`` (``(c, size)`` descending logits), their kept sets counted by
+    :mod:`metactl.knobs`'s definition. Returns ``(B, c)`` log q and whether some kept set (or
+    the survivors' mass top-p needs) may continue past the window."""
     import torch
 
-    c, size = vals.shape
+    size = vals.shape[1]
     partial = size < vocab
-    top_k = plan.s_top_k[sl]  # (B,)
+    top_k = plan.s_top_k[sl]  # (B, 1)
     if partial and int(top_k.max()) > size - 1:
         return torch.empty(0), True  # the k-th logit (or its tie check) is past the window
-    b = top_k.numel()
-    full = torch.full((b, c), vocab, dtype=torch.long, device=vals.device)
-
-    def count_at_least(x: torch.Tensor) -> torch.Tensor:
-        """``(B, c)``: how many window logits are ``>= x`` (``(B, c)``, window values)."""
-        return torch.searchsorted(neg_vals, (-x).T.contiguous(), right=True).T
-
+    b = top_k.shape[0]
     scale = (unit / plan.s_temp[sl]).view(b, 1, 1)
     ws = shifted.unsqueeze(0) * scale  # (B, c, size)
     _exp_inplace(ws, use_exp2)  # p / p_max of the sorted logits
     cum = ws.cumsum(dim=-1)  # non-decreasing (sums of non-negative terms)
-    # ties at the k-th logit are kept (HF, vLLM): count every logit >= it
-    kth = vals.index_select(1, (top_k - 1).clamp(0, size - 1)).T  # (B, c)
-    n_k = torch.where((top_k > 0).unsqueeze(-1), count_at_least(kth), full)
-    min_p = plan.s_min_p[sl].view(b, 1, 1)
-    if bool((min_p > 0).any()):
-        n_mp = torch.where((min_p > 0).view(b, 1), (ws >= min_p).sum(-1), full)
-    else:
-        n_mp = full
-    # >= 1 for valid rows (the top token is always kept); the clamp only keeps the indices
-    # in range for a NaN row, which is reported once the segment is done
-    n = torch.minimum(n_k, n_mp).clamp_min_(1)
-    top_p = plan.s_top_p[sl].view(b, 1)
-    has_top_p = top_p < 1.0
-    over = torch.zeros((b, c), dtype=torch.bool, device=vals.device)
-    if bool(has_top_p.any()):
-        base = n_k if plan.spec.order == "hf" else n  # top-p measures the survivors' mass
-        if partial:  # that mass must be known: all tokens, or a prefix inside the window
-            over |= has_top_p & (base >= size) & (base < vocab)
-        inside = cum.gather(-1, (base - 1).clamp(0, size - 1).unsqueeze(-1)).squeeze(-1)
-        base_mass = torch.where(base >= vocab, total, inside)  # (B, c)
-        # token i is kept when the mass sorted before it, cum[i - 1], is < top_p * base mass
-        # (the first token always is); then extend to the end of the last one's tie group
-        # (a tie straddling the boundary is kept whole)
-        limit = (top_p * base_mass).unsqueeze(-1)
-        # count over cum[:-1] = count over cum, capped at size - 1 (cum is non-decreasing)
-        below = torch.searchsorted(cum, limit.contiguous()).squeeze(-1)
-        n_excl = 1 + below.clamp_max_(size - 1)
-        boundary = vals.gather(1, (n_excl - 1).clamp(0, size - 1).T).T  # (B, c)
-        n_p = torch.where(has_top_p, count_at_least(boundary), full)
-        n = torch.minimum(n, n_p).clamp_min_(1)
-    if partial:
+    top_p = plan.s_top_p[sl]
+    counts = _kept_count_torch(vals, ws, cum, top_k, top_p, plan.s_min_p[sl],
+                               order=plan.spec.order, vocab=vocab, full_mass=total)  # fmt: skip
+    n = counts.n  # (B, c)
+    if partial:  # top-p's base mass must be known: all tokens, or a prefix inside the window
+        over = (top_p < 1.0) & (counts.base >= size) & (counts.base < vocab)
         over |= n >= size
         if bool(over.any()):
             return torch.empty(0), True
@@ -296,12 +265,8 @@ def _smoothed(
     eps: float,
 ) -> torch.Tensor:
     """``log q(o) = log p(o) + log((1 - eps) [o kept] / Z + eps)``, ``Z`` the kept mass."""
-    import torch
-
     frac = (kept_mass / total).clamp_(min=1e-38, max=1.0)  # kept mass, (0, 1]
-    ratio = torch.where(kept_o, (1.0 - eps) / frac + eps, eps)
-    # q(o) <= 1 exactly; the clamp removes rounding only
-    return (logp_o + ratio.log()).clamp_max_(0.0)
+    return _smoothed_torch(logp_o, kept_o, frac, eps)
 
 
 def _window_size(plan: _TruncPlan, vocab: int) -> int:

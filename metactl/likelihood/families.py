@@ -50,39 +50,40 @@ from typing import Any
 import numpy as np
 
 from .._validation import candidate_values
-from ..knobs import KNOBS, KnobGrid, check_knob, joint_candidates, knob_values
+from ..knobs import (
+    KNOB_OFF,
+    KNOBS,
+    ORDERS,
+    KnobGrid,
+    SettingRows,
+    _check_order,
+    _kept_count_numpy,
+    _smoothed_numpy,
+    _sort_rows,
+    _sorted_mass,
+    check_knob,
+    joint_candidates,
+    knob_values,
+)
 
 __all__ = ["FAMILIES", "ORDERS", "CandidateSpec", "build_spec", "numpy_logq"]
 
-#: Sampling families understood by :func:`metactl.likelihood.candidate_loglik`.
+#: Sampling families understood by :func:`metactl.likelihood.candidate_loglik`: each knob of
+#: :data:`metactl.knobs.KNOBS` (its candidates are that knob's values) and ``"joint"``.
 FAMILIES: tuple[str, ...] = ("temperature", "min_p", "top_p", "top_k", "joint")
-#: Orders of operations: HF ``generate`` or vLLM's sampler (see the module docstring).
-ORDERS: tuple[str, ...] = ("hf", "vllm")
-
-_FAMILY_KNOB = {"temperature": "temperature", "min_p": "min_p", "top_p": "top_p", "top_k": "top_k"}
 
 
-@dataclass(frozen=True)
-class CandidateSpec:
-    """Every candidate's full sampler setting: arrays of length ``K``.
-
-    ``top_k = 0`` means off (keep all), ``top_p = 1`` and ``min_p = 0`` likewise.
-    """
+@dataclass(frozen=True, eq=False)
+class CandidateSpec(SettingRows):
+    """Every candidate's full sampler setting (a :class:`metactl.knobs.SettingRows` of ``K``
+    rows, ``top_k = 0`` off), the family that varies them and the order of the truncations."""
 
     family: str
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    min_p: np.ndarray
     order: str
 
     @property
     def size(self) -> int:
-        return int(self.temperature.size)
-
-    def truncated(self) -> np.ndarray:
-        """``(K,)`` bool: candidate ``k`` has an active truncation."""
-        return (self.top_k > 0) | (self.top_p < 1.0) | (self.min_p > 0.0)
+        return len(self)
 
     def is_pure(self, family: str) -> bool:
         """True when only ``family``'s own knob varies and no other truncation is active
@@ -90,7 +91,7 @@ class CandidateSpec:
         if self.family != family:
             return False
         if family == "temperature":
-            return not bool(self.truncated().any())
+            return not bool(self.truncated.any())
         if family == "min_p":
             return bool(np.all(self.top_k == 0) and np.all(self.top_p == 1.0))
         return False
@@ -115,11 +116,7 @@ def build_spec(
     to_numpy: Any,
 ) -> CandidateSpec:
     """Validate the candidates and the fixed knobs; returns every candidate's setting."""
-    if order not in ORDERS:
-        if not isinstance(order, str):
-            raise TypeError(f"order must be a str, one of {list(ORDERS)}, got "
-                            f"{type(order).__name__}")  # fmt: skip
-        raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+    order = _check_order(order)
     is_joint = isinstance(candidates, KnobGrid) or (
         isinstance(candidates, (list, tuple))
         and any(isinstance(c, dict) or hasattr(c, "keys") for c in candidates)
@@ -134,13 +131,9 @@ def build_spec(
         raise ValueError(f"candidates are knob mappings (a joint grid), so family must be "
                          f"'joint' or None, got family={family!r}")  # fmt: skip
 
-    fixed = {
-        "temperature": _fixed("temperature", temperature),
-        "top_p": _fixed("top_p", top_p),
-        "top_k": _fixed("top_k", top_k),
-        "min_p": _fixed("min_p", min_p),
-    }
-    off = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+    fixed = {knob: _fixed(knob, given[knob]) for knob in KNOBS}
+    off = {knob: _fixed(knob, KNOB_OFF[knob]) for knob in KNOBS}
 
     if family == "joint":
         cand_grid = joint_candidates(candidates)
@@ -148,7 +141,7 @@ def build_spec(
         k = len(cand_grid)
         columns = {knob: cand_grid.column(knob) for knob in varied}
     else:
-        knob = _FAMILY_KNOB[family]
+        knob = family  # a one-knob family is named after its knob
         varied = (knob,)
         if knob == "top_k":
             # the raw values, so that a bool or a float among ints is seen as such
@@ -176,7 +169,7 @@ def build_spec(
         top_k=arrays["top_k"].astype(np.int64),
         top_p=arrays["top_p"].astype(np.float64),
         min_p=arrays["min_p"].astype(np.float64),
-        order=str(order),
+        order=order,
     )
 
 
@@ -192,21 +185,19 @@ def numpy_logq(
     z: np.ndarray, toks: np.ndarray, spec: CandidateSpec, eps: float
 ) -> np.ndarray:
     """``(c, K)`` float64 ``log q_k(toks | z)`` for a chunk of logit rows ``z`` (``(c, V)``,
-    finite except ``-inf`` off the sampled token), every candidate of ``spec``."""
-    c, vocab = z.shape
+    finite except ``-inf`` off the sampled token), every candidate of ``spec``: the kept sets
+    of :mod:`metactl.knobs` (one sort shared by every candidate, one ``exp`` pass per
+    temperature)."""
+    c = z.shape[0]
     rows = np.arange(c)
     m = z.max(axis=1, keepdims=True)
     u = z - m  # <= 0, max exactly 0
     u_o = u[rows, toks]
     z_o = z[rows, toks]
-    truncated = spec.truncated()
+    truncated = spec.truncated
     if truncated.any():
         # descending by logit; the order does not depend on T (T > 0)
-        order = np.argsort(-z, axis=1, kind="stable")
-        zs = np.take_along_axis(z, order, axis=1)
-        new_group = np.ones_like(zs, dtype=bool)
-        new_group[:, 1:] = zs[:, 1:] != zs[:, :-1]
-        first = np.maximum.accumulate(np.where(new_group, np.arange(vocab), 0), axis=1)
+        order, zs, first = _sort_rows(z)
     out = np.empty((c, spec.size))
     for temp, members in temperature_groups(spec):
         e = np.exp(u / temp)  # p / p_max
@@ -215,42 +206,14 @@ def numpy_logq(
         if not truncated[members].any():
             out[:, members] = logp_o[:, None]
             continue
-        ws = np.take_along_axis(e, order, axis=1)
-        cum = np.cumsum(ws, axis=1)
-        above = np.take_along_axis(cum - ws, first, axis=1)  # mass strictly more likely
+        ws, cum, above = _sorted_mass(e, order, first)
         for j in members:
             if not truncated[j]:
                 out[:, j] = logp_o
                 continue
-            n = _kept_count_numpy(zs, ws, cum, above, spec, j)
-            kept_mass = cum[rows, n - 1]
+            n = _kept_count_numpy(zs, ws, cum, above, spec.top_k[j], spec.top_p[j],
+                                  spec.min_p[j], spec.order)  # fmt: skip
             kept_o = z_o >= zs[rows, n - 1]
-            frac = np.minimum(kept_mass / total, 1.0)
-            ratio = np.where(kept_o, (1.0 - eps) / frac + eps, eps)
-            out[:, j] = np.minimum(logp_o + np.log(ratio), 0.0)
+            frac = np.minimum(cum[rows, n - 1] / total, 1.0)
+            out[:, j] = _smoothed_numpy(logp_o, kept_o, frac, eps)
     return out
-
-
-def _kept_count_numpy(
-    zs: np.ndarray,
-    ws: np.ndarray,
-    cum: np.ndarray,
-    above: np.ndarray,
-    spec: CandidateSpec,
-    j: int,
-) -> np.ndarray:
-    """Length of candidate ``j``'s kept prefix (in ``[1, V]``) for each row."""
-    c, vocab = zs.shape
-    rows = np.arange(c)
-    full = np.full(c, vocab)
-    k = int(spec.top_k[j])
-    n_k = full if k == 0 else (zs >= zs[:, min(k, vocab) - 1 : min(k, vocab)]).sum(axis=1)
-    mp = float(spec.min_p[j])
-    n_mp = full if mp == 0.0 else (ws >= mp).sum(axis=1)
-    p = float(spec.top_p[j])
-    if p == 1.0:
-        return np.minimum(n_k, n_mp)
-    base = n_k if spec.order == "hf" else np.minimum(n_k, n_mp)
-    base_mass = cum[rows, base - 1]
-    n_p = (above < p * base_mass[:, None]).sum(axis=1)
-    return np.minimum(np.minimum(n_k, n_mp), n_p)
