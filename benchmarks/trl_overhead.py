@@ -15,8 +15,10 @@ default (no old-logprob pass); ``bpe32k`` is shaped like a real model's head: a 
 tokenizer of 32,000 tokens trained locally, hidden size 256, and ``steps_per_generation=2`` (so
 TRL makes an old-logprob pass, as with buffered or vLLM runs, and ``fused`` has one to use).
 
-Every completion is forced to full length (``min_new_tokens``), so all arms do the same amount of
-generation whatever temperature they sample at. Arms run interleaved, ``--repeats`` times each
+Generation stops only at the padding token (``eos_token_id`` in ``generation_kwargs``, a token
+the model all but never samples), so every arm generates full-length completions whatever
+temperature it samples at; unlike ``min_new_tokens``, this leaves the sampling distribution (and so
+the candidate likelihoods) as they are. Arms run interleaved, ``--repeats`` times each
 (rotating their order); each run times ``--steps`` optimizer steps after ``--warmup`` untimed
 ones. The table shows the median of all timed step times of an arm (pooled over repeats), the
 overhead relative to ``plain`` from those medians, and the meta-policy's own work per step as
@@ -116,7 +118,7 @@ def run_arm(arm: str, size: Size, model_dir: Path, steps: int, warmup: int, seed
         per_device_train_batch_size=size.prompts * size.generations,
         num_generations=size.generations,
         max_completion_length=n,
-        generation_kwargs={"min_new_tokens": n},  # equal work in every arm
+        generation_kwargs={"eos_token_id": tok.pad_token_id},  # equal work in every arm
         steps_per_generation=size.steps_per_generation,
         learning_rate=1e-4,
         logging_steps=10_000,

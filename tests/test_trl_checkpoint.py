@@ -47,9 +47,12 @@ def test_checkpoint_round_trip_gives_the_same_future_choices(tmp_path):
     # A fresh trainer (and fresh policy with the same seed) resumed from checkpoint-3.
     resumed = _trainer(tmp_path / "resumed", max_steps=6)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
-    assert len(resumed.meta_history) == 3
-    assert resumed.meta_history[0]["policy_step"] == 3
-    assert [h["value"] for h in resumed.meta_history] == [h["value"] for h in full.meta_history[3:]]
+    # the history saved at step 3 comes back, then the 3 batches the resumed run made
+    assert len(resumed.meta_history) == 6
+    assert resumed.meta_history[:3] == states[3]["history"] == full.meta_history[:3]
+    assert resumed.meta_history[3]["policy_step"] == 3
+    new = resumed.meta_history[3:]
+    assert [h["value"] for h in new] == [h["value"] for h in full.meta_history[3:]]
     assert resumed.meta_policy.state_dict() == full.meta_policy.state_dict()
 
     # Without the restore, the fresh policy would have started from step 0 (uniform).

@@ -8,7 +8,9 @@ import importlib
 import pytest
 from metactl.adapters.trl.testing import torch_threads
 
-MODULES = ["", ".fused", ".guards", ".knobs", ".patching", ".scoring", ".testing", ".trainer"]
+MODULES = [
+    "", ".checkpoint", ".fused", ".guards", ".scoring", ".seam", ".testing", ".trainer", ".window"
+]
 
 
 @pytest.mark.parametrize("suffix", MODULES)

@@ -16,8 +16,7 @@ import trl.kernels.chunked_logprob as kernels
 import trl.trainer.utils as trl_utils
 from metactl.adapters.trl import MetaGRPOTrainer
 from metactl.adapters.trl.fused import FusedLogitsCapture
-from metactl.adapters.trl.knobs import CandidateScoring
-from metactl.adapters.trl.scoring import candidate_loglik_exact
+from metactl.adapters.trl.scoring import CandidateScoring, candidate_loglik_exact
 from metactl.adapters.trl.testing import (
     addition_dataset,
     build_char_tokenizer,

@@ -26,8 +26,6 @@ import pytest
 import torch
 from metactl.adapters.trl import MetaGRPOTrainer
 from metactl.adapters.trl.guards import check_generation_settings
-from metactl.adapters.trl.knobs import PolicyKnobs
-from metactl.adapters.trl.per_prompt import _check_per_prompt_policy
 from metactl.adapters.trl.testing import addition_dataset, digit_count_reward, tiny_grpo_config
 from transformers import (
     LogitsProcessorList,
@@ -161,7 +159,7 @@ def _run(model_path: str, tmp_path: Any, case: Case) -> Recorder:
 def test_chosen_setting_samples_and_scores_every_batch(model_path, tmp_path, name):
     case = CASES[name]
     trainer = _run(model_path, tmp_path, case)
-    knobs = PolicyKnobs.from_policy(trainer.meta_policy)
+    owned = trainer.meta_policy.knobs
     assert trainer.meta_scoring.family == case.family
     generations = 3 if "num_iterations" not in case.extra else 2  # max_steps=3
     assert len(trainer.records) == len(trainer.meta_history) == generations
@@ -186,7 +184,7 @@ def test_chosen_setting_samples_and_scores_every_batch(model_path, tmp_path, nam
                 assert math.isfinite(float(kept[tokens[i, t]])), (name, setting, i, t)
                 # mass the chosen truncation keeps, under the same setting without it
                 loose = dict(full)
-                for knob in knobs.knobs:
+                for knob in owned:
                     if knob != "temperature":
                         loose[knob] = {"top_p": 1.0, "top_k": None, "min_p": 0.0}[knob]
                 base = _warpers(loose["temperature"], loose["top_k"], loose["top_p"],
@@ -196,15 +194,16 @@ def test_chosen_setting_samples_and_scores_every_batch(model_path, tmp_path, nam
                 log_in_untruncated += math.log(float(probs[torch.isfinite(kept)].sum()))
         # 2. the scored likelihoods are candidate_loglik's with the family and fixed knobs
         rows = rec["counts"] > 0
+        candidates = list(trainer.meta_scoring.candidates)
         expected_l = candidate_loglik(
-            logits[rows], tokens[rows], mask[rows], list(knobs.scored_candidates), case.family,
+            logits[rows], tokens[rows], mask[rows], candidates, case.family,
             order="hf", **{k: v for k, v in case.fixed.items()},
         )  # fmt: skip
         torch.testing.assert_close(rec["loglik"][rows].float(), expected_l, rtol=0, atol=2e-5)
         assert (
             rec["path"] == {"fast": "generate", "exact": "exact", "fused": "fused"}[case.likelihood]
         )
-    if set(knobs.knobs) != {"temperature"}:
+    if set(owned) != {"temperature"}:
         # without the chosen truncation, all these tokens falling in its kept sets is unlikely
         assert log_in_untruncated < math.log(1e-3), log_in_untruncated
     # 3. the metrics name every knob of the decision, through TRL's own log
@@ -213,11 +212,11 @@ def test_chosen_setting_samples_and_scores_every_batch(model_path, tmp_path, nam
     for entry, hist in zip(logged, trainer.meta_history, strict=False):
         for knob in ("temperature", "top_p", "top_k", "min_p"):
             key = f"metactl/{knob}"
-            if knob in knobs.knobs:
+            if knob in owned:
                 assert float(entry[key]) == pytest.approx(float(hist["setting"][knob]))
             else:
                 assert key not in entry
-        labels = knobs.labels()
+        labels = trainer.meta_scoring.labels()
         assert {f"metactl/prob/{label}" for label in labels} <= set(entry)
 
 
@@ -363,7 +362,7 @@ def test_guard_matrix(model_path, tmp_path, family, setting):
     # accepted: every knob the policy does not own is held fixed at the user's value
     user = {**overrides, **overrides.get("generation_kwargs", {})}
     for knob, off in (("top_p", 1.0), ("top_k", None), ("min_p", 0.0)):
-        if knob in trainer.meta_knobs.knobs:
+        if knob in trainer.meta_policy.knobs:
             continue
         assert getattr(scoring, knob) == user.get(knob, off), knob
     assert scoring.order == "hf"
@@ -373,17 +372,22 @@ def test_guard_matrix_per_prompt_cells(model_path, tmp_path):
     """Per-prompt (contextual) policies: the temperature only; top_k (rank-based, so it commutes
     with the per-row temperature) is held fixed; top_p / min_p act before the per-row temperature
     and are refused, as is vLLM (checked in the per-prompt tests)."""
-    top_p_ptgs = metactl.MetaPolicy([0.8, 0.9], metactl.PTGS(), hyperparameter="top_p")
-    with pytest.raises(ValueError, match=r"a per-prompt meta_policy over \['top_p'\]"):
-        _check_per_prompt_policy(top_p_ptgs, "fast", "prompt_id", ("top_p",))
+    with pytest.raises(ValueError, match=r"PTGS drives temperature only.*'top_p'"):
+        metactl.MetaPolicy([0.8, 0.9], metactl.PTGS(), hyperparameter="top_p")
     ds = addition_dataset(8)
     ds = ds.add_column("prompt_id", list(range(len(ds))))
 
-    def build(**overrides: Any) -> MetaGRPOTrainer:
+    def build(policy: Any = None, **overrides: Any) -> MetaGRPOTrainer:
+        policy = metactl.tampo_per_prompt(seed=0) if policy is None else policy
         return MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward,
                                args=tiny_grpo_config(tmp_path, **overrides), train_dataset=ds,
-                               meta_policy=metactl.tampo_per_prompt(seed=0),
-                               meta_context_column="prompt_id")  # fmt: skip
+                               meta_policy=policy, meta_context_column="prompt_id")  # fmt: skip
+
+    top_p_per_prompt = metactl.MetaPolicy([0.8, 0.9], metactl.ContextualTAMPO(),
+                                          hyperparameter="top_p")  # fmt: skip
+    with pytest.raises(ValueError, match=r"per-prompt meta_policy cannot sample the policy's "
+                                         r"knobs \['top_p'\]"):  # fmt: skip
+        build(top_p_per_prompt)
 
     assert build(top_k=5).meta_scoring.top_k == 5
     with pytest.raises(ValueError, match=r"^top_p=0.9: with a per-prompt meta_policy"):
@@ -401,10 +405,10 @@ def test_refused_policies_name_the_knob(model_path, tmp_path):
     generic = metactl.MetaPolicy([1.0, 2.0], metactl.EXP3(), hyperparameter="generic")
     with pytest.raises(ValueError, match="'generic', which is no sampling knob"):
         build(generic)
-    entropy_top_p = metactl.MetaPolicy([0.8, 0.9], metactl.EntropyTarget(2.0, initial=0.85),
-                                       hyperparameter="top_p")  # fmt: skip
-    with pytest.raises(ValueError, match=r"entropy at the chosen temperature.*\['top_p'\]"):
-        build(entropy_top_p)
+    # an entropy controller sets the temperature only: the core refuses it over another knob
+    with pytest.raises(ValueError, match=r"EntropyTarget drives temperature only.*'top_p'"):
+        metactl.MetaPolicy([0.8, 0.9], metactl.EntropyTarget(2.0, initial=0.85),
+                           hyperparameter="top_p")  # fmt: skip
 
 
 def test_check_generation_settings_matrix_without_a_trainer():

@@ -137,7 +137,8 @@ def test_candidates_are_scored_in_vllm_order_with_the_fixed_knobs(joint_run):
     assert scoring.temperature == USER["temperature"] and scoring.min_p == USER["min_p"]
     # vLLM with importance-sampling correction (TRL's default): TRL makes an old-logprob pass
     assert [h["likelihood_path"] for h in joint_run.meta_history] == ["old", "old"]
-    candidates = [dict(s) for s in joint_run.meta_knobs.settings]
+    policy = joint_run.meta_policy
+    candidates = [policy.setting(k) for k in range(policy.num_candidates)]
     assert len(joint_run.scored) == 2
     for rec in joint_run.scored:
         rows = rec["result"].counts > 0

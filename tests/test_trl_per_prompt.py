@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 from metactl.adapters.trl import MetaGRPOTrainer
-from metactl.adapters.trl.patching import unwrap
+from metactl.adapters.trl.seam import ROW_TEMPERATURE_KEY, check_per_row_paths, unwrap
 from metactl.adapters.trl.testing import addition_dataset, tiny_grpo_config
-from metactl.adapters.trl.trainer import META_STATE_NAME, ROW_TEMPERATURE_KEY
+from metactl.adapters.trl.trainer import META_STATE_NAME
 
 import metactl
 
@@ -194,14 +194,14 @@ def test_every_row_is_sampled_and_scored_at_its_own_temperature(tmp_path, model_
 
 def test_sampling_is_softmax_of_logits_over_the_row_temperature(model_path):
     """The per-row processor makes transformers sample row i from softmax(z_i / T_i)."""
-    from metactl.adapters.trl.trainer import _RowTemperatureProcessor
+    from metactl.adapters.trl.seam import RowTemperatureProcessor
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     enc = tok(["12+34=", "5+6=", "70+1="], return_tensors="pt", padding=True, padding_side="left")
     temps = torch.tensor([0.4, 1.0, 1.7], dtype=torch.float64)
-    processor = _RowTemperatureProcessor(temps)
+    processor = RowTemperatureProcessor(temps)
     out = model.generate(
         **enc,
         do_sample=True,
@@ -266,7 +266,6 @@ def test_refusals_name_the_path(tmp_path, model_path):
             config={"top_p": 0.9},
         )
     trainer = _build(tmp_path, model_path, meta_policy=ptgs, meta_context_column="prompt_id")
-    settings = {"top_p": 1.0}
     for attr, name in [
         ("use_vllm", "use_vllm"),
         ("use_transformers_continuous_batching", "use_transformers_continuous_batching"),
@@ -276,9 +275,9 @@ def test_refusals_name_the_path(tmp_path, model_path):
         before = getattr(trainer, attr, None)
         setattr(trainer, attr, True if attr != "tools" else [len])
         with pytest.raises(ValueError, match=name):
-            trainer._check_per_prompt_paths(settings)
+            check_per_row_paths(trainer)
         setattr(trainer, attr, before)
-    trainer._check_per_prompt_paths(settings)  # back to a supported configuration
+    check_per_row_paths(trainer)  # back to a supported configuration
 
 
 def test_bad_context_values_and_rewards_are_refused(tmp_path, model_path):
@@ -342,7 +341,7 @@ def test_per_prompt_state_round_trips_through_a_checkpoint(tmp_path, model_path)
 
 def test_global_policy_batches_carry_no_row_temperatures(tmp_path, model_path):
     trainer = _build(tmp_path, model_path, meta_policy=metactl.tampo(seed=0))
-    assert not trainer.contextual
+    assert not trainer.meta_policy.spec.per_context
     captured: list[dict[str, Any]] = []
     original = trainer._prepare_inputs
 
@@ -371,8 +370,9 @@ def _worker(out_dir: str, model_path: str) -> None:
             super().__init__(*args, **kwargs)
             self.records: list[dict[str, Any]] = []
 
-        def _generate_per_prompt(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-            output = super()._generate_per_prompt(inputs)
+        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> Any:
+            output = super()._generate_and_score_completions(inputs)
+            assert self.model.training  # no evaluation in this run
             self.records.append(
                 {
                     "local_keys": [row["prompt_id"] for row in inputs],

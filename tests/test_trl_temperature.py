@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from metactl.adapters.trl import MetaGRPOTrainer
-from metactl.adapters.trl.patching import FusedHead, unwrap
+from metactl.adapters.trl.seam import FusedHead, unwrap
 from metactl.adapters.trl.testing import (
     addition_dataset,
     digit_count_reward,

@@ -1,7 +1,7 @@
 """TRL's own GRPO trainer tests, run against ``MetaGRPOTrainer``.
 
 Ported from ``tests/test_grpo_trainer.py`` of Hugging Face TRL (https://github.com/huggingface/trl,
-Apache-2.0, (c) The HuggingFace Team; read at the main branch of July 2026, which tests the same
+Apache-2.0, (c) The HuggingFace Team; read at a main-branch revision that tests the same
 ``GRPOTrainer`` API as the 1.16 release): ``test_train``, ``test_train_multiple_iterations``,
 ``test_train_beta_non_zero``, ``test_train_with_sync_ref_model``, ``test_train_peft_model``,
 ``test_train_with_cast_lm_head_to_fp32``, ``test_train_sequence_importance_sampling``,

@@ -43,7 +43,7 @@ __all__ = [
 _LAZY = {
     "META_STATE_NAME": ".trainer",
     "MetaGRPOTrainer": ".trainer",
-    "FusedHead": ".patching",
+    "FusedHead": ".seam",
     "candidate_loglik_exact": ".scoring",
     "candidate_loglik_from_hidden": ".scoring",
     "check_generation_settings": ".guards",

@@ -18,8 +18,8 @@ from typing import Any, cast
 
 import torch
 
-from .knobs import CandidateScoring
-from .scoring import LikelihoodResult, _result
+from .scoring import CandidateScoring, LikelihoodResult
+from .seam import fused_kernel_rows_are_compact, tapped_fused_head
 
 __all__ = ["FusedLogitsCapture"]
 
@@ -64,7 +64,7 @@ class FusedLogitsCapture:
         >>> cap = FusedLogitsCapture([0.7, 1.0])
         >>> with cap.recording(ids, torch.ones_like(ids), 3, 2), torch.no_grad():
         ...     _ = m(input_ids=ids, labels=labels, fused_lm_head=True)
-        >>> cap.result(ids[:, -3:], torch.ones(2, 3)).loglik.shape
+        >>> cap.result(ids[:, -3:], torch.ones(2, 3)).loglik_sum.shape
         torch.Size([2, 2])
     """
 
@@ -114,12 +114,6 @@ class FusedLogitsCapture:
         and the batch chunks are rebuilt from them exactly as TRL builds them, so each kernel
         call's token rows can be mapped to (completion, position).
         """
-        import trl.kernels.chunked_logprob as kernel_module
-        import trl.trainer.utils as utils_module
-
-        # patched for the duration of the block only (module globals read at call time)
-        kernels: Any = kernel_module
-        trl_utils: Any = utils_module
         n, length = input_ids.shape
         keep = int(logits_to_keep)
         if not 1 <= keep < length:
@@ -142,67 +136,33 @@ class FusedLogitsCapture:
             sub = valid[start : start + step]
             self._chunks.append(self._plan(sub, start, keep, length))
         chunks = iter(self._chunks)
-        original_apply_owner = trl_utils._ChunkedLogProbFunction
-        original_tile = kernels._forward_tile
-        original_kernel = kernels._forward_kernel
-        capture = self
 
-        class _Apply:
-            """Stands in for ``ChunkedLogProbFunction`` in ``trl.trainer.utils`` (its ``apply``)."""
+        def start_call(hidden: torch.Tensor, weight: Any, targets: torch.Tensor) -> None:
+            chunk = next(chunks, None)
+            self.calls += 1
+            if chunk is None or not self._matches(chunk, hidden, targets):
+                self.failure = self.failure or "the fused pass did not match the batch"
+                self._call = None
+            else:
+                chunk.targets = targets
+                chunk.vocab = int(weight.shape[0])
+                self._call = chunk
 
-            @staticmethod
-            def apply(hidden: torch.Tensor, weight: Any, bias: Any, targets: torch.Tensor,
-                      *args: Any) -> Any:  # fmt: skip
-                chunk = next(chunks, None)
-                capture.calls += 1
-                if chunk is None or not capture._matches(chunk, hidden, targets):
-                    capture.failure = capture.failure or "the fused pass did not match the batch"
-                    capture._call = None
-                else:
-                    chunk.targets = targets
-                    chunk.vocab = int(weight.shape[0])
-                    capture._call = chunk
-                try:
-                    return original_apply_owner.apply(hidden, weight, bias, targets, *args)
-                finally:
-                    capture._call = None
+        def end_call() -> None:
+            self._call = None
 
-        def tile_fold(tile: torch.Tensor, stride: int, targets: torch.Tensor, *args: Any,
-                      **kwargs: Any) -> Any:  # fmt: skip
-            capture._fold(tile, targets, args[7], args[8], kwargs)
-            return original_tile(tile, stride, targets, *args, **kwargs)
-
-        class _KernelGrid:
-            def __getitem__(self, grid: Any) -> Any:
-                launch = original_kernel[grid]
-
-                def run(tile: torch.Tensor, stride: int, targets: torch.Tensor, *args: Any,
-                        **kwargs: Any) -> Any:  # fmt: skip
-                    capture._fold(tile, targets, args[7], args[8], kwargs)
-                    return launch(tile, stride, targets, *args, **kwargs)
-
-                return run
-
-        trl_utils._ChunkedLogProbFunction = _Apply
-        kernels._forward_tile = tile_fold
-        if kernels._use_triton(device):
-            kernels._forward_kernel = _KernelGrid()
         try:
-            yield
+            with tapped_fused_head(start_call, end_call, self._fold, device):
+                yield
         finally:
-            trl_utils._ChunkedLogProbFunction = original_apply_owner
-            kernels._forward_tile = original_tile
-            kernels._forward_kernel = original_kernel
             self._call = None
         if next(chunks, None) is not None:
             self.failure = self.failure or "the fused pass scored fewer chunks than the batch has"
 
     def _plan(self, valid: torch.Tensor, start: int, keep: int, length: int) -> _ChunkCall:
         """Where the positions to score sit among one chunk's kernel rows (both layouts)."""
-        import trl.kernels.chunked_logprob as kernels
-
         b, p = torch.nonzero(valid, as_tuple=True)  # row-major, as TRL flattens
-        compact = kernels._use_triton(valid.device)
+        compact = fused_kernel_rows_are_compact(valid.device)
         # compact (Triton devices): only the valid positions are rows; else every position is
         rows = torch.arange(len(b), device=valid.device) if compact else b * (length - 1) + p
         position = p - (length - 1 - keep)
@@ -347,4 +307,4 @@ class FusedLogitsCapture:
             assert self._ent_lse is not None and self._ent_w is not None
             ent = (self._ent_lse - self._ent_w).nan_to_num(0.0, neginf=0.0)
             entropy = float((ent * scored).sum())
-        return _result(logp.sum(1), mask.to(torch.long), entropy)
+        return LikelihoodResult(logp.sum(1), mask.to(torch.long).sum(1), entropy)

@@ -8,8 +8,11 @@ on an untested TRL, or on a transformers outside the range the adapter is tested
 Candidates are scored with the exact likelihood of their family
 (:func:`metactl.likelihood.candidate_loglik`): the user's ``top_p``, ``top_k`` and ``min_p`` are
 held fixed when the policy does not own them, and refused when it does (two owners of one knob).
-Settings that no family models (``repetition_penalty != 1``, ``typical_p < 1``, ``num_beams > 1``
-and similar) are refused for rules that need likelihoods (:func:`check_generation_settings`).
+For rules that need likelihoods every other generation setting must be one the adapter knows to
+leave the sampling distribution alone (an allow-list: lengths, token ids, caching, outputs), or
+sit at the value that turns it off (``repetition_penalty=1``, ``num_beams=1``,
+``no_repeat_ngram_size=0``, ...); anything else is refused (:func:`check_generation_settings`).
+Greedy decoding (``do_sample=False``) is refused for every rule.
 
 Example:
     >>> from metactl.adapters.trl.guards import check_trl_version
@@ -34,6 +37,7 @@ __all__ = [
     "TESTED_TRL",
     "check_continuous_batching",
     "check_generation_settings",
+    "check_per_row_settings",
     "check_transformers_version",
     "check_trl_version",
 ]
@@ -51,16 +55,102 @@ ALLOW_UNTESTED_ENV = "METACTL_ALLOW_UNTESTED_TRL"
 # with the value that disables each of them.
 _MODELLED = {"top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
-# Sampling settings that reshape softmax(z / T) in ways no likelihood family models, with the
-# value that disables each of them.
-_NEUTRAL = {
+# Generation settings that reshape softmax(z / T) in ways no likelihood family models, with the
+# values that turn each of them off (transformers' GenerationConfig and vLLM's SamplingParams).
+_OFF: dict[str, tuple[Any, ...]] = {
+    "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "top_h": (),
+    "repetition_penalty": (1.0,),
+    "encoder_repetition_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,),
+    "min_new_tokens": (0,),
+    "min_length": (0,),
+    "bad_words_ids": ([],),
+    "suppress_tokens": ([],),
+    "begin_suppress_tokens": ([],),
+    "sequence_bias": ({}, []),
+    "forced_bos_token_id": (),
+    "forced_eos_token_id": (),
+    "forced_decoder_ids": ([],),
+    "exponential_decay_length_penalty": (),
+    "guidance_scale": (1.0,),
+    "watermarking_config": (),
+    "penalty_alpha": (),
+    "dola_layers": (),
+    "prompt_lookup_num_tokens": (),
+    # beam search keeps the likeliest continuations instead of sampling softmax(z / T)
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "diversity_penalty": (0.0,),
+    # vLLM's SamplingParams
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+    "min_tokens": (0,),
+    "logit_bias": ({},),
+    "allowed_token_ids": ([],),
+    "bad_words": ([],),
+    "logits_processors": ([],),
+    "structured_outputs": (),
+    "guided_decoding": (),
+    "best_of": (1,),
+}
+
+# Generation settings that never change the distribution a token is drawn from: lengths and stop
+# conditions, token ids, caching and compilation, what is returned, seeds, and beam-search-only
+# settings (beam search itself is refused above).
+_INERT = frozenset(
+    {
+        "do_sample",  # must be True: checked separately, for every rule
+        "temperature",
+        "max_new_tokens",
+        "max_length",
+        "max_time",
+        "max_tokens",
+        "stop_strings",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "include_stop_str_in_output",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "disable_compile",
+        "compile_config",
+        "return_dict_in_generate",
+        "output_scores",
+        "output_logits",
+        "output_attentions",
+        "output_hidden_states",
+        "logprobs",
+        "prompt_logprobs",
+        "detokenize",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "truncate_prompt_tokens",
+        "renormalize_logits",
+        "remove_invalid_values",
+        "seed",
+        "length_penalty",
+        "early_stopping",
+        "low_memory",
+    }
+)
+
+#: Settings that act before a logits processor (the per-row temperature of a per-prompt policy
+#: is one): they depend on the temperature, so they would act on the untempered distribution.
+_BEFORE_ROW_TEMPERATURE = {
+    "top_p": 1.0,
+    "min_p": 0.0,
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
-    "top_h": None,
-    "repetition_penalty": 1.0,
-    # beam search keeps the likeliest continuations instead of sampling softmax(z / T)
-    "num_beams": 1,
 }
 
 
@@ -134,15 +224,29 @@ def check_transformers_version(version: str | None = None) -> None:
 
 
 def _is_neutral(name: str, value: Any) -> bool:
+    """Whether a modelled knob (``top_p``, ``top_k``, ``min_p``) is off."""
     if value is None:
         return True
-    neutral = {**_NEUTRAL, **_MODELLED}[name]
-    if neutral is None:
-        return False
     try:
-        return float(value) == float(neutral) or (name == "top_k" and int(value) <= 0)
+        return float(value) == float(_MODELLED[name]) or (name == "top_k" and int(value) <= 0)
     except (TypeError, ValueError):
         return False
+
+
+def _is_off(name: str, value: Any) -> bool:
+    """Whether a setting of :data:`_OFF` is at a value that turns it off (``None`` always is)."""
+    if value is None:
+        return True
+    for off in _OFF[name]:
+        if isinstance(off, (list, dict)):
+            if isinstance(value, (list, tuple, dict)) and len(value) == 0:
+                return True
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if float(value) == float(off):
+            return True
+    return False
 
 
 def check_generation_settings(
@@ -153,24 +257,28 @@ def check_generation_settings(
     owned: Sequence[str] = ("temperature",),
 ) -> None:
     """Check the user's sampling settings against the knobs a meta-policy owns (the guard matrix
-    of the adapter's README).
+    of the adapter's documentation).
 
     Args:
-        settings: the effective sampling settings (``top_p``, ``top_k``, ``min_p``,
+        settings: the effective generation settings (``top_p``, ``top_k``, ``min_p``,
             ``repetition_penalty``, ...), e.g. TRL's merged ``generation_kwargs``.
         generation_kwargs: the user's ``GRPOConfig.generation_kwargs`` (may be ``None``).
         needs_likelihood: whether the meta-policy's rule needs candidate likelihoods
-            (``"loglik" in policy.requires``).
+            (``"loglik" in policy.spec.feedback``).
         owned: the knobs the meta-policy sets (``policy.knobs``).
 
     Accepted: ``top_p < 1``, ``top_k > 0``, ``min_p > 0`` the policy does not own (held fixed
     while the candidates are scored). Refused (``ValueError`` naming the setting):
 
+    * ``do_sample=False`` (greedy decoding: no sampling temperature to choose), for every rule;
     * ``generation_kwargs`` pinning ``temperature`` (TRL's log-prob head reads
       ``GRPOConfig.temperature``, and a temperature policy owns it) or a knob the policy owns;
     * a knob the policy owns set to anything but its off value (two owners of one knob);
-    * with a likelihood rule: ``repetition_penalty != 1``, ``typical_p < 1``,
-      ``epsilon/eta_cutoff > 0``, ``top_h``, ``num_beams > 1`` (no family models them).
+    * with a likelihood rule: any other setting that reshapes the sampling distribution and is
+      not at its off value (``repetition_penalty != 1``, ``typical_p < 1``, ``num_beams > 1``,
+      ``no_repeat_ngram_size``, ``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``,
+      ``sequence_bias``, ...), and any setting the adapter does not know (it cannot tell
+      whether that one reshapes the distribution).
 
     Raises:
         ValueError: one of the refusals above (the message names the setting and its value).
@@ -183,7 +291,19 @@ def check_generation_settings(
         Traceback (most recent call last):
         ...
         ValueError: top_p=0.9 is set, but the meta-policy chooses top_p ...
+        >>> check_generation_settings({"do_sample": False}, generation_kwargs=None,
+        ...                           needs_likelihood=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: do_sample=False decodes greedily: ...
     """
+    do_sample = settings.get("do_sample", True)
+    if do_sample is not None and not (isinstance(do_sample, bool) and do_sample):
+        raise ValueError(
+            f"do_sample={do_sample!r} decodes greedily: there is no sampling temperature (or "
+            "truncation) for the meta-policy to choose, and every completion of a prompt group "
+            "would be the same. Remove do_sample from GRPOConfig.generation_kwargs"
+        )
     if generation_kwargs is not None and "temperature" in generation_kwargs:
         if "temperature" in owned:
             why = (
@@ -217,15 +337,53 @@ def check_generation_settings(
             )
     if not needs_likelihood:
         return
-    for name in _NEUTRAL:
-        value = settings.get(name)
-        if not _is_neutral(name, value):
+    for name, value in settings.items():
+        if name in _MODELLED or name in _INERT or value is None:
+            continue
+        if name in _OFF:
+            if _is_off(name, value):
+                continue
+            offs = " or ".join(repr(v) for v in _OFF[name]) or "None"
             raise ValueError(
                 f"{name}={value!r} reshapes the sampling distribution in a way no likelihood "
                 "family models (metactl scores temperature, top_p, top_k and min_p exactly), so "
                 "the meta-policy's candidate likelihoods would not be those the rollouts were "
-                f"sampled with. Set {name}={_NEUTRAL[name]!r} (also in generation_kwargs), or "
-                "use a rule that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
+                f"sampled with. Set {name}={offs} (also in generation_kwargs), or use a rule "
+                "that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
+            )
+        raise ValueError(
+            f"{name}={value!r} is a generation setting metactl does not know, so it cannot tell "
+            "whether it reshapes the sampling distribution (the meta-policy's candidate "
+            "likelihoods would then be wrong). Remove it from GRPOConfig.generation_kwargs, or "
+            "use a rule that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
+        )
+
+
+def check_per_row_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse settings that act before the per-row temperature of a per-prompt policy.
+
+    transformers applies its own warpers (``top_p``, ``min_p``, ``typical_p``, the cutoffs)
+    before the logits processor that carries each row's temperature, so they would act on the
+    untempered distribution; ``top_k`` (rank-based) commutes with the temperature and is held
+    fixed.
+
+    Raises:
+        ValueError: naming the setting and its off value.
+
+    Example:
+        >>> check_per_row_settings({"top_k": 5, "top_p": 1.0})
+        >>> check_per_row_settings({"min_p": 0.1})
+        Traceback (most recent call last):
+        ...
+        ValueError: min_p=0.1: with a per-prompt meta_policy ...
+    """
+    for name, neutral in _BEFORE_ROW_TEMPERATURE.items():
+        value = settings.get(name)
+        if value is not None and float(value) != neutral:
+            raise ValueError(
+                f"{name}={value!r}: with a per-prompt meta_policy the per-row temperature is "
+                "applied by a logits processor after transformers' own truncations, so "
+                f"{name} would act on the untempered distribution; set {name}={neutral!r}"
             )
 
 

@@ -1,11 +1,13 @@
-"""Candidate likelihoods of sampled completions: exact (extra forward) and fast (captured) paths.
+"""How the candidates of a policy are scored on TRL's batches: the scoring setup
+(:class:`CandidateScoring`), and the exact (extra forward) and fast (captured) paths.
 
-Both return, for every completion ``i`` of the local batch and every candidate ``k`` (a
-temperature ``T_k``, or any sampler setting of a :class:`~.knobs.CandidateScoring`), the
-length-normalised log-likelihood ``L[i, k]`` of the sampled tokens under the candidate's sampling
-distribution (via :func:`metactl.likelihood.candidate_loglik`: ``softmax(z / T_k)`` for plain
-temperatures), where ``z`` are the raw logits of the policy that sampled the batch. The fused
-path (scoring inside TRL's own log-prob head) is in :mod:`.fused`.
+Both paths return, for every completion ``i`` of the local batch and every candidate ``k`` (a
+temperature ``T_k``, or any sampler setting of a :class:`CandidateScoring`), the *summed*
+log-likelihood of the sampled tokens under the candidate's sampling distribution (via
+:func:`metactl.likelihood.candidate_loglik`: ``softmax(z / T_k)`` for plain temperatures), where
+``z`` are the raw logits of the policy that sampled the batch, and the number of tokens scored:
+:func:`metactl.build_feedback` reduces them to what the rule reads (mean or sum). The fused path
+(scoring inside TRL's own log-prob head) is in :mod:`.fused`.
 
 * **exact**: one no-grad forward of the policy over prompt+completion, materialising the logits
   of the completion positions (``logits_to_keep``), batch by batch.
@@ -14,8 +16,8 @@ path (scoring inside TRL's own log-prob head) is in :mod:`.fused`.
   generation itself), and :func:`candidate_loglik_from_hidden` applies the LM head window by window
   (a bounded number of positions at a time), so the ``(N, L, V)`` logits never exist at once.
 
-Completions with no scored token (e.g. ``mask_truncated_completions=True``) get ``L[i, :] = 0``
-and are reported in ``counts`` as 0, so the trainer can give them zero weight.
+Completions with no scored token (e.g. ``mask_truncated_completions=True``) get
+``loglik_sum[i, :] = 0`` and ``counts[i] = 0``, so the trainer can give them zero weight.
 
 Example:
     >>> import torch
@@ -24,33 +26,157 @@ Example:
     >>> tokens = torch.randint(0, 11, (2, 3))
     >>> mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     >>> res = candidate_loglik_from_hidden(hidden, tokens, mask, weight, None, [0.5, 1.0])
-    >>> res.loglik.shape, res.counts.tolist()
+    >>> res.loglik_sum.shape, res.counts.tolist()
     (torch.Size([2, 2]), [2, 3])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-import numpy as np
 import torch
 
-from .knobs import CandidateScoring
+import metactl
+from metactl.knobs import KNOB_OFF, KNOBS, check_knob, joint_candidates
+from metactl.likelihood import candidate_loglik
 
 __all__ = [
     "CandidateScoring",
     "HiddenCapture",
     "LikelihoodResult",
+    "ScoringPath",
     "candidate_loglik_exact",
     "candidate_loglik_from_hidden",
     "dense_head",
+    "engine_knob",
 ]
+
+#: Where a generation batch's candidate likelihoods come from: TRL's fused head during its
+#: old-logprob pass, hidden states captured during that pass or during generation, or an extra
+#: forward.
+ScoringPath = Literal["fused", "old", "generate", "exact"]
 
 #: Default size of one window of materialised logits (float32 bytes).
 DEFAULT_WINDOW_BYTES = 64 << 20
+
+
+def engine_knob(knob: str, value: Any) -> Any:
+    """A user's fixed value of ``knob`` as the likelihood families take it: TRL and the engines
+    spell "off" as ``None`` or (``top_k``) ``0`` / ``-1``; those become
+    :data:`metactl.knobs.KNOB_OFF`, every other value is checked with
+    :func:`metactl.knobs.check_knob`.
+
+    Example:
+        >>> engine_knob("top_k", 0), engine_knob("top_k", 40), engine_knob("min_p", None)
+        (None, 40, 0.0)
+    """
+    if value is None:
+        return KNOB_OFF[knob]
+    if knob == "top_k" and type(value) is int and value in (0, -1):
+        return KNOB_OFF[knob]
+    return check_knob(knob, value)
+
+
+@dataclass(frozen=True)
+class CandidateScoring:
+    """How the candidates of one policy are scored on one engine: the family, the candidates
+    (values of the owned knob, or joint mappings), the fixed knobs and the order.
+
+    :meth:`loglik` is :func:`metactl.likelihood.candidate_loglik` with exactly these arguments.
+    A plain list of temperatures is ``CandidateScoring.of([0.7, 1.0])``.
+
+    Example:
+        >>> import numpy as np
+        >>> s = CandidateScoring(candidates=(0.8, 1.2), family="temperature", top_p=0.9)
+        >>> s.loglik(np.zeros((1, 2, 4)), np.array([[0, 3]]), np.ones((1, 2))).shape
+        (1, 2)
+        >>> s.plain_temperatures is None, CandidateScoring.of([0.8, 1.2]).plain_temperatures
+        (True, [0.8, 1.2])
+        >>> s.labels()
+        ['0.8', '1.2']
+    """
+
+    candidates: tuple[Any, ...]
+    family: str = "temperature"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    order: str = "hf"
+
+    @classmethod
+    def of(cls, candidates: Sequence[float] | CandidateScoring) -> CandidateScoring:
+        """``candidates`` itself, or the plain temperature family over a list of temperatures."""
+        if isinstance(candidates, CandidateScoring):
+            return candidates
+        values = tuple(float(c) for c in candidates)
+        if len(values) < 1:
+            raise ValueError("candidates must not be empty")
+        return cls(candidates=values)
+
+    @classmethod
+    def for_policy(
+        cls, policy: metactl.MetaPolicy, settings: Mapping[str, Any], *, order: str
+    ) -> CandidateScoring:
+        """The scoring of ``policy``'s candidates with every knob it does not own held at its
+        value in ``settings`` (the engine's effective sampling settings, TRL's spelling).
+
+        Example:
+            >>> import metactl
+            >>> policy = metactl.MetaPolicy([0.9, 1.0], metactl.EXP3(), hyperparameter="top_p")
+            >>> s = CandidateScoring.for_policy(
+            ...     policy, {"temperature": 0.8, "top_k": 0, "min_p": None}, order="hf")
+            >>> s.family, s.candidates, s.temperature, s.top_k, s.min_p
+            ('top_p', (0.9, 1.0), 0.8, None, 0.0)
+        """
+        fixed = {
+            knob: engine_knob(knob, settings.get(knob))
+            for knob in KNOBS
+            if knob not in policy.knobs
+        }
+        if policy.family == "joint":  # each candidate's setting, knobs in canonical order
+            scored = tuple(policy.setting(k) for k in range(policy.num_candidates))
+        else:
+            scored = tuple(policy.candidates.tolist())
+        return cls(candidates=scored, family=policy.family, order=order, **fixed)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def labels(self) -> list[str]:
+        """One metric label per candidate: ``'0.9'`` for one knob, the
+        :meth:`metactl.knobs.KnobGrid.labels` (``'temperature=0.7,top_p=0.9'``) for a joint one."""
+        if self.family == "joint":
+            return joint_candidates(list(self.candidates)).labels()
+        return [f"{c:g}" for c in self.candidates]
+
+    @property
+    def plain_temperatures(self) -> list[float] | None:
+        """The candidate temperatures when nothing but the temperature shapes the distribution
+        (the case TRL's fused head tiles can be folded online), else ``None``."""
+        if self.family != "temperature":
+            return None
+        if self.top_p != 1.0 or self.top_k is not None or self.min_p != 0.0:
+            return None
+        return [float(c) for c in self.candidates]
+
+    def loglik(self, logits: Any, tokens: Any, mask: Any) -> Any:
+        """``(N, K)`` length-normalised log-likelihoods (see ``candidate_loglik``)."""
+        return candidate_loglik(
+            logits,
+            tokens,
+            mask,
+            list(self.candidates),
+            self.family,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            order=self.order,
+        )
 
 
 @dataclass(frozen=True)
@@ -58,15 +184,21 @@ class LikelihoodResult:
     """Candidate likelihoods of one local batch.
 
     Attributes:
-        loglik: ``(N, K)`` float64, ``L[i, k]`` (0 for rows with no scored token).
+        loglik_sum: ``(N, K)`` float64, the summed log-likelihood of row ``i``'s scored tokens
+            under candidate ``k`` (0 for rows with no scored token).
         counts: ``(N,)`` int64, number of scored tokens per row.
         entropy_sum: sum over scored tokens of the entropy (nats) of ``softmax(z / T)`` at the
             requested temperature, or ``None`` when not requested.
     """
 
-    loglik: torch.Tensor
+    loglik_sum: torch.Tensor
     counts: torch.Tensor
     entropy_sum: float | None = None
+
+    @property
+    def loglik(self) -> torch.Tensor:
+        """``(N, K)`` per-token means (``loglik_sum / counts``; 0 for rows with no token)."""
+        return self.loglik_sum / self.counts.clamp(min=1).double().unsqueeze(1)
 
 
 def _logits(
@@ -95,13 +227,6 @@ def _entropy_sum(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -
     return float((ent * mask).sum())
 
 
-def _result(sums: torch.Tensor, mask: torch.Tensor, entropy_sum: float | None) -> LikelihoodResult:
-    """Length-normalise the summed log-likelihoods (rows with no tokens divide by 1)."""
-    counts = mask.sum(1)
-    loglik = sums / counts.clamp(min=1).double().unsqueeze(1)
-    return LikelihoodResult(loglik=loglik, counts=counts, entropy_sum=entropy_sum)
-
-
 def _accumulate(
     sums: torch.Tensor,
     rows: torch.Tensor,
@@ -110,7 +235,9 @@ def _accumulate(
     mask: torch.Tensor,
     scoring: CandidateScoring,
 ) -> None:
-    """Add ``count * mean`` of every row with a scored token in this window to ``sums[rows]``."""
+    """Add the summed log-likelihoods of this window's scored tokens to ``sums[rows]``
+    (``candidate_loglik`` gives each row's mean over the window's tokens; times their number is
+    the window's sum)."""
     counts = mask.sum(1)
     keep = counts > 0
     if not bool(keep.any()):
@@ -121,20 +248,6 @@ def _accumulate(
         rows[keep].to(sums.device),
         means.double() * counts[keep].double().unsqueeze(1).to(means.device),
     )
-
-
-def completion_advantages(output: dict[str, Any], scored: np.ndarray | None) -> np.ndarray:
-    """TRL's advantages of the batch (one per completion) as float64, for the meta-policy.
-
-    ``scored``: which completions have a scored token (``None`` when no likelihood was
-    computed). A completion with no scored token (mask_truncated_completions, tool-only)
-    carries no likelihood; TRL leaves it out of the loss, and weight 0 leaves it out here.
-    """
-    advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
-    if advantages.ndim != 1:
-        raise ValueError("MetaGRPOTrainer needs one advantage per completion (shape (N,)); got "
-                         f"shape {advantages.shape}")  # fmt: skip
-    return advantages if scored is None else np.where(scored, advantages, 0.0)
 
 
 def candidate_loglik_from_hidden(
@@ -205,7 +318,7 @@ def candidate_loglik_from_hidden(
                 _accumulate(sums, rows, z, tokens[r0:r1, t0:t1], sub_mask, scoring)
                 if entropy_temperature is not None:
                     entropy += _entropy_sum(z, sub_mask, entropy_temperature)
-    return _result(sums, mask, entropy if entropy_temperature is not None else None)
+    return LikelihoodResult(sums, mask.sum(1), entropy if entropy_temperature is not None else None)
 
 
 def dense_head(
@@ -297,7 +410,7 @@ def candidate_loglik_exact(
             _accumulate(sums, rows, logits, tokens[r0:r1], sub_mask, scoring)
             if entropy_temperature is not None:
                 entropy += _entropy_sum(logits, sub_mask, entropy_temperature)
-    return _result(sums, mask, entropy if entropy_temperature is not None else None)
+    return LikelihoodResult(sums, mask.sum(1), entropy if entropy_temperature is not None else None)
 
 
 @contextmanager

@@ -1,24 +1,25 @@
 """``MetaGRPOTrainer``: TRL's ``GRPOTrainer`` with the rollout temperature chosen by a meta-policy.
 
-One temperature per *generation batch* (or, with a per-prompt policy and
-``meta_context_column``, one per prompt group of it): TRL generates once every
-``steps_per_generation * num_iterations`` training steps and reuses the batch in between, so the
-value is chosen in ``_generate_and_score_completions`` (called exactly once per generation batch)
-and written to every place TRL keeps the temperature (:mod:`.patching`). The rollouts, the old,
-reference and current log-probs of every optimisation pass over that batch therefore all use the
-temperature that sampled it.
+One decision per *generation batch*: TRL generates once every ``steps_per_generation *
+num_iterations`` training steps and reuses the batch in between, so the meta-policy decides when
+TRL generates, and its choice holds for every pass over that batch (a
+:class:`~.window.GenerationWindow`). A global policy sets one value for every row: it is written
+to every place TRL keeps the knob (:mod:`.seam`), so the rollouts and the old, reference and
+current log-probs all use it. A per-prompt policy (``policy.spec.per_context``, with
+``meta_context_column``) gives every prompt group its own temperature: generation runs at T = 1
+with a per-row logits processor, and TRL's log-prob passes run once per distinct temperature.
 
-A policy over ``top_p``, ``top_k``, ``min_p`` or a joint grid works the same way (:mod:`.knobs`):
-the chosen setting is written where TRL keeps each knob for the window; the knobs it does not own
-stay at the user's values and are held fixed when its candidates are scored, in the engine's
-order of operations; TRL's own loss keeps its temperature-only log-probs.
+A policy over ``top_p``, ``top_k``, ``min_p`` or a joint grid works the same way: the chosen
+setting is written where TRL keeps each knob; the knobs it does not own stay at the user's values
+and are held fixed when its candidates are scored, in the engine's order of operations; TRL's own
+loss keeps its temperature-only log-probs.
 
-The meta update happens in the same call, right after TRL has scored the batch: the advantages
-come from TRL's output, the candidate likelihoods from :mod:`.scoring` (fast path: hidden states
-captured during the old-logprob pass when TRL makes one, else during generation; exact path: one
-extra no-grad forward). Feedback is gathered across ranks in rank order and every rank updates its
-own copy of the policy identically, so the next selection agrees on every rank (checked with a
-broadcast from rank 0 at every selection).
+The meta update happens in the same call, right after TRL has scored the batch: the candidate
+likelihoods come from :mod:`.scoring` (fast path: hidden states captured during the old-logprob
+pass when TRL makes one, else during generation; exact path: one extra no-grad forward) or
+:mod:`.fused`, the advantages and rewards from TRL. The feedback is gathered across ranks in rank
+order and built by :func:`metactl.build_feedback`; every rank updates its own copy of the policy
+identically, so the next selection agrees on every rank (checked with a broadcast from rank 0).
 
 Example:
     >>> import metactl
@@ -39,71 +40,133 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import time
-from typing import Any, Literal, cast
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
+import numpy as np
 import torch
-from trl import GRPOTrainer
 
 import metactl
-from metactl.distributed import assert_same_choice, gather_feedback, torch_collectives
+from metactl.distributed import assert_same_choice, torch_collectives
+from metactl.feedback import FEEDBACK_NAMES, TrainerSupport, build_feedback, check_trainer
+from metactl.knobs import KNOBS, check_knob
 
-from .checkpoint import META_STATE_NAME, MetaCheckpointMixin
+from .checkpoint import (
+    META_STATE_NAME,
+    MetaState,
+    check_meta_state,
+    meta_state_dict,
+    read_meta_state,
+    write_meta_state,
+)
 from .fused import FusedLogitsCapture
 from .guards import (
     check_continuous_batching,
     check_generation_settings,
+    check_per_row_settings,
     check_transformers_version,
     check_trl_version,
 )
-from .knobs import CandidateScoring, PolicyKnobs
-from .patching import (
-    FusedHead,
-    find_trainer_heads,
-    output_embeddings,
-    policy_target,
-    set_trainer_setting,
-    set_trainer_temperature,
-    trainer_knobs,
-    trainer_temperatures,
-)
-from .per_prompt import (
-    ROW_TEMPERATURE_KEY,
-    Path,
-    PerPromptMixin,
-    _check_per_prompt_policy,
-)
-from .per_prompt import (
-    _RowTemperatureProcessor as _RowTemperatureProcessor,  # re-exported: tests import it here
-)
 from .scoring import (
     DEFAULT_WINDOW_BYTES,
+    CandidateScoring,
     HiddenCapture,
     LikelihoodResult,
+    ScoringPath,
     candidate_loglik_exact,
     candidate_loglik_from_hidden,
-    completion_advantages,
     dense_head,
 )
+from .seam import (
+    ROW_TEMPERATURE_KEY,
+    FusedHead,
+    GRPOSeam,
+    LogProbPass,
+    batch_reward,
+    check_per_row_paths,
+    find_trainer_heads,
+    generates_with_model_generate,
+    generation_settings,
+    log_metric,
+    makes_old_logprob_pass,
+    output_embeddings,
+    policy_target,
+    row_temperature_generation,
+    set_trainer_setting,
+    trainer_knobs,
+    uses_continuous_batching,
+    uses_vllm,
+)
+from .window import GenerationWindow, context_keys, prompt_contexts
 
-__all__ = ["META_STATE_NAME", "ROW_TEMPERATURE_KEY", "MetaGRPOTrainer"]
+__all__ = ["META_STATE_NAME", "ROW_TEMPERATURE_KEY", "MetaGRPOTrainer", "trainer_support"]
 
 logger = logging.getLogger(__name__)
 
+#: The default most entries ``meta_history`` keeps.
+DEFAULT_HISTORY_SIZE = 1000
 
-class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
+
+def trainer_support(per_context: bool) -> TrainerSupport:
+    """What ``MetaGRPOTrainer`` gives a rule (:class:`metactl.TrainerSupport`).
+
+    Every feedback (candidate log-likelihoods summed or length-normalised, TRL's advantages,
+    the rewards of every completion, the batch reward, the entropy at the sampled temperature,
+    the vocabulary size, ``num_generations`` as the group size), every knob, decisions per
+    prompt group, and no context features. With per-prompt decisions (``per_context``) each row
+    has its own temperature, which only a logits processor can carry: the temperature is the only
+    knob, and the entropy (computed at one temperature) is not given.
+
+    Example:
+        >>> trainer_support(per_context=True).knobs
+        ('temperature',)
+    """
+    if per_context:
+        return TrainerSupport(
+            "MetaGRPOTrainer with a per-prompt meta_policy",
+            feedback=tuple(name for name in FEEDBACK_NAMES if name != "entropy"),
+            knobs=("temperature",),
+            per_context=True,
+            features=False,
+        )
+    return TrainerSupport(
+        "MetaGRPOTrainer", feedback=FEEDBACK_NAMES, knobs=KNOBS, per_context=True, features=False
+    )
+
+
+def _completion_advantages(output: dict[str, Any], scored: np.ndarray | None) -> np.ndarray:
+    """TRL's advantages of the batch (one per completion) as float64.
+
+    ``scored``: which completions have a scored token (``None`` when no likelihood was
+    computed). A completion with no scored token (mask_truncated_completions, tool-only)
+    carries no likelihood; TRL leaves it out of the loss, and weight 0 leaves it out here.
+    """
+    advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
+    if advantages.ndim != 1:
+        raise ValueError(
+            "MetaGRPOTrainer needs one advantage per completion (shape (N,)); got shape "
+            f"{advantages.shape}"
+        )
+    return advantages if scored is None else np.where(scored, advantages, 0.0)
+
+
+class MetaGRPOTrainer(GRPOSeam):
     """``GRPOTrainer`` whose rollout temperature (or ``top_p``, ``top_k``, ``min_p``, or a joint
-    setting of them) is chosen per generation batch by ``meta_policy``.
+    setting of them) is chosen per generation batch, or per prompt group, by ``meta_policy``.
 
     All ``GRPOTrainer`` arguments are accepted unchanged; for a knob the policy owns,
     ``GRPOConfig``'s value becomes the *evaluation* value (evaluation samples and scores at it and
     never updates the policy); knobs it does not own stay at the user's values and are held
-    fixed when the candidates are scored (the README's guard matrix says which are accepted).
+    fixed when the candidates are scored (the guard matrix of :mod:`.guards` says which are
+    accepted).
 
     Args:
         meta_policy: a :class:`metactl.MetaPolicy` over the temperature, ``top_p``, ``top_k``,
             ``min_p`` or a joint grid (default :func:`metactl.tampo`). Give every rank the same
-            seed.
+            seed. A rule the trainer cannot feed is refused here (:func:`trainer_support`).
         likelihood: ``"fast"`` (default; no extra transformer forward: hidden states are captured
             during TRL's old-logprob pass when it makes one, else during generation, and the LM head
             is applied window by window), ``"fused"`` (when TRL makes an old-logprob pass, the
@@ -111,33 +174,36 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
             exist: no extra matmul; otherwise as ``"fast"``) or ``"exact"`` (one extra no-grad
             scoring forward). Only used when the rule needs likelihoods or entropies.
         check_sync: on multi-process runs, check at every selection that all ranks chose the
-            same candidate as rank 0 (one tiny broadcast).
+            same as rank 0 (one tiny broadcast).
         loglik_window_bytes: memory bound of one window of logits on the fast path.
         allow_missing_meta_state: on ``train(resume_from_checkpoint=...)``, a checkpoint
             without ``metactl_state.json`` is an error (``FileNotFoundError``) unless this is
             True; then the meta-policy keeps its current state (a warning is logged).
-        meta_context_column: with a per-prompt policy (``policy.contextual``), the dataset
-            column holding each prompt's stable ``int``/``str`` context key (required then).
-            Every prompt group is then sampled and scored at its own temperature (see the
-            README section "A temperature per prompt group").
+        meta_context_column: with a per-prompt policy (``policy.spec.per_context``), the
+            ``train_dataset`` column holding each prompt's stable ``int``/``str`` context key
+            (required then, refused for a global policy). Every prompt group is then sampled and
+            scored at its own temperature.
+        meta_history_size: the most entries ``meta_history`` keeps (the oldest are dropped);
+            the history is saved with every checkpoint and restored on a resume.
 
     Attributes:
-        meta_history: one dict per generation batch: ``policy_step``, ``global_step``,
-            ``value``, ``setting`` (``{knob: value}``), ``index``, ``probs`` (after the
-            update), ``candidate_advantages``, ``likelihood_path``, ``reward`` (TRL's mean
-            reward of the batch, all ranks); with a per-prompt policy ``value`` is the mean
-            over the prompts and ``contexts``, ``values``, ``indices`` give each prompt's
-            decision.
+        meta_history: one dict per generation batch (the last ``meta_history_size``):
+            ``policy_step``, ``global_step``, ``value``, ``probs`` (after the update),
+            ``candidate_advantages``, ``likelihood_path``, ``reward`` (TRL's mean reward of the
+            batch, all ranks); for a global decision ``setting`` (``{knob: value}``) and
+            ``index``; for per-prompt decisions ``value`` is the mean over the prompts and
+            ``contexts``, ``values``, ``indices`` give each prompt's decision.
         eval_temperature: the temperature used during evaluation (``args.temperature``).
         eval_setting: the owned knobs' values during evaluation (``GRPOConfig``'s).
-        meta_knobs: the knobs the policy owns, its family and candidate settings.
-        meta_scoring: how the candidates are scored (family, fixed knobs, engine order).
+        meta_scoring: how the candidates are scored (family, fixed knobs, engine order, labels).
         meta_seconds: wall time spent in the meta-policy work (selection, scoring, update).
 
-    Logged metrics (``self._metrics``, so every TRL logger sees them): ``metactl/<knob>`` for
-    every knob of the decision (``metactl/temperature``, ``metactl/top_p``, ...),
-    ``metactl/decision_prob``, ``metactl/prob/<label>``, ``metactl/candidate_advantage/<label>``
-    (``<label>``: the value, or ``temperature=0.7,top_p=0.9`` for a joint grid).
+    Logged metrics (TRL's, so every TRL logger sees them): ``metactl/<knob>`` for every knob
+    of a global decision (``metactl/temperature``, ``metactl/top_p``, ...) and
+    ``metactl/decision_prob``; for per-prompt decisions ``metactl/temperature`` (the mean),
+    ``metactl/temperature_min`` and ``metactl/temperature_max``; and ``metactl/prob/<label>``,
+    ``metactl/candidate_advantage/<label>`` (``<label>``: the value, or
+    ``temperature=0.7,top_p=0.9`` for a joint grid).
     """
 
     def __init__(
@@ -149,6 +215,7 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         loglik_window_bytes: int = DEFAULT_WINDOW_BYTES,
         allow_missing_meta_state: bool = False,
         meta_context_column: str | None = None,
+        meta_history_size: int = DEFAULT_HISTORY_SIZE,
         **kwargs: Any,
     ) -> None:
         check_trl_version()
@@ -158,255 +225,285 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
             raise TypeError(
                 f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}"
             )
-        knobs = PolicyKnobs.from_policy(policy)
-        if "entropy" in policy.requires and knobs.knobs != ("temperature",):
+        spec = policy.spec
+        if not spec.knobs:
             raise ValueError(
-                f"meta_policy's rule needs the entropy at the chosen temperature, but the policy "
-                f"sets {list(knobs.knobs)}; entropy controllers set the temperature only"
+                f"meta_policy controls {policy.hyperparameter!r}, which is no sampling knob of "
+                f"TRL's generation; MetaGRPOTrainer sets {list(KNOBS)} (one of them, or a joint "
+                "grid: hyperparameter='joint')"
             )
+        check_trainer(policy, trainer_support(spec.per_context))
         if likelihood not in ("fast", "fused", "exact"):
             raise ValueError(f"likelihood must be 'fast', 'fused' or 'exact', got {likelihood!r}")
-        if not isinstance(check_sync, bool):
-            raise TypeError(f"check_sync must be a bool, got {type(check_sync).__name__}")
-        if isinstance(loglik_window_bytes, bool) or not isinstance(loglik_window_bytes, int):
-            raise TypeError("loglik_window_bytes must be an int")
-        if loglik_window_bytes < 1:
-            raise ValueError(f"loglik_window_bytes must be >= 1, got {loglik_window_bytes}")
-        if not isinstance(allow_missing_meta_state, bool):
-            raise TypeError(
-                "allow_missing_meta_state must be a bool, got "
-                f"{type(allow_missing_meta_state).__name__}"
-            )
-        self.allow_missing_meta_state = allow_missing_meta_state
-        self.contextual = bool(getattr(policy, "contextual", False))
+        for name, flag in (
+            ("check_sync", check_sync),
+            ("allow_missing_meta_state", allow_missing_meta_state),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        for name, number, minimum in (
+            ("loglik_window_bytes", loglik_window_bytes, 1),
+            ("meta_history_size", meta_history_size, 0),
+        ):
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise TypeError(f"{name} must be an int, got {type(number).__name__}")
+            if number < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {number}")
         if meta_context_column is not None and not isinstance(meta_context_column, str):
             raise TypeError(
                 "meta_context_column must be a str (a dataset column) or None, got "
                 f"{type(meta_context_column).__name__}"
             )
-        if self.contextual:
-            _check_per_prompt_policy(policy, likelihood, meta_context_column, knobs.knobs)
-        self.meta_context_column = meta_context_column
-        # per-row temperatures of the log-prob pass in progress (None: one scalar temperature)
-        self._meta_row_temperatures: torch.Tensor | None = None
-        # TRL's gathered (N_global, F) rewards of the generation batch in progress
-        self._meta_rewards_per_func: torch.Tensor | None = None
-        # (checkpoint folder, validated state or None) read by train() before TRL loads anything
-        self._meta_pending: tuple[str, dict[str, Any] | None] | None = None
+        if spec.per_context and meta_context_column is None:
+            raise ValueError(
+                f"a per-prompt meta_policy ({policy.rule.name}) needs one stable context key per "
+                "prompt, and TRL does not hand the dataset index to the trainer: pass "
+                "meta_context_column='<column>' naming a train_dataset column that holds a stable "
+                "int or str id per prompt (e.g. dataset.add_column('prompt_id', "
+                "range(len(dataset))))"
+            )
+        if not spec.per_context and meta_context_column is not None:
+            raise ValueError(
+                f"meta_context_column={meta_context_column!r} is given, but {policy.rule.name} "
+                "decides once per generation batch (a global meta_policy), so the column would be "
+                "ignored: use a per-prompt policy (metactl.ptgs, metactl.tampo_per_prompt) or drop "
+                "meta_context_column"
+            )
+        if spec.per_context and likelihood == "fused":
+            raise ValueError(
+                "likelihood='fused' cannot carry a temperature per prompt group (the candidates "
+                "are folded into one scalar-temperature pass of TRL's fused head); use "
+                "likelihood='fast' or 'exact' with a per-prompt meta_policy"
+            )
         self.meta_policy = policy
         self.likelihood = likelihood
         self.check_sync = check_sync
         self.loglik_window_bytes = loglik_window_bytes
+        self.allow_missing_meta_state = allow_missing_meta_state
+        self.meta_context_column = meta_context_column
+        self.meta_history_size = meta_history_size
         self.meta_history: list[dict[str, Any]] = []
         self.meta_seconds = 0.0
-        self.meta_knobs = knobs
-        # the sampler setting of the buffered window ({knob: value}; None: none yet, per-prompt)
-        self._meta_train_setting: dict[str, Any] | None = None
-        self._meta_capture: HiddenCapture | FusedLogitsCapture | None = None
-        self._meta_old_done = False
-        self._meta_collectives: tuple[Any, Any] | None = None
+        # the window of the buffered generation batch (None before the first one)
+        self._window: GenerationWindow | None = None
+        # (checkpoint folder, validated state or None) read by train() before TRL loads anything
+        self._pending_state: tuple[str, MetaState | None] | None = None
+        self._collective_fns: tuple[Any, Any] | None = None
         super().__init__(*args, **kwargs)
+        self._post_init_checks(spec.per_context)
 
-        config: Any = self.args
-        self.eval_temperature = float(config.temperature)
-        # the effective sampling settings: TRL's config fields, overridden by generation_kwargs
-        # (as TRL merges them for transformers, and vLLM in colocate and server mode)
-        settings: dict[str, Any] = {
-            name: getattr(config, name, None)
-            for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        }
-        settings.update(getattr(self, "generation_kwargs", None) or {})
-        settings.update(config.generation_kwargs or {})
+    def _post_init_checks(self, per_context: bool) -> None:
+        """The checks that need TRL's configuration; sets the evaluation setting and scoring."""
+        self.eval_temperature = float(check_knob("temperature", self.args.temperature,
+                                                 "GRPOConfig.temperature"))  # fmt: skip
+        settings = generation_settings(self)
+        knobs = self.meta_policy.knobs
+        needs_likelihood = self.meta_policy.spec.needs_loglik
         check_generation_settings(
             settings,
-            generation_kwargs=config.generation_kwargs,
-            needs_likelihood="loglik" in policy.requires,
-            owned=knobs.knobs,
+            generation_kwargs=self.args.generation_kwargs,
+            needs_likelihood=needs_likelihood,
+            owned=knobs,
         )
-        if getattr(self, "use_transformers_continuous_batching", False):
-            check_continuous_batching(
-                settings, owned=knobs.knobs, needs_likelihood="loglik" in policy.requires
-            )
-        self._meta_heads: list[FusedHead] = find_trainer_heads(self)
+        if uses_continuous_batching(self):
+            check_continuous_batching(settings, owned=knobs, needs_likelihood=needs_likelihood)
+        self._heads: list[FusedHead] = find_trainer_heads(self)
         #: the setting evaluation samples at: the values TRL holds from GRPOConfig (for a knob
         #: the policy owns besides the temperature, its off value: the guards require it)
         self.eval_setting: dict[str, Any] = {
             knob: self.eval_temperature if knob == "temperature" else getattr(self, knob)
-            for knob in knobs.knobs
+            for knob in knobs
         }
-        order = "vllm" if getattr(self, "use_vllm", False) else "hf"
         settings["temperature"] = self.eval_temperature
-        self.meta_scoring: CandidateScoring = knobs.scoring(settings, order=order)
-        if self.contextual:
-            self._check_per_prompt_paths(settings)
+        order = "vllm" if uses_vllm(self) else "hf"
+        self.meta_scoring = CandidateScoring.for_policy(self.meta_policy, settings, order=order)
+        if per_context:
+            check_per_row_paths(self)
+            check_per_row_settings(settings)
+            self._check_context_column()
 
-    # ------------------------------------------------------------------ sampler plumbing
-    def set_temperature(self, value: float) -> None:
-        """Write ``value`` to every place TRL keeps the temperature (see :mod:`.patching`)."""
-        set_trainer_temperature(self, value, self._meta_heads)
+    def _check_context_column(self) -> None:
+        dataset = getattr(self, "train_dataset", None)
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and self.meta_context_column not in columns:
+            raise ValueError(
+                f"meta_context_column={self.meta_context_column!r} is not a column of "
+                f"train_dataset (columns: {sorted(columns)}); add a stable int or str id per "
+                "prompt and name it"
+            )
 
+    # ------------------------------------------------------------------ sampler setting
     def set_sampling(self, setting: dict[str, Any]) -> None:
         """Write every knob of ``setting`` (``{knob: value}``) where TRL keeps it."""
-        set_trainer_setting(self, setting, self._meta_heads)
+        set_trainer_setting(self, setting, self._heads)
 
     def temperatures(self) -> dict[str, float]:
         """Every temperature the trainer currently holds, by place (they are always equal)."""
-        return trainer_temperatures(self, self._meta_heads)
+        return trainer_knobs(self, "temperature", self._heads)
 
     def knob_values(self, knob: str) -> dict[str, Any]:
         """Every value of ``knob`` the trainer currently holds, by place (always equal)."""
-        if knob == "temperature":
-            return dict(self.temperatures())
-        return trainer_knobs(self, knob)
+        return trainer_knobs(self, knob, self._heads)
 
     # ------------------------------------------------------------------ collectives
     def _collectives(self) -> tuple[Any, Any]:
-        if self._meta_collectives is None:
-            self._meta_collectives = torch_collectives()
-        return self._meta_collectives
+        if self._collective_fns is None:
+            self._collective_fns = torch_collectives()
+        return self._collective_fns
 
     @property
     def _multi_process(self) -> bool:
         return self.accelerator.num_processes > 1
 
-    # ------------------------------------------------------------------ the hook
-    def _likelihood_path(self) -> Path:
+    # ------------------------------------------------------------------ one generation batch
+    def _meta_training_batch(
+        self, inputs: list[dict[str, Any]], generate: Callable[[list[dict[str, Any]]], Any]
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        decision = self._select(inputs)
+        window = GenerationWindow.open(
+            decision,
+            group_size=int(self.num_generations),  # type: ignore[arg-type]
+            first_row=self.accelerator.process_index * len(inputs),
+            rows=len(inputs),
+        )
+        self.set_sampling(window.trl_setting)
+        if self.meta_policy.spec.needs_scoring:
+            window.path = self._scoring_path()
+            window.capture = self._capture(window)
+        self._window = window
+        self.meta_seconds += time.perf_counter() - t0
+        with window.generation():
+            output = generate(inputs)
+        t1 = time.perf_counter()
+        if window.row_temperatures is not None:
+            if output["completion_ids"].shape[0] != len(inputs):
+                raise RuntimeError(
+                    f"metactl: TRL returned {output['completion_ids'].shape[0]} rows for "
+                    f"{len(inputs)} inputs; the per-row temperatures cannot be matched to them"
+                )
+            # travels with TRL's buffered batch, shuffled and split with its rows
+            device = output["completion_ids"].device
+            output[ROW_TEMPERATURE_KEY] = window.row_temperatures.to(device)
+        self._update_policy(decision, output, window.capture, window.path)
+        self.meta_seconds += time.perf_counter() - t1
+        if isinstance(window.capture, FusedLogitsCapture):
+            self.meta_seconds += window.capture.seconds  # the fold ran inside TRL's own pass
+        return output
+
+    def _select(self, inputs: list[dict[str, Any]]) -> metactl.Decision | metactl.DecisionBatch:
+        """The policy's decision for the batch: one for all rows, or one per prompt group (the
+        groups of ``num_generations`` rows are contiguous in rank order and may span ranks)."""
+        decision: metactl.Decision | metactl.DecisionBatch
+        if self.meta_policy.spec.per_context:
+            column = str(self.meta_context_column)
+            keys = context_keys(inputs, column)
+            if self._multi_process:
+                from accelerate.utils import gather_object
+
+                keys = list(gather_object(keys))
+            contexts = prompt_contexts(keys, int(self.num_generations), column)  # type: ignore[arg-type]
+            decision = self.meta_policy.select(contexts=contexts)
+        else:
+            decision = self.meta_policy.select()
+        if self.check_sync and self._multi_process:
+            assert_same_choice(decision, self._collectives()[1])
+        return decision
+
+    def _scoring_path(self) -> ScoringPath:
         """Where this generation batch's candidate likelihoods come from."""
         if self.likelihood == "exact":
             return "exact"
-        args: Any = self.args
-        generate_every = args.steps_per_generation * self.num_iterations
-        use_vllm = bool(getattr(self, "use_vllm", False))
-        if args.gradient_accumulation_steps % generate_every != 0 or (
-            use_vllm and getattr(self, "vllm_importance_sampling_correction", False)
-        ):
-            # TRL makes an old-logprob pass over the batch: score inside its fused head, or
-            # capture its hidden states
+        if makes_old_logprob_pass(self):
+            # score inside TRL's fused head, or capture the hidden states of its pass
             return "fused" if self.likelihood == "fused" else "old"
-        plain_generate = not (
-            use_vllm
-            or getattr(self, "use_transformers_continuous_batching", False)
-            or getattr(self, "rollout_func", None) is not None
-            or getattr(self, "tools", None)
-            or getattr(self, "environment_factories", None) is not None
-        )
-        return "generate" if plain_generate else "exact"
+        return "generate" if generates_with_model_generate(self) else "exact"
 
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        if not cast(torch.nn.Module, self.model).training:
-            # Evaluation: sample and score at the evaluation temperature; never update the policy.
-            self.set_sampling(self.eval_setting)
-            for knob, value in self.eval_setting.items():
-                self._metrics["eval"][f"metactl/{knob}"].append(float(value or 0.0))
-            return super()._generate_and_score_completions(inputs)
-        if self.contextual:
-            return self._generate_per_prompt(inputs)
-
-        t0 = time.perf_counter()
-        decision = self.meta_policy.select()
-        if self.check_sync and self._multi_process:
-            assert_same_choice(decision, self._collectives()[1])
-        setting = self.meta_knobs.setting(decision.value)
-        self.set_sampling(setting)
-        self._meta_train_setting = setting
-        requires = set(self.meta_policy.requires)
-        needs_scoring = bool(requires & {"loglik", "entropy"})
-        path = self._likelihood_path() if needs_scoring else None
-        capture: HiddenCapture | FusedLogitsCapture | None = None
-        if path in ("old", "generate"):
-            capture = HiddenCapture(self._backbone(), path)
-        elif path == "fused":
-            capture = FusedLogitsCapture(
-                self.meta_scoring,
-                entropy_temperature=(
-                    float(setting["temperature"]) if "entropy" in requires else None
-                ),
+    def _capture(self, window: GenerationWindow) -> HiddenCapture | FusedLogitsCapture | None:
+        if window.path in ("old", "generate"):
+            backbone = getattr(policy_target(self.model), self._heads[0].backbone_attr)
+            return HiddenCapture(backbone, "old" if window.path == "old" else "generate")
+        if window.path == "fused":
+            return FusedLogitsCapture(
+                self.meta_scoring, entropy_temperature=self._entropy_temperature(window.decision)
             )
-        self._meta_capture, self._meta_old_done = capture, False
-        self.meta_seconds += time.perf_counter() - t0
-        try:
-            if capture is not None:
-                with capture:
-                    output = super()._generate_and_score_completions(inputs)
-            else:
-                output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._meta_capture = None
-        t1 = time.perf_counter()
-        self._update_policy(decision, output, capture, path)
-        self.meta_seconds += time.perf_counter() - t1
-        if isinstance(capture, FusedLogitsCapture):
-            self.meta_seconds += capture.seconds  # the fold ran inside TRL's own pass
-        return output
+        return None
 
-    def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
-        if self._meta_row_temperatures is not None:
-            return self._generate_per_row(*args, **kwargs)
-        return self._generate_single_turn_captured(*args, **kwargs)
+    def _entropy_temperature(
+        self, decision: metactl.Decision | metactl.DecisionBatch
+    ) -> float | None:
+        """The sampled temperature, when the rule needs the entropy there (global decisions)."""
+        if "entropy" not in self.meta_policy.spec.feedback:
+            return None
+        return float(decision.setting["temperature"])  # type: ignore[union-attr]
 
-    def _generate_single_turn_captured(self, *args: Any, **kwargs: Any) -> Any:
-        capture = self._meta_capture
+    # ------------------------------------------------------------------ inside TRL's batch
+    def _meta_generation(self) -> contextlib.AbstractContextManager[None]:
+        window = self._window
+        stack = contextlib.ExitStack()
+        if window is None or not window.generating:
+            return stack
+        if window.row_temperatures is not None:
+            stack.enter_context(row_temperature_generation(self, window.row_temperatures))
+        capture = window.capture
         if isinstance(capture, HiddenCapture) and capture.mode == "generate":
-            with capture.recording():
-                return super()._generate_single_turn(*args, **kwargs)
-        return super()._generate_single_turn(*args, **kwargs)
+            stack.enter_context(capture.recording())
+        return stack
 
-    def _get_per_token_logps_and_entropies(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        capture = self._meta_capture
-        run: Any = (
-            self._per_row_logps
-            if self._meta_row_temperatures is not None
-            else super()._get_per_token_logps_and_entropies
-        )
-        # TRL's first policy pass inside _generate_and_score_completions is the old-logprob pass
-        # (the reference pass comes after it; with PEFT it also runs on self.model).
-        if (
-            capture is not None
-            and capture.mode in ("old", "fused")
-            and not self._meta_old_done
-            and model is self.model
-        ):
-            self._meta_old_done = True
-            recording: contextlib.AbstractContextManager[None]
-            if isinstance(capture, FusedLogitsCapture):
-                batch_size = args[0] if args else kwargs.get("batch_size")
-                recording = capture.recording(input_ids, attention_mask, logits_to_keep, batch_size)
-            else:
-                recording = cast(HiddenCapture, capture).recording(keep=logits_to_keep)
-            with recording:
-                return run(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        return run(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+    def _meta_log_prob_pass(self, call: LogProbPass) -> Any:
+        window = self._window
+        if window is None:
+            return call.run()
+        rows = window.pass_rows
+        capture = window.old_pass_capture(call.model is self.model)
 
-    def _backbone(self) -> torch.nn.Module:
-        target = policy_target(self.model)
-        return getattr(target, self._meta_heads[0].backbone_attr)
+        def run() -> Any:
+            if rows is None:
+                return call.run()
+            contiguous = window.generating and window.capture is not None
+            return call.run_per_row(rows, self._heads, contiguous=contiguous)
+
+        if capture is None:
+            return run()
+        recording: contextlib.AbstractContextManager[None]
+        if isinstance(capture, FusedLogitsCapture):
+            recording = capture.recording(
+                call.input_ids, call.attention_mask, call.logits_to_keep, call.batch_size
+            )
+        else:
+            recording = capture.recording(keep=call.logits_to_keep)
+        with recording:
+            return run()
+
+    def _meta_rewards(self, rewards_per_func: torch.Tensor) -> None:
+        window = self._window
+        if window is not None and window.generating:
+            window.rewards_per_func = rewards_per_func.detach()
+
+    def _meta_loss_rows(self, rows: torch.Tensor | None) -> contextlib.AbstractContextManager[None]:
+        if rows is None:
+            return contextlib.nullcontext()
+        if self._window is None:
+            raise RuntimeError(
+                "metactl: a batch carries per-row temperatures but no generation window is open"
+            )
+        return self._window.loss(rows)
 
     # ------------------------------------------------------------------ feedback and update
     def _score(
         self,
-        decision: metactl.Decision,
+        decision: metactl.Decision | metactl.DecisionBatch,
         output: dict[str, Any],
         capture: HiddenCapture | FusedLogitsCapture | None,
-        path: Path,
-    ) -> tuple[LikelihoodResult, Path]:
+        path: ScoringPath,
+    ) -> tuple[LikelihoodResult, ScoringPath]:
+        """The candidate likelihoods of the batch on ``path`` (``capture``: what recorded them),
+        and the path actually used (an extra forward when the capture does not line up)."""
         tokens = output["completion_ids"]
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        candidates = self.meta_scoring
-        ent_t = (
-            float(self.meta_knobs.setting(decision.value)["temperature"])
-            if "entropy" in self.meta_policy.requires
-            else None
-        )
+        ent_t = self._entropy_temperature(decision)
         if isinstance(capture, FusedLogitsCapture):
             fused = capture.result(tokens, mask)
             if fused is not None:
@@ -420,7 +517,7 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         if capture is not None:
             hidden = self._aligned_hidden(capture, tokens, mask)
             if hidden is not None:
-                head = self._meta_heads[0]
+                head = self._heads[0]
                 weight, bias, head_fn = dense_head(output_embeddings(self.model))
                 return candidate_loglik_from_hidden(
                     hidden,
@@ -428,7 +525,7 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
                     mask,
                     weight,
                     bias,
-                    candidates,
+                    self.meta_scoring,
                     logit_scale=head.logit_scale,
                     softcap=head.softcap,
                     entropy_temperature=ent_t,
@@ -448,7 +545,7 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
             attention_mask,
             tokens,
             mask,
-            candidates,
+            self.meta_scoring,
             batch_size=self.args.per_device_train_batch_size,
             entropy_temperature=ent_t,
             autocast=self.accelerator.autocast,
@@ -474,81 +571,190 @@ class MetaGRPOTrainer(PerPromptMixin, MetaCheckpointMixin, GRPOTrainer):
         pad = hidden.new_zeros((n, c - steps, hidden.shape[2]))
         return torch.cat([hidden, pad], dim=1)
 
+    def _gathered(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every rank's rows of each array, concatenated in rank order (TRL's row order)."""
+        if not self._multi_process or not local:
+            return local
+        all_gather = self._collectives()[0]
+        return {
+            name: np.concatenate([np.asarray(p) for p in all_gather(array)], axis=0)
+            for name, array in local.items()
+        }
+
     def _update_policy(
         self,
-        decision: metactl.Decision,
+        decision: metactl.Decision | metactl.DecisionBatch,
         output: dict[str, Any],
         capture: HiddenCapture | FusedLogitsCapture | None,
-        path: Path | None,
-    ) -> Path | None:
-        requires = set(self.meta_policy.requires)
-        feedback: dict[str, Any] = {}
-        path_used: Path | None = None
+        path: ScoringPath | None,
+    ) -> ScoringPath | None:
+        """Score the batch, build the feedback the rule needs (every rank's rows, in rank order)
+        and update the policy; returns the scoring path used."""
+        spec = self.meta_policy.spec
+        needs = set(spec.feedback)
+        local: dict[str, np.ndarray] = {}
+        path_used: ScoringPath | None = None
+        scored: np.ndarray | None = None
         if path is not None:
             result, path_used = self._score(decision, output, capture, path)
-            scored = (result.counts > 0).cpu().numpy()
-            if "loglik" in requires:
-                feedback["loglik"] = result.loglik.cpu().numpy()
-            if "entropy" in requires:
-                tokens = float(result.counts.sum())
-                feedback["entropy"] = float(result.entropy_sum or 0.0) / max(tokens, 1.0)
-        if "advantages" in requires or "loglik" in requires:
-            feedback["advantages"] = completion_advantages(
-                output, scored if "loglik" in feedback else None)
-        if "reward" in requires:
-            # TRL's logged batch reward is already the mean over all ranks' completions.
-            feedback["reward"] = float(self._metrics["train"]["reward"][-1])
-        if "vocab_size" in requires:
-            feedback["vocab_size"] = int(output_embeddings(self.model).weight.shape[0])
-        if self._multi_process and feedback:
-            feedback = gather_feedback(feedback, self._collectives()[0])
-        info = self.meta_policy.update(decision, **feedback)
-        self._log_meta(decision, info, path_used)
+            counts = result.counts.cpu().numpy().astype(np.float64)
+            scored = counts > 0
+            if "loglik" in needs:
+                local["loglik_sum"] = result.loglik_sum.cpu().numpy()
+                local["token_counts"] = counts
+            if "entropy" in needs:
+                local["entropy"] = np.array([[float(result.entropy_sum or 0.0), counts.sum()]])
+        if "advantages" in needs:
+            local["advantages"] = _completion_advantages(
+                output, scored if "loglik" in needs else None
+            )
+        rows = self._gathered(local)
+        entropy = rows["entropy"].sum(axis=0) if "entropy" in rows else None
+        window = self._window
+        reward = batch_reward(self) if "reward" in needs else None
+        feedback = build_feedback(
+            spec,
+            loglik_sum=rows.get("loglik_sum"),
+            token_counts=rows.get("token_counts"),
+            advantages=rows.get("advantages"),
+            rewards=(
+                window.row_rewards(self.reward_weights)
+                if "rewards" in needs and window is not None
+                else None
+            ),
+            reward=reward,
+            entropy_sum=None if entropy is None else float(entropy[0]),
+            entropy_tokens=None if entropy is None else max(float(entropy[1]), 1.0),
+            vocab_size=(
+                int(output_embeddings(self.model).weight.shape[0])
+                if "vocab_size" in needs
+                else None
+            ),
+            group_size=int(self.num_generations) if "group_size" in needs else None,  # type: ignore[arg-type]
+        )
+        info = self.meta_policy.update(decision, feedback)
+        self._record(decision, info, path_used)
         return path_used
 
-    def _log_meta(
-        self, decision: metactl.Decision, info: metactl.UpdateInfo, path: Path | None
+    def _record(
+        self,
+        decision: metactl.Decision | metactl.DecisionBatch,
+        info: metactl.UpdateInfo,
+        path: ScoringPath | None,
     ) -> None:
-        metrics = self._metrics["train"]
-        setting = self.meta_knobs.setting(decision.value)
-        for knob, value in setting.items():
-            metrics[f"metactl/{knob}"].append(float(value))
-        metrics["metactl/decision_prob"].append(decision.prob)
-        labels = self.meta_knobs.labels()
+        """Log the decision and the update to TRL's metrics and ``meta_history``."""
+        entry: dict[str, Any] = {
+            "policy_step": int(decision.step),
+            "global_step": int(self.state.global_step),
+        }
+        if isinstance(decision, metactl.DecisionBatch):
+            values = [float(v) for v in decision.values]
+            entry["value"] = float(np.mean(values))
+            log_metric(self, "train", "metactl/temperature", entry["value"])
+            log_metric(self, "train", "metactl/temperature_min", min(values))
+            log_metric(self, "train", "metactl/temperature_max", max(values))
+            entry["contexts"] = list(decision.contexts)
+            entry["values"] = values
+            entry["indices"] = [int(i) for i in decision.indices]
+        else:
+            setting = decision.setting
+            for knob, value in setting.items():
+                log_metric(self, "train", f"metactl/{knob}", float(value))
+            log_metric(self, "train", "metactl/decision_prob", decision.prob)
+            entry["value"] = decision.value
+            entry["setting"] = setting
+            entry["index"] = decision.index
+        labels = self.meta_scoring.labels()
         for label, prob in zip(labels, info.probs, strict=True):
-            metrics[f"metactl/prob/{label}"].append(float(prob))
+            log_metric(self, "train", f"metactl/prob/{label}", float(prob))
         adv = info.candidate_advantages
-        rewards = metrics.get("reward")  # TRL's mean reward of this batch over all ranks
         if adv is not None:
             for label, a in zip(labels, adv, strict=True):
-                metrics[f"metactl/candidate_advantage/{label}"].append(float(a))
-        self.meta_history.append(
+                log_metric(self, "train", f"metactl/candidate_advantage/{label}", float(a))
+        reward = batch_reward(self)
+        entry.update(
             {
-                "policy_step": decision.step,
-                "global_step": int(self.state.global_step),
-                "value": decision.value,
-                "setting": setting,
-                "index": decision.index,
                 "probs": [float(p) for p in info.probs],
                 "candidate_advantages": None if adv is None else [float(a) for a in adv],
                 "likelihood_path": path,
-                "reward": float(rewards[-1]) if rewards else None,
+                "reward": reward if reward is not None and math.isfinite(reward) else None,
             }
         )
+        self._remember(entry)
+
+    def _remember(self, entry: dict[str, Any]) -> None:
+        """Append to ``meta_history``, dropping the oldest entries beyond its maximum."""
+        self.meta_history.append(entry)
+        excess = len(self.meta_history) - self.meta_history_size
+        if excess > 0:
+            del self.meta_history[:excess]
 
     # ------------------------------------------------------------------ evaluation
-    def prediction_step(
-        self,
-        model: Any,
-        inputs: Any,
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> Any:
+    def _meta_evaluation_batch(self) -> None:
+        # Evaluation: sample and score at the evaluation setting; never update the policy.
+        self.set_sampling(self.eval_setting)
+        for knob, value in self.eval_setting.items():
+            log_metric(self, "eval", f"metactl/{knob}", float(value or 0.0))
+
+    @contextlib.contextmanager
+    def _meta_evaluation(self) -> Iterator[None]:
         # Evaluation generates *and* computes its loss at the evaluation setting; then the
-        # training setting of the current (possibly half-consumed) buffered batch comes back.
+        # setting of the current (possibly half-consumed) buffered batch comes back.
         self.set_sampling(self.eval_setting)
         try:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            yield
         finally:
-            if self._meta_train_setting is not None:
-                self.set_sampling(self._meta_train_setting)
+            if self._window is not None:
+                self.set_sampling(self._window.trl_setting)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta_state_dict(self) -> dict[str, Any]:
+        """What ``metactl_state.json`` holds (:func:`.checkpoint.meta_state_dict`): the policy
+        state, the sampler setting of the buffered window (``train_setting``; ``None`` for
+        per-prompt decisions, whose values live in the policy) and ``meta_history``."""
+        window = self._window
+        return meta_state_dict(
+            self.meta_policy,
+            None if window is None else window.setting,
+            history=self.meta_history,
+            eval_temperature=self.eval_temperature,
+            likelihood=self.likelihood,
+        )
+
+    def load_meta_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`meta_state_dict` (the policy continues bit-identically).
+
+        The policy state, the sampler setting and the history are validated before any is
+        applied: a rejected state (``ValueError``/``TypeError``) changes nothing.
+        """
+        self._apply(check_meta_state(state, self.meta_policy))
+
+    def _apply(self, state: MetaState) -> None:
+        self.meta_policy.load_state_dict(state.policy)  # validated: cannot fail now
+        if state.setting is not None:
+            self._window = GenerationWindow.restored(state.setting)
+            self.set_sampling(self._window.trl_setting)
+        keep = self.meta_history_size
+        self.meta_history = state.history[len(state.history) - keep :] if keep else []
+
+    def _meta_before_train(self, checkpoint: str | None) -> None:
+        self._pending_state = None
+        if checkpoint is not None:
+            state = read_meta_state(
+                checkpoint, self.meta_policy, allow_missing=self.allow_missing_meta_state
+            )
+            self._pending_state = (checkpoint, state)
+
+    def _meta_save(self, folder: str) -> None:
+        write_meta_state(folder, self.meta_state_dict())
+
+    def _meta_resume(self, folder: str) -> None:
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None and os.path.realpath(pending[0]) == os.path.realpath(folder):
+            state = pending[1]  # read and validated by train() before anything was loaded
+        else:
+            state = read_meta_state(
+                folder, self.meta_policy, allow_missing=self.allow_missing_meta_state
+            )
+        if state is not None:
+            self._apply(state)
