@@ -270,7 +270,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # torch files read without running code
 # ----------------------------------------------------------------------------------------------
-TORCH_PICKLE_PROTOCOL = 2  # what `torch.save` writes by default; a writer pins it (see below)
+# torch.save's default protocol, pinned by writers: `check_torch_file` accepts what it writes
+TORCH_PICKLE_PROTOCOL = 2
 
 # The opcodes a protocol-2 pickle of dicts, lists, tuples, numbers, strings and tensors uses.
 # Left out on purpose: the ones that import or build objects other than through a ``GLOBAL``
