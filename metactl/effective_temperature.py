@@ -1,0 +1,521 @@
+"""The temperature that sampled tokens actually came from, estimated from their logits.
+
+A rollout can silently ignore the temperature a meta-policy chose: a generation config merged
+over the trainer's settings samples near-greedily, an evaluation pass leaves the engine at
+``T = 0``, a sampler ignores ``temperature`` altogether. Nothing fails; the controller learns
+from data it did not ask for. The logits a trainer already holds for its sampled tokens tell.
+
+For one token ``o`` drawn from ``softmax(z / T)`` the score of the temperature,
+
+.. math::
+
+    \\frac{\\partial}{\\partial T} \\log \\operatorname{softmax}(z / T)_o
+      = \\frac{E_{p_T}[z] - z_o}{T^2},
+
+has mean zero, and variance (the Fisher information) ``Var_{p_T}[z] / T^4``. Summed over the
+batch's tokens (a martingale: each term has mean zero given the tokens before it), the score at
+the intended temperature divided by the square root of the summed information is a z-statistic,
+about standard normal when the tokens were drawn at that temperature; and the root of the summed
+score is the batch's maximum-likelihood temperature. :func:`effective_temperature` returns both
+(:class:`TemperatureEstimate`); :func:`check_effective_temperature` raises (or warns) when the
+estimate departs from the intended value by more than a tolerance.
+
+With per-row settings (a temperature per prompt group, :class:`metactl.knobs.SettingRows`) the
+estimate is the common factor ``r`` by which every row's temperature was off (row ``i`` sampled
+at ``r * T_i``); with one setting that is ``T_hat / T``. The log-likelihood is concave in
+``1 / r``, so the root is unique; it is found in float64 on ``log r`` by Newton steps kept
+inside a sign-change bracket (a few passes over the logits).
+
+Truncation (top-k, top-p, min-p): a truncated sampler draws from ``p_T`` restricted to its kept
+set, so the score is taken inside the kept set: expectations over the kept set of the intended
+setting (:func:`metactl.knobs.kept_mask`, the same kept sets the likelihoods use), held fixed
+while ``T`` varies. At the intended setting this score has mean zero exactly (the z-statistic is
+exact); the estimate away from it is the maximum-likelihood temperature given those kept sets
+(exact for top-k, whose kept set does not depend on ``T``). A sampled token outside its kept set
+is impossible under the intended setting: it is counted (``outside``; the sampler ignored the
+truncation, or a float32 tie at the boundary) and scored with its kept set widened to it.
+
+Example:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(0.0, 3.0, size=(4000, 20))
+    >>> p = np.exp(z / 0.7); p /= p.sum(axis=1, keepdims=True)
+    >>> tokens = (p.cumsum(axis=1) < rng.random((4000, 1))).sum(axis=1)   # drawn at T = 0.7
+    >>> est = effective_temperature(z, tokens, temperature=0.7)
+    >>> abs(est.temperature - 0.7) < 0.03, abs(est.z) < 4
+    (True, True)
+    >>> check_effective_temperature(est)
+    True
+    >>> greedy = effective_temperature(z, z.argmax(axis=1), temperature=0.7)
+    >>> greedy.temperature, greedy.z < -10
+    (0.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ._validation import finite_scalar, one_of
+from .knobs import ORDERS, TEMPERATURE_RANGE, Setting, SettingRows, kept_mask
+
+__all__ = [
+    "CHECK_MODES",
+    "DEFAULT_RTOL",
+    "DEFAULT_Z",
+    "EffectiveTemperatureWarning",
+    "TemperatureEstimate",
+    "check_effective_temperature",
+    "effective_temperature",
+]
+
+#: What :func:`check_effective_temperature` does on a departure.
+CHECK_MODES: tuple[str, ...] = ("error", "warn", "off")
+#: Default relative tolerance on the temperature (``T_hat / T`` outside ``[1/1.3, 1.3]``).
+DEFAULT_RTOL = 0.3
+#: Default threshold on ``|z|`` (the score at the intended temperature, standardised).
+DEFAULT_Z = 5.0
+#: Default largest share of tokens outside the intended kept set.
+DEFAULT_OUTSIDE = 0.01
+# Estimates beyond this factor of the intended temperature are reported as 0 or inf.
+_RANGE = 1e3
+# Excluded vocabulary entries get this shifted logit: exp(b * u) is exactly 0 for every b used
+# here, and u * e, u**2 * e stay exactly 0 (no inf * 0).
+_FLOOR = -1e150
+# float64 logit entries per pass chunk (CPU; accelerators take larger chunks)
+_CPU_CHUNK = 1 << 22
+_ACCEL_CHUNK = 1 << 25
+
+
+class EffectiveTemperatureWarning(UserWarning):
+    """Sampled tokens look drawn at another temperature than the intended one."""
+
+
+@dataclass(frozen=True)
+class TemperatureEstimate:
+    """What :func:`effective_temperature` found.
+
+    Attributes:
+        temperature: the maximum-likelihood temperature of the tokens (``ratio * intended``);
+            ``0.0`` or ``inf`` when it lies beyond a factor 1000 of the intended one (``0.0``
+            for greedy tokens), ``nan`` when the tokens carry no information (every kept set a
+            single token, e.g. one-hot logits).
+        intended: the intended temperature (with per-row settings, the geometric mean of the
+            rows' temperatures weighted by their tokens).
+        ratio: ``temperature / intended`` (the common factor of every row's temperature).
+        z: the score at the intended setting over the square root of its Fisher information:
+            about N(0, 1) for tokens drawn at the intended setting, positive when the tokens
+            look hotter, negative when colder (``0.0`` without information).
+        tokens: the number of scored tokens (masked positions).
+        outside: how many sampled tokens lie outside their intended kept set (always 0
+            without truncation).
+    """
+
+    temperature: float
+    intended: float
+    ratio: float
+    z: float
+    tokens: int
+    outside: int = 0
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The fields as a plain dict (for logs)."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+def _is_torch(x: object) -> bool:
+    return hasattr(x, "detach") and hasattr(x, "is_floating_point")
+
+
+def _setting_rows(setting: Any, n_rows: int) -> SettingRows:
+    """The intended setting of each leading-axis row of the logits."""
+    if isinstance(setting, SettingRows):
+        if len(setting) != n_rows:
+            raise ValueError(f"temperature: a SettingRows of {len(setting)} rows, but the logits "
+                             f"have {n_rows} rows (their leading axis)")  # fmt: skip
+        return setting
+    if isinstance(setting, Setting):
+        return setting.rows(n_rows)
+    if isinstance(setting, (bool, np.bool_)) or not isinstance(setting, numbers.Real):
+        raise TypeError(f"temperature must be a number, a metactl.knobs.Setting or a "
+                        f"SettingRows, got {type(setting).__name__}")  # fmt: skip
+    value = finite_scalar(setting, "temperature")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= value <= hi:
+        raise ValueError(f"temperature must lie in [{lo:g}, {hi:g}], got {value}")
+    return Setting(temperature=value).rows(n_rows)
+
+
+def _positions(logits: Any, tokens: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(flat_index, row, token)`` of the masked positions (``flat_index`` into the logits
+    viewed as ``(N * L, V)``; ``row`` the leading-axis row of each)."""
+    if _is_torch(logits):
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must hold floating-point values, got {logits.dtype}")
+    elif isinstance(logits, np.ndarray):
+        if not np.issubdtype(logits.dtype, np.floating):
+            raise TypeError(f"logits must hold floating-point values, got {logits.dtype}")
+    else:
+        raise TypeError(f"logits must be a numpy.ndarray or torch.Tensor, got "
+                        f"{type(logits).__name__}")  # fmt: skip
+    shape = tuple(logits.shape)
+    if len(shape) not in (2, 3) or shape[-1] < 1:
+        raise ValueError(f"logits must have shape (N, L, V) or (M, V), got {shape}")
+    lead = shape[:-1]
+
+    def host(x: Any, name: str) -> np.ndarray:
+        if _is_torch(x):
+            x = x.detach().cpu().numpy()
+        if isinstance(x, (str, bytes)) or x is None:
+            raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}")
+        arr = np.asarray(x)
+        if arr.shape != lead:
+            raise ValueError(f"{name} must have shape {lead} (the logits' without V), got "
+                             f"{arr.shape}")  # fmt: skip
+        return arr
+
+    toks = host(tokens, "tokens")
+    if toks.dtype == np.bool_ or not np.issubdtype(toks.dtype, np.integer):
+        raise TypeError(f"tokens must hold integer token ids, got dtype {toks.dtype}")
+    if mask is None:
+        sel = np.ones(lead, dtype=bool)
+    else:
+        m = host(mask, "mask")
+        if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.number)):
+            raise TypeError(f"mask must be boolean or 0/1, got dtype {m.dtype}")
+        if m.dtype != np.bool_ and not np.isin(m, (0, 1)).all():
+            raise ValueError("mask must hold only 0 and 1")
+        sel = m.astype(bool)
+    flat = np.flatnonzero(sel.reshape(-1))
+    if flat.size == 0:
+        raise ValueError("mask selects no position: nothing to estimate from")
+    picked = toks.reshape(-1)[flat].astype(np.int64)
+    vocab = shape[-1]
+    if picked.min() < 0 or picked.max() >= vocab:
+        bad = int(flat[np.flatnonzero((picked < 0) | (picked >= vocab))[0]])
+        raise ValueError(f"tokens at masked positions must lie in [0, V) = [0, {vocab}); "
+                         f"position {np.unravel_index(bad, lead)} holds "
+                         f"{int(toks.reshape(-1)[bad])}")  # fmt: skip
+    inner = 1 if len(shape) == 2 else shape[1]
+    return flat, flat // inner, picked
+
+
+# ----------------------------------------------------------------------------------------------
+# passes over the logits (numpy or torch, float64)
+# ----------------------------------------------------------------------------------------------
+class _Backend:
+    """Gathers chunks of masked logit rows as float64 and reduces them."""
+
+    def __init__(self, logits: Any, flat: np.ndarray) -> None:
+        self.torch = _is_torch(logits)
+        vocab = int(logits.shape[-1])
+        self.flat_logits = logits.reshape(-1, vocab)
+        accel = self.torch and logits.device.type != "cpu"
+        step = max(1, (_ACCEL_CHUNK if accel else _CPU_CHUNK) // vocab)
+        self.chunks = [slice(s, min(s + step, flat.size)) for s in range(0, flat.size, step)]
+        self.lib: Any = np
+        self.index: Any = flat
+        if self.torch:
+            import torch
+
+            self.lib = torch
+            self.device = logits.device
+            self.index = torch.from_numpy(flat).to(self.device)
+
+    def rows(self, part: slice) -> Any:
+        """The chunk's logit rows, float64, ``(c, V)``."""
+        if self.torch:
+            with self.lib.no_grad():
+                return self.flat_logits.index_select(0, self.index[part]).detach().double()
+        return np.asarray(self.flat_logits[self.index[part]], dtype=np.float64)
+
+    def vec(self, x: np.ndarray) -> Any:
+        return self.lib.from_numpy(np.ascontiguousarray(x)).to(self.device) if self.torch else x
+
+    def host(self, x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy() if self.torch else np.asarray(x)
+
+
+def _prepare(be: _Backend, toks: np.ndarray, rows: SettingRows, row_of: np.ndarray,
+             order: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # fmt: skip
+    """Per position: the maximum logit, the shifted sampled logit ``z_o - max`` and the shifted
+    kept-set threshold (``-inf`` without truncation); the count of tokens outside their kept
+    set. Raises on NaN / +inf logits and on -inf at a sampled token."""
+    n = toks.size
+    top = np.empty(n)
+    u_o = np.empty(n)
+    thr = np.full(n, -np.inf)
+    outside = 0
+    truncated = rows.truncated[row_of]
+    for part in be.chunks:
+        z = be.rows(part)
+        zt = z
+        if be.torch:
+            finite_max = be.lib.isfinite(zt.max(dim=1).values)
+            bad_any = be.lib.isnan(zt).any(dim=1) | be.lib.isposinf(zt).any(dim=1)
+            bad = be.host(bad_any | ~finite_max)
+            m = zt.max(dim=1).values
+            z_o = zt.gather(1, be.vec(toks[part]).unsqueeze(1)).squeeze(1)
+        else:
+            bad = np.isnan(zt).any(axis=1) | np.isposinf(zt).any(axis=1)
+            m = zt.max(axis=1)
+            bad |= ~np.isfinite(m)
+            z_o = zt[np.arange(zt.shape[0]), toks[part]]
+        if bad.any():
+            i = part.start + int(np.flatnonzero(bad)[0])
+            raise ValueError(f"logits at masked position {i} (in mask order) hold NaN or +inf, "
+                             "or no finite entry")  # fmt: skip
+        m_h, zo_h = be.host(m), be.host(z_o)
+        if not np.all(np.isfinite(zo_h)):
+            i = part.start + int(np.flatnonzero(~np.isfinite(zo_h))[0])
+            raise ValueError(f"the sampled token at masked position {i} (in mask order) has "
+                             "logit -inf (probability 0): it cannot have been sampled")  # fmt: skip
+        top[part] = m_h
+        u_o[part] = zo_h - m_h
+        cut = truncated[part]
+        if cut.any():
+            idx = row_of[part]
+            setting = SettingRows(rows.temperature[idx], rows.top_p[idx], rows.top_k[idx],
+                                  rows.min_p[idx])  # fmt: skip
+            src = z.float() if be.torch else z
+            kept = kept_mask(src, setting, order=order)
+            if be.torch:
+                lowest = be.lib.where(kept, z, be.lib.full_like(z, math.inf)).min(dim=1).values
+                low_h = be.host(lowest)
+            else:
+                low_h = np.where(kept, z, np.inf).min(axis=1)
+            low_h = np.where(cut, low_h, -np.inf)
+            out = cut & (zo_h < low_h)
+            outside += int(out.sum())
+            thr[part] = np.minimum(low_h, zo_h) - m_h
+    return top, u_o, thr, outside
+
+
+def _moments(be: _Backend, top: np.ndarray, thr: np.ndarray, beta: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per position, ``E[u]`` and ``Var[u]`` (``u = z - max``) under ``softmax(beta * z)``
+    restricted to the kept set (entries ``>= thr``)."""
+    mean = np.empty(beta.size)
+    var = np.empty(beta.size)
+    has_cut = bool(np.isfinite(thr).any())
+    for part in be.chunks:
+        z = be.rows(part)
+        lib = be.lib
+        u = z - be.vec(top[part])[:, None]
+        if has_cut:
+            u = lib.where(u >= be.vec(thr[part])[:, None], u, _FLOOR)
+        elif be.torch:
+            u = u.clamp(min=_FLOOR)
+        else:
+            u = np.maximum(u, _FLOOR)
+        e = lib.exp(u * be.vec(beta[part])[:, None])
+        ue = u * e
+        s0 = e.sum(1)
+        s1 = ue.sum(1)
+        s2 = (ue * u).sum(1)
+        m1 = s1 / s0
+        mean[part] = be.host(m1)
+        var[part] = np.maximum(be.host(s2 / s0 - m1 * m1), 0.0)
+    return mean, var
+
+
+def _solve(evaluate: Callable[[float], tuple[float, float]], h0: float, d0: float) -> float:
+    """Root of the decreasing ``h(y)`` (``evaluate(y) -> (h, h')``) on ``|y| <= log(1000)``,
+    by Newton steps kept inside a sign-change bracket; ``+-inf`` beyond the range."""
+    limit = math.log(_RANGE)
+    lo, hi = -math.inf, math.inf  # h(lo) > 0 > h(hi)
+    y, h, d = 0.0, h0, d0
+    for _ in range(100):
+        if h == 0.0:
+            return y
+        if h > 0:
+            lo = y
+        else:
+            hi = y
+        if lo >= limit:
+            return math.inf
+        if hi <= -limit:
+            return -math.inf
+        step = -h / d if d < 0 else (1.0 if h > 0 else -1.0)
+        nxt = y + step
+        bounded = (max(lo, -limit), min(hi, limit))
+        if not bounded[0] < nxt < bounded[1]:
+            if math.isfinite(lo) and math.isfinite(hi):
+                nxt = 0.5 * (lo + hi)
+            elif h > 0:
+                nxt = min(max(y + 2.0, nxt if math.isfinite(nxt) else y + 2.0), limit)
+                nxt = limit if nxt >= hi else nxt
+            else:
+                nxt = max(min(y - 2.0, nxt if math.isfinite(nxt) else y - 2.0), -limit)
+                nxt = -limit if nxt <= lo else nxt
+        if abs(nxt - y) < 1e-12 * max(1.0, abs(y)) or (hi - lo) < 1e-12:
+            return nxt
+        y = nxt
+        h, d = evaluate(y)
+    return y
+
+
+def effective_temperature(
+    logits: Any,
+    tokens: Any,
+    mask: Any = None,
+    *,
+    temperature: float | Setting | SettingRows = 1.0,
+    order: str = "hf",
+) -> TemperatureEstimate:
+    """Estimate the temperature that sampled tokens were drawn at, from their logits.
+
+    Args:
+        logits: ``(N, L, V)`` raw (un-tempered) logits aligned with ``tokens`` (``logits[:, t]``
+            scores ``tokens[:, t]``), or ``(M, V)`` for ``M`` positions; a NumPy array or a
+            torch tensor (any device and float dtype; computed in float64 on its device, in
+            chunks of positions, never modified). Only masked positions are read: NaN and
+            ``+inf`` there are errors, ``-inf`` (a banned entry) is allowed except at the
+            sampled token.
+        tokens: ``(N, L)`` (or ``(M,)``) sampled token ids, in ``[0, V)`` at masked positions.
+        mask: same shape, boolean or 0/1: the completion tokens to use (default: all).
+        temperature: the intended setting: a temperature, a :class:`metactl.knobs.Setting`
+            (temperature plus truncation knobs), or a :class:`metactl.knobs.SettingRows` with
+            one setting per row of the leading axis (``N``; e.g. a temperature per prompt).
+        order: order of the truncations, ``"hf"`` or ``"vllm"`` (as
+            :func:`metactl.knobs.kept_mask`).
+
+    Returns:
+        A :class:`TemperatureEstimate`: the maximum-likelihood temperature, the z-statistic of
+        the score at the intended setting, the token count and the tokens outside their
+        intended kept set.
+
+    Raises:
+        TypeError: a wrong type (names the argument).
+        ValueError: wrong shapes, an empty mask, token ids out of range, NaN / +inf logits at a
+            masked position or -inf at a sampled token, a temperature outside
+            ``metactl.knobs.TEMPERATURE_RANGE``, a SettingRows of the wrong length, an unknown
+            ``order``.
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.array([[2.0, 1.0, 0.0]] * 4)
+        >>> est = effective_temperature(z, np.array([0, 0, 0, 1]), temperature=1.0)
+        >>> round(est.temperature, 3), round(est.z, 2), est.tokens
+        (0.661, -0.54, 4)
+    """
+    if order not in ORDERS:
+        one_of(order, "order", ORDERS)
+    flat, row_of, toks = _positions(logits, tokens, mask)
+    rows = _setting_rows(temperature, int(logits.shape[0]))
+    be = _Backend(logits, flat)
+    top, u_o, thr, outside = _prepare(be, toks, rows, row_of, order)
+    c = 1.0 / rows.temperature[row_of]  # per position 1 / T_i
+    temps = rows.temperature[row_of]
+    intended = float(temps[0]) if np.all(temps == temps[0]) else float(np.exp(-np.mean(np.log(c))))
+
+    def evaluate(y: float) -> tuple[float, float]:
+        beta = c * math.exp(y)  # 1 / (r * T_i), r = exp(-y)
+        mean, var = _moments(be, top, thr, beta)
+        h = float(np.sum(c * (u_o - mean)))  # d loglik / d(1/r): decreasing in y = -log r
+        d = -float(np.sum(c * c * var)) * math.exp(y)
+        return h, d
+
+    h0, d0 = evaluate(0.0)
+    n = int(toks.size)
+    if not d0 < 0.0:  # no information: every kept set is one token (or logits are flat ties)
+        return TemperatureEstimate(math.nan, intended, math.nan, 0.0, n, outside)
+    z = -h0 / math.sqrt(-d0)  # score in r at r = 1 is -h0, its Fisher information -d0
+    if np.all(u_o == 0.0):  # every token is its row's argmax: the likelihood grows as T -> 0
+        return TemperatureEstimate(0.0, intended, 0.0, z, n, outside)
+    y = _solve(evaluate, h0, d0)
+    ratio = math.exp(-y) if math.isfinite(y) else (0.0 if y > 0 else math.inf)
+    return TemperatureEstimate(ratio * intended, intended, ratio, z, n, outside)
+
+
+def check_effective_temperature(
+    estimate: TemperatureEstimate,
+    *,
+    mode: str = "error",
+    rtol: float = DEFAULT_RTOL,
+    z_threshold: float = DEFAULT_Z,
+    max_outside: float = DEFAULT_OUTSIDE,
+) -> bool:
+    """Whether sampled tokens match the intended temperature; raise or warn when they do not.
+
+    A batch departs when its estimate is off by more than ``rtol`` in ratio (``T_hat / T``
+    above ``1 + rtol`` or below ``1 / (1 + rtol)``) *and* the score at the intended value is
+    significant (``|z| > z_threshold``): the first alone would flag small noisy batches, the
+    second alone tiny practical differences (say bf16 sampling, fp32 scoring) in huge ones. It
+    also departs when more than a share ``max_outside`` of the tokens lie outside the intended
+    kept set (a sampler that ignored top-p, top-k or min-p). An estimate without information
+    (``nan``) passes.
+
+    Args:
+        estimate: from :func:`effective_temperature`.
+        mode: ``"error"`` (raise ``ValueError``), ``"warn"`` (warn with
+            :class:`EffectiveTemperatureWarning`) or ``"off"`` (only return the verdict).
+        rtol: relative tolerance on the temperature, ``> 0``.
+        z_threshold: threshold on ``|z|``, ``>= 0``.
+        max_outside: largest share of tokens outside their kept set, in ``[0, 1]``.
+
+    Returns:
+        True when the tokens are consistent with the intended setting, else False (in
+        ``"warn"`` and ``"off"`` modes).
+
+    Raises:
+        ValueError: in ``"error"`` mode, a departure (the message names the intended and the
+            estimated temperature); or a bad argument.
+        TypeError: ``estimate`` is not a :class:`TemperatureEstimate`.
+
+    Example:
+        >>> est = TemperatureEstimate(temperature=1.02, intended=0.6, ratio=1.7, z=31.0,
+        ...                           tokens=512)
+        >>> check_effective_temperature(est, mode="off")
+        False
+        >>> check_effective_temperature(est)
+        Traceback (most recent call last):
+        ...
+        ValueError: sampled tokens look drawn at temperature 1.02, not the intended 0.6 ...
+    """
+    if not isinstance(estimate, TemperatureEstimate):
+        raise TypeError(f"estimate must be a TemperatureEstimate (from effective_temperature), "
+                        f"got {type(estimate).__name__}")  # fmt: skip
+    mode = one_of(mode, "mode", CHECK_MODES)
+    tol = finite_scalar(rtol, "rtol")
+    if tol <= 0:
+        raise ValueError(f"rtol must be > 0, got {tol}")
+    zt = finite_scalar(z_threshold, "z_threshold")
+    if zt < 0:
+        raise ValueError(f"z_threshold must be >= 0, got {zt}")
+    share = finite_scalar(max_outside, "max_outside")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"max_outside must lie in [0, 1], got {share}")
+    problems = []
+    ratio = estimate.ratio
+    if not math.isnan(ratio) and abs(estimate.z) > zt and (
+        ratio > 1.0 + tol or ratio < 1.0 / (1.0 + tol)
+    ):
+        problems.append(
+            f"sampled tokens look drawn at temperature {estimate.temperature:.3g}, not the "
+            f"intended {estimate.intended:.3g} (z = {estimate.z:.1f} over {estimate.tokens} "
+            "tokens): the sampler is not applying the chosen temperature (check the generation "
+            "config, the engine's sampling parameters)"
+        )
+    if estimate.outside > share * estimate.tokens:
+        problems.append(
+            f"{estimate.outside} of {estimate.tokens} sampled tokens lie outside the intended "
+            "kept set (top-k / top-p / min-p): the sampler is not applying the truncation"
+        )
+    if not problems:
+        return True
+    message = "; ".join(problems)
+    if mode == "error":
+        raise ValueError(message)
+    if mode == "warn":
+        warnings.warn(message, EffectiveTemperatureWarning, stacklevel=2)
+    return False

@@ -1,0 +1,290 @@
+"""``metactl.effective_temperature``: the temperature sampled tokens came from, estimated from
+their logits, and the check that catches a sampler ignoring the chosen temperature (synthetic
+logits; the real-model calibration is in tests/test_models.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from metactl.effective_temperature import (
+    DEFAULT_RTOL,
+    DEFAULT_Z,
+    EffectiveTemperatureWarning,
+    TemperatureEstimate,
+    check_effective_temperature,
+    effective_temperature,
+)
+from metactl.knobs import Setting, SettingRows, truncated_probs
+
+
+def _logits(rng: np.random.Generator, n: int, length: int, vocab: int = 64) -> np.ndarray:
+    """LLM-like logits: a few strong tokens over a broad tail, peakedness varying by position."""
+    scale = rng.uniform(1.0, 5.0, size=(n, length, 1))
+    return rng.standard_normal((n, length, vocab)) * scale
+
+
+def _draw(rng: np.random.Generator, z: np.ndarray, setting: Setting | SettingRows) -> np.ndarray:
+    p = truncated_probs(z, setting)
+    u = rng.random((*z.shape[:-1], 1))
+    return np.minimum((p.cumsum(axis=-1) < u).sum(axis=-1), z.shape[-1] - 1)
+
+
+def _information(z: np.ndarray, temps: np.ndarray) -> float:
+    """Fisher information of log T at the true temperature(s), summed over positions."""
+    b = (1.0 / temps).reshape(-1, *([1] * (z.ndim - 1)))
+    p = np.exp(z * b - logsumexp(z * b, axis=-1, keepdims=True))
+    mean = (p * z).sum(-1)
+    var = (p * z * z).sum(-1) - mean**2
+    return float((var * b[..., 0] ** 2).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.5])
+@pytest.mark.parametrize("length", [25, 400])
+def test_recovers_the_sampling_temperature_within_its_standard_error(
+    temperature: float, length: int
+) -> None:
+    rng = np.random.default_rng(int(temperature * 10) + length)
+    z = _logits(rng, 16, length)
+    tokens = _draw(rng, z, Setting(temperature=temperature))
+    est = effective_temperature(z, tokens, temperature=temperature)
+    se = 1.0 / math.sqrt(_information(z, np.full(16, temperature)))  # of log T_hat
+    assert abs(math.log(est.temperature / temperature)) < 4.5 * se
+    assert se * math.sqrt(16 * length) < 1.5  # the tolerance shrinks as 1/sqrt(tokens)
+    assert abs(est.z) < 4.5
+    assert est.tokens == 16 * length and est.intended == temperature
+    assert est.ratio == pytest.approx(est.temperature / temperature)
+    assert check_effective_temperature(est)
+
+
+def test_z_statistic_is_standard_normal_over_many_batches() -> None:
+    rng = np.random.default_rng(7)
+    zs = []
+    for _ in range(300):
+        z = _logits(rng, 4, 16, vocab=32)
+        zs.append(effective_temperature(z, _draw(rng, z, Setting(0.8)), temperature=0.8).z)
+    zs_arr = np.array(zs)
+    assert abs(zs_arr.mean()) < 0.2  # 4 standard errors of a mean of 300
+    assert 0.85 < zs_arr.std() < 1.15
+    assert np.mean(np.abs(zs_arr) > 1.96) < 0.1
+
+
+def test_estimate_is_the_maximum_of_the_log_likelihood() -> None:
+    rng = np.random.default_rng(3)
+    z = _logits(rng, 3, 40, vocab=20)
+    temps = np.array([0.5, 1.0, 2.0])
+    tokens = _draw(rng, z, Setting().rows(3, temperature=temps * 1.3))
+    rows = Setting().rows(3, temperature=temps)
+    est = effective_temperature(z, tokens, temperature=rows)
+
+    def nll(log_r: float) -> float:
+        b = 1.0 / (temps[:, None, None] * math.exp(log_r))
+        lp = z * b - logsumexp(z * b, axis=-1, keepdims=True)
+        return -float(np.take_along_axis(lp, tokens[..., None], -1).sum())
+
+    best = minimize_scalar(nll, bounds=(-3, 3), method="bounded", options={"xatol": 1e-10})
+    assert math.log(est.ratio) == pytest.approx(best.x, abs=1e-6)
+    assert est.intended == pytest.approx(float(np.exp(np.log(temps).mean())))
+
+
+def test_per_row_temperatures_share_one_factor() -> None:
+    rng = np.random.default_rng(11)
+    z = _logits(rng, 6, 300)
+    temps = np.array([0.5, 0.7, 0.9, 1.1, 1.3, 1.5])
+    rows = Setting().rows(6, temperature=temps)
+    right = effective_temperature(z, _draw(rng, z, rows), temperature=rows)
+    assert abs(math.log(right.ratio)) < 0.05 and abs(right.z) < 4.5
+    hot = Setting().rows(6, temperature=1.5 * temps)
+    wrong = effective_temperature(z, _draw(rng, z, hot), temperature=rows)
+    assert wrong.ratio == pytest.approx(1.5, rel=0.05) and wrong.z > 10
+
+
+def test_greedy_tokens_give_zero_temperature_and_are_caught() -> None:
+    rng = np.random.default_rng(0)
+    z = _logits(rng, 4, 32)
+    est = effective_temperature(z, z.argmax(-1), temperature=1.0)
+    assert est.temperature == 0.0 and est.z < -DEFAULT_Z
+    with pytest.raises(ValueError, match=r"temperature 0, not the intended 1 "):
+        check_effective_temperature(est)
+
+
+def test_nearly_greedy_tokens_give_a_tiny_temperature() -> None:
+    rng = np.random.default_rng(1)
+    z = _logits(rng, 4, 32)
+    tokens = z.argmax(-1)
+    tokens[0, 0] = np.argsort(z[0, 0])[-2]  # one runner-up among 128 argmax tokens
+    est = effective_temperature(z, tokens, temperature=1.0)
+    assert est.temperature < 0.3 and est.z < -DEFAULT_Z
+    assert not check_effective_temperature(est, mode="off")
+
+
+@pytest.mark.parametrize(("sampled", "intended"), [(1.0, 0.6), (0.6, 1.0), (1.5, 1.0)])
+def test_tokens_sampled_at_another_temperature_are_caught(sampled: float, intended: float
+                                                          ) -> None:  # fmt: skip
+    rng = np.random.default_rng(5)
+    z = _logits(rng, 16, 32)
+    est = effective_temperature(z, _draw(rng, z, Setting(sampled)), temperature=intended)
+    assert est.temperature == pytest.approx(sampled, rel=0.15)
+    assert abs(est.z) > DEFAULT_Z
+    with pytest.raises(ValueError, match=f"not the intended {intended:g} "):
+        check_effective_temperature(est)
+    with pytest.warns(EffectiveTemperatureWarning, match="look drawn at temperature"):
+        assert check_effective_temperature(est, mode="warn") is False
+    assert check_effective_temperature(est, mode="off") is False
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        Setting(0.7, top_p=0.8),
+        Setting(1.2, top_k=5),
+        Setting(1.0, min_p=0.1),
+        Setting(0.9, top_p=0.9, min_p=0.05),
+    ],
+)
+def test_truncated_sampling_is_scored_inside_the_kept_set(setting: Setting) -> None:
+    rng = np.random.default_rng(2)
+    z = _logits(rng, 16, 100)
+    est = effective_temperature(z, _draw(rng, z, setting), temperature=setting)
+    assert est.outside == 0
+    assert abs(math.log(est.ratio)) < 0.1 and abs(est.z) < 4.5
+    assert check_effective_temperature(est)
+    # the untruncated score of the same tokens is biased: it reads them as colder
+    plain = effective_temperature(z, _draw(rng, z, setting), temperature=setting.temperature)
+    assert plain.z < -4.5
+
+
+def test_a_sampler_ignoring_the_truncation_is_caught() -> None:
+    rng = np.random.default_rng(4)
+    z = _logits(rng, 8, 50)
+    est = effective_temperature(z, _draw(rng, z, Setting(0.8)),
+                                temperature=Setting(0.8, top_p=0.7))  # fmt: skip
+    assert est.outside > 0.05 * est.tokens
+    with pytest.raises(ValueError, match="outside the intended kept set"):
+        check_effective_temperature(est)
+
+
+def test_mask_selects_the_scored_tokens() -> None:
+    rng = np.random.default_rng(6)
+    z = _logits(rng, 4, 30)
+    tokens = _draw(rng, z, Setting(1.0))
+    mask = np.zeros((4, 30), dtype=bool)
+    mask[:, 10:] = True
+    tokens[~mask] = -100  # unmasked positions may hold anything
+    masked = effective_temperature(z, tokens, mask, temperature=1.0)
+    sliced = effective_temperature(z[:, 10:], tokens[:, 10:], temperature=1.0)
+    assert masked.tokens == 80
+    assert masked.temperature == pytest.approx(sliced.temperature, rel=1e-12)
+    flat = effective_temperature(z[:, 10:].reshape(-1, 64), tokens[:, 10:].reshape(-1),
+                                 temperature=1.0)  # fmt: skip
+    assert flat.temperature == pytest.approx(sliced.temperature, rel=1e-12)
+
+
+def test_banned_entries_are_allowed_off_the_sampled_token() -> None:
+    rng = np.random.default_rng(8)
+    z = _logits(rng, 4, 50)
+    z[..., :8] = -np.inf
+    est = effective_temperature(z, _draw(rng, z, Setting(1.0)), temperature=1.0)
+    assert math.isfinite(est.temperature) and abs(est.z) < 4.5
+
+
+def test_no_information_passes_the_check() -> None:
+    z = np.full((2, 3, 5), -np.inf)
+    z[..., 0] = 1.0  # every position has one possible token
+    est = effective_temperature(z, np.zeros((2, 3), dtype=int), temperature=0.7)
+    assert math.isnan(est.temperature) and est.z == 0.0
+    assert check_effective_temperature(est)
+
+
+def test_torch_and_numpy_agree() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    z = _logits(rng, 4, 20)
+    tokens = _draw(rng, z, Setting(0.9, top_p=0.9))
+    ref = effective_temperature(z, tokens, temperature=Setting(0.9, top_p=0.9))
+    got = effective_temperature(torch.tensor(z), torch.tensor(tokens),
+                                torch.ones(4, 20, dtype=torch.bool),
+                                temperature=Setting(0.9, top_p=0.9))  # fmt: skip
+    assert got.temperature == pytest.approx(ref.temperature, rel=1e-9)
+    assert got.z == pytest.approx(ref.z, rel=1e-9)
+    half = effective_temperature(torch.tensor(z, dtype=torch.bfloat16), torch.tensor(tokens),
+                                 temperature=Setting(0.9, top_p=0.9))  # fmt: skip
+    assert half.temperature == pytest.approx(ref.temperature, rel=0.05)
+
+
+def test_default_tolerance_needs_both_a_large_and_a_significant_departure() -> None:
+    def est(ratio: float, z: float) -> TemperatureEstimate:
+        return TemperatureEstimate(ratio * 0.6, 0.6, ratio, z, 1000)
+
+    hi, lo = 1.0 + DEFAULT_RTOL, 1.0 / (1.0 + DEFAULT_RTOL)
+    assert check_effective_temperature(est(hi * 0.99, 50.0))  # small departure, significant
+    assert check_effective_temperature(est(lo * 1.01, -50.0))
+    assert check_effective_temperature(est(3.0, DEFAULT_Z * 0.9))  # large, not significant
+    assert not check_effective_temperature(est(hi * 1.01, DEFAULT_Z * 1.1), mode="off")
+    assert not check_effective_temperature(est(lo * 0.99, -DEFAULT_Z * 1.1), mode="off")
+    assert check_effective_temperature(est(3.0, 50.0), rtol=2.5)
+    assert check_effective_temperature(est(3.0, 50.0), z_threshold=60.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"logits": np.zeros((2, 3))}, ValueError, "tokens must have shape"),
+        ({"logits": np.zeros(4)}, ValueError, "logits must have shape"),
+        ({"logits": np.zeros((2, 2, 4), dtype=int)}, TypeError, "floating-point"),
+        ({"logits": [[0.0, 1.0]]}, TypeError, "logits must be"),
+        ({"tokens": np.full((2, 2), 4)}, ValueError, r"tokens at masked positions must lie"),
+        ({"tokens": np.zeros((2, 2))}, TypeError, "integer token ids"),
+        ({"mask": np.zeros((2, 2))}, ValueError, "mask selects no position"),
+        ({"mask": np.full((2, 2), 2)}, ValueError, "mask must hold only 0 and 1"),
+        ({"mask": np.ones(3, dtype=bool)}, ValueError, "mask must have shape"),
+        ({"temperature": 0.0}, ValueError, "temperature must lie in"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a number"),
+        ({"temperature": True}, TypeError, "temperature must be a number"),
+        ({"temperature": Setting().rows(3)}, ValueError, "SettingRows of 3 rows"),
+        ({"order": "sglang"}, ValueError, "order must be one of"),
+    ],
+)
+def test_bad_inputs_are_refused_naming_the_argument(kwargs: dict, error: type, match: str
+                                                    ) -> None:  # fmt: skip
+    args = {"logits": np.zeros((2, 2, 4)), "tokens": np.zeros((2, 2), dtype=int), "mask": None,
+            "temperature": 1.0, "order": "hf", **kwargs}  # fmt: skip
+    with pytest.raises(error, match=match):
+        effective_temperature(args.pop("logits"), args.pop("tokens"), args.pop("mask"), **args)
+
+
+def test_bad_logits_at_masked_positions_are_refused() -> None:
+    z = np.zeros((2, 3, 4))
+    tokens = np.zeros((2, 3), dtype=int)
+    z[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"position 5 .* NaN or \+inf"):
+        effective_temperature(z, tokens)
+    mask = np.ones((2, 3), dtype=bool)
+    mask[1, 2] = False
+    assert effective_temperature(z, tokens, mask).tokens == 5  # an unmasked NaN is not read
+    z[1, 2, 3] = 0.0
+    z[0, 1, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"logit -inf .* cannot have been sampled"):
+        effective_temperature(z, tokens)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "raise"}, ValueError, "mode must be one of"),
+        ({"rtol": 0.0}, ValueError, "rtol must be > 0"),
+        ({"z_threshold": -1.0}, ValueError, "z_threshold must be >= 0"),
+        ({"max_outside": 1.5}, ValueError, r"max_outside must lie in \[0, 1\]"),
+        ({"rtol": float("nan")}, ValueError, "rtol must be finite"),
+    ],
+)
+def test_check_refuses_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    est = TemperatureEstimate(1.0, 1.0, 1.0, 0.0, 10)
+    with pytest.raises(error, match=match):
+        check_effective_temperature(est, **kwargs)
+    with pytest.raises(TypeError, match="estimate must be a TemperatureEstimate"):
+        check_effective_temperature(1.0)  # type: ignore[arg-type]
