@@ -97,6 +97,8 @@ def test_per_step_tampo_samples_scores_updates_and_resumes(
         _check_temperatures_reached_the_log_prob_passes(metrics[step])
     state = json.loads((checkpoints / "global_step_2" / META_STATE_NAME).read_text())
     assert state["policy"]["step"] == 2  # two TAMPO updates from candidate likelihoods
+    assert [h["global_step"] for h in state["history"]] == [1, 2]
+    assert [h["temperatures"] for h in state["history"]] == [steps[1], steps[2]]
     # resume: verl loads global_step_2, metactl its state; one more step
     text = _launch(
         fixture_dir,
@@ -110,6 +112,9 @@ def test_per_step_tampo_samples_scores_updates_and_resumes(
     assert sorted(_steps(text)) == [3], text[-4000:]
     resumed = json.loads((checkpoints / "global_step_3" / META_STATE_NAME).read_text())
     assert resumed["policy"]["step"] == 3
+    # the history came back with the policy: steps 1 and 2 from the first run, then step 3
+    assert resumed["history"][:2] == state["history"]
+    assert [h["global_step"] for h in resumed["history"]] == [1, 2, 3]
     _check_temperatures_reached_the_log_prob_passes(_metrics(text)[3])
 
 

@@ -127,11 +127,20 @@ def test_write_fsyncs_the_file_and_its_folder(
     assert sorted(p.name for p in tmp_path.iterdir()) == [META_STATE_NAME]
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / META_STATE_NAME
     write_meta_state(path, meta_state(_policy(), [_entry(1)]))
     before = path.read_bytes()
     with pytest.raises(ValueError, match="JSON compliant"):
         write_meta_state(path, {"format": 2, "policy": float("nan")})
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_meta_state(path, meta_state(_stepped(), [_entry(2)]))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [META_STATE_NAME]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -486,6 +487,24 @@ def test_uncertainty_gets_rewards_and_the_group_size_without_scoring(
     assert feedback.given() == ("rewards", "group_size")
     assert feedback.rewards.tolist() == [float(queue.rows[k]["rm_scores"][-1]) for k in keys]
     assert feedback.group_size == 3 and trainer.meta_policy.step == 2
+
+
+def test_entropy_and_bandit_rules_get_batch_means_without_scoring(
+    queue: _TransferQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates = _Updates(monkeypatch)
+    trainer = _trainer(queue, 2, rule="EntropyTarget", rule_kwargs={"target_entropy": 1.0},
+                       candidates=[0.5, 1.0, 1.5])  # fmt: skip
+    trainer.tokenizer = types.SimpleNamespace(vocab_size=_VOCAB)
+    keys = _step(trainer, queue, [2, 2], lengths=[3, 1, 2, 5])
+    ((_, feedback),) = updates.calls
+    entropies = torch.cat([queue.rows[k]["entropy"] for k in keys]).double()
+    assert feedback.entropy == pytest.approx(float(entropies.mean()), rel=1e-12)
+    assert feedback.vocab_size == _VOCAB and feedback.given() == ("entropy", "vocab_size")
+    bandit = _trainer(queue, 2, rule="EXP3", candidates=[0.5, 1.0])
+    _step(bandit, queue, [2, 2], rewards=[1.0, 0.0, 0.0, 0.0])
+    assert updates.calls[-1][1].reward == 0.25
+    assert queue.scored == []
 
 
 def test_incomplete_prompt_groups_are_left_out_of_grouped_feedback(

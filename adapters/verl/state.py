@@ -18,17 +18,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import metactl
 
+from ..reference.integrity import atomic_write
 from .config import META_HISTORY_LIMIT
 
 __all__ = ["STATE_FORMAT", "meta_state", "read_meta_state", "write_meta_state"]
@@ -47,28 +46,12 @@ def meta_state(policy: metactl.MetaPolicy, history: Iterable[Mapping[str, Any]])
 
 
 def write_meta_state(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically and durably: a temporary file in the same folder,
-    flushed and ``fsync``-ed, renamed over ``path``, then the folder ``fsync``-ed (so the rename
-    survives a crash). On any error the temporary file is removed and ``path`` is untouched."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # a folder can be opened and fsync-ed there
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Write ``state`` as JSON to ``path`` atomically and durably (the library's
+    ``atomic_write``: a temporary file in the same folder, flushed and ``fsync``-ed, renamed
+    over ``path``, then the folder ``fsync``-ed, so the rename survives a crash). On any error
+    the temporary file is removed and ``path`` is untouched."""
+    data = json.dumps(state, allow_nan=False).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _integer(value: Any, name: str) -> int:

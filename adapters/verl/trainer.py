@@ -290,11 +290,12 @@ class MetaPPOTrainer(PPOTrainerSync):
         needs = set(spec.feedback)
         keys = self._real_rows(batch)
         fields = ["uid", "response_mask", "extra_fields"]
-        fields += [name for name, used in (
-            ("advantages", "advantages" in needs),
-            ("rm_scores", bool(needs & {"rewards", "reward"})),
-            ("entropy", "entropy" in needs),
-        ) if used]  # fmt: skip
+        if "advantages" in needs:
+            fields.append("advantages")
+        if needs & {"rewards", "reward"}:
+            fields.append("rm_scores")
+        if "entropy" in needs:
+            fields.append("entropy")
         raw = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
         uids = [str(u) for u in _as_list(raw.pop("uid"))]
         extra = _as_list(raw.pop("extra_fields"))
