@@ -173,8 +173,8 @@ def check_knob(knob: str, value: object, name: str | None = None) -> KnobValue:
         raise ValueError(f"{label} must be finite, got {x}")
     if knob == "temperature" and not TEMPERATURE_RANGE[0] <= x <= TEMPERATURE_RANGE[1]:
         raise ValueError(
-            f"{label} must be a temperature in [{TEMPERATURE_RANGE[0]:g}, "
-            f"{TEMPERATURE_RANGE[1]:g}] (> 0), got {x}"
+            f"{label} must be > 0 and within the sampler's temperatures "
+            f"[{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got {x}"
         )
     if knob == "top_p" and not 0.0 < x <= 1.0:
         raise ValueError(f"{label} must lie in (0, 1], got {x}")
@@ -1014,15 +1014,19 @@ def _torch_setup(
         return scaled, knobs, setting.truncated
     device = logits.device
     shape = (-1,) + (1,) * (logits.ndim - 1)
-    temps = torch.from_numpy(setting.temperature).to(device=device, dtype=torch.float32)
+    temps = torch.tensor(setting.temperature, dtype=torch.float32, device=device)
     scaled = logits.float() / temps.reshape(shape)
     truncated = setting.truncated
     if not truncated.any():
         return scaled, (0, 1.0, 0.0), False
+    if all(np.all(v == v[0]) for v in (setting.top_k, setting.top_p, setting.min_p)):
+        # one truncation for every row (a temperature per row): the knobs as numbers
+        first = setting[0]
+        return scaled, (first.top_k or 0, first.top_p, first.min_p), True
     inner = math.prod(logits.shape[1:-1])
 
     def per_row(values: np.ndarray, dtype: Any) -> torch.Tensor:
-        return torch.from_numpy(values).to(device=device, dtype=dtype).repeat_interleave(inner)
+        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(inner)
 
     knobs = (per_row(setting.top_k, torch.long), per_row(setting.top_p, torch.float32),
              per_row(setting.min_p, torch.float32))  # fmt: skip
