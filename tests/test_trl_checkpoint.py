@@ -116,6 +116,11 @@ CORRUPTIONS = {
     "temperature-off-grid": _replace_in_json(train_temperature=40.0),
     "string-temperature": _replace_in_json(train_temperature="hot"),
     "setting-off-grid": _replace_in_json(train_setting={"temperature": 40.0}),
+    # inside the candidates' range, but TAMPO samples only at its candidates
+    "setting-between-candidates": _replace_in_json(
+        train_temperature=0.85, train_setting={"temperature": 0.85}
+    ),
+    "history-not-a-list": _replace_in_json(history={"policy_step": 0}),
     "setting-wrong-knob": _replace_in_json(train_setting={"top_p": 0.9}),
     "bad-format": _replace_in_json(format=2),
     "garbled-policy": _garble_policy,
@@ -196,3 +201,85 @@ def test_resume_from_the_last_checkpoint_checks_its_meta_state_too(saved_checkpo
     with pytest.raises(ValueError, match=re.escape(str(path))):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.meta_policy.step == 0 and trainer.state.global_step == 0
+
+
+# ------------------------------------------------------------------ the saved window's setting
+
+
+def _top_p_trainer(tmp_path, policy) -> MetaGRPOTrainer:
+    return MetaGRPOTrainer(
+        model=str(tiny_model_dir()), reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(tmp_path), train_dataset=addition_dataset(16), meta_policy=policy,
+    )  # fmt: skip
+
+
+def test_a_saved_setting_the_policy_cannot_have_chosen_is_refused(tmp_path):
+    grid = metactl.MetaPolicy([0.8, 0.9, 1.0], metactl.TAMPO(), seed=0, hyperparameter="top_p")
+    trainer = _top_p_trainer(tmp_path, grid)
+    state = trainer.meta_state_dict()
+    policy_before, top_p_before = grid.state_dict(), trainer.knob_values("top_p")
+    for off_grid in ({"top_p": 0.85}, {"top_p": 0.95}):
+        with pytest.raises(ValueError, match=r"^train_setting \{'top_p': 0\.\d+\} is not a "
+                                             r"setting the policy can choose: TAMPO samples only "
+                                             r"at its candidates"):  # fmt: skip
+            trainer.load_meta_state_dict({**state, "train_setting": off_grid})
+    with pytest.raises(ValueError, match=r"train_setting sets \['temperature'\], the policy "
+                                         r"sets \['top_p'\]"):  # fmt: skip
+        trainer.load_meta_state_dict({**state, "train_setting": {"temperature": 0.9}})
+    assert grid.state_dict() == policy_before  # a rejected state changes nothing
+    assert trainer.knob_values("top_p") == top_p_before
+    trainer.load_meta_state_dict({**state, "train_setting": {"top_p": 0.9}})
+    assert set(trainer.knob_values("top_p").values()) == {0.9}
+
+
+def test_a_rule_between_its_candidates_restores_its_own_value(tmp_path):
+    schedule = metactl.MetaPolicy([0.6, 1.5], metactl.Schedule("linear", 0.6, 1.5, total_steps=3))
+    trainer = _top_p_trainer(tmp_path, schedule)
+    trainer.load_meta_state_dict({**trainer.meta_state_dict(), "train_temperature": 1.05})
+    assert set(trainer.temperatures().values()) == {1.05}
+    with pytest.raises(ValueError, match=r"candidate range \[0\.6, 1\.5\]"):
+        trainer.load_meta_state_dict({**trainer.meta_state_dict(), "train_temperature": 1.6})
+
+
+# ------------------------------------------------------------------ the history
+
+
+def _bounded(output_dir, max_steps: int, size: int = 2) -> MetaGRPOTrainer:
+    return MetaGRPOTrainer(
+        model=str(tiny_model_dir()), reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(output_dir, max_steps=max_steps, save_strategy="steps",
+                              save_steps=3, learning_rate=3e-3),
+        train_dataset=addition_dataset(64, seed=7), meta_policy=metactl.tampo(seed=11),
+        meta_history_size=size,
+    )  # fmt: skip
+
+
+def test_meta_history_is_bounded_and_travels_with_the_checkpoint(tmp_path):
+    full = _bounded(tmp_path / "full", max_steps=4)
+    full.train()
+    assert [h["policy_step"] for h in full.meta_history] == [2, 3]  # the oldest were dropped
+    saved = json.loads((tmp_path / "full" / "checkpoint-3" / META_STATE_NAME).read_text())
+    assert [h["policy_step"] for h in saved["history"]] == [1, 2]
+    # a resume holds what was held when the checkpoint was saved, then goes on
+    resumed = _bounded(tmp_path / "resumed", max_steps=4)
+    held: list[list[dict]] = []
+    original_load = resumed._load_optimizer_and_scheduler
+
+    def load_then_look(checkpoint) -> None:  # the meta state is restored in this call
+        original_load(checkpoint)
+        held.append([dict(h) for h in resumed.meta_history])
+
+    resumed._load_optimizer_and_scheduler = load_then_look  # type: ignore[method-assign]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert held == [saved["history"]]
+    assert resumed.meta_history == full.meta_history
+    # a smaller bound keeps the newest saved entries
+    smaller = _bounded(tmp_path / "smaller", max_steps=3, size=1)
+    smaller.load_meta_state_dict(saved)
+    assert smaller.meta_history == saved["history"][-1:]
+
+
+@pytest.mark.parametrize(("size", "error"), [(-1, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_meta_history_size_is_checked(size, error):
+    with pytest.raises(error, match="meta_history_size"):
+        MetaGRPOTrainer(model=str(tiny_model_dir()), meta_history_size=size)

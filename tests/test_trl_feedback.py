@@ -175,3 +175,97 @@ def test_rules_without_likelihoods_get_their_feedback(model_path, tmp_path, poli
         assert values[0] == 1.0 and values[-1] < values[0]
     paths = {h["likelihood_path"] for h in trainer.meta_history}
     assert paths == ({"generate"} if "entropy" in policy.requires else {None})
+
+
+# ------------------------------------------------------------------ what each rule is fed
+class FeedbackSpy(metactl.MetaPolicy):
+    """A policy that records the feedback of every update."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.feedback: list[metactl.Feedback] = []
+
+    def update(self, decision, feedback=None, /, **kwargs):  # type: ignore[no-untyped-def]
+        self.feedback.append(feedback if feedback is not None else metactl.Feedback(**kwargs))
+        return super().update(decision, feedback, **kwargs)
+
+
+class ScoredAndRewarded(MetaGRPOTrainer):
+    """Records the likelihoods the trainer scored and TRL's reward of every completion."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.results: list[Any] = []
+        self.rewards: list[np.ndarray] = []
+
+    def _score(self, *args: Any, **kwargs: Any) -> Any:
+        result, path = super()._score(*args, **kwargs)
+        self.results.append(result)
+        return result, path
+
+    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> Any:
+        per_func = super()._calculate_rewards(*args, **kwargs)
+        if self.model.training:
+            self.rewards.append(per_func.sum(dim=1).double().cpu().numpy())
+        return per_func
+
+
+def digit_fraction_reward(completions: list[str], **_: Any) -> list[float]:
+    """A reward in [0, 1]: the fraction of digit characters of the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loglik_reaches_the_rule_reduced_as_it_declares(model_path, tmp_path, reduction):
+    policy = FeedbackSpy(CANDIDATES, metactl.TAMPO(likelihood_normalization=reduction), seed=0)
+    assert policy.spec.loglik == reduction
+    trainer = ScoredAndRewarded(
+        model=model_path, reward_funcs=digit_count_reward,
+        args=tiny_grpo_config(tmp_path, max_steps=2, max_completion_length=6),
+        train_dataset=addition_dataset(32, seed=3), meta_policy=policy,
+    )  # fmt: skip
+    trainer.train()
+    assert len(policy.feedback) == len(trainer.results) == 2
+    for feedback, result in zip(policy.feedback, trainer.results, strict=True):
+        counts = result.counts.double().cpu()
+        means = result.loglik.double().cpu()  # per-token means of every row and candidate
+        expected = means * counts.unsqueeze(1) if reduction == "sum" else means
+        np.testing.assert_allclose(feedback.loglik, expected.numpy(), rtol=1e-9, atol=1e-12)
+    # completions of several tokens: a sum and a mean differ
+    assert any(bool((r.counts >= 2).any()) for r in trainer.results)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [metactl.Counterfactual(), metactl.Uncertainty(gain=0.1)],
+    ids=["counterfactual", "uncertainty"],
+)
+def test_rules_reading_every_completions_reward_get_rewards_and_groups(model_path, tmp_path, rule):
+    policy = FeedbackSpy(CANDIDATES, rule, seed=0)
+    trainer = ScoredAndRewarded(
+        model=model_path, reward_funcs=digit_fraction_reward,
+        args=tiny_grpo_config(tmp_path, max_steps=3, num_generations=4),
+        train_dataset=addition_dataset(32, seed=3), meta_policy=policy,
+    )  # fmt: skip
+    trainer.train()
+    assert policy.step == 3 == len(policy.feedback) == len(trainer.rewards)
+    for step, (feedback, rewards) in enumerate(zip(policy.feedback, trainer.rewards, strict=True)):
+        assert feedback.group_size == 4
+        np.testing.assert_array_equal(feedback.rewards, rewards)  # TRL's rows, TRL's order
+        if "loglik" in policy.spec.feedback:  # Counterfactual: whole-completion likelihoods
+            result = trainer.results[step]
+            sums = result.loglik.double().cpu() * result.counts.double().cpu().unsqueeze(1)
+            np.testing.assert_allclose(feedback.loglik, sums.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_trainer_states_what_it_can_feed():
+    from metactl.adapters.trl.trainer import trainer_support
+
+    from metactl.feedback import FEEDBACK_NAMES
+
+    everything, per_prompt = trainer_support(per_context=False), trainer_support(per_context=True)
+    assert set(everything.feedback) == set(FEEDBACK_NAMES)
+    assert set(everything.loglik) == {"mean", "sum"} == set(per_prompt.loglik)
+    # one temperature per row needs a logits processor; the entropy is computed at one value
+    assert per_prompt.knobs == ("temperature",) and "entropy" not in per_prompt.feedback
+    assert not everything.features and not per_prompt.features

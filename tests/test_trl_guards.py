@@ -153,3 +153,57 @@ def test_trainer_refuses_an_untested_transformers(model_path, tmp_path, monkeypa
     monkeypatch.setattr(transformers, "__version__", "5.25.0")
     with pytest.raises(RuntimeError, match="is tested with transformers"):
         _trainer(model_path, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("generation_kwargs", "name"),
+    [
+        ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"),
+        ({"min_new_tokens": 2}, "min_new_tokens"),
+        ({"bad_words_ids": [[5]]}, "bad_words_ids"),
+        ({"suppress_tokens": [5]}, "suppress_tokens"),
+        ({"sequence_bias": [[[5], -1.0]]}, "sequence_bias"),
+        ({"encoder_repetition_penalty": 1.2}, "encoder_repetition_penalty"),
+        ({"a_setting_metactl_does_not_know": 3}, "a_setting_metactl_does_not_know"),
+    ],
+)
+def test_settings_no_family_models_are_refused_for_likelihood_rules(
+    model_path, tmp_path, generation_kwargs, name
+):
+    """Only the generation settings the adapter knows to leave the distribution alone pass
+    with a likelihood rule (an allow-list: an unknown setting is refused too)."""
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        _trainer(model_path, tmp_path, metactl.tampo(), generation_kwargs=generation_kwargs)
+    exp3 = metactl.MetaPolicy([0.7, 1.0], metactl.EXP3(), seed=0)  # needs no likelihoods
+    _trainer(model_path, tmp_path, exp3, generation_kwargs=generation_kwargs)
+
+
+def test_settings_that_leave_the_distribution_alone_pass():
+    check_generation_settings(
+        {"max_new_tokens": 8, "do_sample": True, "eos_token_id": [1], "pad_token_id": 0,
+         "no_repeat_ngram_size": 0, "min_new_tokens": None, "bad_words_ids": [],
+         "sequence_bias": None, "num_beams": 1, "repetition_penalty": 1.0,
+         "stop_strings": ["\n"], "cache_implementation": None},
+        generation_kwargs={}, needs_likelihood=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", ["tampo", "exp3", "ptgs"])
+def test_greedy_decoding_is_refused_for_every_rule(model_path, tmp_path, rule):
+    """A policy choosing temperatures over greedy decoding would change nothing it samples."""
+    dataset = addition_dataset(16)
+    extra: dict[str, object] = {}
+    if rule == "ptgs":
+        dataset = dataset.add_column("prompt_id", list(range(len(dataset))))
+        extra["meta_context_column"] = "prompt_id"
+    policy = {
+        "tampo": lambda: metactl.tampo(seed=0),
+        "exp3": lambda: metactl.MetaPolicy([0.7, 1.0], metactl.EXP3(), seed=0),
+        "ptgs": lambda: metactl.ptgs(seed=0),
+    }[rule]()
+    with pytest.raises(ValueError, match=r"^do_sample=False decodes greedily"):
+        MetaGRPOTrainer(
+            model=model_path, reward_funcs=digit_count_reward,
+            args=tiny_grpo_config(tmp_path, generation_kwargs={"do_sample": False}),
+            train_dataset=dataset, meta_policy=policy, **extra,
+        )  # fmt: skip

@@ -280,6 +280,19 @@ def test_refusals_name_the_path(tmp_path, model_path):
     check_per_row_paths(trainer)  # back to a supported configuration
 
 
+def test_a_context_column_needs_a_per_prompt_policy_and_an_existing_column(tmp_path, model_path):
+    # a global policy decides once per batch: the column would be ignored
+    with pytest.raises(ValueError, match=r"^meta_context_column='prompt_id' is given, but TAMPO "
+                                         r"decides once per generation batch"):  # fmt: skip
+        _build(tmp_path, model_path, meta_policy=metactl.tampo(seed=0),
+               meta_context_column="prompt_id")  # fmt: skip
+    with pytest.raises(ValueError, match=r"^meta_context_column='task_id' is not a column of "
+                                         r"train_dataset \(columns: \['answer', 'prompt', "
+                                         r"'prompt_id'\]\)"):  # fmt: skip
+        _build(tmp_path, model_path, meta_policy=metactl.ptgs(seed=0),
+               meta_context_column="task_id")  # fmt: skip
+
+
 def test_bad_context_values_and_rewards_are_refused(tmp_path, model_path):
     from datasets import Dataset
 
