@@ -304,11 +304,8 @@ def build_feedback(
         "vocab_size": vocab_size,
         "group_size": group_size,
     }
-    missing = [
-        name
-        for name in spec.feedback
-        if given.get(name) is None and not (name == "reward" and (reward, rewards) != (None, None))
-    ]
+    given["reward"] = reward if reward is not None else rewards  # the mean of rewards will do
+    missing = [name for name in spec.feedback if given.get(name) is None]
     if missing:
         raise ValueError(f"build_feedback: the rule needs {missing}, which were not given")
     out: dict[str, Any] = {}

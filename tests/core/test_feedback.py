@@ -91,6 +91,8 @@ def test_build_feedback_computes_only_what_is_needed_and_names_what_is_missing()
         "reward",
     )
     assert build_feedback(bandit, rewards=[1.0, 0.0, 0.0, 1.0]).reward == 0.5
+    assert build_feedback(bandit, rewards=np.array([1.0, 0.0])).reward == 0.5
+    assert build_feedback(bandit, reward=0.25, rewards=np.array([1.0, 0.0])).reward == 0.25
     entropy = FeedbackSpec(("entropy", "vocab_size"))
     fb = build_feedback(entropy, entropy_sum=12.0, entropy_tokens=4, vocab_size=100)
     assert (fb.entropy, fb.vocab_size) == (3.0, 100)
