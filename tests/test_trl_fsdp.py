@@ -11,7 +11,7 @@ error of its numbers against ``log_softmax(logits / T)`` of a plain sharded forw
 temperature in force. The ranks must agree on every choice and state although their local
 feedback differs.
 
-DeepSpeed ZeRO is not tested: see the adapter README (``deepspeed`` is not installed by any
+DeepSpeed ZeRO is not tested: see docs/trl.md (``deepspeed`` is not installed by any
 extra, and its CPU accelerator needs a C++ build of its ops at first use).
 """
 

@@ -12,7 +12,7 @@ that follows) over prompt+completion and checks, on those logits:
 * the metrics name the knob (``metactl/top_p``, ...) through TRL's own logging.
 
 The guard matrix (which user settings are accepted with which policy family) is tested cell by
-cell, as the adapter's README tabulates it.
+cell, as docs/trl.md tabulates it.
 """
 
 from __future__ import annotations

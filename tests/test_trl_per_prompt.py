@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from metactl.adapters.trl import MetaGRPOTrainer
+from metactl.adapters.trl import META_STATE_NAME, MetaGRPOTrainer
 from metactl.adapters.trl.seam import ROW_TEMPERATURE_KEY, check_per_row_paths, unwrap
 from metactl.adapters.trl.testing import addition_dataset, tiny_grpo_config
-from metactl.adapters.trl.trainer import META_STATE_NAME
 
 import metactl
 

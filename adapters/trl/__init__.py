@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "META_STATE_NAME": ".trainer",
+    "META_STATE_NAME": ".checkpoint",
     "MetaGRPOTrainer": ".trainer",
     "FusedHead": ".seam",
     "candidate_loglik_exact": ".scoring",

@@ -32,7 +32,8 @@ What the adapter relies on, as of trl 1.16 (``guards.TESTED_TRL``):
   :func:`generates_with_model_generate`), the effective sampling settings
   (:func:`generation_settings`), the paths that cannot carry a temperature per row
   (:func:`check_per_row_paths`), TRL's metrics (:func:`log_metric`, :func:`batch_reward`) and the
-  key under which a tensor travels with TRL's buffered batch (:data:`ROW_TEMPERATURE_KEY`).
+  tensors the adapter reads from TRL's generation-batch dict (:class:`GeneratedBatch`) and the
+  key under which a tensor travels with TRL's buffered batch (:func:`carry_row_temperatures`).
 
 Example:
     >>> import torch
@@ -67,9 +68,11 @@ __all__ = [
     "ROW_TEMPERATURE_KEY",
     "FusedHead",
     "GRPOSeam",
+    "GeneratedBatch",
     "LogProbPass",
     "RowTemperatureProcessor",
     "batch_reward",
+    "carry_row_temperatures",
     "check_per_row_paths",
     "find_trainer_heads",
     "fused_kernel_rows_are_compact",
@@ -348,6 +351,56 @@ class LogProbPass:
             weights = torch.tensor([float(len(i)) for i, _ in parts], device=parts[0][1][2].device)
             aux = (torch.stack([out[2] for _, out in parts]) * weights).sum() / weights.sum()
         return logps, entropies, aux
+
+
+# ---------------------------------------------------------------------------- TRL's batch dict
+@dataclass(frozen=True)
+class GeneratedBatch:
+    """What the adapter reads from the dict TRL's ``_generate_and_score_completions`` returns
+    (this rank's rows).
+
+    Attributes:
+        prompt_ids, prompt_mask: ``(N, P)`` the left-padded prompts.
+        completion_ids, completion_mask: ``(N, C)`` the right-padded completions.
+        scored_mask: ``(N, C)`` the completion tokens TRL's loss scores (tool outputs left out).
+        advantages: ``(N,)`` TRL's advantage of every completion.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    scored_mask: torch.Tensor
+    advantages: torch.Tensor
+
+    @classmethod
+    def read(cls, output: Mapping[str, Any]) -> GeneratedBatch:
+        mask = output["completion_mask"]
+        scored = mask * output["tool_mask"] if "tool_mask" in output else mask
+        return cls(
+            prompt_ids=output["prompt_ids"],
+            prompt_mask=output["prompt_mask"],
+            completion_ids=output["completion_ids"],
+            completion_mask=mask,
+            scored_mask=scored,
+            advantages=output["advantages"],
+        )
+
+
+def carry_row_temperatures(output: dict[str, Any], rows: torch.Tensor) -> None:
+    """Put one temperature per row into TRL's batch dict: TRL shuffles and splits every tensor
+    of the buffered batch in unison, so each row keeps its value up to the loss.
+
+    Raises:
+        RuntimeError: TRL returned another number of rows.
+    """
+    n = output["completion_ids"].shape[0]
+    if n != rows.shape[0]:
+        raise RuntimeError(
+            f"metactl: TRL returned {n} rows for {rows.shape[0]} per-row temperatures; they "
+            "cannot be matched to the rows"
+        )
+    output[ROW_TEMPERATURE_KEY] = rows.to(output["completion_ids"].device)
 
 
 # ---------------------------------------------------------------------------- the fused head

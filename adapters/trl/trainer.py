@@ -55,7 +55,6 @@ from metactl.feedback import FEEDBACK_NAMES, TrainerSupport, build_feedback, che
 from metactl.knobs import KNOBS, check_knob
 
 from .checkpoint import (
-    META_STATE_NAME,
     MetaState,
     check_meta_state,
     meta_state_dict,
@@ -81,11 +80,12 @@ from .scoring import (
     dense_head,
 )
 from .seam import (
-    ROW_TEMPERATURE_KEY,
     FusedHead,
+    GeneratedBatch,
     GRPOSeam,
     LogProbPass,
     batch_reward,
+    carry_row_temperatures,
     check_per_row_paths,
     find_trainer_heads,
     generates_with_model_generate,
@@ -102,7 +102,7 @@ from .seam import (
 )
 from .window import GenerationWindow, context_keys, prompt_contexts
 
-__all__ = ["META_STATE_NAME", "ROW_TEMPERATURE_KEY", "MetaGRPOTrainer", "trainer_support"]
+__all__ = ["DEFAULT_HISTORY_SIZE", "MetaGRPOTrainer", "trainer_support"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,14 @@ def trainer_support(per_context: bool) -> TrainerSupport:
     )
 
 
-def _completion_advantages(output: dict[str, Any], scored: np.ndarray | None) -> np.ndarray:
+def _completion_advantages(batch: GeneratedBatch, scored: np.ndarray | None) -> np.ndarray:
     """TRL's advantages of the batch (one per completion) as float64.
 
     ``scored``: which completions have a scored token (``None`` when no likelihood was
     computed). A completion with no scored token (mask_truncated_completions, tool-only)
     carries no likelihood; TRL leaves it out of the loss, and weight 0 leaves it out here.
     """
-    advantages = output["advantages"].detach().float().cpu().numpy().astype(np.float64)
+    advantages = batch.advantages.detach().float().cpu().numpy().astype(np.float64)
     if advantages.ndim != 1:
         raise ValueError(
             "MetaGRPOTrainer needs one advantage per completion (shape (N,)); got shape "
@@ -308,13 +308,10 @@ class MetaGRPOTrainer(GRPOSeam):
         if uses_continuous_batching(self):
             check_continuous_batching(settings, owned=knobs, needs_likelihood=needs_likelihood)
         self._heads: list[FusedHead] = find_trainer_heads(self)
-        #: the setting evaluation samples at: the values TRL holds from GRPOConfig (for a knob
-        #: the policy owns besides the temperature, its off value: the guards require it)
-        self.eval_setting: dict[str, Any] = {
-            knob: self.eval_temperature if knob == "temperature" else getattr(self, knob)
-            for knob in knobs
-        }
         settings["temperature"] = self.eval_temperature
+        #: the setting evaluation samples at: GRPOConfig's values (for a knob the policy owns
+        #: besides the temperature, its off value: the guards require it)
+        self.eval_setting: dict[str, Any] = {knob: settings.get(knob) for knob in knobs}
         order = "vllm" if uses_vllm(self) else "hf"
         self.meta_scoring = CandidateScoring.for_policy(self.meta_policy, settings, order=order)
         if per_context:
@@ -377,14 +374,7 @@ class MetaGRPOTrainer(GRPOSeam):
             output = generate(inputs)
         t1 = time.perf_counter()
         if window.row_temperatures is not None:
-            if output["completion_ids"].shape[0] != len(inputs):
-                raise RuntimeError(
-                    f"metactl: TRL returned {output['completion_ids'].shape[0]} rows for "
-                    f"{len(inputs)} inputs; the per-row temperatures cannot be matched to them"
-                )
-            # travels with TRL's buffered batch, shuffled and split with its rows
-            device = output["completion_ids"].device
-            output[ROW_TEMPERATURE_KEY] = window.row_temperatures.to(device)
+            carry_row_temperatures(output, window.row_temperatures)
         self._update_policy(decision, output, window.capture, window.path)
         self.meta_seconds += time.perf_counter() - t1
         if isinstance(window.capture, FusedLogitsCapture):
@@ -438,17 +428,17 @@ class MetaGRPOTrainer(GRPOSeam):
         return float(decision.setting["temperature"])  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ inside TRL's batch
-    def _meta_generation(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _meta_generation(self) -> Iterator[None]:
         window = self._window
-        stack = contextlib.ExitStack()
-        if window is None or not window.generating:
-            return stack
-        if window.row_temperatures is not None:
-            stack.enter_context(row_temperature_generation(self, window.row_temperatures))
-        capture = window.capture
-        if isinstance(capture, HiddenCapture) and capture.mode == "generate":
-            stack.enter_context(capture.recording())
-        return stack
+        with contextlib.ExitStack() as stack:
+            if window is not None and window.generating:
+                if window.row_temperatures is not None:
+                    stack.enter_context(row_temperature_generation(self, window.row_temperatures))
+                capture = window.capture
+                if isinstance(capture, HiddenCapture) and capture.mode == "generate":
+                    stack.enter_context(capture.recording())
+            yield
 
     def _meta_log_prob_pass(self, call: LogProbPass) -> Any:
         window = self._window
@@ -499,10 +489,8 @@ class MetaGRPOTrainer(GRPOSeam):
     ) -> tuple[LikelihoodResult, ScoringPath]:
         """The candidate likelihoods of the batch on ``path`` (``capture``: what recorded them),
         and the path actually used (an extra forward when the capture does not line up)."""
-        tokens = output["completion_ids"]
-        mask = output["completion_mask"]
-        if "tool_mask" in output:
-            mask = mask * output["tool_mask"]
+        batch = GeneratedBatch.read(output)
+        tokens, mask = batch.completion_ids, batch.scored_mask
         ent_t = self._entropy_temperature(decision)
         if isinstance(capture, FusedLogitsCapture):
             fused = capture.result(tokens, mask)
@@ -537,8 +525,8 @@ class MetaGRPOTrainer(GRPOSeam):
                 "scoring this batch with an extra forward (likelihood='exact')",
                 path,
             )
-        input_ids = torch.cat([output["prompt_ids"], tokens], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        input_ids = torch.cat([batch.prompt_ids, tokens], dim=1)
+        attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
         result = candidate_loglik_exact(
             self.model,
             input_ids,
@@ -606,7 +594,7 @@ class MetaGRPOTrainer(GRPOSeam):
                 local["entropy"] = np.array([[float(result.entropy_sum or 0.0), counts.sum()]])
         if "advantages" in needs:
             local["advantages"] = _completion_advantages(
-                output, scored if "loglik" in needs else None
+                GeneratedBatch.read(output), scored if "loglik" in needs else None
             )
         rows = self._gathered(local)
         entropy = rows["entropy"].sum(axis=0) if "entropy" in rows else None
