@@ -150,7 +150,7 @@ def check_knob(knob: str, value: object, name: str | None = None) -> KnobValue:
     knob = _check_knob_name(knob, "knob")
     label = knob if name is None else name
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{label} must be a number, got bool")
+        raise TypeError(f"{label} must be a real number, got bool")
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(
         value, numbers.Number
     ):

@@ -34,7 +34,7 @@ def test_get_and_set_through_a_wrapper_chain() -> None:
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_invalid_values_are_rejected_on_every_route(bad: float) -> None:
     env = _chain()
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"^temperature must be (finite|> 0)"):
         env.set_wrapper_attr("temperature", bad)
     with pytest.raises(ValueError, match="temperature"):
         env.env.temperature = bad  # direct assignment on the TemperatureWrapper

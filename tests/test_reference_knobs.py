@@ -1,8 +1,9 @@
-"""The reference GRPO trainer over any sampling knob (issue 12): the sampler draws from the
-decision's whole setting (only from the nucleus under top-p), every log-prob of the batch is the
-sampling distribution's (`metactl.likelihood`'s definition), the ``top-p`` and ``tampo-joint``
-controllers run end to end with a report that names their knobs, policies the trainer cannot
-apply are refused, and a temperature arm's trajectory is exactly what it was before."""
+"""The reference GRPO trainer over any sampling knob: the sampler draws from the decision's
+whole setting (only from the nucleus under top-p), every log-prob of the batch is the sampling
+distribution's (`metactl.knobs`, the definition `metactl.likelihood` scores), the ``top-p`` and
+``tampo-joint`` controllers run end to end with a report that names their knobs, policies the
+trainer cannot apply are refused, and a temperature arm's trajectory is exactly what it was
+before other knobs existed."""
 
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ from metactl.adapters.lab.controllers import (  # noqa: E402
 from metactl.adapters.reference.knobs import (  # noqa: E402
     SamplerSetting,
     Truncation,
-    kept_mask,
     setting_logprobs,
-    truncated_probs,
 )
 from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.rollout import completion_logits, token_logprobs  # noqa: E402
@@ -36,6 +35,7 @@ from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E
 from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import metactl  # noqa: E402
+from metactl.knobs import Setting, kept_mask, log_probs, truncated_probs  # noqa: E402
 from metactl.likelihood import candidate_loglik  # noqa: E402
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -62,9 +62,9 @@ def make_trainer(policy, **overrides) -> GRPOTrainer:
 # ----------------------------------------------------------------------------------------------
 # the temperature path is unchanged
 # ----------------------------------------------------------------------------------------------
-# Recorded with the trainer as it was before issue 12 (git HEAD of adapters/reference, the same
-# core): per step (temperature, mean reward, gradient norm, mean completion length), and the
-# sum of |weights| after the 3 steps. Any change to the temperature path's sampling, scoring,
+# Recorded with the trainer as it was before it could set other knobs (the same core): per step
+# (temperature, mean reward, gradient norm, mean completion length), and the sum of |weights|
+# after the 3 steps. Any change to the temperature path's sampling, scoring,
 # loss or meta step changes some of these.
 GOLDEN = {
     "fixed-1.2": ([(1.2, 0.25, 0.42670294642448425, 5.3125),
@@ -98,7 +98,7 @@ def test_a_temperature_arms_trajectory_is_unchanged(name):
 # ----------------------------------------------------------------------------------------------
 # the distribution: kept sets, sampling and scoring as metactl.likelihood defines them
 # ----------------------------------------------------------------------------------------------
-def brute_kept(z: np.ndarray, cut: Truncation) -> np.ndarray:
+def brute_kept(z: np.ndarray, cut: Setting) -> np.ndarray:
     """The family definition (HF order), one row at a time, float64, by plain loops."""
     v = z.size
     p = np.exp(z - z.max())
@@ -116,8 +116,8 @@ def brute_kept(z: np.ndarray, cut: Truncation) -> np.ndarray:
     return kept
 
 
-CUTS = [Truncation(top_p=0.7), Truncation(top_k=3), Truncation(min_p=0.2),
-        Truncation(top_k=5, top_p=0.8, min_p=0.05), Truncation(top_p=0.3)]
+CUTS = [Setting(top_p=0.7), Setting(top_k=3), Setting(min_p=0.2),
+        Setting(top_k=5, top_p=0.8, min_p=0.05), Setting(top_p=0.3)]
 
 
 @pytest.mark.parametrize("cut", CUTS, ids=str)
@@ -132,12 +132,11 @@ def test_kept_sets_follow_the_family_definition_with_ties_and_banned_tokens(cut)
 
 
 SETTINGS = [
-    ("top_p", [0.7, 1.0], SamplerSetting(1.0, Truncation(top_p=0.7))),
-    ("top_k", [3, 8], SamplerSetting(0.9, Truncation(top_k=3))),
-    ("min_p", [0.2, 0.0], SamplerSetting(1.3, Truncation(min_p=0.2))),
-    ("temperature", [0.8, 1.2], SamplerSetting(0.8, Truncation(top_p=0.9, top_k=6))),
-    ("joint", metactl.grid(temperature=[0.7, 1.1], top_p=[0.85, 1.0]),
-     SamplerSetting(0.7, Truncation(top_p=0.85))),
+    ("top_p", [0.7, 1.0], Setting(1.0, top_p=0.7)),
+    ("top_k", [3, 8], Setting(0.9, top_k=3)),
+    ("min_p", [0.2, 0.0], Setting(1.3, min_p=0.2)),
+    ("temperature", [0.8, 1.2], Setting(0.8, top_p=0.9, top_k=6)),
+    ("joint", metactl.grid(temperature=[0.7, 1.1], top_p=[0.85, 1.0]), Setting(0.7, top_p=0.85)),
 ]
 
 
@@ -147,14 +146,18 @@ def test_the_scored_logprobs_equal_metactl_likelihood_on_the_same_logits(family,
                                                                         setting):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6, 11, generator=gen) * 2
-    cut = setting.truncation
-    probs = truncated_probs(logits.reshape(-1, 11), setting.temperature, cut)
+    probs = truncated_probs(logits.reshape(-1, 11), setting)
     tokens = torch.multinomial(probs, 1, generator=gen).reshape(4, 6)
     tokens[0, :3] = logits[0, :3].argmin(-1)  # outside every kept set: finite, smoothed
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[1, 4:] = False
-    ours = setting_logprobs(logits, tokens, setting.temperature, cut)
+    ours = log_probs(logits, setting, tokens)
     assert torch.isfinite(ours).all()
+    # the trainer's scoring is the core's, to the bit (also with one temperature per row)
+    cut = Truncation(setting.top_p, setting.top_k, setting.min_p)
+    assert torch.equal(setting_logprobs(logits, tokens, setting.temperature, cut), ours)
+    assert torch.equal(setting_logprobs(logits, tokens, torch.full((4,), setting.temperature),
+                                        cut), ours)
     knob = {"temperature": "temperature", "joint": None}.get(family, family)
     varied = tuple(candidates.knobs) if knob is None else (knob,)
     ref = candidate_loglik(logits, tokens, mask, candidates, family,
@@ -163,9 +166,9 @@ def test_the_scored_logprobs_equal_metactl_likelihood_on_the_same_logits(family,
     np.testing.assert_allclose(mean.numpy(), ref[:, 0].numpy(), rtol=0, atol=2e-6)
     # differentiable, and untruncated it is log_softmax(z / T) bit for bit
     leaf = logits.clone().requires_grad_(True)
-    setting_logprobs(leaf, tokens, setting.temperature, cut).sum().backward()
+    log_probs(leaf, setting, tokens).sum().backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
-    plain = setting_logprobs(logits, tokens, setting.temperature, Truncation())
+    plain = log_probs(logits, Setting(setting.temperature), tokens)
     assert torch.equal(plain, token_logprobs(logits, tokens, setting.temperature))
 
 
@@ -182,7 +185,7 @@ def sample_spy(monkeypatch, tr: GRPOTrainer) -> list[torch.Tensor]:
         out = real(model, prompt_ids, prompt_mask, **kw)
         with torch.no_grad():
             logits = completion_logits(model, prompt_ids, prompt_mask, out.tokens, out.mask)
-        kept = kept_mask(logits.float(), Truncation(top_p=0.5))
+        kept = kept_mask(logits.float(), Setting(top_p=0.5))
         hit = kept.gather(-1, out.tokens.unsqueeze(-1)).squeeze(-1)
         in_nucleus.append(hit[out.mask])
         return out
@@ -387,16 +390,22 @@ def test_the_distribution_functions_and_the_sampler_reject_bad_arguments():
     tokens = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(TypeError, match=r"truncation must be a knobs\.Truncation"):
         setting_logprobs(logits, tokens, 1.0, 0.9)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"truncation must be a knobs\.Truncation"):
-        truncated_probs(logits[0], 1.0, {"top_p": 0.9})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"setting must be a metactl\.knobs\.Setting"):
+        truncated_probs(logits[0], {"top_p": 0.9})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tokens"):
         setting_logprobs(logits, tokens[:, :2], 1.0, Truncation(top_p=0.9))
+    with pytest.raises(ValueError, match="tokens"):
+        log_probs(logits, Setting(top_p=0.9), tokens[:, :2])
     with pytest.raises(ValueError, match="eps"):
         setting_logprobs(logits, tokens, 1.0, Truncation(top_p=0.9), eps=0.0)
-    with pytest.raises(ValueError, match="scaled"):
-        kept_mask(torch.zeros(2, 3, dtype=torch.long), Truncation(top_k=2))
+    with pytest.raises(ValueError, match="eps"):
+        log_probs(logits, Setting(top_p=0.9), tokens, epsilon=0.0)
+    with pytest.raises(TypeError, match="logits must hold floating-point"):
+        kept_mask(torch.zeros(2, 3, dtype=torch.long), Setting(top_k=2))
     with pytest.raises(TypeError, match="top_k"):
         Truncation(top_k=True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="top_k"):
+        Setting(top_k=True)  # type: ignore[arg-type]
     from metactl.adapters.reference.rollout import sample
 
     tok = build_char_tokenizer(ALPHABET)
@@ -409,3 +418,6 @@ def test_the_distribution_functions_and_the_sampler_reject_bad_arguments():
     with pytest.raises(ValueError, match="truncation needs temperature > 0"):
         sample(model, enc.input_ids, enc.attention_mask, temperature=0.0,
                truncation=Truncation(top_k=2), **common)
+    with pytest.raises(TypeError, match=r"truncation must be a metactl\.knobs\.Setting"):
+        sample(model, enc.input_ids, enc.attention_mask, temperature=1.0,
+               truncation={"top_k": 2}, **common)  # type: ignore[arg-type]

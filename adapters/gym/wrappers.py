@@ -3,8 +3,9 @@
 The knob is a plain attribute of the wrapper, so the standard gymnasium plumbing reaches it through
 any wrapper chain and across vector envs: ``env.get_wrapper_attr("temperature")``,
 ``env.set_wrapper_attr("temperature", 1.2)``, ``vec_env.set_attr("temperature", [0.8, 1.2])``,
-``vec_env.get_attr("temperature")``. Every assignment is validated (a finite float > 0 by default),
-whichever route it takes. The current value is also reported in ``info[name]`` by ``reset`` and
+``vec_env.get_attr("temperature")``. Every assignment is validated (a sampler knob as
+:func:`metactl.knobs.check_knob` checks it, any other knob a finite float > 0), whichever route it
+takes. The current value is also reported in ``info[name]`` by ``reset`` and
 ``step`` (so logs record which temperature sampled each episode), and ``reset(options={name: v})``
 sets it before an episode.
 
@@ -24,7 +25,7 @@ True
 >>> env.set_wrapper_attr("temperature", 0.0)
 Traceback (most recent call last):
 ...
-ValueError: temperature must be a finite number > 0, got 0.0
+ValueError: temperature must be > 0 and within the sampler's temperatures [1e-06, 1e+06], got 0.0
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ __all__ = ["KnobWrapper", "TemperatureWrapper", "knob_value", "positive_finite"]
 
 
 def positive_finite(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a finite real number > 0, else raise.
+    """Return ``value`` as a float if it is a finite real number > 0, else raise: the default
+    validator of a :class:`KnobWrapper` attribute that is not a sampler knob.
 
-    >>> positive_finite("temperature", 2)
+    >>> positive_finite("beam_width", 2)
     2.0
-    >>> positive_finite("temperature", float("nan"))
+    >>> positive_finite("beam_width", float("nan"))
     Traceback (most recent call last):
     ...
-    ValueError: temperature must be a finite number > 0, got nan
+    ValueError: beam_width must be a finite number > 0, got nan
     """
     if isinstance(value, bool) or not isinstance(value, Real):
         # numpy scalars are registered as numbers.Real; 0-d arrays are not, so accept those too
@@ -165,8 +167,14 @@ class KnobWrapper(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def _temperature(name: str, value: Any) -> float:
+    """A temperature as :func:`metactl.knobs.check_knob` accepts it, named ``name``."""
+    return float(check_knob("temperature", value, name))
+
+
 class TemperatureWrapper(KnobWrapper):
-    """Expose the rollout ``temperature`` (finite, > 0) as a wrapper attribute.
+    """Expose the rollout ``temperature`` (checked with :func:`metactl.knobs.check_knob`) as a
+    wrapper attribute.
 
     Example
     -------
@@ -183,4 +191,4 @@ class TemperatureWrapper(KnobWrapper):
     def __init__(
         self, env: gym.Env, temperature: float = 1.0, *, name: str = "temperature"
     ) -> None:
-        super().__init__(env, name, temperature, validator=positive_finite)
+        super().__init__(env, name, temperature, validator=_temperature)

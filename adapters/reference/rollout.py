@@ -1,7 +1,8 @@
 """Batched sampling with a KV cache and temperature-scaled token log-probabilities.
 
 These are the only places where the temperature touches the model's logits: `sample` draws
-tokens from ``softmax(logits / T)`` (``T = 0`` means greedy), `token_logprobs` scores tokens with
+tokens from ``softmax(logits / T)`` (``T = 0`` means greedy), truncated as a
+`metactl.knobs.Setting` says (`metactl.knobs.truncated_probs`), `token_logprobs` scores tokens with
 ``log_softmax(logits / T)`` and `token_entropy` measures ``softmax(logits / T)``. The trainer
 passes the same ``T`` to all of them, which is what makes a batch's sampling and scoring
 temperatures equal. ``T`` is a float (one temperature for every row) or a 1-D tensor of one
@@ -25,29 +26,30 @@ Example:
 from __future__ import annotations
 
 import inspect
-import math
 import numbers
 from dataclasses import dataclass
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 
-from .knobs import Truncation, truncated_probs
+from metactl.knobs import Setting, SettingRows, check_knob, truncated_probs
 
 Temperature = float | torch.Tensor
 """A float for every row, or a (N,) tensor: row ``i`` at ``T[i]``."""
 
 
 def check_row_temperatures(temperature: torch.Tensor, n: int, name: str = "temperature") -> None:
-    """A per-row temperature: a 1-D floating tensor of ``n`` finite values > 0."""
+    """A per-row temperature: a 1-D floating tensor of ``n`` finite values > 0, each a
+    temperature `metactl.knobs.check_knob` accepts."""
     if temperature.ndim != 1 or temperature.shape[0] != n:
         raise ValueError(f"{name} must be a float or a 1-D tensor of one value per row ({n}), "
                          f"got shape {tuple(temperature.shape)}")
     if not temperature.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {temperature.dtype}")
-    if not bool(torch.isfinite(temperature).all()) or bool((temperature <= 0).any()):
-        raise ValueError(f"{name} must hold finite values > 0 (one per row)")
+    for i, value in enumerate(temperature.detach().cpu().tolist()):
+        try:
+            check_knob("temperature", value, f"{name}[{i}]")
+        except ValueError as exc:
+            raise ValueError(f"{name} must hold finite values > 0 (one per row): {exc}") from exc
 
 
 def _divide(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
@@ -64,7 +66,7 @@ class Completions:
     """Sampled completions: ``tokens`` (N, C) padded with ``pad_id`` after EOS, ``mask`` (N, C)
     1 for generated tokens up to and including EOS; ``entropy`` (N, C) float32, only when
     `sample` is asked for it (``return_entropy=True``): the entropy (nats) of the sampling
-    distribution ``softmax(logits / T)`` (before any top-p filter) at every masked position,
+    distribution ``softmax(logits / T)`` (before any truncation) at every masked position,
     0 at the others."""
 
     tokens: torch.Tensor
@@ -83,17 +85,6 @@ def _get_cache(output: object, cache_name: str) -> object:
     return getattr(output, cache_name)
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero out the tail of each row outside the nucleus of mass ``top_p`` (then renormalise)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
-    sorted_p = sorted_p * keep
-    out = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return out / out.sum(-1, keepdim=True)
-
-
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -105,7 +96,7 @@ def sample(
     eos_id: int,
     pad_id: int,
     top_p: float = 1.0,
-    truncation: Truncation | None = None,
+    truncation: Setting | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     return_entropy: bool = False,
@@ -124,42 +115,50 @@ def sample(
     controllers' feedback). The draws do not change (the sampling probabilities are computed
     exactly as without it). Needs ``temperature > 0``.
 
-    ``truncation`` (a `knobs.Truncation`, the trainer's path): draw from the truncated
-    distribution `knobs.truncated_probs` (top-k, top-p, min-p in HF's order, ties at a boundary
-    kept whole: `metactl.likelihood`'s definition, so the trainer scores exactly what was
-    sampled); it needs ``top_p=1`` (the plain ``top_p`` filter, kept for evaluation, keeps a
-    prefix of a tie at the boundary in sort order) and ``temperature > 0``. An inactive
-    truncation takes exactly the untruncated path.
+    ``truncation`` (a `metactl.knobs.Setting`; its top-k, top-p and min-p apply, the
+    temperature is ``temperature``): draw from the truncated distribution
+    `metactl.knobs.truncated_probs` (HF's order, ties at a boundary kept whole: what
+    `metactl.likelihood` scores, so the trainer scores exactly what was sampled); it needs
+    ``temperature > 0``. ``top_p`` is the same nucleus for callers without a setting
+    (evaluation); not both. No truncation on takes exactly the untruncated path.
     """
     per_row = isinstance(temperature, torch.Tensor)
+    n = prompt_ids.shape[0]
     if per_row:
-        check_row_temperatures(temperature, prompt_ids.shape[0])  # type: ignore[arg-type]
+        check_row_temperatures(temperature, n)  # type: ignore[arg-type]
         temperature = temperature.to(device=prompt_ids.device,  # type: ignore[union-attr]
                                      dtype=torch.float32)
-    elif not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-              and math.isfinite(temperature)):
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a finite float or a tensor, got {temperature!r}")
-    elif temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    elif temperature != 0:  # 0 is greedy decoding
+        try:
+            temperature = float(check_knob("temperature", temperature))
+        except ValueError as exc:
+            raise ValueError(f"temperature must be a finite float >= 0 (0: greedy) or a "
+                             f"tensor: {exc}") from exc
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     if return_entropy and not per_row and temperature == 0:
         raise ValueError("return_entropy needs temperature > 0 (greedy decoding has no "
                          "sampling distribution)")
-    if not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if truncation is not None:
-        if not isinstance(truncation, Truncation):
-            raise TypeError(f"truncation must be a knobs.Truncation, got {truncation!r}")
-        if truncation.active and top_p != 1.0:
-            raise ValueError(f"pass the nucleus in truncation (top_p={truncation.top_p}), not "
-                             f"also top_p={top_p}")
-        if truncation.active and not per_row and temperature == 0:
-            raise ValueError("truncation needs temperature > 0 (greedy decoding has no "
-                             "sampling distribution to truncate)")
-    truncated = truncation is not None and truncation.active
+    top_p = float(check_knob("top_p", top_p))
+    if truncation is not None and not isinstance(truncation, Setting):
+        raise TypeError(f"truncation must be a metactl.knobs.Setting, got {truncation!r}")
+    cut = Setting() if truncation is None else truncation
+    if cut.truncated and top_p != 1.0:
+        raise ValueError(f"pass the nucleus in truncation (top_p={cut.top_p}), not also "
+                         f"top_p={top_p}")
+    if cut.truncated and not per_row and temperature == 0:
+        raise ValueError("truncation needs temperature > 0 (greedy decoding has no "
+                         "sampling distribution to truncate)")
+    cut = cut.with_values({"top_p": top_p}) if top_p != 1.0 else cut
+    # the distribution every step draws from (unless greedy): the setting at the temperature
+    dist: Setting | SettingRows | None = None
+    if per_row:
+        dist = cut.rows(n, temperature=temperature)
+    elif temperature != 0:
+        dist = cut.with_values({"temperature": temperature})
     device = prompt_ids.device
-    n = prompt_ids.shape[0]
     cache_name = _cache_kwarg(model)
     attn = prompt_mask.long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -183,13 +182,10 @@ def sample(
     for t in range(max_new_tokens):
         if return_entropy:
             entropies.append(token_entropy(logits, temperature))
-        if not per_row and temperature == 0:
+        if dist is None:
             nxt = logits.argmax(-1)
-        elif truncated:
-            probs = truncated_probs(logits, temperature, cast(Truncation, truncation))
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
-            probs = _top_p_filter(F.softmax(_divide(logits, temperature), dim=-1), top_p)
+            probs = truncated_probs(logits, dist)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
@@ -255,8 +251,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     """
     if isinstance(temperature, torch.Tensor):
         check_row_temperatures(temperature, logits.shape[0])
-    elif temperature <= 0:
-        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
+    else:
+        check_knob("temperature", temperature)
     logp = torch.log_softmax(_divide(logits, temperature), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
