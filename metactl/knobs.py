@@ -308,7 +308,7 @@ class Setting:
     def rows(self, n: int, **values: Any) -> SettingRows:
         """This setting for each of ``n`` rows, with the knobs in ``values`` given per row: a
         number for every row, or ``n`` of them (a sequence, an array or a tensor), each checked
-        with :func:`check_knob` (``top_k=None`` is off)."""
+        with :func:`check_knob` (``top_k=None`` is off, also for one row of a sequence)."""
         if isinstance(n, bool) or not isinstance(n, (numbers.Integral, np.integer)) or n < 1:
             raise ValueError(f"n must be an int >= 1 (the number of rows), got {n!r}")
         unknown = sorted(str(k) for k in values if k not in KNOBS)
@@ -332,7 +332,8 @@ def _row_values(knob: str, value: Any, n: int) -> np.ndarray:
             raise ValueError(f"{knob} must be a number or one value per row, shape ({n},), got "
                              f"{np.shape(value)}")  # fmt: skip
         items = value.tolist() if isinstance(value, np.ndarray) else list(value)
-        checked = [check_knob(knob, v, f"{knob}[{i}]") for i, v in enumerate(items)]
+        checked = [0 if knob == "top_k" and v is None else check_knob(knob, v, f"{knob}[{i}]")
+                   for i, v in enumerate(items)]  # fmt: skip
     else:
         checked = [check_knob(knob, value)] * n
     return np.asarray(checked, dtype=np.int64 if knob == "top_k" else np.float64)
