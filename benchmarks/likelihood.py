@@ -23,10 +23,10 @@ method: on CUDA with ``torch.cuda.max_memory_allocated``; on CPU in a fresh subp
 method, as the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``)
 minus the resident size just before the call, after a small warm-up call (steady state) and
 with glibc's mmap threshold fixed at 128 KiB so that freed buffers leave the resident set.
-RSS is page-granular and includes thread stacks, so expect a few KiB of noise. Targets
-(issue 2): >= 3.5x faster than naive, <= 3x the single pass, peak extra memory <= one chunk;
-(issue 12): temperatures under a fixed truncation <= 3x the single pass; top-p and top-k (a
-selection or a sort per position) as measured.
+RSS is page-granular and includes thread stacks, so expect a few KiB of noise. Targets:
+>= 3.5x faster than naive, <= 3x the single pass, peak extra memory <= one chunk; temperatures
+under a fixed truncation <= 3x the single pass; top-p and top-k (a selection or a sort per
+position) as measured.
 
 Usage::
 
@@ -49,12 +49,12 @@ from typing import Any
 
 import torch
 
-from metactl.knobs import grid
+from metactl.knobs import SMOOTHING_EPS, grid
 from metactl.likelihood import candidate_loglik, default_chunk_size
 
 CANDIDATES = [round(0.6 + 0.1 * i, 1) for i in range(10)]
 SAMPLING_T = 1.0
-EPSILON = 1e-3
+EPSILON = SMOOTHING_EPS
 # name: (label, candidates, family, fixed knobs); K = 10 each
 FAMILIES: dict[str, tuple[str, Any, str | None, dict[str, Any]]] = {
     "t_top_p": ("T x10 | top_p=0.9", CANDIDATES, "temperature", {"top_p": 0.9}),
