@@ -9,11 +9,19 @@ import numpy as np
 import pytest
 from metactl.adapters.gym import ENV_ID, TokenSearchEnv
 from metactl.adapters.gym.learner import GRPOConfig, Rollout, TabularGRPO, log_softmax
-from metactl.adapters.gym.training import StepRecord, TrainLog, group_advantages, train
+from metactl.adapters.gym.training import (
+    TRAINER_SUPPORT,
+    StepRecord,
+    TrainLog,
+    group_advantages,
+    signal_options,
+    train,
+)
 from metactl.adapters.lab.controllers import STUDY_ARMS as CONTROLLERS
 from metactl.adapters.lab.gym_study import StudyConfig, make_controller
 
 import metactl
+from metactl.feedback import FEEDBACK_NAMES, FeedbackSpec
 
 CANDS = np.array(metactl.PAPER_TEMPERATURES)
 
@@ -213,11 +221,37 @@ def test_bad_arguments() -> None:
     batch = learner.rollout(1.0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="advantages"):
         learner.update(batch, np.zeros(3))
-    with pytest.raises(ValueError, match="cannot provide"):
-        learner.feedback(("gradient_norm",), batch, np.zeros(batch.tokens.shape[0]), CANDS)
+    with pytest.raises(ValueError, match=r"unknown names \['gradient_norm'\]"):
+        learner.feedback(FeedbackSpec(("gradient_norm",)), batch,
+                         np.zeros(batch.tokens.shape[0]), CANDS)  # fmt: skip
+    with pytest.raises(TypeError, match=r"spec must be a metactl\.FeedbackSpec"):
+        learner.feedback(("loglik",), batch, np.zeros(batch.tokens.shape[0]), CANDS)  # type: ignore[arg-type]
 
 
-# -- issue 9: the new rules and TAMPO variants in the learner --------------------------------
+def test_the_learner_states_what_it_gives_and_refuses_the_rest_before_drawing() -> None:
+    assert set(TRAINER_SUPPORT.feedback) == set(FEEDBACK_NAMES)
+    assert set(TRAINER_SUPPORT.knobs) == {"temperature", "top_p", "top_k", "min_p"}
+    assert set(TRAINER_SUPPORT.loglik) == {"mean", "sum"}
+    assert TRAINER_SUPPORT.per_context and not TRAINER_SUPPORT.features
+    featured = metactl.linear_thompson(seed=0, feature_dim=2)
+    before = featured.state_dict()
+    with pytest.raises(ValueError, match="feature_dim"):
+        train(featured, _small_env(), 2)
+    assert featured.state_dict() == before
+
+
+def test_signal_options_are_the_rules_own_normaliser_and_scale() -> None:
+    assert signal_options(metactl.TAMPO(normalizer="softmax", tau=0.2)) == {
+        "normalizer": "softmax", "tau": 0.2}  # fmt: skip
+    assert signal_options(metactl.Hedge(normalizer="softmax")) == {"normalizer": "softmax"}
+    assert signal_options(metactl.MetaGradient()) == {"normalizer": "sparsemax"}
+    assert signal_options(metactl.ContextualTAMPO(normalizer="softmax")) == {
+        "normalizer": "softmax"}  # fmt: skip
+    assert signal_options(metactl.PTGS()) == {}  # PTGS's tau is its temperature range
+    assert signal_options(metactl.Fixed(1.0)) == {}
+
+
+# -- the new rules and TAMPO variants in the learner -------------------------------------------
 
 NEW_RULES: dict[str, Any] = {
     "counterfactual": lambda: metactl.Counterfactual(),
@@ -248,7 +282,7 @@ def test_new_rules_run_end_to_end_with_feedback_equal_to_a_recomputation(name: s
     log = train(policy, _small_env(), 8, GRPOConfig(group_size=4), seed=0, on_step=records.append)
     assert policy.step == 8 and len(records) == 8
     assert np.all((log.temperature >= CANDS.min()) & (log.temperature <= CANDS.max()))
-    how = getattr(rule, "likelihood_normalization", "mean")
+    how = policy.spec.loglik
     assert how == ("sum" if name in ("counterfactual", "counterfactual-informative",
                                      "tampo-sum") else "mean")  # fmt: skip
     for record in records:
@@ -282,36 +316,34 @@ def test_summed_loglik_is_the_mean_times_the_answer_length() -> None:
         learner = TabularGRPO(_small_env(), GRPOConfig(group_size=4))
         batch = learner.rollout(1.0, np.random.default_rng(3))
         adv = group_advantages(batch.rewards, 4)
-        fb = learner.feedback(("loglik", "rewards", "group_size"), batch, adv, CANDS,
-                              likelihood_normalization=how)  # fmt: skip
-        runs[how] = fb["loglik"]
+        spec = FeedbackSpec(("loglik", "rewards", "group_size"), loglik=how)
+        fb = learner.feedback(spec, batch, adv, CANDS)
+        runs[how] = fb.loglik
     np.testing.assert_allclose(runs["sum"], runs["mean"] * 3, rtol=1e-12)  # length L = 3
 
 
-def test_feedback_rejects_an_unknown_likelihood_normalization() -> None:
-    learner = TabularGRPO(_small_env())
-    batch = learner.rollout(1.0, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
-        learner.feedback(("loglik",), batch, np.zeros(batch.tokens.shape[0]), CANDS,
-                         likelihood_normalization="median")  # fmt: skip
+def test_an_unknown_loglik_reduction_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"loglik must be one of \['mean', 'sum'\]"):
+        FeedbackSpec(("loglik",), loglik="median")  # type: ignore[arg-type]
 
 
-def test_train_refuses_a_rule_asking_for_an_unknown_normalization_before_select() -> None:
+def test_train_refuses_a_rule_asking_for_an_unknown_loglik_reduction_before_select() -> None:
     from dataclasses import dataclass
-    from typing import ClassVar
 
     @dataclass(frozen=True)
     class MedianFixed(metactl.Fixed):
-        likelihood_normalization: ClassVar[str] = "median"
+        @property
+        def loglik_reduction(self) -> str:
+            return "median"
 
     policy = metactl.MetaPolicy(CANDS, MedianFixed(1.0))
     state = policy.state_dict()
-    with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
+    with pytest.raises(ValueError, match=r"loglik must be one of \['mean', 'sum'\]"):
         train(policy, _small_env(), 2)
     assert policy.state_dict() == state
 
 
-# ------------------------------------------------------- per-task temperatures (issue 10)
+# ---------------------------------------------------------------------- per-task temperatures
 PER_PROMPT = ("ptgs", "tampo-per-prompt", "linear-thompson")
 
 
@@ -365,9 +397,9 @@ def test_gym_uniform_per_row_temperature_is_the_global_path_bit_for_bit() -> Non
     ("temperature", "error", "match"),
     [
         (np.ones(3), ValueError, r"one per row, shape \(16,\)"),
-        (np.full(16, np.nan), ValueError, "finite values > 0"),
-        (np.zeros(16), ValueError, "finite values > 0"),
-        (-1.0, ValueError, "finite and > 0"),
+        (np.full(16, np.nan), ValueError, r"temperature\[0\] must be finite"),
+        (np.zeros(16), ValueError, r"temperature\[0\] must be .*> 0"),
+        (-1.0, ValueError, "temperature must be .*> 0"),
         ("hot", TypeError, "temperature must be a float"),
     ],
 )
@@ -384,7 +416,7 @@ def test_gym_rollout_rejects_bad_temperatures(temperature, error, match) -> None
 def test_gym_per_prompt_arms_run_end_to_end_keyed_by_task(name: str) -> None:
     assert name in CONTROLLERS
     policy = make_controller(name, StudyConfig(steps=4), seed=0)
-    assert policy.contextual
+    assert policy.spec.per_context
     seen = []
     log = train(policy, _mixed_env(), steps=4, config=GRPOConfig(group_size=4), seed=1,
                 on_step=seen.append)

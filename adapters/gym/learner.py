@@ -31,12 +31,13 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from metactl.feedback import Feedback, FeedbackSpec, build_feedback
 from metactl.knobs import check_knob
 
 from .env import TokenSearchEnv
@@ -175,15 +176,16 @@ def _divisor(temperature: float | np.ndarray, ndim: int) -> float | np.ndarray:
 
 
 def _check_temperature(temperature: Any, n: int) -> float | np.ndarray:
-    """A float > 0, or a finite ``(n,)`` array of temperatures > 0 (one per row)."""
+    """A temperature (a float), or one per row (an ``(n,)`` array), each value checked by
+    :func:`metactl.knobs.check_knob`."""
     if isinstance(temperature, (list, tuple, np.ndarray)):
         temps = np.asarray(temperature, dtype=np.float64)
         if temps.shape != (n,):
             raise ValueError(
                 f"temperature must be a float or one per row, shape ({n},), got {temps.shape}"
             )
-        if not np.all(np.isfinite(temps)) or np.any(temps <= 0):
-            raise ValueError("temperature must hold finite values > 0 (one per row)")
+        for i, value in enumerate(temps.tolist()):
+            check_knob("temperature", value, f"temperature[{i}]")
         return temps
     if isinstance(temperature, bool) or not isinstance(
         temperature, (int, float, np.integer, np.floating)
@@ -191,10 +193,7 @@ def _check_temperature(temperature: Any, n: int) -> float | np.ndarray:
         raise TypeError(
             f"temperature must be a float or an array, got {type(temperature).__name__}"
         )
-    value = float(temperature)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {value}")
-    return value
+    return float(check_knob("temperature", temperature, "temperature"))
 
 
 class TabularGRPO:
@@ -384,82 +383,83 @@ class TabularGRPO:
     # ------------------------------------------------------------------ meta feedback
     def feedback(
         self,
-        requires: Sequence[str],
+        spec: FeedbackSpec,
         batch: Rollout,
         advantages: np.ndarray,
         candidates: Any,
         *,
         family: str = "temperature",
         fixed: Mapping[str, Any] | None = None,
-        likelihood_normalization: str = "mean",
-    ) -> dict[str, Any]:
-        """The feedback a meta-policy asks for (``requires``), from the rollout's own logits.
+    ) -> Feedback:
+        """The feedback a meta-policy asks for (``spec``: ``policy.spec``), from the rollout's own
+        logits, built by :func:`metactl.build_feedback` (only what ``spec.feedback`` names is
+        computed).
 
         ``loglik``: ``(N, K)`` log-likelihood of every answer under every candidate
         (``metactl.likelihood.candidate_loglik(..., candidates, family, **fixed)``, in HF's
         order with the config's ``truncation_epsilon``: ``candidates`` and ``family`` are the
         policy's, ``fixed`` the knobs it does not set at the values that sampled the batch, as
-        :func:`train` passes them; every position counts, as all answers have length L):
-        length-normalised when ``likelihood_normalization="mean"`` (TAMPO's paper
-        form), the sum over the answer's L tokens when ``"sum"`` (the probability of the whole
-        answer, e.g. for :class:`metactl.Counterfactual`'s importance weights); pass the rule's
-        own ``likelihood_normalization`` attribute (:func:`train` does). ``advantages``: the GRPO
+        :func:`train` passes them; every position counts, as all answers have length L), per
+        token as ``candidate_loglik`` gives it, and summed over the answer's L tokens when
+        ``spec.loglik`` is ``"sum"`` (the probability of the whole answer, e.g. for
+        :class:`metactl.Counterfactual`'s importance weights). ``advantages``: the GRPO
         advantages. ``reward``: the batch's mean reward. ``rewards``: ``(N,)`` one reward per
         answer, rows in the order of ``loglik``. ``group_size``: answers per task (the groups
         are consecutive rows). ``entropy``: mean token entropy (nats), every row at the
-        temperature that sampled it. ``vocab_size``: V.
-        """
-        if likelihood_normalization not in ("mean", "sum"):
-            raise ValueError(
-                "likelihood_normalization must be 'mean' or 'sum', got "
-                f"{likelihood_normalization!r}"
-            )
-        out: dict[str, Any] = {}
-        for name in requires:
-            if name == "loglik":
-                from metactl.likelihood import candidate_loglik
+        setting that sampled it. ``vocab_size``: V.
 
-                mask = np.ones(batch.tokens.shape, dtype=bool)
-                loglik = np.asarray(
-                    candidate_loglik(
-                        batch.logits,
-                        batch.tokens,
-                        mask,
-                        candidates,
-                        family,
-                        order="hf",
-                        epsilon=self.config.truncation_epsilon,
-                        **dict(fixed or {}),
-                    )
+        Raises:
+            TypeError: ``spec`` is not a :class:`metactl.FeedbackSpec`.
+        """
+        if not isinstance(spec, FeedbackSpec):
+            raise TypeError(
+                f"spec must be a metactl.FeedbackSpec (policy.spec), got {type(spec).__name__}"
+            )
+        needs = set(spec.feedback)
+        loglik = None
+        if "loglik" in needs:
+            from metactl.likelihood import candidate_loglik
+
+            mask = np.ones(batch.tokens.shape, dtype=bool)
+            loglik = np.asarray(
+                candidate_loglik(
+                    batch.logits,
+                    batch.tokens,
+                    mask,
+                    candidates,
+                    family,
+                    order="hf",
+                    epsilon=self.config.truncation_epsilon,
+                    **dict(fixed or {}),
                 )
-                if likelihood_normalization == "sum":
-                    loglik = loglik * mask.sum(axis=1)[:, None]  # the mean times the length
-                out["loglik"] = loglik
-            elif name == "advantages":
-                out["advantages"] = np.asarray(advantages, dtype=np.float64)
-            elif name == "reward":
-                out["reward"] = float(batch.rewards.mean())
-            elif name == "rewards":
-                out["rewards"] = np.array(batch.rewards, dtype=np.float64)  # a copy: rules keep it
-            elif name == "group_size":
-                out["group_size"] = self.config.group_size
-            elif name == "entropy":
-                out["entropy"] = self.entropy(batch)
-            elif name == "vocab_size":
-                out["vocab_size"] = self.vocab_size
-            else:
-                raise ValueError(f"the gym learner cannot provide feedback {name!r}")
-        return out
+            )
+        entropy = self._token_entropies(batch) if "entropy" in needs else None
+        return build_feedback(
+            spec,
+            loglik_mean=loglik,
+            token_counts=np.full(batch.tokens.shape[0], batch.tokens.shape[1]),
+            advantages=np.asarray(advantages, dtype=np.float64),
+            rewards=batch.rewards,
+            reward=float(batch.rewards.mean()),
+            entropy_sum=None if entropy is None else float(entropy.sum()),
+            entropy_tokens=None if entropy is None else entropy.size,
+            vocab_size=self.vocab_size,
+            group_size=self.config.group_size,
+        )
 
     def entropy(self, batch: Rollout) -> float:
         """Mean token entropy (nats) of ``batch``'s sampling distributions (each row at the
         setting that sampled it)."""
+        return float(self._token_entropies(batch).mean())
+
+    def _token_entropies(self, batch: Rollout) -> np.ndarray:
+        """The entropy (nats) of the sampling distribution at every position of ``batch``."""
         if batch.truncation is None:
             logp = log_softmax(batch.logits / _divisor(batch.temperature, 3))
-            return float(-(np.exp(logp) * logp).sum(axis=-1).mean())
+            return -(np.exp(logp) * logp).sum(axis=-1)
         log_q = self._family_terms(batch.logits, batch, batch.temperature).log_q
         q = np.exp(log_q)
-        return float(-np.where(q > 0.0, q * log_q, 0.0).sum(axis=-1).mean())
+        return -np.where(q > 0.0, q * log_q, 0.0).sum(axis=-1)
 
     # ------------------------------------------------------------------ evaluation
     def success_by_task(self, temperature: float | None = None) -> np.ndarray:

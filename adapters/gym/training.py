@@ -1,13 +1,19 @@
 """The training loop of the gym learner: :func:`train` runs a :class:`~.learner.TabularGRPO`
 on ``TokenSearch`` with a meta-policy choosing the sampler setting of every step.
 
+What ``meta`` needs is read from ``meta.spec`` (:class:`metactl.FeedbackSpec`) and checked
+against what the learner gives (:data:`TRAINER_SUPPORT`, :func:`metactl.check_trainer`) before
+anything is drawn.
+
 One training step, cleanrl style:
 
 1. ``d = meta.select()``; ``d.setting``: the sampler setting of this step (``{"temperature": T}``,
    ``{"top_p": 0.9}``, ``{"temperature": 0.8, "top_p": 0.95}``, ...). With a per-prompt policy
-   (``meta.contextual``: :class:`metactl.PTGS`, :class:`metactl.ContextualTAMPO`,
-   :class:`metactl.LinearThompson`), ``d = meta.select(contexts=task_ids)`` instead: one
-   decision per task (the key is the task id), task ``i``'s rows at ``d.settings[i]``.
+   (``meta.spec.per_context``: :class:`metactl.PTGS`, :class:`metactl.ContextualTAMPO`,
+   :class:`metactl.LinearThompson` with ``feature_dim=0``),
+   ``d = meta.select(contexts=task_ids)`` instead: one decision per task (the key is the task
+   id). Either way :func:`metactl.group_settings` gives one setting per task, task ``i``'s rows
+   sampled at the ``i``-th.
 2. Roll out ``group_size`` answers for every task at its setting (vectorised sampling of the
    same dynamics as ``env.step``; rewards come from ``env.score``, the env's single definition).
 3. GRPO advantages per task group: ``A = (r - mean) / (std + eps)``.
@@ -17,19 +23,20 @@ One training step, cleanrl style:
 5. Feedback for the meta-policy from the logits the rollout already has (no extra episodes):
    only what ``meta.requires`` asks for, among ``loglik`` (``metactl.likelihood.candidate_loglik``
    with ``meta.candidates`` and ``meta.family``, the fixed knobs at the learner's values;
-   length-normalised, or summed per answer when the rule's ``likelihood_normalization`` is
-   ``"sum"``), ``advantages``, ``reward`` (batch mean), ``rewards`` (one per answer),
+   length-normalised, or summed per answer when ``meta.spec.loglik`` is ``"sum"``),
+   ``advantages``, ``reward`` (batch mean), ``rewards`` (one per answer),
    ``group_size``, ``entropy`` (mean token entropy, each row at its own setting) and
    ``vocab_size``. The candidate likelihoods are over the candidate grid: they do not depend on
    the sampling setting. Rows are in decision order (task ``i`` owns rows
-   ``i G .. (i + 1) G - 1``), as :mod:`metactl.contexts` asks.
-6. ``meta.update(d, **feedback)``.
+   ``i G .. (i + 1) G - 1``), as :mod:`metactl.contexts` asks; built into a
+   :class:`metactl.Feedback` by :func:`metactl.build_feedback` (:meth:`TabularGRPO.feedback`).
+6. ``meta.update(d, feedback)``.
 
 The meta-policy may set any knob the learner's sampler applies (``temperature``, ``top_p``,
 ``top_k``, ``min_p``: one of them, or a joint grid, :func:`metactl.grid`); the knobs it does not
 set stay at the learner's fixed values (:class:`~.learner.GRPOConfig`), which also score its
-candidates (``candidate_loglik(..., meta.candidates, meta.family, **fixed)``). A policy over a
-knob the learner cannot set (``hyperparameter="generic"``: no knob) is refused before anything
+candidates (``candidate_loglik(..., meta.candidates, meta.family, **fixed)``). A policy that sets
+no knob (``hyperparameter="generic"``) or needs per-context features is refused before anything
 is drawn.
 
 Example
@@ -51,12 +58,37 @@ from typing import Any
 
 import numpy as np
 
+import metactl
+from metactl.decision import group_settings
 from metactl.diagnostics import signal_diagnostics, stack_diagnostics
+from metactl.feedback import FEEDBACK_NAMES, FeedbackSpec, TrainerSupport, check_trainer
+from metactl.rules import TAMPO, ContextualTAMPO, Hedge, MetaGradient, Rule
 
 from .learner import GRPOConfig, Rollout, TabularGRPO
 from .sampling import SAMPLER_KNOBS
 
-__all__ = ["StepRecord", "TrainLog", "group_advantages", "policy_knobs", "train"]
+__all__ = [
+    "TRAINER_SUPPORT",
+    "StepRecord",
+    "TrainLog",
+    "check_policy",
+    "group_advantages",
+    "signal_options",
+    "train",
+]
+
+#: What :func:`train` gives a rule (:class:`metactl.TrainerSupport`, checked by
+#: :func:`metactl.check_trainer`): every feedback (candidate log-likelihoods length-normalised or
+#: summed, advantages, rewards, the batch reward, the entropy at the sampling settings, the
+#: vocabulary size, the group size), every knob of its sampler, decisions per task over any of
+#: them (each row sampled at its own setting), and no context features.
+TRAINER_SUPPORT = TrainerSupport(
+    "the gym learner",
+    feedback=FEEDBACK_NAMES,
+    knobs=SAMPLER_KNOBS,
+    per_context=True,
+    features=False,
+)
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, eps: float = 1e-4) -> np.ndarray:
@@ -89,6 +121,8 @@ class StepRecord:
     batch: Rollout
     advantages: np.ndarray
     feedback: dict[str, Any]
+    """The feedback the policy got, by name (the fields of its :class:`metactl.Feedback`
+    that are set)."""
     info: Any
     learner: TabularGRPO
 
@@ -140,33 +174,40 @@ class TrainLog:
         return float(self.success[-1])
 
 
-def policy_knobs(meta: Any) -> tuple[str, ...]:
-    """The knobs ``meta`` sets (``meta.knobs``), refused unless the learner's sampler applies
-    every one of them.
+def check_policy(meta: Any) -> FeedbackSpec:
+    """``meta``'s trainer contract (``meta.spec``), refused unless the learner can feed and
+    sample it (:data:`TRAINER_SUPPORT`).
 
     Raises:
-        TypeError: ``meta`` names no knobs (not a ``metactl.MetaPolicy``).
-        ValueError: a policy that sets no knob (``"generic"``) or a knob outside
-            :data:`~.sampling.SAMPLER_KNOBS`.
+        TypeError: ``meta`` is not a ``metactl.MetaPolicy``.
+        ValueError: a policy that sets no knob (``"generic"``), or one that needs what the
+            learner does not give (:func:`metactl.check_trainer`: context features).
     """
-    knobs = getattr(meta, "knobs", None)
-    if not isinstance(knobs, tuple):
-        raise TypeError(
-            f"meta must be a metactl.MetaPolicy (it names the knobs it sets in meta.knobs), got "
-            f"{type(meta).__name__}"
-        )
-    if not knobs:
+    if not isinstance(meta, metactl.MetaPolicy):
+        raise TypeError(f"meta must be a metactl.MetaPolicy, got {type(meta).__name__}")
+    spec = meta.spec
+    if not spec.knobs:
         raise ValueError(
             "meta sets no sampler knob (hyperparameter='generic'): the gym learner samples "
             f"with a policy over {', '.join(SAMPLER_KNOBS)} or a joint grid of them"
         )
-    unknown = [knob for knob in knobs if knob not in SAMPLER_KNOBS]
-    if unknown:
-        raise ValueError(
-            f"meta sets {unknown}, which the gym learner cannot set: its sampler applies "
-            f"{list(SAMPLER_KNOBS)}"
-        )
-    return knobs
+    check_trainer(meta, TRAINER_SUPPORT)
+    return spec
+
+
+def signal_options(rule: Rule) -> dict[str, Any]:
+    """The keywords of :func:`metactl.diagnostics.signal_diagnostics` for ``rule``'s signal:
+    the normaliser of the likelihood rules that declare one (TAMPO, ContextualTAMPO, Hedge,
+    MetaGradient) and TAMPO's scale ``tau``; none (the defaults) for any other rule.
+
+    >>> signal_options(metactl.TAMPO(normalizer="softmax", tau=0.5))
+    {'normalizer': 'softmax', 'tau': 0.5}
+    """
+    if isinstance(rule, TAMPO):
+        return {"normalizer": rule.normalizer, "tau": rule.tau}
+    if isinstance(rule, (ContextualTAMPO, Hedge, MetaGradient)):
+        return {"normalizer": rule.normalizer}
+    return {}
 
 
 def train(
@@ -180,9 +221,9 @@ def train(
     """Train a :class:`TabularGRPO` on ``env`` for ``steps`` steps; ``meta`` picks the sampler
     setting (``decision.setting``) of every step.
 
-    A global ``meta`` picks one setting per step; a per-prompt one (``meta.contextual``) picks
-    one per task, keyed by the task id (``meta.select(contexts=[0, 1, ...])``), and its update
-    gets every row's feedback in task order.
+    A global ``meta`` picks one setting per step; a per-prompt one (``meta.spec.per_context``)
+    picks one per task, keyed by the task id (``meta.select(contexts=[0, 1, ...])``), and its
+    update gets every row's feedback in task order.
 
     Args:
         meta: a ``metactl.MetaPolicy`` (any rule or controller, global or per-prompt) over
@@ -199,7 +240,8 @@ def train(
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    knobs = policy_knobs(meta)  # before anything is drawn
+    spec = check_policy(meta)  # before anything is drawn
+    knobs = spec.knobs
     learner = TabularGRPO(env, config)
     group = learner.config.group_size
     defaults = learner.config.fixed_knobs()
@@ -218,71 +260,54 @@ def train(
     knob_log = {knob: np.empty(steps) for knob in SAMPLER_KNOBS}
     # a likelihood rule's signal diagnostics, from the (N, K) likelihoods it already receives
     # (over one knob's values: a joint grid's candidates have no single value to rank)
-    diagnose = {"loglik", "advantages"} <= set(meta.requires) and family != "joint"
+    diagnose = {"loglik", "advantages"} <= set(spec.feedback) and family != "joint"
+    options = signal_options(meta.rule)
     signal_records: list[dict[str, Any]] = []
     task_temperature = np.empty((steps, num_tasks))
-    contextual = bool(getattr(meta, "contextual", False))
-    # the task ids are the contexts; rows come in task order, G per task (decision order)
-    task_ids = list(range(num_tasks))
-    # what the rule expects in ``loglik``: TAMPO's paper form is length-normalised ("mean")
-    normalization = getattr(getattr(meta, "rule", None), "likelihood_normalization", "mean")
-    if normalization not in ("mean", "sum"):  # checked before the first select draws from meta
-        raise ValueError(
-            f"meta.rule.likelihood_normalization must be 'mean' or 'sum', got {normalization!r}"
-        )
+    # the task ids are the contexts of a per-prompt policy; rows come in task order, G per
+    # task (decision order)
+    task_ids = list(range(num_tasks)) if spec.per_context else None
     for step in range(steps):
         by_task[step] = learner.success_by_task()
         success[step] = by_task[step].mean()
         greedy[step] = learner.greedy_success_by_task().mean()
 
-        decision = meta.select(contexts=task_ids) if contextual else meta.select()
-        # every knob per task (for the log) and per row (for the sampler)
+        decision = meta.select(contexts=task_ids)
+        # every knob per task (for the log) and per row (for the sampler): one setting per task,
+        # whatever the policy; one decision for the batch gives the sampler each knob as one
+        # value (its fast path), per-task decisions give every row its task's value
+        settings = group_settings(decision, num_tasks)
         per_task: dict[str, np.ndarray] = {}
         rows: dict[str, Any] = {}
-        if contextual:
-            settings = decision.settings
-            for knob in knobs:
-                per_task[knob] = np.asarray([s[knob] for s in settings])
-                rows[knob] = np.repeat(per_task[knob], group)
-        else:
-            setting = decision.setting
-            for knob in knobs:
-                per_task[knob] = np.full(num_tasks, setting[knob])
-                rows[knob] = setting[knob]
+        for knob in knobs:
+            per_task[knob] = np.asarray([s[knob] for s in settings])
+            rows[knob] = np.repeat(per_task[knob], group) if spec.per_context else settings[0][knob]
         for knob, value in fixed.items():
             per_task[knob] = np.full(num_tasks, 0 if value is None else value)
             rows[knob] = value
-        if contextual and "temperature" in knobs:
-            rows["temperature"] = rows["temperature"].astype(np.float64)
         batch = learner.rollout(
             rows["temperature"], rng, top_p=rows["top_p"], top_k=rows["top_k"], min_p=rows["min_p"]
         )
         advantages = group_advantages(batch.rewards, group, learner.config.adv_eps)
         learner.update(batch, advantages)
         feedback = learner.feedback(
-            meta.requires,
-            batch,
-            advantages,
-            meta.candidates,
-            family=family,
-            fixed=fixed,
-            likelihood_normalization=normalization,
+            spec, batch, advantages, meta.candidates, family=family, fixed=fixed
         )
-        info = meta.update(decision, **feedback)
+        info = meta.update(decision, feedback)
         if diagnose:
             signal_records.append(
                 signal_diagnostics(
-                    feedback["loglik"],
-                    feedback["advantages"],
+                    feedback.loglik,
+                    feedback.advantages,
                     meta.candidates,
                     rows[family],  # the value of the policy's knob that sampled each row
                     group,
-                    normalizer=getattr(meta.rule, "normalizer", "sparsemax"),
-                    tau=getattr(meta.rule, "tau", 1.0),
+                    **options,
                 )
             )
         if on_step is not None:
-            on_step(StepRecord(step, decision, batch, advantages, feedback, info, learner))
+            given = {name: getattr(feedback, name) for name in feedback.given()}
+            on_step(StepRecord(step, decision, batch, advantages, given, info, learner))
 
         for knob in SAMPLER_KNOBS:
             # a global step logs its value itself (a mean of equal floats may round)
