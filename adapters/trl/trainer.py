@@ -44,7 +44,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -276,6 +276,7 @@ class MetaGRPOTrainer(GRPOSeam):
                 "likelihood='fast' or 'exact' with a per-prompt meta_policy"
             )
         self.meta_policy = policy
+        self._spec = spec  # fixed by the rule: read once
         self.likelihood = likelihood
         self.check_sync = check_sync
         self.loglik_window_bytes = loglik_window_bytes
@@ -294,14 +295,15 @@ class MetaGRPOTrainer(GRPOSeam):
 
     def _post_init_checks(self, per_context: bool) -> None:
         """The checks that need TRL's configuration; sets the evaluation setting and scoring."""
-        self.eval_temperature = float(check_knob("temperature", self.args.temperature,
+        config: Any = self.args  # a GRPOConfig
+        self.eval_temperature = float(check_knob("temperature", config.temperature,
                                                  "GRPOConfig.temperature"))  # fmt: skip
         settings = generation_settings(self)
         knobs = self.meta_policy.knobs
-        needs_likelihood = self.meta_policy.spec.needs_loglik
+        needs_likelihood = self._spec.needs_loglik
         check_generation_settings(
             settings,
-            generation_kwargs=self.args.generation_kwargs,
+            generation_kwargs=config.generation_kwargs,
             needs_likelihood=needs_likelihood,
             owned=knobs,
         )
@@ -352,6 +354,11 @@ class MetaGRPOTrainer(GRPOSeam):
     def _multi_process(self) -> bool:
         return self.accelerator.num_processes > 1
 
+    @property
+    def _group_size(self) -> int:
+        """Completions per prompt in a training batch (consecutive rows)."""
+        return int(self.num_generations)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ one generation batch
     def _meta_training_batch(
         self, inputs: list[dict[str, Any]], generate: Callable[[list[dict[str, Any]]], Any]
@@ -360,14 +367,15 @@ class MetaGRPOTrainer(GRPOSeam):
         decision = self._select(inputs)
         window = GenerationWindow.open(
             decision,
-            group_size=int(self.num_generations),  # type: ignore[arg-type]
+            per_prompt=self._spec.per_context,
+            group_size=self._group_size,
             first_row=self.accelerator.process_index * len(inputs),
             rows=len(inputs),
         )
         self.set_sampling(window.trl_setting)
-        if self.meta_policy.spec.needs_scoring:
+        if self._spec.needs_scoring:
             window.path = self._scoring_path()
-            window.capture = self._capture(window)
+            window.capture = self._capture(window.path, decision)
         self._window = window
         self.meta_seconds += time.perf_counter() - t0
         with window.generation():
@@ -385,14 +393,14 @@ class MetaGRPOTrainer(GRPOSeam):
         """The policy's decision for the batch: one for all rows, or one per prompt group (the
         groups of ``num_generations`` rows are contiguous in rank order and may span ranks)."""
         decision: metactl.Decision | metactl.DecisionBatch
-        if self.meta_policy.spec.per_context:
+        if self._spec.per_context:
             column = str(self.meta_context_column)
             keys = context_keys(inputs, column)
             if self._multi_process:
                 from accelerate.utils import gather_object
 
                 keys = list(gather_object(keys))
-            contexts = prompt_contexts(keys, int(self.num_generations), column)  # type: ignore[arg-type]
+            contexts = prompt_contexts(keys, self._group_size, column)
             decision = self.meta_policy.select(contexts=contexts)
         else:
             decision = self.meta_policy.select()
@@ -409,13 +417,16 @@ class MetaGRPOTrainer(GRPOSeam):
             return "fused" if self.likelihood == "fused" else "old"
         return "generate" if generates_with_model_generate(self) else "exact"
 
-    def _capture(self, window: GenerationWindow) -> HiddenCapture | FusedLogitsCapture | None:
-        if window.path in ("old", "generate"):
+    def _capture(
+        self, path: ScoringPath, decision: metactl.Decision | metactl.DecisionBatch
+    ) -> HiddenCapture | FusedLogitsCapture | None:
+        """What records the candidate likelihoods during TRL's own passes on ``path``."""
+        if path in ("old", "generate"):
             backbone = getattr(policy_target(self.model), self._heads[0].backbone_attr)
-            return HiddenCapture(backbone, "old" if window.path == "old" else "generate")
-        if window.path == "fused":
+            return HiddenCapture(backbone, "old" if path == "old" else "generate")
+        if path == "fused":
             return FusedLogitsCapture(
-                self.meta_scoring, entropy_temperature=self._entropy_temperature(window.decision)
+                self.meta_scoring, entropy_temperature=self._entropy_temperature(decision)
             )
         return None
 
@@ -423,7 +434,7 @@ class MetaGRPOTrainer(GRPOSeam):
         self, decision: metactl.Decision | metactl.DecisionBatch
     ) -> float | None:
         """The sampled temperature, when the rule needs the entropy there (global decisions)."""
-        if "entropy" not in self.meta_policy.spec.feedback:
+        if "entropy" not in self._spec.feedback:
             return None
         return float(decision.setting["temperature"])  # type: ignore[union-attr]
 
@@ -578,7 +589,7 @@ class MetaGRPOTrainer(GRPOSeam):
     ) -> ScoringPath | None:
         """Score the batch, build the feedback the rule needs (every rank's rows, in rank order)
         and update the policy; returns the scoring path used."""
-        spec = self.meta_policy.spec
+        spec = self._spec
         needs = set(spec.feedback)
         local: dict[str, np.ndarray] = {}
         path_used: ScoringPath | None = None
@@ -618,7 +629,7 @@ class MetaGRPOTrainer(GRPOSeam):
                 if "vocab_size" in needs
                 else None
             ),
-            group_size=int(self.num_generations) if "group_size" in needs else None,  # type: ignore[arg-type]
+            group_size=self._group_size if "group_size" in needs else None,
         )
         info = self.meta_policy.update(decision, feedback)
         self._record(decision, info, path_used)
@@ -635,16 +646,18 @@ class MetaGRPOTrainer(GRPOSeam):
             "policy_step": int(decision.step),
             "global_step": int(self.state.global_step),
         }
-        if isinstance(decision, metactl.DecisionBatch):
-            values = [float(v) for v in decision.values]
+        if self._spec.per_context:  # one temperature per prompt group
+            batch = cast(metactl.DecisionBatch, decision)
+            values = [float(v) for v in batch.values]
             entry["value"] = float(np.mean(values))
             log_metric(self, "train", "metactl/temperature", entry["value"])
             log_metric(self, "train", "metactl/temperature_min", min(values))
             log_metric(self, "train", "metactl/temperature_max", max(values))
-            entry["contexts"] = list(decision.contexts)
+            entry["contexts"] = list(batch.contexts or ())
             entry["values"] = values
-            entry["indices"] = [int(i) for i in decision.indices]
+            entry["indices"] = [int(i) for i in batch.indices]
         else:
+            decision = cast(metactl.Decision, decision)
             setting = decision.setting
             for knob, value in setting.items():
                 log_metric(self, "train", f"metactl/{knob}", float(value))

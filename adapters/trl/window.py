@@ -12,12 +12,12 @@ computed. The trainer opens one per training generation batch and keeps it until
 Example:
     >>> import metactl
     >>> policy = metactl.ptgs(seed=0)
-    >>> window = GenerationWindow.open(policy.select(contexts=[7, 8]), group_size=2,
-    ...                                first_row=0, rows=4)
+    >>> window = GenerationWindow.open(policy.select(contexts=[7, 8]), per_prompt=True,
+    ...                                group_size=2, first_row=0, rows=4)
     >>> window.setting is None, window.trl_setting, window.row_temperatures.shape
     (True, {'temperature': 1.0}, torch.Size([4]))
     >>> GenerationWindow.open(metactl.MetaPolicy([0.7, 1.0], metactl.Fixed(0.7)).select(),
-    ...                       group_size=2, first_row=0, rows=4).setting
+    ...                       per_prompt=False, group_size=2, first_row=0, rows=4).setting
     {'temperature': 0.7}
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,25 +80,28 @@ class GenerationWindow:
         cls,
         decision: metactl.Decision | metactl.DecisionBatch,
         *,
+        per_prompt: bool,
         group_size: int,
         first_row: int,
         rows: int,
     ) -> GenerationWindow:
-        """The window of ``decision``: a global decision sets one setting for every row; a
-        per-prompt one gives prompt group ``g`` (global rows ``g * group_size`` to
-        ``(g + 1) * group_size - 1``) its own temperature, of which this rank keeps rows
-        ``first_row`` to ``first_row + rows - 1``.
+        """The window of ``decision``: a global decision sets one setting for every row; the
+        decisions of a per-prompt policy (``per_prompt``) give prompt group ``g`` (global rows
+        ``g * group_size`` to ``(g + 1) * group_size - 1``) its own temperature, of which this
+        rank keeps rows ``first_row`` to ``first_row + rows - 1``.
 
         Raises:
             ValueError: the decisions do not cover this rank's rows.
         """
-        if not isinstance(decision, metactl.DecisionBatch):
-            return cls(decision=decision, setting=decision.setting, row_temperatures=None)
-        values = np.repeat(np.asarray(decision.values, dtype=np.float64), group_size)
+        if not per_prompt:
+            setting = cast(metactl.Decision, decision).setting
+            return cls(decision=decision, setting=setting, row_temperatures=None)
+        batch = cast(metactl.DecisionBatch, decision)
+        values = np.repeat(np.asarray(batch.values, dtype=np.float64), group_size)
         local = values[first_row : first_row + rows]
         if local.shape != (rows,):
             raise ValueError(
-                f"{len(decision)} prompt decisions of {group_size} rows cover {values.size} rows, "
+                f"{len(batch)} prompt decisions of {group_size} rows cover {values.size} rows, "
                 f"not rows {first_row} to {first_row + rows - 1}"
             )
         return cls(decision=decision, setting=None, row_temperatures=torch.tensor(local))
