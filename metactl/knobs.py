@@ -305,6 +305,27 @@ class Setting:
             names = _check_knob_names(knobs, "knobs")
         return _label([(k, getattr(self, k)) for k in names])
 
+    def at_temperature(self, temperature: Any) -> Setting | SettingRows:
+        """This setting at ``temperature``: one number (a :class:`Setting`), or one per row (a
+        1-D sequence, array or tensor: a :class:`SettingRows`), e.g. a per-prompt policy's.
+
+        Example:
+            >>> Setting(top_p=0.9).at_temperature(0.7).label()
+            'temperature=0.7,top_p=0.9'
+            >>> Setting(top_p=0.9).at_temperature([0.7, 1.2]).temperature.tolist()
+            [0.7, 1.2]
+        """
+        if isinstance(temperature, (list, tuple, np.ndarray)) or _is_tensor(temperature):
+            shape = tuple(temperature.shape) if hasattr(temperature, "shape") else np.shape(
+                temperature
+            )
+            if len(shape) == 1:
+                return self.rows(shape[0], temperature=temperature)
+            if shape:
+                raise ValueError(f"temperature must be a number or 1-D (one per row), got "
+                                 f"shape {shape}")  # fmt: skip
+        return self.with_values({"temperature": temperature})
+
     def rows(self, n: int, **values: Any) -> SettingRows:
         """This setting for each of ``n`` rows, with the knobs in ``values`` given per row: a
         number for every row, or ``n`` of them (a sequence, an array or a tensor), each checked

@@ -83,11 +83,8 @@ def setting_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     (N, C, V); ``log_softmax(logits / T)`` exactly with no truncation on."""
     if not isinstance(truncation, Setting):
         raise TypeError(f"truncation must be a knobs.Truncation, got {truncation!r}")
-    if isinstance(temperature, torch.Tensor):
-        setting: Any = truncation.rows(logits.shape[0], temperature=temperature)
-    else:
-        setting = truncation.with_values({"temperature": temperature})
-    return log_probs(logits, setting, tokens, epsilon=SMOOTHING_EPS if eps is None else eps)
+    return log_probs(logits, truncation.at_temperature(temperature), tokens,
+                     epsilon=SMOOTHING_EPS if eps is None else eps)
 
 
 def check_policy_knobs(policy: Any) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metactl.knobs import Setting, SettingRows, check_knob, truncated_probs
+from metactl.knobs import Setting, check_knob, truncated_probs
 
 Temperature = float | torch.Tensor
 """A float for every row, or a (N,) tensor: row ``i`` at ``T[i]``."""
@@ -153,11 +153,7 @@ def sample(
                          "sampling distribution to truncate)")
     cut = cut.with_values({"top_p": top_p}) if top_p != 1.0 else cut
     # the distribution every step draws from (unless greedy): the setting at the temperature
-    dist: Setting | SettingRows | None = None
-    if per_row:
-        dist = cut.rows(n, temperature=temperature)
-    elif temperature != 0:
-        dist = cut.with_values({"temperature": temperature})
+    dist = None if not per_row and temperature == 0 else cut.at_temperature(temperature)
     device = prompt_ids.device
     cache_name = _cache_kwarg(model)
     attn = prompt_mask.long()

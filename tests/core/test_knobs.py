@@ -195,6 +195,11 @@ def test_a_setting_reads_writes_and_labels_its_knobs() -> None:
     g = grid(temperature=[0.7, 1.0], top_p=[0.9, 1.0], top_k=[5, 50])
     assert [Setting().with_values(c).label(g.knobs) for c in g] == g.labels()
     assert Setting(top_k=None).label(("top_k",)) == "top_k=off"
+    assert base.at_temperature(1.1) == Setting(1.1, top_p=0.9)
+    rows = base.at_temperature(np.array([0.5, 2.0]))
+    assert isinstance(rows, SettingRows) and rows[1] == Setting(2.0, top_p=0.9)
+    with pytest.raises(ValueError, match="1-D"):
+        base.at_temperature(np.ones((2, 2)))
 
 
 @pytest.mark.parametrize(
