@@ -12,20 +12,8 @@ import numpy as np
 
 from .._validation import finite_scalar, integer, positive_scalar, unit_interval
 from ..sparsemax import softmax
-from .base import (
-    Batch,
-    ContextRows,
-    Contexts,
-    Draw,
-    Feedback,
-    Rule,
-    RuleState,
-    check_counts,
-    check_max_is_zero,
-    one_hot,
-    one_value,
-    state_field,
-)
+from . import base
+from .base import Draw, Rule, check_counts, check_max_is_zero, one_hot, one_value, state_field
 
 __all__ = ["EXP3", "UCB1", "ThompsonGaussian"]
 
@@ -46,7 +34,7 @@ def _check_range(low: float, high: float) -> None:
         raise ValueError(f"reward_max must be > reward_min, got [{low}, {high}]")
 
 
-def _check_untried_are_zero(state: RuleState, counts: np.ndarray, key: str) -> None:
+def _check_untried_are_zero(state: base.RuleState, counts: np.ndarray, key: str) -> None:
     """A candidate never chosen has received no reward: its entry of ``state[key]`` is 0."""
     untried = counts == 0
     if np.any(np.asarray(state[key])[untried] != 0.0):
@@ -87,19 +75,19 @@ class EXP3(Rule):
         object.__setattr__(self, "gamma", unit_interval(self.gamma, "gamma", low_open=True))
         _check_range(self.reward_min, self.reward_max)
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"log_weights": np.zeros(candidates.shape[0])}
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         k = ctx.candidates.shape[0]
         return ((1.0 - self.gamma) * softmax(state["log_weights"]) + self.gamma / k)[None, :]
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         check_max_is_zero(state, "log_weights")
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         reward = _require_in_range(feedback["reward"], self.reward_min, self.reward_max)
         k = ctx.candidates.shape[0]
         log_weights = state["log_weights"].copy()
@@ -129,14 +117,14 @@ class UCB1(Rule):
         value = positive_scalar(self.exploration, "exploration", allow_zero=True)
         object.__setattr__(self, "exploration", value)
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         k = candidates.shape[0]
         return {"counts": np.zeros(k), "means": np.zeros(k)}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         _check_untried_are_zero(state, check_counts(state, "counts", step), "means")
 
-    def _next(self, state: RuleState) -> int:
+    def _next(self, state: base.RuleState) -> int:
         counts, means = state["counts"], state["means"]
         untried = np.flatnonzero(counts == 0)
         if untried.size:
@@ -144,16 +132,16 @@ class UCB1(Rule):
         bonus = self.exploration * np.sqrt(2.0 * np.log(counts.sum()) / counts)
         return int(np.argmax(means + bonus))
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], self._next(state))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         index = self._next(state)
         return one_value(ctx, float(ctx.candidates[index]), index)
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         counts, means = state["counts"].copy(), state["means"].copy()
         i = batch.index
         counts[i] += 1.0
@@ -199,34 +187,34 @@ class ThompsonGaussian(Rule):
             if not (variance > 0 and math.isfinite(variance) and math.isfinite(1.0 / variance)):
                 raise ValueError(f"{name}**2 must be a finite positive float64, got {name}={std}")
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         k = candidates.shape[0]
         return {"counts": np.zeros(k), "sums": np.zeros(k)}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         _check_untried_are_zero(state, check_counts(state, "counts", step), "sums")
 
-    def posterior(self, state: RuleState) -> tuple[np.ndarray, np.ndarray]:
+    def posterior(self, state: base.RuleState) -> tuple[np.ndarray, np.ndarray]:
         """Posterior means and standard deviations of every candidate's mean reward."""
         precision = 1.0 / self.prior_std**2 + state["counts"] / self.noise_std**2
         mean = (self.prior_mean / self.prior_std**2 + state["sums"] / self.noise_std**2) / precision
         return mean, 1.0 / np.sqrt(precision)
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         mean, std = self.posterior(state)
         draws = np.random.default_rng(ctx.step).standard_normal((self.mc_samples, mean.shape[0]))
         best = np.argmax(mean + std * draws, axis=1)
         return (np.bincount(best, minlength=mean.shape[0]) / self.mc_samples)[None, :]
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         mean, std = self.posterior(state)
         index = int(np.argmax(mean + std * rng.standard_normal(mean.shape[0])))
         draw = one_value(ctx, float(ctx.candidates[index]), index)
         return Draw(draw.values, draw.indices, self.probs(state, ctx)[:, index], draw.on_grid)
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         counts, sums = state["counts"].copy(), state["sums"].copy()
         counts[batch.index] += 1.0
         sums[batch.index] += feedback["reward"]

@@ -228,8 +228,9 @@ class Rule:
 
     def global_probs(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         """The global policy's distribution, shape (K,)."""
-        ctx = Contexts(candidates, step, self.default_selector(), 1, self.global_rows(
-            state, candidates))
+        ctx = Contexts(
+            candidates, step, self.default_selector(), 1, self.global_rows(state, candidates)
+        )
         return self.probs(state, ctx)[0]
 
     def validate_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:

@@ -27,15 +27,8 @@ import numpy as np
 from .._validation import finite_scalar, integer, one_of, unit_interval
 from ..selectors import Nucleus, Selector
 from ..sparsemax import softmax, sparsemax
-from .base import (
-    DEFAULT_MAX_CONTEXTS,
-    Batch,
-    ContextRows,
-    Contexts,
-    Feedback,
-    Rule,
-    RuleState,
-)
+from . import base
+from .base import DEFAULT_MAX_CONTEXTS, Rule
 from .tampo import _RELATIVE_SPREAD_FLOOR, NORMALIZERS, candidate_advantages
 
 __all__ = ["ContextualTAMPO", "minmax_rows"]
@@ -58,7 +51,7 @@ def minmax_rows(ema: np.ndarray) -> np.ndarray:
     return probs
 
 
-def _group_means(weighted: np.ndarray, groups: Batch) -> np.ndarray:
+def _group_means(weighted: np.ndarray, groups: base.Batch) -> np.ndarray:
     """Mean over each distinct context's rows of ``weighted`` (N, K): (m, K)."""
     per_decision = groups.per_decision(weighted).mean(axis=1)  # (n, K)
     if groups.m == groups.n:
@@ -77,7 +70,7 @@ class ContextualTAMPO(Rule):
             0 uses each seen context's own EMA alone.
         max_contexts: the most contexts stored (least recently updated evicted beyond).
 
-    Feedback: ``loglik`` (N, K) and ``advantages`` (N,), G rows per decision. The policy's
+    base.Feedback: ``loglik`` (N, K) and ``advantages`` (N,), G rows per decision. The policy's
     selector (default ``Nucleus(0.7)``; ``Sample`` and ``Greedy`` also work) picks each
     context's candidate from its probabilities, one uniform draw per context in order.
 
@@ -116,16 +109,16 @@ class ContextualTAMPO(Rule):
     def row_fields(self, candidates: np.ndarray) -> dict[str, int]:
         return {"ema": candidates.shape[0], "updates": 0}
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"ema": np.zeros(candidates.shape[0])}
 
-    def prior_rows(self, state: RuleState, candidates: np.ndarray, m: int) -> ContextRows:
+    def prior_rows(self, state: base.RuleState, candidates: np.ndarray, m: int) -> base.ContextRows:
         return {"ema": np.tile(state["ema"], (m, 1)), "updates": np.zeros(m)}
 
-    def global_rows(self, state: RuleState, candidates: np.ndarray) -> ContextRows:
+    def global_rows(self, state: base.RuleState, candidates: np.ndarray) -> base.ContextRows:
         return self.prior_rows(state, candidates, 1)
 
-    def check_rows(self, rows: ContextRows, candidates: np.ndarray, step: int) -> None:
+    def check_rows(self, rows: base.ContextRows, candidates: np.ndarray, step: int) -> None:
         updates = rows["updates"]
         if np.any(updates < 1) or np.any(updates != np.floor(updates)) or np.any(updates > step):
             raise ValueError(
@@ -133,19 +126,19 @@ class ContextualTAMPO(Rule):
                 "a stored context was updated at least once, at most once per step"
             )
 
-    def shrunk(self, state: RuleState, rows: ContextRows) -> np.ndarray:
+    def shrunk(self, state: base.RuleState, rows: base.ContextRows) -> np.ndarray:
         """``Abar_global + w_x (Abar_x - Abar_global)`` per context, (n, K)."""
         n_x = rows["updates"]
         total = n_x + self.prior_weight
         weight = np.divide(n_x, total, out=np.zeros_like(n_x), where=total > 0)
         return state["ema"] + weight[:, None] * (rows["ema"] - state["ema"])
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return minmax_rows(self.shrunk(state, ctx.rows))
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, np.ndarray]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         rows, groups = ctx.rows, batch
         loglik, advantages = feedback["loglik"], feedback["advantages"]
         normalize = sparsemax if self.normalizer == "sparsemax" else softmax

@@ -12,18 +12,8 @@ import numpy as np
 
 from .._validation import finite_scalar, integer, one_of, positive_scalar
 from ..selectors import Greedy, Selector
-from .base import (
-    Batch,
-    ContextRows,
-    Contexts,
-    Draw,
-    Feedback,
-    Rule,
-    RuleState,
-    one_hot,
-    one_value,
-    state_field,
-)
+from . import base
+from .base import Draw, Rule, one_hot, one_value, state_field
 
 __all__ = ["EntropyTarget", "Fixed", "Schedule"]
 
@@ -63,19 +53,19 @@ class Fixed(Rule):
                 f"value={self.value} is not one of the candidates {candidates.tolist()}"
             )
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {}
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.value))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         index = _nearest(ctx.candidates, self.value)
         return one_value(ctx, float(ctx.candidates[index]), index)
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         return {}, {}, None
 
 
@@ -125,18 +115,18 @@ class Schedule(Rule):
             fraction = (1.0 - math.cos(math.pi * fraction)) / 2.0
         return self.start + (self.end - self.start) * fraction
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {}
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.at(ctx.step)))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         return one_value(ctx, self.at(ctx.step))
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         return {}, {}, None
 
 
@@ -148,7 +138,7 @@ class EntropyTarget(Rule):
     ``H`` is the mean token entropy (nats) of the batch sampled at the current ``T`` and ``V``
     the vocabulary size. The temperature is continuous and is kept inside
     ``[min(candidates), max(candidates)]`` (a documented bound of the controller, reported by
-    ``probs`` as the nearest candidate). Feedback: ``entropy`` (> 0) and ``vocab_size`` (>= 3,
+    ``probs`` as the nearest candidate). base.Feedback: ``entropy`` (> 0) and ``vocab_size`` (>= 3,
     so that ``ln ln V > 0``).
 
     Args:
@@ -181,10 +171,10 @@ class EntropyTarget(Rule):
     def validate_candidates(self, candidates: np.ndarray) -> None:
         _within_grid(self.initial, candidates, "initial")
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"value": self.initial}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         # the controller's documented bound: a positive temperature inside the candidate range
         value = float(state["value"])
         low, high = float(candidates.min()), float(candidates.max())
@@ -194,15 +184,15 @@ class EntropyTarget(Rule):
                 f"[{low}, {high}], got {value}"
             )
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, state["value"]))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         return one_value(ctx, float(state["value"]))
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         candidates = ctx.candidates
         entropy, vocab = feedback["entropy"], feedback["vocab_size"]
         if entropy <= 0:

@@ -19,18 +19,8 @@ import numpy as np
 
 from .._validation import finite_scalar, one_of, unit_interval
 from ..selectors import Greedy, Selector
-from .base import (
-    Batch,
-    ContextRows,
-    Contexts,
-    Draw,
-    Feedback,
-    Rule,
-    RuleState,
-    one_hot,
-    one_value,
-    state_field,
-)
+from . import base
+from .base import Draw, Rule, one_hot, one_value, state_field
 
 __all__ = ["OBJECTIVES", "Counterfactual", "counterfactual_scores"]
 
@@ -161,7 +151,7 @@ class Counterfactual(Rule):
             0/1 rewards).
         initial: the starting temperature; the nearest candidate is used first.
 
-    Feedback: ``loglik`` (N, K) **summed** log-likelihoods of each whole completion under every
+    base.Feedback: ``loglik`` (N, K) **summed** log-likelihoods of each whole completion under every
     candidate (``likelihood_normalization == "sum"``: the length-normalised values of
     :func:`metactl.likelihood.candidate_loglik` times each completion's token count), ``rewards``
     (N,) one per completion, and ``group_size`` (completions per prompt, >= 2; groups are
@@ -208,11 +198,11 @@ class Counterfactual(Rule):
                 f"initial={self.initial} lies outside the candidate range [{low}, {high}]"
             )
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         start = int(np.argmin(np.abs(candidates - self.initial)))
         return {"score": np.zeros(candidates.shape[0]), "current": float(start)}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         score = np.asarray(state["score"], dtype=np.float64)
         if np.any(score < 0):
             raise ValueError(
@@ -237,16 +227,16 @@ class Counterfactual(Rule):
                 f"{state_field('score')} = {score.tolist()}: the rule always moves to one"
             )
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], int(state["current"]))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         index = int(state["current"])
         return one_value(ctx, float(ctx.candidates[index]), index)
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, np.ndarray]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         scores, _ = counterfactual_scores(
             feedback["loglik"],
             feedback["rewards"],

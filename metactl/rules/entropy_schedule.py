@@ -11,7 +11,8 @@ import numpy as np
 
 from .._validation import integer, one_of, positive_scalar
 from ..selectors import Greedy, Selector
-from .base import Batch, ContextRows, Contexts, Draw, Feedback, Rule, RuleState
+from . import base
+from .base import Draw, Rule
 from .controllers import EntropyTarget, Schedule
 
 __all__ = ["EntropySchedule"]
@@ -38,7 +39,7 @@ class EntropySchedule(Rule):
         initial: the temperature of the first step (inside the candidate range).
         kind: ``"linear"`` (default) or ``"cosine"``.
 
-    Feedback: ``entropy`` (mean token entropy of the batch, nats, > 0) and ``vocab_size``
+    base.Feedback: ``entropy`` (mean token entropy of the batch, nats, > 0) and ``vocab_size``
     (>= 3), as for :class:`EntropyTarget`.
 
     Example:
@@ -85,19 +86,19 @@ class EntropySchedule(Rule):
     def validate_candidates(self, candidates: np.ndarray) -> None:
         self._controller(0).validate_candidates(candidates)
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return self._controller(0).init_state(candidates)
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         self._controller(step).check_state(state, candidates, step)
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return self._controller(ctx.step).probs(state, ctx)
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         return self._controller(ctx.step).select(state, ctx, rng)
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         return self._controller(ctx.step).update(state, ctx, batch, feedback)

@@ -16,7 +16,8 @@ import numpy as np
 
 from .._validation import one_of, positive_scalar, unit_interval
 from ..sparsemax import softmax
-from .base import Batch, ContextRows, Contexts, Feedback, Rule, RuleState, check_max_is_zero
+from . import base
+from .base import Rule, check_max_is_zero
 from .tampo import NORMALIZERS, candidate_advantages
 
 __all__ = ["Hedge", "MetaGradient"]
@@ -50,18 +51,18 @@ class Hedge(Rule):
         object.__setattr__(self, "step_size", positive_scalar(self.step_size, "step_size"))
         one_of(self.normalizer, "normalizer", NORMALIZERS)
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"logits": np.zeros(candidates.shape[0])}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         check_max_is_zero(state, "logits")
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return softmax(state["logits"])[None, :]
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, np.ndarray]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         signal = candidate_advantages(feedback["loglik"], feedback["advantages"], self.normalizer)
         logits = state["logits"] + self.step_size * signal
         return {"logits": logits - logits.max()}, {}, signal  # shift: same softmax, bounded
@@ -109,18 +110,18 @@ class MetaGradient(Rule):
         object.__setattr__(self, "baseline_decay", decay)
         one_of(self.normalizer, "normalizer", NORMALIZERS)
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"logits": np.zeros(candidates.shape[0]), "baseline": 0.0}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         check_max_is_zero(state, "logits")
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return softmax(state["logits"])[None, :]
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, np.ndarray]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         signal = candidate_advantages(feedback["loglik"], feedback["advantages"], self.normalizer)
         pi = softmax(state["logits"])
         baseline = float(state["baseline"])

@@ -28,17 +28,8 @@ from scipy.special import log_ndtr
 
 from .._validation import integer, positive_scalar, unit_interval
 from ..selectors import Greedy, Selector
-from .base import (
-    DEFAULT_MAX_CONTEXTS,
-    Batch,
-    ContextRows,
-    Contexts,
-    Draw,
-    Feedback,
-    Rule,
-    RuleState,
-    state_field,
-)
+from . import base
+from .base import DEFAULT_MAX_CONTEXTS, Draw, Rule, state_field
 from .ptgs import PassCountRows, check_pass_counts, check_unit_rewards
 
 __all__ = ["LinearThompson"]
@@ -67,7 +58,7 @@ class LinearThompson(PassCountRows, Rule):
     independent Gaussian scores); ``context_probs`` and ``probs`` give those win probabilities
     for every candidate, renormalised to sum 1. The global policy (``select()`` without
     contexts) is one context with the pooled pass rate of all rows and all-zero features.
-    Feedback: ``rewards`` (N,) in [0, 1], G per decision. The selector is not used.
+    base.Feedback: ``rewards`` (N,) in [0, 1], G per decision. The selector is not used.
 
     Example:
         >>> import metactl
@@ -115,7 +106,7 @@ class LinearThompson(PassCountRows, Rule):
     def row_fields(self, candidates: np.ndarray) -> dict[str, int]:
         return {"successes": 0, "failures": 0}
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         k, d = candidates.shape[0], self.dim
         precision = np.tile(self.ridge * np.eye(d), (k, 1, 1))
         return {
@@ -125,7 +116,7 @@ class LinearThompson(PassCountRows, Rule):
             "failures": 0.0,
         }
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         check_pass_counts(state)
         k, d = candidates.shape[0], self.dim
         precision = state["precision"].reshape(k, d, d)
@@ -158,7 +149,7 @@ class LinearThompson(PassCountRows, Rule):
             )
 
     # -- the model ----------------------------------------------------------------------------
-    def phi(self, rows: ContextRows, features: np.ndarray | None) -> np.ndarray:
+    def phi(self, rows: base.ContextRows, features: np.ndarray | None) -> np.ndarray:
         """The design rows ``[1, c, c ** 2, features]``, (n, D)."""
         pass_rate = (rows["successes"] + 1.0) / (rows["successes"] + rows["failures"] + 2.0)
         c = pass_rate - 0.5
@@ -166,7 +157,9 @@ class LinearThompson(PassCountRows, Rule):
         extra = np.zeros((n, self.feature_dim)) if features is None else features
         return np.column_stack([np.ones(n), c, c * c, extra])
 
-    def _posterior(self, state: RuleState, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _posterior(
+        self, state: base.RuleState, candidates: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         k, d = candidates.shape[0], self.dim
         precision = state["precision"].reshape(k, d, d)
         covariance = np.linalg.inv(precision)
@@ -174,7 +167,7 @@ class LinearThompson(PassCountRows, Rule):
         return mean, covariance
 
     def _scores(
-        self, state: RuleState, phi: np.ndarray, candidates: np.ndarray
+        self, state: base.RuleState, phi: np.ndarray, candidates: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of every candidate's score, each (n, K)."""
         mean, covariance = self._posterior(state, candidates)
@@ -202,7 +195,9 @@ class LinearThompson(PassCountRows, Rule):
         out = np.maximum(out, 0.0)
         return out / out.sum(axis=1, keepdims=True)
 
-    def _checked_scores(self, state: RuleState, ctx: Contexts) -> tuple[np.ndarray, np.ndarray]:
+    def _checked_scores(
+        self, state: base.RuleState, ctx: base.Contexts
+    ) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(over="ignore", invalid="ignore"):
             mean, std = self._scores(state, self.phi(ctx.rows, ctx.features), ctx.candidates)
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
@@ -213,10 +208,10 @@ class LinearThompson(PassCountRows, Rule):
             )
         return mean, std
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return self._all_win_probabilities(*self._checked_scores(state, ctx))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         candidates = ctx.candidates
         mean, std = self._checked_scores(state, ctx)
         draws = mean + std * rng.standard_normal(mean.shape)
@@ -228,8 +223,8 @@ class LinearThompson(PassCountRows, Rule):
         return Draw(candidates[indices], indices, probs, np.ones(indices.shape[0], dtype=bool))
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         rows, groups, candidates = ctx.rows, batch, ctx.candidates
         rewards = feedback["rewards"]
         check_unit_rewards(rewards)

@@ -28,18 +28,8 @@ from scipy.special import betainc
 from .._validation import integer, positive_scalar, unit_interval
 from ..knobs import TEMPERATURE_RANGE
 from ..selectors import Greedy, Selector
-from .base import (
-    DEFAULT_MAX_CONTEXTS,
-    Batch,
-    ContextRows,
-    Contexts,
-    Draw,
-    Feedback,
-    Rule,
-    RuleState,
-    nearest_index,
-    state_field,
-)
+from . import base
+from .base import DEFAULT_MAX_CONTEXTS, Draw, Rule, nearest_index, state_field
 
 __all__ = ["PTGS", "check_unit_rewards"]
 
@@ -55,8 +45,7 @@ def check_unit_rewards(rewards: np.ndarray) -> None:
         )
 
 
-
-def check_pass_counts(state: RuleState) -> None:
+def check_pass_counts(state: base.RuleState) -> None:
     """The global discounted pass counts of a state are non-negative."""
     for key in ("successes", "failures"):
         if float(state[key]) < 0:
@@ -68,16 +57,16 @@ class PassCountRows:
     rules that estimate a prompt's pass rate (PTGS, LinearThompson): an unseen context has none,
     and the global state's counts form a one-row table."""
 
-    def prior_rows(self, state: RuleState, candidates: np.ndarray, m: int) -> ContextRows:
+    def prior_rows(self, state: base.RuleState, candidates: np.ndarray, m: int) -> base.ContextRows:
         return {"successes": np.zeros(m), "failures": np.zeros(m)}
 
-    def global_rows(self, state: RuleState, candidates: np.ndarray) -> ContextRows:
+    def global_rows(self, state: base.RuleState, candidates: np.ndarray) -> base.ContextRows:
         return {
             "successes": np.array([float(state["successes"])]),
             "failures": np.array([float(state["failures"])]),
         }
 
-    def check_rows(self, rows: ContextRows, candidates: np.ndarray, step: int) -> None:
+    def check_rows(self, rows: base.ContextRows, candidates: np.ndarray, step: int) -> None:
         for key in ("successes", "failures"):
             if np.any(rows[key] < 0):
                 raise ValueError(f"state_dict['contexts']['rows'][{key!r}] must be >= 0")
@@ -107,7 +96,7 @@ class PTGS(PassCountRows, Rule):
     Values are continuous: ``Decision.on_grid`` is False, ``Decision.index`` is the nearest
     candidate and ``Decision.prob`` the posterior probability that the draw falls nearest to
     that candidate (the candidate grid's cells mapped back through the tempering rule);
-    ``probs`` gives those cell probabilities for the global context. Feedback: ``rewards``
+    ``probs`` gives those cell probabilities for the global context. base.Feedback: ``rewards``
     (N,) in [0, 1], G per decision. The selector is not used.
 
     Example:
@@ -185,7 +174,7 @@ class PTGS(PassCountRows, Rule):
         h = np.clip(np.log(temperatures / self.t_ref) / math.log(self.tau), -1.0, 1.0)
         return np.where(h >= 0, pivot * (1.0 - h), pivot - h * (1.0 - pivot))
 
-    def _posterior(self, rows: ContextRows, step: int) -> tuple[np.ndarray, np.ndarray, float]:
+    def _posterior(self, rows: base.ContextRows, step: int) -> tuple[np.ndarray, np.ndarray, float]:
         pivot = self.pivot(step)
         return 2.0 * pivot + rows["successes"], 2.0 * (1.0 - pivot) + rows["failures"], pivot
 
@@ -232,17 +221,17 @@ class PTGS(PassCountRows, Rule):
     def row_fields(self, candidates: np.ndarray) -> dict[str, int]:
         return {"successes": 0, "failures": 0}
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"successes": 0.0, "failures": 0.0}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
         check_pass_counts(state)
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         a, b, pivot = self._posterior(ctx.rows, ctx.step)
         return self._cell_probs(a, b, ctx.candidates, pivot)
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         candidates = ctx.candidates
         a, b, pivot = self._posterior(ctx.rows, ctx.step)
         p_hat = rng.beta(a, b)
@@ -257,8 +246,8 @@ class PTGS(PassCountRows, Rule):
         return Draw(values, indices, probs, values == candidates[indices])
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
         rows, groups = ctx.rows, batch
         rewards = feedback["rewards"]
         check_unit_rewards(rewards)

@@ -19,7 +19,8 @@ import numpy as np
 from .._validation import one_of, positive_scalar, unit_interval
 from ..selectors import Nucleus, Selector
 from ..sparsemax import softmax, sparsemax
-from .base import Batch, ContextRows, Contexts, Feedback, Rule, RuleState
+from . import base
+from .base import Rule
 
 __all__ = [
     "LIKELIHOOD_NORMALIZATIONS",
@@ -175,7 +176,7 @@ class TAMPO(Rule):
     from the paper's default, so states of the paper rule are unchanged. In every variant the
     update returns (as ``UpdateInfo.candidate_advantages``) the batch's unscaled ``a_k``.
 
-    Feedback: ``loglik`` (N, K) and ``advantages`` (N,). Default selector: ``Nucleus(0.7)``.
+    base.Feedback: ``loglik`` (N, K) and ``advantages`` (N,). Default selector: ``Nucleus(0.7)``.
 
     Example:
         >>> import metactl, numpy as np
@@ -224,15 +225,15 @@ class TAMPO(Rule):
     def default_selector(self) -> Selector:
         return Nucleus(top_p=0.7)
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"ema": np.zeros(candidates.shape[0])}
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return minmax_probs(state["ema"])[None, :]
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, np.ndarray]:
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         signal = candidate_advantages(
             feedback["loglik"], feedback["advantages"], self.normalizer, tau=self.tau
         )

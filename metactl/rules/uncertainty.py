@@ -13,18 +13,8 @@ import numpy as np
 
 from .._validation import positive_scalar, unit_interval
 from ..selectors import Greedy, Selector
-from .base import (
-    Batch,
-    ContextRows,
-    Contexts,
-    Draw,
-    Feedback,
-    Rule,
-    RuleState,
-    one_hot,
-    one_value,
-    state_field,
-)
+from . import base as rule_base  # `base` is a field name here
+from .base import Draw, Rule, one_hot, one_value, state_field
 
 __all__ = ["Uncertainty", "outcome_uncertainty"]
 
@@ -84,7 +74,7 @@ class Uncertainty(Rule):
         beta: EMA coefficient of the baseline and the deviation, in (0, 1].
         clip: the largest normalised uncertainty used (> 0).
 
-    Feedback: ``rewards`` (N,) in ``[0, 1]`` (0/1 pass/fail, or a graded score) and
+    rule_base.Feedback: ``rewards`` (N,) in ``[0, 1]`` (0/1 pass/fail, or a graded score) and
     ``group_size`` (completions per prompt, >= 2; groups are consecutive rows).
 
     Example:
@@ -139,10 +129,10 @@ class Uncertainty(Rule):
                 f"candidate range [{grid_low}, {grid_high}]: lower gain or clip, or widen the grid"
             )
 
-    def init_state(self, candidates: np.ndarray) -> RuleState:
+    def init_state(self, candidates: np.ndarray) -> rule_base.RuleState:
         return {"value": self.base, "baseline": 0.0, "deviation": 0.0}
 
-    def check_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def check_state(self, state: rule_base.RuleState, candidates: np.ndarray, step: int) -> None:
         value, baseline, deviation = (
             float(state["value"]),
             float(state["baseline"]),
@@ -164,18 +154,24 @@ class Uncertainty(Rule):
                 f"({value}, {baseline}, {deviation})"
             )
 
-    def _index(self, state: RuleState, candidates: np.ndarray) -> int:
+    def _index(self, state: rule_base.RuleState, candidates: np.ndarray) -> int:
         return int(np.argmin(np.abs(candidates - float(state["value"]))))
 
-    def probs(self, state: RuleState, ctx: Contexts) -> np.ndarray:
+    def probs(self, state: rule_base.RuleState, ctx: rule_base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], self._index(state, ctx.candidates))
 
-    def select(self, state: RuleState, ctx: Contexts, rng: np.random.Generator) -> Draw:
+    def select(
+        self, state: rule_base.RuleState, ctx: rule_base.Contexts, rng: np.random.Generator
+    ) -> Draw:
         return one_value(ctx, float(state["value"]), self._index(state, ctx.candidates))
 
     def update(
-        self, state: RuleState, ctx: Contexts, batch: Batch, feedback: Feedback
-    ) -> tuple[RuleState, ContextRows, None]:
+        self,
+        state: rule_base.RuleState,
+        ctx: rule_base.Contexts,
+        batch: rule_base.Batch,
+        feedback: rule_base.Feedback,
+    ) -> tuple[rule_base.RuleState, rule_base.ContextRows, None]:
         uncertainty = outcome_uncertainty(feedback["rewards"], feedback["group_size"])
         if ctx.step == 0:
             return {"value": self.base, "baseline": uncertainty, "deviation": 0.0}, {}, None
@@ -185,8 +181,12 @@ class Uncertainty(Rule):
         z = min(max(z, -self.clip), self.clip)  # the documented saturation of the controller
         value = self.base * math.exp(-self.gain * z)
         baseline = (1.0 - self.beta) * float(state["baseline"]) + self.beta * uncertainty
-        return {
-            "value": value,
-            "baseline": min(max(baseline, 0.0), 1.0),  # an EMA of values in [0, 1]: rounding
-            "deviation": min(deviation, 1.0),  # |u - b| <= 1: only rounding exceeds 1
-        }, {}, None
+        return (
+            {
+                "value": value,
+                "baseline": min(max(baseline, 0.0), 1.0),  # an EMA of values in [0, 1]: rounding
+                "deviation": min(deviation, 1.0),  # |u - b| <= 1: only rounding exceeds 1
+            },
+            {},
+            None,
+        )
