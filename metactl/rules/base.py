@@ -292,6 +292,19 @@ def check_max_is_zero(state: RuleState, key: str) -> None:
         )
 
 
+def check_groups(n: int, group_size: int) -> None:
+    """``n`` completions form prompt groups of ``group_size >= 2`` consecutive rows."""
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be >= 2 (a group of one has no variance), got {group_size}"
+        )
+    if n % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the batch of {n} completions: groups are "
+            "consecutive rows of equal size"
+        )
+
+
 def nearest_index(values: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Index of the candidate nearest to each value (smallest ``|value - candidate|``, ties to
     the lower index), shape (n,), int64."""

@@ -20,7 +20,7 @@ import numpy as np
 from .._validation import finite_scalar, one_of, unit_interval
 from ..selectors import Greedy, Selector
 from . import base
-from .base import Draw, Rule, one_hot, one_value, state_field
+from .base import Draw, Rule, check_groups, one_hot, one_value, state_field
 
 __all__ = ["OBJECTIVES", "Counterfactual", "counterfactual_scores"]
 
@@ -79,15 +79,7 @@ def counterfactual_scores(
     one_of(objective, "objective", OBJECTIVES)
     min_ess = unit_interval(min_ess, "min_ess", low_open=True)
     n, k = loglik_sum.shape
-    if group_size < 2:
-        raise ValueError(
-            f"group_size must be >= 2 (a group of one has no variance), got {group_size}"
-        )
-    if n % group_size != 0:
-        raise ValueError(
-            f"group_size={group_size} does not divide the batch of {n} completions: groups are "
-            "consecutive rows of equal size"
-        )
+    check_groups(n, group_size)
     if rewards.shape != (n,):
         raise ValueError(f"rewards must have shape ({n},), one per completion, got {rewards.shape}")
     if not 0 <= sampling_index < k:

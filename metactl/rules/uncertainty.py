@@ -14,7 +14,7 @@ import numpy as np
 from .._validation import positive_scalar, unit_interval
 from ..selectors import Greedy, Selector
 from . import base as rule_base  # `base` is a field name here
-from .base import Draw, Rule, one_hot, one_value, state_field
+from .base import Draw, Rule, check_groups, one_hot, one_value, state_field
 
 __all__ = ["Uncertainty", "outcome_uncertainty"]
 
@@ -32,15 +32,7 @@ def outcome_uncertainty(rewards: np.ndarray, group_size: int) -> float:
         0.375
     """
     n = rewards.shape[0]
-    if group_size < 2:
-        raise ValueError(
-            f"group_size must be >= 2 (a group of one has no variance), got {group_size}"
-        )
-    if n % group_size != 0:
-        raise ValueError(
-            f"group_size={group_size} does not divide the batch of {n} completions: groups are "
-            "consecutive rows of equal size"
-        )
+    check_groups(n, group_size)
     if np.any(rewards < 0) or np.any(rewards > 1):
         raise ValueError("rewards must lie in [0, 1] for the uncertainty controller")
     grouped = rewards.reshape(n // group_size, group_size)
