@@ -1,7 +1,8 @@
-"""Per-prompt temperatures in the reference trainer (issue 10; the gym learner's are in
-test_gym_learner.py): every row sampled and scored at its own temperature, the per-prompt arms
-end to end at miniature scale (trainer, comparison, report), the chain task's training pool,
-and the global path unchanged."""
+"""Per-prompt temperatures in the reference trainer (the gym learner's are in
+test_gym_learner.py): every row sampled and scored at its own temperature, one setting per
+prompt group for global and per-prompt decisions alike, what the trainer refuses at
+construction, the per-prompt arms end to end at miniature scale (trainer, comparison, report),
+the chain task's training pool, and the global path unchanged."""
 
 from __future__ import annotations
 
@@ -262,6 +263,43 @@ def test_a_pool_failure_restores_the_pool_position() -> None:
 def test_features_policies_are_refused_by_the_reference_trainer() -> None:
     with pytest.raises(ValueError, match="feature_dim"):
         make_trainer(metactl.linear_thompson(seed=0, feature_dim=2))
+
+
+def test_the_trainer_states_what_it_gives_and_refuses_the_rest_at_construction() -> None:
+    per_prompt, global_ = trainer_mod.trainer_support(True), trainer_mod.trainer_support(False)
+    assert per_prompt.knobs == ("temperature",) and per_prompt.per_context
+    assert set(global_.knobs) == {"temperature", "top_p", "top_k", "min_p"}
+    for support in (per_prompt, global_):
+        assert set(support.feedback) == set(metactl.feedback.FEEDBACK_NAMES)
+        assert set(support.loglik) == {"mean", "sum"} and not support.features
+    top_p = metactl.MetaPolicy([0.8, 0.9, 1.0], metactl.ContextualTAMPO(), hyperparameter="top_p")
+    before = top_p.state_dict()
+    with pytest.raises(ValueError, match=r"per-prompt policy cannot sample the policy's knobs "
+                                         r"\['top_p'\] \(it sets \['temperature'\]\)"):
+        make_trainer(top_p)
+    assert top_p.state_dict() == before
+    generic = metactl.MetaPolicy([0.5, 1.0], metactl.TAMPO(), hyperparameter="generic")
+    with pytest.raises(ValueError, match="hyperparameter='generic'"):
+        make_trainer(generic)
+    with pytest.raises(TypeError, match=r"policy must be a metactl\.MetaPolicy, got object"):
+        make_trainer(object())
+
+
+@pytest.mark.parametrize("make", [lambda: metactl.tampo(seed=0),
+                                  lambda: metactl.ptgs(seed=0, total_steps=3)],
+                         ids=["global", "per-prompt"])
+def test_row_setting_turns_either_decision_into_the_rows_temperatures(make) -> None:
+    policy = make()
+    tr = make_trainer(policy, rollout_top_p=0.9)
+    _, decision, _ = tr._select()
+    setting, rows, logged = tr.row_setting(decision)
+    assert setting.truncation.top_p == 0.9  # the config's truncation samples every row
+    if policy.spec.per_context:
+        values = np.asarray(decision.values, dtype=np.float64)
+        assert torch.equal(rows, torch.from_numpy(np.repeat(values, 4)).float())
+        assert logged == float(values.mean())
+    else:  # one float for the whole batch, logged as it is
+        assert isinstance(rows, float) and rows == logged == float(decision.value)
 
 
 def test_a_resumed_per_prompt_run_with_a_pool_equals_an_uninterrupted_one(tmp_path) -> None:

@@ -16,8 +16,6 @@ MODULES = ["tokenizer", "tasks", "model", "rollout", "knobs", "loss", "config", 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    if name == "paper":
-        pytest.importorskip("math_verify")
     module = importlib.import_module("metactl.adapters.reference" + (
         "" if name == "__init__" else f".{name}"))
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

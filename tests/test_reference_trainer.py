@@ -136,10 +136,10 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
     policy = metactl.tampo(seed=0)
     real_update = policy.update
 
-    def spy_update(decision, **feedback):
-        captured["loglik"] = feedback["loglik"]
-        captured["advantages"] = torch.as_tensor(feedback["advantages"])
-        return real_update(decision, **feedback)
+    def spy_update(decision, feedback):
+        captured["loglik"] = torch.as_tensor(feedback.loglik).float()  # float32 as computed
+        captured["advantages"] = torch.as_tensor(feedback.advantages)
+        return real_update(decision, feedback)
 
     policy.update = spy_update
     tr = make_trainer(policy, grad_accum_steps=2)
@@ -274,7 +274,7 @@ def test_skipping_zero_advantage_rows_changes_nothing_but_compute(policy_name):
 
 
 def test_skipped_rows_are_scored_for_diagnostics_but_not_for_entropy_targets():
-    # the entropy comes from the sampling loop (issue 9): no row is scored for it
+    # the entropy comes from the sampling loop: no row is scored for it
     entropy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.EntropyTarget(1.0))
     tr = make_trainer(entropy, steps=3)
     tr.train(progress_bar=False)
@@ -290,7 +290,7 @@ def test_skipped_rows_are_scored_for_diagnostics_but_not_for_entropy_targets():
         assert np.all(np.asarray(d["loglik"]) < 0)
 
 
-# -- issue 9: entropy from the sampling loop; rewards, group_size and summed likelihoods -----
+# -- entropy from the sampling loop; rewards, group_size and summed likelihoods ---------------
 
 def _left_padded_prompts(tok):
     """Prompts of different lengths, so the sampler's left padding and positions are used."""
@@ -345,9 +345,9 @@ def test_entropy_feedback_equals_the_old_scoring_pass_without_any_extra_forward(
     policy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.EntropyTarget(1.0))
     real_update = policy.update
 
-    def spy_update(decision, **feedback):
+    def spy_update(decision, feedback):
         captured["feedback"] = feedback
-        return real_update(decision, **feedback)
+        return real_update(decision, feedback)
 
     policy.update = spy_update
     # rollout_chunk=6: 16 rows sampled in chunks of 6, 6, 4 of different widths, then padded
@@ -375,9 +375,9 @@ def test_entropy_feedback_equals_the_old_scoring_pass_without_any_extra_forward(
             raw = completion_logits(captured["model"], pids, pmask, cids, cmask)
         old = float((token_entropy(raw, record["temperature"]) * cmask).sum()
                     / cmask.sum())
-        assert captured["feedback"]["entropy"] == pytest.approx(old, rel=1e-5, abs=1e-6)
-        assert record["entropy"] == captured["feedback"]["entropy"]
-        assert captured["feedback"]["vocab_size"] == tr.vocab_size
+        assert captured["feedback"].entropy == pytest.approx(old, rel=1e-5, abs=1e-6)
+        assert record["entropy"] == captured["feedback"].entropy
+        assert captured["feedback"].vocab_size == tr.vocab_size
     assert any(h["grad_rows"] < 16 for h in tr.history), "the test needs skipped rows"
 
 
@@ -398,36 +398,44 @@ def test_new_rules_get_rewards_group_size_and_the_likelihoods_they_declare(monke
     policy = make_policy(name, steps=3, seed=0)
     real_update = policy.update
 
-    def spy_update(decision, **feedback):
+    def spy_update(decision, feedback):
         captured["feedback"] = feedback
-        return real_update(decision, **feedback)
+        return real_update(decision, feedback)
 
     policy.update = spy_update
     tr = make_trainer(policy, grad_accum_steps=2)
+    real_optimize = tr.optimize
+
+    def spy_optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages, *a, **k):
+        captured["advantages"] = advantages.clone()
+        return real_optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages, *a, **k)
+
+    tr.optimize = spy_optimize
     for _ in range(3):
         record = tr.step()
         fb = captured["feedback"]
         pids, pmask, cids, cmask = captured["batch"]
-        assert set(policy.requires) <= set(fb)
+        assert set(policy.requires) <= set(fb.given())
         if "rewards" in policy.requires:
             texts = tr.tokenizer.batch_decode(cids, skip_special_tokens=True)
-            np.testing.assert_array_equal(fb["rewards"], [contains_seven(t, "") for t in texts])
-            assert fb["rewards"].dtype == np.float64 and fb["group_size"] == 4
+            np.testing.assert_array_equal(fb.rewards, [contains_seven(t, "") for t in texts])
+            assert fb.rewards.dtype == np.float64 and fb.group_size == 4
         if "loglik" not in policy.requires:
-            assert "loglik" not in fb and record["meta_forward_rows"] == 0
+            assert fb.loglik is None and record["meta_forward_rows"] == 0
             continue
         with torch.no_grad():
             raw = completion_logits(captured["model"], pids, pmask, cids, cmask)
         summed = candidate_loglik(raw, cids, cmask, policy.candidates) * cmask.sum(1)[:, None]
-        scored = torch.as_tensor(fb["advantages"]) != 0
-        if policy.rule.zero_advantage_rows_ignored:  # tampo-sum: A = 0 rows are never scored
+        loglik = torch.as_tensor(fb.loglik).float()  # float32 as computed
+        scored = captured["advantages"] != 0
+        if policy.spec.zero_advantage_rows_free:  # tampo-sum: A = 0 rows are never scored
             assert record["meta_forward_rows"] == 0
-            assert torch.all(fb["loglik"][~scored] == 0)
+            assert torch.all(loglik[~scored] == 0)
             rows = scored
         else:  # counterfactual weighs every completion: the skipped rows are scored too
             assert record["meta_forward_rows"] == 16 - record["grad_rows"]
             rows = torch.ones(16, dtype=torch.bool)
-        assert torch.allclose(fb["loglik"][rows], summed[rows], rtol=1e-5, atol=1e-4)
+        assert torch.allclose(loglik[rows], summed[rows], rtol=1e-5, atol=1e-4)
     assert any(h["grad_rows"] < 16 for h in tr.history), "the test needs skipped rows"
     assert policy.step == 3
 
@@ -441,17 +449,17 @@ def test_optimize_rejects_an_unknown_likelihood_normalization():
     assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
 
 
-def test_a_rule_asking_for_an_unknown_normalization_is_refused_before_select():
+def test_a_rule_asking_for_an_unknown_loglik_reduction_is_refused_before_select():
     from dataclasses import dataclass
-    from typing import ClassVar
 
     @dataclass(frozen=True)
     class MedianFixed(metactl.Fixed):
-        likelihood_normalization: ClassVar[str] = "median"
+        @property
+        def loglik_reduction(self) -> str:
+            return "median"
 
     policy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, MedianFixed(1.0))
-    tr = make_trainer(policy)
     state = policy.state_dict()
-    with pytest.raises(ValueError, match="likelihood_normalization must be 'mean' or 'sum'"):
-        tr.step()
-    assert policy.state_dict() == state and tr.step_idx == 0 and tr.history == []
+    with pytest.raises(ValueError, match=r"loglik must be one of \['mean', 'sum'\]"):
+        make_trainer(policy)  # refused when the trainer is built: nothing is drawn
+    assert policy.state_dict() == state and policy.step == 0

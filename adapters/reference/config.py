@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from metactl.knobs import check_knob
+
 from .knobs import SamplerSetting, Truncation
 
 __all__ = ["GRPOConfig"]
@@ -90,18 +92,12 @@ class GRPOConfig:
             raise ValueError("need clip_eps > 0, kl_beta >= 0, max_grad_norm > 0, adv_eps >= 0")
         if self.loss_agg not in ("sequence", "token"):
             raise ValueError(f"loss_agg must be 'sequence' or 'token', got {self.loss_agg!r}")
-        if not (0.0 < self.rollout_top_p <= 1.0):
-            raise ValueError(f"rollout_top_p must be in (0, 1], got {self.rollout_top_p}")
-        if not (isinstance(self.rollout_temperature, (int, float))
-                and math.isfinite(self.rollout_temperature) and self.rollout_temperature > 0):
-            raise ValueError("rollout_temperature must be a finite number > 0, got "
-                             f"{self.rollout_temperature!r}")
-        if (not isinstance(self.rollout_top_k, int) or isinstance(self.rollout_top_k, bool)
-                or self.rollout_top_k < 0):
-            raise ValueError(f"rollout_top_k must be an int >= 0 (0 is off), got "
-                             f"{self.rollout_top_k!r}")
-        if not (0.0 <= self.rollout_min_p < 1.0):
-            raise ValueError(f"rollout_min_p must be in [0, 1), got {self.rollout_min_p}")
+        # the sampler's fixed setting, each knob checked as every sampler setting is
+        check_knob("temperature", self.rollout_temperature, "rollout_temperature")
+        check_knob("top_p", self.rollout_top_p, "rollout_top_p")
+        if isinstance(self.rollout_top_k, bool) or self.rollout_top_k != 0:  # 0 is off
+            check_knob("top_k", self.rollout_top_k, "rollout_top_k (0 is off)")
+        check_knob("min_p", self.rollout_min_p, "rollout_min_p")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -2,11 +2,17 @@
 sampling knob: top-p, top-k, min-p, a joint grid) chosen each step by a `metactl.MetaPolicy`
 (TAMPO, a fixed value, a schedule, a bandit, ...).
 
+What a policy needs is read from ``policy.spec`` (`metactl.FeedbackSpec`) and checked at
+construction against what the trainer gives (`trainer_support`, `metactl.check_trainer`): a
+rule it cannot feed, a knob it cannot sample, a per-prompt policy over anything but the
+temperature or one that needs context features is refused before any state is built.
+
 One GRPO step, top to bottom (`GRPOTrainer.step`):
 
-1. ``decision = policy.select()``; ``T = decision.value``: one temperature for the whole step.
-2. Draw ``prompts_per_step`` prompts; sample ``group_size`` completions per prompt at ``T``
-   (own loop with a KV cache, `rollout.sample`).
+1. Draw ``prompts_per_step`` prompts; ``decision = policy.select()``; ``T = decision.value``: one
+   temperature for the whole step.
+2. Sample ``group_size`` completions per prompt at ``T`` (own loop with a KV cache,
+   `rollout.sample`).
 3. Rewards from the verifier; group-normalised advantages ``(r - mean_g) / (std_g + eps)``.
 4. ``ppo_epochs`` optimisation passes over the batch, each one optimizer step accumulated over
    ``grad_accum_steps`` micro-batches. Every log-prob (current, old, reference) is
@@ -14,11 +20,13 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
    (the batch is on-policy there, so the ratio is exactly 1), and the same first-pass logits give
    the candidate likelihoods ``L`` (N, K) via `metactl.likelihood.candidate_loglik`: the meta step
    costs no extra forward pass and no extra rollout. ``L`` is computed only when
-   ``"loglik" in policy.requires``, length-normalised or summed per completion as the rule's
-   ``likelihood_normalization`` says. The token entropy at ``T`` (entropy controllers) comes from
-   the sampling loop itself (`rollout.sample` with ``return_entropy``), not from a scoring pass.
-5. ``policy.update(decision, loglik=L, advantages=A, reward=mean r, ...)``, plus ``rewards``
-   (one per completion) and ``group_size`` for the rules that require them.
+   ``"loglik" in policy.spec.feedback``, length-normalised or summed per completion as
+   ``policy.spec.loglik`` says. The token entropy at ``T`` (entropy controllers) comes from the
+   sampling loop itself (`rollout.sample` with ``return_entropy``), not from a scoring pass.
+5. ``policy.update(decision, feedback)``: the `metactl.Feedback` that `metactl.build_feedback`
+   makes of ``L``, the advantages ``A``, the mean reward, each completion's reward, the group
+   size, the entropy and the vocabulary size, each only when the rule needs it
+   (`GRPOTrainer.feedback`).
 6. Log the step (temperature, LR, reward, loss, KL, clip fraction, meta-policy probs); evaluate,
    checkpoint (model, optimizer, scheduler, meta-policy, every RNG, history) every few steps.
    A trainer built on a run directory that holds a checkpoint resumes from it and ends exactly
@@ -36,16 +44,18 @@ truncation configured takes exactly the plain path above. The log records each k
 the temperature that is set (``top_p``, ...). A policy over no sampler knob (``"generic"``), or
 a per-prompt policy over anything but the temperature, is refused at construction.
 
-**A temperature per prompt group.** With a per-prompt policy (``policy.contextual``:
-`metactl.PTGS`, `metactl.ContextualTAMPO`, `metactl.LinearThompson`; see `metactl.contexts`)
-the step draws its prompts first, then ``batch = policy.select(contexts=keys)`` with one stable
-key per prompt (``item.context``: a pool index or a bucket such as the chain length, or the
-``contexts`` function given to the trainer). Prompt ``i``'s ``group_size`` rows are sampled in
-the KV-cache loop at ``batch.values[i]`` (a per-row temperature tensor), and every log-prob of
-those rows (old, current, reference) and the sampling loop's entropy use that same row
-temperature; the candidate likelihoods ``L`` are over the candidate grid, independent of the
-sampling temperature. ``policy.update(batch, ...)`` then gets every row in decision order. A
-global policy takes exactly the one-temperature path above.
+**A temperature per prompt group.** With a per-prompt policy (``policy.spec.per_context``:
+`metactl.PTGS`, `metactl.ContextualTAMPO`, `metactl.LinearThompson` with ``feature_dim=0``;
+see `metactl.contexts`) the step selects ``batch = policy.select(contexts=keys)`` with one
+stable key per prompt (``item.context``: a pool index or a bucket such as the chain length, or
+the ``contexts`` function given to the trainer). Both kinds of decision become one sampler
+setting per prompt group through `metactl.group_settings` (`GRPOTrainer.row_setting`). Prompt
+``i``'s ``group_size`` rows are sampled in the KV-cache loop at ``batch.values[i]`` (a per-row
+temperature tensor), and every log-prob of those rows (old, current, reference) and the
+sampling loop's entropy use that same row temperature; the candidate likelihoods ``L`` are over
+the candidate grid, independent of the sampling temperature. ``policy.update(batch, feedback)``
+then gets every row in decision order. A global decision samples the whole batch at one float
+temperature, exactly the path above.
 
 Example:
     >>> import metactl
@@ -77,6 +87,19 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 
+import metactl
+from metactl.decision import Decision, DecisionBatch, group_settings
+from metactl.feedback import (
+    FEEDBACK_NAMES,
+    Feedback,
+    FeedbackSpec,
+    TrainerSupport,
+    build_feedback,
+    check_trainer,
+)
+from metactl.knobs import KNOBS
+from metactl.rules import TAMPO, ContextualTAMPO, Hedge, MetaGradient, Rule
+
 from .config import GRPOConfig
 from .integrity import (
     HASH_FIELD,
@@ -87,12 +110,13 @@ from .integrity import (
     read_torch_checked,
     tree_sha256,
 )
-from .knobs import SamplerSetting, Truncation, check_policy_knobs, setting_logprobs
+from .knobs import SamplerSetting, Truncation, setting_logprobs
 from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs
 
 __all__ = ["CHECKPOINT_ADVICE", "GRPOConfig", "GRPOTrainer", "cosine_with_floor",
-           "group_advantages", "policy_loss", "read_checkpoint"]
+           "group_advantages", "policy_loss", "read_checkpoint", "signal_options",
+           "trainer_support"]
 
 
 class PromptItem(Protocol):
@@ -108,6 +132,43 @@ PromptSource = Callable[[np.random.Generator, int], Sequence[PromptItem]]
 ContextFn = Callable[[Any], "int | str"]
 RewardFn = Callable[[str, str], float]
 Evaluator = Callable[[torch.nn.Module, int], dict]
+
+
+def trainer_support(per_context: bool) -> TrainerSupport:
+    """What `GRPOTrainer` gives a rule (`metactl.TrainerSupport`, checked by
+    `metactl.check_trainer` when the trainer is built).
+
+    Every feedback (the candidate log-likelihoods, length-normalised or summed, the GRPO
+    advantages, every completion's reward, the batch reward, the sampling loop's entropy, the
+    vocabulary size, the group size) and no context features. A global policy may set any
+    sampler knob; per-prompt decisions set the temperature only: the KV-cache loop samples each
+    row at its own temperature, while the truncation is one for the whole batch.
+
+    Example:
+        >>> trainer_support(per_context=True).knobs
+        ('temperature',)
+    """
+    if per_context:
+        return TrainerSupport("GRPOTrainer with a per-prompt policy", feedback=FEEDBACK_NAMES,
+                              knobs=("temperature",), per_context=True, features=False)
+    return TrainerSupport("GRPOTrainer", feedback=FEEDBACK_NAMES, knobs=KNOBS, per_context=True,
+                          features=False)
+
+
+def signal_options(rule: Rule) -> dict[str, Any]:
+    """The keywords of `metactl.diagnostics.signal_diagnostics` for ``rule``'s signal: the
+    normaliser of the likelihood rules that declare one (TAMPO, ContextualTAMPO, Hedge,
+    MetaGradient) and TAMPO's scale ``tau``; none (the defaults) for any other rule.
+
+    Example:
+        >>> signal_options(metactl.TAMPO(normalizer="softmax", tau=0.5))
+        {'normalizer': 'softmax', 'tau': 0.5}
+    """
+    if isinstance(rule, TAMPO):
+        return {"normalizer": rule.normalizer, "tau": rule.tau}
+    if isinstance(rule, (ContextualTAMPO, Hedge, MetaGradient)):
+        return {"normalizer": rule.normalizer}
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,16 +207,20 @@ class GRPOTrainer:
         run_dir: str | os.PathLike | None = None,
         contexts: ContextFn | None = None,
     ) -> None:
-        # the knobs the policy sets: a 'generic' policy, or a per-prompt one over anything but
-        # the temperature, is refused here (before any state is built)
-        knobs = check_policy_knobs(policy)
+        # what the policy needs against what this trainer gives (the feedback, the knobs, per
+        # prompt decisions over the temperature only, no features): refused here, before any
+        # state is built
+        if not isinstance(policy, metactl.MetaPolicy):
+            raise TypeError(f"policy must be a metactl.MetaPolicy, got {type(policy).__name__}")
+        spec = policy.spec
+        if not spec.knobs:
+            raise ValueError(
+                "the reference trainer cannot apply a policy over hyperparameter='generic': it "
+                f"sets no sampler knob; use one of {list(KNOBS)} or a joint grid "
+                "(metactl.grid(...))")
+        check_trainer(policy, trainer_support(spec.per_context))
         if contexts is not None and not callable(contexts):
             raise TypeError(f"contexts must be a function item -> key, got {contexts!r}")
-        if getattr(policy, "contextual", False) and getattr(policy.rule, "feature_dim", 0):
-            raise ValueError(
-                f"policy {policy.rule.name} needs per-prompt features (feature_dim = "
-                f"{policy.rule.feature_dim}), which the reference trainer does not provide; use "
-                "feature_dim=0 (the running pass rate only)")
         if config.kl_beta > 0 and ref_model is None:
             raise ValueError("ref_model is required when config.kl_beta > 0")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -178,14 +243,17 @@ class GRPOTrainer:
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
         self.policy = policy
-        self.contextual = bool(getattr(policy, "contextual", False))
+        self.spec: FeedbackSpec = spec
+        # whether the decisions are per prompt group (spec.per_context; read by the lab)
+        self.contextual = spec.per_context
         self.context_fn = contexts
         self.prompts = prompts
         self.reward_fn = reward_fn
         self.evaluator = evaluator
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        knobs = spec.knobs
         self.knobs = knobs
-        self.family = str(getattr(policy, "family", knobs[0] if len(knobs) == 1 else "joint"))
+        self.family = policy.family
         # the plain temperature path (log_softmax(z / T), the candidates scored untruncated),
         # exactly as before knobs existed; any truncation, or a policy over another knob,
         # takes the truncated path (knobs.setting_logprobs, candidate_loglik with the family)
@@ -449,37 +517,14 @@ class GRPOTrainer:
     def step(self) -> dict:
         """Run one GRPO step (select T, roll out, score, optimise, update the meta-policy)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        needs = set(self.policy.requires)
-        # what the rule expects in ``loglik`` (TAMPO's paper form: "mean"); checked before
-        # select, so a bad value changes no state
-        normalization = getattr(self.policy.rule, "likelihood_normalization", "mean")
-        if normalization not in ("mean", "sum"):
-            raise ValueError("policy.rule.likelihood_normalization must be 'mean' or 'sum', got "
-                             f"{normalization!r}")
+        spec = self.spec
+        needs = set(spec.feedback)
 
-        if self.contextual:
-            # 1'-2'. the prompts first (their keys are the contexts), then one temperature per
-            # prompt group: row j of the batch at np.repeat(batch.values, G)[j]
-            items, decision, t_select = self._select_per_prompt()
-            values = np.asarray(decision.values, dtype=np.float64)
-            row_temperature: float | torch.Tensor = torch.from_numpy(
-                np.repeat(values, cfg.group_size)).float()
-            temperature = float(values.mean())  # the step's summary in the log
-            setting = cfg.sampler_setting  # its truncation; the temperatures are per row
-        else:
-            # 1. one sampler setting for the whole step: the config's, with the knobs the
-            # policy sets replaced by its decision (a temperature, a top-p, a joint setting)
-            decision = self.policy.select()
-            if self.plain_temperature:
-                setting = cfg.sampler_setting
-                temperature = float(decision.value)
-            else:
-                setting = cfg.sampler_setting.with_values(decision.setting)
-                temperature = setting.temperature
-            row_temperature = temperature
-            t_select = time.perf_counter() - t0
-            # 2. prompts, each repeated group_size times (groups are contiguous), rollouts at T
-            items = list(self.prompts(self.rng, cfg.prompts_per_step))
+        # 1-2. the prompts, then the decision (one per prompt group for a per-prompt policy),
+        # then the sampler setting of every row; each prompt repeated group_size times (groups
+        # are contiguous rows)
+        items, decision, t_select = self._select()
+        setting, row_temperature, temperature = self.row_setting(decision)
         texts = [it.prompt for it in items for _ in range(cfg.group_size)]
         answers = [it.answer for it in items for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = self.encode_prompts(texts)
@@ -502,47 +547,34 @@ class GRPOTrainer:
         # (TAMPO, Hedge and MetaGradient weight each row by A: they do not; Counterfactual
         # weighs every completion: it does) and for the diagnostics of this step.
         diagnostic = self.step_idx in set(cfg.diagnostic_steps)
-        score_skipped = diagnostic or not self.policy.rule.zero_advantage_rows_ignored
+        score_skipped = diagnostic or not spec.zero_advantage_rows_free
         opt = self.optimize(prompt_ids, prompt_mask, comp_ids, comp_mask, advantages,
                             row_temperature, needs=needs, score_skipped_rows=score_skipped,
-                            loglik_normalization=normalization, setting=setting)
+                            loglik_normalization=spec.loglik, setting=setting)
 
         # 5. meta-policy update: only the feedback its rule requires is computed
-        feedback: dict[str, Any] = {"advantages": advantages.numpy(),
-                                    "reward": float(rewards.mean())}
         loglik = opt["loglik"]
-        if loglik is not None:
-            feedback["loglik"] = loglik
-        if "rewards" in needs:  # the verifier's values, one per completion, rows as in loglik
-            feedback["rewards"] = np.asarray(reward_values, dtype=np.float64)
-        if "group_size" in needs:  # the groups are contiguous rows
-            feedback["group_size"] = cfg.group_size
         t_entropy = time.perf_counter()
-        if "entropy" in needs:
-            # mean over the completion tokens of the entropies the sampling loop computed (their
-            # per-position cost is inside rollout_seconds: a few vector ops per decoding step)
-            entropy = cast(torch.Tensor, sampled.entropy)
-            feedback["entropy"] = float(entropy.double().sum()) / max(int(comp_mask.sum()), 1)
-            feedback["vocab_size"] = self.vocab_size
+        feedback = self.feedback(loglik=loglik, advantages=advantages, rewards=rewards,
+                                 reward_values=reward_values, sampled=sampled)
         t_entropy = time.perf_counter() - t_entropy
         t_update = time.perf_counter()
-        info = self.policy.update(decision, **feedback)
+        info = self.policy.update(decision, feedback)
         t_update = time.perf_counter() - t_update
         # a likelihood rule's signal diagnostics, every step: they read only the (N, K)
         # likelihoods and advantages the rule just received (no model call)
         signal = None
-        if loglik is not None and "advantages" in needs:
+        if feedback.loglik is not None and feedback.advantages is not None:
             from metactl.diagnostics import signal_diagnostics
 
             # the sampled value of a one-knob policy's knob; a joint grid's candidate index
             sampled_value: float | torch.Tensor = (
                 row_temperature if self.knobs == ("temperature",)
                 else float(setting.as_dict()[self.knobs[0]]) if len(self.knobs) == 1
-                else float(decision.index))
+                else float(cast(Decision, decision).index))
             signal = signal_diagnostics(
-                loglik, feedback["advantages"], self.candidates, sampled_value,
-                cfg.group_size, normalizer=getattr(self.policy.rule, "normalizer", "sparsemax"),
-                tau=getattr(self.policy.rule, "tau", 1.0))
+                feedback.loglik, feedback.advantages, self.candidates, sampled_value,
+                cfg.group_size, **signal_options(self.policy.rule))
 
         # 6. log everything that changed this step
         record = {
@@ -570,14 +602,9 @@ class GRPOTrainer:
         # active fixed truncations (a plain temperature run logs exactly what it always did)
         knob_values = self._logged_knobs(setting)
         record.update(knob_values)
-        if self.contextual:  # which prompt (context key) got which temperature
-            record["contexts"] = [d.context for d in decision]
-            record["temperatures"] = [float(v) for v in decision.values]
-            record["decision_indices"] = [int(i) for i in decision.indices]
-        else:
-            record["decision_index"] = int(decision.index)
-        if "entropy" in feedback:
-            record["entropy"] = feedback["entropy"]
+        record.update(self._decision_log(decision))
+        if feedback.entropy is not None:
+            record["entropy"] = feedback.entropy
         if signal is not None:
             record["signal"] = signal
         if loglik is not None and diagnostic:
@@ -586,12 +613,73 @@ class GRPOTrainer:
                 "loglik": loglik.tolist(), "advantages": advantages.tolist(),
                 "rewards": rewards.tolist(), **knob_values,
             }
-            if self.contextual:
+            if "temperatures" in record:
                 entry["temperatures"] = record["temperatures"]
             self.diagnostics.append(entry)
         self.history.append(record)
         self.step_idx += 1
         return record
+
+    def row_setting(self, decision: Decision | DecisionBatch
+                    ) -> tuple[SamplerSetting, float | torch.Tensor, float]:
+        """The step's sampler setting from ``decision``: ``(setting, row_temperature,
+        temperature)``.
+
+        Every prompt group's setting is ``metactl.group_settings(decision, prompts_per_step)``
+        over the config's (`GRPOConfig.sampler_setting`). ``setting`` holds the truncation that
+        samples every row (per-prompt decisions set the temperature only, see
+        `trainer_support`). One decision for the whole batch samples it at one float
+        temperature, the sampler's fast path, logged as it is; per-prompt decisions give row
+        ``j`` its group's temperature in a (N,) float32 tensor, and the log records their mean.
+        """
+        cfg = self.cfg
+        groups = [cfg.sampler_setting.with_values(values)
+                  for values in group_settings(decision, cfg.prompts_per_step)]
+        setting = groups[0]
+        if not self.spec.per_context:
+            return setting, setting.temperature, setting.temperature
+        values = np.array([g.temperature for g in groups], dtype=np.float64)
+        rows = torch.from_numpy(np.repeat(values, cfg.group_size)).float()
+        return setting, rows, float(values.mean())
+
+    def feedback(self, *, loglik: torch.Tensor | None, advantages: torch.Tensor,
+                 rewards: torch.Tensor, reward_values: Sequence[float],
+                 sampled: Completions) -> Feedback:
+        """The meta-policy's feedback of one step, built by `metactl.build_feedback` with only
+        what ``policy.spec`` asks for computed: the candidate likelihoods ``loglik`` (N, K)
+        from `optimize` (reduced over tokens as ``spec.loglik`` says), the GRPO
+        ``advantages``, the verifier's ``reward_values`` (one per completion, rows as in
+        ``loglik``) and the batch reward (the mean of ``rewards``, their float32 tensor), the
+        token entropy the sampling loop measured over ``sampled``'s completion tokens (its
+        per-position cost is inside the rollout: a few vector ops per decoding step), the
+        vocabulary size and the group size (groups are contiguous rows)."""
+        spec = self.spec
+        needs = set(spec.feedback)
+        entropy_sum = entropy_tokens = None
+        if "entropy" in needs:
+            entropy_sum = float(cast(torch.Tensor, sampled.entropy).double().sum())
+            entropy_tokens = max(int(sampled.mask.sum()), 1)
+        return build_feedback(
+            spec,
+            loglik_mean=loglik if spec.loglik == "mean" else None,
+            loglik_sum=loglik if spec.loglik == "sum" else None,
+            advantages=advantages.numpy(),
+            rewards=np.asarray(reward_values, dtype=np.float64) if "rewards" in needs else None,
+            reward=float(rewards.mean()),
+            entropy_sum=entropy_sum,
+            entropy_tokens=entropy_tokens,
+            vocab_size=self.vocab_size,
+            group_size=self.cfg.group_size,
+        )
+
+    def _decision_log(self, decision: Decision | DecisionBatch) -> dict[str, Any]:
+        """What the log records of the decision: for per-prompt decisions which prompt (context
+        key) got which temperature, else the chosen candidate's index."""
+        if isinstance(decision, DecisionBatch):
+            return {"contexts": [d.context for d in decision],
+                    "temperatures": [float(v) for v in decision.values],
+                    "decision_indices": [int(i) for i in decision.indices]}
+        return {"decision_index": int(decision.index)}
 
     def _logged_knobs(self, setting: SamplerSetting) -> dict[str, Any]:
         """``{knob: value}`` of the step's non-temperature knobs that are set: by the policy, or
@@ -618,17 +706,19 @@ class GRPOTrainer:
             keys.append(key)
         return keys
 
-    def _select_per_prompt(self) -> tuple[list[PromptItem], Any, float]:
-        """Draw the step's prompts, then one decision per prompt from the per-prompt policy.
-        A failure (no key, a bad key) leaves the prompt source and its RNG as they were."""
+    def _select(self) -> tuple[list[PromptItem], Decision | DecisionBatch, float]:
+        """Draw the step's prompts, then the policy's decision: one per prompt, keyed by
+        `context_keys`, for a per-prompt policy; one for the batch otherwise. Returns the
+        prompts, the decision and the seconds ``select`` took. A failure (no key, a bad key)
+        leaves the prompt source and its RNG as they were."""
         rng_state = self.rng.bit_generator.state
         source_state = self._prompt_source_state()
         try:
             items = list(self.prompts(self.rng, self.cfg.prompts_per_step))
-            keys = self.context_keys(items)
+            keys = self.context_keys(items) if self.spec.per_context else None
             t0 = time.perf_counter()
-            batch = self.policy.select(contexts=keys)
-            return items, batch, time.perf_counter() - t0
+            decision = self.policy.select(contexts=keys)
+            return items, decision, time.perf_counter() - t0
         except Exception:
             self.rng.bit_generator.state = rng_state
             if source_state is not None:
