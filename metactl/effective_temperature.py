@@ -53,10 +53,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,6 +89,8 @@ _RANGE = 1e3
 # Excluded vocabulary entries get this shifted logit: exp(b * u) is exactly 0 for every b used
 # here, and u * e, u**2 * e stay exactly 0 (no inf * 0).
 _FLOOR = -1e150
+# Torch kernels on CPU too (the tests' way to run them without an accelerator)
+_TORCH_KERNELS_ON_CPU = False
 # float64 logit entries per pass chunk (CPU; accelerators take larger chunks)
 _CPU_CHUNK = 1 << 22
 _ACCEL_CHUNK = 1 << 25
@@ -213,36 +216,62 @@ def _positions(logits: Any, tokens: Any, mask: Any) -> tuple[np.ndarray, np.ndar
 # passes over the logits (numpy or torch, float64)
 # ----------------------------------------------------------------------------------------------
 class _Backend:
-    """Gathers chunks of masked logit rows as float64 and reduces them."""
+    """Gathers chunks of masked logit rows as float64 and reduces them: with torch kernels on
+    accelerators, with NumPy kernels on CPU (torch's float64 reductions are slower there)."""
 
     def __init__(self, logits: Any, flat: np.ndarray) -> None:
-        self.torch = _is_torch(logits)
+        self.source_torch = _is_torch(logits)
         vocab = int(logits.shape[-1])
         self.flat_logits = logits.reshape(-1, vocab)
-        accel = self.torch and logits.device.type != "cpu"
+        accel = self.source_torch and logits.device.type != "cpu"
+        self.torch = accel or (self.source_torch and _TORCH_KERNELS_ON_CPU)
         step = max(1, (_ACCEL_CHUNK if accel else _CPU_CHUNK) // vocab)
         self.chunks = [slice(s, min(s + step, flat.size)) for s in range(0, flat.size, step)]
         self.lib: Any = np
         self.index: Any = flat
-        if self.torch:
+        if self.source_torch:
             import torch
 
-            self.lib = torch
             self.device = logits.device
             self.index = torch.from_numpy(flat).to(self.device)
+            if self.torch:
+                self.lib = torch
 
     def rows(self, part: slice) -> Any:
-        """The chunk's logit rows, float64, ``(c, V)``."""
-        if self.torch:
-            with self.lib.no_grad():
-                return self.flat_logits.index_select(0, self.index[part]).detach().double()
-        return np.asarray(self.flat_logits[self.index[part]], dtype=np.float64)
+        """The chunk's logit rows as a fresh float64 array (tensor) ``(c, V)``."""
+        if self.source_torch:
+            with _no_grad():
+                rows = self.flat_logits.index_select(0, self.index[part]).detach()
+            if self.torch:
+                return rows.double()
+            if str(rows.dtype) in ("torch.float32", "torch.float64"):
+                return rows.numpy().astype(np.float64)  # numpy converts faster than torch
+            return rows.double().numpy()
+        return np.array(self.flat_logits[self.index[part]], dtype=np.float64)
+
+    def kept(self, z: Any, setting: SettingRows, order: str) -> np.ndarray:
+        """The kept sets of a chunk, on the host; from float32 logits for torch input (the
+        precision a torch sampler decides in), float64 for NumPy input."""
+        if not self.source_torch:
+            return np.asarray(kept_mask(z, setting, order=order))
+        import torch
+
+        src = z.float() if self.torch else torch.from_numpy(z).float()
+        return kept_mask(src, setting, order=order).cpu().numpy()
 
     def vec(self, x: np.ndarray) -> Any:
         return self.lib.from_numpy(np.ascontiguousarray(x)).to(self.device) if self.torch else x
 
     def host(self, x: Any) -> np.ndarray:
         return x.detach().cpu().numpy() if self.torch else np.asarray(x)
+
+
+@contextlib.contextmanager
+def _no_grad() -> Iterator[None]:
+    import torch
+
+    with torch.no_grad():
+        yield
 
 
 def _prepare(be: _Backend, toks: np.ndarray, rows: SettingRows, row_of: np.ndarray,
@@ -258,18 +287,15 @@ def _prepare(be: _Backend, toks: np.ndarray, rows: SettingRows, row_of: np.ndarr
     truncated = rows.truncated[row_of]
     for part in be.chunks:
         z = be.rows(part)
-        zt = z
         if be.torch:
-            finite_max = be.lib.isfinite(zt.max(dim=1).values)
-            bad_any = be.lib.isnan(zt).any(dim=1) | be.lib.isposinf(zt).any(dim=1)
-            bad = be.host(bad_any | ~finite_max)
-            m = zt.max(dim=1).values
-            z_o = zt.gather(1, be.vec(toks[part]).unsqueeze(1)).squeeze(1)
+            lib = be.lib
+            m = z.max(dim=1).values
+            bad = be.host(lib.isnan(z).any(dim=1) | lib.isposinf(z).any(dim=1) | ~lib.isfinite(m))
+            z_o = z.gather(1, be.vec(toks[part]).unsqueeze(1)).squeeze(1)
         else:
-            bad = np.isnan(zt).any(axis=1) | np.isposinf(zt).any(axis=1)
-            m = zt.max(axis=1)
-            bad |= ~np.isfinite(m)
-            z_o = zt[np.arange(zt.shape[0]), toks[part]]
+            m = z.max(axis=1)
+            bad = np.isnan(z).any(axis=1) | np.isposinf(z).any(axis=1) | ~np.isfinite(m)
+            z_o = z[np.arange(z.shape[0]), toks[part]]
         if bad.any():
             i = part.start + int(np.flatnonzero(bad)[0])
             raise ValueError(f"logits at masked position {i} (in mask order) hold NaN or +inf, "
@@ -286,16 +312,10 @@ def _prepare(be: _Backend, toks: np.ndarray, rows: SettingRows, row_of: np.ndarr
             idx = row_of[part]
             setting = SettingRows(rows.temperature[idx], rows.top_p[idx], rows.top_k[idx],
                                   rows.min_p[idx])  # fmt: skip
-            src = z.float() if be.torch else z
-            kept = kept_mask(src, setting, order=order)
-            if be.torch:
-                lowest = be.lib.where(kept, z, be.lib.full_like(z, math.inf)).min(dim=1).values
-                low_h = be.host(lowest)
-            else:
-                low_h = np.where(kept, z, np.inf).min(axis=1)
-            low_h = np.where(cut, low_h, -np.inf)
-            out = cut & (zo_h < low_h)
-            outside += int(out.sum())
+            kept = be.kept(z, setting, order)
+            zh = be.host(z)
+            low_h = np.where(cut, np.where(kept, zh, np.inf).min(axis=1), -np.inf)
+            outside += int((cut & (zo_h < low_h)).sum())
             thr[part] = np.minimum(low_h, zo_h) - m_h
     return top, u_o, thr, outside
 
@@ -303,28 +323,39 @@ def _prepare(be: _Backend, toks: np.ndarray, rows: SettingRows, row_of: np.ndarr
 def _moments(be: _Backend, top: np.ndarray, thr: np.ndarray, beta: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Per position, ``E[u]`` and ``Var[u]`` (``u = z - max``) under ``softmax(beta * z)``
-    restricted to the kept set (entries ``>= thr``)."""
+    restricted to the kept set (entries ``>= thr``). One pass over the masked logits, in place
+    on each float64 chunk (two chunk-sized buffers)."""
     mean = np.empty(beta.size)
     var = np.empty(beta.size)
     has_cut = bool(np.isfinite(thr).any())
+    floor = np.maximum(thr, _FLOOR)  # below it: outside the kept set, or -inf
     for part in be.chunks:
-        z = be.rows(part)
-        lib = be.lib
-        u = z - be.vec(top[part])[:, None]
-        if has_cut:
-            u = lib.where(u >= be.vec(thr[part])[:, None], u, _FLOOR)
-        elif be.torch:
-            u = u.clamp(min=_FLOOR)
+        u = be.rows(part)  # a fresh float64 copy: modified in place below
+        shift, b = be.vec(top[part])[:, None], be.vec(beta[part])[:, None]
+        if be.torch:
+            torch = be.lib
+            u.sub_(shift)
+            if has_cut:
+                u.masked_fill_(u < be.vec(floor[part])[:, None], _FLOOR)
+            else:
+                u.clamp_(min=_FLOOR)  # -inf entries: weight exactly 0, no inf * 0
+            e = torch.mul(u, b).exp_()
+            s0 = e.sum(1)
+            s1 = torch.linalg.vecdot(u, e)
+            s2 = torch.linalg.vecdot(u.mul_(u), e)
         else:
-            u = np.maximum(u, _FLOOR)
-        e = lib.exp(u * be.vec(beta[part])[:, None])
-        ue = u * e
-        s0 = e.sum(1)
-        s1 = ue.sum(1)
-        s2 = (ue * u).sum(1)
-        m1 = s1 / s0
-        mean[part] = be.host(m1)
-        var[part] = np.maximum(be.host(s2 / s0 - m1 * m1), 0.0)
+            np.subtract(u, shift, out=u)
+            if has_cut:
+                u[u < floor[part][:, None]] = _FLOOR
+            else:
+                np.maximum(u, _FLOOR, out=u)
+            e = np.exp(np.multiply(u, b))
+            s0 = e.sum(1)
+            s1 = np.einsum("ij,ij->i", u, e)
+            s2 = np.einsum("ij,ij->i", np.multiply(u, u, out=u), e)
+        m1 = be.host(s1 / s0)
+        mean[part] = m1
+        var[part] = np.maximum(be.host(s2 / s0) - m1 * m1, 0.0)
     return mean, var
 
 

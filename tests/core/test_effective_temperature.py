@@ -11,6 +11,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+import metactl.effective_temperature as effective_temperature_module
 from metactl.effective_temperature import (
     DEFAULT_RTOL,
     DEFAULT_Z,
@@ -200,19 +201,27 @@ def test_no_information_passes_the_check() -> None:
     assert check_effective_temperature(est)
 
 
-def test_torch_and_numpy_agree() -> None:
+@pytest.mark.parametrize("torch_kernels", [False, True])
+@pytest.mark.parametrize("setting", [Setting(0.9), Setting(0.9, top_p=0.9)])
+def test_torch_and_numpy_agree(torch_kernels: bool, setting: Setting,
+                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     torch = pytest.importorskip("torch")
+    # the torch kernels run on accelerators; forced here to run them on CPU
+    monkeypatch.setattr(effective_temperature_module, "_TORCH_KERNELS_ON_CPU", torch_kernels)
+    monkeypatch.setattr(effective_temperature_module, "_CPU_CHUNK", 64 * 7)  # several chunks
     rng = np.random.default_rng(9)
     z = _logits(rng, 4, 20)
-    tokens = _draw(rng, z, Setting(0.9, top_p=0.9))
-    ref = effective_temperature(z, tokens, temperature=Setting(0.9, top_p=0.9))
+    z[..., :3] = -np.inf
+    tokens = _draw(rng, z, setting)
+    ref = effective_temperature(z, tokens, temperature=setting)
     got = effective_temperature(torch.tensor(z), torch.tensor(tokens),
                                 torch.ones(4, 20, dtype=torch.bool),
-                                temperature=Setting(0.9, top_p=0.9))  # fmt: skip
+                                temperature=setting)  # fmt: skip
     assert got.temperature == pytest.approx(ref.temperature, rel=1e-9)
     assert got.z == pytest.approx(ref.z, rel=1e-9)
+    assert got.outside == ref.outside == 0
     half = effective_temperature(torch.tensor(z, dtype=torch.bfloat16), torch.tensor(tokens),
-                                 temperature=Setting(0.9, top_p=0.9))  # fmt: skip
+                                 temperature=setting)  # fmt: skip
     assert half.temperature == pytest.approx(ref.temperature, rel=0.05)
 
 
