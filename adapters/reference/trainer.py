@@ -675,11 +675,12 @@ class GRPOTrainer:
     def _decision_log(self, decision: Decision | DecisionBatch) -> dict[str, Any]:
         """What the log records of the decision: for per-prompt decisions which prompt (context
         key) got which temperature, else the chosen candidate's index."""
-        if isinstance(decision, DecisionBatch):
-            return {"contexts": [d.context for d in decision],
-                    "temperatures": [float(v) for v in decision.values],
-                    "decision_indices": [int(i) for i in decision.indices]}
-        return {"decision_index": int(decision.index)}
+        if self.spec.per_context:
+            batch = cast(DecisionBatch, decision)
+            return {"contexts": [d.context for d in batch],
+                    "temperatures": [float(v) for v in batch.values],
+                    "decision_indices": [int(i) for i in batch.indices]}
+        return {"decision_index": int(cast(Decision, decision).index)}
 
     def _logged_knobs(self, setting: SamplerSetting) -> dict[str, Any]:
         """``{knob: value}`` of the step's non-temperature knobs that are set: by the policy, or
