@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from ._validation import candidate_values, finite_array, finite_scalar, integer, one_of
+from .rules import TAMPO, ContextualTAMPO, Hedge, MetaGradient, Rule
 from .rules.tampo import _RELATIVE_SPREAD_FLOOR, NORMALIZERS, candidate_advantages
 from .sparsemax import softmax, sparsemax
 
-__all__ = ["SCALAR_FIELDS", "signal_diagnostics", "stack_diagnostics"]
+__all__ = ["SCALAR_FIELDS", "signal_diagnostics", "signal_options", "stack_diagnostics"]
 
 #: the scalar entries of :func:`signal_diagnostics`'s result (one float or int per step)
 SCALAR_FIELDS: tuple[str, ...] = (
@@ -78,6 +79,25 @@ def _group_correlations(tstar: np.ndarray, adv: np.ndarray, group: int) -> tuple
     r = np.divide(np.sum(dx * dy, axis=1), denom, out=np.zeros(denom.shape[0]), where=defined)
     # |r| <= 1 exactly in real arithmetic; the clip only removes a rounding excess (~1e-16)
     return np.clip(r, -1.0, 1.0), defined
+
+
+def signal_options(rule: Rule) -> dict[str, Any]:
+    """The keywords of :func:`signal_diagnostics` for ``rule``'s signal: the normaliser of the
+    likelihood rules that declare one (TAMPO, ContextualTAMPO, Hedge, MetaGradient) and TAMPO's
+    scale ``tau``; none (the defaults) for any other rule.
+
+    Example:
+        >>> import metactl
+        >>> signal_options(metactl.TAMPO(normalizer="softmax", tau=0.5))
+        {'normalizer': 'softmax', 'tau': 0.5}
+    """
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be a metactl rule, got {type(rule).__name__}")
+    if isinstance(rule, TAMPO):
+        return {"normalizer": rule.normalizer, "tau": rule.tau}
+    if isinstance(rule, (ContextualTAMPO, Hedge, MetaGradient)):
+        return {"normalizer": rule.normalizer}
+    return {}
 
 
 def signal_diagnostics(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import metactl
-from metactl.diagnostics import SCALAR_FIELDS, signal_diagnostics, stack_diagnostics
+from metactl.diagnostics import SCALAR_FIELDS, signal_diagnostics, signal_options, stack_diagnostics
 from metactl.rules.tampo import candidate_advantages
 
 
@@ -331,3 +331,14 @@ def test_the_figure_draws_arms_without_any_signal_and_rejects_bad_input(tmp_path
     with pytest.raises(ValueError, match=r"expected \(steps, 2\)"):
         plot_signal_diagnostics({"tampo": [loud]}, [0.8, 1.0], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_signal_options_are_the_rules_own_normaliser_and_scale() -> None:
+    assert signal_options(metactl.TAMPO(normalizer="softmax", tau=0.2)) == {
+        "normalizer": "softmax", "tau": 0.2}  # fmt: skip
+    assert signal_options(metactl.Hedge(normalizer="softmax")) == {"normalizer": "softmax"}
+    assert signal_options(metactl.MetaGradient()) == {"normalizer": "sparsemax"}
+    assert signal_options(metactl.ContextualTAMPO(normalizer="softmax")) == {
+        "normalizer": "softmax"}  # fmt: skip
+    assert signal_options(metactl.PTGS()) == {}  # PTGS's tau is its temperature range
+    assert signal_options(metactl.Fixed(1.0)) == {}

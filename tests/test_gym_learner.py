@@ -14,7 +14,6 @@ from metactl.adapters.gym.training import (
     StepRecord,
     TrainLog,
     group_advantages,
-    signal_options,
     train,
 )
 from metactl.adapters.lab.controllers import STUDY_ARMS as CONTROLLERS
@@ -238,17 +237,6 @@ def test_the_learner_states_what_it_gives_and_refuses_the_rest_before_drawing() 
     with pytest.raises(ValueError, match="feature_dim"):
         train(featured, _small_env(), 2)
     assert featured.state_dict() == before
-
-
-def test_signal_options_are_the_rules_own_normaliser_and_scale() -> None:
-    assert signal_options(metactl.TAMPO(normalizer="softmax", tau=0.2)) == {
-        "normalizer": "softmax", "tau": 0.2}  # fmt: skip
-    assert signal_options(metactl.Hedge(normalizer="softmax")) == {"normalizer": "softmax"}
-    assert signal_options(metactl.MetaGradient()) == {"normalizer": "sparsemax"}
-    assert signal_options(metactl.ContextualTAMPO(normalizer="softmax")) == {
-        "normalizer": "softmax"}  # fmt: skip
-    assert signal_options(metactl.PTGS()) == {}  # PTGS's tau is its temperature range
-    assert signal_options(metactl.Fixed(1.0)) == {}
 
 
 # -- the new rules and TAMPO variants in the learner -------------------------------------------

@@ -60,9 +60,8 @@ import numpy as np
 
 import metactl
 from metactl.decision import group_settings
-from metactl.diagnostics import signal_diagnostics, stack_diagnostics
+from metactl.diagnostics import signal_diagnostics, signal_options, stack_diagnostics
 from metactl.feedback import FEEDBACK_NAMES, FeedbackSpec, TrainerSupport, check_trainer
-from metactl.rules import TAMPO, ContextualTAMPO, Hedge, MetaGradient, Rule
 
 from .learner import GRPOConfig, Rollout, TabularGRPO
 from .sampling import SAMPLER_KNOBS
@@ -73,7 +72,6 @@ __all__ = [
     "TrainLog",
     "check_policy",
     "group_advantages",
-    "signal_options",
     "train",
 ]
 
@@ -193,21 +191,6 @@ def check_policy(meta: Any) -> FeedbackSpec:
         )
     check_trainer(meta, TRAINER_SUPPORT)
     return spec
-
-
-def signal_options(rule: Rule) -> dict[str, Any]:
-    """The keywords of :func:`metactl.diagnostics.signal_diagnostics` for ``rule``'s signal:
-    the normaliser of the likelihood rules that declare one (TAMPO, ContextualTAMPO, Hedge,
-    MetaGradient) and TAMPO's scale ``tau``; none (the defaults) for any other rule.
-
-    >>> signal_options(metactl.TAMPO(normalizer="softmax", tau=0.5))
-    {'normalizer': 'softmax', 'tau': 0.5}
-    """
-    if isinstance(rule, TAMPO):
-        return {"normalizer": rule.normalizer, "tau": rule.tau}
-    if isinstance(rule, (ContextualTAMPO, Hedge, MetaGradient)):
-        return {"normalizer": rule.normalizer}
-    return {}
 
 
 def train(

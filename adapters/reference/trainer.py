@@ -98,7 +98,6 @@ from metactl.feedback import (
     check_trainer,
 )
 from metactl.knobs import KNOBS
-from metactl.rules import TAMPO, ContextualTAMPO, Hedge, MetaGradient, Rule
 
 from .config import GRPOConfig
 from .integrity import (
@@ -115,7 +114,7 @@ from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs
 
 __all__ = ["CHECKPOINT_ADVICE", "GRPOConfig", "GRPOTrainer", "cosine_with_floor",
-           "group_advantages", "policy_loss", "read_checkpoint", "signal_options",
+           "group_advantages", "policy_loss", "read_checkpoint",
            "trainer_support"]
 
 
@@ -153,22 +152,6 @@ def trainer_support(per_context: bool) -> TrainerSupport:
                               knobs=("temperature",), per_context=True, features=False)
     return TrainerSupport("GRPOTrainer", feedback=FEEDBACK_NAMES, knobs=KNOBS, per_context=True,
                           features=False)
-
-
-def signal_options(rule: Rule) -> dict[str, Any]:
-    """The keywords of `metactl.diagnostics.signal_diagnostics` for ``rule``'s signal: the
-    normaliser of the likelihood rules that declare one (TAMPO, ContextualTAMPO, Hedge,
-    MetaGradient) and TAMPO's scale ``tau``; none (the defaults) for any other rule.
-
-    Example:
-        >>> signal_options(metactl.TAMPO(normalizer="softmax", tau=0.5))
-        {'normalizer': 'softmax', 'tau': 0.5}
-    """
-    if isinstance(rule, TAMPO):
-        return {"normalizer": rule.normalizer, "tau": rule.tau}
-    if isinstance(rule, (ContextualTAMPO, Hedge, MetaGradient)):
-        return {"normalizer": rule.normalizer}
-    return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +227,6 @@ class GRPOTrainer:
         self.tokenizer.truncation_side = "left"
         self.policy = policy
         self.spec: FeedbackSpec = spec
-        # whether the decisions are per prompt group (spec.per_context; read by the lab)
-        self.contextual = spec.per_context
         self.context_fn = contexts
         self.prompts = prompts
         self.reward_fn = reward_fn
@@ -565,7 +546,7 @@ class GRPOTrainer:
         # likelihoods and advantages the rule just received (no model call)
         signal = None
         if feedback.loglik is not None and feedback.advantages is not None:
-            from metactl.diagnostics import signal_diagnostics
+            from metactl.diagnostics import signal_diagnostics, signal_options
 
             # the sampled value of a one-knob policy's knob; a joint grid's candidate index
             sampled_value: float | torch.Tensor = (

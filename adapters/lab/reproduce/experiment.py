@@ -484,7 +484,7 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         result["settings"] = {k: [h[k] for h in history] for k in logged}
     if any("signal" in h for h in history):  # a likelihood rule: its signal, every step
         result["signal"] = [h.get("signal") for h in history]
-    if trainer.contextual:  # per-prompt arms: which context got which temperature, every step
+    if trainer.spec.per_context:  # per-prompt arms: which context got which temperature, every step
         result["context_temperatures"] = [
             {"contexts": h["contexts"], "temperatures": h["temperatures"]} for h in history]
     write_json_checked(done, result)
