@@ -4,6 +4,7 @@ run end to end, and a policy over a knob the learner cannot set is refused."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -211,14 +212,21 @@ def test_a_policy_over_a_knob_the_learner_cannot_set_is_refused() -> None:
     assert json.dumps(generic.state_dict()) == before  # nothing drawn
 
     class BeamPolicy(metactl.MetaPolicy):
-        """A policy over a knob the gym sampler does not have."""
+        """A policy over a knob the gym sampler does not have (a spec the core itself would
+        refuse to build, forced past its checks)."""
 
         @property
         def knobs(self) -> tuple[str, ...]:
             return ("num_beams",)
 
+        @property
+        def spec(self) -> Any:
+            spec = copy.copy(super().spec)
+            object.__setattr__(spec, "knobs", ("num_beams",))
+            return spec
+
     beams = BeamPolicy([1.0, 2.0], metactl.EXP3(), hyperparameter="generic")
-    with pytest.raises(ValueError, match=r"\['num_beams'\].*cannot set"):
+    with pytest.raises(ValueError, match=r"cannot sample the policy's knobs \['num_beams'\]"):
         train(beams, env, 3)
     assert beams.step == 0
     with pytest.raises(TypeError, match=r"metactl\.MetaPolicy"):
