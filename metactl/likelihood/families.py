@@ -17,7 +17,8 @@ survivors). Top-k and min-p commute with each other (a rank and a ratio to the m
 two orders differ only when top-p and min-p are both active: vLLM's top-p then measures mass
 among the min-p survivors. ``order="hf"`` (default) or ``order="vllm"`` selects one.
 
-Kept sets (every one a prefix of the tokens sorted by logit, ties kept together):
+Kept sets (every one a prefix of the tokens sorted by logit, ties kept together; the code that
+counts them is :mod:`metactl.knobs`', which also exports the distribution itself):
 
 * top-k: tokens whose logit is ``>=`` the ``k``-th largest logit, ties at the boundary kept,
   exactly as HF's ``TopKLogitsWarper`` and vLLM (``scores < kth`` is removed); ``k >= V`` keeps
