@@ -15,12 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from metactl.selectors import nucleus_support
 
 import metactl
 from metactl import PTGS, Decision, DecisionBatch, MetaPolicy
 from metactl.rules.contextual_tampo import minmax_rows
-from metactl.selectors import Greedy, Nucleus, Sample
+from metactl.selectors import Greedy, Nucleus, Sample, nucleus_support
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import metactl.adapters.reference.integrity as integrity  # noqa: E402
-from metactl.adapters.reference.integrity import (  # noqa: E402
+import metactl.adapters.integrity as integrity  # noqa: E402
+from metactl.adapters.integrity import (  # noqa: E402
     HASH_FIELD,
     CorruptFileError,
     check_torch_file,

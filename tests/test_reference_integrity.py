@@ -27,7 +27,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-import metactl.adapters.reference.integrity as integrity  # noqa: E402
+import metactl.adapters.integrity as integrity  # noqa: E402
+from metactl.adapters.integrity import (  # noqa: E402
+    CorruptFileError,
+    OutputInUseError,
+)
 from metactl.adapters.lab.reproduce.experiment import (  # noqa: E402
     EvalConfig,
     ReproduceConfig,
@@ -36,10 +40,6 @@ from metactl.adapters.lab.reproduce.experiment import (  # noqa: E402
     run_arm,
     run_dir_for,
     run_experiment,
-)
-from metactl.adapters.reference.integrity import (  # noqa: E402
-    CorruptFileError,
-    OutputInUseError,
 )
 from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.sft import (  # noqa: E402

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from metactl.adapters.reference.integrity import exclusive_lock
+from metactl.adapters.integrity import exclusive_lock
 
 __all__ = ["OneLineErrorParser", "check_writable_dir", "output_lock", "parse_name_list"]
 
@@ -70,7 +70,7 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
 def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the exclusive lock of output folder ``out`` (``<out>/.lock``) for the ``with`` block:
     a second run on the same folder is refused at once with
-    `metactl.adapters.reference.integrity.OutputInUseError` naming the holder's pid, instead of
+    `metactl.adapters.integrity.OutputInUseError` naming the holder's pid, instead of
     redoing and overwriting the first one's work. The kernel releases the lock when the holder
     exits, killed or not."""
     if not isinstance(out, (str, os.PathLike)):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .integrity import (
+from ..integrity import (
     CorruptFileError,
     fsync_dir,
     json_sha256,

@@ -99,8 +99,7 @@ from metactl.feedback import (
 )
 from metactl.knobs import KNOBS
 
-from .config import GRPOConfig
-from .integrity import (
+from ..integrity import (
     HASH_FIELD,
     TORCH_PICKLE_PROTOCOL,
     CorruptFileError,
@@ -109,6 +108,7 @@ from .integrity import (
     read_torch_checked,
     tree_sha256,
 )
+from .config import GRPOConfig
 from .knobs import SamplerSetting, Truncation, setting_logprobs
 from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs

@@ -21,19 +21,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import metactl
 from metactl.knobs import KnobValue, check_knob
+
+from ..integrity import atomic_write
 
 __all__ = [
     "META_STATE_NAME",
@@ -224,16 +224,7 @@ def read_meta_state(
 
 def write_meta_state(folder: str, state: Mapping[str, Any]) -> None:
     """Write ``state`` to ``<folder>/metactl_state.json`` atomically (a unique temporary file in
-    the same folder, flushed to disk, then renamed into place)."""
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=META_STATE_NAME + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(folder, META_STATE_NAME))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    the same folder, flushed to disk, renamed into place, then the folder flushed: see
+    :func:`metactl.adapters.integrity.atomic_write`)."""
+    data = json.dumps(state, allow_nan=False).encode("utf-8")
+    atomic_write(os.path.join(folder, META_STATE_NAME), lambda f: f.write(data))

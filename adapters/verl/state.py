@@ -27,7 +27,7 @@ from typing import Any
 
 import metactl
 
-from ..reference.integrity import atomic_write
+from ..integrity import atomic_write
 from .config import META_HISTORY_LIMIT
 
 __all__ = ["STATE_FORMAT", "meta_state", "read_meta_state", "write_meta_state"]

@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"metactl reproduce: preset {cfg.preset}{' (quick)' if args.quick else ''}, "
           f"{len(cfg.controllers)} arms x {len(cfg.seeds)} seeds x {cfg.grpo.steps} steps, "
           f"{cfg.workers} worker(s); report -> {cfg.out}", flush=True)
-    from metactl.adapters.reference.integrity import RunRefusedError
+    from metactl.adapters.integrity import RunRefusedError
 
     try:
         report = run_experiment(cfg, progress=not args.no_progress)

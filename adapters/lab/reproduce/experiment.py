@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from metactl.adapters.reference.integrity import RunRefusedError
+from metactl.adapters.integrity import RunRefusedError
 from metactl.adapters.reference.model import TinyModelConfig
 from metactl.adapters.reference.sft import WarmupConfig
 from metactl.adapters.reference.tasks import ChainTask
@@ -300,7 +300,7 @@ def start_identity(start_path: str | None) -> str | None:
     files, see `sft.WarmupEntry`), ``None`` without a warm-up (paper preset)."""
     if start_path is None:
         return None
-    from metactl.adapters.reference.integrity import read_json_checked
+    from metactl.adapters.integrity import read_json_checked
     from metactl.adapters.reference.sft import META_FILE, entry_identity
 
     meta = read_json_checked(Path(start_path) / META_FILE,
@@ -340,7 +340,7 @@ _RESULT_ADVICE = "delete it to recompute this arm"
 def _read_result(path: Path) -> dict:
     """A run's ``result.json`` (hash checked; `CorruptFileError` naming it when damaged). A
     result without a hash (an older metactl) loads: its key never matches, so it is redone."""
-    from metactl.adapters.reference.integrity import read_json_checked
+    from metactl.adapters.integrity import read_json_checked
 
     return read_json_checked(path, advice=_RESULT_ADVICE, require_hash=False)
 
@@ -390,7 +390,7 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     checkpoint or result is damaged.
     """
     import torch
-    from metactl.adapters.reference.integrity import write_json_checked, write_text_atomic
+    from metactl.adapters.integrity import write_json_checked, write_text_atomic
     from metactl.adapters.reference.trainer import GRPOTrainer
 
     from ..controllers import make_policy
@@ -619,7 +619,7 @@ def check_run_files(cfg: ReproduceConfig) -> None:
     lock held."""
     import zipfile
 
-    from metactl.adapters.reference.integrity import CorruptFileError, remove_stale_temps
+    from metactl.adapters.integrity import CorruptFileError, remove_stale_temps
     from metactl.adapters.reference.trainer import CHECKPOINT_ADVICE
 
     for c in cfg.controllers:
@@ -650,7 +650,7 @@ def run_experiment(cfg: ReproduceConfig, progress: bool = True) -> Path:
     `run_all_arms`).
     """
     import torch
-    from metactl.adapters.reference.integrity import wait_exclusive, write_text_atomic
+    from metactl.adapters.integrity import wait_exclusive, write_text_atomic
 
     from .report import write_report
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from metactl.adapters.reference.integrity import write_text_atomic
+from metactl.adapters.integrity import write_text_atomic
 
 METRICS = {"pass1": "Pass@1 (avg@k at the evaluation temperature)", "greedy": "greedy Pass@1",
            "pass_at_k": "Pass@k"}

@@ -144,7 +144,7 @@ def _init_worker(progress_queue: Any, stop_event: Any, threads: int, parent_pid:
                          parent_pid=parent_pid)
     lock_fd = None
     if worker_lock is not None:
-        from metactl.adapters.reference.integrity import shared_lock_fd
+        from metactl.adapters.integrity import shared_lock_fd
 
         lock_fd = shared_lock_fd(worker_lock)
     _worker = _WorkerProcess(control, lock_fd)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metactl.adapters.reference.integrity import OutputInUseError
+from metactl.adapters.integrity import OutputInUseError
 
 import metactl
 

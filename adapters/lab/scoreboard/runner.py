@@ -25,14 +25,14 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from metactl.adapters.integrity import atomic_write_bytes
 
 import metactl
 
@@ -73,18 +73,8 @@ def _checksum(payload: dict[str, Any]) -> str:
 
 def write_record(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` with its checksum atomically (unique temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"payload": payload, "sha256": _checksum(payload)})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _finite_number(value: Any) -> bool:
