@@ -1,5 +1,4 @@
-"""Which policies the reference trainer can apply, and the names its trainer and config use for
-the sampler setting.
+"""The names the reference trainer and its config use for the sampler setting.
 
 The setting itself, its validation and the truncated distribution the rollout samples from and
 every log-prob of a GRPO batch is scored with are :mod:`metactl.knobs`' (`Setting`,
@@ -30,9 +29,9 @@ from typing import Any
 
 import torch
 
-from metactl.knobs import KNOBS, SMOOTHING_EPS, Setting, log_probs
+from metactl.knobs import SMOOTHING_EPS, Setting, log_probs
 
-__all__ = ["SamplerSetting", "Truncation", "check_policy_knobs", "setting_logprobs"]
+__all__ = ["SamplerSetting", "Truncation", "setting_logprobs"]
 
 
 class Truncation(Setting):
@@ -85,24 +84,3 @@ def setting_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
         raise TypeError(f"truncation must be a knobs.Truncation, got {truncation!r}")
     return log_probs(logits, truncation.at_temperature(temperature), tokens,
                      epsilon=SMOOTHING_EPS if eps is None else eps)
-
-
-def check_policy_knobs(policy: Any) -> tuple[str, ...]:
-    """The knobs ``policy`` sets (``policy.knobs``); raises `ValueError` for a policy the
-    reference trainer cannot apply: one that sets no sampler knob (``"generic"``), a knob the
-    sampler does not have, or a per-prompt policy over anything but the temperature."""
-    hyper = getattr(policy, "hyperparameter", "temperature")
-    knobs = tuple(getattr(policy, "knobs", (hyper,)))
-    if hyper == "generic" or not knobs:
-        raise ValueError(
-            "the reference trainer cannot apply a policy over hyperparameter='generic': it sets "
-            f"no sampler knob; use one of {list(KNOBS)} or a joint grid (metactl.grid(...))")
-    unknown = [k for k in knobs if k not in KNOBS]
-    if unknown:
-        raise ValueError(f"the reference sampler has no knob {unknown}; it sets {list(KNOBS)}")
-    if getattr(policy, "contextual", False) and knobs != ("temperature",):
-        raise ValueError(
-            f"a per-prompt policy over {list(knobs)} is not supported by the reference trainer "
-            "(per-prompt policies set one temperature per prompt group); use a global policy "
-            "over that knob, or a per-prompt policy over the temperature")
-    return knobs
