@@ -293,7 +293,7 @@ def test_row_setting_turns_either_decision_into_the_rows_temperatures(make) -> N
     tr = make_trainer(policy, rollout_top_p=0.9)
     _, decision, _ = tr._select()
     setting, rows, logged = tr.row_setting(decision)
-    assert setting.truncation.top_p == 0.9  # the config's truncation samples every row
+    assert setting.top_p == 0.9  # the config's truncation samples every row
     if policy.spec.per_context:
         values = np.asarray(decision.values, dtype=np.float64)
         assert torch.equal(rows, torch.from_numpy(np.repeat(values, 4)).float())

@@ -23,11 +23,6 @@ from metactl.adapters.lab.controllers import (  # noqa: E402
     make_policy,
     validate_controller,
 )
-from metactl.adapters.reference.knobs import (  # noqa: E402
-    SamplerSetting,
-    Truncation,
-    setting_logprobs,
-)
 from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.rollout import completion_logits, token_logprobs  # noqa: E402
 from metactl.adapters.reference.tasks import ALPHABET, ChainTask  # noqa: E402
@@ -154,10 +149,8 @@ def test_the_scored_logprobs_equal_metactl_likelihood_on_the_same_logits(family,
     ours = log_probs(logits, setting, tokens)
     assert torch.isfinite(ours).all()
     # the trainer's scoring is the core's, to the bit (also with one temperature per row)
-    cut = Truncation(setting.top_p, setting.top_k, setting.min_p)
-    assert torch.equal(setting_logprobs(logits, tokens, setting.temperature, cut), ours)
-    assert torch.equal(setting_logprobs(logits, tokens, torch.full((4,), setting.temperature),
-                                        cut), ours)
+    for row_t in (setting.temperature, torch.full((4,), setting.temperature)):
+        assert torch.equal(log_probs(logits, setting.at_temperature(row_t), tokens), ours)
     knob = {"temperature": "temperature", "joint": None}.get(family, family)
     varied = tuple(candidates.knobs) if knob is None else (knob,)
     ref = candidate_loglik(logits, tokens, mask, candidates, family,
@@ -311,7 +304,7 @@ def test_policies_the_trainer_cannot_apply_are_refused():
     with pytest.raises(ValueError, match="rollout_min_p"):
         GRPOConfig(rollout_min_p=1.0)
     with pytest.raises(ValueError, match="no knob"):
-        SamplerSetting().with_values({"top_a": 0.5})
+        Setting().with_values({"top_a": 0.5})
 
 
 def test_a_temperature_policy_under_a_fixed_nucleus_is_scored_under_it(monkeypatch):
@@ -389,22 +382,16 @@ def test_a_miniature_comparison_with_knob_arms_writes_a_report_naming_them(tmp_p
 def test_the_distribution_functions_and_the_sampler_reject_bad_arguments():
     logits = torch.zeros(2, 3, 5)
     tokens = torch.zeros(2, 3, dtype=torch.long)
-    with pytest.raises(TypeError, match=r"truncation must be a knobs\.Truncation"):
-        setting_logprobs(logits, tokens, 1.0, 0.9)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"setting must be a metactl\.knobs\.Setting"):
+        log_probs(logits, 0.9, tokens)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"setting must be a metactl\.knobs\.Setting"):
         truncated_probs(logits[0], {"top_p": 0.9})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tokens"):
-        setting_logprobs(logits, tokens[:, :2], 1.0, Truncation(top_p=0.9))
-    with pytest.raises(ValueError, match="tokens"):
         log_probs(logits, Setting(top_p=0.9), tokens[:, :2])
-    with pytest.raises(ValueError, match="eps"):
-        setting_logprobs(logits, tokens, 1.0, Truncation(top_p=0.9), eps=0.0)
     with pytest.raises(ValueError, match="eps"):
         log_probs(logits, Setting(top_p=0.9), tokens, epsilon=0.0)
     with pytest.raises(TypeError, match="logits must hold floating-point"):
         kept_mask(torch.zeros(2, 3, dtype=torch.long), Setting(top_k=2))
-    with pytest.raises(TypeError, match="top_k"):
-        Truncation(top_k=True)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="top_k"):
         Setting(top_k=True)  # type: ignore[arg-type]
     from metactl.adapters.reference.rollout import sample
@@ -415,10 +402,10 @@ def test_the_distribution_functions_and_the_sampler_reject_bad_arguments():
     common = dict(max_new_tokens=2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     with pytest.raises(ValueError, match="not also top_p"):
         sample(model, enc.input_ids, enc.attention_mask, temperature=1.0, top_p=0.9,
-               truncation=Truncation(top_k=2), **common)
+               truncation=Setting(top_k=2), **common)
     with pytest.raises(ValueError, match="truncation needs temperature > 0"):
         sample(model, enc.input_ids, enc.attention_mask, temperature=0.0,
-               truncation=Truncation(top_k=2), **common)
+               truncation=Setting(top_k=2), **common)
     with pytest.raises(TypeError, match=r"truncation must be a metactl\.knobs\.Setting"):
         sample(model, enc.input_ids, enc.attention_mask, temperature=1.0,
                truncation={"top_k": 2}, **common)  # type: ignore[arg-type]

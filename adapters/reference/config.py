@@ -7,9 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from metactl.knobs import check_knob
-
-from .knobs import SamplerSetting, Truncation
+from metactl.knobs import Setting, check_knob
 
 __all__ = ["GRPOConfig"]
 
@@ -51,7 +49,7 @@ class GRPOConfig:
     # -- rollouts
     max_new_tokens: int = 14
     max_prompt_len: int = 0
-    # the sampler's fixed setting (knobs/SamplerSetting): a policy's decision overrides the
+    # the sampler's fixed setting (a `metactl.knobs.Setting`): a policy's decision overrides the
     # knobs it sets; top_k 0, top_p 1 and min_p 0 are off, temperature 1 the untempered model
     rollout_temperature: float = 1.0
     rollout_top_p: float = 1.0
@@ -121,9 +119,8 @@ class GRPOConfig:
         return dataclasses.asdict(self)
 
     @property
-    def sampler_setting(self) -> SamplerSetting:
+    def sampler_setting(self) -> Setting:
         """The fixed sampler setting (``rollout_temperature``, ``rollout_top_p``,
         ``rollout_top_k``, ``rollout_min_p``) that a policy's decision overrides."""
-        return SamplerSetting(self.rollout_temperature,
-                              Truncation(top_p=self.rollout_top_p, top_k=self.rollout_top_k,
-                                         min_p=self.rollout_min_p))
+        return Setting(self.rollout_temperature, top_p=self.rollout_top_p,
+                       top_k=self.rollout_top_k or None, min_p=self.rollout_min_p)

@@ -37,12 +37,13 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
 the config's (`GRPOConfig.sampler_setting`: ``rollout_temperature``, ``rollout_top_p``, ...).
 The rollout draws from that setting's truncated distribution, and every log-prob of the batch
 (old, current, reference: the loss's importance ratio) is that distribution's, smoothed as
-`metactl.likelihood` defines it (`knobs.setting_logprobs`; why, and the bound on the
-difference, in `knobs`); the candidate likelihoods are ``candidate_loglik(..., policy.candidates,
-policy.family, <the other knobs at the step's values>)``. A temperature policy with no
-truncation configured takes exactly the plain path above. The log records each knob besides
-the temperature that is set (``top_p``, ...). A policy over no sampler knob (``"generic"``), or
-a per-prompt policy over anything but the temperature, is refused at construction.
+`metactl.likelihood` defines it (`metactl.knobs.log_probs`; why, and the bound on the
+difference, in `metactl.knobs`); the candidate likelihoods are ``candidate_loglik(...,
+policy.candidates, policy.family, <the other knobs at the step's values>)``. A temperature
+policy with no truncation configured takes exactly the plain path above. The log records each
+knob besides the temperature that is set (``top_p``, ...). A policy over no sampler knob
+(``"generic"``), or a per-prompt policy over anything but the temperature, is refused at
+construction.
 
 **A temperature per prompt group.** With a per-prompt policy (``policy.spec.per_context``:
 `metactl.PTGS`, `metactl.ContextualTAMPO`, `metactl.LinearThompson` with ``feature_dim=0``;
@@ -97,7 +98,7 @@ from metactl.feedback import (
     build_feedback,
     check_trainer,
 )
-from metactl.knobs import KNOBS
+from metactl.knobs import KNOBS, Setting, log_probs
 
 from ..integrity import (
     HASH_FIELD,
@@ -109,7 +110,6 @@ from ..integrity import (
     tree_sha256,
 )
 from .config import GRPOConfig
-from .knobs import SamplerSetting, Truncation, setting_logprobs
 from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs
 
@@ -237,9 +237,9 @@ class GRPOTrainer:
         self.family = policy.family
         # the plain temperature path (log_softmax(z / T), the candidates scored untruncated),
         # exactly as before knobs existed; any truncation, or a policy over another knob,
-        # takes the truncated path (knobs.setting_logprobs, candidate_loglik with the family)
+        # takes the truncated path (metactl.knobs.log_probs, candidate_loglik with the family)
         self.plain_temperature = (knobs == ("temperature",)
-                                  and not config.sampler_setting.truncation.active)
+                                  and not config.sampler_setting.truncated)
         # numbers for the signal diagnostics: the candidate values of a one-knob policy, the
         # candidate indices of a joint grid (its candidates are knob mappings)
         self.candidates = (np.asarray(policy.candidates, dtype=float) if len(knobs) == 1
@@ -281,16 +281,17 @@ class GRPOTrainer:
 
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 temperature: float | torch.Tensor, *,
-                truncation: Truncation | None = None,
+                truncation: Setting | None = None,
                 return_entropy: bool = False) -> Completions:
-        """Sample one completion per prompt row at ``temperature`` under ``truncation`` (default:
-        the config's, `GRPOConfig.sampler_setting`; drawn from `knobs.truncated_probs`) (chunked
-        if configured); with
-        ``return_entropy`` also the token entropy at ``temperature`` of every sampled position
-        (`Completions.entropy`, from the sampling loop's own logits). ``temperature``: a float,
-        or a (N,) tensor, row ``i`` sampled (and its entropy measured) at ``temperature[i]``."""
+        """Sample one completion per prompt row at ``temperature`` under ``truncation``'s top-k,
+        top-p and min-p (a `metactl.knobs.Setting`, its temperature unused; default: the
+        config's, `GRPOConfig.sampler_setting`; drawn from `metactl.knobs.truncated_probs`)
+        (chunked if configured); with ``return_entropy`` also the token entropy at
+        ``temperature`` of every sampled position (`Completions.entropy`, from the sampling
+        loop's own logits). ``temperature``: a float, or a (N,) tensor, row ``i`` sampled (and
+        its entropy measured) at ``temperature[i]``."""
         chunk = self.cfg.rollout_chunk or prompt_ids.shape[0]
-        cut = self.cfg.sampler_setting.truncation if truncation is None else truncation
+        cut = self.cfg.sampler_setting if truncation is None else truncation
         parts = []
         self.model.eval()
         for s in range(0, prompt_ids.shape[0], chunk):
@@ -328,7 +329,7 @@ class GRPOTrainer:
         needs: set[str] | frozenset[str] = frozenset(),
         score_skipped_rows: bool = True,
         loglik_normalization: str = "mean",
-        setting: SamplerSetting | None = None,
+        setting: Setting | None = None,
     ) -> dict[str, Any]:
         """``ppo_epochs`` optimizer steps on one rollout batch, every log-prob at ``temperature``
         (a float, or a (N,) CPU tensor: every log-prob of row ``i``, current, old and reference,
@@ -336,8 +337,8 @@ class GRPOTrainer:
         ``setting`` (default: the config's, `GRPOConfig.sampler_setting`; its temperature is
         ``temperature``'s). With a truncation every log-prob (current, old, reference) is the
         smoothed log-probability of the truncated distribution the rollout sampled from
-        (`knobs.setting_logprobs`: the sampling distribution up to a factor within 1e-3 of 1
-        on every sampled token, see `knobs`; PPO's importance ratio must be that of the
+        (`metactl.knobs.log_probs`: the sampling distribution up to a factor within 1e-3 of 1
+        on every sampled token, see `metactl.knobs`; PPO's importance ratio must be that of the
         sampling distribution, which an untruncated ``log_softmax(z / T)`` is not), and the
         candidate likelihoods are `metactl.likelihood.candidate_loglik` over the policy's
         family with the knobs it does not set held at the step's values. Without one, the
@@ -359,10 +360,9 @@ class GRPOTrainer:
         cfg = self.cfg
         n = comp_ids.shape[0]
         setting = cfg.sampler_setting if setting is None else setting
-        if not isinstance(setting, SamplerSetting):
-            raise TypeError(f"setting must be a knobs.SamplerSetting, got {setting!r}")
-        cut = setting.truncation
-        plain = self.plain_temperature and not cut.active
+        if not isinstance(setting, Setting):
+            raise TypeError(f"setting must be a metactl.knobs.Setting, got {setting!r}")
+        plain = self.plain_temperature and not setting.truncated
         fixed_knobs = setting.fixed_knobs(self.knobs)
         if isinstance(temperature, torch.Tensor):
             from .rollout import check_row_temperatures
@@ -421,7 +421,7 @@ class GRPOTrainer:
             """The log-probs (N, C) of ``tokens`` under the distribution that sampled them."""
             if plain:
                 return token_logprobs(logits, tokens, row_t)
-            return setting_logprobs(logits, tokens, row_t, cut)
+            return log_probs(logits, setting.at_temperature(row_t), tokens)
 
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
@@ -512,7 +512,7 @@ class GRPOTrainer:
         with self._autocast():
             # the entropy controllers' feedback comes from the sampling loop's own logits
             sampled = self.rollout(prompt_ids, prompt_mask, row_temperature,
-                                   truncation=setting.truncation,
+                                   truncation=setting,
                                    return_entropy="entropy" in needs)
         comp_ids, comp_mask = sampled.tokens, sampled.mask
         t_rollout = time.perf_counter() - t0
@@ -602,7 +602,7 @@ class GRPOTrainer:
         return record
 
     def row_setting(self, decision: Decision | DecisionBatch
-                    ) -> tuple[SamplerSetting, float | torch.Tensor, float]:
+                    ) -> tuple[Setting, float | torch.Tensor, float]:
         """The step's sampler setting from ``decision``: ``(setting, row_temperature,
         temperature)``.
 
@@ -663,11 +663,11 @@ class GRPOTrainer:
                     "decision_indices": [int(i) for i in batch.indices]}
         return {"decision_index": int(cast(Decision, decision).index)}
 
-    def _logged_knobs(self, setting: SamplerSetting) -> dict[str, Any]:
+    def _logged_knobs(self, setting: Setting) -> dict[str, Any]:
         """``{knob: value}`` of the step's non-temperature knobs that are set: by the policy, or
         by the config to anything but off (``top_k`` an int, the others floats)."""
         values = setting.as_dict()
-        off = SamplerSetting().as_dict()
+        off = Setting().as_dict()
         return {k: values[k] for k in ("top_p", "top_k", "min_p")
                 if k in self.knobs or values[k] != off[k]}
 

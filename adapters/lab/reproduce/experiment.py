@@ -321,7 +321,7 @@ def arm_key(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         d.pop(k)
     d["grpo"] = {k: v for k, v in d["grpo"].items() if k not in _GRPO_NOT_IN_ARM_KEY
                  and not (k in _GRPO_KNOBS_OFF and v == _GRPO_KNOBS_OFF[k])}
-    if cfg.grpo.sampler_setting.truncation.active:
+    if cfg.grpo.sampler_setting.truncated:
         # a truncated rollout is scored under its truncation: a result of the older,
         # untruncated scoring is another computation
         d["grpo"]["truncated_scoring"] = 1
