@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import ROOT
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -398,8 +400,8 @@ SCRIPT = """
 import sys
 
 if __name__ == "__main__":  # not in the spawned workers, which import this file too
-    sys.path.insert(0, {tests!r})
-    from test_reference_integrity import mini_config
+    sys.path.insert(0, {root!r})
+    from tests.adapters.lab.reproduce.test_integrity import mini_config
     from metactl.adapters.lab.reproduce.experiment import run_experiment
 
     try:
@@ -413,7 +415,7 @@ def start_run(tmp_path: Path, out: Path, cache: Path) -> subprocess.Popen:
     """``run_experiment`` of `mini_config` in a new process (and process group); its stderr
     goes to ``tmp_path / "stderr.txt"``."""
     script = tmp_path / "run_mini.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(SCRIPT.format(root=str(ROOT)))
     with open(tmp_path / "stderr.txt", "w") as err:
         return subprocess.Popen([sys.executable, str(script), str(out), str(cache)],
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)

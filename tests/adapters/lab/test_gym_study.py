@@ -18,6 +18,8 @@ from metactl.adapters.lab.gym_study import (
     summarise,
 )
 
+from tests.paths import ROOT
+
 TINY = ["--seeds", "2", "--steps", "6", "--group-size", "4", "--num-tasks", "3"]
 
 
@@ -45,7 +47,7 @@ def test_main_runs_end_to_end_and_writes_its_files(tmp_path: Path, workers: str,
 
 
 def test_example_script_delegates_to_main(tmp_path: Path, monkeypatch) -> None:
-    script = Path(__file__).resolve().parents[1] / "examples" / "gym_study.py"
+    script = ROOT / "examples" / "gym_study.py"
     argv = [str(script), *TINY, "--controllers", "linear,fixed-1.0", "--workers", "1",
             "--out", str(tmp_path), "--no-plots", "--quiet"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.paths import ROOT
+
 pytest.importorskip("matplotlib")
 
 from metactl.adapters.lab.scoreboard.cli import main, select_controllers, select_testbeds
@@ -162,7 +164,7 @@ def test_out_naming_a_file_is_refused_before_any_run(tmp_path: Path, capsys) -> 
 
 
 def test_suite_matches_the_protocol() -> None:
-    protocol = (Path(__file__).resolve().parents[1] / "benchmarks" / "PROTOCOL.md").read_text()
+    protocol = (ROOT / "benchmarks" / "PROTOCOL.md").read_text()
     dev = [t.name for t in TESTBEDS.values() if t.split == DEVELOPMENT]
     held = [t.name for t in TESTBEDS.values() if t.split == HELD_OUT]
     assert dev == ["gym-default", "gym-sharp", "gym-flat", "reference-quick"]

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,7 @@ import metactl
 from metactl import PTGS, Decision, DecisionBatch, MetaPolicy
 from metactl.rules.contextual_tampo import minmax_rows
 from metactl.selectors import Greedy, Nucleus, Sample, nucleus_support
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def _json_round_trip(policy: MetaPolicy) -> MetaPolicy:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from metactl.adapters.trl.testing import torch_threads
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def _load(relative: str) -> ModuleType:
