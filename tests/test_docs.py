@@ -11,15 +11,15 @@ run from a copy that left them behind.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parents[1] / "docs"
-DOCS = _HERE if _HERE.is_dir() else Path(os.environ.get("METACTL_SOURCE_ROOT", "")) / "docs"
+from tests.paths import project_file
+
+DOCS = project_file("docs")
 
 #: The pages the README links to; each must exist.
 PAGES = ("api.md", "trl.md", "verl.md", "gym.md", "reference.md", "results.md", "development.md")

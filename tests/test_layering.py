@@ -11,13 +11,13 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import SOURCE_ROOT
 
 
 def _modules(tree: str, installed_as: str) -> Iterator[tuple[str, Path, bool]]:
-    """(dotted module name as installed, file, is a package ``__init__``) of ``ROOT / tree``."""
-    for path in sorted((ROOT / tree).rglob("*.py")):
-        parts = list(path.relative_to(ROOT / tree).with_suffix("").parts)
+    """(dotted module name as installed, file, is a package ``__init__``) of the tree."""
+    for path in sorted((SOURCE_ROOT / tree).rglob("*.py")):
+        parts = list(path.relative_to(SOURCE_ROOT / tree).with_suffix("").parts)
         is_package = parts[-1] == "__init__"
         if is_package:
             parts = parts[:-1]
@@ -46,7 +46,7 @@ def _within(target: str, package: str) -> bool:
 
 
 def test_the_library_imports_no_adapter() -> None:
-    found = [f"{path.relative_to(ROOT)}:{line}: {target}"
+    found = [f"{path.relative_to(SOURCE_ROOT)}:{line}: {target}"
              for module, path, is_package in _modules("metactl", "metactl")
              for target, names, line in _imports(module, path, is_package)
              if _within(target, "metactl.adapters")
@@ -55,7 +55,7 @@ def test_the_library_imports_no_adapter() -> None:
 
 
 def test_no_integration_imports_the_lab() -> None:
-    found = [f"{path.relative_to(ROOT)}:{line}: {target}"
+    found = [f"{path.relative_to(SOURCE_ROOT)}:{line}: {target}"
              for module, path, is_package in _modules("adapters", "metactl.adapters")
              if not _within(module, "metactl.adapters.lab")
              for target, names, line in _imports(module, path, is_package)
@@ -67,7 +67,7 @@ def test_no_integration_imports_the_lab() -> None:
 
 
 def test_the_lab_imports_no_private_name_of_another_module() -> None:
-    found = [f"{path.relative_to(ROOT)}:{line}: {name} from {target}"
+    found = [f"{path.relative_to(SOURCE_ROOT)}:{line}: {name} from {target}"
              for module, path, is_package in _modules("adapters/lab", "metactl.adapters.lab")
              for target, names, line in _imports(module, path, is_package)
              for name in names

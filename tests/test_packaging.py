@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCE_ROOT = Path(os.environ.get("METACTL_SOURCE_ROOT", Path(__file__).resolve().parents[1]))
+from tests.paths import SOURCE_ROOT
 
 
 def _source_modules() -> dict[str, Path]:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 
 import metactl
+from tests.paths import ROOT
 
 
 def _load_quickstart():
-    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    path = ROOT / "examples" / "quickstart.py"
     spec = importlib.util.spec_from_file_location("quickstart", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -9,13 +9,14 @@ run on the tiny local model). The quick start's two shell commands are run verba
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests.paths import ROOT, SOURCE_ROOT
+
+README = ROOT / "README.md"
 
 
 def _blocks(language: str) -> list[str]:
@@ -51,7 +52,7 @@ def test_readme_quick_start_commands() -> None:
 def test_readme_links_resolve() -> None:
     """Every relative link of the README names a file of the source tree (``METACTL_SOURCE_ROOT``
     when the tests run from a copy)."""
-    root = Path(os.environ.get("METACTL_SOURCE_ROOT", README.parent))
+    root = SOURCE_ROOT
     links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text())
     assert links
     missing = [link for link in links if not (root / link).exists()]
