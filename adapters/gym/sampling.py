@@ -18,14 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from metactl.knobs import KNOBS, SMOOTHING_EPS, Setting, SettingRows, sampling_terms
+from metactl.knobs import SMOOTHING_EPS, Setting, SettingRows, sampling_terms
 
 __all__ = ["SamplerRows", "family_log_probs", "log_softmax", "row_settings"]
-
-#: The knobs the gym learner's sampler applies (:data:`metactl.knobs.KNOBS`); the name the
-#: gym's training loop imports.
-SAMPLER_KNOBS: tuple[str, ...] = KNOBS
-
 
 def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable ``log softmax`` along ``axis``.

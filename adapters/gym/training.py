@@ -62,9 +62,9 @@ import metactl
 from metactl.decision import group_settings
 from metactl.diagnostics import signal_diagnostics, signal_options, stack_diagnostics
 from metactl.feedback import FEEDBACK_NAMES, FeedbackSpec, TrainerSupport, check_trainer
+from metactl.knobs import KNOBS
 
 from .learner import GRPOConfig, Rollout, TabularGRPO
-from .sampling import SAMPLER_KNOBS
 
 __all__ = [
     "TRAINER_SUPPORT",
@@ -83,7 +83,7 @@ __all__ = [
 TRAINER_SUPPORT = TrainerSupport(
     "the gym learner",
     feedback=FEEDBACK_NAMES,
-    knobs=SAMPLER_KNOBS,
+    knobs=KNOBS,
     per_context=True,
     features=False,
 )
@@ -187,7 +187,7 @@ def check_policy(meta: Any) -> FeedbackSpec:
     if not spec.knobs:
         raise ValueError(
             "meta sets no sampler knob (hyperparameter='generic'): the gym learner samples "
-            f"with a policy over {', '.join(SAMPLER_KNOBS)} or a joint grid of them"
+            f"with a policy over {', '.join(KNOBS)} or a joint grid of them"
         )
     check_trainer(meta, TRAINER_SUPPORT)
     return spec
@@ -229,7 +229,7 @@ def train(
     group = learner.config.group_size
     defaults = learner.config.fixed_knobs()
     # the knobs the policy does not set: they sampled the batch and score the candidates
-    fixed = {knob: defaults[knob] for knob in SAMPLER_KNOBS if knob not in knobs}
+    fixed = {knob: defaults[knob] for knob in KNOBS if knob not in knobs}
     family = meta.family
     rng = np.random.default_rng(seed)
     k = len(meta.candidates)
@@ -240,7 +240,7 @@ def train(
     reward = np.empty(steps)
     entropy = np.empty(steps)
     probs = np.empty((steps, k))
-    knob_log = {knob: np.empty(steps) for knob in SAMPLER_KNOBS}
+    knob_log = {knob: np.empty(steps) for knob in KNOBS}
     # a likelihood rule's signal diagnostics, from the (N, K) likelihoods it already receives
     # (over one knob's values: a joint grid's candidates have no single value to rank)
     diagnose = {"loglik", "advantages"} <= set(spec.feedback) and family != "joint"
@@ -292,7 +292,7 @@ def train(
             given = {name: getattr(feedback, name) for name in feedback.given()}
             on_step(StepRecord(step, decision, batch, advantages, given, info, learner))
 
-        for knob in SAMPLER_KNOBS:
+        for knob in KNOBS:
             # a global step logs its value itself (a mean of equal floats may round)
             value = rows[knob] if not isinstance(rows[knob], np.ndarray) else per_task[knob].mean()
             knob_log[knob][step] = 0.0 if value is None else float(value)
