@@ -34,13 +34,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
 
 import metactl
-from metactl.knobs import KNOB_OFF, KNOBS, check_knob, joint_candidates
+from metactl.knobs import KNOB_OFF, KNOBS, Setting, check_knob, joint_candidates
 from metactl.likelihood import candidate_loglik
 
 __all__ = [
@@ -83,14 +83,15 @@ def engine_knob(knob: str, value: Any) -> Any:
 @dataclass(frozen=True)
 class CandidateScoring:
     """How the candidates of one policy are scored on one engine: the family, the candidates
-    (values of the owned knob, or joint mappings), the fixed knobs and the order.
+    (values of the owned knob, or joint mappings), the sampler ``setting`` holding the knobs
+    the candidates do not vary (each owned knob at its off value) and the order.
 
     :meth:`loglik` is :func:`metactl.likelihood.candidate_loglik` with exactly these arguments.
     A plain list of temperatures is ``CandidateScoring.of([0.7, 1.0])``.
 
     Example:
         >>> import numpy as np
-        >>> s = CandidateScoring(candidates=(0.8, 1.2), family="temperature", top_p=0.9)
+        >>> s = CandidateScoring(candidates=(0.8, 1.2), setting=Setting(top_p=0.9))
         >>> s.loglik(np.zeros((1, 2, 4)), np.array([[0, 3]]), np.ones((1, 2))).shape
         (1, 2)
         >>> s.plain_temperatures is None, CandidateScoring.of([0.8, 1.2]).plain_temperatures
@@ -101,10 +102,7 @@ class CandidateScoring:
 
     candidates: tuple[Any, ...]
     family: str = "temperature"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float = 0.0
+    setting: Setting = field(default_factory=Setting)
     order: str = "hf"
 
     @classmethod
@@ -129,19 +127,16 @@ class CandidateScoring:
             >>> policy = metactl.MetaPolicy([0.9, 1.0], metactl.EXP3(), hyperparameter="top_p")
             >>> s = CandidateScoring.for_policy(
             ...     policy, {"temperature": 0.8, "top_k": 0, "min_p": None}, order="hf")
-            >>> s.family, s.candidates, s.temperature, s.top_k, s.min_p
-            ('top_p', (0.9, 1.0), 0.8, None, 0.0)
+            >>> s.family, s.candidates, s.setting
+            ('top_p', (0.9, 1.0), Setting(temperature=0.8, top_p=1.0, top_k=None, min_p=0.0))
         """
-        fixed = {
-            knob: engine_knob(knob, settings.get(knob))
-            for knob in KNOBS
-            if knob not in policy.knobs
-        }
+        fixed = Setting(**{knob: engine_knob(knob, settings.get(knob)) for knob in KNOBS
+                           if knob not in policy.knobs})
         if policy.family == "joint":  # each candidate's setting, knobs in canonical order
             scored = tuple(policy.setting(k) for k in range(policy.num_candidates))
         else:
             scored = tuple(policy.candidates.tolist())
-        return cls(candidates=scored, family=policy.family, order=order, **fixed)
+        return cls(candidates=scored, family=policy.family, setting=fixed, order=order)
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -157,26 +152,14 @@ class CandidateScoring:
     def plain_temperatures(self) -> list[float] | None:
         """The candidate temperatures when nothing but the temperature shapes the distribution
         (the case TRL's fused head tiles can be folded online), else ``None``."""
-        if self.family != "temperature":
-            return None
-        if self.top_p != 1.0 or self.top_k is not None or self.min_p != 0.0:
+        if self.family != "temperature" or self.setting.truncated:
             return None
         return [float(c) for c in self.candidates]
 
     def loglik(self, logits: Any, tokens: Any, mask: Any) -> Any:
         """``(N, K)`` length-normalised log-likelihoods (see ``candidate_loglik``)."""
-        return candidate_loglik(
-            logits,
-            tokens,
-            mask,
-            list(self.candidates),
-            self.family,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            order=self.order,
-        )
+        return candidate_loglik(logits, tokens, mask, list(self.candidates), self.family,
+                                order=self.order, **self.setting.as_dict())
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from metactl.adapters.trl.testing import (
 from trl.trainer.utils import add_fused_lm_head
 
 import metactl
+from metactl.knobs import Setting
 
 CANDIDATES = [0.6, 0.8, 1.0, 1.3, 1.5]
 
@@ -92,8 +93,8 @@ def test_fused_truncated_family_whole_tiles_or_a_clear_fallback(vocab_chunk, mon
     ids = torch.randint(4, len(tok), (3, 9), generator=torch.Generator().manual_seed(2))
     labels = ids.clone()
     labels[:, :-5] = -100
-    scoring = CandidateScoring(candidates=(0.3, 0.6, 1.0), family="top_p", temperature=0.9,
-                               top_k=6)  # fmt: skip
+    scoring = CandidateScoring(candidates=(0.3, 0.6, 1.0), family="top_p",
+                               setting=Setting(temperature=0.9, top_k=6))
     capture = FusedLogitsCapture(scoring)
     with capture.recording(ids, torch.ones_like(ids), 5, None), torch.no_grad():
         model(input_ids=ids, labels=labels, fused_lm_head=True)

@@ -364,7 +364,7 @@ def test_guard_matrix(model_path, tmp_path, family, setting):
     for knob, off in (("top_p", 1.0), ("top_k", None), ("min_p", 0.0)):
         if knob in trainer.meta_policy.knobs:
             continue
-        assert getattr(scoring, knob) == user.get(knob, off), knob
+        assert getattr(scoring.setting, knob) == user.get(knob, off), knob
     assert scoring.order == "hf"
 
 
@@ -389,7 +389,7 @@ def test_guard_matrix_per_prompt_cells(model_path, tmp_path):
                                          r"knobs \['top_p'\]"):  # fmt: skip
         build(top_p_per_prompt)
 
-    assert build(top_k=5).meta_scoring.top_k == 5
+    assert build(top_k=5).meta_scoring.setting.top_k == 5
     with pytest.raises(ValueError, match=r"^top_p=0.9: with a per-prompt meta_policy"):
         build(top_p=0.9)
     with pytest.raises(ValueError, match=r"^min_p=0.1: with a per-prompt meta_policy"):

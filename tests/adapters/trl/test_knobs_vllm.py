@@ -134,7 +134,8 @@ def test_every_vllm_request_carries_the_chosen_top_p_and_top_k(joint_run):
 def test_candidates_are_scored_in_vllm_order_with_the_fixed_knobs(joint_run):
     scoring = joint_run.meta_scoring
     assert scoring.family == "joint" and scoring.order == "vllm"
-    assert scoring.temperature == USER["temperature"] and scoring.min_p == USER["min_p"]
+    assert scoring.setting.temperature == USER["temperature"]
+    assert scoring.setting.min_p == USER["min_p"]
     # vLLM with importance-sampling correction (TRL's default): TRL makes an old-logprob pass
     assert [h["likelihood_path"] for h in joint_run.meta_history] == ["old", "old"]
     policy = joint_run.meta_policy
