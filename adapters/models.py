@@ -172,6 +172,9 @@ def _convert(source: Path, source_sha: str, root: Path, folder: Path) -> None:
                 "transformers": transformers.__version__, "torch": torch.__version__,
                 "convert_seconds": round(time.perf_counter() - start, 1), "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the published entry is not
+        if _entry_ok(folder, source_sha):
+            return  # a concurrent conversion published first
         with contextlib.suppress(OSError):
             if folder.exists():  # a damaged or outdated entry: set it aside, then delete it
                 aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=root))

