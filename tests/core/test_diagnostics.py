@@ -249,10 +249,10 @@ def test_the_reference_trainer_records_the_signal_of_every_step(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     import torch
+    from metactl.adapters.char_tokenizer import build_char_tokenizer
     from metactl.adapters.lab.reproduce.report import make_plots
     from metactl.adapters.reference.model import TinyModelConfig, build_model
     from metactl.adapters.reference.tasks import ALPHABET, ChainTask
-    from metactl.adapters.reference.tokenizer import build_char_tokenizer
     from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer
 
     task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))

@@ -25,3 +25,25 @@ def test_docstring_examples_run(module: str) -> None:
         optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
     )
     assert result.failed == 0
+
+
+#: Modules whose docstrings must hold examples: every one of them runs, and there is one at least.
+WITH_EXAMPLES = [
+    "metactl.contexts",
+    "metactl.policy",
+    "metactl.rules.contextual_tampo",
+    "metactl.rules.counterfactual",
+    "metactl.rules.entropy_schedule",
+    "metactl.rules.linear_thompson",
+    "metactl.rules.ptgs",
+    "metactl.rules.tampo",
+    "metactl.rules.uncertainty",
+    "metactl.selectors",
+]
+
+
+@pytest.mark.parametrize("module", WITH_EXAMPLES)
+def test_these_modules_have_examples_and_they_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -1,4 +1,5 @@
-"""Selectors: nucleus over candidates, plain sampling, greedy."""
+"""Selectors: nucleus over candidates, plain sampling, greedy; the row-wise selection per-context
+policies use draws what the one-row selection draws."""
 
 from __future__ import annotations
 
@@ -133,3 +134,43 @@ def test_sample_never_picks_zero_probability() -> None:
 def test_bad_top_p(top_p: float) -> None:
     with pytest.raises(ValueError, match="top_p"):
         Nucleus(top_p)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    raw=arrays(np.float64, (6, 5), elements=st.sampled_from([0.0, 0.0, 0.1, 0.2, 0.25, 0.5, 1.0])),
+    top_p=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9, 1.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_vectorised_selectors_match_the_scalar_ones(
+    raw: np.ndarray, top_p: float, seed: int
+) -> None:
+    raw[:, 0] += 1e-3  # every row has some mass
+    probs = raw / raw.sum(axis=1, keepdims=True)
+
+    def inverse_cdf(p: np.ndarray, u: float) -> int:
+        cdf = np.cumsum(p)
+        index = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        return min(index, int(np.flatnonzero(p > 0)[-1]))
+
+    def scalar(selector: object, row: np.ndarray, rng: np.random.Generator) -> tuple[int, float]:
+        """The selection rule one row at a time, written out with nucleus_support."""
+        if isinstance(selector, Greedy):
+            return int(np.argmax(row)), 1.0
+        if isinstance(selector, Sample):
+            index = inverse_cdf(row, rng.random())
+            return index, float(row[index] / row.sum())
+        kept = nucleus_support(row, top_p)
+        mass = row[kept] / row[kept].sum()
+        u = rng.random()
+        choice = inverse_cdf(mass, u) if kept.shape[0] > 1 else 0
+        return int(kept[choice]), float(mass[choice])
+
+    for selector in (Nucleus(top_p), Sample(), Greedy()):
+        scalar_rng = np.random.default_rng(seed)
+        expected = [scalar(selector, row, scalar_rng) for row in probs]
+        vector_rng = np.random.default_rng(seed)
+        index, prob = selector.select_rows(probs, vector_rng)
+        assert [(int(i), float(p)) for i, p in zip(index, prob, strict=True)] == expected
+        assert scalar_rng.bit_generator.state == vector_rng.bit_generator.state
+

@@ -1,10 +1,10 @@
-"""New rules for the real objective (issue 9, point 4): the counterfactual rule and the
-entropy-schedule controller, on hand-made feedback."""
+"""The counterfactual rule (``metactl.rules.counterfactual``) on hand-made and sampled
+feedback: which way it moves, its score's invariances and properties, the ESS guard, bad feedback
+and configuration, and its state."""
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metactl
-from metactl import Counterfactual, EntropySchedule, EntropyTarget, MetaPolicy, Uncertainty
+from metactl import Counterfactual, MetaPolicy
 from metactl.likelihood import candidate_loglik
 from metactl.rules import RULES
 from metactl.rules.counterfactual import counterfactual_scores
-from metactl.rules.uncertainty import outcome_uncertainty
+from tests.core.helpers import snapshot
 
 CANDIDATES = [0.8, 1.0, 1.2]
 
@@ -28,15 +28,8 @@ UP_LOGLIK = np.array(
 )
 
 
-def _snapshot(policy: MetaPolicy) -> str:
-    return json.dumps(policy.state_dict(), sort_keys=True)
-
-
 def _policy(**kwargs: Any) -> MetaPolicy:
     return MetaPolicy(CANDIDATES, Counterfactual(**kwargs), seed=0)
-
-
-# -- the counterfactual rule -------------------------------------------------------------------
 
 
 def test_counterfactual_raises_t_when_the_rare_completions_succeed() -> None:
@@ -200,10 +193,10 @@ def test_informative_objective_by_hand() -> None:
     policy.update(policy.select(), loglik=UP_LOGLIK, rewards=np.array([1.0, 0, 0, 0]), group_size=4)
     assert policy.select().value == 1.2
     decision = policy.select()
-    before = _snapshot(policy)
+    before = snapshot(policy)
     with pytest.raises(ValueError, match="0 or 1"):
         policy.update(decision, loglik=UP_LOGLIK, rewards=np.array([0.5, 0, 0, 0]), group_size=4)
-    assert _snapshot(policy) == before
+    assert snapshot(policy) == before
 
 
 @pytest.mark.parametrize(
@@ -235,10 +228,10 @@ def test_counterfactual_bad_feedback_names_it_and_changes_nothing(
     policy = _policy()
     policy.update(policy.select(), loglik=UP_LOGLIK, rewards=np.array([1.0, 0, 0, 0]), group_size=4)
     decision = policy.select()
-    before = _snapshot(policy)
+    before = snapshot(policy)
     with pytest.raises((ValueError, TypeError), match=match):
         policy.update(decision, **feedback)
-    assert _snapshot(policy) == before
+    assert snapshot(policy) == before
 
 
 @pytest.mark.parametrize(
@@ -315,277 +308,18 @@ def test_counterfactual_invalid_state_is_rejected_without_a_partial_load(
     edit: dict[str, Any], match: str
 ) -> None:
     policy = _trained_counterfactual()
-    before = _snapshot(policy)
+    before = snapshot(policy)
     state = json.loads(before)
     state["rule_state"].update(edit)
     state["step"] = 0  # a valid change of another field, which must not be applied either
     with pytest.raises((ValueError, TypeError), match=match):
         policy.load_state_dict(state)
-    assert _snapshot(policy) == before
+    assert snapshot(policy) == before
     missing = json.loads(before)
     del missing["rule_state"]["current"]
     with pytest.raises(ValueError, match="rule_state"):
         policy.load_state_dict(missing)
-    assert _snapshot(policy) == before
-
-
-# -- the entropy-schedule controller -----------------------------------------------------------
-
-
-def _e3(t: float, target: float, entropy: float, vocab: int) -> float:
-    return t * (
-        1.0 + t * math.log(target / entropy) / (math.log(vocab) + math.log(math.log(vocab)))
-    )
-
-
-def test_entropy_schedule_targets_follow_the_schedule() -> None:
-    linear = EntropySchedule(2.0, 0.5, 4)
-    assert [linear.target_at(t) for t in range(6)] == [2.0, 1.5, 1.0, 0.5, 0.5, 0.5]
-    cosine = EntropySchedule(2.0, 0.5, 3, kind="cosine")
-    np.testing.assert_allclose([cosine.target_at(t) for t in range(3)], [2.0, 1.25, 0.5])
-    # total_steps = 1: the start for the first step, the end from then on (as Schedule does)
-    one = EntropySchedule(1.0, 3.0, 1)
-    assert [one.target_at(t) for t in range(3)] == [1.0, 3.0, 3.0]
-
-
-def test_entropy_schedule_applies_the_e3_rule_with_the_scheduled_target() -> None:
-    # the same batch entropy (1.0) is below the early targets (heat) and above the late (cool)
-    rule = EntropySchedule(2.0, 0.5, 4, initial=1.0)
-    policy = MetaPolicy([0.5, 1.0, 1.5], rule)
-    expected, values = 1.0, []
-    for step in range(5):
-        decision = policy.select()
-        assert decision.value == pytest.approx(expected, rel=1e-15)
-        values.append(decision.value)
-        policy.update(decision, entropy=1.0, vocab_size=1000)
-        expected = min(max(_e3(expected, rule.target_at(step), 1.0, 1000), 0.5), 1.5)
-    # heated while H*(t) > 1, unchanged at H*(2) = 1, cooled once H*(t) < 1
-    assert values[1] > values[0] and values[2] > values[1]
-    assert values[3] == values[2] and values[4] < values[3]
-
-
-def test_constant_entropy_schedule_is_entropy_target_bit_for_bit() -> None:
-    scheduled = MetaPolicy([0.5, 1.0, 1.5], EntropySchedule(1.3, 1.3, 10, initial=0.9))
-    target = MetaPolicy([0.5, 1.0, 1.5], EntropyTarget(1.3, initial=0.9))
-    rng = np.random.default_rng(0)
-    for _ in range(8):
-        entropy = float(rng.uniform(0.5, 2.5))
-        a, b = scheduled.select(), target.select()
-        assert (a.value, a.index, a.prob) == (b.value, b.index, b.prob)
-        scheduled.update(a, entropy=entropy, vocab_size=500)
-        target.update(b, entropy=entropy, vocab_size=500)
-    assert scheduled.state_dict()["rule_state"] == target.state_dict()["rule_state"]
-
-
-def test_entropy_schedule_state_round_trip_and_invalid_states() -> None:
-    policy = MetaPolicy([0.5, 1.0, 1.5], EntropySchedule(2.0, 0.5, 4))
-    for entropy in (1.0, 0.7, 1.8):
-        policy.update(policy.select(), entropy=entropy, vocab_size=1000)
-    state = json.loads(json.dumps(policy.state_dict()))
-    clone = MetaPolicy.from_state_dict(state)
-    assert json.dumps(clone.state_dict()) == json.dumps(policy.state_dict())
-    assert clone.select().value == policy.select().value
-    before = _snapshot(policy)
-    for bad in (-3.0, 0.0, 1.6, 0.4):
-        tampered = json.loads(before)
-        tampered["rule_state"]["value"] = bad
-        with pytest.raises(ValueError, match="value"):
-            policy.load_state_dict(tampered)
-        assert _snapshot(policy) == before
-
-
-def test_entropy_schedule_bad_feedback_changes_nothing() -> None:
-    policy = MetaPolicy([0.5, 1.0, 1.5], EntropySchedule(2.0, 0.5, 4))
-    decision = policy.select()
-    before = _snapshot(policy)
-    for feedback, match in (
-        ({"entropy": 0.0, "vocab_size": 1000}, "entropy"),
-        ({"entropy": float("nan"), "vocab_size": 1000}, "entropy"),
-        ({"entropy": 1.0, "vocab_size": 2}, "vocab_size"),
-        ({"entropy": 1.0}, "vocab_size"),
-    ):
-        with pytest.raises(ValueError, match=match):
-            policy.update(decision, **feedback)
-        assert _snapshot(policy) == before
-
-
-@pytest.mark.parametrize(
-    ("args", "kwargs", "name", "error"),
-    [
-        ((0.0, 1.0, 5), {}, "start_entropy", ValueError),
-        ((1.0, -1.0, 5), {}, "end_entropy", ValueError),
-        ((float("nan"), 1.0, 5), {}, "start_entropy", ValueError),
-        ((1.0, 1.0, 0), {}, "total_steps", ValueError),
-        ((1.0, 1.0, 2.5), {}, "total_steps", TypeError),
-        ((1.0, 1.0, 5), {"kind": "step"}, "kind", ValueError),
-        ((1.0, 1.0, 5), {"initial": 0.0}, "initial", ValueError),
-    ],
-)
-def test_entropy_schedule_bad_config_names_the_argument(
-    args: tuple[Any, ...], kwargs: dict[str, Any], name: str, error: type[Exception]
-) -> None:
-    with pytest.raises(error, match=name):
-        EntropySchedule(*args, **kwargs)
-
-
-def test_entropy_schedule_initial_outside_the_grid_and_registry() -> None:
-    with pytest.raises(ValueError, match="initial"):
-        MetaPolicy([0.5, 1.0, 1.5], EntropySchedule(1.0, 2.0, 5, initial=2.0))
-    assert RULES["EntropySchedule"] is EntropySchedule
-    assert EntropySchedule(1.0, 2.0, 5).requires == ("entropy", "vocab_size")
-
-
-# -- the uncertainty (AGPO-style) controller -----------------------------------------------------
-
-SPLIT = np.array([1.0, 0.0, 1.0, 0.0])  # every group of 2 split: u = 1
-HALF = np.array([1.0, 0.0, 1.0, 1.0])  # one split group, one all-pass: u = 0.5
-AGREE = np.array([1.0, 1.0, 0.0, 0.0])  # all-pass and all-fail: u = 0
-
-
-def _uncertainty_run(rule: Uncertainty, batches: list[np.ndarray]) -> tuple[MetaPolicy, list]:
-    policy = MetaPolicy([0.5, 1.0, 2.0], rule)
-    values = []
-    for rewards in batches:
-        decision = policy.select()
-        values.append(decision.value)
-        policy.update(decision, rewards=rewards, group_size=2)
-    values.append(policy.select().value)
-    return policy, values
-
-
-def test_outcome_uncertainty_by_hand() -> None:
-    assert outcome_uncertainty(SPLIT, 2) == 1.0
-    assert outcome_uncertainty(HALF, 2) == 0.5
-    assert outcome_uncertainty(AGREE, 2) == 0.0
-    # graded rewards: 4 Var of [0.2, 0.6] = 4 * 0.04
-    assert outcome_uncertainty(np.array([0.2, 0.6]), 2) == pytest.approx(0.16)
-    # permutations within and of groups change nothing
-    assert outcome_uncertainty(np.array([1.0, 1.0, 1.0, 0.0]), 2) == 0.5
-
-
-def test_uncertainty_heats_when_outcomes_collapse_and_cools_when_they_split() -> None:
-    rule = Uncertainty(base=1.0, gain=0.2, beta=0.5, clip=2.0)
-    _, values = _uncertainty_run(rule, [HALF, HALF, AGREE])
-    # step 0 initialises the baseline (T stays at base); step 1 has u = b: no move
-    assert values[:3] == [1.0, 1.0, 1.0]
-    # step 2: c = 0 - 0.5, s = 0.5 * 0 + 0.5 * 0.5 = 0.25, z = -2 -> T = exp(0.4)
-    assert values[3] == pytest.approx(math.exp(0.4), rel=1e-15)
-    _, values = _uncertainty_run(rule, [HALF, HALF, SPLIT])
-    assert values[3] == pytest.approx(math.exp(-0.4), rel=1e-15)
-    # a smaller deviation from a wider running spread: z = c / s inside the clip
-    _, values = _uncertainty_run(rule, [HALF, AGREE, HALF])
-    # step 1: c = -0.5, s = 0.25, z = -2; b = 0.25. step 2: c = 0.25, s = 0.25, z = 1
-    assert values[2] == pytest.approx(math.exp(0.4), rel=1e-15)
-    assert values[3] == pytest.approx(math.exp(-0.2), rel=1e-15)
-
-
-def test_uncertainty_saturates_exactly_on_its_bounds() -> None:
-    rule = Uncertainty(base=1.0, gain=0.3, beta=0.1, clip=1.5)
-    _, values = _uncertainty_run(rule, [SPLIT, AGREE])
-    assert values[-1] == rule.bounds()[1]
-    _, values = _uncertainty_run(rule, [AGREE, SPLIT])
-    assert values[-1] == rule.bounds()[0]
-
-
-def test_uncertainty_bounds_must_fit_the_grid() -> None:
-    with pytest.raises(ValueError, match="candidate range"):
-        MetaPolicy([0.8, 1.0, 1.2], Uncertainty(gain=0.2, clip=2.0))
-    with pytest.raises(ValueError, match="too large"):
-        Uncertainty(gain=400.0, clip=2.0)
-
-
-@pytest.mark.parametrize(
-    ("feedback", "match"),
-    [
-        ({"rewards": np.array([1.5, 0.0, 1.0, 0.0]), "group_size": 2}, r"\[0, 1\]"),
-        ({"rewards": np.array([-0.5, 0.0, 1.0, 0.0]), "group_size": 2}, r"\[0, 1\]"),
-        ({"rewards": SPLIT, "group_size": 3}, "group_size"),
-        ({"rewards": SPLIT, "group_size": 1}, "group_size"),
-        ({"rewards": SPLIT}, "group_size"),
-        ({"group_size": 2}, "rewards"),
-    ],
-)
-def test_uncertainty_bad_feedback_changes_nothing(feedback: dict[str, Any], match: str) -> None:
-    policy, _ = _uncertainty_run(Uncertainty(gain=0.2), [HALF, AGREE])
-    decision = policy.select()
-    before = _snapshot(policy)
-    with pytest.raises(ValueError, match=match):
-        policy.update(decision, **feedback)
-    assert _snapshot(policy) == before
-
-
-def test_uncertainty_state_round_trip_and_invalid_states() -> None:
-    rule = Uncertainty(gain=0.2, beta=0.3)
-    policy, _ = _uncertainty_run(rule, [HALF, AGREE, SPLIT, HALF])
-    state = json.loads(json.dumps(policy.state_dict()))
-    clone = MetaPolicy.from_state_dict(state)
-    assert json.dumps(clone.state_dict()) == json.dumps(policy.state_dict())
-    a = policy.update(policy.select(), rewards=AGREE, group_size=2)
-    b = clone.update(clone.select(), rewards=AGREE, group_size=2)
-    assert a.probs.tobytes() == b.probs.tobytes()
-    assert clone.select().value == policy.select().value
-    before = _snapshot(policy)
-    for edit, match in (
-        ({"baseline": 1.5}, "baseline"),
-        ({"deviation": -0.1}, "deviation"),
-        ({"value": 3.0}, "value"),
-        ({"value": -1.0}, "value"),
-        ({"value": 0.5}, "value"),  # below base * exp(-gain * clip) = 0.67
-    ):
-        tampered = json.loads(before)
-        tampered["rule_state"].update(edit)
-        with pytest.raises(ValueError, match=match):
-            policy.load_state_dict(tampered)
-        assert _snapshot(policy) == before
-    fresh = MetaPolicy([0.5, 1.0, 2.0], rule)
-    initial = json.loads(json.dumps(fresh.state_dict()))
-    initial["rule_state"]["baseline"] = 0.5  # a baseline before any update cannot be
-    with pytest.raises(ValueError, match="initial"):
-        fresh.load_state_dict(initial)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "name", "error"),
-    [
-        ({"base": 0.0}, "base", ValueError),
-        ({"gain": -0.1}, "gain", ValueError),
-        ({"gain": float("nan")}, "gain", ValueError),
-        ({"beta": 0.0}, "beta", ValueError),
-        ({"beta": 1.1}, "beta", ValueError),
-        ({"clip": 0.0}, "clip", ValueError),
-        ({"clip": "2"}, "clip", TypeError),
-    ],
-)
-def test_uncertainty_bad_config_names_the_argument(
-    kwargs: dict[str, Any], name: str, error: type[Exception]
-) -> None:
-    with pytest.raises(error, match=name):
-        Uncertainty(**kwargs)
-
-
-def test_uncertainty_registry_and_feedback() -> None:
-    assert RULES["Uncertainty"] is Uncertainty
-    assert Uncertainty().requires == ("rewards", "group_size")
-    assert MetaPolicy([0.5, 1.0, 2.0], Uncertainty()).selector == metactl.Greedy()
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        "metactl.rules.counterfactual",
-        "metactl.rules.entropy_schedule",
-        "metactl.rules.uncertainty",
-        "metactl.rules.tampo",
-        "metactl.selectors",
-    ],
-)
-def test_docstring_examples_run(module: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0
+    assert snapshot(policy) == before
 
 
 @settings(max_examples=150, deadline=None)
