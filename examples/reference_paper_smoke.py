@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from metactl.adapters.char_tokenizer import build_char_tokenizer
 from metactl.adapters.lab.reproduce.cli import main as reproduce
 from metactl.adapters.reference.model import TinyModelConfig, build_model
-from metactl.adapters.reference.tokenizer import build_char_tokenizer
 
 ALPHABET = "0123456789+-*/=.,()^ \n\\{}$abcdefghijklmnopqrstuvwxyz?"
 

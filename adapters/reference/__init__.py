@@ -9,7 +9,8 @@ Modules (torch and transformers are imported by the modules, so ``pip install me
 * `rollout`: batched sampling with a KV cache; temperature-scaled token log-probs.
 * `tasks`: the CPU-scale task (modular operation chains with a systematically biased teacher),
   its five graded held-out benchmarks and its verifier.
-* `tokenizer`, `model`, `sft`: char-level tokenizer, tiny Qwen2/Llama, cached supervised warm-up.
+* `model`, `sft`: tiny Qwen2/Llama (over `metactl.adapters.char_tokenizer`), cached supervised
+  warm-up.
 
 Example:
     >>> from metactl.adapters.reference.trainer import GRPOConfig

@@ -1,7 +1,7 @@
 """Tiny Qwen2 / Llama causal LMs built from a config (no weights to download).
 
 Example:
-    >>> from metactl.adapters.reference.tokenizer import build_char_tokenizer
+    >>> from metactl.adapters.char_tokenizer import build_char_tokenizer
     >>> tok = build_char_tokenizer("0123456789+=")
     >>> model = build_model(TinyModelConfig(hidden_size=32, num_layers=1), tok, seed=0)
     >>> type(model).__name__, model.config.vocab_size

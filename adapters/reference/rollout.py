@@ -12,7 +12,7 @@ at ``T[i]``); a float takes exactly the code path it always took.
 Example:
     >>> import torch
     >>> from metactl.adapters.reference.model import TinyModelConfig, build_model
-    >>> from metactl.adapters.reference.tokenizer import build_char_tokenizer
+    >>> from metactl.adapters.char_tokenizer import build_char_tokenizer
     >>> tok = build_char_tokenizer("0123456789+=")
     >>> model = build_model(TinyModelConfig(), tok, seed=0)
     >>> enc = tok(["1+2=", "3+4="], return_tensors="pt")

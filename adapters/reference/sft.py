@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..char_tokenizer import build_char_tokenizer
 from ..integrity import (
     CorruptFileError,
     fsync_dir,
@@ -50,7 +51,6 @@ from ..integrity import (
 )
 from .model import TinyModelConfig, build_model, n_parameters
 from .tasks import ALPHABET, ChainTask, heldout_prompts
-from .tokenizer import build_char_tokenizer
 
 WARMUP_FORMAT = 3  # bump when the warm-up code changes what it produces
 

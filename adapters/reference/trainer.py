@@ -62,7 +62,7 @@ Example:
     >>> import metactl
     >>> from metactl.adapters.reference.tasks import ChainTask, chain_reward
     >>> from metactl.adapters.reference.model import TinyModelConfig, build_model
-    >>> from metactl.adapters.reference.tokenizer import build_char_tokenizer
+    >>> from metactl.adapters.char_tokenizer import build_char_tokenizer
     >>> from metactl.adapters.reference.tasks import ALPHABET
     >>> task = ChainTask(max_len=2, benchmark_lengths=(1, 2))
     >>> tok = build_char_tokenizer(ALPHABET)

@@ -53,12 +53,11 @@ __all__ = [
 
 #: Characters of the synthetic tasks (one token each).
 CHARS = "0123456789+-*=() "
-# ids 0-3 of the character tokenizer, before the characters
-_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 
 
 def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
-    """Build a character-level fast tokenizer (one token per character, ``<bos>`` prepended).
+    """The TRL tests' character-level fast tokenizer: one token per character of ``chars``,
+    ``<bos>`` prepended (`metactl.adapters.char_tokenizer.build_char_tokenizer`).
 
     Ids: ``<pad>`` = 0, ``<eos>`` = 1, ``<bos>`` = 2, ``<unk>`` = 3, then the characters in
     order. Padding is on the left (what generation needs); ``decode`` joins characters without
@@ -69,30 +68,9 @@ def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
         >>> tok("1+2=")["input_ids"][0] == tok.bos_token_id
         True
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from ..char_tokenizer import build_char_tokenizer as build
 
-    if not isinstance(chars, str) or not chars:
-        raise ValueError("chars must be a non-empty string")
-    if len(set(chars)) != len(chars):
-        raise ValueError(f"chars has repeated characters: {chars!r}")
-    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
-    for ch in chars:
-        vocab[ch] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
+    return build(chars, prepend_bos=True)
 
 
 def _bpe_corpus(n: int, seed: int) -> Iterator[str]:

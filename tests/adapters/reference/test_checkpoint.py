@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.integrity as integrity  # noqa: E402
+from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.integrity import (  # noqa: E402
     HASH_FIELD,
     CorruptFileError,
@@ -42,7 +43,6 @@ from metactl.adapters.reference.sft import (  # noqa: E402
     warmup_entry,
 )
 from metactl.adapters.reference.tasks import ALPHABET, ChainTask, chain_reward  # noqa: E402
-from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.reference.trainer import (  # noqa: E402
     CHECKPOINT_ADVICE,
     GRPOConfig,

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-MODULES = ["tokenizer", "tasks", "model", "rollout", "loss", "config", "trainer", "evaluate",
-           "sft", "__init__"]
+MODULES = ["tasks", "model", "rollout", "loss", "config", "trainer", "evaluate", "sft",
+           "__init__"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.reference.trainer as trainer_mod  # noqa: E402
+from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.lab.controllers import (  # noqa: E402
     JOINT_TOP_P,
     TOP_P_GRID,
@@ -26,7 +27,6 @@ from metactl.adapters.lab.controllers import (  # noqa: E402
 from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.rollout import completion_logits, token_logprobs  # noqa: E402
 from metactl.adapters.reference.tasks import ALPHABET, ChainTask  # noqa: E402
-from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import metactl  # noqa: E402

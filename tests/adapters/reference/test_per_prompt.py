@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.reference.trainer as trainer_mod  # noqa: E402
+from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.lab.controllers import (  # noqa: E402
     PER_PROMPT_ARMS,
     is_per_prompt,
@@ -38,7 +39,6 @@ from metactl.adapters.reference.tasks import (  # noqa: E402
     PromptPool,
     heldout_prompts,
 )
-from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,

@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 
 import itertools
 
+from metactl.adapters.char_tokenizer import build_char_tokenizer
 from metactl.adapters.lab.controllers import PAPER_ARMS, make_policy
 from metactl.adapters.reference.evaluate import pass_at_k
 from metactl.adapters.reference.tasks import (
@@ -19,7 +20,6 @@ from metactl.adapters.reference.tasks import (
     chain_reward,
     heldout_prompts,
 )
-from metactl.adapters.reference.tokenizer import build_char_tokenizer
 from metactl.adapters.reference.trainer import (
     GRPOConfig,
     cosine_with_floor,

@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.reference.trainer as trainer_mod  # noqa: E402
+from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.reference.evaluate import evaluate_benchmarks  # noqa: E402
 from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.rollout import completion_logits  # noqa: E402
 from metactl.adapters.reference.sft import WarmupConfig, warmup  # noqa: E402
 from metactl.adapters.reference.tasks import ALPHABET, ChainTask, chain_reward  # noqa: E402
-from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import metactl  # noqa: E402

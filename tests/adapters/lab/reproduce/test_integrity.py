@@ -30,6 +30,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 import metactl.adapters.integrity as integrity  # noqa: E402
+from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.integrity import (  # noqa: E402
     CorruptFileError,
     OutputInUseError,
@@ -50,7 +51,6 @@ from metactl.adapters.reference.sft import (  # noqa: E402
     warmup_entry,
 )
 from metactl.adapters.reference.tasks import ALPHABET, ChainTask, chain_reward  # noqa: E402
-from metactl.adapters.reference.tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import metactl  # noqa: E402

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 pytest.importorskip("math_verify")
 
+from metactl.adapters.char_tokenizer import build_char_tokenizer
 from metactl.adapters.lab.reproduce.cli import main
 from metactl.adapters.lab.reproduce.paper import (
     format_prompt,
@@ -19,7 +20,6 @@ from metactl.adapters.lab.reproduce.paper import (
     resolve_model_path,
 )
 from metactl.adapters.reference.model import TinyModelConfig, build_model
-from metactl.adapters.reference.tokenizer import build_char_tokenizer
 
 ALPHABET = "0123456789+-*/=.,()^ \n\\{}$abcdefghijklmnopqrstuvwxyz?"
 

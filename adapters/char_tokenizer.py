@@ -1,4 +1,6 @@
-"""A character-level tokenizer built locally with the `tokenizers` library.
+"""A character-level tokenizer built locally with the `tokenizers` library: the tokenizer of the
+reference trainer's tiny models and of the TRL tests (`metactl.adapters.trl.testing`), shared
+by both without one integration importing the other.
 
 Every character of the alphabet is one token; four special tokens (`<pad>`, `<eos>`, `<bos>`,
 `<unk>`) come first. The result is a regular `transformers.PreTrainedTokenizerFast`, so it can be
@@ -14,7 +16,12 @@ Example:
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from transformers import PreTrainedTokenizerFast
+
+__all__ = ["SPECIAL_TOKENS", "build_char_tokenizer"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
 
@@ -27,6 +34,7 @@ def build_char_tokenizer(alphabet: str, *, prepend_bos: bool = False) -> PreTrai
     starts with `<bos>`); decoding joins characters without spaces.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     if not isinstance(alphabet, str) or not alphabet:
         raise ValueError("alphabet must be a non-empty string")
