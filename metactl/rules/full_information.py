@@ -10,21 +10,31 @@ likelihoods of the batch under every candidate) but keep softmax logits instead 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
 from .._validation import one_of, positive_scalar, unit_interval
 from ..sparsemax import softmax
 from . import base
-from .base import Rule, check_max_is_zero
-from .tampo import NORMALIZERS, candidate_advantages
+from .base import check_max_is_zero
+from .tampo import NORMALIZERS, CandidateSignalRule
 
 __all__ = ["Hedge", "MetaGradient"]
 
 
+class _SoftmaxLogits(CandidateSignalRule):
+    """A rule whose state is softmax logits (``logits``, shifted so their max is 0): the
+    policy is ``softmax(logits)``."""
+
+    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
+        check_max_is_zero(state, "logits")
+
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
+        return softmax(state["logits"])[None, :]
+
+
 @dataclass(frozen=True)
-class Hedge(Rule):
+class Hedge(_SoftmaxLogits):
     """Exponentiated-gradient (Hedge) update on softmax logits from TAMPO's signal.
 
     Args:
@@ -43,9 +53,6 @@ class Hedge(Rule):
 
     step_size: float = 1.0
     normalizer: str = "sparsemax"
-    requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
-    candidate_use: ClassVar[str] = "indices"
-    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step_size", positive_scalar(self.step_size, "step_size"))
@@ -54,22 +61,16 @@ class Hedge(Rule):
     def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"logits": np.zeros(candidates.shape[0])}
 
-    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
-        check_max_is_zero(state, "logits")
-
-    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
-        return softmax(state["logits"])[None, :]
-
     def update(
         self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
     ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
-        signal = candidate_advantages(feedback["loglik"], feedback["advantages"], self.normalizer)
+        signal = self.candidate_signal(feedback)
         logits = state["logits"] + self.step_size * signal
         return {"logits": logits - logits.max()}, {}, signal  # shift: same softmax, bounded
 
 
 @dataclass(frozen=True)
-class MetaGradient(Rule):
+class MetaGradient(_SoftmaxLogits):
     """REINFORCE-style policy gradient on the meta-policy's softmax logits.
 
     The objective is the expected candidate advantage ``J(w) = sum_k pi_k(w) a_k``.
@@ -99,9 +100,6 @@ class MetaGradient(Rule):
     estimator: str = "expected"
     baseline_decay: float = 0.9
     normalizer: str = "sparsemax"
-    requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
-    candidate_use: ClassVar[str] = "indices"
-    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", positive_scalar(self.lr, "lr"))
@@ -113,16 +111,10 @@ class MetaGradient(Rule):
     def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"logits": np.zeros(candidates.shape[0]), "baseline": 0.0}
 
-    def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
-        check_max_is_zero(state, "logits")
-
-    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
-        return softmax(state["logits"])[None, :]
-
     def update(
         self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
     ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
-        signal = candidate_advantages(feedback["loglik"], feedback["advantages"], self.normalizer)
+        signal = self.candidate_signal(feedback)
         pi = softmax(state["logits"])
         baseline = float(state["baseline"])
         if self.estimator == "expected":

@@ -27,6 +27,7 @@ __all__ = [
     "NORMALIZERS",
     "STANDARDIZATIONS",
     "TAMPO",
+    "CandidateSignalRule",
     "candidate_advantages",
     "minmax_probs",
     "standardized_signal",
@@ -143,8 +144,26 @@ def standardized_signal(signal: np.ndarray, how: str) -> np.ndarray | None:
     return signal / spread
 
 
+class CandidateSignalRule(Rule):
+    """Base of the rules moved by TAMPO's per-candidate signal ``a_k``
+    (:func:`candidate_advantages`, the batch's likelihoods normalised across candidates by the
+    rule's ``normalizer``): the feedback enters only through ``a_k``, so a zero-advantage row
+    adds nothing, and only K and the chosen index matter (any candidates, a joint grid too)."""
+
+    normalizer: str
+    requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
+    candidate_use: ClassVar[str] = "indices"
+    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
+
+    def candidate_signal(self, feedback: base.Feedback, *, tau: float = 1.0) -> np.ndarray:
+        """This batch's ``a_k``, shape (K,)."""
+        return candidate_advantages(
+            feedback["loglik"], feedback["advantages"], self.normalizer, tau=tau
+        )
+
+
 @dataclass(frozen=True)
-class TAMPO(Rule):
+class TAMPO(CandidateSignalRule):
     """The TAMPO meta-policy rule: EMA of likelihood-weighted advantages, min-max normalised.
 
     Args:
@@ -192,9 +211,6 @@ class TAMPO(Rule):
     standardize: str = "none"
     tau: float = 1.0
     likelihood_normalization: str = "mean"
-    requires: ClassVar[tuple[str, ...]] = ("loglik", "advantages")
-    candidate_use: ClassVar[str] = "indices"
-    zero_advantage_rows_ignored: ClassVar[bool] = True  # loglik enters only via a_k
 
     @property
     def loglik_reduction(self) -> str:
@@ -234,9 +250,7 @@ class TAMPO(Rule):
     def update(
         self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
     ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
-        signal = candidate_advantages(
-            feedback["loglik"], feedback["advantages"], self.normalizer, tau=self.tau
-        )
+        signal = self.candidate_signal(feedback, tau=self.tau)
         if self.standardize == "none":
             ema = (1.0 - self.alpha) * state["ema"] + self.alpha * signal
             return {"ema": ema}, {}, signal
