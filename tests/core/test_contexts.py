@@ -321,7 +321,7 @@ def test_tampered_tampo_rows_are_refused() -> None:
         small.load_state_dict(policy.state_dict())
 
 
-def test_global_states_of_old_rules_are_unchanged() -> None:
+def test_global_states_hold_no_contexts() -> None:
     state = metactl.tampo(seed=0).state_dict()
     assert "contexts" not in state and state["schema_version"] == metactl.SCHEMA_VERSION
 

@@ -1,4 +1,4 @@
-"""Diagnostics of the likelihood rules' signal (issue 9 point 2): hand-computed spreads, support
+"""Diagnostics of the likelihood rules' signal: hand-computed spreads, support
 sizes and correlations, degenerate groups, bad inputs, and that both trainers record them."""
 
 from __future__ import annotations

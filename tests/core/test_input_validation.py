@@ -1,4 +1,4 @@
-"""Inputs the core refuses with an error naming the argument, where it once computed garbage or
+"""Inputs the core refuses with an error naming the argument, rather than compute garbage or
 crashed: knobs a rule cannot drive, numbers beyond what float64 holds, features that overflow,
 state that no history can produce, copies that share an identity."""
 

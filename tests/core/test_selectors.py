@@ -65,7 +65,7 @@ def test_top_p_zero_is_argmax_and_greedy_matches() -> None:
 
 
 def test_top_p_zero_samples_fairly_among_tied_maxima() -> None:
-    # (this test used to assert that the first of two tied maxima is always chosen)
+    # ties at the top: top_p = 0 keeps every tied maximum (Greedy alone takes the first)
     probs = np.array([0.2, 0.3, 0.3, 0.2])
     assert nucleus_support(probs, 0.0).tolist() == [1, 2]
     rng = np.random.default_rng(0)
@@ -87,7 +87,8 @@ def test_from_uniform_every_candidate_can_be_chosen() -> None:
 
 
 def test_from_uniform_a_tampo_policy_reaches_the_high_temperatures() -> None:
-    # the paper's policy from its uniform start: 1.3-1.5 used to be unreachable (stable sort)
+    # the paper's policy from its uniform start: 1.3-1.5 are reachable too (a stable sort of the
+    # tied probabilities would never keep them)
     firsts = {metactl.tampo(seed=seed).select().value for seed in range(200)}
     assert firsts == set(metactl.PAPER_TEMPERATURES)
 

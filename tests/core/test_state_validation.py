@@ -1,4 +1,4 @@
-"""States and updates that cannot silently lie (issue 8, point 5).
+"""States and updates that cannot silently lie.
 
 ``load_state_dict`` validates every field of every rule and either loads all of it or nothing;
 updates never leave inf/NaN behind (overflow-safe math, or a ValueError with the policy
@@ -97,7 +97,7 @@ def _with(state: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------
-# the cases of the issue, one by one
+# the states that could lie, one by one
 # --------------------------------------------------------------------------------------
 
 
@@ -116,8 +116,8 @@ def test_bandit_counts_must_be_nonnegative_integers_summing_to_the_step(name, co
     _rejected(policy, _with(state, ("rule_state", "counts"), counts), r"\['counts'\]")
 
 
-def test_ucb1_with_negative_counts_no_longer_loads_and_reaches_inf_means() -> None:
-    # old behaviour: accepted, and one update later the means held inf (state unloadable)
+def test_ucb1_with_negative_counts_is_refused_before_its_means_reach_inf() -> None:
+    # were it accepted, one update later the means would hold inf (an unloadable state)
     policy = _policy("UCB1")
     state = _with(policy.state_dict(), ("rule_state", "counts"), [-1.0, 0.0, 0.0, 1.0])
     _rejected(policy, state, r"\['counts'\]")

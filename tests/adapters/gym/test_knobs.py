@@ -269,13 +269,13 @@ def test_rollout_validates_its_knobs(kwargs: dict, error: type, match: str) -> N
     assert rng.bit_generator.state == state  # nothing drawn
 
 
-def test_study_runs_the_new_arms_end_to_end(tmp_path: Path, capsys) -> None:
+def test_study_runs_the_knob_arms_end_to_end(tmp_path: Path, capsys) -> None:
     out = tmp_path / "study"
     argv = ["--seeds", "2", "--steps", "20", "--group-size", "4", "--num-tasks", "3",
             "--controllers", "fixed-1.0,top-p,tampo-joint", "--workers", "1", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "top_p 0." in printed  # the table prints the other knob of the new arms
+    assert "top_p 0." in printed  # the table prints the other knob of the knob arms
     result = json.loads((out / "results.json").read_text())
     rows = {row["controller"]: row for row in result["rows"]}
     assert rows["top-p"]["knobs"] == ["top_p"] and rows["top-p"]["mean_temperature"] == 1.0

@@ -239,9 +239,9 @@ def test_the_learner_states_what_it_gives_and_refuses_the_rest_before_drawing() 
     assert featured.state_dict() == before
 
 
-# -- the new rules and TAMPO variants in the learner -------------------------------------------
+# -- the signal rules and TAMPO variants in the learner ----------------------------------------
 
-NEW_RULES: dict[str, Any] = {
+SIGNAL_RULES: dict[str, Any] = {
     "counterfactual": lambda: metactl.Counterfactual(),
     "counterfactual-informative": lambda: metactl.Counterfactual(objective="informative"),
     "entropy-schedule": lambda: metactl.EntropySchedule(0.6, 0.15, total_steps=8),
@@ -262,9 +262,9 @@ def _direct_loglik(batch: Any, how: str) -> np.ndarray:
     return expected
 
 
-@pytest.mark.parametrize("name", sorted(NEW_RULES))
-def test_new_rules_run_end_to_end_with_feedback_equal_to_a_recomputation(name: str) -> None:
-    rule = NEW_RULES[name]()
+@pytest.mark.parametrize("name", sorted(SIGNAL_RULES))
+def test_signal_rules_run_end_to_end_with_feedback_equal_to_a_recomputation(name: str) -> None:
+    rule = SIGNAL_RULES[name]()
     policy = metactl.MetaPolicy(CANDS, rule, seed=0)
     records: list[StepRecord] = []
     log = train(policy, _small_env(), 8, GRPOConfig(group_size=4), seed=0, on_step=records.append)

@@ -2,8 +2,8 @@
 whole setting (only from the nucleus under top-p), every log-prob of the batch is the sampling
 distribution's (`metactl.knobs`, the definition `metactl.likelihood` scores), the ``top-p`` and
 ``tampo-joint`` controllers run end to end with a report that names their knobs, policies the
-trainer cannot apply are refused, and a temperature arm's trajectory is exactly what it was
-before other knobs existed."""
+trainer cannot apply are refused, and a temperature arm's trajectory is exactly the one recorded
+from a trainer that set the temperature only."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def make_trainer(policy, **overrides) -> GRPOTrainer:
 # ----------------------------------------------------------------------------------------------
 # the temperature path is unchanged
 # ----------------------------------------------------------------------------------------------
-# Recorded with the trainer as it was before it could set other knobs (the same core): per step
+# Recorded from a trainer that set the temperature only (the same core): per step
 # (temperature, mean reward, gradient norm, mean completion length), and the sum of |weights|
 # after the 3 steps. Any change to the temperature path's sampling, scoring,
 # loss or meta step changes some of these.
@@ -238,7 +238,7 @@ def test_the_loss_and_the_candidate_likelihoods_use_the_sampling_distribution(mo
 
 
 @pytest.mark.parametrize("name", ["top-p", "tampo-joint"])
-def test_three_steps_of_each_new_controller(name):
+def test_three_steps_of_each_knob_controller(name):
     assert validate_controller(name, steps=3) == name
     policy = make_policy(name, steps=3, seed=0)
     tr = make_trainer(policy)
@@ -337,7 +337,7 @@ def test_a_temperature_policy_under_a_fixed_nucleus_is_scored_under_it(monkeypat
 
 
 # ----------------------------------------------------------------------------------------------
-# metactl reproduce with the new arms: the log, the results and the report name the knobs
+# metactl reproduce with the knob arms: the log, the results and the report name the knobs
 # ----------------------------------------------------------------------------------------------
 def test_a_miniature_comparison_with_knob_arms_writes_a_report_naming_them(tmp_path):
     pytest.importorskip("matplotlib")

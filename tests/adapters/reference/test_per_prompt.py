@@ -1,6 +1,6 @@
 """Per-prompt temperatures in the reference trainer (the gym learner's are in
-test_gym_learner.py): every row sampled and scored at its own temperature, one setting per
-prompt group for global and per-prompt decisions alike, what the trainer refuses at
+tests/adapters/gym/test_learner.py): every row sampled and scored at its own temperature, one
+setting per prompt group for global and per-prompt decisions alike, what the trainer refuses at
 construction, the per-prompt arms end to end at miniature scale (trainer, comparison, report),
 the chain task's training pool, and the global path unchanged."""
 

@@ -316,7 +316,7 @@ def test_sampling_loop_entropy_equals_the_scoring_pass_entropy(top_p):
     assert torch.equal(with_entropy.tokens, plain.tokens) and plain.entropy is None
     assert torch.equal(with_entropy.mask, plain.mask)
     assert not bool(plain.mask.all()), "the test needs completions that end before the limit"
-    # the old computation: a scoring forward of the completions, entropy at T before top-p
+    # the reference: a separate scoring forward of the completions, entropy at T before top-p
     with torch.no_grad():
         raw = completion_logits(model, ids, mask, plain.tokens, plain.mask)
     expected = token_entropy(raw, 1.3) * plain.mask
@@ -328,7 +328,7 @@ def test_sampling_loop_entropy_equals_the_scoring_pass_entropy(top_p):
 
 
 @pytest.mark.parametrize("chunk", [0, 6])
-def test_entropy_feedback_equals_the_old_scoring_pass_without_any_extra_forward(monkeypatch,
+def test_entropy_feedback_equals_a_separate_scoring_pass_without_any_extra_forward(monkeypatch,
                                                                                  chunk):
     from metactl.adapters.reference.rollout import token_entropy
 
@@ -382,7 +382,7 @@ def test_entropy_feedback_equals_the_old_scoring_pass_without_any_extra_forward(
 
 
 @pytest.mark.parametrize("name", ["counterfactual", "tampo-sum", "uncertainty"])
-def test_new_rules_get_rewards_group_size_and_the_likelihoods_they_declare(monkeypatch, name):
+def test_signal_rules_get_rewards_group_size_and_the_likelihoods_they_declare(monkeypatch, name):
     from metactl.adapters.lab.controllers import make_policy
 
     captured: dict = {}

@@ -1,4 +1,4 @@
-"""TAMPO variants (issue 9, point 3): standardised steps, a scale inside sparsemax, summed
+"""TAMPO variants: standardised steps, a scale inside sparsemax, summed
 likelihoods. The paper's defaults must stay bit-identical."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The scoreboard's per-testbed pages: the testbed's table and the signal diagnostics of its
-likelihood-rule arms, drawn from what the run records keep (and old records without them)."""
+likelihood-rule arms, drawn from what the run records keep (and records written without them)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_tiny_scoreboard_writes_a_page_per_testbed_with_the_signal_figure(tmp_pa
     assert _payload(out, "gym-default", "fixed-1.0", 1)["signal"] is None
 
 
-def test_old_records_without_diagnostics_are_reused_and_marked(tmp_path: Path, capsys) -> None:
+def test_records_without_diagnostics_are_reused_and_marked(tmp_path: Path, capsys) -> None:
     out = tmp_path / "board"
     # two workers for the runs and the four figures (drawn in two processes)
     assert _board(out, "tampo,hedge", "--workers", "2") == 0
