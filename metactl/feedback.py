@@ -136,14 +136,20 @@ def check_trainer(policy: Any, trainer: TrainerSupport) -> None:
     Raises:
         TypeError: ``policy`` is not a :class:`metactl.MetaPolicy` or ``trainer`` not a
             :class:`TrainerSupport`.
-        ValueError: naming what is missing: a feedback name, a log-likelihood reduction, a
-            knob, per-prompt decisions or features.
+        ValueError: naming what is missing: a sampler knob (a ``"generic"`` policy sets none,
+            so a trainer that applies knobs cannot sample it), a feedback name, a
+            log-likelihood reduction, a knob, per-prompt decisions or features.
     """
     spec = getattr(policy, "spec", None)  # a MetaPolicy (not imported: it imports this module)
     if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}")
     if not isinstance(trainer, TrainerSupport):
         raise TypeError(f"trainer must be a TrainerSupport, got {type(trainer).__name__}")
+    if not spec.knobs and trainer.knobs:
+        raise ValueError(
+            f"{trainer.name} cannot apply a policy over hyperparameter='generic', which is no "
+            f"sampling knob: it sets {list(trainer.knobs)}"
+        )
     rule = policy.rule.name
     missing = [name for name in spec.feedback if name not in trainer.feedback]
     if missing:

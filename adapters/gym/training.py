@@ -178,19 +178,13 @@ def check_policy(meta: Any) -> FeedbackSpec:
 
     Raises:
         TypeError: ``meta`` is not a ``metactl.MetaPolicy``.
-        ValueError: a policy that sets no knob (``"generic"``), or one that needs what the
-            learner does not give (:func:`metactl.check_trainer`: context features).
+        ValueError: a policy the learner cannot sample or feed (:func:`metactl.check_trainer`:
+            one that sets no knob, ``"generic"``, or needs context features).
     """
     if not isinstance(meta, metactl.MetaPolicy):
         raise TypeError(f"meta must be a metactl.MetaPolicy, got {type(meta).__name__}")
-    spec = meta.spec
-    if not spec.knobs:
-        raise ValueError(
-            "meta sets no sampler knob (hyperparameter='generic'): the gym learner samples "
-            f"with a policy over {', '.join(KNOBS)} or a joint grid of them"
-        )
     check_trainer(meta, TRAINER_SUPPORT)
-    return spec
+    return meta.spec
 
 
 def train(

@@ -196,11 +196,6 @@ class GRPOTrainer:
         if not isinstance(policy, metactl.MetaPolicy):
             raise TypeError(f"policy must be a metactl.MetaPolicy, got {type(policy).__name__}")
         spec = policy.spec
-        if not spec.knobs:
-            raise ValueError(
-                "the reference trainer cannot apply a policy over hyperparameter='generic': it "
-                f"sets no sampler knob; use one of {list(KNOBS)} or a joint grid "
-                "(metactl.grid(...))")
         check_trainer(policy, trainer_support(spec.per_context))
         if contexts is not None and not callable(contexts):
             raise TypeError(f"contexts must be a function item -> key, got {contexts!r}")

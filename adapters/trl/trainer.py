@@ -226,12 +226,6 @@ class MetaGRPOTrainer(GRPOSeam):
                 f"meta_policy must be a metactl.MetaPolicy, got {type(policy).__name__}"
             )
         spec = policy.spec
-        if not spec.knobs:
-            raise ValueError(
-                f"meta_policy controls {policy.hyperparameter!r}, which is no sampling knob of "
-                f"TRL's generation; MetaGRPOTrainer sets {list(KNOBS)} (one of them, or a joint "
-                "grid: hyperparameter='joint')"
-            )
         check_trainer(policy, trainer_support(spec.per_context))
         if likelihood not in ("fast", "fused", "exact"):
             raise ValueError(f"likelihood must be 'fast', 'fused' or 'exact', got {likelihood!r}")
