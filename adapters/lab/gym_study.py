@@ -46,7 +46,7 @@ import json
 import multiprocessing
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +105,12 @@ class StudyConfig:
         self.learner_config()  # validates the learner's fields
 
     def env_config(self, task_seed: int = 0) -> TokenSearchConfig:
-        """The environment configuration of run seed ``task_seed`` (plus the offset)."""
-        return TokenSearchConfig(
-            vocab_size=self.vocab_size,
-            length=self.length,
-            num_tasks=self.num_tasks,
-            families=tuple(self.families),
-            reward=self.reward,  # type: ignore[arg-type]
-            deceptive=self.deceptive,
-            prior_margin=self.prior_margin,
-            prior_margins=self.prior_margins,
-            prior_margin_range=self.prior_margin_range,
-            shoulder_gap=self.shoulder_gap,
-            noise_scale=self.noise_scale,
-            task_seed=self.task_seed_offset + task_seed,
-        )
+        """The environment configuration of run seed ``task_seed`` (plus the offset): every
+        other field of :class:`TokenSearchConfig` is this config's field of the same name."""
+        shared = {f.name: getattr(self, f.name) for f in fields(TokenSearchConfig)
+                  if f.name != "task_seed"}
+        shared["families"] = tuple(self.families)
+        return TokenSearchConfig(**shared, task_seed=self.task_seed_offset + task_seed)
 
     def learner_config(self) -> GRPOConfig:
         """The learner configuration."""
@@ -486,27 +477,16 @@ def _float_list(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    """The :class:`StudyConfig` of parsed arguments (raises ``ValueError``/``TypeError``)."""
-    return StudyConfig(
-        steps=args.steps,
-        group_size=args.group_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        vocab_size=args.vocab_size,
-        length=args.length,
-        num_tasks=args.num_tasks,
-        families=tuple(f.strip() for f in args.families.split(",")),
-        reward=args.reward,
-        deceptive=not args.no_deceptive,
-        prior_margin=args.prior_margin,
-        prior_margins=_float_list(args.prior_margins, "--prior-margins"),
-        prior_margin_range=_float_list(args.prior_margin_range, "--prior-margin-range"),  # type: ignore[arg-type]
-        shoulder_gap=args.shoulder_gap,
-        noise_scale=args.noise_scale,
-        task_seed_offset=args.task_seed_offset,
-        entropy_target=args.entropy_target,
-        eval_temperature=args.eval_temperature,
-    )
+    """The :class:`StudyConfig` of parsed arguments (raises ``ValueError``/``TypeError``): the
+    options parsed from text here, every other field the argument of the same name."""
+    parsed: dict[str, Any] = {
+        "families": tuple(f.strip() for f in args.families.split(",")),
+        "deceptive": not args.no_deceptive,
+        "prior_margins": _float_list(args.prior_margins, "--prior-margins"),
+        "prior_margin_range": _float_list(args.prior_margin_range, "--prior-margin-range"),
+    }
+    same = {f.name: getattr(args, f.name) for f in fields(StudyConfig) if f.name not in parsed}
+    return StudyConfig(**same, **parsed)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
