@@ -17,8 +17,11 @@ batch's tokens (a martingale: each term has mean zero given the tokens before it
 the intended temperature divided by the square root of the summed information is a z-statistic,
 about standard normal when the tokens were drawn at that temperature; and the root of the summed
 score is the batch's maximum-likelihood temperature. :func:`effective_temperature` returns both
-(:class:`TemperatureEstimate`); :func:`check_effective_temperature` raises (or warns) when the
-estimate departs from the intended value by more than a tolerance.
+(:class:`TemperatureEstimate`), and the signed root of the likelihood ratio between them
+(``z_lr``, also about standard normal at the intended temperature, and far larger than the
+score's z against a distant temperature such as greedy decoding, where the score is nearly
+flat). :func:`check_effective_temperature` raises (or warns) when the estimate departs from the
+intended value by more than a relative tolerance and ``|z_lr|`` exceeds a threshold.
 
 With per-row settings (a temperature per prompt group, :class:`metactl.knobs.SettingRows`) the
 estimate is the common factor ``r`` by which every row's temperature was off (row ``i`` sampled
@@ -29,11 +32,12 @@ inside a sign-change bracket (a few passes over the logits).
 Truncation (top-k, top-p, min-p): a truncated sampler draws from ``p_T`` restricted to its kept
 set, so the score is taken inside the kept set: expectations over the kept set of the intended
 setting (:func:`metactl.knobs.kept_mask`, the same kept sets the likelihoods use), held fixed
-while ``T`` varies. At the intended setting this score has mean zero exactly (the z-statistic is
-exact); the estimate away from it is the maximum-likelihood temperature given those kept sets
-(exact for top-k, whose kept set does not depend on ``T``). A sampled token outside its kept set
-is impossible under the intended setting: it is counted (``outside``; the sampler ignored the
-truncation, or a float32 tie at the boundary) and scored with its kept set widened to it.
+while ``T`` varies. At the intended setting this score has mean zero exactly (the z-statistics
+keep their meaning); the estimate away from it is the maximum-likelihood temperature given those
+kept sets (exact for top-k, whose kept set does not depend on ``T``). A sampled token outside its
+kept set is impossible under the intended setting: it is counted (``outside``; the sampler
+ignored the truncation, or a float32 tie at the boundary) and scored with its kept set widened
+to it.
 
 Example:
     >>> import numpy as np
