@@ -258,15 +258,18 @@ class _Backend:
             return rows.double().numpy()
         return np.array(self.flat_logits[self.index[part]], dtype=np.float64)
 
-    def kept(self, z: Any, setting: SettingRows, order: str) -> np.ndarray:
-        """The kept sets of a chunk, on the host; from float32 logits for torch input (the
-        precision a torch sampler decides in), float64 for NumPy input."""
+    def lowest_kept(self, z: Any, setting: SettingRows, order: str) -> np.ndarray:
+        """Each row's lowest kept logit (host, float64): kept sets from float32 logits for torch
+        input (the precision a torch sampler decides in), from float64 for NumPy input."""
         if not self.source_torch:
-            return np.asarray(kept_mask(z, setting, order=order))
+            return np.where(kept_mask(z, setting, order=order), z, np.inf).min(axis=1)
         import torch
 
-        src = z.float() if self.torch else torch.from_numpy(z).float()
-        return kept_mask(src, setting, order=order).cpu().numpy()
+        if self.torch:
+            kept = kept_mask(z.float(), setting, order=order)
+            return self.host(torch.where(kept, z, torch.full_like(z, math.inf)).min(dim=1).values)
+        kept = kept_mask(torch.from_numpy(z).float(), setting, order=order).numpy()
+        return np.where(kept, z, np.inf).min(axis=1)
 
     def vec(self, x: np.ndarray) -> Any:
         return self.lib.from_numpy(np.ascontiguousarray(x)).to(self.device) if self.torch else x
@@ -321,9 +324,7 @@ def _prepare(be: _Backend, toks: np.ndarray, rows: SettingRows, row_of: np.ndarr
             idx = row_of[part]
             setting = SettingRows(rows.temperature[idx], rows.top_p[idx], rows.top_k[idx],
                                   rows.min_p[idx])  # fmt: skip
-            kept = be.kept(z, setting, order)
-            zh = be.host(z)
-            low_h = np.where(cut, np.where(kept, zh, np.inf).min(axis=1), -np.inf)
+            low_h = np.where(cut, be.lowest_kept(z, setting, order), -np.inf)
             outside += int((cut & (zo_h < low_h)).sum())
             thr[part] = np.minimum(low_h, zo_h) - m_h
     return top, u_o, thr, outside
