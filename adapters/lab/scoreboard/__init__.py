@@ -6,18 +6,3 @@ statistics (normalised regret, paired bootstrap CI, paired tests), :mod:`.runner
 runs, :mod:`.report` the tables, heat-map and JSON, :mod:`.pages` the per-testbed pages with the
 signal diagnostics of the likelihood rules (kept in the run records by :mod:`.signal_record`).
 """
-
-from .stats import mean_ci, normalised_regret, paired_bootstrap_regret, paired_difference
-from .suite import DEVELOPMENT, FIXED_GRID, HELD_OUT, TESTBEDS, Testbed
-
-__all__ = [
-    "DEVELOPMENT",
-    "FIXED_GRID",
-    "HELD_OUT",
-    "TESTBEDS",
-    "Testbed",
-    "mean_ci",
-    "normalised_regret",
-    "paired_bootstrap_regret",
-    "paired_difference",
-]

@@ -188,28 +188,35 @@ def reference_key(cfg: Any, controller: str, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- workers
-def _gym_task(testbed: str, controller: str, seed: int, key: str,
-              config: StudyConfig) -> dict[str, Any]:  # fmt: skip
-    start = time.perf_counter()
-    run = run_one((controller, seed, config))
+def _record(job: tuple[str, str, int, str], start: float, metrics: dict[str, float],
+            temperature: Any, signal: Any, **timings: float) -> dict[str, Any]:  # fmt: skip
+    """The record of one finished run of ``job`` (testbed, controller, seed, key), started at
+    ``start`` (``time.perf_counter()``): what every testbed's worker returns."""
+    testbed, controller, seed, key = job
     return {
         "key": key,
         "testbed": testbed,
         "controller": controller,
         "seed": seed,
-        "metrics": {
-            "auc": float(run["auc"]),
-            "final": float(run["final"]),
-            "final_greedy": float(run["greedy"][-1]),
-        },
-        "temperature": [float(t) for t in run["temperature"]],
-        # the columns of the signal are the controller's candidates (run_one does not return
-        # the policy; building it again is cheap and draws nothing from the run's RNGs)
-        "signal": from_gym_run(run["signal"],
-                               make_controller(controller, config, seed).candidates),
+        "metrics": metrics,
+        "temperature": [float(t) for t in temperature],
+        "signal": signal,
+        **timings,
         "wall_seconds": time.perf_counter() - start,
         "metactl_version": metactl.__version__,
     }
+
+
+def _gym_task(testbed: str, controller: str, seed: int, key: str,
+              config: StudyConfig) -> dict[str, Any]:  # fmt: skip
+    start = time.perf_counter()
+    run = run_one((controller, seed, config))
+    metrics = {"auc": float(run["auc"]), "final": float(run["final"]),
+               "final_greedy": float(run["greedy"][-1])}  # fmt: skip
+    # the columns of the signal are the controller's candidates (run_one does not return the
+    # policy; building it again is cheap and draws nothing from the run's RNGs)
+    signal = from_gym_run(run["signal"], make_controller(controller, config, seed).candidates)
+    return _record((testbed, controller, seed, key), start, metrics, run["temperature"], signal)
 
 
 def _init_worker(threads: int, with_torch: bool) -> None:
@@ -243,23 +250,10 @@ def _reference_task(testbed: str, controller: str, seed: int, key: str, cfg: Any
     # no per-arm progress bar: the scoreboard draws one bar over all runs
     result = run_arm(cfg, reference_controller_name(controller), seed, start_path, progress=False)
     avg = result["final"]["avg"]
-    return {
-        "key": key,
-        "testbed": testbed,
-        "controller": controller,
-        "seed": seed,
-        "metrics": {
-            "pass1": float(avg["pass1"]),
-            "greedy": float(avg["greedy"]),
-            "pass_at_k": float(avg["pass_at_k"]),
-        },
-        "temperature": [float(t) for t in result["temperature"]],
-        "signal": from_reference_result(result),
-        "train_seconds": float(result["train_seconds"]),
-        "meta_seconds": float(result.get("meta_seconds", 0.0)),
-        "wall_seconds": time.perf_counter() - start,
-        "metactl_version": metactl.__version__,
-    }
+    metrics = {name: float(avg[name]) for name in ("pass1", "greedy", "pass_at_k")}
+    return _record((testbed, controller, seed, key), start, metrics, result["temperature"],
+                   from_reference_result(result), train_seconds=float(result["train_seconds"]),
+                   meta_seconds=float(result.get("meta_seconds", 0.0)))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- scheduler
