@@ -81,7 +81,7 @@ def test_fixed_truncation_is_scored_with_a_temperature_policy(
 ):
     trainer = _trainer(model_path, tmp_path, metactl.tampo(), **overrides)
     assert trainer.meta_scoring.family == "temperature"
-    assert getattr(trainer.meta_scoring, knob) == value
+    assert getattr(trainer.meta_scoring.setting, knob) == value
 
 
 def test_truncated_sampling_is_fine_without_likelihoods(model_path, tmp_path):
