@@ -182,61 +182,55 @@ class FusedLogitsCapture:
         n_cols: int,
         kernel_args: dict[str, Any],
     ) -> None:
+        """Fold one tile of TRL's fused head (its rows' logits over the vocabulary slice from
+        ``vocab_start``, ``n_cols`` wide) into the running statistics; the time it takes is
+        added to :attr:`seconds`."""
         start = time.perf_counter()
         try:
-            self._fold_rows(tile, targets, vocab_start, n_cols, kernel_args)
+            call = self._call
+            if call is None or self._lse is None or self._target is None:
+                return
+            offset = int(targets.storage_offset() - call.targets.storage_offset())
+            n = int(tile.shape[0])
+            lo = int(torch.searchsorted(call.rows, offset))
+            hi = int(torch.searchsorted(call.rows, offset + n))
+            if lo == hi:
+                return
+            local_rows = call.rows[lo:hi] - offset
+            b, t = call.batch[lo:hi], call.position[lo:hi]
+            with torch.no_grad():
+                y = tile[local_rows, :n_cols].float()
+                scale = float(kernel_args.get("logit_scale", 1.0))
+                if scale != 1.0:
+                    y = y * scale
+                if kernel_args.get("HAS_SOFTCAP", False):
+                    cap = float(kernel_args["softcap"])
+                    y = cap * torch.tanh(y / cap)
+                local = targets[local_rows] - vocab_start
+                if self._fold_whole_vocabulary(y, local, b, t, vocab_start, n_cols, call.vocab):
+                    return
+                if self.temperatures is None:
+                    # a truncated candidate needs the row's whole sorted vocabulary at once
+                    self.failure = self.failure or (
+                        f"family {self.scoring.family!r} with truncation is scored only on "
+                        f"tiles holding the whole vocabulary (V={call.vocab} spans several of "
+                        "TRL's tiles)"
+                    )
+                    return
+                in_tile = (local >= 0) & (local < n_cols)
+                y_target = y.gather(1, local.clamp(0, n_cols - 1).unsqueeze(1)).squeeze(1)
+                for k, temperature in enumerate(self.temperatures):
+                    z = y / temperature
+                    part = torch.logsumexp(z, dim=-1).double()
+                    self._lse[b, t, k] = torch.logaddexp(self._lse[b, t, k], part)
+                    value = (y_target / temperature).double()
+                    self._target[b, t, k] = torch.where(in_tile, value, self._target[b, t, k])
+                self._fold_entropy(y, b, t)
+                if vocab_start == 0:
+                    assert self._seen is not None
+                    self._seen[b, t] = True
         finally:
             self.seconds += time.perf_counter() - start
-
-    def _fold_rows(
-        self,
-        tile: torch.Tensor,
-        targets: torch.Tensor,
-        vocab_start: int,
-        n_cols: int,
-        kernel_args: dict[str, Any],
-    ) -> None:
-        call = self._call
-        if call is None or self._lse is None or self._target is None:
-            return
-        offset = int(targets.storage_offset() - call.targets.storage_offset())
-        n = int(tile.shape[0])
-        lo = int(torch.searchsorted(call.rows, offset))
-        hi = int(torch.searchsorted(call.rows, offset + n))
-        if lo == hi:
-            return
-        local_rows = call.rows[lo:hi] - offset
-        b, t = call.batch[lo:hi], call.position[lo:hi]
-        with torch.no_grad():
-            y = tile[local_rows, :n_cols].float()
-            scale = float(kernel_args.get("logit_scale", 1.0))
-            if scale != 1.0:
-                y = y * scale
-            if kernel_args.get("HAS_SOFTCAP", False):
-                cap = float(kernel_args["softcap"])
-                y = cap * torch.tanh(y / cap)
-            local = targets[local_rows] - vocab_start
-            if self._fold_whole_vocabulary(y, local, b, t, vocab_start, n_cols, call.vocab):
-                return
-            if self.temperatures is None:
-                # a truncated candidate needs the row's whole sorted vocabulary at once
-                self.failure = self.failure or (
-                    f"family {self.scoring.family!r} with truncation is scored only on tiles "
-                    f"holding the whole vocabulary (V={call.vocab} spans several of TRL's tiles)"
-                )
-                return
-            in_tile = (local >= 0) & (local < n_cols)
-            y_target = y.gather(1, local.clamp(0, n_cols - 1).unsqueeze(1)).squeeze(1)
-            for k, temperature in enumerate(self.temperatures):
-                z = y / temperature
-                part = torch.logsumexp(z, dim=-1).double()
-                self._lse[b, t, k] = torch.logaddexp(self._lse[b, t, k], part)
-                value = (y_target / temperature).double()
-                self._target[b, t, k] = torch.where(in_tile, value, self._target[b, t, k])
-            self._fold_entropy(y, b, t)
-            if vocab_start == 0:
-                assert self._seen is not None
-                self._seen[b, t] = True
 
     def _fold_whole_vocabulary(
         self,

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,7 @@ __all__ = [
 
 #: The TRL releases this adapter is tested with (also the pin of the ``metactl[trl]`` extra).
 TESTED_TRL = ">=1.16,<1.17"
-_TESTED_MINOR = (1, 16)
+_TESTED_TRL_MINORS = ((1, 16), (1, 16))  # inclusive
 #: The transformers releases it is tested with, at both ends (also the ``metactl[trl]`` pin).
 TESTED_TRANSFORMERS = ">=5.17,<5.25"
 _TESTED_TRANSFORMERS_MINORS = ((5, 17), (5, 24))  # inclusive
@@ -163,28 +164,12 @@ def check_trl_version(version: str | None = None) -> None:
     Example:
         >>> check_trl_version("1.16.3")
     """
-    from packaging.version import InvalidVersion, Version
-
-    if version is None:
-        import trl
-
-        version = trl.__version__
-    try:
-        parsed = Version(str(version))
-    except InvalidVersion as exc:
-        raise RuntimeError(f"cannot parse the TRL version {version!r}") from exc
-    if parsed.release[:2] == _TESTED_MINOR:
-        return
-    message = (
-        f"metactl.adapters.trl is tested with trl{TESTED_TRL} (installed: {version}); it patches "
-        "private TRL hooks that change between releases. Install `metactl[trl]` (pins that range), "
-        f"or set {ALLOW_UNTESTED_ENV}=1 to try anyway (the test suite then tells you whether the "
-        "temperature still reaches every place TRL keeps it)."
-    )
-    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return
-    raise RuntimeError(message)
+    _check_tested(
+        "trl", "TRL", version, TESTED_TRL, _TESTED_TRL_MINORS,
+        "it patches private TRL hooks that change between releases. Install `metactl[trl]` (pins "
+        f"that range), or set {ALLOW_UNTESTED_ENV}=1 to try anyway (the test suite then tells you "
+        "whether the temperature still reaches every place TRL keeps it).",
+    )  # fmt: skip
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -198,27 +183,37 @@ def check_transformers_version(version: str | None = None) -> None:
         ...
         RuntimeError: metactl.adapters.trl is tested with transformers>=5.17,<5.25 ...
     """
+    _check_tested(
+        "transformers", "transformers", version, TESTED_TRANSFORMERS, _TESTED_TRANSFORMERS_MINORS,
+        "TRL's fused log-prob head and the generation hooks it patches depend on transformers "
+        f"internals. Install `metactl[trl]` (pins that range), or set {ALLOW_UNTESTED_ENV}=1 to "
+        "try anyway.",
+    )  # fmt: skip
+
+
+def _check_tested(
+    package: str, label: str, version: str | None, tested: str,
+    minors: tuple[tuple[int, int], tuple[int, int]], advice: str,
+) -> None:  # fmt: skip
+    """Raise ``RuntimeError`` (a ``RuntimeWarning`` to the caller's caller with
+    ``METACTL_ALLOW_UNTESTED_TRL=1``) unless ``version`` (default: the installed ``package``'s)
+    has a minor release within ``minors`` (both ends included); ``label`` names the package in
+    a parse error, ``tested`` is its tested range, ``advice`` ends the message."""
     from packaging.version import InvalidVersion, Version
 
     if version is None:
-        import transformers
-
-        version = transformers.__version__
+        version = str(importlib.import_module(package).__version__)
     try:
         parsed = Version(str(version))
     except InvalidVersion as exc:
-        raise RuntimeError(f"cannot parse the transformers version {version!r}") from exc
-    low, high = _TESTED_TRANSFORMERS_MINORS
+        raise RuntimeError(f"cannot parse the {label} version {version!r}") from exc
+    low, high = minors
     if low <= parsed.release[:2] <= high:
         return
-    message = (
-        f"metactl.adapters.trl is tested with transformers{TESTED_TRANSFORMERS} (installed: "
-        f"{version}); TRL's fused log-prob head and the generation hooks it patches depend on "
-        "transformers internals. Install `metactl[trl]` (pins that range), or set "
-        f"{ALLOW_UNTESTED_ENV}=1 to try anyway."
-    )
+    message = (f"metactl.adapters.trl is tested with {package}{tested} (installed: {version}); "
+               f"{advice}")  # fmt: skip
     if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
         return
     raise RuntimeError(message)
 
