@@ -3,7 +3,9 @@ a run folder (a pickle whose ``__reduce__`` calls ``exec`` or ``os.system``, in 
 torch file can take) is refused before anything in it loads, and its payload never runs; a
 checkpoint holding numpy objects (as older ones could) is refused with what to do; a warm-up
 cache entry holding a pickled weight file or custom code is refused and rebuilt. An honest
-checkpoint still resumes bit-identically, numpy values in its history included."""
+checkpoint still resumes bit-identically, numpy values in its history included. A damaged
+checkpoint (truncated, emptied, a weight garbled) is refused with the file named, and two writers
+at once never share a temporary file."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pickle
 import re
 import shlex
 import shutil
+import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import metactl.adapters.integrity as integrity  # noqa: E402
-from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.integrity import (  # noqa: E402
     HASH_FIELD,
     CorruptFileError,
@@ -35,37 +37,21 @@ from metactl.adapters.integrity import (  # noqa: E402
     tree_sha256,
     write_json_checked,
 )
-from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.sft import (  # noqa: E402
     META_FILE,
     WarmupConfig,
     verify_entry,
     warmup_entry,
 )
-from metactl.adapters.reference.tasks import ALPHABET, ChainTask, chain_reward  # noqa: E402
 from metactl.adapters.reference.trainer import (  # noqa: E402
     CHECKPOINT_ADVICE,
-    GRPOConfig,
     GRPOTrainer,
     read_checkpoint,
 )
 
-import metactl  # noqa: E402
+from tests.adapters.reference.helpers import MINI, TASK, checkpointing_trainer  # noqa: E402
 
-TASK = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
-TINY = TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64, max_positions=32)
 TIMES = ("seconds", "rollout_seconds", "meta_seconds")
-
-
-def tiny_trainer(run_dir: Path, steps: int = 4, evaluator=None) -> GRPOTrainer:
-    tok = build_char_tokenizer(ALPHABET)
-    model = build_model(TINY, tok, seed=0)
-    cfg = GRPOConfig(steps=steps, prompts_per_step=2, group_size=4, lr=1e-3,
-                     max_new_tokens=TASK.max_completion_tokens, checkpoint_every=2,
-                     eval_every=2 if evaluator is not None else 0)
-    return GRPOTrainer(model, tok, cfg, metactl.tampo(seed=0),
-                       prompts=lambda rng, n: TASK.sample(rng, n), reward_fn=chain_reward,
-                       run_dir=run_dir, evaluator=evaluator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +133,7 @@ PLANTS: dict[str, tuple[Callable[[Path, Path, bytes], None], Callable[[Path], No
 def honest_checkpoint(tmp_path_factory) -> bytes:
     """The bytes of a real checkpoint after two steps."""
     run_dir = tmp_path_factory.mktemp("honest")
-    tr = tiny_trainer(run_dir, steps=2)
+    tr = checkpointing_trainer(run_dir, steps=2)
     tr.train(progress_bar=False)
     return tr.checkpoint_path.read_bytes()
 
@@ -164,7 +150,7 @@ def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, pl
     write, unsafe_read = PLANTS[plant]
     write(ckpt, marker, honest_checkpoint)
     with pytest.raises(CorruptFileError, match="delete it to restart") as info:
-        tiny_trainer(run_dir)  # the trainer resumes from its run folder's checkpoint
+        checkpointing_trainer(run_dir)  # the trainer resumes from its run folder's checkpoint
     assert not marker.exists()
     assert str(ckpt) in str(info.value)
     with pytest.raises(CorruptFileError):
@@ -209,7 +195,7 @@ def test_a_checkpoint_holding_numpy_objects_is_refused_with_what_to_do(tmp_path)
     cannot be loaded without importing and calling what it names, so it is refused (never
     loaded unsafely), and the message says how to go on."""
     run_dir = tmp_path / "run"
-    tr = tiny_trainer(run_dir, steps=2)
+    tr = checkpointing_trainer(run_dir, steps=2)
     tr.train(progress_bar=False)
     state = read_checkpoint(tr.checkpoint_path)
     state["history"][0]["reward"] = np.float64(state["history"][0]["reward"])
@@ -217,7 +203,7 @@ def test_a_checkpoint_holding_numpy_objects_is_refused_with_what_to_do(tmp_path)
     state[HASH_FIELD] = tree_sha256(state)  # an intact file, as the old writer produced it
     torch.save(state, tr.checkpoint_path)
     with pytest.raises(CorruptFileError) as info:
-        tiny_trainer(run_dir, steps=2)
+        checkpointing_trainer(run_dir, steps=2)
     message = str(info.value)
     assert "numpy" in message and "cannot be read safely" in message
     assert message.endswith(CHECKPOINT_ADVICE)
@@ -225,7 +211,7 @@ def test_a_checkpoint_holding_numpy_objects_is_refused_with_what_to_do(tmp_path)
 
 @pytest.mark.parametrize("missing", ["model", "rng_sampling"])
 def test_a_checkpoint_without_a_field_a_resume_needs_is_refused(tmp_path, missing):
-    tr = tiny_trainer(tmp_path, steps=2)
+    tr = checkpointing_trainer(tmp_path, steps=2)
     tr.train(progress_bar=False)
     state = read_checkpoint(tr.checkpoint_path)
     del state[missing]
@@ -245,7 +231,7 @@ def numpy_evaluator(model, step: int) -> dict:
 
 
 def test_an_honest_checkpoint_resumes_bit_identically(tmp_path):
-    full = tiny_trainer(tmp_path / "full", steps=4, evaluator=numpy_evaluator)
+    full = checkpointing_trainer(tmp_path / "full", steps=4, evaluator=numpy_evaluator)
     full.train(progress_bar=False)
 
     class Interrupt(Exception):
@@ -255,7 +241,7 @@ def test_an_honest_checkpoint_resumes_bit_identically(tmp_path):
         if record["step"] == 1:  # two steps done; the checkpoint of step 2 is on disk
             raise Interrupt
 
-    part = tiny_trainer(tmp_path / "part", steps=4, evaluator=numpy_evaluator)
+    part = checkpointing_trainer(tmp_path / "part", steps=4, evaluator=numpy_evaluator)
     with pytest.raises(Interrupt):
         part.train(callback=stop_after_step_2, progress_bar=False)
     ckpt = part.checkpoint_path
@@ -269,7 +255,7 @@ def test_an_honest_checkpoint_resumes_bit_identically(tmp_path):
                           "ok": True}
     assert [type(v) for v in saved_eval.values()] == [int, float, int, str, list, bool]
 
-    resumed = tiny_trainer(tmp_path / "part", steps=4, evaluator=numpy_evaluator)
+    resumed = checkpointing_trainer(tmp_path / "part", steps=4, evaluator=numpy_evaluator)
     assert resumed.step_idx == 2
     resumed.train(progress_bar=False)
 
@@ -294,7 +280,7 @@ def test_an_honest_checkpoint_resumes_bit_identically(tmp_path):
 
 
 def test_saving_something_a_safe_load_cannot_read_back_names_the_field(tmp_path):
-    tr = tiny_trainer(tmp_path, steps=2, evaluator=lambda model, step: {"bad": {1, 2}})
+    tr = checkpointing_trainer(tmp_path, steps=2, evaluator=lambda model, step: {"bad": {1, 2}})
     with pytest.raises(TypeError, match=r"checkpoint\['evals'\]\[0\]\['bad'\] is a builtins.set"):
         tr.train(progress_bar=False)
     assert not tr.checkpoint_path.exists()
@@ -340,7 +326,7 @@ WARMUP = WarmupConfig(steps=2, batch_size=8)
 
 @pytest.fixture(scope="module")
 def good_entry(tmp_path_factory):
-    return warmup_entry(TASK, TINY, WARMUP, cache_dir=tmp_path_factory.mktemp("cache"),
+    return warmup_entry(TASK, MINI, WARMUP, cache_dir=tmp_path_factory.mktemp("cache"),
                         progress=False)
 
 
@@ -386,9 +372,72 @@ def test_a_crafted_warmup_entry_is_refused_and_rebuilt_unloaded(tmp_path, good_e
     with pytest.raises(CorruptFileError) as info:
         verify_entry(entry, good_entry.key)
     assert info.value.path.parent == entry and info.value.path.name in planted
-    again = warmup_entry(TASK, TINY, WARMUP, cache_dir=root, progress=False)
+    again = warmup_entry(TASK, MINI, WARMUP, cache_dir=root, progress=False)
     assert again.rebuilt is not None and str(info.value.path) in again.rebuilt
     assert again.identity == good_entry.identity  # the honest weights again
     assert sorted(p.name for p in entry.iterdir()) == sorted(
         p.name for p in good_entry.path.iterdir())
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged checkpoints and concurrent writers
+# ----------------------------------------------------------------------------------------------
+def two_step_trainer(run_dir: Path) -> GRPOTrainer:
+    return checkpointing_trainer(run_dir, steps=2, group_size=2)
+
+
+def garble_64_bytes_of_a_weight(path: Path, weight: torch.Tensor) -> None:
+    """Overwrite 64 bytes inside ``weight``'s data where it is stored in ``path``."""
+    raw = path.read_bytes()
+    needle = weight.detach().contiguous().numpy().tobytes()
+    at = raw.find(needle)
+    assert at >= 0 and len(needle) >= 128
+    patch = bytes((b ^ 0x5A) for b in raw[at + 32: at + 96])
+    path.write_bytes(raw[: at + 32] + patch + raw[at + 96:])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garble-weight"])
+def test_a_damaged_checkpoint_is_refused_with_the_file_named(tmp_path, damage):
+    tr = two_step_trainer(tmp_path)
+    tr.train(progress_bar=False)
+    ckpt = tr.checkpoint_path
+    assert ckpt.exists()
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    else:
+        garble_64_bytes_of_a_weight(ckpt, tr.model.state_dict()["model.embed_tokens.weight"])
+    with pytest.raises(CorruptFileError, match="delete it to restart") as info:
+        two_step_trainer(tmp_path)
+    assert str(ckpt) in str(info.value)
+
+
+def test_two_checkpoint_writers_at_once_never_share_a_temporary_file(tmp_path, monkeypatch):
+    a, b = two_step_trainer(tmp_path), two_step_trainer(tmp_path)
+    both_writing = threading.Barrier(2, timeout=20)
+    real_save = torch.save
+
+    def save_when_both_write(obj, f, *args, **kwargs):
+        both_writing.wait()  # both writers are now between opening their file and renaming it
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_when_both_write)
+    errors: list[BaseException] = []
+
+    def save(tr):
+        try:
+            tr.save_checkpoint()
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(t,)) for t in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert errors == []
+    assert two_step_trainer(tmp_path).step_idx == 0  # the checkpoint on disk loads and verifies
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -24,35 +24,15 @@ from metactl.adapters.lab.controllers import (  # noqa: E402
     make_policy,
     validate_controller,
 )
-from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
+from metactl.adapters.reference.model import build_model  # noqa: E402
 from metactl.adapters.reference.rollout import completion_logits, token_logprobs  # noqa: E402
-from metactl.adapters.reference.tasks import ALPHABET, ChainTask  # noqa: E402
+from metactl.adapters.reference.tasks import ALPHABET  # noqa: E402
 from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import metactl  # noqa: E402
 from metactl.knobs import Setting, kept_mask, log_probs, truncated_probs  # noqa: E402
 from metactl.likelihood import candidate_loglik  # noqa: E402
-
-TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64, max_positions=32)
-TASK = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
-
-
-def contains_seven(completion: str, answer: str) -> float:
-    """A reward a random model earns sometimes, so advantages are not all zero."""
-    return float("7" in completion)
-
-
-def make_trainer(policy, **overrides) -> GRPOTrainer:
-    torch.manual_seed(0)
-    tok = build_char_tokenizer(ALPHABET)
-    model = build_model(TINY, tok, seed=0)
-    cfg = GRPOConfig(**{**dict(steps=3, prompts_per_step=4, group_size=4, lr=1e-3,
-                               max_new_tokens=6, checkpoint_every=0, eval_every=0, seed=0),
-                        **overrides})
-    return GRPOTrainer(model, tok, cfg, policy, prompts=lambda rng, n: TASK.sample(rng, n),
-                       reward_fn=contains_seven)
-
+from tests.adapters.reference.helpers import TASK, TINY, contains_seven, make_trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # the temperature path is unchanged
@@ -341,24 +321,16 @@ def test_a_temperature_policy_under_a_fixed_nucleus_is_scored_under_it(monkeypat
 # ----------------------------------------------------------------------------------------------
 def test_a_miniature_comparison_with_knob_arms_writes_a_report_naming_them(tmp_path):
     pytest.importorskip("matplotlib")
-    from metactl.adapters.lab.reproduce.experiment import (
-        EvalConfig,
-        ReproduceConfig,
-        run_experiment,
-    )
+    from metactl.adapters.lab.reproduce.experiment import EvalConfig, run_experiment
     from metactl.adapters.reference.sft import WarmupConfig
 
-    cfg = ReproduceConfig(
-        preset="cpu", out=str(tmp_path / "out"),
-        controllers=("fixed-1.0", "top-p", "tampo-joint"), seeds=(0,),
-        grpo=GRPOConfig(steps=3, prompts_per_step=2, group_size=4, lr=1e-3,
-                        max_new_tokens=TASK.max_completion_tokens, checkpoint_every=0),
+    from tests.adapters.lab.reproduce.helpers import miniature_config
+
+    cfg = miniature_config(
+        str(tmp_path / "out"), ("fixed-1.0", "top-p", "tampo-joint"), steps=3, prompts_per_step=2,
         eval=EvalConfig(n_per_benchmark=4, k=2, curve_n=2, curve_k=2, curve_points=1,
                         train_check_n=8, start_greedy_range=(0.0, 1.0)),
-        workers=1, task=TASK,
-        model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64,
-                              max_positions=32),
-        warmup=WarmupConfig(steps=5, batch_size=16), cache_dir=str(tmp_path / "cache"),
+        warmup=WarmupConfig(steps=5, batch_size=16), workers=1, cache_dir=str(tmp_path / "cache"),
     )
     md = run_experiment(cfg, progress=False).read_text()
     out = tmp_path / "out"

@@ -25,7 +25,7 @@ from metactl.adapters.lab.controllers import (  # noqa: E402
     make_policy,
     validate_controller,
 )
-from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
+from metactl.adapters.reference.model import build_model  # noqa: E402
 from metactl.adapters.reference.rollout import (  # noqa: E402
     completion_logits,
     sample,
@@ -39,30 +39,8 @@ from metactl.adapters.reference.tasks import (  # noqa: E402
     PromptPool,
     heldout_prompts,
 )
-from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
-TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64, max_positions=32)
-TASK = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
-
-
-def contains_seven(completion: str, answer: str) -> float:
-    """A reward a random model earns sometimes, so advantages are not all zero."""
-    return float("7" in completion)
-
-
-def make_trainer(policy, prompts=None, run_dir=None, **overrides) -> GRPOTrainer:
-    torch.manual_seed(0)
-    tok = build_char_tokenizer(ALPHABET)
-    model = build_model(TINY, tok, seed=0)
-    cfg = GRPOConfig(**{**dict(steps=3, prompts_per_step=4, group_size=4, lr=1e-3,
-                               max_new_tokens=6, checkpoint_every=0, eval_every=0, seed=0),
-                        **overrides})
-    ref = build_model(TINY, tok, seed=0) if cfg.kl_beta > 0 else None
-    return GRPOTrainer(model, tok, cfg, policy,
-                       prompts=prompts if prompts is not None else
-                       (lambda rng, n: TASK.sample(rng, n)),
-                       reward_fn=contains_seven, ref_model=ref, run_dir=run_dir)
+from tests.adapters.reference.helpers import TASK, TINY, make_trainer  # noqa: E402
 
 
 def _left_padded(tok):
@@ -385,25 +363,14 @@ def test_pool_errors_name_the_problem() -> None:
 def test_miniature_comparison_with_per_prompt_arms_plots_the_context_temperatures(
         tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from metactl.adapters.lab.reproduce.experiment import (
-        EvalConfig,
-        ReproduceConfig,
-        run_experiment,
-    )
-    from metactl.adapters.reference.sft import WarmupConfig
+    from metactl.adapters.lab.reproduce.experiment import run_experiment
+
+    from tests.adapters.lab.reproduce.helpers import miniature_config
 
     task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2), train_pool=8)
-    cfg = ReproduceConfig(
-        preset="cpu", out=str(tmp_path / "out"),
-        controllers=("fixed-1.0", "ptgs", "tampo-per-prompt", "linear-thompson"), seeds=(0,),
-        grpo=GRPOConfig(steps=4, prompts_per_step=4, group_size=4, lr=1e-3,
-                        max_new_tokens=task.max_completion_tokens, checkpoint_every=0),
-        eval=EvalConfig(n_per_benchmark=8, k=2, curve_n=4, curve_k=2, curve_points=2,
-                        train_check_n=50, start_greedy_range=(0.0, 1.0)),
-        workers=1, task=task,
-        model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64,
-                              max_positions=32),
-        warmup=WarmupConfig(steps=20, batch_size=32), cache_dir=str(tmp_path / "cache"),
+    cfg = miniature_config(
+        str(tmp_path / "out"), ("fixed-1.0", "ptgs", "tampo-per-prompt", "linear-thompson"),
+        task=task, workers=1, cache_dir=str(tmp_path / "cache"),
     )
     run_experiment(cfg, progress=False)
     out = tmp_path / "out"

@@ -14,30 +14,17 @@ pytest.importorskip("matplotlib")
 
 from metactl.adapters.lab.reproduce.cli import build_parser, config_from_args
 from metactl.adapters.lab.reproduce.experiment import (
-    EvalConfig,
-    ReproduceConfig,
     run_experiment,
 )
 from metactl.adapters.lab.reproduce.report import paired, sensitivity_check
-from metactl.adapters.reference.model import TinyModelConfig
-from metactl.adapters.reference.sft import WarmupConfig
-from metactl.adapters.reference.tasks import ChainTask
-from metactl.adapters.reference.trainer import GRPOConfig
+
+from tests.adapters.lab.reproduce.helpers import miniature_config
 
 
 def test_miniature_comparison_writes_the_report_and_resumes(tmp_path):
-    task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
-    cfg = ReproduceConfig(
-        preset="cpu", out=str(tmp_path / "out"),
-        controllers=("fixed-0.9", "fixed-1.5", "linear-0.9-1.5", "tampo"), seeds=(0, 1),
-        grpo=GRPOConfig(steps=4, prompts_per_step=4, group_size=4, lr=1e-3,
-                        max_new_tokens=task.max_completion_tokens, checkpoint_every=2),
-        eval=EvalConfig(n_per_benchmark=8, k=2, curve_n=4, curve_k=2, curve_points=2,
-                        train_check_n=50, start_greedy_range=(0.0, 1.0)),
-        workers=2, task=task,
-        model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64,
-                              max_positions=32),
-        warmup=WarmupConfig(steps=20, batch_size=32), cache_dir=str(tmp_path / "cache"),
+    cfg = miniature_config(
+        str(tmp_path / "out"), ("fixed-0.9", "fixed-1.5", "linear-0.9-1.5", "tampo"), (0, 1),
+        checkpoint_every=2, workers=2, cache_dir=str(tmp_path / "cache"),
     )
     md_path = run_experiment(cfg, progress=False)
     md = md_path.read_text()

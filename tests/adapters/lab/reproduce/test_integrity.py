@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 import metactl.adapters.integrity as integrity  # noqa: E402
-from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
 from metactl.adapters.integrity import (  # noqa: E402
     CorruptFileError,
     OutputInUseError,
@@ -43,20 +41,14 @@ from metactl.adapters.lab.reproduce.experiment import (  # noqa: E402
     run_dir_for,
     run_experiment,
 )
-from metactl.adapters.reference.model import TinyModelConfig, build_model  # noqa: E402
 from metactl.adapters.reference.sft import (  # noqa: E402
-    WarmupConfig,
     verify_entry,
     warmup_entry,
 )
-from metactl.adapters.reference.tasks import ALPHABET, ChainTask, chain_reward  # noqa: E402
-from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 
-import metactl  # noqa: E402
+from tests.adapters.lab.reproduce.helpers import WARMUP, miniature_config  # noqa: E402
+from tests.adapters.reference.helpers import MINI, TASK, checkpointing_trainer  # noqa: E402
 
-TASK = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
-TINY = TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64, max_positions=32)
-WARMUP = WarmupConfig(steps=20, batch_size=32)
 ARMS = ("fixed-0.9", "tampo")
 SEEDS = (0, 1)
 TIMINGS = ("train_seconds", "rollout_seconds", "meta_seconds", "wall_seconds",
@@ -65,17 +57,9 @@ TIMINGS = ("train_seconds", "rollout_seconds", "meta_seconds", "wall_seconds",
 
 def mini_config(out: str, cache: str, workers: int = 2, steps: int = 80,
                 checkpoint_every: int = 5) -> ReproduceConfig:
-    """A four-arm comparison of a 10k-parameter model (about a second per arm). Its warm-up is
-    far from the real 10-60% start-model range, so it declares a range of its own."""
-    return ReproduceConfig(
-        preset="cpu", out=out, controllers=ARMS, seeds=SEEDS,
-        grpo=GRPOConfig(steps=steps, prompts_per_step=4, group_size=4, lr=1e-3,
-                        max_new_tokens=TASK.max_completion_tokens,
-                        checkpoint_every=checkpoint_every),
-        eval=EvalConfig(n_per_benchmark=8, k=2, curve_n=4, curve_k=2, curve_points=2,
-                        train_check_n=50, start_greedy_range=(0.0, 1.0)),
-        workers=workers, task=TASK, model=TINY, warmup=WARMUP, cache_dir=cache,
-    )
+    """A four-arm comparison of a 10k-parameter model (about a second per arm)."""
+    return miniature_config(out, ARMS, SEEDS, steps=steps, checkpoint_every=checkpoint_every,
+                            workers=workers, cache_dir=cache)
 
 
 def arm_results(out: Path) -> dict:
@@ -99,76 +83,6 @@ def clean(tmp_path_factory, cache) -> tuple[Path, dict, str]:
     with contextlib.redirect_stderr(err):
         run_experiment(mini_config(str(out), str(cache), workers=1), progress=False)
     return out, arm_results(out), err.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------
-def tiny_trainer(run_dir: Path, steps: int = 2) -> GRPOTrainer:
-    tok = build_char_tokenizer(ALPHABET)
-    model = build_model(TINY, tok, seed=0)
-    cfg = GRPOConfig(steps=steps, prompts_per_step=2, group_size=2, lr=1e-3,
-                     max_new_tokens=TASK.max_completion_tokens, checkpoint_every=2,
-                     eval_every=0)
-    return GRPOTrainer(model, tok, cfg, metactl.tampo(seed=0),
-                       prompts=lambda rng, n: TASK.sample(rng, n), reward_fn=chain_reward,
-                       run_dir=run_dir)
-
-
-def garble_64_bytes_of_a_weight(path: Path, weight: torch.Tensor) -> None:
-    """Overwrite 64 bytes inside ``weight``'s data where it is stored in ``path``."""
-    raw = path.read_bytes()
-    needle = weight.detach().contiguous().numpy().tobytes()
-    at = raw.find(needle)
-    assert at >= 0 and len(needle) >= 128
-    patch = bytes((b ^ 0x5A) for b in raw[at + 32: at + 96])
-    path.write_bytes(raw[: at + 32] + patch + raw[at + 96:])
-
-
-@pytest.mark.parametrize("damage", ["truncate", "empty", "garble-weight"])
-def test_a_damaged_checkpoint_is_refused_with_the_file_named(tmp_path, damage):
-    tr = tiny_trainer(tmp_path)
-    tr.train(progress_bar=False)
-    ckpt = tr.checkpoint_path
-    assert ckpt.exists()
-    if damage == "truncate":
-        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    elif damage == "empty":
-        ckpt.write_bytes(b"")
-    else:
-        garble_64_bytes_of_a_weight(ckpt, tr.model.state_dict()["model.embed_tokens.weight"])
-    with pytest.raises(CorruptFileError, match="delete it to restart") as info:
-        tiny_trainer(tmp_path)
-    assert str(ckpt) in str(info.value)
-
-
-def test_two_checkpoint_writers_at_once_never_share_a_temporary_file(tmp_path, monkeypatch):
-    a, b = tiny_trainer(tmp_path), tiny_trainer(tmp_path)
-    both_writing = threading.Barrier(2, timeout=20)
-    real_save = torch.save
-
-    def save_when_both_write(obj, f, *args, **kwargs):
-        both_writing.wait()  # both writers are now between opening their file and renaming it
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save_when_both_write)
-    errors: list[BaseException] = []
-
-    def save(tr):
-        try:
-            tr.save_checkpoint()
-        except BaseException as exc:  # collected for the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=save, args=(t,)) for t in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    monkeypatch.undo()
-    assert errors == []
-    assert tiny_trainer(tmp_path).step_idx == 0  # the checkpoint on disk loads and verifies
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +130,7 @@ DAMAGES = {
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_warmup_entry_is_rebuilt_with_the_same_weights(tmp_path, cache, damage):
-    good = warmup_entry(TASK, TINY, WARMUP, cache_dir=cache, progress=False)
+    good = warmup_entry(TASK, MINI, WARMUP, cache_dir=cache, progress=False)
     root = tmp_path / "cache"
     shutil.copytree(good.path, root / good.path.name)
     entry = root / good.path.name
@@ -224,13 +138,13 @@ def test_a_damaged_warmup_entry_is_rebuilt_with_the_same_weights(tmp_path, cache
     DAMAGES[damage](entry)
     with pytest.raises(CorruptFileError):
         verify_entry(entry, good.key)
-    again = warmup_entry(TASK, TINY, WARMUP, cache_dir=root, progress=False)
+    again = warmup_entry(TASK, MINI, WARMUP, cache_dir=root, progress=False)
     assert again.path == entry and again.key == good.key
     assert again.rebuilt is not None and str(entry) in again.rebuilt
     assert (entry / "model.safetensors").read_bytes() == weights  # the warm-up is deterministic
     assert again.identity == good.identity
     verify_entry(entry, good.key)
-    assert warmup_entry(TASK, TINY, WARMUP, cache_dir=root, progress=False).rebuilt is None
+    assert warmup_entry(TASK, MINI, WARMUP, cache_dir=root, progress=False).rebuilt is None
     assert sorted(p.name for p in root.iterdir()) == [good.path.name]  # nothing left behind
 
 
@@ -282,7 +196,7 @@ def test_damaged_run_files_are_refused_before_the_warmup(tmp_path, clean, damage
         path.write_text(text[:100] if damage == "result-truncated"
                         else text.replace('"seed": 1', '"seed": 7'))
     else:
-        tr = tiny_trainer(tmp_path / "t")
+        tr = checkpointing_trainer(tmp_path / "t", steps=2, group_size=2)
         tr.train(progress_bar=False)
         path = arm / "checkpoint.pt"
         data = tr.checkpoint_path.read_bytes()
@@ -331,7 +245,7 @@ def test_a_checkpoint_of_another_configuration_is_kept_aside_not_deleted(tmp_pat
     cfg = mini_config(str(tmp_path / "out"), str(cache), steps=4, checkpoint_every=2)
     start = json.loads((clean[0] / "report.json").read_text())["start"]["warmup"]["path"]
     run_dir = run_dir_for(cfg, "tampo", 0)
-    tr = tiny_trainer(run_dir)
+    tr = checkpointing_trainer(run_dir, steps=2, group_size=2)
     tr.train(progress_bar=False)
     theirs = tr.checkpoint_path.read_bytes()
     (run_dir / "key.txt").write_text("0123456789abcdef")

@@ -206,26 +206,17 @@ def test_reference_testbed_runs_through_the_reference_adapter(tmp_path: Path) ->
     from metactl.adapters.lab.scoreboard.runner import run_jobs
     from metactl.adapters.lab.scoreboard.signal_record import decode_signal
     from metactl.adapters.lab.scoreboard.suite import Testbed
-    from metactl.adapters.reference.model import TinyModelConfig
     from metactl.adapters.reference.sft import WarmupConfig
-    from metactl.adapters.reference.tasks import ChainTask
-    from metactl.adapters.reference.trainer import GRPOConfig
 
     from metactl.diagnostics import stack_diagnostics
-
-    task = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
+    from tests.adapters.lab.reproduce.helpers import miniature_config
 
     def miniature(quick: bool) -> ReproduceConfig:
-        return ReproduceConfig(
-            preset="cpu", out="unset", controllers=("fixed-1.0",), seeds=(0,),
-            grpo=GRPOConfig(steps=2, prompts_per_step=4, group_size=4, lr=1e-3,
-                            max_new_tokens=task.max_completion_tokens, checkpoint_every=2),
+        return miniature_config(
+            "unset", ("fixed-1.0",), steps=2, checkpoint_every=2,
             eval=EvalConfig(n_per_benchmark=8, k=2, curve_n=4, curve_k=2, curve_points=1,
                             train_check_n=20, start_greedy_range=(0.0, 1.0)),
-            workers=1, task=task,
-            model=TinyModelConfig(hidden_size=32, num_layers=1, intermediate_size=64,
-                                  max_positions=32),
-            warmup=WarmupConfig(steps=10, batch_size=16),
+            warmup=WarmupConfig(steps=10, batch_size=16), workers=1,
         )  # fmt: skip
 
     testbed = Testbed("reference-mini", DEVELOPMENT, "miniature", 1, 1, reference=miniature)
