@@ -48,19 +48,6 @@ class SamplerRows:
             raise ValueError(f"epsilon must lie in (0, 1), got {self.epsilon}")
 
     @property
-    def top_k(self) -> np.ndarray:
-        """``(N,)`` int64, 0 = off."""
-        return self.settings.top_k
-
-    @property
-    def top_p(self) -> np.ndarray:
-        return self.settings.top_p
-
-    @property
-    def min_p(self) -> np.ndarray:
-        return self.settings.min_p
-
-    @property
     def truncated(self) -> np.ndarray:
         """``(N,)`` bool: the row has an active truncation."""
         return self.settings.truncated
@@ -87,7 +74,7 @@ def row_settings(
     keeps every token) and return them as :class:`SamplerRows`.
 
     >>> rows = row_settings(3, top_p=0.9, top_k=[5, 5, 1])
-    >>> rows.top_k.tolist(), rows.top_p.tolist(), rows.truncated.tolist()
+    >>> rows.settings.top_k.tolist(), rows.settings.top_p.tolist(), rows.truncated.tolist()
     ([5, 5, 1], [0.9, 0.9, 0.9], [True, True, True])
     """
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):

@@ -191,7 +191,7 @@ def test_per_prompt_top_p_sets_each_task_rows() -> None:
         if batch.truncation is None:  # every task at top_p = 1
             assert np.all(expected == 1.0)
         else:
-            np.testing.assert_array_equal(batch.truncation.top_p, expected)
+            np.testing.assert_array_equal(batch.truncation.settings.top_p, expected)
         assert batch.setting("temperature") == 1.0
 
 
