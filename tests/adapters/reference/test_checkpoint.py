@@ -49,9 +49,13 @@ from metactl.adapters.reference.trainer import (  # noqa: E402
     read_checkpoint,
 )
 
-from tests.adapters.reference.helpers import MINI, TASK, checkpointing_trainer  # noqa: E402
-
-TIMES = ("seconds", "rollout_seconds", "meta_seconds")
+from tests.adapters.reference.helpers import (  # noqa: E402
+    MINI,
+    TASK,
+    checkpointing_trainer,
+    timeless,
+    train_until,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,16 +238,8 @@ def test_an_honest_checkpoint_resumes_bit_identically(tmp_path):
     full = checkpointing_trainer(tmp_path / "full", steps=4, evaluator=numpy_evaluator)
     full.train(progress_bar=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_step_2(record: dict) -> None:
-        if record["step"] == 1:  # two steps done; the checkpoint of step 2 is on disk
-            raise Interrupt
-
     part = checkpointing_trainer(tmp_path / "part", steps=4, evaluator=numpy_evaluator)
-    with pytest.raises(Interrupt):
-        part.train(callback=stop_after_step_2, progress_bar=False)
+    train_until(part, 1)  # two steps done; the checkpoint of step 2 is on disk
     ckpt = part.checkpoint_path
     check_torch_file(ckpt, advice="x")  # only tensors, storages, dtypes and plain data
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # torch's safe load reads it
@@ -258,9 +254,6 @@ def test_an_honest_checkpoint_resumes_bit_identically(tmp_path):
     resumed = checkpointing_trainer(tmp_path / "part", steps=4, evaluator=numpy_evaluator)
     assert resumed.step_idx == 2
     resumed.train(progress_bar=False)
-
-    def timeless(history: list[dict]) -> list[dict]:
-        return [{k: v for k, v in h.items() if k not in TIMES} for h in history]
 
     assert timeless(resumed.history) == timeless(full.history)
     assert plain_tree(resumed.evals) == plain_tree(full.evals)

@@ -32,7 +32,12 @@ from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: 
 import metactl  # noqa: E402
 from metactl.knobs import Setting, kept_mask, log_probs, truncated_probs  # noqa: E402
 from metactl.likelihood import candidate_loglik  # noqa: E402
-from tests.adapters.reference.helpers import TASK, TINY, contains_seven, make_trainer  # noqa: E402
+from tests.adapters.reference.helpers import (  # noqa: E402
+    TINY,
+    make_trainer,
+    timeless,
+    train_until,
+)
 
 # ----------------------------------------------------------------------------------------------
 # the temperature path is unchanged
@@ -234,33 +239,14 @@ def test_three_steps_of_each_knob_controller(name):
     assert np.isclose(np.sum(policy.probs), 1.0)
 
 
-def timeless(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in h.items() if "seconds" not in k} for h in history]
-
-
 def test_a_joint_arm_resumes_exactly_where_an_uninterrupted_run_ends(tmp_path):
     def build(run_dir):
-        torch.manual_seed(0)
-        tok = build_char_tokenizer(ALPHABET)
-        cfg = GRPOConfig(steps=4, prompts_per_step=4, group_size=4, lr=1e-3, max_new_tokens=6,
-                         checkpoint_every=2, eval_every=0, seed=0)
-        return GRPOTrainer(build_model(TINY, tok, seed=0), tok, cfg,
-                           make_policy("tampo-joint", steps=4, seed=2),
-                           prompts=lambda rng, n: TASK.sample(rng, n), reward_fn=contains_seven,
-                           run_dir=run_dir)
+        return make_trainer(make_policy("tampo-joint", steps=4, seed=2), run_dir=run_dir,
+                            steps=4, checkpoint_every=2)
 
     full = build(tmp_path / "full")
     full.train(progress_bar=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(record):
-        if record["step"] == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        build(tmp_path / "part").train(callback=stop, progress_bar=False)
+    train_until(build(tmp_path / "part"), 2)
     resumed = build(tmp_path / "part")
     assert resumed.step_idx == 2
     resumed.train(progress_bar=False)

@@ -40,7 +40,13 @@ from metactl.adapters.reference.tasks import (  # noqa: E402
     heldout_prompts,
 )
 
-from tests.adapters.reference.helpers import TASK, TINY, make_trainer  # noqa: E402
+from tests.adapters.reference.helpers import (  # noqa: E402
+    TASK,
+    TINY,
+    make_trainer,
+    timeless,
+    train_until,
+)
 
 
 def _left_padded(tok):
@@ -291,21 +297,11 @@ def test_a_resumed_per_prompt_run_with_a_pool_equals_an_uninterrupted_one(tmp_pa
     full = build(tmp_path / "full")
     full.train(progress_bar=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(record):
-        if record["step"] == 2:
-            raise Interrupt
-
-    part = build(tmp_path / "part")
-    with pytest.raises(Interrupt):
-        part.train(callback=stop, progress_bar=False)
+    train_until(build(tmp_path / "part"), 2)
     resumed = build(tmp_path / "part")
     assert resumed.step_idx == 2 and resumed.prompts.position == 2  # 2 steps x 4 of 6
     resumed.train(progress_bar=False)
-    strip = [{k: v for k, v in h.items() if "seconds" not in k} for h in resumed.history]
-    assert strip == [{k: v for k, v in h.items() if "seconds" not in k} for h in full.history]
+    assert timeless(resumed.history) == timeless(full.history)
     assert resumed.policy.state_dict() == full.policy.state_dict()
     # a checkpoint with a pool position does not load into a trainer without a pool
     other = make_trainer(metactl.ptgs(seed=2), run_dir=tmp_path / "other", steps=5,

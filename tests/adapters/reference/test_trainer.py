@@ -23,32 +23,59 @@ from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: 
 
 import metactl  # noqa: E402
 from metactl.likelihood import candidate_loglik  # noqa: E402
-
-TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                       intermediate_size=64, max_positions=32)
-TASK = ChainTask(ops=("+",), min_len=1, max_len=2, benchmark_lengths=(1, 2))
-
-
-def fixed(t: float) -> metactl.MetaPolicy:
-    return metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.Fixed(t))
-
-
-def contains_seven(completion: str, answer: str) -> float:
-    """A reward a random model earns sometimes, so advantages are not all zero."""
-    return float("7" in completion)
+from tests.adapters.reference.helpers import (  # noqa: E402
+    TASK,
+    TINY,
+    contains_seven,
+    fixed,
+    make_trainer,
+    timeless,
+    train_until,
+)
 
 
-def make_trainer(policy=None, run_dir=None, seed=0, **overrides) -> GRPOTrainer:
-    torch.manual_seed(0)
-    tok = build_char_tokenizer(ALPHABET)
-    model = build_model(TINY, tok, seed=0)
-    cfg = GRPOConfig(**{**dict(steps=3, prompts_per_step=4, group_size=4, lr=1e-3,
-                               max_new_tokens=6, checkpoint_every=0, eval_every=0, seed=seed),
-                        **overrides})
-    ref = build_model(TINY, tok, seed=0) if cfg.kl_beta > 0 else None
-    return GRPOTrainer(model, tok, cfg, policy if policy is not None else fixed(1.0),
-                       prompts=lambda rng, n: TASK.sample(rng, n), reward_fn=contains_seven,
-                       ref_model=ref, run_dir=run_dir)
+def capture_rollouts(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A dict that holds, after every rollout of a `GRPOTrainer`, its ``"batch"`` (prompt ids and
+    mask, completion tokens and mask) and a copy of the ``"model"`` (the policy that sampled it)."""
+    captured: dict = {}
+    real_rollout = GRPOTrainer.rollout
+
+    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
+        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
+        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
+        captured["model"] = copy.deepcopy(self.model)
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
+    return captured
+
+
+def capture_feedback(policy: metactl.MetaPolicy, captured: dict) -> None:
+    """``captured["feedback"]`` holds the feedback of the policy's last update."""
+    real_update = policy.update
+
+    def spy_update(decision, feedback):
+        captured["feedback"] = feedback
+        return real_update(decision, feedback)
+
+    policy.update = spy_update
+
+
+def count_optimize_forwards(tr: GRPOTrainer) -> dict[str, int]:
+    """A dict whose ``"n"`` counts the model's forward calls inside ``tr.optimize``."""
+    forwards = {"n": 0}
+    real_optimize = tr.optimize
+
+    def counting_optimize(*a, **k):
+        handle = tr.model.register_forward_pre_hook(lambda m, i: forwards.__setitem__(
+            "n", forwards["n"] + 1))
+        try:
+            return real_optimize(*a, **k)
+        finally:
+            handle.remove()
+
+    tr.optimize = counting_optimize
+    return forwards
 
 
 def hand_made_batch(tok):
@@ -123,16 +150,7 @@ def test_sampling_and_every_logprob_use_the_steps_temperature(monkeypatch):
 
 
 def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwards(monkeypatch):
-    captured: dict = {}
-    real_rollout = GRPOTrainer.rollout
-
-    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
-        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
-        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
-        captured["model"] = copy.deepcopy(self.model)  # the policy that sampled the batch
-        return out
-
-    monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
+    captured = capture_rollouts(monkeypatch)
     policy = metactl.tampo(seed=0)
     real_update = policy.update
 
@@ -143,18 +161,7 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
 
     policy.update = spy_update
     tr = make_trainer(policy, grad_accum_steps=2)
-    forwards = {"n": 0}
-    real_optimize = tr.optimize
-
-    def counting_optimize(*a, **k):
-        handle = tr.model.register_forward_pre_hook(lambda m, i: forwards.__setitem__(
-            "n", forwards["n"] + 1))
-        try:
-            return real_optimize(*a, **k)
-        finally:
-            handle.remove()
-
-    tr.optimize = counting_optimize
+    forwards = count_optimize_forwards(tr)
     tr.step()
     scored = captured["advantages"] != 0  # rows with A = 0 are skipped by the pass
     assert 0 < int(scored.sum()) < 16, "the test needs both kinds of rows"
@@ -177,11 +184,6 @@ def test_candidate_likelihoods_come_from_the_rollout_policy_without_extra_forwar
     assert called == []
 
 
-def _strip_times(history):
-    return [{k: v for k, v in h.items() if k not in ("seconds", "rollout_seconds", "meta_seconds")}
-            for h in history]
-
-
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     def evaluator(model, step):
         r = evaluate_benchmarks(model, tok, {"b": TASK.benchmark(2, 6)}, contains_seven, k=2,
@@ -195,23 +197,16 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     full.evaluator = evaluator
     full.train(progress_bar=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_step_2(record):
-        if record["step"] == 2:  # three steps done; the last checkpoint is after step 2 of 3
-            raise Interrupt
-
     part = make_trainer(metactl.tampo(seed=3), run_dir=tmp_path / "part", **kw)
     part.evaluator = evaluator
-    with pytest.raises(Interrupt):
-        part.train(callback=stop_after_step_2, progress_bar=False)
+    # three steps done; the last checkpoint is after step 2 of 3
+    train_until(part, 2)
     resumed = make_trainer(metactl.tampo(seed=3), run_dir=tmp_path / "part", **kw)
     resumed.evaluator = evaluator
     assert resumed.step_idx == 2
     resumed.train(progress_bar=False)
 
-    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert timeless(resumed.history) == timeless(full.history)
     assert resumed.evals == full.evals
     assert resumed.policy.state_dict() == full.policy.state_dict()
     pairs = zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True)
@@ -332,38 +327,12 @@ def test_entropy_feedback_equals_a_separate_scoring_pass_without_any_extra_forwa
                                                                                  chunk):
     from metactl.adapters.reference.rollout import token_entropy
 
-    captured: dict = {}
-    real_rollout = GRPOTrainer.rollout
-
-    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
-        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
-        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
-        captured["model"] = copy.deepcopy(self.model)  # the policy that sampled the batch
-        return out
-
-    monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
+    captured = capture_rollouts(monkeypatch)
     policy = metactl.MetaPolicy(metactl.PAPER_TEMPERATURES, metactl.EntropyTarget(1.0))
-    real_update = policy.update
-
-    def spy_update(decision, feedback):
-        captured["feedback"] = feedback
-        return real_update(decision, feedback)
-
-    policy.update = spy_update
+    capture_feedback(policy, captured)
     # rollout_chunk=6: 16 rows sampled in chunks of 6, 6, 4 of different widths, then padded
     tr = make_trainer(policy, grad_accum_steps=2, rollout_chunk=chunk)
-    forwards = {"n": 0}
-    real_optimize = tr.optimize
-
-    def counting_optimize(*a, **k):
-        handle = tr.model.register_forward_pre_hook(lambda m, i: forwards.__setitem__(
-            "n", forwards["n"] + 1))
-        try:
-            return real_optimize(*a, **k)
-        finally:
-            handle.remove()
-
-    tr.optimize = counting_optimize
+    forwards = count_optimize_forwards(tr)
     for _ in range(2):
         forwards["n"] = 0
         record = tr.step()
@@ -385,24 +354,9 @@ def test_entropy_feedback_equals_a_separate_scoring_pass_without_any_extra_forwa
 def test_signal_rules_get_rewards_group_size_and_the_likelihoods_they_declare(monkeypatch, name):
     from metactl.adapters.lab.controllers import make_policy
 
-    captured: dict = {}
-    real_rollout = GRPOTrainer.rollout
-
-    def spy_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs):
-        out = real_rollout(self, prompt_ids, prompt_mask, temperature, **kwargs)
-        captured["batch"] = (prompt_ids, prompt_mask, out.tokens, out.mask)
-        captured["model"] = copy.deepcopy(self.model)
-        return out
-
-    monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
+    captured = capture_rollouts(monkeypatch)
     policy = make_policy(name, steps=3, seed=0)
-    real_update = policy.update
-
-    def spy_update(decision, feedback):
-        captured["feedback"] = feedback
-        return real_update(decision, feedback)
-
-    policy.update = spy_update
+    capture_feedback(policy, captured)
     tr = make_trainer(policy, grad_accum_steps=2)
     real_optimize = tr.optimize
 
