@@ -44,8 +44,16 @@ def _check_untried_are_zero(state: base.RuleState, counts: np.ndarray, key: str)
         )
 
 
+class _Bandit(Rule):
+    """A chosen-arm bandit: fed the batch reward only, over the candidates' indices (any
+    candidates, a joint grid too)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("reward",)
+    candidate_use: ClassVar[str] = "indices"
+
+
 @dataclass(frozen=True)
-class EXP3(Rule):
+class EXP3(_Bandit):
     """EXP3 (Auer et al., 2002): exponential weights with importance-weighted chosen-arm rewards.
 
     ``pi = (1 - gamma) softmax(w) + gamma / K``; after a reward ``r`` rescaled to [0, 1],
@@ -68,8 +76,6 @@ class EXP3(Rule):
     gamma: float = 0.1
     reward_min: float = 0.0
     reward_max: float = 1.0
-    requires: ClassVar[tuple[str, ...]] = ("reward",)
-    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", unit_interval(self.gamma, "gamma", low_open=True))
@@ -97,7 +103,7 @@ class EXP3(Rule):
 
 
 @dataclass(frozen=True)
-class UCB1(Rule):
+class UCB1(_Bandit):
     """UCB1 (Auer et al., 2002): try every candidate once, then the highest upper bound
     ``mean_k + exploration * sqrt(2 ln t / n_k)``. Deterministic: ``probs`` is one-hot on the
     next choice and the selector is not used.
@@ -110,8 +116,6 @@ class UCB1(Rule):
     """
 
     exploration: float = 1.0
-    requires: ClassVar[tuple[str, ...]] = ("reward",)
-    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         value = positive_scalar(self.exploration, "exploration", allow_zero=True)
@@ -150,7 +154,7 @@ class UCB1(Rule):
 
 
 @dataclass(frozen=True)
-class ThompsonGaussian(Rule):
+class ThompsonGaussian(_Bandit):
     """Thompson sampling with a Gaussian prior ``N(prior_mean, prior_std^2)`` per candidate and a
     Gaussian reward likelihood of known ``noise_std``.
 
@@ -171,8 +175,6 @@ class ThompsonGaussian(Rule):
     prior_std: float = 1.0
     noise_std: float = 0.5
     mc_samples: int = 4096
-    requires: ClassVar[tuple[str, ...]] = ("reward",)
-    candidate_use: ClassVar[str] = "indices"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prior_mean", finite_scalar(self.prior_mean, "prior_mean"))

@@ -28,8 +28,33 @@ def _within_grid(value: float, candidates: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}={value} lies outside the candidate range [{low}, {high}]")
 
 
+class _Scheduled(Rule):
+    """A rule whose value is a function of the step alone (:meth:`at`): no state, no feedback,
+    greedy selection, and a distribution that is all on the candidate nearest the value."""
+
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def at(self, step: int) -> float:
+        """The value at ``step``."""
+        raise NotImplementedError
+
+    def default_selector(self) -> Selector:
+        return Greedy()
+
+    def init_state(self, candidates: np.ndarray) -> base.RuleState:
+        return {}
+
+    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
+        return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.at(ctx.step)))
+
+    def update(
+        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
+    ) -> tuple[base.RuleState, base.ContextRows, None]:
+        return {}, {}, None
+
+
 @dataclass(frozen=True)
-class Fixed(Rule):
+class Fixed(_Scheduled):
     """Always the same value (one of the candidates). No feedback.
 
     Example:
@@ -39,13 +64,9 @@ class Fixed(Rule):
     """
 
     value: float
-    requires: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "value", finite_scalar(self.value, "value"))
-
-    def default_selector(self) -> Selector:
-        return Greedy()
 
     def validate_candidates(self, candidates: np.ndarray) -> None:
         if not np.any(np.isclose(candidates, self.value, rtol=1e-12, atol=0.0)):
@@ -53,24 +74,16 @@ class Fixed(Rule):
                 f"value={self.value} is not one of the candidates {candidates.tolist()}"
             )
 
-    def init_state(self, candidates: np.ndarray) -> base.RuleState:
-        return {}
-
-    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
-        return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.value))
+    def at(self, step: int) -> float:
+        return self.value
 
     def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         index = _nearest(ctx.candidates, self.value)
         return one_value(ctx, float(ctx.candidates[index]), index)
 
-    def update(
-        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
-    ) -> tuple[base.RuleState, base.ContextRows, None]:
-        return {}, {}, None
-
 
 @dataclass(frozen=True)
-class Schedule(Rule):
+class Schedule(_Scheduled):
     """A value moving from ``start`` to ``end`` over ``total_steps`` steps, then staying at ``end``.
 
     ``kind="linear"``: ``start + (end - start) * f``; ``kind="cosine"``:
@@ -92,7 +105,6 @@ class Schedule(Rule):
     start: float
     end: float
     total_steps: int
-    requires: ClassVar[tuple[str, ...]] = ()
     candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
@@ -100,9 +112,6 @@ class Schedule(Rule):
         object.__setattr__(self, "start", finite_scalar(self.start, "start"))
         object.__setattr__(self, "end", finite_scalar(self.end, "end"))
         object.__setattr__(self, "total_steps", integer(self.total_steps, "total_steps", minimum=1))
-
-    def default_selector(self) -> Selector:
-        return Greedy()
 
     def validate_candidates(self, candidates: np.ndarray) -> None:
         _within_grid(self.start, candidates, "start")
@@ -115,19 +124,8 @@ class Schedule(Rule):
             fraction = (1.0 - math.cos(math.pi * fraction)) / 2.0
         return self.start + (self.end - self.start) * fraction
 
-    def init_state(self, candidates: np.ndarray) -> base.RuleState:
-        return {}
-
-    def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
-        return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, self.at(ctx.step)))
-
     def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
         return one_value(ctx, self.at(ctx.step))
-
-    def update(
-        self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
-    ) -> tuple[base.RuleState, base.ContextRows, None]:
-        return {}, {}, None
 
 
 @dataclass(frozen=True)
