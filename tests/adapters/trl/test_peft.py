@@ -18,6 +18,12 @@ from metactl.adapters.trl import META_STATE_NAME, MetaGRPOTrainer
 from metactl.adapters.trl.testing import addition_dataset, digit_count_reward, tiny_grpo_config
 
 import metactl
+from tests.adapters.trl.helpers import (
+    PassCheckingTrainer,
+    completion_logits,
+    logp_error,
+    record_generate_temperatures,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -31,7 +37,7 @@ def _lora(*modules: str) -> Any:
     )  # fmt: skip
 
 
-class CheckingTrainer(MetaGRPOTrainer):
+class CheckingTrainer(PassCheckingTrainer):
     """Records the temperature of every generate call and, for every log-prob pass TRL makes,
     the error of its numbers against ``log_softmax(logits / T)`` of a plain forward of the same
     model in the same adapter state; scores every batch on the configured path *and* exactly."""
@@ -40,38 +46,21 @@ class CheckingTrainer(MetaGRPOTrainer):
         super().__init__(*args, **kwargs)
         self.events: list[tuple[str, float, float]] = []
         self.comparisons: list[tuple[str | None, float, int]] = []
-        original = self.model.generate
+        record_generate_temperatures(self, self.events)
 
-        def spy_generate(*a: Any, **kw: Any) -> Any:
-            self.events.append(("generate", float(kw["generation_config"].temperature), 0.0))
-            return original(*a, **kw)
-
-        self.model.generate = spy_generate
-
-    def _get_per_token_logps_and_entropies(
-        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-        logits_to_keep: int, *args: Any, **kwargs: Any,
-    ) -> Any:  # fmt: skip
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+    def check_pass(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   logits_to_keep: int, got: torch.Tensor) -> None:
         # still inside TRL's caller: for the reference pass the adapter is disabled right now
         lora_layer = next(m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
         adapter_on = not lora_layer.disable_adapters
         kind = ("current" if torch.is_grad_enabled() else "old") if adapter_on else "ref"
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        logits = logits[:, -(logits_to_keep + 1) : -1].float()
-        tokens = input_ids[:, -logits_to_keep:]
-        mask = attention_mask[:, -logits_to_keep:].bool()
+        logits, tokens, mask = completion_logits(model, input_ids, attention_mask, logits_to_keep)
 
         def err(t: float) -> float:
-            ref = torch.log_softmax(logits / t, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            return float((ref - out[0].detach()).abs()[mask].max())
+            return logp_error(logits, tokens, mask, got, t)
 
         assert err(self.temperature * 1.2) > 1e-3, "the check would not notice a wrong temperature"
         self.events.append((kind, self.temperature, err(self.temperature)))
-        return out
 
     def _score(self, decision, output, capture, path):  # type: ignore[no-untyped-def]
         result, used = super()._score(decision, output, capture, path)

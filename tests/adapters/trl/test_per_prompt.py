@@ -19,10 +19,17 @@ import numpy as np
 import pytest
 import torch
 from metactl.adapters.trl import META_STATE_NAME, MetaGRPOTrainer
-from metactl.adapters.trl.seam import ROW_TEMPERATURE_KEY, check_per_row_paths, unwrap
+from metactl.adapters.trl.seam import ROW_TEMPERATURE_KEY, check_per_row_paths
 from metactl.adapters.trl.testing import addition_dataset, tiny_grpo_config
 
 import metactl
+from tests.adapters.trl.helpers import (
+    PassCheckingTrainer,
+    completion_logits,
+    logp_error,
+    pass_kind,
+)
+from tests.paths import ROOT
 
 EVAL_T = 0.55
 EVAL_PROMPT = "999+999="  # three digits: never among the two-digit training prompts
@@ -55,7 +62,7 @@ def eval_dataset() -> Any:
     return Dataset.from_list([{"prompt": EVAL_PROMPT, "answer": "1998", "prompt_id": -1}])
 
 
-class PerRowSpy(MetaGRPOTrainer):
+class PerRowSpy(PassCheckingTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.generations: list[list[float]] = []  # per training generate: the row temperatures
@@ -84,24 +91,9 @@ class PerRowSpy(MetaGRPOTrainer):
 
         model.generate = spy_generate
 
-    def _get_per_token_logps_and_entropies(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        base = unwrap(model)
-        kind = "ref" if base is unwrap(self.ref_model) else "policy"
-        if kind == "policy":
-            kind = "current" if torch.is_grad_enabled() else "old"
-        if not self.model.training:
-            kind = "eval_" + kind
+    def check_pass(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   logits_to_keep: int, got: torch.Tensor) -> None:
+        kind, base = pass_kind(self, model)
         prompt_ids = input_ids[:, :-logits_to_keep]
         prompt_mask = attention_mask[:, :-logits_to_keep].bool()
         temps = torch.tensor(
@@ -111,20 +103,12 @@ class PerRowSpy(MetaGRPOTrainer):
             ],
             dtype=torch.float32,
         )
-        with torch.no_grad():
-            logits = base(input_ids=input_ids, attention_mask=attention_mask).logits
-        logits = logits[:, -(logits_to_keep + 1) : -1].float()
-        tokens = input_ids[:, -logits_to_keep:]
-        mask = attention_mask[:, -logits_to_keep:].bool()
-        got = out[0].detach()
+        logits, tokens, mask = completion_logits(base, input_ids, attention_mask, logits_to_keep)
 
         def err(t: torch.Tensor) -> float:
-            scaled = logits / t.view(-1, 1, 1)
-            ref = torch.log_softmax(scaled, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            return float((ref - got).abs()[mask].max())
+            return logp_error(logits, tokens, mask, got, t)
 
         self.passes.append((kind, err(temps), err(temps * 1.2), len(set(temps.tolist()))))
-        return out
 
 
 def _spy_run(
@@ -425,14 +409,17 @@ def _worker(out_dir: str, model_path: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(logs))
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # as in test_trl_distributed: skip gloo's C++ static destructors
+    os._exit(0)  # as in test_distributed.py: skip gloo's C++ static destructors
 
 
-def test_two_processes_agree_on_every_prompt_temperature(tmp_path):
+def test_two_processes_agree_on_every_prompt_temperature(tmp_path, monkeypatch):
 
     from metactl.adapters.trl.testing import launch_two_processes, tiny_model_dir
 
     model_path = str(tiny_model_dir())
+    # the workers run this file as a script, which imports the tests' helpers
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = launch_two_processes(__file__, ["--worker", str(tmp_path), model_path],
                                 ["--multi_gpu"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

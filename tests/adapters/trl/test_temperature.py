@@ -23,59 +23,37 @@ from metactl.adapters.trl.testing import (
 )
 
 import metactl
+from tests.adapters.trl.helpers import (
+    PassCheckingTrainer,
+    completion_logits,
+    logp_error,
+    pass_kind,
+    record_generate_temperatures,
+)
 
 EVAL_T = 0.55  # not a candidate: evaluation passes are recognisable
 
 
-class SpyTrainer(MetaGRPOTrainer):
+class SpyTrainer(PassCheckingTrainer):
     """Records ("generate", T) per generate call and (kind, T_used, err) per log-prob pass."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.events: list[tuple[str, float, float]] = []
-        model = self.model
-        original = model.generate
+        record_generate_temperatures(self, self.events)
 
-        def spy_generate(*a: Any, **kw: Any) -> Any:
-            self.events.append(("generate", float(kw["generation_config"].temperature), 0.0))
-            return original(*a, **kw)
-
-        model.generate = spy_generate
-
-    def _get_per_token_logps_and_entropies(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        base = unwrap(model)
-        kind = "ref" if base is unwrap(self.ref_model) else "policy"
-        if kind == "policy":
-            kind = "current" if torch.is_grad_enabled() else "old"
-        if not self.model.training:
-            kind = "eval_" + kind
-        with torch.no_grad():
-            logits = base(input_ids=input_ids, attention_mask=attention_mask).logits
-        logits = logits[:, -(logits_to_keep + 1) : -1].float()
-        tokens = input_ids[:, -logits_to_keep:]
-        mask = attention_mask[:, -logits_to_keep:].bool()
-        got = out[0].detach()
+    def check_pass(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   logits_to_keep: int, got: torch.Tensor) -> None:
+        kind, base = pass_kind(self, model)
+        logits, tokens, mask = completion_logits(base, input_ids, attention_mask, logits_to_keep)
 
         def err(t: float) -> float:
-            ref = torch.log_softmax(logits / t, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            return float((ref - got).abs()[mask].max())
+            return logp_error(logits, tokens, mask, got, t)
 
         used = self.temperature  # the temperature the adapter says is in force
         # The inferred temperature: the used one must fit, and a 20% different one must not.
         assert err(used * 1.2) > 1e-3, "the check would not notice a wrong temperature"
         self.events.append((kind, used, err(used)))
-        return out
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
