@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from metactl.adapters.trl import MetaGRPOTrainer
 from metactl.adapters.trl.guards import (
@@ -30,6 +32,26 @@ def _trainer(model_path, tmp_path, policy=None, **overrides):
     )
 
 
+def _refused_unless_allowed(check: Any, version: str, tested: str, monkeypatch: Any) -> None:
+    """``check(version)`` raises naming the tested range, and only warns once the user allows
+    untested versions."""
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=tested):
+        check(version)
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=tested):
+        check(version)
+
+
+def _trainer_refuses_version(package: Any, version: str, model_path: str, tmp_path: Any,
+                             monkeypatch: Any) -> None:
+    """A trainer is not built while ``package`` reports an untested ``version``."""
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(package, "__version__", version)
+    with pytest.raises(RuntimeError, match=f"is tested with {package.__name__}"):
+        _trainer(model_path, tmp_path)
+
+
 @pytest.mark.parametrize("version", ["1.16.0", "1.16.5", "1.16.0rc1"])
 def test_tested_trl_versions_pass(version):
     check_trl_version(version)
@@ -37,21 +59,13 @@ def test_tested_trl_versions_pass(version):
 
 @pytest.mark.parametrize("version", ["1.15.2", "1.17.0", "1.17.0.dev0", "2.0.0", "0.16.0"])
 def test_untested_trl_versions_raise(version, monkeypatch):
-    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(RuntimeError, match=r"trl>=1.16,<1.17"):
-        check_trl_version(version)
-    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
-    with pytest.warns(RuntimeWarning, match=r"trl>=1.16,<1.17"):
-        check_trl_version(version)
+    _refused_unless_allowed(check_trl_version, version, r"trl>=1.16,<1.17", monkeypatch)
 
 
 def test_trainer_refuses_an_untested_trl(model_path, tmp_path, monkeypatch):
     import trl
 
-    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(RuntimeError, match="is tested with trl"):
-        _trainer(model_path, tmp_path)
+    _trainer_refuses_version(trl, "1.17.0", model_path, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -138,21 +152,14 @@ def test_untested_transformers_versions_raise(version, monkeypatch):
     from metactl.adapters.trl.guards import TESTED_TRANSFORMERS, check_transformers_version
 
     assert TESTED_TRANSFORMERS == ">=5.17,<5.25"
-    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(RuntimeError, match=r"transformers>=5.17,<5.25"):
-        check_transformers_version(version)
-    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
-    with pytest.warns(RuntimeWarning, match=r"transformers>=5.17,<5.25"):
-        check_transformers_version(version)
+    _refused_unless_allowed(check_transformers_version, version, r"transformers>=5.17,<5.25",
+                            monkeypatch)
 
 
 def test_trainer_refuses_an_untested_transformers(model_path, tmp_path, monkeypatch):
     import transformers
 
-    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    monkeypatch.setattr(transformers, "__version__", "5.25.0")
-    with pytest.raises(RuntimeError, match="is tested with transformers"):
-        _trainer(model_path, tmp_path)
+    _trainer_refuses_version(transformers, "5.25.0", model_path, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(
