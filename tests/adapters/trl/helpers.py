@@ -3,6 +3,7 @@ forward of the same model at the temperature the batch was sampled at."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,6 +33,12 @@ class PassCheckingTrainer(MetaGRPOTrainer):
     def check_pass(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    logits_to_keep: int, logps: torch.Tensor) -> None:
         raise NotImplementedError
+
+
+def digit_fraction_reward(completions: Sequence[str], **_: Any) -> list[float]:
+    """A reward in [0, 1] (PTGS counts successes): the fraction of digit characters of the
+    completion."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
 def record_generate_temperatures(trainer: MetaGRPOTrainer,

@@ -26,6 +26,7 @@ from trl.kernels import ChunkedLogProbFunction
 
 import metactl
 from metactl.likelihood import candidate_loglik
+from tests.adapters.trl.helpers import digit_fraction_reward
 
 CANDIDATES = [0.6, 0.8, 1.0, 1.3, 1.5]
 
@@ -210,21 +211,23 @@ class ScoredAndRewarded(MetaGRPOTrainer):
         return per_func
 
 
-def digit_fraction_reward(completions: list[str], **_: Any) -> list[float]:
-    """A reward in [0, 1]: the fraction of digit characters of the completion."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+def train_spied(policy: Any, model_path: str, tmp_path: Any, reward: Any,
+                **config: Any) -> ScoredAndRewarded:
+    """A finished `ScoredAndRewarded` run of ``policy`` on 32 addition prompts."""
+    trainer = ScoredAndRewarded(
+        model=model_path, reward_funcs=reward, args=tiny_grpo_config(tmp_path, **config),
+        train_dataset=addition_dataset(32, seed=3), meta_policy=policy,
+    )  # fmt: skip
+    trainer.train()
+    return trainer
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_loglik_reaches_the_rule_reduced_as_it_declares(model_path, tmp_path, reduction):
     policy = FeedbackSpy(CANDIDATES, metactl.TAMPO(likelihood_normalization=reduction), seed=0)
     assert policy.spec.loglik == reduction
-    trainer = ScoredAndRewarded(
-        model=model_path, reward_funcs=digit_count_reward,
-        args=tiny_grpo_config(tmp_path, max_steps=2, max_completion_length=6),
-        train_dataset=addition_dataset(32, seed=3), meta_policy=policy,
-    )  # fmt: skip
-    trainer.train()
+    trainer = train_spied(policy, model_path, tmp_path, digit_count_reward, max_steps=2,
+                          max_completion_length=6)
     assert len(policy.feedback) == len(trainer.results) == 2
     for feedback, result in zip(policy.feedback, trainer.results, strict=True):
         counts = result.counts.double().cpu()
@@ -242,12 +245,8 @@ def test_loglik_reaches_the_rule_reduced_as_it_declares(model_path, tmp_path, re
 )
 def test_rules_reading_every_completions_reward_get_rewards_and_groups(model_path, tmp_path, rule):
     policy = FeedbackSpy(CANDIDATES, rule, seed=0)
-    trainer = ScoredAndRewarded(
-        model=model_path, reward_funcs=digit_fraction_reward,
-        args=tiny_grpo_config(tmp_path, max_steps=3, num_generations=4),
-        train_dataset=addition_dataset(32, seed=3), meta_policy=policy,
-    )  # fmt: skip
-    trainer.train()
+    trainer = train_spied(policy, model_path, tmp_path, digit_fraction_reward, max_steps=3,
+                          num_generations=4)
     assert policy.step == 3 == len(policy.feedback) == len(trainer.rewards)
     for step, (feedback, rewards) in enumerate(zip(policy.feedback, trainer.rewards, strict=True)):
         assert feedback.group_size == 4

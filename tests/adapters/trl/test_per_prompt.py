@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ import metactl
 from tests.adapters.trl.helpers import (
     PassCheckingTrainer,
     completion_logits,
+    digit_fraction_reward,
     logp_error,
     pass_kind,
 )
@@ -35,11 +35,6 @@ EVAL_T = 0.55
 EVAL_PROMPT = "999+999="  # three digits: never among the two-digit training prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def digit_fraction_reward(completions: Sequence[str], **_: Any) -> list[float]:
-    """A reward in [0, 1] (PTGS counts successes): the fraction of digit characters."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
 def keyed_dataset(n: int, seed: int = 1) -> Any:
