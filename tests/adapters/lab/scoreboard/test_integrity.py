@@ -67,12 +67,21 @@ WHAT_IS_NAMED = {"checksum": "checksum mismatch", "truncated": "unreadable recor
                  "nan": "gym-default tampo seed 0: metric 'auc' is nan"}  # fmt: skip
 
 
+def _damaged_board(tmp_path: Path, capsys: pytest.CaptureFixture[str], controller: str,
+                   how: str) -> tuple[Path, Path, Any]:
+    """A finished tiny scoreboard whose seed-0 record of ``controller`` is then damaged
+    (`_damage`): the folder, the record and the record's metrics before the damage."""
+    out = _board(tmp_path, capsys)
+    path = _record(out, controller)
+    before = _payload(path)["metrics"]
+    _damage(path, how)
+    return out, path, before
+
+
 @pytest.mark.parametrize("how", list(WHAT_IS_NAMED))
 def test_report_only_names_a_damaged_record_and_reports_nothing(
         how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    out = _board(tmp_path, capsys)
-    path = _record(out, "tampo")
-    _damage(path, how)
+    out, path, _ = _damaged_board(tmp_path, capsys, "tampo", how)
     report = (out / "scoreboard.md").read_text()
     assert main([*TINY, "--out", str(out), "--report-only"]) == 1
     captured = capsys.readouterr()
@@ -85,10 +94,7 @@ def test_report_only_names_a_damaged_record_and_reports_nothing(
 @pytest.mark.parametrize("how", ["checksum", "truncated"])
 def test_a_damaged_fixed_arm_record_is_named_in_every_mode(
         how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    out = _board(tmp_path, capsys)
-    path = _record(out, "fixed-1.2")
-    before = _payload(path)["metrics"]
-    _damage(path, how)
+    out, path, before = _damaged_board(tmp_path, capsys, "fixed-1.2", how)
     assert main([*TINY, "--out", str(out), "--report-only"]) == 1
     err = capsys.readouterr().err
     assert f"{path}: {WHAT_IS_NAMED[how]}" in err and "runs missing" not in err, err
@@ -102,10 +108,7 @@ def test_a_damaged_fixed_arm_record_is_named_in_every_mode(
 @pytest.mark.parametrize("how", ["no-metrics", "nan"])
 def test_a_record_without_finite_metrics_is_recomputed_once_not_on_every_rerun(
         how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    out = _board(tmp_path, capsys)
-    path = _record(out, "tampo")
-    before = _payload(path)["metrics"]
-    _damage(path, how)
+    out, path, before = _damaged_board(tmp_path, capsys, "tampo", how)
     assert main([*TINY, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert f"{path}: {WHAT_IS_NAMED[how]}" in captured.err and "recomputing it" in captured.err
