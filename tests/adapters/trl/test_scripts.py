@@ -8,7 +8,6 @@ import sys
 from types import ModuleType
 
 import pytest
-from metactl.adapters.trl.testing import torch_threads
 
 from tests.paths import ROOT
 
@@ -23,10 +22,7 @@ def _load(relative: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_example_trains_with_tampo(tmp_path, capsys):
