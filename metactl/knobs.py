@@ -149,12 +149,12 @@ def check_knob(knob: str, value: object, name: str | None = None) -> KnobValue:
     """
     knob = _check_knob_name(knob, "knob")
     label = knob if name is None else name
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{label} must be a real number, got bool")
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(
         value, numbers.Number
     ):
-        value = value.item()  # a 0-d numpy array or torch scalar tensor
+        value = value.item()  # a 0-d numpy array or torch scalar tensor (a bool one too)
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{label} must be a real number, got bool")
     if knob == "top_k":
         if not isinstance(value, (numbers.Integral, np.integer)):
             raise TypeError(f"{label} must be an integer >= 1, got {type(value).__name__} "

@@ -159,3 +159,17 @@ def test_a_decision_with_a_non_integer_index_is_refused(index: object) -> None:
 def test_grid_state_with_wrong_types_is_refused(state: dict, exc: type) -> None:
     with pytest.raises(exc):
         KnobGrid.from_state(state)
+
+
+@pytest.mark.parametrize("value", [np.array(True), np.bool_(False), True])
+def test_boolean_knob_values_are_refused_even_wrapped_in_an_array(value: object) -> None:
+    with pytest.raises(TypeError, match="got bool"):
+        metactl.knobs.check_knob("temperature", value)
+
+
+def test_boolean_torch_scalars_are_refused() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="got bool"):
+        metactl.knobs.check_knob("top_p", torch.tensor(True))
+    assert metactl.knobs.check_knob("top_k", torch.tensor(5)) == 5
+
