@@ -16,14 +16,9 @@ class PassCheckingTrainer(MetaGRPOTrainer):
     in the state the pass used) and returns the pass's numbers unchanged."""
 
     def _get_per_token_logps_and_entropies(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        logits_to_keep: int, *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
         out = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
