@@ -18,6 +18,8 @@ __all__ = ["softmax", "sparsemax"]
 
 # Rows whose largest |entry| reaches this are shifted by their maximum (see sparsemax).
 _SHIFT_FROM = 1024.0
+# Up to this many candidates the cumulative sums run as one vector addition per candidate.
+_LOOP_CANDIDATES = 64
 
 
 def _axis(x: np.ndarray, axis: Any) -> int:
@@ -53,18 +55,31 @@ def sparsemax(x: Any, axis: int = -1) -> np.ndarray:
     # exact), so their results keep the bits of earlier metactl versions and resumed runs
     # continue identically. An entry more than the float64 range below the maximum becomes
     # -inf: outside the support, as it must be (anything more than 1 below the maximum is).
-    top = np.max(z, axis=-1, keepdims=True)
-    large = np.max(np.abs(z), axis=-1, keepdims=True) >= _SHIFT_FROM
-    with np.errstate(over="ignore"):
-        z = z - np.where(large, top, 0.0)
-    z_sorted = -np.sort(-z, axis=-1)
-    cumsum = np.cumsum(z_sorted, axis=-1)
-    k = np.arange(1, z.shape[-1] + 1, dtype=np.float64)
+    shape = z.shape
+    rows = z.reshape(-1, shape[-1])  # (n, K): one row per distribution
+    # Reductions run over the candidates of a (K, n) copy: with few candidates and many rows
+    # each is K vector operations instead of a short loop per row (the same additions in the
+    # same order, so the same bits as summing each row).
+    columns = np.ascontiguousarray(rows.T)
+    large = np.max(np.abs(columns), axis=0) >= _SHIFT_FROM
+    if np.any(large):
+        with np.errstate(over="ignore"):
+            columns = columns - np.where(large, np.max(columns, axis=0), 0.0)
+        rows = columns.T
+    ordered = np.ascontiguousarray(np.sort(rows, axis=-1).T[::-1])  # (K, n), descending
+    if ordered.shape[0] <= _LOOP_CANDIDATES:  # a vector addition per candidate
+        cumsum = np.empty_like(ordered)
+        cumsum[0] = ordered[0]
+        for j in range(1, ordered.shape[0]):
+            np.add(cumsum[j - 1], ordered[j], out=cumsum[j])
+    else:
+        cumsum = np.cumsum(ordered, axis=0)
+    k = np.arange(1, ordered.shape[0] + 1, dtype=np.float64)[:, None]
     # k is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j); the support is a prefix.
-    support = 1.0 + k * z_sorted > cumsum
-    k_z = np.sum(support, axis=-1, keepdims=True)  # >= 1 always (k = 1 satisfies it)
-    tau = (np.take_along_axis(cumsum, k_z - 1, axis=-1) - 1.0) / k_z
-    out = np.maximum(z - tau, 0.0)
+    support = 1.0 + k * ordered > cumsum
+    k_z = np.sum(support, axis=0)  # >= 1 always (k = 1 satisfies it)
+    tau = (cumsum[k_z - 1, np.arange(k_z.shape[0])] - 1.0) / k_z
+    out = np.ascontiguousarray(np.maximum(columns - tau, 0.0).T).reshape(shape)
     return np.moveaxis(out, -1, ax)
 
 
