@@ -153,7 +153,7 @@ def calibrate(model: Any, tokenizer: Any, batches: int, greedy_batches: int) -> 
         record("T=1.5, generate's top_k=50", Setting(1.5), *batch)
         record("T=1.5, generate's top_k=50", Setting(1.5, top_k=50), *batch)
     print(f"default tolerance: flagged when T_hat/T is outside [1/{1 + DEFAULT_RTOL:g}, "
-          f"{1 + DEFAULT_RTOL:g}] and |z| > {DEFAULT_Z:g}")  # fmt: skip
+          f"{1 + DEFAULT_RTOL:g}] and |z_lr| > {DEFAULT_Z:g}")  # fmt: skip
     print("| sampled | intended | batches | tokens/batch | T_hat/T mean (min, max) | z mean "
           "(min, max) | z_lr mean (min, max) | flagged |\n|---|---|---|---|---|---|---|---|")
     for (sampled, intended), vals in rows.items():
