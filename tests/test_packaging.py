@@ -85,7 +85,8 @@ def test_sdist_builds_the_same_package_and_carries_tests_and_license(
                          for p in (SOURCE_ROOT / folder).rglob("*.py")}
     missing = sorted(source_files - names)
     assert not missing, f"files missing from the sdist: {missing}"
-    for name in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "metactl/py.typed"):
+    for name in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "metactl/py.typed",
+                 "tests/data/replay.json", "docs/api.md"):
         assert name in names
 
 
