@@ -1,6 +1,6 @@
 """``metactl.effective_temperature``: the temperature sampled tokens came from, estimated from
 their logits, and the check that catches a sampler ignoring the chosen temperature (synthetic
-logits; the real-model calibration is in tests/test_models.py)."""
+logits; the real-model calibration is in tests/adapters/test_models.py)."""
 
 from __future__ import annotations
 
