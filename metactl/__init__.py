@@ -14,7 +14,15 @@ The core needs numpy and scipy only; ``metactl.likelihood`` uses torch when give
 and the integrations live in ``metactl.adapters`` (extras ``metactl[trl]``, ``[gym]``, ...).
 """
 
-from . import contexts, diagnostics, distributed, feedback, knobs, likelihood
+from . import (
+    contexts,
+    diagnostics,
+    distributed,
+    effective_temperature,
+    feedback,
+    knobs,
+    likelihood,
+)
 from .decision import ContextKey, Decision, DecisionBatch, UpdateInfo, group_settings
 from .factories import (
     PAPER_TEMPERATURES,
@@ -25,7 +33,7 @@ from .factories import (
     tampo_per_prompt,
 )
 from .feedback import Feedback, FeedbackSpec, TrainerSupport, build_feedback, check_trainer
-from .knobs import KnobGrid, grid
+from .knobs import KnobGrid, Setting, grid
 from .policy import SCHEMA_VERSION, MetaPolicy
 from .recommended import recommended
 from .rules import (
@@ -81,6 +89,7 @@ __all__ = [
     "Sample",
     "Schedule",
     "Selector",
+    "Setting",
     "ThompsonGaussian",
     "TrainerSupport",
     "Uncertainty",
@@ -92,6 +101,7 @@ __all__ = [
     "contexts",
     "diagnostics",
     "distributed",
+    "effective_temperature",
     "feedback",
     "grid",
     "group_settings",

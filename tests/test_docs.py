@@ -36,6 +36,7 @@ def _check_api(ns: dict, out: str) -> None:
     # one step in "One step", one in "The trainer contract", one in the distributed block
     assert ns["policy"].step == 3
     assert ns["feedback"].loglik.shape == (32, 10)
+    assert ns["estimate"].tokens == 32 * 12 and abs(ns["estimate"].ratio - 1.0) < 0.25
     assert ns["joint"].step == 1 and len(ns["joint_loglik"][0]) == 6
     assert ns["per_prompt"].step == 1
     assert ns["restored"].step == 2  # restored after "One step" and "The trainer contract"
@@ -54,7 +55,7 @@ def _check_gym(ns: dict, out: str) -> None:
 
 #: What each page needs installed, how many blocks of it must run, and what must hold after.
 EXPECTED: dict[str, tuple[tuple[str, ...], int, Callable[[dict, str], None] | None]] = {
-    "api.md": (("torch",), 6, _check_api),
+    "api.md": (("torch",), 8, _check_api),
     "trl.md": (("torch", "trl"), 3, _check_trl),
     "gym.md": (("gymnasium",), 1, _check_gym),
 }
