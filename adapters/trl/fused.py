@@ -5,7 +5,8 @@
 temperature candidates are folded online across vocabulary tiles; every other family (truncated
 candidates need the whole sorted row) is scored on tiles that hold a row's whole vocabulary, and
 a partial tile makes :meth:`FusedLogitsCapture.result` return ``None`` (the trainer then scores
-with an extra forward, with a warning).
+with an extra forward, with a warning). On request (``check_bytes``) the raw logits of some
+completion positions are copied from the same tiles for the effective-temperature check.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, cast
 
 import torch
 
-from .scoring import CandidateScoring, LikelihoodResult
+from .scoring import CandidateScoring, LikelihoodResult, RawLogits, check_positions
 from .seam import fused_kernel_rows_are_compact, tapped_fused_head
 
 __all__ = ["FusedLogitsCapture"]
@@ -53,6 +54,10 @@ class FusedLogitsCapture:
     ``mode`` is ``"fused"``; :meth:`result` returns ``None`` when the pass did not line up with
     the completions (the trainer then falls back to an extra forward, with a warning).
 
+    With ``check_bytes`` the raw logits of the completion positions that
+    :func:`~.scoring.check_positions` picks within that bound are copied from the tiles too
+    (``result(...).raw``, for the effective-temperature check).
+
     Example:
         >>> import torch
         >>> from trl.trainer.utils import add_fused_lm_head
@@ -75,8 +80,12 @@ class FusedLogitsCapture:
         candidates: Sequence[float] | CandidateScoring,
         *,
         entropy_temperature: float | None = None,
+        check_bytes: int | None = None,
     ) -> None:
+        if check_bytes is not None and check_bytes < 1:
+            raise ValueError(f"check_bytes must be >= 1 or None, got {check_bytes}")
         self.scoring = CandidateScoring.of(candidates)
+        self.check_bytes = check_bytes
         #: the plain candidate temperatures (online fold), or None (whole-vocabulary tiles only)
         self.temperatures = self.scoring.plain_temperatures
         self.entropy_temperature = entropy_temperature
@@ -92,6 +101,11 @@ class FusedLogitsCapture:
         self._ent_w: torch.Tensor | None = None
         self._token_ids: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
+        # the completion positions whose raw logits are kept, and where: (N, keep) slots
+        self._completion: torch.Tensor | None = None
+        self._slot: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None
+        self._kept_cols: torch.Tensor | None = None
 
     def __enter__(self) -> FusedLogitsCapture:
         return self
@@ -131,6 +145,8 @@ class FusedLogitsCapture:
         if self.entropy_temperature is not None:
             self._ent_lse = torch.full((n, keep), -math.inf, dtype=torch.float64, device=device)
             self._ent_w = torch.zeros((n, keep), dtype=torch.float64, device=device)
+        self._completion = attention_mask[:, -keep:] != 0
+        self._slot = self._kept = self._kept_cols = None
         self._chunks = []
         for start in range(0, n, step):
             sub = valid[start : start + step]
@@ -147,6 +163,7 @@ class FusedLogitsCapture:
                 chunk.targets = targets
                 chunk.vocab = int(weight.shape[0])
                 self._call = chunk
+                self._allocate_kept(chunk.vocab, hidden.device)
 
         def end_call() -> None:
             self._call = None
@@ -158,6 +175,29 @@ class FusedLogitsCapture:
             self._call = None
         if next(chunks, None) is not None:
             self.failure = self.failure or "the fused pass scored fewer chunks than the batch has"
+
+    def _allocate_kept(self, vocab: int, device: torch.device) -> None:
+        """The buffer of the kept raw logits (once the vocabulary is known)."""
+        if self.check_bytes is None or self._slot is not None or self._completion is None:
+            return
+        positions = check_positions(self._completion, vocab, self.check_bytes)
+        self._slot = torch.where(positions, positions.flatten().cumsum(0).view_as(positions) - 1,
+                                 -1)  # fmt: skip
+        count = int(positions.sum())
+        self._kept = torch.zeros((count, vocab), dtype=torch.float32, device=device)
+        self._kept_cols = torch.zeros(count, dtype=torch.long, device=device)
+
+    def _keep(self, y: torch.Tensor, b: torch.Tensor, t: torch.Tensor, vocab_start: int,
+              n_cols: int) -> None:  # fmt: skip
+        """Copy the tile's columns of the kept positions' raw logits."""
+        if self._slot is None or self._kept is None or self._kept_cols is None:
+            return
+        slot = self._slot[b, t]
+        inside = slot >= 0
+        if bool(inside.any()):
+            index = slot[inside]
+            self._kept[index, vocab_start : vocab_start + n_cols] = y[inside]
+            self._kept_cols[index] += n_cols
 
     def _plan(self, valid: torch.Tensor, start: int, keep: int, length: int) -> _ChunkCall:
         """Where the positions to score sit among one chunk's kernel rows (both layouts)."""
@@ -206,6 +246,7 @@ class FusedLogitsCapture:
                 if kernel_args.get("HAS_SOFTCAP", False):
                     cap = float(kernel_args["softcap"])
                     y = cap * torch.tanh(y / cap)
+                self._keep(y, b, t, vocab_start, n_cols)
                 local = targets[local_rows] - vocab_start
                 if self._fold_whole_vocabulary(y, local, b, t, vocab_start, n_cols, call.vocab):
                     return
@@ -301,4 +342,21 @@ class FusedLogitsCapture:
             assert self._ent_lse is not None and self._ent_w is not None
             ent = (self._ent_lse - self._ent_w).nan_to_num(0.0, neginf=0.0)
             entropy = float((ent * scored).sum())
-        return LikelihoodResult(logp.sum(1), mask.to(torch.long).sum(1), entropy)
+        raw: RawLogits | None = None
+        if self.check_bytes is not None:
+            raw = self._raw(mask)
+            if raw is None:
+                return None
+        return LikelihoodResult(logp.sum(1), mask.to(torch.long).sum(1), entropy, raw)
+
+    def _raw(self, mask: torch.Tensor) -> RawLogits | None:
+        """The kept raw logits of the scored positions, or ``None`` (with :attr:`failure`)
+        when a kept position did not get its whole vocabulary row."""
+        if self._slot is None or self._kept is None or self._kept_cols is None:
+            self.failure = "the fused pass kept no raw logits for the temperature check"
+            return None
+        if bool((self._kept_cols != self._kept.shape[1]).any()):
+            self.failure = "the fused pass did not cover the whole vocabulary of a checked position"
+            return None
+        raw = RawLogits(self._kept, self._slot >= 0)
+        return raw.restricted(mask.to(torch.bool))

@@ -41,6 +41,7 @@ __all__ = [
     "check_per_row_settings",
     "check_transformers_version",
     "check_trl_version",
+    "unmodelled_setting",
 ]
 
 #: The TRL releases this adapter is tested with (also the pin of the ``metactl[trl]`` extra).
@@ -332,26 +333,53 @@ def check_generation_settings(
             )
     if not needs_likelihood:
         return
+    found = _unmodelled(settings)
+    if found is None:
+        return
+    name, value = found
+    if name in _OFF:
+        offs = " or ".join(repr(v) for v in _OFF[name]) or "None"
+        raise ValueError(
+            f"{name}={value!r} reshapes the sampling distribution in a way no likelihood "
+            "family models (metactl scores temperature, top_p, top_k and min_p exactly), so "
+            "the meta-policy's candidate likelihoods would not be those the rollouts were "
+            f"sampled with. Set {name}={offs} (also in generation_kwargs), or use a rule "
+            "that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
+        )
+    raise ValueError(
+        f"{name}={value!r} is a generation setting metactl does not know, so it cannot tell "
+        "whether it reshapes the sampling distribution (the meta-policy's candidate "
+        "likelihoods would then be wrong). Remove it from GRPOConfig.generation_kwargs, or "
+        "use a rule that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
+    )
+
+
+def _unmodelled(settings: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """The first setting that reshapes the distribution beyond the likelihood families (on, or
+    unknown), as ``(name, value)``, else ``None``."""
     for name, value in settings.items():
         if name in _MODELLED or name in _INERT or value is None:
             continue
-        if name in _OFF:
-            if _is_off(name, value):
-                continue
-            offs = " or ".join(repr(v) for v in _OFF[name]) or "None"
-            raise ValueError(
-                f"{name}={value!r} reshapes the sampling distribution in a way no likelihood "
-                "family models (metactl scores temperature, top_p, top_k and min_p exactly), so "
-                "the meta-policy's candidate likelihoods would not be those the rollouts were "
-                f"sampled with. Set {name}={offs} (also in generation_kwargs), or use a rule "
-                "that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
-            )
-        raise ValueError(
-            f"{name}={value!r} is a generation setting metactl does not know, so it cannot tell "
-            "whether it reshapes the sampling distribution (the meta-policy's candidate "
-            "likelihoods would then be wrong). Remove it from GRPOConfig.generation_kwargs, or "
-            "use a rule that needs no likelihoods (e.g. metactl.EXP3, metactl.Schedule)."
-        )
+        if name in _OFF and _is_off(name, value):
+            continue
+        return name, value
+    return None
+
+
+def unmodelled_setting(settings: Mapping[str, Any]) -> str | None:
+    """``"name=value"`` of the first generation setting that reshapes the sampling distribution
+    beyond temperature, ``top_p``, ``top_k`` and ``min_p`` (``repetition_penalty != 1``, an
+    unknown setting, ...), else ``None``: what a rule without likelihoods may sample with, but
+    no likelihood (and no effective-temperature estimate) models.
+
+    Example:
+        >>> unmodelled_setting({"top_p": 0.9, "repetition_penalty": 1.0}) is None
+        True
+        >>> unmodelled_setting({"repetition_penalty": 1.1})
+        'repetition_penalty=1.1'
+    """
+    found = _unmodelled(settings)
+    return None if found is None else f"{found[0]}={found[1]!r}"
 
 
 def check_per_row_settings(settings: Mapping[str, Any]) -> None:

@@ -19,6 +19,12 @@ log-likelihood of the sampled tokens under the candidate's sampling distribution
 Completions with no scored token (e.g. ``mask_truncated_completions=True``) get
 ``loglik_sum[i, :] = 0`` and ``counts[i] = 0``, so the trainer can give them zero weight.
 
+Both paths (and :mod:`.fused`) also hand back, on request (``keep``), the raw logits of some
+completion positions (:class:`RawLogits`): the effective-temperature check reads them, so it
+costs no extra transformer forward and no extra LM-head matmul on the scoring paths.
+:func:`check_positions` picks those positions under a memory bound, and
+:func:`raw_logits_from_hidden` / :func:`raw_logits_exact` give them when no candidate is scored.
+
 Example:
     >>> import torch
     >>> hidden = torch.randn(2, 3, 8)
@@ -44,14 +50,19 @@ from metactl.knobs import KNOB_OFF, KNOBS, Setting, check_knob, joint_candidates
 from metactl.likelihood import candidate_loglik
 
 __all__ = [
+    "DEFAULT_CHECK_BYTES",
     "CandidateScoring",
     "HiddenCapture",
     "LikelihoodResult",
+    "RawLogits",
     "ScoringPath",
     "candidate_loglik_exact",
     "candidate_loglik_from_hidden",
+    "check_positions",
     "dense_head",
     "engine_knob",
+    "raw_logits_exact",
+    "raw_logits_from_hidden",
 ]
 
 #: Where a generation batch's candidate likelihoods come from: TRL's fused head during its
@@ -61,6 +72,9 @@ ScoringPath = Literal["fused", "old", "generate", "exact"]
 
 #: Default size of one window of materialised logits (float32 bytes).
 DEFAULT_WINDOW_BYTES = 64 << 20
+#: Default bound on the raw logits kept for the effective-temperature check (float32 bytes):
+#: 1,365 positions at a vocabulary of 49,152, 436 at 152,064.
+DEFAULT_CHECK_BYTES = 256 << 20
 
 
 def engine_knob(knob: str, value: Any) -> Any:
@@ -163,6 +177,47 @@ class CandidateScoring:
 
 
 @dataclass(frozen=True)
+class RawLogits:
+    """The raw logits (before any temperature or truncation) of some completion positions.
+
+    Attributes:
+        logits: ``(M, V)`` float32, one row per position of ``positions`` in row-major order.
+        positions: ``(N, C)`` bool, which completion positions (``M`` of them).
+
+    Example:
+        >>> import torch
+        >>> raw = RawLogits(torch.zeros(2, 5), torch.tensor([[True, False], [False, True]]))
+        >>> raw.rows().tolist()
+        [0, 1]
+    """
+
+    logits: torch.Tensor
+    positions: torch.Tensor
+
+    def __post_init__(self) -> None:
+        count = int(self.positions.sum())
+        if self.logits.dim() != 2 or self.logits.shape[0] != count:
+            raise ValueError(
+                f"logits must have shape ({count}, V) for {count} positions, got "
+                f"{tuple(self.logits.shape)}"
+            )
+
+    def rows(self) -> torch.Tensor:
+        """``(M,)`` the batch row of each position."""
+        return torch.nonzero(self.positions, as_tuple=True)[0]
+
+    def tokens(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` the sampled token at each position."""
+        return completion_ids.to(self.positions.device)[self.positions]
+
+    def restricted(self, mask: torch.Tensor) -> RawLogits:
+        """Only the positions that ``mask`` (``(N, C)``) also holds."""
+        mask = mask.to(device=self.positions.device, dtype=torch.bool)
+        inside = mask[self.positions]
+        return RawLogits(self.logits[inside.to(self.logits.device)], self.positions & mask)
+
+
+@dataclass(frozen=True)
 class LikelihoodResult:
     """Candidate likelihoods of one local batch.
 
@@ -172,11 +227,13 @@ class LikelihoodResult:
         counts: ``(N,)`` int64, number of scored tokens per row.
         entropy_sum: sum over scored tokens of the entropy (nats) of ``softmax(z / T)`` at the
             requested temperature, or ``None`` when not requested.
+        raw: the raw logits of the positions asked for (``keep``), else ``None``.
     """
 
     loglik_sum: torch.Tensor
     counts: torch.Tensor
     entropy_sum: float | None = None
+    raw: RawLogits | None = None
 
     @property
     def loglik(self) -> torch.Tensor:
@@ -233,6 +290,55 @@ def _accumulate(
     )
 
 
+def check_positions(mask: torch.Tensor, vocab: int, limit_bytes: int) -> torch.Tensor:
+    """``(N, C)`` bool: the scored positions whose raw logits the effective-temperature check
+    reads: all of ``mask``, or, when their float32 logits (``4 * vocab`` bytes each) exceed
+    ``limit_bytes``, as many as fit, evenly spaced in row-major order (chosen from the mask
+    alone, never from the sampled tokens).
+
+    Example:
+        >>> import torch
+        >>> check_positions(torch.ones(2, 3), vocab=10, limit_bytes=80).int().tolist()
+        [[1, 0, 0], [1, 0, 0]]
+    """
+    if vocab < 1 or limit_bytes < 1:
+        raise ValueError(f"vocab and limit_bytes must be >= 1, got {vocab} and {limit_bytes}")
+    keep = mask.to(torch.bool)
+    limit = max(1, limit_bytes // (4 * vocab))
+    flat = torch.nonzero(keep.flatten()).flatten()
+    if flat.numel() <= limit:
+        return keep.clone()
+    pick = flat[(torch.arange(limit, device=flat.device) * flat.numel()) // limit]
+    out = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
+    out[pick] = True
+    return out.view_as(keep)
+
+
+class _KeptLogits:
+    """Collects the raw logits of the positions of ``keep`` window by window."""
+
+    def __init__(self, keep: torch.Tensor, mask: torch.Tensor, vocab: int,
+                 device: torch.device) -> None:  # fmt: skip
+        if keep.shape != mask.shape:
+            raise ValueError(
+                f"keep must have the shape of the mask {tuple(mask.shape)}, got {tuple(keep.shape)}"
+            )
+        self.positions = keep.to(device=mask.device, dtype=torch.bool) & mask.to(torch.bool)
+        self.slot = (self.positions.flatten().cumsum(0) - 1).view_as(self.positions)
+        count = int(self.positions.sum())
+        self.logits = torch.empty((count, vocab), dtype=torch.float32, device=device)
+
+    def add(self, rows: slice, cols: slice, z: torch.Tensor) -> None:
+        """Keep the logits ``z`` (``(rows, cols, V)``) of the window's kept positions."""
+        sub = self.positions[rows, cols]
+        if bool(sub.any()):
+            index = self.slot[rows, cols][sub].to(self.logits.device)
+            self.logits[index] = z[sub.to(z.device)].float()
+
+    def result(self) -> RawLogits:
+        return RawLogits(self.logits, self.positions)
+
+
 def candidate_loglik_from_hidden(
     hidden: torch.Tensor,
     tokens: torch.Tensor,
@@ -246,6 +352,7 @@ def candidate_loglik_from_hidden(
     entropy_temperature: float | None = None,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep: torch.Tensor | None = None,
 ) -> LikelihoodResult:
     """Candidate likelihoods from final hidden states, applying the LM head window by window.
 
@@ -262,6 +369,8 @@ def candidate_loglik_from_hidden(
         head: computes the raw logits of a ``(rows, positions, H)`` window instead of
             ``linear(hidden, weight, bias)``: for an LM head that is more than one matrix (a PEFT
             LoRA layer adds its low-rank update). ``weight`` then only gives the vocabulary size.
+        keep: ``(N, C)`` bool, positions (of ``mask``) whose raw logits to return as well
+            (``result.raw``), copied from the windows as they are computed.
 
     Example:
         >>> import torch
@@ -287,6 +396,7 @@ def candidate_loglik_from_hidden(
     width = max(1, min(c, window_bytes // (4 * vocab)))
     height = max(1, window_bytes // (4 * vocab * width))
     sums = torch.zeros((n, len(scoring)), dtype=torch.float64, device=hidden.device)
+    kept = None if keep is None else _KeptLogits(keep, mask, vocab, hidden.device)
     entropy = 0.0
     with torch.no_grad():
         for r0 in range(0, n, height):
@@ -301,7 +411,43 @@ def candidate_loglik_from_hidden(
                 _accumulate(sums, rows, z, tokens[r0:r1, t0:t1], sub_mask, scoring)
                 if entropy_temperature is not None:
                     entropy += _entropy_sum(z, sub_mask, entropy_temperature)
-    return LikelihoodResult(sums, mask.sum(1), entropy if entropy_temperature is not None else None)
+                if kept is not None:
+                    kept.add(slice(r0, r1), slice(t0, t1), z)
+    return LikelihoodResult(sums, mask.sum(1), entropy if entropy_temperature is not None else None,
+                            None if kept is None else kept.result())  # fmt: skip
+
+
+def raw_logits_from_hidden(
+    hidden: torch.Tensor,
+    keep: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> RawLogits:
+    """The raw logits of the positions of ``keep`` (``(N, C)`` bool) from final hidden states
+    (``(N, C, H)``; ``hidden[:, t]`` predicts completion position ``t``): the LM head applied to
+    those positions only, as :func:`candidate_loglik_from_hidden` forms them.
+
+    Example:
+        >>> import torch
+        >>> h, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+        >>> keep = torch.tensor([[True, False, True], [False, False, True]])
+        >>> raw = raw_logits_from_hidden(h, keep, w, None)
+        >>> torch.allclose(raw.logits, h[keep] @ w.T)
+        True
+    """
+    if hidden.dim() != 3 or keep.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"hidden must have shape (N, C, H) and keep (N, C), got {tuple(hidden.shape)} and "
+            f"{tuple(keep.shape)}"
+        )
+    positions = keep.to(device=hidden.device, dtype=torch.bool)
+    with torch.no_grad():
+        z = _logits(hidden[positions].unsqueeze(0), weight, bias, logit_scale, softcap, head)
+    return RawLogits(z[0], positions)
 
 
 def dense_head(
@@ -344,6 +490,7 @@ def candidate_loglik_exact(
     batch_size: int,
     entropy_temperature: float | None = None,
     autocast: Any = None,
+    keep: torch.Tensor | None = None,
 ) -> LikelihoodResult:
     """Candidate likelihoods from one extra no-grad forward of ``model`` (the slow, plain path).
 
@@ -355,6 +502,8 @@ def candidate_loglik_exact(
         batch_size: rows per forward.
         entropy_temperature: also sum the token entropies at this temperature.
         autocast: context-manager factory to run the forward under (``accelerator.autocast``).
+        keep: ``(N, C)`` bool, positions (of ``mask``) whose raw logits to return as well
+            (``result.raw``).
 
     Example:
         >>> import torch
@@ -366,34 +515,97 @@ def candidate_loglik_exact(
         >>> r.loglik.shape
         torch.Size([2, 2])
     """
+    scoring = CandidateScoring.of(candidates)
+    mask = mask.to(torch.long)
+    n = tokens.shape[0]
+    sums = torch.zeros((n, len(scoring)), dtype=torch.float64, device=input_ids.device)
+    kept: _KeptLogits | None = None
+    entropy = 0.0
+    for rows, logits in _completion_logits(model, input_ids, attention_mask, tokens, mask,
+                                           batch_size, autocast):  # fmt: skip
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        sub_mask = mask[r0:r1]
+        _accumulate(sums, rows, logits, tokens[r0:r1], sub_mask, scoring)
+        if entropy_temperature is not None:
+            entropy += _entropy_sum(logits, sub_mask, entropy_temperature)
+        if keep is not None:
+            if kept is None:
+                kept = _KeptLogits(keep, mask, logits.shape[-1], logits.device)
+            kept.add(slice(r0, r1), slice(None), logits)
+    raw = None
+    if keep is not None:
+        raw = kept.result() if kept is not None else _no_logits(keep, mask, input_ids.device)
+    return LikelihoodResult(sums, mask.sum(1), entropy if entropy_temperature is not None else None,
+                            raw)  # fmt: skip
+
+
+def raw_logits_exact(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    batch_size: int,
+    autocast: Any = None,
+) -> RawLogits:
+    """The raw logits of the positions of ``keep`` (``(N, C)`` bool) from a no-grad forward of
+    ``model`` over the rows that hold one (the arguments as :func:`candidate_loglik_exact`'s):
+    for batches no pass of TRL's records.
+
+    Example:
+        >>> import torch
+        >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
+        >>> m = build_tiny_model(build_char_tokenizer(), hidden_size=32, num_layers=1)
+        >>> ids = torch.randint(4, 20, (2, 5))
+        >>> keep = torch.tensor([[True, False], [True, True]])
+        >>> raw_logits_exact(m, ids, torch.ones_like(ids), ids[:, 3:], keep,
+        ...                  batch_size=2).logits.shape
+        torch.Size([3, 21])
+    """
+    kept: _KeptLogits | None = None
+    for rows, logits in _completion_logits(model, input_ids, attention_mask, tokens, keep,
+                                           batch_size, autocast):  # fmt: skip
+        if kept is None:
+            kept = _KeptLogits(keep, keep, logits.shape[-1], logits.device)
+        kept.add(slice(int(rows[0]), int(rows[-1]) + 1), slice(None), logits)
+    return kept.result() if kept is not None else _no_logits(keep, keep, input_ids.device)
+
+
+def _no_logits(keep: torch.Tensor, mask: torch.Tensor, device: torch.device) -> RawLogits:
+    """No kept position (an empty mask): zero rows."""
+    positions = keep.to(torch.bool) & mask.to(torch.bool)
+    return RawLogits(torch.empty((0, 0), device=device), positions)
+
+
+def _completion_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    batch_size: int,
+    autocast: Any,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(rows, logits)`` per forward of ``batch_size`` rows that hold a position of ``mask``:
+    the rows' indices and their ``(rows, C, V)`` logits at the completion positions."""
     n, c = tokens.shape
     if input_ids.shape[0] != n or input_ids.shape[1] < c + 1:
         raise ValueError("input_ids must hold the prompt (>= 1 token) followed by the completion")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    scoring = CandidateScoring.of(candidates)
-    mask = mask.to(torch.long)
-    sums = torch.zeros((n, len(scoring)), dtype=torch.float64, device=input_ids.device)
-    entropy = 0.0
-    with torch.no_grad():
-        for r0 in range(0, n, batch_size):
-            r1 = min(n, r0 + batch_size)
-            sub_mask = mask[r0:r1]
-            if not bool(sub_mask.any()):
-                continue
-            with autocast() if autocast is not None else _null():
-                out = model(
-                    input_ids=input_ids[r0:r1],
-                    attention_mask=attention_mask[r0:r1],
-                    logits_to_keep=c + 1,
-                    use_cache=False,
-                )
-            logits = out.logits[:, -(c + 1) : -1]
-            rows = torch.arange(r0, r1, device=input_ids.device)
-            _accumulate(sums, rows, logits, tokens[r0:r1], sub_mask, scoring)
-            if entropy_temperature is not None:
-                entropy += _entropy_sum(logits, sub_mask, entropy_temperature)
-    return LikelihoodResult(sums, mask.sum(1), entropy if entropy_temperature is not None else None)
+    for r0 in range(0, n, batch_size):
+        r1 = min(n, r0 + batch_size)
+        if not bool(mask[r0:r1].any()):
+            continue
+        with torch.no_grad(), autocast() if autocast is not None else _null():
+            out = model(
+                input_ids=input_ids[r0:r1],
+                attention_mask=attention_mask[r0:r1],
+                logits_to_keep=c + 1,
+                use_cache=False,
+            )
+        yield torch.arange(r0, r1, device=input_ids.device), out.logits[:, -(c + 1) : -1]
 
 
 @contextmanager

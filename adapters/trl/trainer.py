@@ -21,6 +21,14 @@ pass when TRL makes one, else during generation; exact path: one extra no-grad f
 order and built by :func:`metactl.build_feedback`; every rank updates its own copy of the policy
 identically, so the next selection agrees on every rank (checked with a broadcast from rank 0).
 
+Before the update, the effective-temperature check (``temperature_check``, on by default)
+estimates the temperature the batch's tokens were actually sampled at
+(:func:`metactl.effective_temperature`), from raw logits the scoring path already forms (the
+fast path's windows, the fused path's tiles, the exact path's forward; from the captured hidden
+states times the LM head when the rule scores nothing), against the setting that really sampled
+(the decision plus the knobs TRL holds fixed; one temperature per prompt group for per-prompt
+decisions; vLLM's order of truncations), and stops the run (or warns) when the sampler ignored it.
+
 Example:
     >>> import metactl
     >>> from metactl.adapters.trl import MetaGRPOTrainer
@@ -43,6 +51,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, cast
 
@@ -50,9 +59,20 @@ import numpy as np
 import torch
 
 import metactl
+from metactl._validation import finite_scalar
 from metactl.distributed import assert_same_choice, torch_collectives
+from metactl.effective_temperature import (
+    CHECK_MODES,
+    DEFAULT_OUTSIDE,
+    DEFAULT_RTOL,
+    DEFAULT_Z,
+    EffectiveTemperatureWarning,
+    TemperatureEstimate,
+    check_effective_temperature,
+    effective_temperature,
+)
 from metactl.feedback import FEEDBACK_NAMES, TrainerSupport, build_feedback, check_trainer
-from metactl.knobs import KNOBS, check_knob
+from metactl.knobs import KNOBS, Setting, SettingRows, check_knob
 
 from .checkpoint import (
     MetaState,
@@ -68,16 +88,22 @@ from .guards import (
     check_per_row_settings,
     check_transformers_version,
     check_trl_version,
+    unmodelled_setting,
 )
 from .scoring import (
+    DEFAULT_CHECK_BYTES,
     DEFAULT_WINDOW_BYTES,
     CandidateScoring,
     HiddenCapture,
     LikelihoodResult,
+    RawLogits,
     ScoringPath,
     candidate_loglik_exact,
     candidate_loglik_from_hidden,
+    check_positions,
     dense_head,
+    raw_logits_exact,
+    raw_logits_from_hidden,
 )
 from .seam import (
     FusedHead,
@@ -185,6 +211,21 @@ class MetaGRPOTrainer(GRPOSeam):
             scored at its own temperature.
         meta_history_size: the most entries ``meta_history`` keeps (the oldest are dropped);
             the history is saved with every checkpoint and restored on a resume.
+        temperature_check: after every training generation batch, estimate the temperature
+            its completion tokens were sampled at (:mod:`metactl.effective_temperature`) and,
+            when it departs from the setting that should have sampled them, ``"error"``
+            (default: raise ``ValueError`` before the policy learns from the batch), ``"warn"``
+            (an ``EffectiveTemperatureWarning``; the run goes on) or ``"off"`` (no estimate).
+            The raw logits come from the scoring path's own windows, tiles or forward (no extra
+            transformer forward; a rule that scores nothing gets hidden states captured from
+            TRL's old-logprob pass or the generation, times the LM head). Generation settings
+            no likelihood family models (``repetition_penalty != 1``, ..., allowed for rules
+            without likelihoods) turn it off, with a warning.
+        temperature_check_rtol, temperature_check_z, temperature_check_max_outside: the
+            check's tolerances (``check_effective_temperature``'s ``rtol``, ``z_threshold``,
+            ``max_outside``; the defaults are calibrated on SmolLM2-135M-Instruct).
+        temperature_check_bytes: memory bound on the float32 raw logits the check keeps per
+            batch and rank; beyond it, evenly spaced scored positions (at least one).
 
     Attributes:
         meta_history: one dict per generation batch (the last ``meta_history_size``):
@@ -192,16 +233,25 @@ class MetaGRPOTrainer(GRPOSeam):
             ``candidate_advantages``, ``likelihood_path``, ``reward`` (TRL's mean reward of the
             batch, all ranks); for a global decision ``setting`` (``{knob: value}``) and
             ``index``; for per-prompt decisions ``value`` is the mean over the prompts and
-            ``contexts``, ``values``, ``indices`` give each prompt's decision.
+            ``contexts``, ``values``, ``indices`` give each prompt's decision;
+            ``effective_temperature`` (with the check on): the estimate (the
+            ``TemperatureEstimate`` fields, of the rank with the largest departure; ``None``
+            for a value that is not finite) and ``ok``, the check's verdict.
         eval_temperature: the temperature used during evaluation (``args.temperature``).
         eval_setting: the owned knobs' values during evaluation (``GRPOConfig``'s).
         meta_scoring: how the candidates are scored (family, fixed knobs, engine order, labels).
-        meta_seconds: wall time spent in the meta-policy work (selection, scoring, update).
+        meta_seconds: wall time spent in the meta-policy work (selection, scoring, update,
+            the temperature check).
+        meta_check_seconds: the part of ``meta_seconds`` spent in the temperature check (the
+            estimate, and the raw logits where no scoring forms them).
 
     Logged metrics (TRL's, so every TRL logger sees them): ``metactl/<knob>`` for every knob
     of a global decision (``metactl/temperature``, ``metactl/top_p``, ...) and
     ``metactl/decision_prob``; for per-prompt decisions ``metactl/temperature`` (the mean),
-    ``metactl/temperature_min`` and ``metactl/temperature_max``; and ``metactl/prob/<label>``,
+    ``metactl/temperature_min`` and ``metactl/temperature_max``;
+    ``metactl/effective_temperature`` (the estimated sampling temperature) and
+    ``metactl/effective_temperature_z`` (its likelihood-ratio z, about N(0, 1) when the batch
+    was sampled as intended) with the check on; and ``metactl/prob/<label>``,
     ``metactl/candidate_advantage/<label>`` (``<label>``: the value, or
     ``temperature=0.7,top_p=0.9`` for a joint grid).
     """
@@ -216,6 +266,11 @@ class MetaGRPOTrainer(GRPOSeam):
         allow_missing_meta_state: bool = False,
         meta_context_column: str | None = None,
         meta_history_size: int = DEFAULT_HISTORY_SIZE,
+        temperature_check: Literal["error", "warn", "off"] = "error",
+        temperature_check_rtol: float = DEFAULT_RTOL,
+        temperature_check_z: float = DEFAULT_Z,
+        temperature_check_max_outside: float = DEFAULT_OUTSIDE,
+        temperature_check_bytes: int = DEFAULT_CHECK_BYTES,
         **kwargs: Any,
     ) -> None:
         check_trl_version()
@@ -238,11 +293,28 @@ class MetaGRPOTrainer(GRPOSeam):
         for name, number, minimum in (
             ("loglik_window_bytes", loglik_window_bytes, 1),
             ("meta_history_size", meta_history_size, 0),
+            ("temperature_check_bytes", temperature_check_bytes, 1),
         ):
             if isinstance(number, bool) or not isinstance(number, int):
                 raise TypeError(f"{name} must be an int, got {type(number).__name__}")
             if number < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {number}")
+        if not isinstance(temperature_check, str) or temperature_check not in CHECK_MODES:
+            raise ValueError(
+                f"temperature_check must be one of {list(CHECK_MODES)}, got {temperature_check!r}"
+            )
+        check_rtol = finite_scalar(temperature_check_rtol, "temperature_check_rtol")
+        check_z = finite_scalar(temperature_check_z, "temperature_check_z")
+        check_outside = finite_scalar(temperature_check_max_outside,
+                                      "temperature_check_max_outside")  # fmt: skip
+        if check_rtol <= 0:
+            raise ValueError(f"temperature_check_rtol must be > 0, got {check_rtol}")
+        if check_z < 0:
+            raise ValueError(f"temperature_check_z must be >= 0, got {check_z}")
+        if not 0.0 <= check_outside <= 1.0:
+            raise ValueError(
+                f"temperature_check_max_outside must lie in [0, 1], got {check_outside}"
+            )
         if meta_context_column is not None and not isinstance(meta_context_column, str):
             raise TypeError(
                 "meta_context_column must be a str (a dataset column) or None, got "
@@ -277,8 +349,14 @@ class MetaGRPOTrainer(GRPOSeam):
         self.allow_missing_meta_state = allow_missing_meta_state
         self.meta_context_column = meta_context_column
         self.meta_history_size = meta_history_size
+        self.temperature_check = temperature_check
+        self.temperature_check_rtol = check_rtol
+        self.temperature_check_z = check_z
+        self.temperature_check_max_outside = check_outside
+        self.temperature_check_bytes = temperature_check_bytes
         self.meta_history: list[dict[str, Any]] = []
         self.meta_seconds = 0.0
+        self.meta_check_seconds = 0.0
         # the window of the buffered generation batch (None before the first one)
         self._window: GenerationWindow | None = None
         # (checkpoint folder, validated state or None) read by train() before TRL loads anything
@@ -310,6 +388,18 @@ class MetaGRPOTrainer(GRPOSeam):
         self.eval_setting: dict[str, Any] = {knob: settings.get(knob) for knob in knobs}
         order = "vllm" if uses_vllm(self) else "hf"
         self.meta_scoring = CandidateScoring.for_policy(self.meta_policy, settings, order=order)
+        #: whether the temperature check runs (``temperature_check`` unless the generation
+        #: settings reshape the distribution beyond what the estimate models)
+        self._checking = self.temperature_check != "off"
+        unmodelled = unmodelled_setting(settings)
+        if self._checking and unmodelled is not None:
+            self._checking = False
+            logger.warning(
+                "metactl: the effective-temperature check is off for this run: %s reshapes "
+                "the sampling distribution beyond temperature, top_p, top_k and min_p, which "
+                "the estimate models",
+                unmodelled,
+            )
         if per_context:
             check_per_row_paths(self)
             check_per_row_settings(settings)
@@ -369,6 +459,9 @@ class MetaGRPOTrainer(GRPOSeam):
         self.set_sampling(window.trl_setting)
         if self._spec.needs_scoring:
             window.path = self._scoring_path()
+        elif self._checking:
+            window.path = self._check_path()
+        if window.path is not None:
             window.capture = self._capture(window.path, decision)
         self._window = window
         self.meta_seconds += time.perf_counter() - t0
@@ -411,6 +504,14 @@ class MetaGRPOTrainer(GRPOSeam):
             return "fused" if self.likelihood == "fused" else "old"
         return "generate" if generates_with_model_generate(self) else "exact"
 
+    def _check_path(self) -> ScoringPath:
+        """Where the temperature check's raw logits come from when the rule scores nothing: a
+        pass TRL makes anyway (its old-logprob pass, else the generation), or, when neither
+        runs the policy (a rollout function, vLLM without importance sampling), a forward."""
+        if makes_old_logprob_pass(self):
+            return "old"
+        return "generate" if generates_with_model_generate(self) else "exact"
+
     def _capture(
         self, path: ScoringPath, decision: metactl.Decision | metactl.DecisionBatch
     ) -> HiddenCapture | FusedLogitsCapture | None:
@@ -420,7 +521,9 @@ class MetaGRPOTrainer(GRPOSeam):
             return HiddenCapture(backbone, "old" if path == "old" else "generate")
         if path == "fused":
             return FusedLogitsCapture(
-                self.meta_scoring, entropy_temperature=self._entropy_temperature(decision)
+                self.meta_scoring,
+                entropy_temperature=self._entropy_temperature(decision),
+                check_bytes=self.temperature_check_bytes if self._checking else None,
             )
         return None
 
@@ -497,6 +600,7 @@ class MetaGRPOTrainer(GRPOSeam):
         batch = GeneratedBatch.read(output)
         tokens, mask = batch.completion_ids, batch.scored_mask
         ent_t = self._entropy_temperature(decision)
+        keep = self._check_positions(mask)
         if isinstance(capture, FusedLogitsCapture):
             fused = capture.result(tokens, mask)
             if fused is not None:
@@ -524,6 +628,7 @@ class MetaGRPOTrainer(GRPOSeam):
                     entropy_temperature=ent_t,
                     window_bytes=self.loglik_window_bytes,
                     head=head_fn,
+                    keep=keep,
                 ), path
             logger.warning(
                 "metactl: the %s-pass hidden states did not line up with the completions; "
@@ -542,8 +647,48 @@ class MetaGRPOTrainer(GRPOSeam):
             batch_size=self.args.per_device_train_batch_size,
             entropy_temperature=ent_t,
             autocast=self.accelerator.autocast,
+            keep=keep,
         )
         return result, "exact"
+
+    def _check_positions(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The scored positions whose raw logits the temperature check reads (``None``: off)."""
+        if not self._checking:
+            return None
+        vocab = int(output_embeddings(self.model).weight.shape[0])
+        return check_positions(mask, vocab, self.temperature_check_bytes)
+
+    def _raw_logits(
+        self, output: dict[str, Any], capture: HiddenCapture | FusedLogitsCapture | None
+    ) -> RawLogits:
+        """The temperature check's raw logits when the rule scores nothing: the captured hidden
+        states times the LM head, or (nothing captured) a forward of the policy."""
+        batch = GeneratedBatch.read(output)
+        tokens, mask = batch.completion_ids, batch.scored_mask
+        keep = self._check_positions(mask)
+        assert keep is not None  # only called with the check on
+        if isinstance(capture, HiddenCapture):
+            hidden = self._aligned_hidden(capture, tokens, mask)
+            if hidden is not None:
+                head = self._heads[0]
+                weight, bias, head_fn = dense_head(output_embeddings(self.model))
+                return raw_logits_from_hidden(hidden, keep, weight, bias,
+                                              logit_scale=head.logit_scale, softcap=head.softcap,
+                                              head=head_fn)  # fmt: skip
+            logger.warning(
+                "metactl: the %s-pass hidden states did not line up with the completions; the "
+                "temperature check reads this batch's logits from an extra forward",
+                capture.mode,
+            )
+        return raw_logits_exact(
+            self.model,
+            torch.cat([batch.prompt_ids, tokens], dim=1),
+            torch.cat([batch.prompt_mask, batch.completion_mask], dim=1),
+            tokens,
+            keep,
+            batch_size=self.args.per_device_train_batch_size,
+            autocast=self.accelerator.autocast,
+        )
 
     @staticmethod
     def _aligned_hidden(
@@ -588,8 +733,14 @@ class MetaGRPOTrainer(GRPOSeam):
         local: dict[str, np.ndarray] = {}
         path_used: ScoringPath | None = None
         scored: np.ndarray | None = None
-        if path is not None:
+        raw: RawLogits | None = None
+        if path is not None and not spec.needs_scoring:  # the check's logits only
+            start = time.perf_counter()
+            raw = self._raw_logits(output, capture)
+            self.meta_check_seconds += time.perf_counter() - start
+        elif path is not None:
             result, path_used = self._score(decision, output, capture, path)
+            raw = result.raw
             counts = result.counts.cpu().numpy().astype(np.float64)
             scored = counts > 0
             if "loglik" in needs:
@@ -597,6 +748,7 @@ class MetaGRPOTrainer(GRPOSeam):
                 local["token_counts"] = counts
             if "entropy" in needs:
                 local["entropy"] = np.array([[float(result.entropy_sum or 0.0), counts.sum()]])
+        check = self._check_temperature(output, raw) if self._checking else None
         if "advantages" in needs:
             local["advantages"] = _completion_advantages(
                 GeneratedBatch.read(output), scored if "loglik" in needs else None
@@ -626,16 +778,115 @@ class MetaGRPOTrainer(GRPOSeam):
             group_size=self._group_size if "group_size" in needs else None,
         )
         info = self.meta_policy.update(decision, feedback)
-        self._record(decision, info, path_used)
+        self._record(decision, info, path_used, check)
         return path_used
+
+    # ------------------------------------------------------------------ the temperature check
+    def _sampled_setting(self, rows: torch.Tensor) -> Setting | SettingRows:
+        """The setting that should have sampled the positions of batch rows ``rows``: the
+        window's decision plus the knobs TRL holds fixed, or each row's temperature."""
+        window = self._window
+        assert window is not None
+        fixed = self.meta_scoring.setting
+        if window.row_temperatures is not None:
+            temps = window.row_temperatures.detach().cpu().double()[rows.cpu()]
+            return fixed.rows(int(rows.numel()), temperature=temps.numpy())
+        assert window.setting is not None
+        return fixed.with_values(window.setting)
+
+    def _check_temperature(
+        self, output: dict[str, Any], raw: RawLogits | None
+    ) -> dict[str, Any] | None:
+        """Estimate the temperature the batch was sampled at and check it (before the policy
+        learns from the batch). Every rank gets the estimate of the rank that departs most, so
+        all ranks log, warn or raise alike. Returns the ``meta_history`` record (``None``: no
+        scored token on any rank)."""
+        start = time.perf_counter()
+        estimate: TemperatureEstimate | None = None
+        if raw is not None:
+            batch = GeneratedBatch.read(output)
+            raw = raw.restricted(batch.scored_mask)
+            if raw.logits.shape[0] > 0:
+                estimate = effective_temperature(
+                    raw.logits,
+                    raw.tokens(batch.completion_ids),
+                    temperature=self._sampled_setting(raw.rows()),
+                    order=self.meta_scoring.order,
+                )
+        estimate, rank = self._worst_estimate(estimate)
+        self.meta_check_seconds += time.perf_counter() - start
+        if estimate is None:
+            return None
+        ok = check_effective_temperature(estimate, mode="off", **self._check_tolerances())
+        log_metric(self, "train", "metactl/effective_temperature", estimate.temperature)
+        log_metric(self, "train", "metactl/effective_temperature_z", estimate.z_lr)
+        if not ok:
+            self._report_departure(estimate, rank)
+        record = {
+            name: value if not isinstance(value, float) or math.isfinite(value) else None
+            for name, value in estimate.to_dict().items()
+        }  # JSON-safe for the checkpoint: an estimate beyond the range (inf) or none (nan)
+        return {**record, "ok": ok}
+
+    def _check_tolerances(self) -> dict[str, float]:
+        return {
+            "rtol": self.temperature_check_rtol,
+            "z_threshold": self.temperature_check_z,
+            "max_outside": self.temperature_check_max_outside,
+        }
+
+    def _worst_estimate(
+        self, local: TemperatureEstimate | None
+    ) -> tuple[TemperatureEstimate | None, int]:
+        """The estimate of the rank that departs most (a failing one first, then the largest
+        ``|z_lr|``), and that rank; the local estimate on one process."""
+        if not self._multi_process:
+            return local, 0
+        fields = ("temperature", "intended", "ratio", "z", "z_lr", "tokens", "outside")
+        row = np.full(len(fields) + 1, np.nan)
+        if local is not None:
+            row[0] = 1.0
+            row[1:] = [float(getattr(local, name)) for name in fields]
+        parts = [np.asarray(p, dtype=np.float64) for p in self._collectives()[0](row)]
+        best: tuple[TemperatureEstimate | None, int] = (None, 0)
+        best_key = (-1.0, -math.inf)
+        for rank, part in enumerate(parts):
+            if not part[0] == 1.0:
+                continue
+            values = dict(zip(fields, part[1:].tolist(), strict=True))
+            values["tokens"], values["outside"] = int(values["tokens"]), int(values["outside"])
+            est = TemperatureEstimate(**values)
+            failing = not check_effective_temperature(est, mode="off", **self._check_tolerances())
+            key = (float(failing), abs(est.z_lr) if math.isfinite(est.z_lr) else math.inf)
+            if key > best_key:
+                best, best_key = (est, rank), key
+        return best
+
+    def _report_departure(self, estimate: TemperatureEstimate, rank: int) -> None:
+        """Raise or warn (``temperature_check``) with the check's message and the batch."""
+        try:
+            check_effective_temperature(estimate, mode="error", **self._check_tolerances())
+        except ValueError as exc:
+            where = f" on rank {rank}" if self._multi_process else ""
+            message = (
+                f"metactl: the training generation batch of policy step {self.meta_policy.step}"
+                f" (global step {self.state.global_step}){where}: {exc}. MetaGRPOTrainer "
+                "wrote the chosen setting where TRL keeps it, so something sampled past it; "
+                "temperature_check='warn' or 'off' lets the run go on"
+            )
+            if self.temperature_check == "error":
+                raise ValueError(message) from None
+            warnings.warn(message, EffectiveTemperatureWarning, stacklevel=2)
 
     def _record(
         self,
         decision: metactl.Decision | metactl.DecisionBatch,
         info: metactl.UpdateInfo,
         path: ScoringPath | None,
+        check: dict[str, Any] | None = None,
     ) -> None:
-        """Log the decision and the update to TRL's metrics and ``meta_history``."""
+        """Log the decision and the update to TRL's metrics and ``meta_history`` (with the
+        temperature check's record, when it ran)."""
         entry: dict[str, Any] = {
             "policy_step": int(decision.step),
             "global_step": int(self.state.global_step),
@@ -675,6 +926,8 @@ class MetaGRPOTrainer(GRPOSeam):
                 "reward": reward if reward is not None and math.isfinite(reward) else None,
             }
         )
+        if check is not None:
+            entry["effective_temperature"] = check
         self._remember(entry)
 
     def _remember(self, entry: dict[str, Any]) -> None:
