@@ -37,6 +37,20 @@ def test_example_trains_with_tampo(tmp_path, capsys):
     assert "greedy accuracy on 8 held-out prompts" in capsys.readouterr().out
 
 
+def test_example_sizes_the_real_model_run_for_a_cpu_unless_told(tmp_path):
+    example = _load("examples/trl_grpo.py")
+    smoke = example.parse_args(["--model", "smollm2"])
+    assert (smoke.steps, smoke.prompts_per_step, smoke.num_generations) == (4, 2, 4)
+    assert (smoke.max_completion_length, smoke.lora_rank) == (12, 8)
+    longer = example.parse_args(["--model", "smollm2", "--steps", "200", "--lora-rank", "0"])
+    assert (longer.steps, longer.lora_rank, longer.prompts_per_step) == (200, 0, 2)
+    tiny = example.parse_args([])
+    assert (tiny.steps, tiny.lora_rank, tiny.max_completion_length) == (300, 0, 4)
+    assert example.chat_task_reward(["12 + 5 = 17.", "17 - 1 = 16"], answer=["17", "17"]) == [
+        1.0, 0.0,
+    ]  # fmt: skip
+
+
 def test_example_reward_reads_the_first_number():
     example = _load("examples/trl_grpo.py")
     got = example.first_number_reward(
