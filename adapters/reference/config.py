@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from metactl.effective_temperature import CHECK_MODES
 from metactl.knobs import Setting, check_knob
 
 __all__ = ["GRPOConfig"]
@@ -57,6 +58,13 @@ class GRPOConfig:
     rollout_min_p: float = 0.0
     rollout_chunk: int = 0
     add_special_tokens: bool = False
+    # -- the effective-temperature check after every rollout (`temperature_check`): "error"
+    #    raises, "warn" warns, "off" neither estimates nor logs; it reads the sampling loop's
+    #    logits of at most temperature_check_rows rows (spread evenly over the batch) at at most
+    #    temperature_check_positions decoding steps (evenly strided); 0: no limit
+    temperature_check: str = "error"
+    temperature_check_rows: int = 32
+    temperature_check_positions: int = 64
     # -- runtime
     device: str = "cpu"
     precision: str = "fp32"
@@ -103,6 +111,13 @@ class GRPOConfig:
         for name in ("max_prompt_len", "rollout_chunk", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+        if self.temperature_check not in CHECK_MODES:
+            raise ValueError(f"temperature_check must be one of {list(CHECK_MODES)}, got "
+                             f"{self.temperature_check!r}")
+        for name in ("temperature_check_rows", "temperature_check_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: no limit), got {value!r}")
 
     @property
     def rollouts_per_step(self) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,9 @@ from metactl.knobs import Setting, check_knob, truncated_probs
 
 Temperature = float | torch.Tensor
 """A float for every row, or a (N,) tensor: row ``i`` at ``T[i]``."""
+
+LogitObserver = Callable[[int, torch.Tensor], None]
+"""``observer(t, logits)``: decoding step ``t`` and its raw float32 logits (N, V)."""
 
 
 def check_row_temperatures(temperature: torch.Tensor, n: int, name: str = "temperature") -> None:
@@ -100,6 +104,7 @@ def sample(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     return_entropy: bool = False,
+    on_logits: LogitObserver | None = None,
 ) -> Completions:
     """Sample up to ``max_new_tokens`` tokens per row from ``softmax(logits / temperature)``.
 
@@ -138,6 +143,8 @@ def sample(
                              f"tensor: {exc}") from exc
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if on_logits is not None and not callable(on_logits):
+        raise TypeError(f"on_logits must be a function (t, logits) or None, got {on_logits!r}")
     if return_entropy and not per_row and temperature == 0:
         raise ValueError("return_entropy needs temperature > 0 (greedy decoding has no "
                          "sampling distribution)")
@@ -176,6 +183,8 @@ def sample(
     entropies: list[torch.Tensor] = []
     next_pos = pos[:, -1:] + 1
     for t in range(max_new_tokens):
+        if on_logits is not None:
+            on_logits(t, logits)
         if return_entropy:
             entropies.append(token_entropy(logits, temperature))
         if dist is None:

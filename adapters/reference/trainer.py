@@ -12,7 +12,12 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
 1. Draw ``prompts_per_step`` prompts; ``decision = policy.select()``; ``T = decision.value``: one
    temperature for the whole step.
 2. Sample ``group_size`` completions per prompt at ``T`` (own loop with a KV cache,
-   `rollout.sample`).
+   `rollout.sample`), then check the temperature the tokens actually came from
+   (`check_temperature`: `metactl.effective_temperature` on the loop's own logits of a
+   deterministic subsample of positions, `temperature_check`; no extra forward): a sampler
+   that ignored the chosen setting stops the run before anything trains on its tokens
+   (`GRPOConfig`'s ``temperature_check="error"``, the default; ``"warn"`` warns, ``"off"``
+   skips).
 3. Rewards from the verifier; group-normalised advantages ``(r - mean_g) / (std_g + eps)``.
 4. ``ppo_epochs`` optimisation passes over the batch, each one optimizer step accumulated over
    ``grad_accum_steps`` micro-batches. Every log-prob (current, old, reference) is
@@ -27,8 +32,9 @@ One GRPO step, top to bottom (`GRPOTrainer.step`):
    makes of ``L``, the advantages ``A``, the mean reward, each completion's reward, the group
    size, the entropy and the vocabulary size, each only when the rule needs it
    (`GRPOTrainer.feedback`).
-6. Log the step (temperature, LR, reward, loss, KL, clip fraction, meta-policy probs); evaluate,
-   checkpoint (model, optimizer, scheduler, meta-policy, every RNG, history) every few steps.
+6. Log the step (temperature and the effective temperature with its z, LR, reward, loss, KL,
+   clip fraction, meta-policy probs); evaluate, checkpoint (model, optimizer, scheduler,
+   meta-policy, every RNG, history) every few steps.
    A trainer built on a run directory that holds a checkpoint resumes from it and ends exactly
    where an uninterrupted run would.
 
@@ -79,8 +85,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -90,6 +98,11 @@ import torch
 
 import metactl
 from metactl.decision import Decision, DecisionBatch, group_settings
+from metactl.effective_temperature import (
+    EffectiveTemperatureWarning,
+    TemperatureEstimate,
+    check_effective_temperature,
+)
 from metactl.feedback import (
     FEEDBACK_NAMES,
     Feedback,
@@ -112,6 +125,7 @@ from ..integrity import (
 from .config import GRPOConfig
 from .loss import cosine_with_floor, group_advantages, policy_loss
 from .rollout import Completions, completion_logits, sample, token_logprobs
+from .temperature_check import LogitSubsample, estimate
 
 __all__ = ["CHECKPOINT_ADVICE", "GRPOConfig", "GRPOTrainer", "cosine_with_floor",
            "group_advantages", "policy_loss", "read_checkpoint",
@@ -277,14 +291,17 @@ class GRPOTrainer:
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 temperature: float | torch.Tensor, *,
                 truncation: Setting | None = None,
-                return_entropy: bool = False) -> Completions:
+                return_entropy: bool = False,
+                keep_logits: LogitSubsample | None = None) -> Completions:
         """Sample one completion per prompt row at ``temperature`` under ``truncation``'s top-k,
         top-p and min-p (a `metactl.knobs.Setting`, its temperature unused; default: the
         config's, `GRPOConfig.sampler_setting`; drawn from `metactl.knobs.truncated_probs`)
         (chunked if configured); with ``return_entropy`` also the token entropy at
         ``temperature`` of every sampled position (`Completions.entropy`, from the sampling
         loop's own logits). ``temperature``: a float, or a (N,) tensor, row ``i`` sampled (and
-        its entropy measured) at ``temperature[i]``."""
+        its entropy measured) at ``temperature[i]``. ``keep_logits`` keeps the loop's raw
+        logits at its subsample of positions (for `check_temperature`); the draws do not
+        change."""
         chunk = self.cfg.rollout_chunk or prompt_ids.shape[0]
         cut = self.cfg.sampler_setting if truncation is None else truncation
         parts = []
@@ -299,6 +316,8 @@ class GRPOTrainer:
                 truncation=cut, generator=self.generator,
                 autocast_dtype=torch.bfloat16 if self.cfg.precision == "bf16" else None,
                 return_entropy=return_entropy,
+                on_logits=(None if keep_logits is None
+                           else keep_logits.observer(s, min(s + chunk, prompt_ids.shape[0]))),
             ))
         width = max(p.tokens.shape[1] for p in parts)
         pad = self.tokenizer.pad_token_id
@@ -504,13 +523,30 @@ class GRPOTrainer:
         texts = [it.prompt for it in items for _ in range(cfg.group_size)]
         answers = [it.answer for it in items for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = self.encode_prompts(texts)
+        keep = None
+        if cfg.temperature_check != "off":
+            keep = LogitSubsample(len(texts), cfg.max_new_tokens, cfg.temperature_check_rows,
+                                  cfg.temperature_check_positions)
         with self._autocast():
-            # the entropy controllers' feedback comes from the sampling loop's own logits
+            # the entropy controllers' feedback and the temperature check read the sampling
+            # loop's own logits
             sampled = self.rollout(prompt_ids, prompt_mask, row_temperature,
                                    truncation=setting,
-                                   return_entropy="entropy" in needs)
+                                   return_entropy="entropy" in needs, keep_logits=keep)
         comp_ids, comp_mask = sampled.tokens, sampled.mask
         t_rollout = time.perf_counter() - t0
+        # the temperature the tokens came from, checked before anything trains on them
+        checked: dict[str, Any] = {}
+        if keep is not None:
+            t_check = time.perf_counter()
+            est = self.check_temperature(keep, sampled, setting, row_temperature)
+            del keep
+            checked = {
+                "effective_temperature": (est.temperature if math.isfinite(est.temperature)
+                                          else None),
+                "effective_temperature_z": est.z_lr,
+                "check_seconds": time.perf_counter() - t_check,
+            }
 
         # 3. verifier rewards and group-normalised advantages
         completions = self.tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
@@ -557,6 +593,8 @@ class GRPOTrainer:
             "step": self.step_idx,
             # per prompt: the mean of the prompts' temperatures (= the mean over the rows)
             "temperature": temperature,
+            # the temperature the sampled tokens came from and its z (unless the check is off)
+            **checked,
             "lr": opt["lr"],
             "reward": float(rewards.mean()),
             "frac_solved_groups": float((rewards.view(-1, cfg.group_size).max(1).values > 0)
@@ -595,6 +633,26 @@ class GRPOTrainer:
         self.history.append(record)
         self.step_idx += 1
         return record
+
+    def check_temperature(self, kept: LogitSubsample, sampled: Completions, setting: Setting,
+                          row_temperature: float | torch.Tensor) -> TemperatureEstimate:
+        """The effective temperature of a rollout (`temperature_check.estimate`: the sampled
+        tokens at ``kept``'s positions scored under ``setting`` at ``row_temperature``, from
+        the sampling loop's own logits), checked by `metactl.check_effective_temperature`
+        at its calibrated tolerance: a departure raises ``ValueError`` naming the step and both
+        temperatures when ``temperature_check`` is ``"error"``, warns
+        (`metactl.effective_temperature.EffectiveTemperatureWarning`) when it is ``"warn"``.
+        Reads nothing else and draws nothing: the run's numbers do not change."""
+        est = estimate(kept, sampled.tokens, sampled.mask, setting, row_temperature)
+        try:
+            check_effective_temperature(est, mode="error")
+        except ValueError as exc:
+            message = (f"GRPO step {self.step_idx}: {exc} (GRPOConfig.temperature_check="
+                       f"{self.cfg.temperature_check!r}; 'warn' warns and goes on)")
+            if self.cfg.temperature_check == "error":
+                raise ValueError(message) from None
+            warnings.warn(message, EffectiveTemperatureWarning, stacklevel=3)
+        return est
 
     def row_setting(self, decision: Decision | DecisionBatch
                     ) -> tuple[Setting, float | torch.Tensor, float]:

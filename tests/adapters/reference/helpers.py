@@ -28,7 +28,7 @@ TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2
 
 
 #: the timings a run's history records (they differ between two runs of the same steps)
-TIMES = ("seconds", "rollout_seconds", "meta_seconds")
+TIMES = ("seconds", "rollout_seconds", "meta_seconds", "check_seconds")
 
 
 def fixed(t: float) -> metactl.MetaPolicy:

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 MODULES = ["tasks", "model", "rollout", "loss", "config", "trainer", "evaluate", "sft",
-           "__init__"]
+           "temperature_check", "__init__"]
 
 
 @pytest.mark.parametrize("name", MODULES)
