@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from metactl.effective_temperature import CHECK_MODES
 from metactl.feedback import Feedback, FeedbackSpec, build_feedback
 from metactl.knobs import check_knob
 
@@ -92,6 +93,20 @@ class GRPOConfig:
     truncation_epsilon: float = 1e-3
     """Smoothing of a truncated sampler, in ``(0, 1)``: it samples
     ``(1 - eps) p|S + eps p`` (:mod:`metactl.adapters.gym.sampling`); the likelihood default."""
+    temperature_check: str = "error"
+    """The effective-temperature check of :func:`~.training.train`'s rollouts
+    (:mod:`metactl.effective_temperature`, from the rollouts' own logits): ``"error"`` raises on
+    a departure from the chosen setting, ``"warn"`` warns, ``"off"`` neither estimates nor
+    logs."""
+    temperature_check_rows: int = 6
+    """Rows of every rollout the check reads, spread evenly over the batch
+    (:func:`~.training.check_rows`; 0: every row)."""
+    temperature_check_window: int = 16
+    """Steps whose rollouts one check pools (the last window may be shorter). The estimate
+    costs a few passes over the logits it reads plus a fixed overhead per call, each about
+    as much as a tabular step's own work: reading a few rows of each step and pooling
+    steps keeps it a small share of training. A departure is caught at most this many steps
+    late."""
 
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)):
@@ -114,6 +129,13 @@ class GRPOConfig:
             check_knob("top_k", self.top_k, "top_k")
         check_knob("min_p", self.min_p, "min_p")
         row_settings(1, epsilon=self.truncation_epsilon)  # validates the epsilon
+        if self.temperature_check not in CHECK_MODES:
+            raise ValueError(f"temperature_check must be one of {list(CHECK_MODES)}, got "
+                             f"{self.temperature_check!r}")
+        for name, low in (("temperature_check_rows", 0), ("temperature_check_window", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
     def fixed_knobs(self) -> dict[str, Any]:
         """The learner's sampler setting for the knobs a policy does not set.

@@ -16,6 +16,12 @@ One training step, cleanrl style:
    sampled at the ``i``-th.
 2. Roll out ``group_size`` answers for every task at its setting (vectorised sampling of the
    same dynamics as ``env.step``; rewards come from ``env.score``, the env's single definition).
+   Every :attr:`~.learner.GRPOConfig.temperature_check_window` steps, the rollouts of those
+   steps are checked (:func:`check_rollouts`: the temperature their tokens came from, estimated
+   from their own logits, :mod:`metactl.effective_temperature`, against the settings that
+   were chosen; a few rows of each, :func:`check_rows`): a departure raises
+   (``temperature_check="error"``), warns (``"warn"``) or is not looked for (``"off"``);
+   :attr:`TrainLog.temperature_checks` holds the estimates.
 3. GRPO advantages per task group: ``A = (r - mean) / (std + eps)``.
 4. One policy-gradient step on ``-(1/N) sum_i A_i (1/L) sum_t log q_i(o_it | z_it)``, ``q_i``
    the distribution that sampled row ``i`` (``softmax(z / T_i)`` without truncation; Adam or
@@ -52,7 +58,9 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,16 +69,26 @@ import numpy as np
 import metactl
 from metactl.decision import group_settings
 from metactl.diagnostics import signal_diagnostics, signal_options, stack_diagnostics
+from metactl.effective_temperature import (
+    DEFAULT_OUTSIDE,
+    EffectiveTemperatureWarning,
+    TemperatureEstimate,
+    check_effective_temperature,
+    effective_temperature,
+)
 from metactl.feedback import FEEDBACK_NAMES, FeedbackSpec, TrainerSupport, check_trainer
-from metactl.knobs import KNOBS
+from metactl.knobs import KNOBS, SettingRows
 
 from .learner import GRPOConfig, Rollout, TabularGRPO
 
 __all__ = [
     "TRAINER_SUPPORT",
     "StepRecord",
+    "TemperatureCheck",
     "TrainLog",
     "check_policy",
+    "check_rollouts",
+    "check_rows",
     "group_advantages",
     "train",
 ]
@@ -125,6 +143,113 @@ class StepRecord:
     learner: TabularGRPO
 
 
+@dataclass(frozen=True)
+class TemperatureCheck:
+    """One effective-temperature check of :func:`train`: the rollouts of steps
+    ``first_step .. last_step`` (both included) pooled into one estimate
+    (:func:`check_rollouts`).
+
+    ``estimate.ratio`` is the common factor by which every row's temperature was off (1 when
+    the sampler applied the chosen settings); ``estimate.temperature`` is that factor times the
+    rows' (geometric mean) chosen temperature; ``passed`` is the check's verdict.
+    """
+
+    first_step: int
+    last_step: int
+    estimate: TemperatureEstimate
+    passed: bool
+
+
+def _outside_share(tokens: int, epsilon: float) -> float:
+    """The largest share of sampled tokens outside their kept sets that the gym's own sampler
+    explains: it samples the smoothed ``(1 - eps) p|S + eps p``, so a token falls outside with
+    probability below ``eps``; the count's Bernstein bound at a false-alarm rate of 1e-6
+    (never below the check's default share)."""
+    mean = epsilon * tokens
+    slack = (9.2 + math.sqrt(84.6 + 110.4 * mean)) / 2.0  # t^2 = 2 ln(1e6) (mean + t / 3)
+    return min(1.0, max(DEFAULT_OUTSIDE, (mean + slack) / tokens))
+
+
+def _knob_columns(batch: Rollout, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The temperature, top-p, top-k and min-p that sampled ``rows`` of ``batch``."""
+    temps = batch.row_temperatures()[rows]
+    if batch.truncation is None:
+        n = temps.shape[0]
+        return temps, np.ones(n), np.zeros(n, dtype=np.int64), np.zeros(n)
+    cut = batch.truncation.settings
+    return temps, cut.top_p[rows], cut.top_k[rows], cut.min_p[rows]
+
+
+def check_rows(n_rows: int, max_rows: int) -> np.ndarray:
+    """The rows of every rollout that :func:`train`'s check reads: ``max_rows`` rows spread
+    evenly over the batch (row ``floor(i N / max_rows)``; every task is represented when
+    ``max_rows`` is a multiple of the number of tasks), every row when ``max_rows`` is 0 or at
+    least ``n_rows``. Fixed before sampling, so the estimate's statistics stay valid.
+
+    >>> check_rows(48, 6).tolist(), check_rows(4, 0).tolist()
+    ([0, 8, 16, 24, 32, 40], [0, 1, 2, 3])
+    """
+    if max_rows == 0 or max_rows >= n_rows:
+        return np.arange(n_rows)
+    return (np.arange(max_rows) * n_rows) // max_rows
+
+
+def check_rollouts(batches: Sequence[Rollout], *, rows: np.ndarray | None = None,
+                   first_step: int = 0, mode: str = "error",
+                   epsilon: float = 1e-3) -> TemperatureCheck:
+    """The temperature ``batches`` (the rollouts of consecutive steps from ``first_step``) were
+    sampled at, estimated from their own logits and checked against the settings that were
+    meant to sample them (each row's temperature and truncation):
+    :func:`metactl.effective_temperature` over the pooled rows (``rows`` of each batch, e.g.
+    :func:`check_rows`; default all), then
+    :func:`metactl.check_effective_temperature` at its calibrated tolerance, allowing the share
+    of tokens outside the kept sets that the sampler's smoothing ``epsilon`` explains
+    (:attr:`GRPOConfig.truncation_epsilon`).
+
+    A departure raises ``ValueError`` (``mode="error"``) or warns
+    (:class:`metactl.effective_temperature.EffectiveTemperatureWarning`, ``"warn"``), the
+    message naming the steps and both temperatures; ``"off"`` only returns the verdict. Reads
+    the batches only and draws nothing.
+
+    >>> from metactl.adapters.gym import TokenSearchEnv
+    >>> learner = TabularGRPO(TokenSearchEnv(vocab_size=6, length=3), GRPOConfig())
+    >>> batches = [learner.rollout(0.8, np.random.default_rng(s)) for s in range(3)]
+    >>> check = check_rollouts(batches, first_step=10)
+    >>> check.first_step, check.last_step, check.passed, check.estimate.tokens
+    (10, 12, True, 432)
+    """
+    if mode not in ("error", "warn", "off"):
+        raise ValueError(f"mode must be 'error', 'warn' or 'off', got {mode!r}")
+    if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)):
+        raise TypeError(f"first_step must be an int, got {type(first_step).__name__}")
+    if not batches:
+        raise ValueError("batches must hold at least one Rollout")
+    for b in batches:
+        if not isinstance(b, Rollout):
+            raise TypeError(f"batches must hold Rollouts, got {type(b).__name__}")
+    pick = np.arange(batches[0].tokens.shape[0]) if rows is None else np.asarray(rows)
+    logits = np.concatenate([b.logits[pick] for b in batches])
+    tokens = np.concatenate([b.tokens[pick] for b in batches])
+    pooled = SettingRows(*(np.concatenate(column) for column in
+                           zip(*(_knob_columns(b, pick) for b in batches), strict=True)))
+    est = effective_temperature(logits, tokens, temperature=pooled, order="hf")
+    last_step = int(first_step) + len(batches) - 1
+    try:
+        passed = check_effective_temperature(est, mode="error",
+                                             max_outside=_outside_share(est.tokens, epsilon))
+    except ValueError as exc:
+        span = f"step {last_step}" if last_step == first_step else \
+            f"steps {first_step}-{last_step}"
+        message = (f"gym learner, {span}: {exc} (GRPOConfig.temperature_check={mode!r}; "
+                   "'warn' warns and goes on)")
+        if mode == "error":
+            raise ValueError(message) from None
+        if mode == "warn":
+            warnings.warn(message, EffectiveTemperatureWarning, stacklevel=2)
+        passed = False
+    return TemperatureCheck(int(first_step), last_step, est, passed)
+
+
 @dataclass
 class TrainLog:
     """What :func:`train` records; ``steps`` rows unless noted.
@@ -146,6 +271,9 @@ class TrainLog:
     :func:`metactl.diagnostics.signal_diagnostics`, computed from the feedback the rule got,
     over the values of its knob); None for other rules and for joint grids (the diagnostics
     rank candidates by their value, which a joint candidate does not have).
+    ``temperature_checks``: the effective-temperature checks of the rollouts, one per window
+    of :attr:`~.learner.GRPOConfig.temperature_check_window` steps (:class:`TemperatureCheck`;
+    empty when the check is off).
     """
 
     success: np.ndarray
@@ -159,6 +287,7 @@ class TrainLog:
     task_temperature: np.ndarray | None = None
     signal: dict[str, np.ndarray] | None = None
     knobs: dict[str, np.ndarray] = field(default_factory=dict)
+    temperature_checks: tuple[TemperatureCheck, ...] = ()
 
     @property
     def auc(self) -> float:
@@ -244,6 +373,12 @@ def train(
     # the task ids are the contexts of a per-prompt policy; rows come in task order, G per
     # task (decision order)
     task_ids = list(range(num_tasks)) if spec.per_context else None
+    # the effective-temperature check, over windows of rollouts (before any learns from them)
+    check_mode = learner.config.temperature_check
+    window = learner.config.temperature_check_window
+    check_subsample = check_rows(learner.num_rows, learner.config.temperature_check_rows)
+    pending: list[Rollout] = []
+    checks: list[TemperatureCheck] = []
     for step in range(steps):
         by_task[step] = learner.success_by_task()
         success[step] = by_task[step].mean()
@@ -265,6 +400,14 @@ def train(
         batch = learner.rollout(
             rows["temperature"], rng, top_p=rows["top_p"], top_k=rows["top_k"], min_p=rows["min_p"]
         )
+        if check_mode != "off":
+            pending.append(batch)
+            if len(pending) == window or step == steps - 1:
+                checks.append(check_rollouts(pending, rows=check_subsample,
+                                             first_step=step + 1 - len(pending),
+                                             mode=check_mode,
+                                             epsilon=learner.config.truncation_epsilon))
+                pending = []
         advantages = group_advantages(batch.rewards, group, learner.config.adv_eps)
         learner.update(batch, advantages)
         feedback = learner.feedback(
@@ -309,4 +452,5 @@ def train(
         task_temperature=task_temperature,
         signal=stack_diagnostics(signal_records) if signal_records else None,
         knobs=knob_log,
+        temperature_checks=tuple(checks),
     )
