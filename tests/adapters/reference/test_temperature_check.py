@@ -11,22 +11,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import metactl.adapters.reference.rollout as rollout_mod  # noqa: E402
-import metactl.adapters.reference.trainer as trainer_mod  # noqa: E402
-from metactl.adapters.char_tokenizer import build_char_tokenizer  # noqa: E402
-from metactl.adapters.reference.model import build_model  # noqa: E402
-from metactl.adapters.reference.rollout import sample  # noqa: E402
-from metactl.adapters.reference.tasks import ALPHABET  # noqa: E402
-from metactl.adapters.reference.temperature_check import LogitSubsample, estimate  # noqa: E402
-from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
+import metactl.adapters.reference.rollout as rollout_mod
+import metactl.adapters.reference.trainer as trainer_mod
+import torch
+from metactl.adapters.char_tokenizer import build_char_tokenizer
+from metactl.adapters.reference.model import build_model
+from metactl.adapters.reference.rollout import sample
+from metactl.adapters.reference.tasks import ALPHABET
+from metactl.adapters.reference.temperature_check import LogitSubsample, estimate
+from metactl.adapters.reference.trainer import GRPOConfig, GRPOTrainer
 
-import metactl  # noqa: E402
-from metactl.effective_temperature import EffectiveTemperatureWarning  # noqa: E402
-from metactl.knobs import Setting, truncated_probs  # noqa: E402
-from tests.adapters.reference.helpers import TASK, TINY, fixed, make_trainer, timeless  # noqa: E402
+import metactl
+from metactl.effective_temperature import EffectiveTemperatureWarning
+from metactl.knobs import Setting, truncated_probs
+from tests.adapters.reference.helpers import TASK, TINY, fixed, make_trainer, timeless
 
 CHECK_KEYS = ("effective_temperature", "effective_temperature_z", "check_seconds")
 
