@@ -136,15 +136,54 @@ class ChatTask:
         for i in range(n):
             a = int(rng.integers(self.low, self.high + 1))
             b = int(rng.integers(self.low, self.high + 1))
-            if self.family == "add":
-                question, answer = f"What is {a} + {b}? {_SUFFIX}", a + b
-            else:
-                step = int(rng.integers(1, self.max_step + 1))
-                terms = ", ".join(str(a + j * step) for j in range(4))
-                question = f"What is the next number in the sequence {terms}? {_SUFFIX}"
-                answer = a + 4 * step
-            out.append(ChatProblem(question=question, answer=str(answer), context=i))
+            step = int(rng.integers(1, self.max_step + 1)) if self.family == "next" else 0
+            out.append(self._problem(a, b, step, context=i))
         return out
+
+    @property
+    def n_distinct(self) -> int:
+        """How many distinct problems the task has: every ``(a, b)`` pair for ``"add"``,
+        every ``(start, step)`` for ``"next"``.
+
+        Example:
+            >>> ChatTask("add", low=0, high=19).n_distinct
+            400
+        """
+        width = self.high - self.low + 1
+        return width * width if self.family == "add" else width * self.max_step
+
+    def distinct_problems(self, seed: int) -> list[ChatProblem]:
+        """Every distinct problem of the task once, in an order shuffled by ``seed``
+        (``context``: the position in that order). Its first problems make a held-out set
+        that no other problem repeats: evaluate on ``[:n]``, train on ``[n:]``.
+
+        Example:
+            >>> problems = ChatTask("add", low=0, high=2).distinct_problems(seed=0)
+            >>> len(problems), len({p.question for p in problems}), problems[4].context
+            (9, 9, 4)
+        """
+        seed = _check_int(seed, "seed", minimum=0)
+        values = range(self.low, self.high + 1)
+        second = values if self.family == "add" else range(1, self.max_step + 1)
+        pairs = [(x, y) for x in values for y in second]
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        out = []
+        for i, j in enumerate(order):
+            x, y = pairs[int(j)]
+            out.append(self._problem(x, y, 0, context=i) if self.family == "add"
+                       else self._problem(x, 0, y, context=i))
+        return out
+
+    def _problem(self, a: int, b: int, step: int, context: int) -> ChatProblem:
+        """The problem of operands ``a``, ``b`` (``"add"``) or of ``start = a`` and ``step``
+        (``"next"``)."""
+        if self.family == "add":
+            question, answer = f"What is {a} + {b}? {_SUFFIX}", a + b
+        else:
+            terms = ", ".join(str(a + j * step) for j in range(4))
+            question = f"What is the next number in the sequence {terms}? {_SUFFIX}"
+            answer = a + 4 * step
+        return ChatProblem(question=question, answer=str(answer), context=context)
 
     def prompts(self, tokenizer: Any, problems: Sequence[ChatProblem]) -> list[str]:
         """Each problem as prompt text in ``tokenizer``'s chat template, ending where the

@@ -173,3 +173,41 @@ def test_controllers_build_the_paper_arms():
     assert make_policy("fixed-1.2", 10, 0).requires == ()
     with pytest.raises(ValueError, match="unknown controller"):
         make_policy("nope", 10, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the chat tasks' problem lists (the smollm2 preset holds out their first problems)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task_args", [("add", 0, 19, 5), ("add", 3, 5, 5), ("next", 0, 4, 3)])
+def test_a_chat_tasks_distinct_problems_are_each_problem_once_in_a_seeded_order(task_args):
+    from metactl.adapters.reference.chat_tasks import ChatTask, reward
+
+    family, low, high, max_step = task_args
+    task = ChatTask(family, low=low, high=high, max_step=max_step)
+    problems = task.distinct_problems(seed=0)
+    assert len(problems) == task.n_distinct == len({p.question for p in problems})
+    assert [p.context for p in problems] == list(range(task.n_distinct))
+    drawn = task.problems(200, seed=3)  # every drawn problem is one of the list, same answer
+    listed = {p.question: p.answer for p in problems}
+    assert all(listed[p.question] == p.answer for p in drawn)
+    for p in problems[:20]:
+        numbers = [int(x) for x in p.question.replace(",", " ").replace("?", " ").split()
+                   if x.isdigit()]
+        expected = (numbers[0] + numbers[1] if family == "add"
+                    else numbers[3] + numbers[1] - numbers[0])
+        assert p.answer == str(expected) and reward(f"= {expected}", p.answer) == 1.0
+    again, other = task.distinct_problems(seed=0), task.distinct_problems(seed=1)
+    assert again == problems and other != problems and sorted(other, key=str) != other
+
+
+def test_the_chat_tasks_draws_are_unchanged():
+    from metactl.adapters.reference.chat_tasks import SMOLLM2_TASK, ChatTask
+
+    # recorded before the problem list existed: the draws benchmarks/smollm2_start.py measured
+    assert [(p.question, p.answer) for p in SMOLLM2_TASK.problems(3, seed=0)] == [
+        ("What is 17 + 12? Answer with just the number.", "29"),
+        ("What is 10 + 5? Answer with just the number.", "15"),
+        ("What is 6 + 0? Answer with just the number.", "6"),
+    ]
+    assert ChatTask("next", low=0, high=20).problems(1, seed=0)[0].question == (
+        "What is the next number in the sequence 17, 20, 23, 26? Answer with just the number.")
