@@ -64,21 +64,20 @@ class LogitSubsample:
         stride = 1 if max_positions == 0 else max(1, math.ceil(max_new_tokens / max_positions))
         self.steps = np.arange(0, max_new_tokens, stride)
         self._column = {int(t): j for j, t in enumerate(self.steps)}
-        # (column, kept row) -> that row's logits at that step
-        self._kept: dict[tuple[int, int], torch.Tensor] = {}
+        # (column, positions among the kept rows, their logits at that step), per chunk
+        self._kept: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def observer(self, start: int, stop: int) -> LogitObserver:
         """The ``on_logits`` of `rollout.sample` for the chunk of rows ``[start, stop)``."""
-        mine = [(k, int(r) - start) for k, r in enumerate(self.rows) if start <= r < stop]
-        local = torch.tensor([i for _, i in mine], dtype=torch.long)
+        inside = np.flatnonzero((self.rows >= start) & (self.rows < stop))
+        positions = torch.from_numpy(inside)
+        local = torch.from_numpy(self.rows[inside] - start)
 
         def keep(t: int, logits: torch.Tensor) -> None:
             column = self._column.get(t)
-            if column is None or not mine:
-                return
-            picked = logits.index_select(0, local.to(logits.device))
-            for j, (k, _) in enumerate(mine):
-                self._kept[(column, k)] = picked[j]
+            if column is not None and len(inside):
+                self._kept.append((column, positions,
+                                   logits.index_select(0, local.to(logits.device))))
 
         return keep
 
@@ -92,19 +91,19 @@ class LogitSubsample:
         steps = [int(t) for t in self.steps if t < width]
         if not self._kept or not steps:
             raise ValueError("no logits were kept: pass observer() to the sampling loop")
-        some = next(iter(self._kept.values()))
+        some = self._kept[0][2]
         logits = torch.zeros(len(self.rows), len(steps), some.shape[-1], dtype=some.dtype,
                              device=some.device)  # fmt: skip
         reached = torch.zeros(len(self.rows), len(steps), dtype=torch.bool)
-        for (column, k), row in self._kept.items():
+        for column, positions, picked in self._kept:
             if column < len(steps):
-                logits[k, column] = row
-                reached[k, column] = True
+                logits[positions.to(some.device), column] = picked
+                reached[positions, column] = True
         rows = torch.from_numpy(self.rows).to(tokens.device)
         columns = torch.tensor(steps, dtype=torch.long, device=tokens.device)
-        picked = tokens.index_select(0, rows).index_select(1, columns)
+        picked_tokens = tokens.index_select(0, rows).index_select(1, columns)
         kept_mask = mask.index_select(0, rows).index_select(1, columns).bool()
-        return logits, picked, kept_mask & reached.to(kept_mask.device)
+        return logits, picked_tokens, kept_mask & reached.to(kept_mask.device)
 
 
 def estimate(kept: LogitSubsample, tokens: torch.Tensor, mask: torch.Tensor, setting: Setting,
