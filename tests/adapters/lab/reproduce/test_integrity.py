@@ -51,7 +51,7 @@ from tests.adapters.reference.helpers import MINI, TASK, checkpointing_trainer  
 
 ARMS = ("fixed-0.9", "tampo")
 SEEDS = (0, 1)
-TIMINGS = ("train_seconds", "rollout_seconds", "meta_seconds", "wall_seconds",
+TIMINGS = ("train_seconds", "rollout_seconds", "meta_seconds", "check_seconds", "wall_seconds",
            "resumed_from_step", "content_sha256")  # the hash covers the timings too
 
 
