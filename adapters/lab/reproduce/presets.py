@@ -127,7 +127,7 @@ def smollm2_config(
     32 tokens), LR 5e-6 (5% warm-up, cosine to a 0.1 floor), no KL term, 3 seeds per arm;
     evaluation on 100 held-out problems of the task's 400: pass@1 = avg@8 at T = 0.6, greedy,
     pass@8, and learning curves of 50 problems x 4 samples at 8 points. ``quick=True`` (the CPU
-    smoke budget): 2 steps of 2 prompts x G = 4, 16 new tokens, 1 seed, 8 held-out problems x 2
+    smoke budget): 2 steps of 4 prompts x G = 4, 16 new tokens, 1 seed, 8 held-out problems x 2
     samples, no curve points besides the final one.
 
     Example:
@@ -137,7 +137,7 @@ def smollm2_config(
     """
     base = GRPOConfig(
         steps=2 if quick else 200,
-        prompts_per_step=2 if quick else 32, group_size=4 if quick else 8,
+        prompts_per_step=4 if quick else 32, group_size=4 if quick else 8,
         grad_accum_steps=1, ppo_epochs=1,
         lr=5e-6, lr_floor_ratio=0.1, warmup_ratio=0.05, clip_eps=0.2, kl_beta=0.0,
         loss_agg="sequence", max_new_tokens=16 if quick else 32, device=device,

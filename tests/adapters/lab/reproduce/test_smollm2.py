@@ -36,7 +36,7 @@ def test_the_default_budget_is_sized_for_a_gpu_and_quick_for_a_cpu():
             gpu.grpo.max_new_tokens, gpu.eval.n_per_benchmark, gpu.eval.k, len(gpu.seeds)) == (
         200, 32, 8, 32, 100, 8, 3)
     assert (smoke.grpo.steps, smoke.grpo.prompts_per_step, smoke.grpo.group_size,
-            smoke.eval.n_per_benchmark, len(smoke.seeds)) == (2, 2, 4, 8, 1)
+            smoke.eval.n_per_benchmark, len(smoke.seeds)) == (2, 4, 4, 8, 1)
     for cfg in (gpu, smoke):
         assert cfg.chat_task == SMOLLM2_TASK and cfg.workers == 1 and cfg.eval.temperature == 0.6
         assert cfg.grpo.temperature_check == "error"
@@ -49,7 +49,7 @@ def test_the_default_budget_is_sized_for_a_gpu_and_quick_for_a_cpu():
     (("--train-pool", "4"), "--train-pool is a cpu-preset option"),
     (("--workers", "2"), "--workers must be 1 for --preset smollm2"),
     (("--allow-download",), "never the hub"),
-    (("--eval-n", "399"), "eval n_per_benchmark must be <= 400 - prompts_per_step = 398"),
+    (("--eval-n", "399"), "eval n_per_benchmark must be <= 400 - prompts_per_step = 396"),
 ])
 def test_flags_the_preset_cannot_honour_are_refused(flags, refused):
     with pytest.raises(ValueError, match=refused.replace("(", r"\(")):
@@ -85,7 +85,8 @@ def test_the_smoke_budget_runs_the_real_model_and_samples_at_the_policys_tempera
     monkeypatch.setattr(GRPOTrainer, "rollout", spy_rollout)
     threads = torch.get_num_threads()
     # the smallest budget: one arm, two steps of 2 prompts x G = 2, two held-out problems
-    cfg = parse("--quick", "--controllers", "tampo", "--steps", "2", "--group-size", "2",
+    cfg = parse("--quick", "--controllers", "tampo", "--steps", "2", "--prompts-per-step", "2",
+                "--group-size", "2",
                 "--max-new-tokens", "8", "--eval-n", "2", "--eval-k", "1",
                 "--out", str(tmp_path / "out"), "--no-progress")
     try:
