@@ -343,3 +343,42 @@ def test_check_arguments_are_validated(model_path, tmp_path, kwargs, error, matc
         MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward,
                         args=tiny_grpo_config(tmp_path), train_dataset=addition_dataset(8),
                         meta_policy=metactl.tampo(), **kwargs)  # fmt: skip
+
+
+def test_every_rank_takes_the_estimate_of_the_rank_that_departs_most(model_path, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """Several processes: the estimates are gathered and the departing rank's is the one every
+    rank logs and raises with (so no rank waits in a collective another one left)."""
+    from metactl.effective_temperature import TemperatureEstimate
+
+    trainer = MetaGRPOTrainer(model=model_path, reward_funcs=digit_count_reward,
+                              args=tiny_grpo_config(tmp_path), train_dataset=addition_dataset(8),
+                              meta_policy=metactl.tampo(seed=0))  # fmt: skip
+    monkeypatch.setattr(MetaGRPOTrainer, "_multi_process", property(lambda self: True))
+    fine = TemperatureEstimate(0.62, 0.6, 1.03, 0.4, 0.4, 90)
+    noisy = TemperatureEstimate(1.5, 0.6, 2.5, 3.0, 3.0, 90)  # far off, but not significant
+    hot = TemperatureEstimate(1.01, 0.6, 1.68, 9.0, 9.5, 90)  # off and significant
+    others: list[Any] = []
+
+    def all_gather(row: Any) -> list[Any]:  # this rank is rank 0
+        return [row, *others]
+
+    trainer._collective_fns = (all_gather, lambda value: value)
+    others = [_row(noisy), _row(hot), _row(None)]
+    assert trainer._worst_estimate(fine) == (hot, 2)
+    others = [_row(noisy), _row(None)]
+    assert trainer._worst_estimate(fine) == (noisy, 1)  # no departure: the largest |z_lr|
+    others = [_row(None)]
+    assert trainer._worst_estimate(None) == (None, 0)  # no scored token anywhere
+    with pytest.raises(ValueError, match=r"on rank 2: sampled tokens look drawn at temperature 1"):
+        trainer._report_departure(hot, 2)
+
+
+def _row(estimate: Any) -> Any:
+    """One rank's gathered row (as MetaGRPOTrainer._worst_estimate sends it)."""
+    import numpy as np
+
+    fields = ("temperature", "intended", "ratio", "z", "z_lr", "tokens", "outside")
+    if estimate is None:
+        return np.full(len(fields) + 1, np.nan)
+    return np.array([1.0, *(float(getattr(estimate, f)) for f in fields)])
