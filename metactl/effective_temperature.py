@@ -39,6 +39,20 @@ kept set is impossible under the intended setting: it is counted (``outside``; t
 ignored the truncation, or a float32 tie at the boundary) and scored with its kept set widened
 to it.
 
+Without logits (a trainer that keeps only each sampled token's log-probability and the
+entropy of its distribution, as verl's log-prob pass does), the same score per token is
+``-(H + log p_T(o)) / T`` (``H = log Z - E[z] / T``): the token's excess surprisal over the
+entropy, divided by ``T``. Its variance (the varentropy) is unknown there, so
+:func:`temperature_score` self-normalises: the summed score over the root of the summed squared
+scores is about N(0, 1) for tokens drawn at the intended temperature (a martingale difference
+sequence) and grows as the square root of the token count otherwise; the same ratio divided by
+that square root (the mean score over its root mean square, in ``[-1, 1]``) is the departure's
+size, ``effect``, which stays small for a sampler that differs only numerically from the scorer.
+:func:`check_temperature_score` tests both. The temperature itself is not identified by one
+temperature's log-probabilities and entropies: one Newton step from the intended value (the
+result's ``temperature``) is right to first order for small drifts but saturates far away (tokens
+drawn at 1.5 and scored at 0.6 read about 0.64 on SmolLM2), so the check never tests it.
+
 Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -53,6 +67,11 @@ Example:
     >>> greedy = effective_temperature(z, z.argmax(axis=1), temperature=0.7)
     >>> greedy.temperature, greedy.z < -10
     (0.0, True)
+    >>> logp = np.log(p[np.arange(4000), tokens])           # what a log-prob pass returns
+    >>> entropy = -(p * np.log(p)).sum(axis=1)
+    >>> score = temperature_score(logp, entropy, temperature=0.7)
+    >>> abs(score.z) < 4, check_temperature_score(score)
+    (True, True)
 """
 
 from __future__ import annotations
@@ -73,11 +92,16 @@ from .knobs import ORDERS, TEMPERATURE_RANGE, Setting, SettingRows, kept_mask
 __all__ = [
     "CHECK_MODES",
     "DEFAULT_RTOL",
+    "DEFAULT_SCORE_EFFECT",
+    "DEFAULT_SCORE_Z",
     "DEFAULT_Z",
     "EffectiveTemperatureWarning",
     "TemperatureEstimate",
+    "TemperatureScore",
     "check_effective_temperature",
+    "check_temperature_score",
     "effective_temperature",
+    "temperature_score",
 ]
 
 #: What :func:`check_effective_temperature` does on a departure.
@@ -88,6 +112,13 @@ DEFAULT_RTOL = 0.25
 DEFAULT_Z = 5.0
 #: Default largest share of tokens outside the intended kept set.
 DEFAULT_OUTSIDE = 0.01
+#: Default threshold on ``|z|`` of :func:`temperature_score`.
+DEFAULT_SCORE_Z = 5.0
+#: Default threshold on ``|effect|`` of :func:`temperature_score` (the mean score over its root
+#: mean square).
+DEFAULT_SCORE_EFFECT = 0.1
+# log-probabilities above this, or entropies below its negative, are not float rounding
+_ROUNDING = 1e-3
 # Estimates beyond this factor of the intended temperature are reported as 0 or inf.
 _RANGE = 1e3
 # Excluded vocabulary entries get this shifted logit: exp(b * u) is exactly 0 for every b used
@@ -135,6 +166,43 @@ class TemperatureEstimate:
     z_lr: float
     tokens: int
     outside: int = 0
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The fields as a plain dict (for logs)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TemperatureScore:
+    """What :func:`temperature_score` found from sampled tokens' log-probabilities and entropies.
+
+    Attributes:
+        temperature: one Newton step from the intended temperature (``ratio * intended``):
+            right to first order for a small drift, saturating for a large one (greedy tokens
+            scored at 1.0 read about 0.6): a drift's size, never a failure's temperature;
+            ``nan`` without information.
+        intended: the intended temperature (with per-row temperatures, the geometric mean of
+            the rows' temperatures weighted by their tokens).
+        ratio: ``temperature / intended``, ``exp(sum(s) / sum(s**2))`` over the tokens' scores
+            ``s = -(H + log p)``.
+        z: the self-normalised score, ``sum(s) / sqrt(sum(s**2))``: about N(0, 1) for tokens
+            drawn at the intended temperature, positive when they look hotter, negative when
+            colder (``0.0`` without information).
+        effect: ``z / sqrt(tokens)``, the mean score over its root mean square, in ``[-1, 1]``:
+            about ``+-1 / sqrt(tokens)`` at the intended temperature, near -1 for greedy
+            tokens; the size of a departure whatever the batch's size.
+        excess: the tokens' mean excess surprisal, ``mean(-log p - H)`` in nats (0 in
+            expectation at the intended temperature).
+        tokens: the number of scored tokens (masked positions).
+    """
+
+    temperature: float
+    intended: float
+    ratio: float
+    z: float
+    effect: float
+    excess: float
+    tokens: int
 
     def to_dict(self) -> dict[str, float | int]:
         """The fields as a plain dict (for logs)."""
@@ -543,20 +611,16 @@ def check_effective_temperature(
     if not isinstance(estimate, TemperatureEstimate):
         raise TypeError(f"estimate must be a TemperatureEstimate (from effective_temperature), "
                         f"got {type(estimate).__name__}")  # fmt: skip
-    mode = one_of(mode, "mode", CHECK_MODES)
-    tol = finite_scalar(rtol, "rtol")
-    if tol <= 0:
-        raise ValueError(f"rtol must be > 0, got {tol}")
-    zt = finite_scalar(z_threshold, "z_threshold")
-    if zt < 0:
-        raise ValueError(f"z_threshold must be >= 0, got {zt}")
+    mode, tol, zt = _check_arguments(mode, rtol, z_threshold)
     share = finite_scalar(max_outside, "max_outside")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"max_outside must lie in [0, 1], got {share}")
     problems = []
     ratio = estimate.ratio
-    if not math.isnan(ratio) and abs(estimate.z_lr) > zt and (
-        ratio > 1.0 + tol or ratio < 1.0 / (1.0 + tol)
+    if (
+        not math.isnan(ratio)
+        and abs(estimate.z_lr) > zt
+        and (ratio > 1.0 + tol or ratio < 1.0 / (1.0 + tol))
     ):
         problems.append(
             f"sampled tokens look drawn at temperature {estimate.temperature:.3g}, not the "
@@ -571,9 +635,216 @@ def check_effective_temperature(
         )
     if not problems:
         return True
-    message = "; ".join(problems)
+    return _report("; ".join(problems), mode)
+
+
+def _check_arguments(mode: Any, rtol: Any, z_threshold: Any) -> tuple[str, float, float]:
+    """A check's validated ``mode``, ``rtol`` (``> 0``) and ``z_threshold`` (``>= 0``)."""
+    mode = one_of(mode, "mode", CHECK_MODES)
+    tol = finite_scalar(rtol, "rtol")
+    if tol <= 0:
+        raise ValueError(f"rtol must be > 0, got {tol}")
+    zt = finite_scalar(z_threshold, "z_threshold")
+    if zt < 0:
+        raise ValueError(f"z_threshold must be >= 0, got {zt}")
+    return mode, tol, zt
+
+
+def _report(message: str, mode: str) -> bool:
+    """A departure: raise in ``"error"`` mode, warn in ``"warn"`` mode; ``False``."""
     if mode == "error":
         raise ValueError(message)
     if mode == "warn":
-        warnings.warn(message, EffectiveTemperatureWarning, stacklevel=2)
+        warnings.warn(message, EffectiveTemperatureWarning, stacklevel=3)
     return False
+
+
+# ----------------------------------------------------------------------------------------------
+# from log-probabilities and entropies (no logits)
+# ----------------------------------------------------------------------------------------------
+def _token_values(x: Any, name: str) -> np.ndarray:
+    """``x`` (a NumPy array or torch tensor of floats) as a float64 array."""
+    if _is_torch(x):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must hold floating-point values, got {x.dtype}")
+        x = x.detach().cpu().double().numpy()
+    elif not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got "
+                        f"{type(x).__name__}")  # fmt: skip
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must hold floating-point values, got {x.dtype}")
+    if x.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape (N, L) or (M,), got {x.shape}")
+    return np.asarray(x, dtype=np.float64)
+
+
+def _row_temperatures(temperature: Any, n_rows: int) -> np.ndarray:
+    """The intended temperature of each leading-axis row: a number, one per row (a sequence,
+    an array or a tensor), or an untruncated :class:`Setting` / :class:`SettingRows`."""
+    if isinstance(temperature, (Setting, SettingRows)):
+        rows = _setting_rows(temperature, n_rows)
+        if rows.truncated.any():
+            raise ValueError(
+                "temperature_score scores the full distribution (the entropy a log-prob pass "
+                "returns is over every token): a truncated setting (top-p, top-k, min-p) needs "
+                "the kept set's entropy; use effective_temperature on the logits"
+            )
+        return rows.temperature
+    if _is_torch(temperature) or isinstance(temperature, (list, tuple, np.ndarray)):
+        if _is_torch(temperature):
+            temperature = temperature.detach().cpu().numpy()
+        if np.ndim(temperature) == 0:
+            return _setting_rows(float(np.asarray(temperature)), n_rows).temperature
+        return Setting().rows(n_rows, temperature=temperature).temperature
+    return _setting_rows(temperature, n_rows).temperature
+
+
+def temperature_score(
+    log_probs: Any,
+    entropies: Any,
+    mask: Any = None,
+    *,
+    temperature: Any = 1.0,
+) -> TemperatureScore:
+    """Test whether sampled tokens were drawn at the intended temperature, from each token's
+    log-probability and its distribution's entropy at that temperature (no logits).
+
+    Per token, ``s = -(H + log p_T(o))`` is the score of the temperature's factor (``T`` times
+    ``d/dT log p_T(o)``): mean zero when the token was drawn at ``T``. The result's ``z`` is
+    ``sum(s) / sqrt(sum(s**2))``; its ``ratio`` one Newton step ``exp(sum(s) / sum(s**2))``.
+    Costs one pass over the tokens (no pass over a vocabulary).
+
+    Args:
+        log_probs: ``(N, L)`` (or ``(M,)``) log-probability of each sampled token under
+            ``softmax(z / T)`` of its row's intended ``T`` (a NumPy array or torch tensor; read
+            in float64). Finite and ``<= 0`` (up to rounding) at masked positions.
+        entropies: same shape: the entropy of each position's distribution at that ``T``
+            (nats), finite and ``>= 0`` (up to rounding) at masked positions.
+        mask: same shape, boolean or 0/1: the positions to use (default: all). Values outside
+            it are never read (NaN padding is fine).
+        temperature: the intended temperature: a number, one per row of the leading axis
+            (``N`` values: a sequence, an array or a tensor), or an untruncated
+            :class:`metactl.knobs.Setting` / :class:`metactl.knobs.SettingRows`.
+
+    Returns:
+        A :class:`TemperatureScore`.
+
+    Raises:
+        TypeError: a wrong type (names the argument).
+        ValueError: shapes that differ, an empty mask, a non-finite value or a positive
+            log-probability / negative entropy at a masked position (names it), a temperature
+            outside ``metactl.knobs.TEMPERATURE_RANGE`` or of the wrong length, a truncated
+            setting (its entropy is not the full distribution's).
+
+    Example:
+        >>> import numpy as np
+        >>> p = np.array([0.7, 0.2, 0.1])
+        >>> entropy = np.full(4, -(p * np.log(p)).sum())
+        >>> score = temperature_score(np.log(p[[0, 0, 1, 2]]), entropy, temperature=1.0)
+        >>> round(score.z, 2), round(score.excess, 3), score.tokens
+        (0.78, 0.355, 4)
+    """
+    lp = _token_values(log_probs, "log_probs")
+    h = _token_values(entropies, "entropies")
+    if h.shape != lp.shape:
+        raise ValueError(f"entropies must have the shape of log_probs {lp.shape}, got {h.shape}")
+    if mask is None:
+        sel = np.ones(lp.shape, dtype=bool)
+    else:
+        m = mask.detach().cpu().numpy() if _is_torch(mask) else np.asarray(mask)
+        if m.shape != lp.shape:
+            raise ValueError(f"mask must have the shape of log_probs {lp.shape}, got {m.shape}")
+        if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.number)):
+            raise TypeError(f"mask must be boolean or 0/1, got dtype {m.dtype}")
+        if m.dtype != np.bool_ and not np.isin(m, (0, 1)).all():
+            raise ValueError("mask must hold only 0 and 1")
+        sel = m.astype(bool)
+    if not sel.any():
+        raise ValueError("mask selects no position: nothing to score")
+    temps = _row_temperatures(temperature, lp.shape[0])
+    for name, values, bad in (
+        ("log_probs", lp, lambda v: ~np.isfinite(v) | (v > _ROUNDING)),
+        ("entropies", h, lambda v: ~np.isfinite(v) | (v < -_ROUNDING)),
+    ):
+        wrong = sel & bad(values)
+        if wrong.any():
+            at = tuple(int(i) for i in np.argwhere(wrong)[0])
+            what = "<= 0" if name == "log_probs" else ">= 0"
+            raise ValueError(f"{name} at masked position {at} is {float(values[at])!r}: it must be "
+                             f"finite and {what}")  # fmt: skip
+    rows = np.broadcast_to(np.arange(lp.shape[0]).reshape(-1, *([1] * (lp.ndim - 1))), lp.shape)
+    s = -(h[sel] + lp[sel])
+    per_token = temps[rows[sel]]
+    intended = (float(per_token[0]) if np.all(per_token == per_token[0])
+                else float(np.exp(np.mean(np.log(per_token)))))  # fmt: skip
+    total, information, n = float(s.sum()), float(np.dot(s, s)), int(s.size)
+    if information == 0.0:  # every token exactly as surprising as its entropy: no information
+        return TemperatureScore(math.nan, intended, math.nan, 0.0, 0.0, 0.0, n)
+    z = total / math.sqrt(information)
+    ratio = math.exp(total / information)
+    return TemperatureScore(ratio * intended, intended, ratio, z, z / math.sqrt(n), total / n, n)
+
+
+def check_temperature_score(
+    score: TemperatureScore,
+    *,
+    mode: str = "error",
+    z_threshold: float = DEFAULT_SCORE_Z,
+    min_effect: float = DEFAULT_SCORE_EFFECT,
+) -> bool:
+    """Whether sampled tokens match the intended temperature by :func:`temperature_score`;
+    raise or warn when they do not.
+
+    A batch departs when its departure is significant (``|z| > z_threshold``) *and* large
+    (``|effect| > min_effect``): the first keeps small noisy batches from failing, the second
+    tiny practical differences in huge ones (a bf16 sampler scored in fp32: ``|effect|``
+    around 0.01). ``z`` is bounded by ``sqrt(tokens)`` (and ``|effect|`` by 1), so a batch needs
+    more than ``z_threshold**2`` tokens to fail at all and a few hundred to catch a wrong
+    temperature (tokens drawn at 1.0, scored at 0.6: ``effect`` about 0.4 on SmolLM2, so about
+    160 tokens for ``z > 5``). The defaults were calibrated on SmolLM2-135M-Instruct and on the
+    verl adapter's test model (see ``docs/verl.md``). No information (``nan``) passes.
+
+    Args:
+        score: from :func:`temperature_score`.
+        mode: ``"error"`` (raise ``ValueError``), ``"warn"`` (warn with
+            :class:`EffectiveTemperatureWarning`) or ``"off"`` (only return the verdict).
+        z_threshold: threshold on ``|z|``, ``>= 0``.
+        min_effect: threshold on ``|effect|``, in ``[0, 1)``.
+
+    Returns:
+        True when the tokens are consistent with the intended temperature, else False (in
+        ``"warn"`` and ``"off"`` modes).
+
+    Raises:
+        ValueError: in ``"error"`` mode, a departure (the message names the intended
+            temperature, the direction and the statistics); or a bad argument.
+        TypeError: ``score`` is not a :class:`TemperatureScore`.
+
+    Example:
+        >>> score = TemperatureScore(temperature=0.27, intended=0.6, ratio=0.45, z=-19.0,
+        ...                          effect=-0.84, excess=-0.8, tokens=512)
+        >>> check_temperature_score(score, mode="off")
+        False
+        >>> check_temperature_score(score)
+        Traceback (most recent call last):
+        ...
+        ValueError: sampled tokens look drawn colder than the intended temperature 0.6 ...
+    """
+    if not isinstance(score, TemperatureScore):
+        raise TypeError(f"score must be a TemperatureScore (from temperature_score), got "
+                        f"{type(score).__name__}")  # fmt: skip
+    mode, _, zt = _check_arguments(mode, 1.0, z_threshold)
+    effect = finite_scalar(min_effect, "min_effect")
+    if not 0.0 <= effect < 1.0:
+        raise ValueError(f"min_effect must lie in [0, 1), got {effect}")
+    if math.isnan(score.ratio) or abs(score.z) <= zt or abs(score.effect) <= effect:
+        return True
+    side = "hotter" if score.z > 0 else "colder"
+    return _report(
+        f"sampled tokens look drawn {side} than the intended temperature {score.intended:.3g} "
+        f"(score z = {score.z:.1f}, effect {score.effect:+.2f} over {score.tokens} tokens; "
+        f"{score.excess:+.3f} nats of surprisal per token over the entropy): the sampler is "
+        "not applying the chosen temperature (check the engine's sampling parameters, a "
+        "greedy or evaluation setting left in place)",
+        mode,
+    )

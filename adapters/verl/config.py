@@ -11,6 +11,8 @@ starts anything. The group, as a Hydra override or in a YAML file::
       selector_kwargs: {top_p: 0.7}
       seed: 0
       context_key: null        # per-prompt rules: the dataset field holding a stable prompt id
+      temperature_check: error # error | warn | off: the sampled tokens' temperature, every step
+      temperature_check_kwargs: {z_threshold: 5.0, min_effect: 0.1}
 
 Example:
     >>> policy = policy_from_config({"rule": "Hedge", "candidates": [0.7, 1.0], "seed": 3})
@@ -20,14 +22,20 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 import metactl
 from metactl import PAPER_TEMPERATURES, ptgs_candidates
+from metactl.effective_temperature import (
+    CHECK_MODES,
+    TemperatureScore,
+    check_temperature_score,
+)
 from metactl.feedback import TrainerSupport, check_trainer
 from metactl.rules import RULES
 from metactl.selectors import SELECTORS
@@ -43,6 +51,7 @@ __all__ = [
     "TRAINER_SUPPORT",
     "MetaSettings",
     "check_rollout",
+    "check_temperature_check",
     "policy_from_config",
     "settings_from_config",
 ]
@@ -77,15 +86,37 @@ TRAINER_SUPPORT = TrainerSupport(
     loglik=("mean", "sum"),
 )
 
-_KEYS = {"rule", "rule_kwargs", "candidates", "selector", "selector_kwargs", "seed", "context_key"}
+_KEYS = {
+    "rule",
+    "rule_kwargs",
+    "candidates",
+    "selector",
+    "selector_kwargs",
+    "seed",
+    "context_key",
+    "temperature_check",
+    "temperature_check_kwargs",
+}
 
 
 @dataclass(frozen=True)
 class MetaSettings:
-    """What the trainer needs besides the policy: ``context_key`` names the per-prompt field
-    holding each prompt's stable id (per-prompt rules only; ``None`` for a global rule)."""
+    """What the trainer needs besides the policy.
+
+    Attributes:
+        context_key: the per-prompt field holding each prompt's stable id (per-prompt rules
+            only; ``None`` for a global rule).
+        temperature_check: what a step whose sampled tokens look drawn at another temperature
+            than the chosen one does (:data:`metactl.effective_temperature.CHECK_MODES`):
+            ``"error"`` (the default) stops training, ``"warn"`` warns, ``"off"`` skips the check.
+        temperature_check_kwargs: thresholds passed to
+            :func:`metactl.effective_temperature.check_temperature_score` (``z_threshold``,
+            ``min_effect``); empty for its calibrated defaults.
+    """
 
     context_key: str | None
+    temperature_check: str = "error"
+    temperature_check_kwargs: Mapping[str, float] = field(default_factory=dict)
 
 
 def _plain(group: Any) -> dict[str, Any]:
@@ -129,8 +160,7 @@ def _name(group: Mapping[str, Any], key: str, registry: Mapping[str, Any], defau
         return None
     if not isinstance(name, str):
         raise TypeError(
-            f"metactl.{key} must be one name (a str), {allowed}, got {type(name).__name__} "
-            f"{name!r}"
+            f"metactl.{key} must be one name (a str), {allowed}, got {type(name).__name__} {name!r}"
         )
     if name not in registry:
         raise ValueError(f"metactl.{key} must be {allowed}, got {name!r}")
@@ -200,7 +230,36 @@ def settings_from_config(group: Any, policy: metactl.MetaPolicy) -> MetaSettings
             )
     elif key is not None:
         raise ValueError(f"metactl.context_key is only used by per-prompt rules, not {rule}")
-    return MetaSettings(context_key=key)
+    mode, thresholds = _temperature_check(_plain(group))
+    return MetaSettings(
+        context_key=key, temperature_check=mode, temperature_check_kwargs=thresholds
+    )
+
+
+def _temperature_check(group: Mapping[str, Any]) -> tuple[str, dict[str, float]]:
+    """``metactl.temperature_check`` (one of :data:`CHECK_MODES`, default ``"error"``; ``false``
+    is ``"off"``) and its ``temperature_check_kwargs``, validated by the check itself."""
+    mode = group.get("temperature_check", "error")
+    if mode is False:  # YAML 1.1 (OmegaConf's loader) reads an unquoted `off` as false
+        mode = "off"
+    if not isinstance(mode, str) or mode not in CHECK_MODES:
+        raise ValueError(
+            f"metactl.temperature_check must be one of {list(CHECK_MODES)}, got "
+            f"{type(mode).__name__} {mode!r}"
+        )
+    kwargs = _kwargs(group, "temperature_check_kwargs")
+    if kwargs and mode == "off":
+        raise ValueError(
+            "metactl.temperature_check_kwargs is set but metactl.temperature_check=off"
+        )
+    nothing = TemperatureScore(math.nan, 1.0, math.nan, 0.0, 0.0, 0.0, 0)  # passes any threshold
+    try:
+        check_temperature_score(nothing, mode="off", **kwargs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"metactl.temperature_check_kwargs do not fit check_temperature_score: {error}"
+        ) from error
+    return mode, {k: float(v) for k, v in kwargs.items()}
 
 
 def _truncation(rollout: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,3 +315,47 @@ def check_rollout(policy: metactl.MetaPolicy, rollout: Mapping[str, Any]) -> Non
                 f"actor_rollout_ref.rollout.n={n!r}: {rule} compares the completions of each "
                 "prompt (group_size = rollout.n), so it needs rollout.n >= 2"
             )
+
+
+def check_temperature_check(
+    settings: MetaSettings, rollout: Mapping[str, Any], algorithm: Mapping[str, Any]
+) -> None:
+    """Refuse, at construction, a run whose sampled temperature the check cannot test:
+
+    * a truncated rollout (``rollout.top_p < 1`` or ``rollout.top_k`` set): the check scores
+      the tokens against verl's old-log-prob pass, whose log-probabilities and entropy are those
+      of the full distribution at the temperature; a truncated sampler draws from the kept set
+      only, which reads as colder;
+    * ``algorithm.rollout_correction.bypass_mode``: verl then skips the old-log-prob pass (no
+      entropy; the old log-probs are the sampler's own).
+
+    Nothing is refused with ``metactl.temperature_check=off``.
+
+    Raises:
+        ValueError: naming the config key and how to turn the check off.
+
+    Example:
+        >>> on = MetaSettings(context_key=None)
+        >>> check_temperature_check(on, {"top_p": 1.0, "top_k": -1}, {})
+        >>> check_temperature_check(on, {"top_p": 0.9}, {})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: actor_rollout_ref.rollout.top_p=0.9: ...
+    """
+    if settings.temperature_check == "off":
+        return
+    off = "set +metactl.temperature_check=off to train without the check"
+    truncation = _truncation(rollout)
+    if truncation:
+        given = ", ".join(f"actor_rollout_ref.rollout.{k}={v}" for k, v in truncation.items())
+        raise ValueError(
+            f"{given}: metactl.temperature_check tests the sampled tokens against the full "
+            f"distribution at the chosen temperature (verl's log-prob pass applies no "
+            f"{' or '.join(truncation)}), so a truncated rollout would read as too cold; {off}"
+        )
+    correction = algorithm.get("rollout_correction", None) or {}
+    if correction.get("bypass_mode", False):
+        raise ValueError(
+            "algorithm.rollout_correction.bypass_mode=True skips verl's old-log-prob pass, whose "
+            f"log-probabilities and entropy metactl.temperature_check reads; {off}"
+        )

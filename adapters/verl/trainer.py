@@ -11,6 +11,13 @@ rollout temperature chosen by a metactl meta-policy, per step or per prompt.
   (per step: the scalar, fused kernels allowed) or no scalar and a per-sample ``temperature``
   field of shape ``(bsz,)`` written to the TransferQueue (per prompt; the FSDP engine divides
   each row's logits by it; fused kernels are refused).
+* **Temperature check** right after verl's old-log-prob pass (``_compute_old_log_prob``): each
+  response token's log-probability and entropy at the stamped temperature (verl computes the
+  entropy in that pass anyway) give :func:`metactl.effective_temperature.temperature_score`,
+  logged as ``metactl/effective_temperature_z`` and ``_effect``, and checked with
+  :func:`metactl.effective_temperature.check_temperature_score` in the mode of
+  ``metactl.temperature_check`` (error by default): a rollout engine that sampled greedily or
+  at another temperature than the chosen one stops the run at that step.
 * **Feedback** right after verl's advantages (``_compute_advantage``): only what
   ``policy.spec.feedback`` names, from the batch: advantages, rewards (``rm_scores`` summed per
   trajectory), the entropy, ``group_size`` (``rollout.n``), and candidate likelihoods (summed
@@ -19,9 +26,10 @@ rollout temperature chosen by a metactl meta-policy, per step or per prompt.
   into a :class:`metactl.Feedback` by :func:`metactl.build_feedback` (which reduces the
   likelihoods to the rule's mean or sum). ``meta_seconds`` measures it.
 * **Checks at construction**, before any worker group or rollout server starts: the policy
-  against :data:`.config.TRAINER_SUPPORT` (:func:`metactl.check_trainer`) and the rollout config
+  against :data:`.config.TRAINER_SUPPORT` (:func:`metactl.check_trainer`), the rollout config
   against the rule (:func:`.config.check_rollout`: no ``top_p``/``top_k`` truncation for
-  likelihood rules, ``rollout.n >= 2`` for rules comparing a prompt's completions).
+  likelihood rules, ``rollout.n >= 2`` for rules comparing a prompt's completions) and against
+  the temperature check (:func:`.config.check_temperature_check`).
 * **Checkpoint**: :data:`META_STATE_NAME` in every ``global_step_<n>/`` folder (the policy's
   state and ``meta_history``, the last :data:`META_HISTORY_LIMIT` steps), written atomically
   and durably before verl's ``latest_checkpointed_iteration.txt``, read and validated on
@@ -36,6 +44,7 @@ import copy
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +59,12 @@ from verl.workers.utils.padding import response_from_nested
 
 import metactl
 from metactl.contexts import context_keys
+from metactl.effective_temperature import (
+    EffectiveTemperatureWarning,
+    TemperatureScore,
+    check_temperature_score,
+    temperature_score,
+)
 
 from . import feedback as fb
 from .config import (
@@ -60,6 +75,7 @@ from .config import (
     TEMPERATURE_FIELD,
     TRAINER_NAME,
     check_rollout,
+    check_temperature_check,
     policy_from_config,
     settings_from_config,
 )
@@ -129,6 +145,7 @@ class MetaPPOTrainer(PPOTrainerSync):
     def _check_supported(self, config: Any) -> None:
         rollout = config.actor_rollout_ref.rollout
         check_rollout(self.meta_policy, rollout)
+        check_temperature_check(self.meta_settings, rollout, config.algorithm)
         agent = rollout.get("agent", {}) or {}
         if agent.get("default_agent_loop") != AGENT_LOOP_NAME:
             raise ValueError(
@@ -265,6 +282,67 @@ class MetaPPOTrainer(PPOTrainerSync):
             partition_id=batch.partition_id,
             fields=TensorDict({"temperature": values}, batch_size=len(batch.keys)),
         )
+
+    # ------------------------------------------------------------------ temperature check
+    def _compute_old_log_prob(self, batch: Any, metrics: dict[str, Any]) -> Any:
+        batch = super()._compute_old_log_prob(batch, metrics)
+        t0 = time.perf_counter()
+        self.check_sampled_temperatures(batch, metrics)
+        self.meta_seconds += time.perf_counter() - t0
+        return batch
+
+    def check_sampled_temperatures(
+        self, batch: Any, metrics: dict[str, Any]
+    ) -> TemperatureScore | None:
+        """Test whether the batch's response tokens were sampled at the chosen temperatures,
+        from the old-log-prob pass's ``old_log_probs`` and ``entropy`` (each row scored at its
+        prompt's value); log ``metactl/effective_temperature_z``, ``_effect`` and ``_departed``
+        (1.0 when the check failed) and act as ``metactl.temperature_check`` says. Returns the
+        score (``None`` when the check is off).
+
+        Raises:
+            ValueError: in ``error`` mode, tokens that look drawn at another temperature (the
+                message names the step, the chosen value and the statistics).
+            RuntimeError: no decision in flight, or a row of a prompt this step did not submit.
+        """
+        mode = self.meta_settings.temperature_check
+        if mode == "off":
+            return None
+        pending = self._pending
+        if pending is None or not self._awaiting_feedback:
+            raise RuntimeError("a log-prob pass ran with no meta-policy decision in flight")
+        keys = self._real_rows(batch)
+        fields = ["uid", "old_log_probs", "entropy", "response_mask"]
+        raw = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
+        uids = [str(u) for u in _as_list(raw.pop("uid"))]
+        position = {uid: i for i, uid in enumerate(pending.uids)}
+        if any(u not in position for u in uids):
+            raise RuntimeError("the batch holds trajectories of a prompt this step did not submit")
+        temperatures = pending.temperatures[[position[u] for u in uids]]
+        data = raw.to_padded_tensor()
+        score = temperature_score(
+            data["old_log_probs"],
+            data["entropy"],
+            data["response_mask"],
+            temperature=temperatures,
+        )
+        message = None
+        thresholds: dict[str, Any] = dict(self.meta_settings.temperature_check_kwargs)
+        try:
+            check_temperature_score(score, **thresholds)
+        except ValueError as error:
+            message = (
+                f"step {self.global_steps}: {error} [metactl.temperature_check={mode}; set it "
+                "to warn or off to train on]"
+            )
+        metrics["metactl/effective_temperature_z"] = score.z
+        metrics["metactl/effective_temperature_effect"] = score.effect
+        metrics["metactl/effective_temperature_departed"] = float(message is not None)
+        if message is not None:
+            if mode == "error":
+                raise ValueError(message)
+            warnings.warn(message, EffectiveTemperatureWarning, stacklevel=2)
+        return score
 
     # ------------------------------------------------------------------ feedback and update
     def _compute_advantage(self, batch: Any, metrics: dict[str, Any]) -> Any:

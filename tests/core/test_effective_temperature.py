@@ -1,6 +1,8 @@
 """``metactl.effective_temperature``: the temperature sampled tokens came from, estimated from
 their logits, and the check that catches a sampler ignoring the chosen temperature (synthetic
-logits; the real-model calibration is in tests/adapters/test_models.py)."""
+logits; the real-model calibration is in tests/adapters/test_models.py); and the score of the
+temperature from log-probabilities and entropies alone (``temperature_score``; calibrated on the
+verl test model in tests/adapters/verl/test_temperature_check.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ from scipy.special import logsumexp
 import metactl.effective_temperature as effective_temperature_module
 from metactl.effective_temperature import (
     DEFAULT_RTOL,
+    DEFAULT_SCORE_EFFECT,
+    DEFAULT_SCORE_Z,
     DEFAULT_Z,
     EffectiveTemperatureWarning,
     TemperatureEstimate,
+    TemperatureScore,
     check_effective_temperature,
+    check_temperature_score,
     effective_temperature,
+    temperature_score,
 )
 from metactl.knobs import Setting, SettingRows, truncated_probs
 
@@ -303,3 +310,199 @@ def test_check_refuses_bad_arguments(kwargs: dict, error: type, match: str) -> N
         check_effective_temperature(est, **kwargs)
     with pytest.raises(TypeError, match="estimate must be a TemperatureEstimate"):
         check_effective_temperature(1.0)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- from log-probs and entropies
+
+
+def _pass(z: np.ndarray, tokens: np.ndarray, temps: float | np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """What a trainer's log-prob pass returns: each sampled token's float32 log-probability and
+    its position's entropy under ``softmax(z / T)`` (``T`` per row)."""
+    b = np.broadcast_to(np.asarray(temps, dtype=np.float64), z.shape[:1])
+    zt = (z / b.reshape(-1, *([1] * (z.ndim - 1)))).astype(np.float32)
+    lp = zt - logsumexp(zt, axis=-1, keepdims=True)
+    entropy = -(np.exp(lp) * lp).sum(-1)
+    return np.take_along_axis(lp, tokens[..., None], -1)[..., 0], entropy
+
+
+def test_the_score_is_temperature_times_the_derivative_of_the_log_probability() -> None:
+    rng = np.random.default_rng(20)
+    z = _logits(rng, 1, 6, vocab=10)[0]
+    tokens = _draw(rng, z[None], Setting(0.8))[0]
+    lp, entropy = _pass(z, tokens, 0.8)
+    h = 1e-6
+
+    def logp(t: float) -> np.ndarray:
+        return np.take_along_axis(z / t - logsumexp(z / t, -1, keepdims=True), tokens[:, None],
+                                  -1)[:, 0]  # fmt: skip
+
+    derivative = 0.8 * (logp(0.8 + h) - logp(0.8 - h)) / (2 * h)
+    np.testing.assert_allclose(-(entropy + lp), derivative, atol=1e-5)
+    score = temperature_score(lp, entropy, temperature=0.8)
+    assert score.z == pytest.approx(derivative.sum() / np.sqrt((derivative**2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.5])
+def test_score_z_is_standard_normal_over_many_normal_batches(temperature: float) -> None:
+    rng = np.random.default_rng(int(temperature * 100))
+    stats = []
+    for _ in range(300):
+        z = _logits(rng, 4, 16, vocab=32)
+        tokens = _draw(rng, z, Setting(temperature))
+        score = temperature_score(*_pass(z, tokens, temperature), temperature=temperature)
+        est = effective_temperature(z, tokens, temperature=temperature)
+        stats.append((score.z, est.z))
+        assert check_temperature_score(score)
+    z_score, z_fisher = np.array(stats).T
+    assert abs(z_score.mean()) < 0.2 and 0.85 < z_score.std() < 1.15
+    assert np.mean(np.abs(z_score) > 1.96) < 0.1
+    assert np.abs(z_score).max() < DEFAULT_SCORE_Z
+    assert np.corrcoef(z_score, z_fisher)[0, 1] > 0.9  # the same score, normalised otherwise
+
+
+@pytest.mark.parametrize(
+    ("sampled", "intended", "side"),
+    [
+        (None, 0.6, "colder"),
+        (None, 1.0, "colder"),
+        (None, 1.5, "colder"),
+        (1.0, 0.6, "hotter"),
+        (0.6, 1.0, "colder"),
+        (1.5, 1.0, "hotter"),
+    ],
+)
+def test_greedy_or_wrong_temperature_batches_fail_the_score_check(
+    sampled: float | None, intended: float, side: str
+) -> None:
+    rng = np.random.default_rng(21)
+    z = _logits(rng, 16, 32)
+    tokens = z.argmax(-1) if sampled is None else _draw(rng, z, Setting(sampled))
+    score = temperature_score(*_pass(z, tokens, intended), temperature=intended)
+    assert abs(score.z) > 1.5 * DEFAULT_SCORE_Z and abs(score.effect) > 3 * DEFAULT_SCORE_EFFECT
+    assert score.z == pytest.approx(score.effect * math.sqrt(16 * 32))
+    with pytest.raises(ValueError, match=f"drawn {side} than the intended temperature "
+                                         f"{intended:g} "):  # fmt: skip
+        check_temperature_score(score)
+    with pytest.warns(EffectiveTemperatureWarning, match=side):
+        assert check_temperature_score(score, mode="warn") is False
+    assert check_temperature_score(score, mode="off") is False
+
+
+def test_per_row_temperatures_are_scored_each_at_its_own() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(22)
+    temps = np.array([0.5, 0.7, 0.9, 1.1, 1.3, 1.5])
+    z = _logits(rng, 6, 300)
+    tokens = _draw(rng, z, Setting().rows(6, temperature=temps))
+    lp, entropy = _pass(z, tokens, temps)
+    right = temperature_score(lp, entropy, temperature=temps)
+    assert abs(right.z) < 4 and right.intended == pytest.approx(math.exp(np.log(temps).mean()))
+    for given in (temps.tolist(), torch.tensor(temps), Setting().rows(6, temperature=temps)):
+        assert temperature_score(lp, entropy, temperature=given) == right
+    hot = _draw(rng, z, Setting().rows(6, temperature=1.5 * temps))
+    wrong = temperature_score(*_pass(z, hot, temps), temperature=temps)
+    assert wrong.z > 10 and not check_temperature_score(wrong, mode="off")
+    # scored at one temperature instead, the rows sampled colder or hotter than it depart
+    lp_1, entropy_1 = _pass(z, tokens, 1.0)
+    assert temperature_score(lp_1[:1], entropy_1[:1], temperature=1.0).z < -DEFAULT_SCORE_Z
+    assert temperature_score(lp_1[5:], entropy_1[5:], temperature=1.0).z > DEFAULT_SCORE_Z
+
+
+def test_one_step_estimate_tracks_small_drifts_and_saturates_for_large_ones() -> None:
+    rng = np.random.default_rng(23)
+    z = _logits(rng, 64, 200)
+    for drift in (0.95, 1.05):
+        tokens = _draw(rng, z, Setting(drift))
+        score = temperature_score(*_pass(z, tokens, 1.0), temperature=1.0)
+        assert score.ratio == pytest.approx(drift, abs=0.015)
+        assert score.temperature == pytest.approx(score.ratio)
+    far = temperature_score(*_pass(z, _draw(rng, z, Setting(2.5)), 1.0), temperature=1.0)
+    assert far.ratio < 1.5  # two and a half times hotter, yet the one step stays short
+
+
+def test_small_departures_in_huge_batches_pass_by_their_effect() -> None:
+    rng = np.random.default_rng(24)
+    z = _logits(rng, 256, 400)  # 102,400 tokens
+    tokens = _draw(rng, z, Setting(1.03))  # a 3% drift, e.g. a sampler's numerics
+    score = temperature_score(*_pass(z, tokens, 1.0), temperature=1.0)
+    assert score.z > DEFAULT_SCORE_Z and abs(score.effect) < DEFAULT_SCORE_EFFECT
+    assert check_temperature_score(score)  # significant, but small
+    assert not check_temperature_score(score, mode="off", min_effect=0.0)
+
+
+def test_score_reads_only_masked_positions_and_takes_tensors() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(25)
+    z = _logits(rng, 4, 30)
+    lp, entropy = _pass(z, _draw(rng, z, Setting(0.9)), 0.9)
+    mask = np.zeros((4, 30), dtype=bool)
+    mask[:, 10:] = True
+    lp[~mask], entropy[~mask] = np.nan, np.nan  # padding as a trainer may leave it
+    masked = temperature_score(lp, entropy, mask, temperature=0.9)
+    sliced = temperature_score(lp[:, 10:], entropy[:, 10:], temperature=0.9)
+    flat = temperature_score(lp[:, 10:].ravel(), entropy[:, 10:].ravel(), temperature=0.9)
+    assert masked == sliced == flat and masked.tokens == 80
+    assert masked.excess == pytest.approx(float(np.mean(-lp[mask] - entropy[mask])))
+    tensors = temperature_score(torch.tensor(lp), torch.tensor(entropy),
+                                torch.tensor(mask.astype(np.int64)), temperature=0.9)  # fmt: skip
+    assert tensors == masked
+
+
+def test_no_information_passes_the_score_check() -> None:
+    score = temperature_score(np.zeros((2, 3)), np.zeros((2, 3)), temperature=0.7)
+    assert math.isnan(score.ratio) and score.z == 0.0 and score.tokens == 6
+    assert check_temperature_score(score)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"log_probs": [[-1.0, -1.0]] * 2}, TypeError, "log_probs must be a numpy.ndarray"),
+        ({"log_probs": np.zeros((2, 2), dtype=int)}, TypeError, "floating-point"),
+        ({"entropies": np.ones((2, 3))}, ValueError, "entropies must have the shape"),
+        ({"log_probs": np.zeros((1, 2, 2))}, ValueError, r"shape \(N, L\) or \(M,\)"),
+        ({"mask": np.zeros((2, 2))}, ValueError, "mask selects no position"),
+        ({"mask": np.full((2, 2), 2)}, ValueError, "mask must hold only 0 and 1"),
+        ({"mask": np.ones(2, dtype=bool)}, ValueError, "mask must have the shape"),
+        ({"temperature": 0.0}, ValueError, "temperature must lie in"),
+        ({"temperature": True}, TypeError, "temperature must be a number"),
+        ({"temperature": [0.7, 0.8, 0.9]}, ValueError, r"one value per row, shape \(2,\)"),
+        ({"temperature": Setting(0.7, top_p=0.9)}, ValueError, "a truncated setting"),
+        (
+            {"log_probs": np.array([[-1.0, 0.5], [-1.0, -1.0]])},
+            ValueError,
+            r"log_probs at masked position \(0, 1\) is 0\.5: it must be finite and <= 0",
+        ),
+        (
+            {"entropies": np.array([[1.0, 1.0], [np.inf, 1.0]])},
+            ValueError,
+            r"entropies at masked position \(1, 0\) is inf",
+        ),
+        ({"entropies": np.array([[1.0, -0.5], [1.0, 1.0]])}, ValueError, "finite and >= 0"),
+    ],
+)
+def test_bad_score_inputs_are_refused_naming_the_argument(kwargs: dict, error: type, match: str
+                                                          ) -> None:  # fmt: skip
+    args = {"log_probs": np.full((2, 2), -1.0), "entropies": np.ones((2, 2)), "mask": None,
+            "temperature": 1.0, **kwargs}  # fmt: skip
+    with pytest.raises(error, match=match):
+        temperature_score(args.pop("log_probs"), args.pop("entropies"), args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "raise"}, ValueError, "mode must be one of"),
+        ({"z_threshold": -1.0}, ValueError, "z_threshold must be >= 0"),
+        ({"min_effect": 1.0}, ValueError, r"min_effect must lie in \[0, 1\)"),
+        ({"min_effect": float("nan")}, ValueError, "min_effect must be finite"),
+        ({"rtol": 0.1}, TypeError, "rtol"),
+    ],
+)
+def test_score_check_refuses_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    score = TemperatureScore(1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 10)
+    with pytest.raises(error, match=match):
+        check_temperature_score(score, **kwargs)
+    with pytest.raises(TypeError, match="score must be a TemperatureScore"):
+        check_temperature_score(TemperatureEstimate(1.0, 1.0, 1.0, 0.0, 0.0, 10))  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 from metactl.adapters.verl import (
     TRAINER_SUPPORT,
+    MetaSettings,
     check_rollout,
+    check_temperature_check,
     policy_from_config,
     settings_from_config,
 )
@@ -159,6 +161,61 @@ def test_an_omegaconf_group_from_hydra_overrides() -> None:
     )
     policy = policy_from_config(config.metactl)
     assert policy.rule.name == "Hedge" and policy.candidates.tolist() == [0.7, 1.3]
+
+
+def test_the_temperature_check_is_on_by_default_and_configurable() -> None:
+    policy = policy_from_config(None)
+    default = settings_from_config(None, policy)
+    assert default.temperature_check == "error" and dict(default.temperature_check_kwargs) == {}
+    for mode in ("error", "warn", "off"):
+        assert settings_from_config({"temperature_check": mode}, policy).temperature_check == mode
+    # YAML 1.1 (OmegaConf's loader) reads an unquoted `off` as false
+    assert settings_from_config({"temperature_check": False}, policy).temperature_check == "off"
+    group = {"temperature_check": "warn", "temperature_check_kwargs": {"z_threshold": 8}}
+    assert settings_from_config(group, policy).temperature_check_kwargs == {"z_threshold": 8.0}
+
+
+@pytest.mark.parametrize(
+    ("group", "error", "match"),
+    [
+        ({"temperature_check": "strict"}, ValueError, r"temperature_check must be one of"),
+        ({"temperature_check": "ERROR"}, ValueError, r"temperature_check must be one of"),
+        ({"temperature_check": True}, ValueError, r"temperature_check must be one of"),
+        ({"temperature_check": None}, ValueError, r"temperature_check must be one of"),
+        ({"temperature_check_kwargs": []}, TypeError, r"check_kwargs must be a mapping"),
+        ({"temperature_check_kwargs": {"rtol": 0.1}}, TypeError, "do not fit"),
+        ({"temperature_check_kwargs": {"z_threshold": -1}}, ValueError, "z_threshold must be"),
+        ({"temperature_check_kwargs": {"min_effect": 1.0}}, ValueError, "min_effect must lie"),
+        (
+            {"temperature_check": "off", "temperature_check_kwargs": {"z_threshold": 8}},
+            ValueError,
+            "temperature_check_kwargs is set but metactl.temperature_check=off",
+        ),
+    ],
+)
+def test_bad_temperature_checks_are_refused(
+    group: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        settings_from_config(group, policy_from_config(None))
+
+
+@pytest.mark.parametrize(
+    ("rollout", "algorithm", "match"),
+    [
+        ({"top_p": 0.9}, {}, r"rollout\.top_p=0\.9: metactl\.temperature_check"),
+        ({"top_k": 20}, {}, r"rollout\.top_k=20: .* too cold"),
+        ({}, {"rollout_correction": {"bypass_mode": True}}, r"bypass_mode=True skips"),
+    ],
+)
+def test_runs_the_temperature_check_cannot_read_are_refused_unless_it_is_off(
+    rollout: dict[str, Any], algorithm: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match + r".*\+metactl\.temperature_check=off"):
+        check_temperature_check(MetaSettings(context_key=None), {**_ROLLOUT, **rollout}, algorithm)
+    off = MetaSettings(context_key=None, temperature_check="off")
+    check_temperature_check(off, {**_ROLLOUT, **rollout}, algorithm)
+    check_temperature_check(MetaSettings(context_key=None), _ROLLOUT, {"rollout_correction": None})
 
 
 def test_docstring_examples_run() -> None:

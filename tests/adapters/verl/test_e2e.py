@@ -7,7 +7,9 @@ rate is 0, so vLLM (which keeps its loaded weights: the weight sync fails on vLL
 actor hold the same weights, and verl's own rollout-vs-actor metrics then check the temperature:
 ``rollout_corr/log_ppl_abs_diff`` compares the log-probs vLLM returned while sampling (after its
 temperature) with verl's old-log-prob pass (at the temperature metactl stamped). None of the
-temperatures is near the config's 1.0, at which verl would otherwise score.
+temperatures is near the config's 1.0, at which verl would otherwise score. metactl's own
+sampled-temperature check (``metactl.temperature_check``, on by default) runs after every
+old-log-prob pass and must pass.
 
 About 2 minutes a launch on 2 cores; run by ``.ci/verl-env.sh`` (skipped where verl or vllm
 is not installed, as in the main CI environment).
@@ -81,6 +83,11 @@ def _check_temperatures_reached_the_log_prob_passes(metrics: dict[str, float]) -
     # those samples at verl's config 1.0 instead moves the mean log-prob by about 0.33 nats at
     # T = 0.6 (0.02 at 0.9, 0.09 at 1.5: measured on this model), far past the bound
     assert metrics["rollout_corr/log_ppl_abs_diff"] < 0.05, metrics
+    # metactl's own check ran on the old-log-prob pass (on by default, mode error) and passed:
+    # vLLM's tokens look drawn at the chosen temperatures
+    assert metrics["metactl/effective_temperature_departed"] == 0.0, metrics
+    assert abs(metrics["metactl/effective_temperature_z"]) < 5.0, metrics
+    assert abs(metrics["metactl/effective_temperature_effect"]) <= 1.0, metrics
 
 
 def test_per_step_tampo_samples_scores_updates_and_resumes(

@@ -42,6 +42,7 @@ from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
 import metactl
+import metactl.effective_temperature
 import metactl.likelihood
 
 
@@ -282,9 +283,53 @@ def test_rules_the_trainer_cannot_feed_are_refused_at_construction(
 
 
 def test_truncated_rollouts_stay_allowed_for_rules_without_likelihoods() -> None:
-    config = _config(rule="PTGS", context_key="index")
+    config = _config(rule="PTGS", context_key="index", temperature_check="off")
     config.actor_rollout_ref.rollout.update(top_p=0.9, top_k=50)
     MetaPPOTrainer(config)
+
+
+@pytest.mark.parametrize(
+    ("group", "edit", "error", "match"),
+    [
+        ({"temperature_check": "strict"}, None, ValueError, r"temperature_check must be one of"),
+        ({"temperature_check": True}, None, ValueError, r"temperature_check must be one of"),
+        (
+            {"temperature_check_kwargs": {"rtol": 0.1}},
+            None,
+            TypeError,
+            r"temperature_check_kwargs do not fit",
+        ),
+        (
+            {"temperature_check_kwargs": {"min_effect": 1.5}},
+            None,
+            ValueError,
+            r"min_effect must lie in \[0, 1\)",
+        ),
+        (
+            {"rule": "PTGS", "context_key": "index"},
+            lambda c: c.actor_rollout_ref.rollout.update(top_p=0.9),
+            ValueError,
+            r"rollout\.top_p=0\.9: metactl\.temperature_check .*\+metactl\.temperature_check=off",
+        ),
+        (
+            {},
+            lambda c: c.algorithm.rollout_correction.update(bypass_mode=True),
+            ValueError,
+            r"bypass_mode=True skips verl's old-log-prob pass",
+        ),
+    ],
+)
+def test_temperature_checks_that_cannot_run_are_refused_at_construction(
+    group: dict[str, Any], edit: Any, error: type[Exception], match: str
+) -> None:
+    config = _config(**group)
+    if edit is not None:
+        edit(config)
+    with pytest.raises(error, match=match):
+        MetaPPOTrainer(config)
+    config.metactl = {k: v for k, v in group.items() if not k.startswith("temperature_check")}
+    config.metactl.temperature_check = "off"
+    MetaPPOTrainer(config)  # without the check the same run is accepted
 
 
 # ---------------------------------------------------------------- feedback through the trainer
@@ -453,9 +498,7 @@ def test_candidate_likelihoods_follow_the_rules_normalization(
     counts = np.array([len(queue.rows[k]["tokens"]) for k in keys])[:, None]
     expected = sums if normalization == "sum" else sums / counts
     np.testing.assert_allclose(feedback.loglik, expected, rtol=1e-5, atol=1e-5)
-    assert feedback.advantages.tolist() == [
-        float(queue.rows[k]["advantages"][0]) for k in keys
-    ]
+    assert feedback.advantages.tolist() == [float(queue.rows[k]["advantages"][0]) for k in keys]
     assert trainer.meta_policy.step == 1
 
 
@@ -579,9 +622,7 @@ def test_checkpoint_file_is_fsynced_before_verl_writes_its_own(
 
 
 @pytest.mark.parametrize("version", [True, 1.0, "1"])
-def test_a_state_whose_format_is_no_int_version_is_refused(
-    tmp_path: Path, version: Any
-) -> None:
+def test_a_state_whose_format_is_no_int_version_is_refused(tmp_path: Path, version: Any) -> None:
     trainer = MetaPPOTrainer(_config(rule="EXP3", candidates=[0.5, 1.0]))
     path = tmp_path / META_STATE_NAME
     path.write_text(json.dumps({"format": version, "policy": trainer.meta_policy.state_dict()}))
@@ -589,3 +630,194 @@ def test_a_state_whose_format_is_no_int_version_is_refused(
     with pytest.raises(ValueError, match="format must be an int version"):
         trainer.load_meta_state(str(path))
     assert trainer.meta_policy is policy
+
+
+# ---------------------------------------------------------------- the sampled-temperature check
+
+
+class _OldLogProbQueue:
+    """Stands in for verl's TransferQueue and actor worker group around verl's own
+    ``_compute_old_log_prob``: trajectories whose tokens were drawn from known logits, and a
+    ``compute_log_prob`` that scores them as verl's engine does (float32 ``logits / T``, verl's
+    ``logprobs_from_logits`` and ``entropy_from_logits``, at the stamped scalar or else at each
+    row's ``temperature`` field), stored over prompt and response like verl's output."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.tags: dict[str, dict[str, Any]] = {}
+        self.fetched: list[list[str]] = []
+
+    def fill(
+        self, pending: Any, sampled: Any, *, samples: int = 2, length: int = 24, seed: int = 0
+    ) -> KVBatchMeta:
+        """``samples`` trajectories per submitted prompt, each token drawn from
+        ``softmax(logits / sampled(T))`` of its prompt's chosen ``T`` (``sampled`` returning
+        0 draws the argmax: greedy); the batch's ``KVBatchMeta``."""
+        generator = torch.Generator().manual_seed(seed)
+        self.rows.clear()
+        for p, (uid, chosen) in enumerate(zip(pending.uids, pending.temperatures, strict=True)):
+            for j in range(samples):
+                scale = 1.0 + 4.0 * torch.rand(length, 1, generator=generator, dtype=torch.float64)
+                logits = torch.randn(length, _VOCAB_CHECK, generator=generator).double() * scale
+                value = float(sampled(float(chosen)))
+                if value == 0.0:
+                    tokens = logits.argmax(dim=1)
+                else:
+                    probs = torch.softmax(logits / value, dim=1)
+                    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                self.rows[f"u{p}_{j}"] = {
+                    "uid": uid,
+                    TEMPERATURE_FIELD: torch.tensor(float(chosen), dtype=torch.float64),
+                    "response_mask": torch.ones(length, dtype=torch.int64),
+                    "logits": logits,
+                    "tokens": tokens,
+                }
+        keys = sorted(self.rows, key=lambda k: (k.split("_")[1], k))  # interleaved, as verl may
+        self.tags = {k: {} for k in keys}
+        return KVBatchMeta(partition_id="train", keys=keys, tags=[{} for _ in keys])
+
+    def compute_log_prob(self, meta: KVBatchMeta) -> KVBatchMeta:
+        from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+        assert meta.extra_info["calculate_entropy"]  # verl's old-log-prob pass asks for it
+        nan = torch.full((_PROMPT_LEN - 1,), float("nan"))
+        for key in meta.keys:
+            row = self.rows[key]
+            value = meta.extra_info.get("temperature", None)
+            if value is None:  # per prompt: the field _write_row_temperatures put
+                value = row["temperature"]
+            z = (row["logits"] / float(value)).float()
+            lp = logprobs_from_logits(z, row["tokens"])
+            for name, values in (("log_probs", lp), ("entropy", entropy_from_logits(z))):
+                row[name] = torch.cat([nan, values, nan[:1]])
+        return meta
+
+    def kv_batch_get(self, keys: list[str], partition_id: str, select_fields: list[str]) -> Any:
+        self.fetched.append(list(select_fields))
+        fields: dict[str, Any] = {}
+        for name in select_fields:
+            values = [self.rows[k][name] for k in keys]
+            if name == "uid":
+                fields[name] = np.array(values, dtype=object)
+            elif values[0].ndim == 0:
+                fields[name] = torch.stack(values)
+            else:
+                fields[name] = _nested(values)
+        return tu.get_tensordict(fields)
+
+    def kv_batch_put(self, keys: list[str], partition_id: str, fields: Any) -> KVBatchMeta:
+        for name in fields.keys():
+            column = fields[name]
+            values = column.unbind() if column.is_nested else list(column)
+            for key, value in zip(keys, values, strict=True):
+                self.rows[key][name] = value
+        return KVBatchMeta(partition_id=partition_id, keys=keys, tags=[self.tags[k] for k in keys])
+
+
+_VOCAB_CHECK = 32
+
+
+@pytest.fixture
+def old_pass(monkeypatch: pytest.MonkeyPatch) -> _OldLogProbQueue:
+    from verl.trainer.ppo.v1 import trainer_base
+
+    fake = _OldLogProbQueue()
+    monkeypatch.setattr(trainer_module, "tq", fake)
+    monkeypatch.setattr(trainer_base, "tq", fake)
+    return fake
+
+
+def _checking_trainer(queue: _OldLogProbQueue, prompts: int, **group: Any) -> Any:
+    """A trainer with the fake worker group, its decision for ``prompts`` prompts in flight."""
+    config = _config(**group)
+    config.actor_rollout_ref.rollout.calculate_log_probs = False  # no rollout log-probs here
+    trainer = MetaPPOTrainer(config)
+    trainer.actor_rollout_wg = queue
+    trainer.wrap_worker_group(queue)
+    trainer.global_steps = 1
+    trainer.begin_submission(_batch(prompts))
+    return trainer
+
+
+_AT_06 = {"rule": "Fixed", "rule_kwargs": {"value": 0.6}, "candidates": [0.6, 1.0]}
+_PER_PROMPT = {
+    "rule": "PTGS",
+    "rule_kwargs": {"t_ref": 0.6, "tau": 1.2},  # per-prompt values in [0.5, 0.72]
+    "context_key": "index",
+    "seed": 0,
+}
+
+
+@pytest.mark.parametrize("group", [_AT_06, _PER_PROMPT], ids=["per-step", "per-prompt"])
+def test_tokens_sampled_at_the_chosen_temperature_pass_verls_old_log_prob_pass(
+    old_pass: _OldLogProbQueue, group: dict[str, Any]
+) -> None:
+    trainer = _checking_trainer(old_pass, 8, **group)
+    chosen = trainer._pending.temperatures
+    assert len(set(chosen.tolist())) == (8 if "context_key" in group else 1)
+    meta = old_pass.fill(trainer._pending, lambda t: t)
+    if "context_key" in group:
+        trainer._write_row_temperatures(meta)  # what _balance_batch does per prompt
+    metrics: dict[str, Any] = {}
+    trainer._compute_old_log_prob(meta, metrics)  # verl's own pass, then the check
+    assert "actor/entropy" in metrics  # verl's pass ran (and computed the entropy)
+    assert abs(metrics["metactl/effective_temperature_z"]) < 3
+    assert abs(metrics["metactl/effective_temperature_effect"]) < 3 / np.sqrt(8 * 2 * 24)
+    assert metrics["metactl/effective_temperature_departed"] == 0.0
+    # the check read what verl's pass wrote back (response-aligned), each row at its own value
+    rows = [old_pass.rows[k] for k in meta.keys]
+    score = metactl.effective_temperature.temperature_score(
+        _nested([r["old_log_probs"] for r in rows]).to_padded_tensor(0.0),
+        _nested([r["entropy"] for r in rows]).to_padded_tensor(0.0),
+        temperature=[float(r[TEMPERATURE_FIELD]) for r in rows],
+    )
+    assert metrics["metactl/effective_temperature_z"] == pytest.approx(score.z, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("group", "sampled", "match"),
+    [
+        (_AT_06, lambda t: 0.0, r"step 1: sampled tokens look drawn colder than .* 0\.6 "),
+        (_AT_06, lambda t: 1.0, r"step 1: sampled tokens look drawn hotter than .* 0\.6 "),
+        (_PER_PROMPT, lambda t: 0.0, "colder"),
+        (_PER_PROMPT, lambda t: 1.0, "hotter"),
+    ],
+    ids=["greedy", "T=1 stamped 0.6", "per-prompt greedy", "per-prompt T=1"],
+)
+def test_tokens_sampled_greedily_or_at_another_temperature_stop_the_step(
+    old_pass: _OldLogProbQueue, group: dict[str, Any], sampled: Any, match: str
+) -> None:
+    trainer = _checking_trainer(old_pass, 8, **group)
+    meta = old_pass.fill(trainer._pending, sampled)
+    if "context_key" in group:
+        trainer._write_row_temperatures(meta)
+    with pytest.raises(ValueError, match=match) as caught:
+        trainer._compute_old_log_prob(meta, {})
+    assert "metactl.temperature_check=error" in str(caught.value)
+
+
+def test_warn_mode_warns_logs_the_departure_and_trains_on(old_pass: _OldLogProbQueue) -> None:
+    trainer = _checking_trainer(old_pass, 8, **_AT_06, temperature_check="warn")
+    metrics: dict[str, Any] = {}
+    with pytest.warns(metactl.effective_temperature.EffectiveTemperatureWarning, match="colder"):
+        trainer._compute_old_log_prob(old_pass.fill(trainer._pending, lambda t: 0.0), metrics)
+    assert metrics["metactl/effective_temperature_departed"] == 1.0
+    assert metrics["metactl/effective_temperature_z"] < -10
+    assert metrics["metactl/effective_temperature_effect"] < -0.5
+
+
+def test_thresholds_from_the_config_group_reach_the_check(old_pass: _OldLogProbQueue) -> None:
+    kwargs = {"z_threshold": 1000.0}  # more than sqrt(tokens): nothing can fail
+    trainer = _checking_trainer(old_pass, 8, **_AT_06, temperature_check_kwargs=kwargs)
+    metrics: dict[str, Any] = {}
+    trainer._compute_old_log_prob(old_pass.fill(trainer._pending, lambda t: 0.0), metrics)
+    assert metrics["metactl/effective_temperature_departed"] == 0.0
+
+
+def test_the_check_off_reads_nothing(old_pass: _OldLogProbQueue) -> None:
+    trainer = _checking_trainer(old_pass, 4, **_AT_06, temperature_check="off")
+    metrics: dict[str, Any] = {}
+    trainer._compute_old_log_prob(old_pass.fill(trainer._pending, lambda t: 0.0), metrics)
+    assert "actor/entropy" in metrics
+    assert not any(k.startswith("metactl/effective_temperature") for k in metrics)
+    assert all("old_log_probs" not in fields for fields in old_pass.fetched)
