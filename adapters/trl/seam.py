@@ -30,7 +30,8 @@ What the adapter relies on, as of trl 1.16 (``guards.TESTED_TRL``):
   ``trl.kernels.chunked_logprob`` are wrapped for one pass, to read the logit tiles.
 * **TRL's attributes and batches**: which passes TRL makes (:func:`makes_old_logprob_pass`,
   :func:`generates_with_model_generate`), the effective sampling settings
-  (:func:`generation_settings`), the paths that cannot carry a temperature per row
+  (:func:`generation_settings`, with what transformers' ``generate`` fills into the knobs TRL
+  leaves unset: :func:`generate_fills`), the paths that cannot carry a temperature per row
   (:func:`check_per_row_paths`), TRL's metrics (:func:`log_metric`, :func:`batch_reward`) and the
   tensors the adapter reads from TRL's generation-batch dict (:class:`GeneratedBatch`) and the
   key under which a tensor travels with TRL's buffered batch (:func:`carry_row_temperatures`).
@@ -76,6 +77,7 @@ __all__ = [
     "check_per_row_paths",
     "find_trainer_heads",
     "fused_kernel_rows_are_compact",
+    "generate_fills",
     "generates_with_model_generate",
     "generation_settings",
     "log_metric",
@@ -632,6 +634,35 @@ def generation_settings(trainer: Any) -> dict[str, Any]:
     settings.update(getattr(trainer, "generation_kwargs", None) or {})
     settings.update(config.generation_kwargs or {})
     return settings
+
+
+def generate_fills(
+    trainer: Any, settings: Mapping[str, Any], knobs: tuple[str, ...]
+) -> dict[str, Any]:
+    """``settings`` with the sampling ``knobs`` TRL leaves unset (``None``) as transformers'
+    ``generate`` fills them (``GenerationMixin._prepare_generation_config``, transformers 5):
+    from the policy model's own ``generation_config``, then from transformers' global defaults
+    (``top_k=50``; ``min_p`` has none and stays off). TRL passes its ``GRPOConfig`` values
+    explicitly (``top_k=0`` by default), so only a knob the user set to ``None`` is filled.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from metactl.adapters.trl.testing import build_char_tokenizer, build_tiny_model
+        >>> model = build_tiny_model(build_char_tokenizer(), hidden_size=32, num_layers=1)
+        >>> generate_fills(SimpleNamespace(model=model), {"top_k": None, "min_p": None},
+        ...                ("top_k", "min_p"))
+        {'top_k': 50, 'min_p': None}
+    """
+    from transformers import GenerationConfig
+
+    own = getattr(policy_target(trainer.model), "generation_config", None)
+    defaults = GenerationConfig._get_default_generation_params()
+    filled = dict(settings)
+    for knob in knobs:
+        if filled.get(knob) is None:
+            value = getattr(own, knob, None) if own is not None else None
+            filled[knob] = defaults.get(knob) if value is None else value
+    return filled
 
 
 # ---------------------------------------------------------------------------- TRL's paths

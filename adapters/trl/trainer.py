@@ -114,6 +114,7 @@ from .seam import (
     carry_row_temperatures,
     check_per_row_paths,
     find_trainer_heads,
+    generate_fills,
     generates_with_model_generate,
     generation_settings,
     log_metric,
@@ -382,6 +383,9 @@ class MetaGRPOTrainer(GRPOSeam):
         if uses_continuous_batching(self):
             check_continuous_batching(settings, owned=knobs, needs_likelihood=needs_likelihood)
         self._heads: list[FusedHead] = find_trainer_heads(self)
+        if generates_with_model_generate(self):  # what generate fills into unset fixed knobs
+            fixed = tuple(k for k in ("top_p", "top_k", "min_p") if k not in knobs)
+            settings = generate_fills(self, settings, fixed)
         settings["temperature"] = self.eval_temperature
         #: the setting evaluation samples at: GRPOConfig's values (for a knob the policy owns
         #: besides the temperature, its off value: the guards require it)

@@ -382,3 +382,27 @@ def _row(estimate: Any) -> Any:
     if estimate is None:
         return np.full(len(fields) + 1, np.nan)
     return np.array([1.0, *(float(getattr(estimate, f)) for f in fields)])
+
+
+@pytest.mark.parametrize(("model_top_k", "expected"), [(None, 50), (7, 7)])
+def test_an_unset_top_k_is_scored_and_checked_as_generate_fills_it(tmp_path, model_top_k,
+                                                                   expected):  # fmt: skip
+    """TRL passes GRPOConfig's top_k to generate (0 by default: off). Set to None, generate
+    fills it from the model's generation config, else with its global default of 50: the
+    candidates are scored and the check reads the batch under that value."""
+    tok = build_char_tokenizer()
+
+    def trainer(**config: Any) -> MetaGRPOTrainer:
+        model = build_tiny_model(tok, hidden_size=32, num_layers=1)
+        model.generation_config.top_k = model_top_k
+        return MetaGRPOTrainer(model=model, processing_class=tok, reward_funcs=digit_count_reward,
+                               args=tiny_grpo_config(tmp_path, **config),
+                               train_dataset=addition_dataset(8),
+                               meta_policy=metactl.tampo(seed=0))  # fmt: skip
+
+    unset = trainer(top_k=None)
+    assert unset.generation_config.top_k is None  # what TRL hands generate
+    filled, _ = unset.model._prepare_generation_config(unset.generation_config)
+    assert filled.top_k == expected == unset.meta_scoring.setting.top_k
+    default = trainer()
+    assert default.generation_config.top_k == 0 and default.meta_scoring.setting.top_k is None
