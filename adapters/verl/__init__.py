@@ -8,9 +8,10 @@ driver and in every Ray worker); :mod:`metactl.adapters.verl.register` registers
 * the agent loop ``metactl_single_turn`` (:class:`.agent_loop.MetaSingleTurnAgentLoop`, a
   subclass of ``SingleTurnAgentLoop`` that samples each prompt at its chosen temperature).
 
-The ``metactl`` config group (candidates, rule, selector, seed, context_key) is parsed by
-:func:`.config.policy_from_config` and checked against what the trainer gives
-(:data:`.config.TRAINER_SUPPORT`, :func:`.config.check_rollout`); its names are
+The ``metactl`` config group (candidates, rule, selector, seed, context_key, temperature_check)
+is parsed by :func:`.config.policy_from_config` and :func:`.config.settings_from_config` and
+checked against what the trainer gives (:data:`.config.TRAINER_SUPPORT`,
+:func:`.config.check_rollout`, :func:`.config.check_temperature_check`); its names are
 re-exported here. This package imports nothing heavy: verl is imported only by
 ``register``, ``trainer``, ``agent_loop`` and ``testing``.
 

@@ -298,7 +298,7 @@ class MetaPPOTrainer(PPOTrainerSync):
         from the old-log-prob pass's ``old_log_probs`` and ``entropy`` (each row scored at its
         prompt's value); log ``metactl/effective_temperature_z``, ``_effect`` and ``_departed``
         (1.0 when the check failed) and act as ``metactl.temperature_check`` says. Returns the
-        score (``None`` when the check is off).
+        score (``None`` when the check is off or the batch has no response token).
 
         Raises:
             ValueError: in ``error`` mode, tokens that look drawn at another temperature (the
@@ -320,6 +320,8 @@ class MetaPPOTrainer(PPOTrainerSync):
             raise RuntimeError("the batch holds trajectories of a prompt this step did not submit")
         temperatures = pending.temperatures[[position[u] for u in uids]]
         data = raw.to_padded_tensor()
+        if not bool(data["response_mask"].bool().any()):  # no response token: nothing to test
+            return None
         score = temperature_score(
             data["old_log_probs"],
             data["entropy"],
