@@ -87,7 +87,15 @@ from typing import Any
 import numpy as np
 
 from ._validation import finite_scalar, one_of
-from .knobs import ORDERS, TEMPERATURE_RANGE, Setting, SettingRows, kept_mask
+from .knobs import (
+    ORDERS,
+    TEMPERATURE_RANGE,
+    Setting,
+    SettingRows,
+    _is_tensor,
+    check_float_logits,
+    kept_mask,
+)
 
 __all__ = [
     "CHECK_MODES",
@@ -213,10 +221,6 @@ class TemperatureScore:
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
-def _is_torch(x: object) -> bool:
-    return hasattr(x, "detach") and hasattr(x, "is_floating_point")
-
-
 def _setting_rows(setting: Any, n_rows: int) -> SettingRows:
     """The intended setting of each leading-axis row of the logits."""
     if isinstance(setting, SettingRows):
@@ -239,22 +243,13 @@ def _setting_rows(setting: Any, n_rows: int) -> SettingRows:
 def _positions(logits: Any, tokens: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(flat_index, row, token)`` of the masked positions (``flat_index`` into the logits
     viewed as ``(N * L, V)``; ``row`` the leading-axis row of each)."""
-    if _is_torch(logits):
-        if not logits.is_floating_point():
-            raise TypeError(f"logits must hold floating-point values, got {logits.dtype}")
-    elif isinstance(logits, np.ndarray):
-        if not np.issubdtype(logits.dtype, np.floating):
-            raise TypeError(f"logits must hold floating-point values, got {logits.dtype}")
-    else:
-        raise TypeError(f"logits must be a numpy.ndarray or torch.Tensor, got "
-                        f"{type(logits).__name__}")  # fmt: skip
-    shape = tuple(logits.shape)
+    shape = check_float_logits(logits)
     if len(shape) not in (2, 3) or shape[-1] < 1:
         raise ValueError(f"logits must have shape (N, L, V) or (M, V), got {shape}")
     lead = shape[:-1]
 
     def host(x: Any, name: str) -> np.ndarray:
-        if _is_torch(x):
+        if _is_tensor(x):
             x = x.detach().cpu().numpy()
         if isinstance(x, (str, bytes)) or x is None:
             raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}")
@@ -298,7 +293,7 @@ class _Backend:
     accelerators, with NumPy kernels on CPU (torch's float64 reductions are slower there)."""
 
     def __init__(self, logits: Any, flat: np.ndarray) -> None:
-        self.source_torch = _is_torch(logits)
+        self.source_torch = _is_tensor(logits)
         vocab = int(logits.shape[-1])
         self.flat_logits = logits.reshape(-1, vocab)
         accel = self.source_torch and logits.device.type != "cpu"
@@ -665,7 +660,7 @@ def _report(message: str, mode: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 def _token_values(x: Any, name: str) -> np.ndarray:
     """``x`` (a NumPy array or torch tensor of floats) as a float64 array."""
-    if _is_torch(x):
+    if _is_tensor(x):
         if not x.is_floating_point():
             raise TypeError(f"{name} must hold floating-point values, got {x.dtype}")
         x = x.detach().cpu().double().numpy()
@@ -691,8 +686,8 @@ def _row_temperatures(temperature: Any, n_rows: int) -> np.ndarray:
                 "the kept set's entropy; use effective_temperature on the logits"
             )
         return rows.temperature
-    if _is_torch(temperature) or isinstance(temperature, (list, tuple, np.ndarray)):
-        if _is_torch(temperature):
+    if _is_tensor(temperature) or isinstance(temperature, (list, tuple, np.ndarray)):
+        if _is_tensor(temperature):
             temperature = temperature.detach().cpu().numpy()
         if np.ndim(temperature) == 0:
             return _setting_rows(float(np.asarray(temperature)), n_rows).temperature
@@ -752,7 +747,7 @@ def temperature_score(
     if mask is None:
         sel = np.ones(lp.shape, dtype=bool)
     else:
-        m = mask.detach().cpu().numpy() if _is_torch(mask) else np.asarray(mask)
+        m = mask.detach().cpu().numpy() if _is_tensor(mask) else np.asarray(mask)
         if m.shape != lp.shape:
             raise ValueError(f"mask must have the shape of log_probs {lp.shape}, got {m.shape}")
         if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.number)):

@@ -683,13 +683,12 @@ def _check_epsilon(epsilon: object, name: str = "epsilon") -> float:
 
 
 def _is_tensor(x: object) -> bool:
+    """Whether ``x`` is a torch tensor (checked without importing torch)."""
     return hasattr(x, "detach") and hasattr(x, "is_floating_point")
 
 
-def _check_inputs(logits: Any, setting: object, tokens: Any = None) -> None:
-    if not isinstance(setting, (Setting, SettingRows)):
-        raise TypeError(f"setting must be a metactl.knobs.Setting or SettingRows, got "
-                        f"{type(setting).__name__}")  # fmt: skip
+def check_float_logits(logits: Any) -> tuple[int, ...]:
+    """``logits`` is a floating numpy array or torch tensor; returns its shape."""
     if _is_tensor(logits):
         if not logits.is_floating_point():
             raise TypeError(f"logits must hold floating-point values, got {logits.dtype}")
@@ -699,7 +698,14 @@ def _check_inputs(logits: Any, setting: object, tokens: Any = None) -> None:
     else:
         raise TypeError(f"logits must be a numpy.ndarray or torch.Tensor, got "
                         f"{type(logits).__name__}")  # fmt: skip
-    shape = tuple(logits.shape)
+    return tuple(logits.shape)
+
+
+def _check_inputs(logits: Any, setting: object, tokens: Any = None) -> None:
+    if not isinstance(setting, (Setting, SettingRows)):
+        raise TypeError(f"setting must be a metactl.knobs.Setting or SettingRows, got "
+                        f"{type(setting).__name__}")  # fmt: skip
+    shape = check_float_logits(logits)
     if len(shape) < 1 or shape[-1] < 1:
         raise ValueError(f"logits must have shape (..., V) with V >= 1, got {shape}")
     if isinstance(setting, SettingRows) and (len(shape) < 2 or shape[0] != len(setting)):
