@@ -15,6 +15,9 @@ from scipy.special import logsumexp
 
 import metactl.effective_temperature as effective_temperature_module
 from metactl.effective_temperature import (
+    BOUNDARY_LOGIT_MARGIN,
+    BOUNDARY_MASS_SLACK,
+    DEFAULT_OUTSIDE,
     DEFAULT_RTOL,
     DEFAULT_SCORE_EFFECT,
     DEFAULT_SCORE_Z,
@@ -27,7 +30,7 @@ from metactl.effective_temperature import (
     effective_temperature,
     temperature_score,
 )
-from metactl.knobs import Setting, SettingRows, truncated_probs
+from metactl.knobs import Setting, SettingRows, kept_mask, truncated_probs
 
 
 def _logits(rng: np.random.Generator, n: int, length: int, vocab: int = 64) -> np.ndarray:
@@ -179,6 +182,53 @@ def test_a_sampler_ignoring_the_truncation_is_caught() -> None:
     assert est.outside > 0.05 * est.tokens
     with pytest.raises(ValueError, match="outside the intended kept set"):
         check_effective_temperature(est)
+
+
+@pytest.mark.parametrize(
+    ("token", "counted"),
+    [
+        (1, False),  # 0.2 below the kept logit: within float rounding of the boundary
+        (2, True),  # 3.0 below it
+    ],
+)
+def test_top_k_boundary_counts_only_tokens_beyond_the_logit_margin(token: int,
+                                                                  counted: bool) -> None:
+    z = np.array([[3.0, 2.8, 0.0]])  # top_k=1 keeps token 0 alone
+    est = effective_temperature(z, np.array([token]), temperature=Setting(1.0, top_k=1))
+    assert BOUNDARY_LOGIT_MARGIN == 0.5
+    assert est.outside == int(counted)
+
+
+@pytest.mark.parametrize(
+    ("token", "counted"),
+    [
+        (1, False),  # 0.6 of mass above it: inside top_p 0.59 widened by the slack (0.61)
+        (2, True),  # 0.9 above it
+    ],
+)
+def test_top_p_boundary_counts_only_tokens_beyond_the_mass_slack(token: int,
+                                                                counted: bool) -> None:
+    z = np.log(np.array([[0.6, 0.3, 0.1]]))  # top_p=0.59 keeps token 0 alone
+    assert np.log(0.3 / 0.6) < -BOUNDARY_LOGIT_MARGIN  # token 1 is beyond the logit margin
+    est = effective_temperature(z, np.array([token]), temperature=Setting(1.0, top_p=0.59))
+    assert BOUNDARY_MASS_SLACK == 0.02
+    assert est.outside == int(counted)
+
+
+@pytest.mark.parametrize("setting", [Setting(0.9, top_p=0.5), Setting(0.9, top_k=10),
+                                     Setting(1.0, min_p=0.1)])  # fmt: skip
+def test_a_sampler_in_lower_precision_passes_the_kept_set_check(setting: Setting) -> None:
+    # tokens drawn from logits off by float rounding (as vLLM's bf16 against a float32
+    # trainer): some fall just outside the exact kept sets, none beyond the tolerances
+    rng = np.random.default_rng(8)
+    z = _logits(rng, 16, 100)
+    noisy = z + rng.normal(0.0, 0.2, size=z.shape)
+    tokens = _draw(rng, noisy, setting)
+    exact = np.take_along_axis(kept_mask(z, setting), tokens[..., None], axis=-1)
+    assert (~exact).sum() > DEFAULT_OUTSIDE * tokens.size  # too many for an exact count
+    est = effective_temperature(z, tokens, temperature=setting)
+    assert est.outside < 0.5 * DEFAULT_OUTSIDE * est.tokens
+    assert check_effective_temperature(est)
 
 
 def test_mask_selects_the_scored_tokens() -> None:
