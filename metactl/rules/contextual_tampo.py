@@ -26,10 +26,14 @@ import numpy as np
 
 from .._validation import finite_scalar, integer, one_of, unit_interval
 from ..selectors import Nucleus, Selector
-from ..sparsemax import softmax, sparsemax
 from . import base
 from .base import DEFAULT_MAX_CONTEXTS, Rule
-from .tampo import _RELATIVE_SPREAD_FLOOR, NORMALIZERS, candidate_advantages
+from .tampo import (
+    _RELATIVE_SPREAD_FLOOR,
+    NORMALIZERS,
+    candidate_advantages,
+    normalized_rows,
+)
 
 __all__ = ["ContextualTAMPO", "minmax_rows"]
 
@@ -141,16 +145,17 @@ class ContextualTAMPO(Rule):
     ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         rows, groups = ctx.rows, batch
         loglik, advantages = feedback["loglik"], feedback["advantages"]
-        normalize = sparsemax if self.normalizer == "sparsemax" else softmax
-        weights = normalize(loglik, axis=1)
+        # the products overwrite the weights (a new array): one large array fewer, same bits
+        weighted = normalized_rows(loglik, self.normalizer)
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            weighted = weights * advantages[:, None]
+            np.multiply(weighted, advantages[:, None], out=weighted)
             signal = np.mean(weighted, axis=0)  # the paper's a_k, as candidate_advantages
             context_signal = _group_means(weighted, groups)
         if not (np.all(np.isfinite(signal)) and np.all(np.isfinite(context_signal))):
             # advantages near the float64 limit: the global signal through TAMPO's overflow-
             # safe path, the context means with the same power-of-two scaling
             signal = candidate_advantages(loglik, advantages, self.normalizer)
+            weights = normalized_rows(loglik, self.normalizer)
             _, exponent = np.frexp(np.max(np.abs(advantages)))
             scaled = weights * np.ldexp(advantages, -exponent)[:, None]
             context_signal = np.ldexp(_group_means(scaled, groups), exponent)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .._validation import one_of, positive_scalar, unit_interval
 from ..selectors import Nucleus, Selector
-from ..sparsemax import softmax, sparsemax
+from ..sparsemax import softmax, sparsemax_rows
 from . import base
 from .base import Rule
 
@@ -66,7 +66,6 @@ def candidate_advantages(
         >>> candidate_advantages(ll, np.array([1.0, -1.0])).round(12).tolist()
         [0.2, -0.2]
     """
-    normalize = sparsemax if normalizer == "sparsemax" else softmax
     tau = positive_scalar(tau, "tau")
     if tau != 1.0:
         with np.errstate(over="ignore"):
@@ -77,11 +76,14 @@ def candidate_advantages(
                 f"{float(np.max(np.abs(loglik)))}): use a larger tau"
             )
         loglik = scaled
-    weights = normalize(loglik, axis=1)
+    # the products overwrite the weights (a new array, in the layout the product would have):
+    # one large array fewer, the same bits
+    weighted = normalized_rows(loglik, normalizer)
     with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        signal = np.mean(weights * advantages[:, None], axis=0)
+        signal = np.mean(np.multiply(weighted, advantages[:, None], out=weighted), axis=0)
     if np.all(np.isfinite(signal)):
         return signal
+    weights = normalized_rows(loglik, normalizer)
     # The batch sum overflowed float64 (advantages near 1e308 / N). Scale the advantages by a
     # power of two first, so that every term is below 1 in magnitude, and scale the mean back:
     # exact up to the rounding of the (negligible) entries that underflow. Only this fallback
@@ -96,6 +98,13 @@ def candidate_advantages(
             f"(largest |advantage| = {float(np.max(np.abs(advantages)))}); rescale advantages"
         )
     return signal
+
+
+def normalized_rows(loglik: np.ndarray, normalizer: str) -> np.ndarray:
+    """``lhat``: each row of ``loglik`` (N, K) normalised across candidates, a new array."""
+    if normalizer == "sparsemax":
+        return sparsemax_rows(loglik)  # no validating copy of an already validated array
+    return softmax(loglik, axis=1)
 
 
 def minmax_probs(ema: np.ndarray) -> np.ndarray:
