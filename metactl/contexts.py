@@ -26,6 +26,8 @@ check of an update's decisions against the policy and step.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -96,6 +98,9 @@ class ContextStore:
             name: np.zeros((0, width) if width else (0,)) for name, width in self._fields.items()
         }
         self._free: list[int] = []
+        # The keys and slots of the last lookup: select(contexts=...) and the update of its
+        # decisions look up the same keys with no write in between (any write clears it).
+        self._looked_up: tuple[tuple[ContextKey, ...], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self._order)
@@ -113,8 +118,17 @@ class ContextStore:
 
     def slots(self, keys: Sequence[ContextKey]) -> np.ndarray:
         """The slot of each key, -1 for keys not stored; changes nothing."""
-        get = self._order.get
-        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        keys = tuple(keys)
+        last = self._looked_up
+        if last is not None and last[0] == keys:
+            return last[1].copy()
+        found = np.fromiter(
+            map(self._order.get, keys, itertools.repeat(-1, len(keys))),
+            dtype=np.int64,
+            count=len(keys),
+        )
+        self._looked_up = (keys, found.copy())
+        return found
 
     def gather(self, slots: np.ndarray, prior: ContextRows) -> ContextRows:
         """Rows for these slots; ``prior`` (rows of the same length) fills slots -1."""
@@ -148,6 +162,7 @@ class ContextStore:
         """Store ``rows`` for the distinct ``keys`` (their current ``slots``), mark them as the
         most recently updated (in the order given), evict beyond capacity. Returns the evicted
         keys, oldest first."""
+        self._looked_up = None
         evicted = self.evictions(keys, slots)
         for key in evicted:
             self._free.append(self._order.pop(key))
@@ -167,6 +182,9 @@ class ContextStore:
             array[slots] = rows[name]
         order = self._order
         move = order.move_to_end
+        if not new.size:  # only stored keys: move each to the end, in order
+            collections.deque(map(move, keys), maxlen=0)
+            return evicted
         for key, slot, fresh_key in zip(keys, slots.tolist(), is_new.tolist(), strict=True):
             if fresh_key:
                 order[key] = slot

@@ -413,17 +413,20 @@ class MetaPolicy:
         if keys is None:
             unique: list[ContextKey] = []
             inverse = np.zeros(1, dtype=np.int64)
+        elif len(set(keys)) == n:  # distinct keys (the usual batch): each its own context
+            unique = list(keys)
+            inverse = np.arange(n, dtype=np.int64)
         else:
             position: dict[ContextKey, int] = {}
             inverse = np.fromiter(
                 (position.setdefault(key, len(position)) for key in keys), dtype=np.int64, count=n
             )
             unique = list(position)
-            if len(unique) > rule.max_contexts:
-                raise ValueError(
-                    f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
-                    f"{rule.max_contexts}"
-                )
+        if len(unique) > rule.max_contexts:
+            raise ValueError(
+                f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
+                f"{rule.max_contexts}"
+            )
         ctx, slots = self._contexts(None if keys is None else tuple(unique), None)
         m = max(len(unique), 1)
         batch = Batch(

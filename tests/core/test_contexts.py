@@ -404,3 +404,18 @@ def test_selectors_of_contextual_rules_are_checked() -> None:
         MetaPolicy([0.8, 1.2], metactl.ContextualTAMPO(), Custom())
     sampled = MetaPolicy([0.8, 1.0, 1.2], metactl.ContextualTAMPO(), Sample(), seed=3)
     assert sampled.select(contexts=[1, 2]).indices.shape == (2,)
+
+
+def test_store_lookups_see_every_write() -> None:
+    # the store keeps its last lookup (select and update look up the same keys): a write or an
+    # eviction in between must not leave a stale slot behind
+    from metactl.contexts import ContextStore
+
+    store = ContextStore({"x": 0}, capacity=2)
+    keys = ("a", "b")
+    assert store.slots(keys).tolist() == [-1, -1]
+    store.write(keys, store.slots(keys), {"x": np.array([1.0, 2.0])})
+    assert sorted(store.slots(keys).tolist()) == [0, 1]
+    store.write(("c",), store.slots(("c",)), {"x": np.array([3.0])})  # evicts "a"
+    assert store.slots(keys)[0] == -1 and store.slots(keys)[1] >= 0
+    assert store.slots(["c", "a"]).tolist()[1] == -1
