@@ -19,6 +19,9 @@ __all__ = ["softmax", "sparsemax"]
 
 # Rows whose largest |entry| reaches this are shifted by their maximum (see sparsemax).
 _SHIFT_FROM = 1024.0
+# Batches with fewer entries (rows x candidates) run as a few whole-array operations; larger
+# ones loop over the candidates inside one buffer (see _sparsemax_rows).
+_BUFFERED_ENTRIES = 16384
 # Up to this many candidates the rows are sorted by a sorting network (compare-exchanges of whole
 # candidate vectors); beyond, by numpy's sort.
 _NETWORK_CANDIDATES = 16
@@ -49,6 +52,8 @@ def _sparsemax_rows(rows: np.ndarray) -> np.ndarray:
     """Sparsemax of each row of a finite float64 (n, K) array (left unchanged), without the
     shift of large rows: a new C-contiguous (n, K) array."""
     n, k = rows.shape
+    if rows.size < _BUFFERED_ENTRIES:
+        return _sparsemax_few_rows(rows)
     # One (K + 1, n) buffer holds the candidates' vectors (K rows and a spare for the sorting
     # network's exchanges), then the cumulative sums, then (reshaped) the result: fresh large
     # arrays cost page faults that dominate the arithmetic for many rows.
@@ -89,6 +94,23 @@ def _sparsemax_rows(rows: np.ndarray) -> np.ndarray:
     np.subtract(rows, tau[:, None], out=out)
     np.maximum(out, 0.0, out=out)
     return out
+
+
+def _sparsemax_few_rows(rows: np.ndarray) -> np.ndarray:
+    """:func:`_sparsemax_rows` for a small batch, with a few whole-array operations (fewer
+    numpy calls; its temporaries are small). The same operations on the same values."""
+    k = rows.shape[1]
+    ordered = np.ascontiguousarray(np.sort(rows, axis=-1).T[::-1])  # (K, n), descending
+    cumsum = np.empty_like(ordered)
+    cumsum[0] = ordered[0]
+    for j in range(1, k):
+        np.add(cumsum[j - 1], ordered[j], out=cumsum[j])
+    scale = np.arange(1, k + 1, dtype=np.float64)[:, None]
+    count = np.sum(1.0 + scale * ordered > cumsum, axis=0)  # >= 1 (k = 1 satisfies it)
+    tau = (cumsum[count - 1, np.arange(count.shape[0])] - 1.0) / count
+    out = np.empty(rows.shape)  # C-contiguous whatever the layout of rows
+    np.subtract(rows, tau[:, None], out=out)
+    return np.maximum(out, 0.0, out=out)
 
 
 def _axis(x: np.ndarray, axis: Any) -> int:
