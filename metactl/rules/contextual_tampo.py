@@ -55,9 +55,25 @@ def minmax_rows(ema: np.ndarray) -> np.ndarray:
     return probs
 
 
+def _decision_means(weighted: np.ndarray, groups: base.Batch) -> np.ndarray:
+    """``groups.per_decision(weighted).mean(axis=1)``, (n, K), bit for bit."""
+    rows = groups.per_decision(weighted)  # (n, G, K)
+    if not (rows.flags.c_contiguous and rows.shape[2] >= 2 and rows.shape[1] >= 2):
+        return rows.mean(axis=1)
+    # With C-contiguous rows and K >= 2 numpy's reduction runs over K innermost and adds the G
+    # rows of a decision to its identity 0.0 one after the other, first to last: the same
+    # additions as vectors (0.0 + x turns a -0.0 into 0.0, as numpy's sum does), without the
+    # per-row loop overhead.
+    total = np.add(0.0, rows[:, 0])
+    for g in range(1, rows.shape[1]):
+        np.add(total, rows[:, g], out=total)
+    total /= rows.shape[1]
+    return total
+
+
 def _group_means(weighted: np.ndarray, groups: base.Batch) -> np.ndarray:
     """Mean over each distinct context's rows of ``weighted`` (N, K): (m, K)."""
-    per_decision = groups.per_decision(weighted).mean(axis=1)  # (n, K)
+    per_decision = _decision_means(weighted, groups)  # (n, K)
     if groups.m == groups.n:
         return groups.pool(per_decision)
     return groups.pool(per_decision) / groups.counts[:, None]  # equal G: mean of the means

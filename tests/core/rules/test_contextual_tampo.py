@@ -92,3 +92,24 @@ def test_minmax_rows_match_minmax_probs(ema: np.ndarray) -> None:
     rows = minmax_rows(ema)
     for i in range(ema.shape[0]):
         assert np.array_equal(rows[i], metactl.minmax_probs(ema[i]))
+
+
+def test_decision_means_are_numpys_mean_bit_for_bit() -> None:
+    # the per-decision means add the G rows as vectors: the same bits as numpy's mean over G
+    from types import SimpleNamespace
+
+    from metactl.rules.contextual_tampo import _decision_means
+
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        n, g, k = int(rng.integers(1, 60)), int(rng.integers(1, 20)), int(rng.integers(1, 30))
+        x = rng.normal(size=(n * g, k)) * 10.0 ** rng.integers(-5, 5, (n * g, 1))
+        if trial % 3 == 0:  # exact zeros of both signs
+            x = np.where(rng.random(x.shape) < 0.7, 0.0, -0.0 * x)
+        if trial % 4 == 0:
+            x = np.asfortranarray(x)
+        groups = SimpleNamespace(per_decision=lambda v, n=n, g=g: v.reshape((n, g, -1)))
+        expected = x.reshape(n, g, k).mean(axis=1)
+        got = _decision_means(x, groups)  # type: ignore[arg-type]
+        assert got.shape == expected.shape
+        assert np.array_equal(got.view(np.int64), expected.view(np.int64)), (n, g, k)
