@@ -19,12 +19,14 @@ __all__ = ["softmax", "sparsemax"]
 
 # Rows whose largest |entry| reaches this are shifted by their maximum (see sparsemax).
 _SHIFT_FROM = 1024.0
-# Batches with fewer entries (rows x candidates) run as a few whole-array operations; larger
-# ones loop over the candidates inside one buffer (see _sparsemax_rows).
+# Batches of at least this many entries (rows x candidates) and at most _NETWORK_CANDIDATES
+# candidates loop over the candidates inside one buffer, sorted by a sorting network
+# (compare-exchanges of whole candidate vectors); the others run as a few whole-array operations.
 _BUFFERED_ENTRIES = 16384
-# Up to this many candidates the rows are sorted by a sorting network (compare-exchanges of whole
-# candidate vectors); beyond, by numpy's sort.
 _NETWORK_CANDIDATES = 16
+# Up to this many candidates the whole-array cumulative sums run as one vector addition per
+# candidate (np.cumsum beyond: the same additions).
+_LOOP_CANDIDATES = 64
 
 
 @functools.cache
@@ -52,25 +54,21 @@ def _sparsemax_rows(rows: np.ndarray) -> np.ndarray:
     """Sparsemax of each row of a finite float64 (n, K) array (left unchanged), without the
     shift of large rows: a new C-contiguous (n, K) array."""
     n, k = rows.shape
-    if rows.size < _BUFFERED_ENTRIES:
-        return _sparsemax_few_rows(rows)
+    if rows.size < _BUFFERED_ENTRIES or k > _NETWORK_CANDIDATES:
+        return _sparsemax_whole_arrays(rows)
     # One (K + 1, n) buffer holds the candidates' vectors (K rows and a spare for the sorting
     # network's exchanges), then the cumulative sums, then (reshaped) the result: fresh large
     # arrays cost page faults that dominate the arithmetic for many rows.
     buf = np.empty((k + 1) * n)
     vectors = buf.reshape(k + 1, n)
-    if k <= _NETWORK_CANDIDATES:
-        np.copyto(vectors[:k], rows.T)
-        # place[i]: the buffer row holding the i-th smallest value of every row
-        place = list(range(k + 1))
-        for i, j in sorting_network(k):
-            spare = place[k]
-            np.minimum(vectors[place[i]], vectors[place[j]], out=vectors[spare])
-            np.maximum(vectors[place[i]], vectors[place[j]], out=vectors[place[j]])
-            place[i], place[k] = spare, place[i]
-    else:
-        np.copyto(vectors[:k], np.sort(rows, axis=-1).T)
-        place = list(range(k + 1))
+    np.copyto(vectors[:k], rows.T)
+    # place[i]: the buffer row holding the i-th smallest value of every row
+    place = list(range(k + 1))
+    for i, j in sorting_network(k):
+        spare = place[k]
+        np.minimum(vectors[place[i]], vectors[place[j]], out=vectors[spare])
+        np.maximum(vectors[place[i]], vectors[place[j]], out=vectors[place[j]])
+        place[i], place[k] = spare, place[i]
     # Descending order: the j-th largest is in buffer row place[k - 1 - j]. Its cumulative sum
     # overwrites it once read, added in the order of the sorted values (as np.cumsum does).
     # k is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j); the support is a prefix.
@@ -96,15 +94,18 @@ def _sparsemax_rows(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sparsemax_few_rows(rows: np.ndarray) -> np.ndarray:
-    """:func:`_sparsemax_rows` for a small batch, with a few whole-array operations (fewer
-    numpy calls; its temporaries are small). The same operations on the same values."""
+def _sparsemax_whole_arrays(rows: np.ndarray) -> np.ndarray:
+    """:func:`_sparsemax_rows` for a small batch or many candidates, with a few whole-array
+    operations (fewer numpy calls). The same operations on the same values."""
     k = rows.shape[1]
     ordered = np.ascontiguousarray(np.sort(rows, axis=-1).T[::-1])  # (K, n), descending
-    cumsum = np.empty_like(ordered)
-    cumsum[0] = ordered[0]
-    for j in range(1, k):
-        np.add(cumsum[j - 1], ordered[j], out=cumsum[j])
+    if k <= _LOOP_CANDIDATES:
+        cumsum = np.empty_like(ordered)
+        cumsum[0] = ordered[0]
+        for j in range(1, k):
+            np.add(cumsum[j - 1], ordered[j], out=cumsum[j])
+    else:
+        cumsum = np.cumsum(ordered, axis=0)
     scale = np.arange(1, k + 1, dtype=np.float64)[:, None]
     count = np.sum(1.0 + scale * ordered > cumsum, axis=0)  # >= 1 (k = 1 satisfies it)
     tau = (cumsum[count - 1, np.arange(count.shape[0])] - 1.0) / count
