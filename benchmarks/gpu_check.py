@@ -161,26 +161,17 @@ def _fused_vs_exact(model: Any, ids: torch.Tensor, attention: torch.Tensor, keep
     """(max |fused - exact|, max |TRL log-probs with the fold - without|) for one batch."""
     from metactl.adapters.trl.fused import FusedLogitsCapture
     from metactl.adapters.trl.scoring import candidate_loglik_exact
+    from metactl.adapters.trl.testing import fused_head_log_probs
 
     completion_mask = attention[:, -keep:].clone()
     labels = ids.masked_fill(attention == 0, -100)
     labels[:, :-keep] = -100
     n = ids.shape[0]
 
-    def trl_pass() -> torch.Tensor:
-        logps = []
-        step = batch_size or n
-        for s in range(0, n, step):
-            with torch.no_grad():
-                out = model(input_ids=ids[s : s + step], attention_mask=attention[s : s + step],
-                            labels=labels[s : s + step], fused_lm_head=True)  # fmt: skip
-            logps.append(out.log_probs[:, -keep:])
-        return torch.cat(logps)
-
-    plain = trl_pass()
+    plain = fused_head_log_probs(model, ids, attention, labels, keep, batch_size)
     capture = FusedLogitsCapture(scoring, entropy_temperature=1.3)
     with capture.recording(ids, attention, keep, batch_size):
-        folded = trl_pass()
+        folded = fused_head_log_probs(model, ids, attention, labels, keep, batch_size)
     untouched = float((folded - plain).abs().max())
     result = capture.result(ids[:, -keep:], completion_mask)
     if result is None:

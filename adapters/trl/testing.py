@@ -44,6 +44,7 @@ __all__ = [
     "build_tiny_model",
     "digit_count_reward",
     "exact_match_reward",
+    "fused_head_log_probs",
     "greedy_accuracy",
     "sft_warmup",
     "tiny_grpo_config",
@@ -454,6 +455,23 @@ def tiny_grpo_config(output_dir: str | os.PathLike[str], **overrides: Any) -> An
     }
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
+
+
+def fused_head_log_probs(model: Any, ids: Any, attention: Any, labels: Any, keep: int,
+                         batch_size: int | None = None) -> Any:  # fmt: skip
+    """The completion log-probs ``(N, keep)`` of a model with TRL's fused LM head
+    (``add_fused_lm_head``), in no-grad passes of ``batch_size`` rows (all at once when None),
+    as TRL's log-prob pass computes them: what a fused candidate capture records alongside."""
+    import torch
+
+    logps = []
+    step = batch_size or ids.shape[0]
+    for s in range(0, ids.shape[0], step):
+        with torch.no_grad():
+            out = model(input_ids=ids[s : s + step], attention_mask=attention[s : s + step],
+                        labels=labels[s : s + step], fused_lm_head=True)  # fmt: skip
+        logps.append(out.log_probs[:, -keep:])
+    return torch.cat(logps)
 
 
 @contextmanager

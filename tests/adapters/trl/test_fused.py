@@ -22,6 +22,7 @@ from metactl.adapters.trl.testing import (
     build_char_tokenizer,
     build_tiny_model,
     digit_count_reward,
+    fused_head_log_probs,
     tiny_grpo_config,
 )
 from trl.trainer.utils import add_fused_lm_head
@@ -55,20 +56,10 @@ def test_fused_fold_equals_exact_and_leaves_trl_numbers_alone(
     labels = ids.masked_fill(attention == 0, -100)
     labels[:, :-keep] = -100
 
-    def trl_pass() -> torch.Tensor:
-        logps = []
-        step = batch_size or n
-        for s in range(0, n, step):
-            with torch.no_grad():
-                out = model(input_ids=ids[s : s + step], attention_mask=attention[s : s + step],
-                            labels=labels[s : s + step], fused_lm_head=True)  # fmt: skip
-            logps.append(out.log_probs[:, -keep:])
-        return torch.cat(logps)
-
-    plain = trl_pass()
+    plain = fused_head_log_probs(model, ids, attention, labels, keep, batch_size)
     capture = FusedLogitsCapture(CANDIDATES, entropy_temperature=1.3)
     with capture.recording(ids, attention, keep, batch_size):
-        fused_pass = trl_pass()
+        fused_pass = fused_head_log_probs(model, ids, attention, labels, keep, batch_size)
     assert torch.equal(fused_pass, plain)  # TRL's numbers are untouched
     assert capture.calls == (3 if batch_size == 2 else 1)  # one kernel call per batch chunk
     result = capture.result(ids[:, -keep:], completion_mask)
