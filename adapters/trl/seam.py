@@ -24,7 +24,10 @@ What the adapter relies on, as of trl 1.16 (``guards.TESTED_TRL``):
   afterwards (accelerate's mixed-precision wrapper on the policy and the reference model),
   creates no new closure, and cannot nest patches.
 * **Generation** (:func:`row_temperature_generation`): ``model.generate`` of the unwrapped policy
-  is wrapped for one call so that a per-row logits processor carries each row's temperature.
+  is wrapped for one call so that a per-row logits processor carries each row's temperature;
+  with vLLM, ``LLM.generate`` of ``trainer.vllm_generation.llm`` (colocate: TRL's one
+  ``SamplingParams`` becomes one per row) or ``VLLMClient.generate`` of
+  ``trainer.vllm_generation.vllm_client`` (server: one request per distinct temperature).
 * **TRL's chunked log-prob kernel** (:func:`tapped_fused_head`): ``ChunkedLogProbFunction`` in
   ``trl.trainer.utils`` and ``_forward_tile`` / ``_forward_kernel`` in
   ``trl.kernels.chunked_logprob`` are wrapped for one pass, to read the logit tiles.
@@ -52,6 +55,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -74,6 +78,7 @@ __all__ = [
     "RowTemperatureProcessor",
     "batch_reward",
     "carry_row_temperatures",
+    "check_per_row_config",
     "check_per_row_paths",
     "find_trainer_heads",
     "fused_kernel_rows_are_compact",
@@ -698,18 +703,53 @@ def generates_with_model_generate(trainer: Any) -> bool:
     )
 
 
+def _tensor_parallel_colocate(args: Any) -> str | None:
+    """The refusal of colocated vLLM with tensor parallelism under a per-prompt policy: the
+    engine of a tensor-parallel group generates the prompts of all its ranks in one call."""
+    size = int(getattr(args, "vllm_tensor_parallel_size", 1) or 1)
+    colocate = getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", None) == "colocate"
+    if not (colocate and size > 1):
+        return None
+    return (
+        f"vllm_tensor_parallel_size={size} (colocated vLLM gathers the prompts of a "
+        "tensor-parallel group into one call; use vllm_tensor_parallel_size=1 or "
+        "vllm_mode='server')"
+    )
+
+
+def _refuse_per_row(path: str) -> ValueError:
+    return ValueError(
+        f"a per-prompt meta_policy needs a temperature per row, which the TRL path {path} cannot "
+        "carry; turn it off or use a global meta_policy"
+    )
+
+
+def check_per_row_config(args: Any) -> None:
+    """Refuse, from the ``GRPOConfig`` alone (before TRL builds its vLLM engine), the settings
+    that cannot carry a temperature per row: colocated vLLM with tensor parallelism.
+
+    Raises:
+        ValueError: naming ``vllm_tensor_parallel_size``.
+    """
+    refused = _tensor_parallel_colocate(args)
+    if refused is not None:
+        raise _refuse_per_row(refused)
+
+
 def check_per_row_paths(trainer: Any) -> None:
     """Refuse every TRL path that cannot carry a temperature per row.
 
+    transformers ``generate`` and vLLM (colocated: one ``SamplingParams`` per row; server: one
+    request per distinct temperature) carry them (:func:`row_temperature_generation`), except
+    colocated vLLM with tensor parallelism (:func:`check_per_row_config`).
+
     Raises:
-        ValueError: naming the path (vLLM, continuous batching, a rollout function, tools,
-            environments, Liger's fused loss).
+        ValueError: naming the path (``vllm_tensor_parallel_size > 1`` in colocate mode,
+            continuous batching, a rollout function, tools, environments, Liger's fused loss).
     """
     args: Any = trainer.args
+    check_per_row_config(args)
     refused = {
-        "use_vllm (vLLM generation; one SamplingParams per request batch is not wired)": uses_vllm(
-            trainer
-        ),
         "use_transformers_continuous_batching (generate_batch)": uses_continuous_batching(trainer),
         "rollout_func (a user rollout samples outside the trainer)": getattr(
             trainer, "rollout_func", None
@@ -727,10 +767,7 @@ def check_per_row_paths(trainer: Any) -> None:
     }
     for path, active in refused.items():
         if active:
-            raise ValueError(
-                f"a per-prompt meta_policy needs a temperature per row, which the TRL path "
-                f"{path} cannot carry; turn it off or use a global meta_policy"
-            )
+            raise _refuse_per_row(path)
 
 
 def log_metric(trainer: Any, mode: Literal["train", "eval"], name: str, value: float) -> None:
@@ -775,39 +812,191 @@ class RowTemperatureProcessor:
 
 
 @contextmanager
-def row_temperature_generation(trainer: Any, temperatures: torch.Tensor) -> Iterator[None]:
-    """Inside this block, TRL's ``model.generate`` calls carry ``temperatures`` (one per row)
-    through a :class:`RowTemperatureProcessor` (the generation temperature must be 1).
+def _replaced(
+    owner: Any, name: str, replacement: Callable[..., Any]
+) -> Iterator[Callable[..., Any]]:
+    """``owner.<name>`` is ``replacement`` inside this block (an instance attribute, removed or
+    put back afterwards); yields the original."""
+    original = getattr(owner, name)
+    had_own = name in owner.__dict__  # e.g. a user's instance-level wrapper
+    setattr(owner, name, replacement)
+    try:
+        yield original
+    finally:
+        if had_own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+def _check_unit_temperature(where: str, value: Any) -> None:
+    """TRL's scalar temperature must be 1 while each row carries its own (the window sets it)."""
+    if value is None or float(value) != 1.0:
+        raise RuntimeError(
+            f"metactl: {where} carried temperature {value!r}, not 1; something wrote a "
+            "temperature over the per-prompt window, so the per-row temperatures cannot be applied"
+        )
+
+
+@contextmanager
+def row_temperature_generation(
+    trainer: Any, temperatures: torch.Tensor, groups: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Inside this block, TRL's generation samples row ``i`` at ``temperatures[i]`` (TRL's own
+    temperature must be 1), on the engine TRL generates with:
+
+    * transformers ``model.generate`` of the unwrapped policy: a
+      :class:`RowTemperatureProcessor` is appended to its logits processors;
+    * vLLM colocated (``trainer.vllm_generation.llm``): ``LLM.generate`` gets one
+      ``SamplingParams`` per prompt (TRL sends one prompt per row), a clone of TRL's with the
+      row's temperature (every other field kept: ``logprobs``, ``seed``, ...);
+    * vLLM's server (``vllm_generation.vllm_client``, main process only): TRL sends each prompt
+      group's prompt once with ``n = num_generations``; ``groups`` (the temperature of every prompt
+      group, all ranks in rank order, as TRL gathers the prompts) splits that request into one
+      per distinct temperature, and the outputs are put back in TRL's order.
+
+    vLLM returns processed log-probs (TRL sets ``logprobs_mode="processed_logprobs"``), so each
+    row's log-probs are at its own temperature too.
 
     Raises:
-        RuntimeError: generation did not go through the processor (TRL generated outside
-            ``model.generate``), so the per-row temperatures were not applied.
+        RuntimeError: generation did not go through the per-row path (TRL generated elsewhere),
+            met another number of rows or prompt groups than prepared, or TRL's own temperature
+            was not 1; in each case the per-prompt temperatures were not applied.
     """
+    calls = [0]
+    with contextlib.ExitStack() as stack:
+        if not uses_vllm(trainer):
+            stack.enter_context(_hf_row_temperatures(trainer, temperatures, calls))
+        elif trainer.vllm_generation.mode == "colocate":
+            stack.enter_context(_colocate_row_temperatures(trainer, temperatures, calls))
+        elif getattr(trainer.vllm_generation, "vllm_client", None) is not None:
+            if groups is None:
+                raise RuntimeError(
+                    "metactl: vLLM server generation needs the temperature of every prompt group"
+                )
+            stack.enter_context(_server_group_temperatures(trainer, groups, calls))
+        else:  # server mode on a process other than the main one: it sends no request
+            calls[0] = -1
+        yield
+    if calls[0] == 0:
+        raise RuntimeError(
+            "metactl: generation did not go through the per-row temperature path (TRL generated "
+            "outside model.generate / vLLM's generate); the per-prompt temperatures were not "
+            "applied"
+        )
+
+
+@contextmanager
+def _hf_row_temperatures(
+    trainer: Any, temperatures: torch.Tensor, calls: list[int]
+) -> Iterator[None]:
+    """transformers ``generate``: a :class:`RowTemperatureProcessor` on every call."""
     from transformers import LogitsProcessorList
 
     target = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     processor = RowTemperatureProcessor(temperatures)
-    original = target.generate
 
     def generate(*a: Any, **kw: Any) -> Any:
         processors = LogitsProcessorList(kw.pop("logits_processor", None) or [])
         processors.append(processor)
         return original(*a, logits_processor=processors, **kw)
 
-    had_own = "generate" in target.__dict__  # e.g. a user's instance-level wrapper
-    target.generate = generate
-    try:
+    with _replaced(target, "generate", generate) as original:
         yield
-    finally:
-        if had_own:
-            target.generate = original
-        else:
-            del target.generate
-    if processor.calls == 0:
-        raise RuntimeError(
-            "metactl: generation did not go through the per-row temperature processor (TRL "
-            "generated outside model.generate); the per-prompt temperatures were not applied"
-        )
+    calls[0] += processor.calls
+
+
+@contextmanager
+def _colocate_row_temperatures(
+    trainer: Any, temperatures: torch.Tensor, calls: list[int]
+) -> Iterator[None]:
+    """Colocated vLLM: one ``SamplingParams`` per prompt, each at its row's temperature."""
+    llm = trainer.vllm_generation.llm
+    values = [float(t) for t in temperatures.detach().cpu().double().tolist()]
+
+    def generate(prompts: Any, sampling_params: Any = None, *a: Any, **kw: Any) -> Any:
+        if sampling_params is None or isinstance(sampling_params, (list, tuple)):
+            raise RuntimeError(
+                "metactl: TRL called vLLM's LLM.generate without its one SamplingParams "
+                f"({type(sampling_params).__name__}); the per-row temperatures cannot be applied"
+            )
+        if len(prompts) != len(values):
+            raise RuntimeError(
+                f"metactl: vLLM was asked for {len(prompts)} prompts but {len(values)} per-row "
+                "temperatures were prepared (a tensor-parallel group gathers the prompts of "
+                "several ranks); the per-prompt temperatures cannot be applied"
+            )
+        _check_unit_temperature("TRL's SamplingParams", sampling_params.temperature)
+        per_row = []
+        for value in values:
+            params = sampling_params.clone()
+            params.temperature = value
+            if params.temperature != value:  # vLLM clamps temperatures below 0.01
+                raise RuntimeError(f"metactl: vLLM would not sample at temperature {value}")
+            per_row.append(params)
+        calls[0] += 1
+        return original(prompts, per_row, *a, **kw)
+
+    with _replaced(llm, "generate", generate) as original:
+        yield
+
+
+#: What ``VLLMClient.generate`` returns per prompt (the rest is per completion, ``n`` per prompt)
+_PER_PROMPT_OUTPUT = ("prompt_ids",)
+_PER_COMPLETION_OUTPUT = ("completion_ids", "logprobs", "logprob_token_ids")
+
+
+@contextmanager
+def _server_group_temperatures(
+    trainer: Any, groups: torch.Tensor, calls: list[int]
+) -> Iterator[None]:
+    """vLLM's server: one client request per distinct temperature, outputs in TRL's order."""
+    client = trainer.vllm_generation.vllm_client
+    values = [float(t) for t in groups.detach().cpu().double().tolist()]
+
+    def generate(prompts: Any, features: Any = None, **kw: Any) -> Any:
+        if len(prompts) != len(values):
+            raise RuntimeError(
+                f"metactl: the vLLM server was asked for {len(prompts)} prompts but "
+                f"{len(values)} prompt groups have a temperature; the per-prompt temperatures "
+                "cannot be applied"
+            )
+        _check_unit_temperature("TRL's vLLM server request", kw.get("temperature"))
+        n = int(kw.get("n", 1))
+        merged: dict[str, list[Any] | None] = {}
+        for value in dict.fromkeys(values):
+            index = [i for i, v in enumerate(values) if v == value]
+            out = original(
+                prompts=[prompts[i] for i in index],
+                features=None if features is None else [features[i] for i in index],
+                **{**kw, "temperature": value},
+            )
+            unknown = set(out) - {*_PER_PROMPT_OUTPUT, *_PER_COMPLETION_OUTPUT}
+            if unknown:
+                raise RuntimeError(
+                    f"metactl: VLLMClient.generate returned {sorted(unknown)}, which the "
+                    "per-prompt split does not know how to put back in order"
+                )
+            for key, part in out.items():
+                per = 1 if key in _PER_PROMPT_OUTPUT else n
+                if key not in merged:
+                    merged[key] = [None] * (len(values) * per)
+                target = merged[key]
+                if part is None or target is None:
+                    merged[key] = None
+                    continue
+                if len(part) != len(index) * per:
+                    raise RuntimeError(
+                        f"metactl: the vLLM server returned {len(part)} {key} for "
+                        f"{len(index)} prompts x {per}"
+                    )
+                for j, i in enumerate(index):
+                    target[i * per : (i + 1) * per] = part[j * per : (j + 1) * per]
+        calls[0] += 1
+        return merged
+
+    with _replaced(client, "generate", generate) as original:
+        yield
 
 
 # ---------------------------------------------------------------------------- the log-prob kernel

@@ -7,7 +7,8 @@ TRL generates, and its choice holds for every pass over that batch (a
 to every place TRL keeps the knob (:mod:`.seam`), so the rollouts and the old, reference and
 current log-probs all use it. A per-prompt policy (``policy.spec.per_context``, with
 ``meta_context_column``) gives every prompt group its own temperature: generation runs at T = 1
-with a per-row logits processor, and TRL's log-prob passes run once per distinct temperature.
+with a per-row logits processor (with vLLM: one ``SamplingParams`` per row colocated, one server
+request per distinct temperature), and TRL's log-prob passes run once per distinct temperature.
 
 A policy over ``top_p``, ``top_k``, ``min_p`` or a joint grid works the same way: the chosen
 setting is written where TRL keeps each knob; the knobs it does not own stay at the user's values
@@ -112,6 +113,7 @@ from .seam import (
     LogProbPass,
     batch_reward,
     carry_row_temperatures,
+    check_per_row_config,
     check_per_row_paths,
     find_trainer_heads,
     generate_fills,
@@ -144,8 +146,8 @@ def trainer_support(per_context: bool) -> TrainerSupport:
     the rewards of every completion, the batch reward, the entropy at the sampled temperature,
     the vocabulary size, ``num_generations`` as the group size), every knob, decisions per
     prompt group, and no context features. With per-prompt decisions (``per_context``) each row
-    has its own temperature, which only a logits processor can carry: the temperature is the only
-    knob, and the entropy (computed at one temperature) is not given.
+    has its own temperature (a logits processor, or vLLM's per-request sampling parameters): the
+    temperature is the only knob, and the entropy (computed at one temperature) is not given.
 
     Example:
         >>> trainer_support(per_context=True).knobs
@@ -336,6 +338,8 @@ class MetaGRPOTrainer(GRPOSeam):
                 "ignored: use a per-prompt policy (metactl.ptgs, metactl.tampo_per_prompt) or drop "
                 "meta_context_column"
             )
+        if spec.per_context:  # before TRL builds its vLLM engine
+            check_per_row_config(kwargs.get("args", args[2] if len(args) > 2 else None))
         if spec.per_context and likelihood == "fused":
             raise ValueError(
                 "likelihood='fused' cannot carry a temperature per prompt group (the candidates "
@@ -546,7 +550,11 @@ class MetaGRPOTrainer(GRPOSeam):
         with contextlib.ExitStack() as stack:
             if window is not None and window.generating:
                 if window.row_temperatures is not None:
-                    stack.enter_context(row_temperature_generation(self, window.row_temperatures))
+                    stack.enter_context(
+                        row_temperature_generation(
+                            self, window.row_temperatures, window.group_temperatures
+                        )
+                    )
                 capture = window.capture
                 if isinstance(capture, HiddenCapture) and capture.mode == "generate":
                     stack.enter_context(capture.recording())

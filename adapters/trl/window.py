@@ -55,6 +55,9 @@ class GenerationWindow:
             has its own temperature.
         row_temperatures: ``(rows,)`` float64, this rank's rows' temperatures (per-prompt
             decisions), else ``None``.
+        group_temperatures: ``(groups,)`` float64, the temperature of every prompt group of
+            the generation batch, all ranks in rank order (per-prompt decisions), else ``None``:
+            vLLM's server gets one request per prompt group from the main process.
         path: where the candidate likelihoods come from (``None``: the rule needs none).
         capture: what records them during TRL's own passes (``None``: an extra forward, or
             nothing to score).
@@ -68,6 +71,7 @@ class GenerationWindow:
     decision: metactl.Decision | metactl.DecisionBatch | None
     setting: dict[str, KnobValue] | None
     row_temperatures: torch.Tensor | None
+    group_temperatures: torch.Tensor | None = None
     path: ScoringPath | None = None
     capture: Capture | None = None
     generating: bool = False
@@ -97,14 +101,20 @@ class GenerationWindow:
             setting = cast(metactl.Decision, decision).setting
             return cls(decision=decision, setting=setting, row_temperatures=None)
         batch = cast(metactl.DecisionBatch, decision)
-        values = np.repeat(np.asarray(batch.values, dtype=np.float64), group_size)
+        groups = np.asarray(batch.values, dtype=np.float64)
+        values = np.repeat(groups, group_size)
         local = values[first_row : first_row + rows]
         if local.shape != (rows,):
             raise ValueError(
                 f"{len(batch)} prompt decisions of {group_size} rows cover {values.size} rows, "
                 f"not rows {first_row} to {first_row + rows - 1}"
             )
-        return cls(decision=decision, setting=None, row_temperatures=torch.tensor(local))
+        return cls(
+            decision=decision,
+            setting=None,
+            row_temperatures=torch.tensor(local),
+            group_temperatures=torch.tensor(groups),
+        )
 
     @classmethod
     def restored(cls, setting: dict[str, KnobValue]) -> GenerationWindow:
@@ -114,8 +124,8 @@ class GenerationWindow:
     @property
     def trl_setting(self) -> dict[str, KnobValue]:
         """The setting TRL's scalar knobs hold during the window: the decision's, or temperature
-        1 when each row has its own (a logits processor and TRL's fused head per distinct value
-        apply each row's temperature)."""
+        1 when each row has its own (a logits processor or vLLM's per-request sampling parameters,
+        and TRL's fused head per distinct value, apply each row's temperature)."""
         return dict(self.setting) if self.setting is not None else {"temperature": 1.0}
 
     @contextmanager

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from metactl.adapters.trl import META_STATE_NAME, MetaGRPOTrainer
-from metactl.adapters.trl.seam import ROW_TEMPERATURE_KEY, check_per_row_paths
+from metactl.adapters.trl.seam import (
+    ROW_TEMPERATURE_KEY,
+    check_per_row_config,
+    check_per_row_paths,
+)
 from metactl.adapters.trl.testing import addition_dataset, tiny_grpo_config
 
 import metactl
@@ -244,8 +249,12 @@ def test_refusals_name_the_path(tmp_path, model_path):
             config={"top_p": 0.9},
         )
     trainer = _build(tmp_path, model_path, meta_policy=ptgs, meta_context_column="prompt_id")
+    # colocated vLLM with tensor parallelism: refused before TRL builds its engine
+    with pytest.raises(ValueError, match=r"the TRL path vllm_tensor_parallel_size=2 \(colocated"):
+        _build(tmp_path, model_path, meta_policy=ptgs, meta_context_column="prompt_id",
+               config={"use_vllm": True, "vllm_mode": "colocate",
+                       "vllm_tensor_parallel_size": 2})  # fmt: skip
     for attr, name in [
-        ("use_vllm", "use_vllm"),
         ("use_transformers_continuous_batching", "use_transformers_continuous_batching"),
         ("tools", "tools"),
         ("liger_grpo_loss", "use_liger_kernel"),
@@ -256,6 +265,13 @@ def test_refusals_name_the_path(tmp_path, model_path):
             check_per_row_paths(trainer)
         setattr(trainer, attr, before)
     check_per_row_paths(trainer)  # back to a supported configuration
+    # vLLM carries a temperature per row (tests/adapters/trl/test_per_prompt_vllm.py), in server
+    # mode whatever the server's tensor parallelism
+    trainer.use_vllm = True
+    check_per_row_paths(trainer)
+    check_per_row_config(SimpleNamespace(use_vllm=True, vllm_mode="server",
+                                         vllm_tensor_parallel_size=2))  # fmt: skip
+    trainer.use_vllm = False
 
 
 def test_a_context_column_needs_a_per_prompt_policy_and_an_existing_column(tmp_path, model_path):
