@@ -112,10 +112,11 @@ def check_new_state(
     *,
     new_rows: dict[str, np.ndarray] | None = None,
     check_rows: Callable[[], None] | None = None,
-) -> None:
+) -> np.ndarray:
     """Check an update's result like a loaded state before it is assigned: a finite signal,
     finite ``rule_state`` (and ``contexts`` rows, when given) entries, the rule's invariants at
-    ``step`` (the step after the update) and ``check_rows`` (the contextual rows' invariants)."""
+    ``step`` (the step after the update) and ``check_rows`` (the contextual rows' invariants).
+    Returns the global probabilities of the new state (``Rule.validate_state``'s)."""
     if signal is not None and not np.all(np.isfinite(signal)):
         raise ValueError(f"{rule.name} update gave a non-finite signal; policy unchanged")
     parts = [("rule_state", new_state)]
@@ -129,10 +130,11 @@ def check_new_state(
                     "(feedback too large in magnitude); the policy is unchanged"
                 )
     try:
-        rule.validate_state(new_state, candidates, step)
+        probs = rule.validate_state(new_state, candidates, step)
         if check_rows is not None:
             check_rows()
     except ValueError as exc:
         raise ValueError(
             f"{rule.name} update would leave an invalid state ({exc}); the policy is unchanged"
         ) from exc
+    return probs

@@ -133,11 +133,14 @@ class ContextStore:
     def gather(self, slots: np.ndarray, prior: ContextRows) -> ContextRows:
         """Rows for these slots; ``prior`` (rows of the same length) fills slots -1."""
         seen = slots >= 0
+        if not np.any(seen):
+            return {name: prior[name].copy() for name in self._arrays}
+        if np.all(seen):  # the usual batch of stored keys: the stored rows alone (new arrays)
+            return {name: array[slots] for name, array in self._arrays.items()}
         out: ContextRows = {}
         for name, array in self._arrays.items():
             rows = prior[name].copy()
-            if np.any(seen):
-                rows[seen] = array[slots[seen]]
+            rows[seen] = array[slots[seen]]
             out[name] = rows
         return out
 

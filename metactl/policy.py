@@ -416,12 +416,10 @@ class MetaPolicy:
         elif len(set(keys)) == n:  # distinct keys (the usual batch): each its own context
             unique = list(keys)
             inverse = np.arange(n, dtype=np.int64)
-        else:
-            position: dict[ContextKey, int] = {}
-            inverse = np.fromiter(
-                (position.setdefault(key, len(position)) for key in keys), dtype=np.int64, count=n
-            )
-            unique = list(position)
+        else:  # the distinct keys in order of first occurrence, and each key's position
+            unique = list(dict.fromkeys(keys))
+            position = dict(zip(unique, range(len(unique)), strict=True))
+            inverse = np.fromiter(map(position.__getitem__, keys), dtype=np.int64, count=n)
         if len(unique) > rule.max_contexts:
             raise ValueError(
                 f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
@@ -442,7 +440,7 @@ class MetaPolicy:
         )
         with float64_guard(rule.name):
             new_state, new_rows, signal = rule.update(self._state, ctx, batch, checked)
-        check_new_state(
+        probs = check_new_state(
             rule,
             new_state,
             signal,
@@ -463,7 +461,8 @@ class MetaPolicy:
         self._step += 1
         return UpdateInfo(
             step=self._step - 1,
-            probs=self.probs,
+            # the new state's global probabilities, as validated (what self.probs gives)
+            probs=probs,
             candidate_advantages=signal,
             contexts=None if keys is None else len(unique),
             evicted=tuple(evicted),

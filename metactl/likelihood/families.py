@@ -45,6 +45,7 @@ candidate with no active truncation is scored under ``p`` itself, exactly.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,49 @@ def _fixed(knob: str, value: object) -> Any:
     return check_knob(knob, value, knob)
 
 
+# Specs of recent successful calls, by spec_key (oldest first); a spec is immutable (read-only
+# arrays), so one object serves every call with the same arguments. Failures are never cached.
+_SPEC_CACHE: OrderedDict[tuple[Any, ...], CandidateSpec] = OrderedDict()
+_SPEC_CACHE_SIZE = 32
+# Scalar argument types whose value (with the type) determines their validation exactly.
+_PLAIN_SCALARS = (float, int, bool, str, type(None))
+
+
+def _scalar_key(value: object) -> tuple[Any, ...] | None:
+    """``(type, value)`` of a plain scalar (a float by its bits: -0.0 is not 0.0), else None."""
+    if type(value) not in _PLAIN_SCALARS:
+        return None
+    return (type(value), value.hex() if isinstance(value, float) else value)
+
+
+def _candidates_key(candidates: object) -> tuple[Any, ...] | None:
+    """An exact, hashable copy of the candidates when they are a 1-D float64 or int64 array or
+    a list / tuple of plain floats or of plain ints (their types and bits), else None (not
+    cached: grids, mappings, tensors, mixed lists)."""
+    if isinstance(candidates, np.ndarray):
+        if candidates.ndim != 1 or candidates.dtype not in (np.float64, np.int64):
+            return None
+        return ("ndarray", candidates.dtype.str, candidates.tobytes())
+    if not isinstance(candidates, (list, tuple)) or not candidates:
+        return None
+    kind = type(candidates[0])
+    if kind not in (float, int) or any(type(c) is not kind for c in candidates):
+        return None
+    values = tuple(candidates) if kind is int else np.array(candidates).tobytes()
+    return (type(candidates), kind, values)
+
+
+def spec_key(candidates: object, family: object, **knobs: object) -> tuple[Any, ...] | None:
+    """The cache key of :func:`build_spec`'s arguments: equal keys mean equal arguments (types
+    and bits), so equal validation and an equal spec; None when they are not all of the plain
+    immutable-valued kinds that :func:`build_spec` caches (``to_numpy`` is keyed as itself)."""
+    key = [_candidates_key(candidates), _scalar_key(family)]
+    key += [_scalar_key(knobs[name]) for name in sorted(knobs) if name != "to_numpy"]
+    if any(part is None for part in key):
+        return None
+    return (*key, knobs.get("to_numpy"))
+
+
 def build_spec(
     candidates: object,
     family: str | None,
@@ -116,7 +160,40 @@ def build_spec(
     order: object,
     to_numpy: Any,
 ) -> CandidateSpec:
-    """Validate the candidates and the fixed knobs; returns every candidate's setting."""
+    """Validate the candidates and the fixed knobs; returns every candidate's setting.
+
+    Arguments of plain kinds (a float64/int64 array or a list of floats or ints as candidates,
+    scalars for the rest) are validated once: the spec of a recent call with the same
+    arguments (equal types and bits, see :func:`spec_key`) is returned as it is."""
+    key = spec_key(candidates, family, temperature=temperature, top_p=top_p, top_k=top_k,
+                   min_p=min_p, order=order, to_numpy=to_numpy)  # fmt: skip
+    if key is None:
+        return _build_spec(candidates, family, temperature=temperature, top_p=top_p,
+                           top_k=top_k, min_p=min_p, order=order, to_numpy=to_numpy)  # fmt: skip
+    spec = _SPEC_CACHE.get(key)
+    if spec is None:
+        spec = _build_spec(candidates, family, temperature=temperature, top_p=top_p,
+                           top_k=top_k, min_p=min_p, order=order, to_numpy=to_numpy)  # fmt: skip
+        _SPEC_CACHE[key] = spec
+        if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
+            _SPEC_CACHE.popitem(last=False)
+    else:
+        _SPEC_CACHE.move_to_end(key)
+    return spec
+
+
+def _build_spec(
+    candidates: object,
+    family: str | None,
+    *,
+    temperature: object,
+    top_p: object,
+    top_k: object,
+    min_p: object,
+    order: object,
+    to_numpy: Any,
+) -> CandidateSpec:
+    """:func:`build_spec` without the cache."""
     order = _check_order(order)
     is_joint = isinstance(candidates, KnobGrid) or (
         isinstance(candidates, (list, tuple))

@@ -233,10 +233,11 @@ class Rule:
         )
         return self.probs(state, ctx)[0]
 
-    def validate_state(self, state: RuleState, candidates: np.ndarray, step: int) -> None:
+    def validate_state(self, state: RuleState, candidates: np.ndarray, step: int) -> np.ndarray:
         """:meth:`check_state`, then check that the global probabilities are computed without
         a floating-point overflow or invalid operation and form a distribution (finite,
-        non-negative, summing to 1). Used on every load and after every update."""
+        non-negative, summing to 1). Used on every load and after every update. Returns those
+        probabilities (what :meth:`global_probs` gives for this state, bit for bit)."""
         self.check_state(state, candidates, step)
         try:
             with np.errstate(over="raise", invalid="raise", divide="raise"):
@@ -251,6 +252,7 @@ class Rule:
             or abs(float(probs.sum()) - 1.0) > 1e-9
         ):
             raise ValueError(f"{STATE_FIELD} gives no probability distribution: {probs.tolist()}")
+        return probs
 
 
 STATE_FIELD = "state_dict['rule_state']"

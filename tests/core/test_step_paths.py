@@ -1,0 +1,69 @@
+"""The shortcuts of one select + update step against the plain computations they replace:
+``UpdateInfo.probs`` is the validated probabilities of the new state (``policy.probs``), the
+store's gather of stored / unseen / mixed keys, the positions of repeated keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import metactl
+from metactl.contexts import ContextStore
+
+
+def _feedback(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    return {
+        "loglik": rng.normal(-1.0, 0.3, size=(rows, 10)),
+        "advantages": rng.normal(size=rows),
+        "rewards": (rng.random(rows) < 0.4).astype(np.float64),
+    }
+
+
+FACTORIES = {
+    "tampo": lambda: metactl.tampo(seed=0),
+    "ptgs": lambda: metactl.ptgs(seed=0, total_steps=50, max_contexts=6),
+    "tampo-per-prompt": lambda: metactl.tampo_per_prompt(seed=0, max_contexts=6),
+    "linear-thompson": lambda: metactl.linear_thompson(seed=0, max_contexts=6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_update_info_probs_are_the_new_states(name: str) -> None:
+    policy = FACTORIES[name]()
+    rng = np.random.default_rng(1)
+    for step in range(6):
+        keys = None if not policy.contextual else [step % 4, 9, step % 4, 100 + step]
+        decision = policy.select() if keys is None else policy.select(contexts=keys)
+        fb = _feedback(rng, 2 * (1 if keys is None else len(keys)))
+        info = policy.update(decision, **{k: fb[k] for k in policy.spec.feedback})
+        assert np.array_equal(info.probs, policy.probs)
+        assert info.probs.dtype == np.float64
+
+
+def test_gather_paths_equal_the_masked_copy() -> None:
+    store = ContextStore({"ema": 3, "updates": 0}, capacity=10)
+    rows = {"ema": np.arange(12.0).reshape(4, 3), "updates": np.arange(1.0, 5.0)}
+    store.write(["a", "b", 7, 8], np.full(4, -1), rows)
+    prior = {"ema": np.full((5, 3), -1.0), "updates": np.zeros(5)}
+    for keys in (["a", "b", 7, 8, "a"], ["x", "y", "z", 1, 2], ["a", "x", 8, "y", "b"]):
+        slots = store.slots(keys)
+        got = store.gather(slots, prior)
+        for field, array in store._arrays.items():
+            expected = prior[field].copy()
+            seen = slots >= 0
+            expected[seen] = array[slots[seen]]
+            assert np.array_equal(got[field], expected)
+            got[field][...] = 99.0  # a new array: neither the store nor the prior changes
+        assert np.all(prior["ema"] == -1.0)
+    assert np.array_equal(store.gather(store.slots(["a"]), prior)["ema"][0], [0.0, 1.0, 2.0])
+
+
+def test_repeated_keys_pool_in_order_of_first_occurrence() -> None:
+    policy = metactl.tampo_per_prompt(seed=0)
+    keys = [5, "b", 5, 3, "b", 5]
+    batch = policy.select(contexts=keys)
+    rng = np.random.default_rng(0)
+    info = policy.update(batch, **{k: v for k, v in _feedback(rng, 12).items()
+                                   if k in policy.spec.feedback})  # fmt: skip
+    assert info.contexts == 3
+    assert policy.state_dict()["contexts"]["keys"] == [5, "b", 3]
