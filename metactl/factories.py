@@ -1,5 +1,6 @@
 """Ready-made meta-policies with published defaults: :func:`tampo`, :func:`ptgs` (and its grid
-:func:`ptgs_candidates`), :func:`tampo_per_prompt` and :func:`linear_thompson`."""
+:func:`ptgs_candidates`), :func:`tampo_per_prompt` and :func:`linear_thompson`; the temperature
+mixtures :func:`mixture` and :func:`spread`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from . import _validation as check
 from .contexts import DEFAULT_MAX_CONTEXTS
 from .knobs import KnobGrid
 from .policy import MetaPolicy
-from .rules import PTGS, TAMPO, ContextualTAMPO, LinearThompson
+from .rules import PTGS, TAMPO, ContextualTAMPO, LinearThompson, Mixture, Spread
 from .selectors import Nucleus
 
 __all__ = [
     "PAPER_TEMPERATURES",
     "linear_thompson",
+    "mixture",
     "ptgs",
     "ptgs_candidates",
+    "spread",
     "tampo",
     "tampo_per_prompt",
 ]
@@ -155,3 +158,40 @@ def linear_thompson(
         max_contexts=max_contexts,
     )
     return MetaPolicy(candidates, rule, seed=seed)
+
+
+def mixture(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES,
+    *,
+    floor: float = 0.1,
+    step_size: float = 1.0,
+    signal: str = "mixed",
+    seed: int = 0,
+) -> MetaPolicy:
+    """A learned temperature mixture (:class:`metactl.Mixture`) over ``candidates`` (default
+    0.6..1.5): each prompt group of a batch at its own temperature, dealt from one learned
+    distribution; decide with ``select(contexts=...)``, one context per prompt group.
+
+    Example:
+        >>> import metactl
+        >>> metactl.mixture(seed=0).select(contexts=list(range(10))).values.size
+        10
+    """
+    return MetaPolicy(
+        candidates, Mixture(floor=floor, step_size=step_size, signal=signal), seed=seed
+    )
+
+
+def spread(
+    candidates: Sequence[float] | np.ndarray = PAPER_TEMPERATURES, *, seed: int = 0
+) -> MetaPolicy:
+    """The uniform temperature mixture (:class:`metactl.Spread`) over ``candidates`` (default
+    0.6..1.5): each step the prompt groups are dealt evenly over the candidates.
+
+    Example:
+        >>> import metactl
+        >>> decisions = metactl.spread(seed=0).select(contexts=list(range(10)))
+        >>> sorted(decisions.values.tolist()) == list(metactl.PAPER_TEMPERATURES)
+        True
+    """
+    return MetaPolicy(candidates, Spread(), seed=seed)

@@ -142,6 +142,9 @@ class MetaPolicy:
         self._store: ContextStore | None = (
             ContextStore(fields, rule.max_contexts) if fields else None
         )
+        # Whether select(contexts=...) decides per context: rules with per-context rows, and
+        # rules that deal one distribution over the groups (Mixture, Spread) without them.
+        self._per_context = bool(fields) or rule.decides_per_context
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MetaPolicy:
         """An independent policy with the same state and a new identity: the original refuses
@@ -244,7 +247,7 @@ class MetaPolicy:
             feedback=rule.requires,
             loglik=rule.loglik_reduction,  # type: ignore[arg-type]
             zero_advantage_rows_free=rule.zero_advantage_rows_ignored,
-            per_context=self._store is not None,
+            per_context=self._per_context,
             feature_dim=rule.feature_dim,
             knobs=self._knobs,
         )
@@ -256,8 +259,8 @@ class MetaPolicy:
 
     @property
     def contextual(self) -> bool:
-        """Whether the rule keeps per-context state (``select(contexts=...)`` works)."""
-        return self._store is not None
+        """Whether the rule decides per context (``select(contexts=...)`` works)."""
+        return self._per_context
 
     @property
     def num_contexts(self) -> int:
@@ -282,7 +285,7 @@ class MetaPolicy:
             if features is not None:
                 raise ValueError("features are given per context: pass contexts=... with them")
             return self._draw(None, None)[0]
-        if self._store is None:
+        if not self._per_context:
             raise TypeError(
                 f"contexts=... needs a contextual rule (metactl.PTGS, metactl.ContextualTAMPO, "
                 f"metactl.LinearThompson); {self._rule.name} keeps one global state"
@@ -311,10 +314,14 @@ class MetaPolicy:
         """The hook argument for these contexts (``keys=None``: the one global context) and
         their store slots (-1: not stored). Reads the store, changes nothing."""
         rule = self._rule
-        if keys is None or self._store is None:
+        if keys is None or not self._per_context:
             rows = rule.global_rows(self._state, self._candidates)
             slots = np.zeros(0, dtype=np.int64)
             n = 1
+        elif self._store is None:  # decides per context, keeps no rows
+            rows = {}
+            slots = np.zeros(0, dtype=np.int64)
+            n = len(keys)
         else:
             n = len(keys)
             slots = self._store.slots(keys)
@@ -354,7 +361,7 @@ class MetaPolicy:
     def context_probs(self, contexts: Any, *, features: Any = None) -> np.ndarray:
         """The distribution of ``Decision.index`` for each context, shape (n, K) (for logging:
         draws nothing, changes nothing). Unseen contexts get the rule's prior."""
-        if self._store is None:
+        if not self._per_context:
             raise TypeError(f"context_probs needs a contextual rule; {self._rule.name} is global")
         keys = context_keys(contexts, "contexts")
         ctx, _ = self._contexts(keys, self._checked_features(features, len(keys)))
@@ -391,8 +398,8 @@ class MetaPolicy:
             raise TypeError(f"feedback must be a metactl.Feedback, got {type(feedback).__name__}")
         elif kwargs:
             raise TypeError("pass the feedback as a Feedback or as keywords, not both")
-        rule, store = self._rule, self._store
-        if store is None and (
+        rule, store, per_context = self._rule, self._store, self._per_context
+        if not per_context and (
             isinstance(decision, (DecisionBatch, list, tuple))
             or (isinstance(decision, Decision) and decision.context is not None)
         ):
@@ -400,14 +407,14 @@ class MetaPolicy:
                 f"a list of decisions needs a contextual rule; {rule.name} takes the one "
                 "Decision of select()"
             )
-        if store is None and not isinstance(decision, Decision):
+        if not per_context and not isinstance(decision, Decision):
             raise TypeError(f"decision must be a metactl.Decision, got {type(decision).__name__}")
         keys, values, indices, features, propensities = decision_arrays(
             decision, self._id, self._step, self._candidates, rule.feature_dim
         )
         checked = self._checked_feedback(feedback)
         n = 1 if keys is None else len(keys)
-        group_size = self._group_size(checked, n, contextual=store is not None)
+        group_size = self._group_size(checked, n, contextual=per_context)
         if self._step + 1 >= MAX_STEP:
             raise ValueError(f"the policy has reached the largest step {MAX_STEP - 1}")
         if keys is None:
@@ -485,8 +492,9 @@ class MetaPolicy:
         rule = self._rule
         row_counts = {name: checked[name].shape[0] for name in ROW_FEEDBACK if name in checked}
         if not row_counts:
-            if contextual:
-                raise ValueError(f"{rule.name} needs per-row feedback {list(rule.requires)}")
+            needed = [name for name in rule.requires if name in ROW_FEEDBACK]
+            if contextual and needed:
+                raise ValueError(f"{rule.name} needs per-row feedback {needed}")
             return 0
         if len(set(row_counts.values())) != 1:
             raise ValueError(
@@ -625,7 +633,7 @@ def check_rule_fits(rule: Rule, hyperparameter: str, candidates: np.ndarray) -> 
     (top_k) cannot take the continuous values between its candidates."""
     use = rule.candidate_use
     if hyperparameter == "joint":
-        if rule.row_fields(candidates):
+        if rule.row_fields(candidates) or rule.decides_per_context:
             raise ValueError(
                 f"{rule.name} is a per-context rule: per-prompt decisions over a joint grid "
                 "(hyperparameter='joint') are not supported; use a global rule (TAMPO, Hedge, "

@@ -8,6 +8,7 @@ from .counterfactual import Counterfactual
 from .entropy_schedule import EntropySchedule
 from .full_information import Hedge, MetaGradient
 from .linear_thompson import LinearThompson
+from .mixture import Mixture, Spread
 from .ptgs import PTGS
 from .tampo import TAMPO, candidate_advantages, minmax_probs
 from .uncertainty import Uncertainty
@@ -30,6 +31,8 @@ RULES: dict[str, type[Rule]] = {
         PTGS,
         ContextualTAMPO,
         LinearThompson,
+        Mixture,
+        Spread,
     )
 }
 
@@ -47,8 +50,10 @@ __all__ = [
     "Hedge",
     "LinearThompson",
     "MetaGradient",
+    "Mixture",
     "Rule",
     "Schedule",
+    "Spread",
     "ThompsonGaussian",
     "Uncertainty",
     "candidate_advantages",

@@ -156,6 +156,10 @@ class Rule:
     # Whether ``select`` uses the policy's selector; rules that draw their own values (PTGS,
     # LinearThompson) refuse any selector other than their default.
     uses_selector: ClassVar[bool] = True
+    # Whether the rule decides per prompt group (``select(contexts=...)``) while keeping no
+    # per-context state (a mixture dealt over the groups); rules with ``row_fields`` decide
+    # per context anyway.
+    decides_per_context: ClassVar[bool] = False
     # Per-prompt rules redeclare these as dataclass fields.
     feature_dim: int = 0
     max_contexts: int = DEFAULT_MAX_CONTEXTS

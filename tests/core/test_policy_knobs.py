@@ -26,8 +26,10 @@ from metactl import (
     LinearThompson,
     MetaGradient,
     MetaPolicy,
+    Mixture,
     Nucleus,
     Schedule,
+    Spread,
     ThompsonGaussian,
     Uncertainty,
 )
@@ -198,6 +200,8 @@ def test_index_rules_run_on_a_joint_grid(rule: Any) -> None:
         (PTGS(), "PTGS is a per-context rule.*joint"),
         (ContextualTAMPO(), "ContextualTAMPO is a per-context rule.*joint"),
         (LinearThompson(), "LinearThompson is a per-context rule.*joint"),
+        (Mixture(), "Mixture is a per-context rule.*joint"),
+        (Spread(), "Spread is a per-context rule.*joint"),
         (Fixed(1.0), "Fixed reads the candidate values.*joint"),
         (Counterfactual(), "Counterfactual reads the candidate values.*joint"),
     ],
@@ -213,7 +217,7 @@ def test_every_rule_is_classified() -> None:
     """Every shipped rule declares how it uses the candidates; the joint tests above cover all."""
     covered = {r.name for r in INDEX_RULES} | {
         "Schedule", "EntropyTarget", "EntropySchedule", "Uncertainty", "PTGS",
-        "ContextualTAMPO", "LinearThompson", "Fixed", "Counterfactual",
+        "ContextualTAMPO", "LinearThompson", "Fixed", "Counterfactual", "Mixture", "Spread",
     }  # fmt: skip
     assert covered == set(RULES)
     assert {RULES[n].candidate_use for n in RULES} == {"indices", "values", "continuous"}

@@ -1,0 +1,164 @@
+"""The temperature mixtures (``metactl.rules.mixture``: Mixture, Spread): systematic dealing,
+the importance-weighted update by hand, both signals, learning the best candidate, state round
+trips and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import metactl
+from metactl import MetaPolicy, Mixture, Spread
+from metactl.rules.mixture import deal, group_signal
+
+CANDIDATES = [0.6, 0.9, 1.2, 1.5]
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 16, 61])
+def test_deal_gives_each_candidate_floor_or_ceil_of_its_share(n: int) -> None:
+    rng = np.random.Generator(np.random.PCG64(n))
+    probs = np.array([0.05, 0.35, 0.4, 0.2])
+    for _ in range(50):
+        counts = np.bincount(deal(probs, n, rng), minlength=4)
+        assert counts.sum() == n
+        assert np.all(counts >= np.floor(n * probs)) and np.all(counts <= np.ceil(n * probs))
+
+
+def test_deal_gives_each_group_its_propensity() -> None:
+    """After the permutation, group i is candidate k with probability p_k (whatever i)."""
+    rng = np.random.Generator(np.random.PCG64(0))
+    probs = np.array([0.1, 0.6, 0.3])
+    draws = np.array([deal(probs, 5, rng) for _ in range(20_000)])  # (draws, groups)
+    for group in range(5):
+        share = np.bincount(draws[:, group], minlength=3) / draws.shape[0]
+        np.testing.assert_allclose(share, probs, atol=0.015)
+
+
+def test_group_signal_by_hand() -> None:
+    rewards = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [1.0, 1.0, 0.0]])
+    assert group_signal(rewards, "mixed").tolist() == [1.0, 0.0, 0.0, 1.0]
+    np.testing.assert_allclose(group_signal(rewards, "pass_rate"), [2 / 3, 0.0, 0.5, 2 / 3])
+
+
+def _rewards_for(values: np.ndarray, mixed_at: float, group: int = 2) -> np.ndarray:
+    """G rows per decision: mixed (1, 0, ...) where the value is ``mixed_at``, else all 1."""
+    rows = np.ones((values.size, group))
+    rows[values == mixed_at, 1] = 0.0
+    return rows.ravel()
+
+
+def test_mixture_update_by_hand() -> None:
+    policy = MetaPolicy([1.0, 2.0], Mixture(floor=0.5, step_size=1.0), seed=0)
+    np.testing.assert_allclose(policy.probs, [0.5, 0.5])
+    decisions = policy.select(contexts=[10, 11, 12, 13])
+    assert sorted(decisions.values.tolist()) == [1.0, 1.0, 2.0, 2.0]  # dealt evenly
+    np.testing.assert_array_equal(decisions.probs, [0.5] * 4)
+    info = policy.update(decisions, rewards=_rewards_for(decisions.values, 2.0))
+    # r_k = sum of the signal of k's groups / (n p_k): r_1.0 = 0, r_2.0 = 2 / (4 * 0.5) = 1
+    np.testing.assert_array_equal(info.candidate_advantages, [0.0, 1.0])
+    hot = np.exp(1.0) / (1.0 + np.exp(1.0))
+    np.testing.assert_allclose(policy.probs, [0.25 + 0.5 * (1 - hot), 0.25 + 0.5 * hot])
+    assert policy.state_dict()["rule_state"]["log_weights"] == [-1.0, 0.0]
+
+
+def test_mixture_pass_rate_signal_by_hand() -> None:
+    policy = MetaPolicy([1.0, 2.0], Mixture(floor=1.0, step_size=0.5, signal="pass_rate"))
+    decisions = policy.select(contexts=["a", "b"])
+    rewards = np.where(decisions.values[:, None] == 1.0, [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0])
+    info = policy.update(decisions, rewards=rewards.ravel())
+    # one group each, p = 0.5: r = pass rate / (2 * 0.5) = 0.25 and 0.75
+    np.testing.assert_allclose(info.candidate_advantages, [0.25, 0.75])
+    np.testing.assert_allclose(policy.probs, [0.5, 0.5])  # floor = 1: always uniform
+
+
+def test_mixture_learns_the_candidate_whose_groups_are_mixed() -> None:
+    rng = np.random.default_rng(0)
+    pass_rate = np.array([0.02, 0.15, 0.5, 0.97])  # 1.2 keeps the most groups mixed
+    policy = MetaPolicy(CANDIDATES, Mixture(), seed=0)
+    for _ in range(60):
+        decisions = policy.select(contexts=list(range(32)))
+        p = pass_rate[decisions.indices][:, None]
+        rewards = (rng.random((32, 8)) < p).astype(float)
+        policy.update(decisions, rewards=rewards.ravel())
+    assert int(np.argmax(policy.probs)) == 2
+    assert policy.probs.min() >= 0.1 / 4  # the floor
+
+
+def test_mixture_refuses_bad_feedback_and_changes_nothing() -> None:
+    policy = MetaPolicy(CANDIDATES, Mixture(signal="pass_rate"), seed=0)
+    decisions = policy.select(contexts=[1, 2])
+    before = policy.state_dict()
+    with pytest.raises(ValueError, match=r"rewards must lie in \[0, 1\]"):
+        policy.update(decisions, rewards=np.array([1.0, 2.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        policy.update(decisions, rewards=np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="needs feedback"):
+        policy.update(decisions, reward=1.0)
+    assert policy.state_dict() == before
+    policy.update(decisions, rewards=np.array([1.0, 0.0, 0.0, 0.0]))  # still accepted
+    assert policy.step == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"floor": 0.0}, "floor"),
+        ({"floor": 1.5}, "floor"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"step_size": float("nan")}, "step_size"),
+        ({"signal": "entropy"}, "signal"),
+    ],
+)
+def test_mixture_config_is_validated(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Mixture(**kwargs)
+
+
+def test_spread_deals_evenly_and_learns_nothing() -> None:
+    policy = metactl.spread(CANDIDATES, seed=3)
+    assert policy.requires == () and policy.spec.per_context
+    for step in range(3):
+        decisions = policy.select(contexts=list(range(10)))
+        counts = np.bincount(decisions.indices, minlength=4)
+        assert sorted(counts.tolist()) == [2, 2, 3, 3]
+        np.testing.assert_array_equal(decisions.probs, [0.25] * 10)
+        info = policy.update(decisions)
+        assert info.step == step
+    np.testing.assert_array_equal(policy.probs, [0.25] * 4)
+
+
+def test_mixtures_decide_per_context_without_storing_contexts() -> None:
+    policy = metactl.mixture(CANDIDATES, seed=0)
+    assert policy.contextual and policy.spec.per_context
+    decisions = policy.select(contexts=["x", "x", "y"])  # a repeated key gets its own draw
+    assert decisions.values.size == 3
+    policy.update(decisions, rewards=np.tile([1.0, 0.0], 3))
+    assert policy.num_contexts == 0 and "contexts" not in policy.state_dict()
+    assert policy.select().value in CANDIDATES  # the global decision: one draw from p
+    with pytest.raises(ValueError, match=r"per-context rule.*joint"):
+        MetaPolicy(metactl.grid(temperature=[0.7, 1.0], top_p=[0.9, 1.0]), Mixture(),
+                   hyperparameter="joint")  # fmt: skip
+    with pytest.raises(ValueError, match="draws its own values"):
+        MetaPolicy(CANDIDATES, Mixture(), metactl.Nucleus(0.7))
+
+
+@pytest.mark.parametrize("rule", [Mixture(), Mixture(signal="pass_rate"), Spread()],
+                         ids=["mixed", "pass_rate", "spread"])  # fmt: skip
+def test_state_round_trip_continues_bit_identically(rule: Mixture | Spread) -> None:
+    rng = np.random.default_rng(0)
+    policy = MetaPolicy(metactl.PAPER_TEMPERATURES, rule, seed=5)
+
+    def step(p: MetaPolicy, rewards: np.ndarray) -> tuple:
+        decisions = p.select(contexts=list(range(12)))
+        info = p.update(decisions, rewards=rewards) if rule.requires else p.update(decisions)
+        return decisions.values.tolist(), info.probs.tolist()
+
+    for _ in range(4):
+        step(policy, (rng.random(48) < 0.5).astype(float))
+    saved = json.loads(json.dumps(policy.state_dict()))
+    restored = MetaPolicy.from_state_dict(saved)
+    for _ in range(5):
+        rewards = (rng.random(48) < 0.5).astype(float)
+        assert step(policy, rewards) == step(restored, rewards)
