@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -136,12 +136,20 @@ class EntropyTarget(Rule):
     ``H`` is the mean token entropy (nats) of the batch sampled at the current ``T`` and ``V``
     the vocabulary size. The temperature is continuous and is kept inside
     ``[min(candidates), max(candidates)]`` (a documented bound of the controller, reported by
-    ``probs`` as the nearest candidate). base.Feedback: ``entropy`` (> 0) and ``vocab_size`` (>= 3,
+    ``probs`` as the nearest candidate). Feedback: ``entropy`` (> 0) and ``vocab_size`` (>= 3,
     so that ``ln ln V > 0``).
 
+    The target is absolute (``target_entropy`` in nats) or, with ``target_entropy=None``,
+    calibrated from the run itself as in E3's reference code: the temperature stays at
+    ``initial`` for the first ``calibration_steps`` batches, and ``H*`` is ``target_ratio``
+    times their mean entropy (E3's code: ratio 1, one batch). A target in nats does not carry
+    over between models or tasks; one relative to the starting entropy does.
+
     Args:
-        target_entropy: ``H*`` in nats (> 0).
+        target_entropy: ``H*`` in nats (> 0), or None to calibrate it.
         initial: the temperature of the first step (inside the candidate range).
+        calibration_steps: batches whose mean entropy sets ``H*`` (>= 1; with None only).
+        target_ratio: ``H* = target_ratio * H0`` (> 0; with None only).
 
     Example:
         >>> import metactl
@@ -150,18 +158,46 @@ class EntropyTarget(Rule):
         >>> _ = policy.update(d, entropy=1.0, vocab_size=1000)   # too little entropy: heat up
         >>> policy.select().value > 1.0
         True
+        >>> calibrated = metactl.MetaPolicy([0.5, 1.0, 1.5], metactl.EntropyTarget())
+        >>> _ = calibrated.update(calibrated.select(), entropy=1.0, vocab_size=1000)  # H* = 1.0
+        >>> _ = calibrated.update(calibrated.select(), entropy=0.8, vocab_size=1000)
+        >>> calibrated.select().value > 1.0                       # entropy fell below H0: heat
+        True
     """
 
-    target_entropy: float
+    target_entropy: float | None = None
     initial: float = 1.0
+    calibration_steps: int = 1
+    target_ratio: float = 1.0
     requires: ClassVar[tuple[str, ...]] = ("entropy", "vocab_size")
     candidate_use: ClassVar[str] = "continuous"
     knobs: ClassVar[tuple[str, ...] | None] = ("temperature",)
 
     def __post_init__(self) -> None:
-        target = positive_scalar(self.target_entropy, "target_entropy")
-        object.__setattr__(self, "target_entropy", target)
+        if self.target_entropy is not None:
+            target = positive_scalar(self.target_entropy, "target_entropy")
+            object.__setattr__(self, "target_entropy", target)
         object.__setattr__(self, "initial", positive_scalar(self.initial, "initial"))
+        steps = integer(self.calibration_steps, "calibration_steps", minimum=1)
+        object.__setattr__(self, "calibration_steps", steps)
+        object.__setattr__(self, "target_ratio", positive_scalar(self.target_ratio, "target_ratio"))
+        if self.target_entropy is not None and (steps != 1 or self.target_ratio != 1.0):
+            raise ValueError(
+                "calibration_steps and target_ratio set a calibrated target: they need "
+                f"target_entropy=None (got target_entropy={self.target_entropy})"
+            )
+
+    def config(self) -> dict[str, Any]:
+        """The settings; with an absolute target only ``target_entropy`` and ``initial`` (the
+        calibration settings are then at their defaults), as state dicts have always held."""
+        if self.target_entropy is None:
+            return super().config()
+        return {"target_entropy": self.target_entropy, "initial": self.initial}
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the target is calibrated from the first batches (``target_entropy=None``)."""
+        return self.target_entropy is None
 
     def default_selector(self) -> Selector:
         return Greedy()
@@ -170,6 +206,8 @@ class EntropyTarget(Rule):
         _within_grid(self.initial, candidates, "initial")
 
     def init_state(self, candidates: np.ndarray) -> base.RuleState:
+        if self.calibrated:  # the entropies seen so far, and H* once they are all in (else 0)
+            return {"value": self.initial, "entropy_sum": 0.0, "target": 0.0}
         return {"value": self.initial}
 
     def check_state(self, state: base.RuleState, candidates: np.ndarray, step: int) -> None:
@@ -181,6 +219,19 @@ class EntropyTarget(Rule):
                 f"{state_field('value')} must be a temperature > 0 inside the candidate range "
                 f"[{low}, {high}], got {value}"
             )
+        if not self.calibrated:
+            return
+        if float(state["entropy_sum"]) < 0:
+            raise ValueError(f"{state_field('entropy_sum')} must be >= 0")
+        target = float(state["target"])
+        if step < self.calibration_steps and (target != 0.0 or value != self.initial):
+            raise ValueError(
+                f"{state_field('target')} must be 0 and {state_field('value')} the initial "
+                f"{self.initial} during the {self.calibration_steps} calibration step(s), at "
+                f"step {step}"
+            )
+        if step >= self.calibration_steps and not target > 0:
+            raise ValueError(f"{state_field('target')} must be > 0 after calibration, got {target}")
 
     def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         return one_hot(ctx.candidates.shape[0], _nearest(ctx.candidates, state["value"]))
@@ -197,12 +248,19 @@ class EntropyTarget(Rule):
             raise ValueError(f"entropy must be > 0 for the E3 rule (ln(H*/H)), got {entropy}")
         if vocab < 3:
             raise ValueError(f"vocab_size must be >= 3 for the E3 rule (ln ln V > 0), got {vocab}")
+        if self.calibrated and ctx.step < self.calibration_steps:
+            total = float(state["entropy_sum"]) + entropy
+            done = ctx.step + 1 == self.calibration_steps
+            target = self.target_ratio * total / self.calibration_steps if done else 0.0
+            calibrating = {"value": float(state["value"]), "entropy_sum": total, "target": target}
+            return calibrating, {}, None
+        target = float(state["target"] if self.target_entropy is None else self.target_entropy)
         t = float(state["value"])
         t_next = t * (
             1.0
             + t
-            * math.log(self.target_entropy / entropy)
+            * math.log(target / entropy)
             / (math.log(vocab) + math.log(math.log(vocab)))
         )
         bounded = min(max(t_next, float(candidates.min())), float(candidates.max()))
-        return {"value": bounded}, {}, None
+        return {**state, "value": bounded}, {}, None

@@ -74,3 +74,50 @@ def test_entropy_target_follows_the_e3_rule() -> None:
         policy.update(policy.select(), entropy=0.0, vocab_size=1000)
     with pytest.raises(ValueError, match="vocab_size"):
         policy.update(policy.select(), entropy=1.0)
+
+
+def _e3_step(t: float, target: float, entropy: float, vocab: int) -> float:
+    return t * (1 + t * math.log(target / entropy) / (math.log(vocab) + math.log(math.log(vocab))))
+
+
+def test_calibrated_entropy_target_follows_e3_reference_code() -> None:
+    """E3's code with ``target_entropy=None``: T stays at its start for ``init_steps`` batches,
+    H* is their mean entropy, then the usual update (here times ``target_ratio``)."""
+    rule = EntropyTarget(None, initial=1.0, calibration_steps=3, target_ratio=0.9)
+    policy = MetaPolicy([0.5, 1.0, 2.0], rule)
+    entropies = [2.0, 1.0, 1.5, 1.2, 1.1]
+    values = []
+    for entropy in entropies:
+        values.append(policy.select().value)
+        policy.update(policy.select(), entropy=entropy, vocab_size=100)
+    target = 0.9 * (2.0 + 1.0 + 1.5) / 3
+    t1 = _e3_step(1.0, target, 1.2, 100)
+    assert values[:4] == [1.0, 1.0, 1.0, 1.0]
+    assert values[4] == pytest.approx(t1, rel=1e-15)
+    assert policy.select().value == pytest.approx(_e3_step(t1, target, 1.1, 100), rel=1e-15)
+    assert policy.state_dict()["rule_state"]["target"] == pytest.approx(target, rel=1e-15)
+
+
+def test_calibrated_entropy_target_state_round_trip_and_checks() -> None:
+    policy = MetaPolicy([0.5, 1.0, 2.0], EntropyTarget(calibration_steps=2))
+    policy.update(policy.select(), entropy=1.0, vocab_size=50)
+    saved = policy.state_dict()
+    restored = MetaPolicy.from_state_dict(saved)
+    for entropy in (0.5, 0.7, 0.9):
+        assert policy.select().value == restored.select().value
+        policy.update(policy.select(), entropy=entropy, vocab_size=50)
+        restored.update(restored.select(), entropy=entropy, vocab_size=50)
+    bad = {**saved, "rule_state": {**saved["rule_state"], "target": 1.0}}
+    with pytest.raises(ValueError, match="calibration"):
+        policy.load_state_dict(bad)  # a target before calibration ended
+
+
+def test_entropy_target_config_validation() -> None:
+    with pytest.raises(ValueError, match="target_entropy=None"):
+        EntropyTarget(0.5, calibration_steps=2)
+    with pytest.raises(ValueError, match="calibration_steps"):
+        EntropyTarget(calibration_steps=0)
+    with pytest.raises(ValueError, match="target_ratio"):
+        EntropyTarget(target_ratio=0.0)
+    # an absolute target keeps its state dict form (older checkpoints load)
+    assert EntropyTarget(0.5).config() == {"target_entropy": 0.5, "initial": 1.0}
