@@ -12,12 +12,14 @@ Names (temperatures on the paper grid 0.6..1.5 unless a knob arm says otherwise)
 * the bandits and other rules at their defaults: ``hedge``, ``metagrad`` (also spelled
   ``metagradient``), ``exp3``, ``ucb1``, ``thompson``, ``counterfactual``, ``uncertainty``.
 * entropy control: ``entropy-H`` (the E3 rule with target H nats), ``entropy`` (E3 toward the
-  run's entropy target, 0.3 nats by default), ``entropy-schedule-H0-H1`` (a target moving
+  run's entropy target, 0.3 nats by default), ``entropy-e3`` (E3 with the target its reference
+  code calibrates: the mean entropy of the first batch), ``entropy-schedule-H0-H1`` (a target moving
   linearly from H0 to H1 nats over the run) and ``entropy-schedule`` (from twice the run's
   entropy target to half of it: 0.6 -> 0.15 by default, annealed high to low around ``entropy``).
 * per-prompt controllers (a temperature per prompt group; untuned defaults): ``ptgs`` (its pivot
   ramped over the run's steps; continuous temperatures in its range [1/1.5, 1.5], named by the
-  nearest of 10 log-spaced candidates there), ``tampo-per-prompt``, ``linear-thompson``.
+  nearest of 10 log-spaced candidates there), ``tampo-per-prompt``, ``linear-thompson``, and
+  the temperature mixtures ``mixture`` (learned) and ``spread`` (uniform).
 * ``recommended``: `metactl.recommended`, the choice of ``benchmarks/PROTOCOL.md`` section 7.
 * arms over other sampler knobs (TAMPO with the paper's defaults): ``top-p`` (over ``top_p`` in
   `TOP_P_GRID` at the trainer's fixed temperature) and ``tampo-joint`` (over the paper's
@@ -80,19 +82,21 @@ JOINT_GRID = metactl.grid(temperature=GRID, top_p=JOINT_TOP_P)
 #: The arms over knobs other than the temperature alone, and the knobs each sets.
 KNOB_ARMS: dict[str, tuple[str, ...]] = {"top-p": ("top_p",),
                                          "tampo-joint": ("temperature", "top_p")}
-PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson")
+PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson", "mixture",
+                                    "spread")  # fmt: skip
 #: ``metactl reproduce``'s default arms.
 PAPER_ARMS: tuple[str, ...] = ("fixed-0.9", "fixed-1.2", "fixed-1.5", "linear-0.9-1.5", "tampo")
 #: Further arms ``metactl reproduce --controllers`` documents.
 OPTIONAL_ARMS: tuple[str, ...] = ("tampo-softmax", "hedge", "metagrad", "exp3", "ucb1",
-                                  "thompson", "entropy-0.3", "cosine-0.9-1.5", "tampo-std",
-                                  "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
+                                  "thompson", "entropy-0.3", "entropy-e3", "cosine-0.9-1.5",
+                                  "tampo-std", "tampo-sharp", "tampo-sum", "counterfactual",
+                                  "uncertainty",
                                   "entropy-schedule", *PER_PROMPT_ARMS, "recommended",
                                   *KNOB_ARMS)  # fmt: skip
 #: The arms of ``metactl gym-study`` (its ``--controllers all``) and of the scoreboard.
 STUDY_ARMS: tuple[str, ...] = ("tampo", "tampo-softmax", "hedge", "metagradient", "exp3",
-                               "entropy", "linear", "tampo-std", "tampo-sharp", "tampo-sum",
-                               "counterfactual", "uncertainty", "entropy-schedule",
+                               "entropy", "entropy-e3", "linear", "tampo-std", "tampo-sharp",
+                               "tampo-sum", "counterfactual", "uncertainty", "entropy-schedule",
                                *PER_PROMPT_ARMS, "recommended", *KNOB_ARMS,
                                *FIXED_GRID)  # fmt: skip
 
@@ -136,6 +140,10 @@ _SIMPLE: dict[str, Callable[[int, int, float], metactl.MetaPolicy]] = {
                                                      seed=seed, total_steps=steps),
     "tampo-per-prompt": lambda steps, seed, target: metactl.tampo_per_prompt(GRID, seed=seed),
     "linear-thompson": lambda steps, seed, target: metactl.linear_thompson(GRID, seed=seed),
+    "mixture": lambda steps, seed, target: metactl.mixture(GRID, seed=seed),
+    "spread": lambda steps, seed, target: metactl.spread(GRID, seed=seed),
+    # E3 with its reference code's default: the target is the entropy of the first batch
+    "entropy-e3": _on_grid(lambda steps, target: metactl.EntropyTarget()),
     "recommended": lambda steps, seed, target: metactl.recommended(seed=seed),
     "top-p": _tampo_over(TOP_P_GRID, hyperparameter="top_p"),
     "tampo-joint": _tampo_over(JOINT_GRID),

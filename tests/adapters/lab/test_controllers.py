@@ -22,7 +22,7 @@ from metactl.adapters.lab.gym_study import StudyConfig, make_controller, run_one
 import metactl
 
 SIGNAL_RULE_NAMES = ("tampo-std", "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
-                     "entropy-schedule")  # fmt: skip
+                     "entropy-schedule", "mixture", "spread", "entropy-e3")  # fmt: skip
 
 # the rule each name stands for (untuned: the rules' own defaults, tau = 0.1 for "sharp")
 EXPECTED_RULES = {
@@ -31,6 +31,9 @@ EXPECTED_RULES = {
     "tampo-sum": metactl.TAMPO(likelihood_normalization="sum"),
     "counterfactual": metactl.Counterfactual(),
     "uncertainty": metactl.Uncertainty(),
+    "mixture": metactl.Mixture(),
+    "spread": metactl.Spread(),
+    "entropy-e3": metactl.EntropyTarget(),
 }
 
 
