@@ -13,6 +13,7 @@ starts anything. The group, as a Hydra override or in a YAML file::
       context_key: null        # per-prompt rules: the dataset field holding a stable prompt id
       temperature_check: error # error | warn | off: the sampled tokens' temperature, every step
       temperature_check_kwargs: {z_threshold: 5.0, min_effect: 0.1}
+      candidate_likelihood: fused  # fused | passes: where the candidates' likelihoods come from
 
 Example:
     >>> policy = policy_from_config({"rule": "Hedge", "candidates": [0.7, 1.0], "seed": 3})
@@ -42,6 +43,7 @@ from metactl.selectors import SELECTORS
 
 __all__ = [
     "AGENT_LOOP_NAME",
+    "CANDIDATE_LIKELIHOOD_MODES",
     "META_HISTORY_LIMIT",
     "META_STATE_NAME",
     "SAMPLED_TEMPERATURE_KEY",
@@ -50,6 +52,7 @@ __all__ = [
     "TRAINER_NAME",
     "TRAINER_SUPPORT",
     "MetaSettings",
+    "check_candidate_likelihood",
     "check_rollout",
     "check_temperature_check",
     "policy_from_config",
@@ -73,10 +76,18 @@ META_STATE_NAME = "metactl_state.json"
 #: dropped first); saved with the meta state and restored on resume.
 META_HISTORY_LIMIT = 1000
 
+#: Where ``MetaPPOTrainer`` gets the candidates' likelihoods (``metactl.candidate_likelihood``):
+#: ``"fused"`` (default) scores them from the logits of verl's old-log-prob pass, in the
+#: workers (:mod:`metactl.adapters.verl.engine_hook`); ``"passes"`` runs one extra no-grad
+#: log-prob pass per candidate temperature.
+CANDIDATE_LIKELIHOOD_MODES = ("fused", "passes")
+#: ``actor_rollout_ref.actor.strategy`` values whose engine the fused scoring hooks into.
+_FUSED_STRATEGIES = ("fsdp", "fsdp2")
+
 #: What ``MetaPPOTrainer`` can give a rule (checked by :func:`metactl.check_trainer`): every
 #: feedback name (``rewards`` per trajectory, ``group_size`` = ``rollout.n``, ``loglik``
-#: summed or length-normalised from one log-prob pass per candidate temperature), the
-#: temperature only, one value per prompt, no context features.
+#: summed or length-normalised, from the old-log-prob pass's logits or one log-prob pass per
+#: candidate temperature), the temperature only, one value per prompt, no context features.
 TRAINER_SUPPORT = TrainerSupport(
     "MetaPPOTrainer",
     feedback=("loglik", "advantages", "reward", "entropy", "vocab_size", "rewards", "group_size"),
@@ -96,6 +107,7 @@ _KEYS = {
     "context_key",
     "temperature_check",
     "temperature_check_kwargs",
+    "candidate_likelihood",
 }
 
 
@@ -112,11 +124,17 @@ class MetaSettings:
         temperature_check_kwargs: thresholds passed to
             :func:`metactl.effective_temperature.check_temperature_score` (``z_threshold``,
             ``min_effect``); empty for its calibrated defaults.
+        candidate_likelihood: where a likelihood rule's candidate log-likelihoods come from
+            (:data:`CANDIDATE_LIKELIHOOD_MODES`): ``"fused"`` (the default) from the logits
+            of verl's old-log-prob pass, ``"passes"`` from one extra log-prob pass per
+            candidate. Both give the same sums up to float32 rounding; the fused path saves
+            ``K`` forward passes a step.
     """
 
     context_key: str | None
     temperature_check: str = "error"
     temperature_check_kwargs: Mapping[str, float] = field(default_factory=dict)
+    candidate_likelihood: str = "fused"
 
 
 def _plain(group: Any) -> dict[str, Any]:
@@ -231,8 +249,17 @@ def settings_from_config(group: Any, policy: metactl.MetaPolicy) -> MetaSettings
     elif key is not None:
         raise ValueError(f"metactl.context_key is only used by per-prompt rules, not {rule}")
     mode, thresholds = _temperature_check(_plain(group))
+    likelihood = _plain(group).get("candidate_likelihood", "fused")
+    if not isinstance(likelihood, str) or likelihood not in CANDIDATE_LIKELIHOOD_MODES:
+        raise ValueError(
+            f"metactl.candidate_likelihood must be one of {list(CANDIDATE_LIKELIHOOD_MODES)}, "
+            f"got {type(likelihood).__name__} {likelihood!r}"
+        )
     return MetaSettings(
-        context_key=key, temperature_check=mode, temperature_check_kwargs=thresholds
+        context_key=key,
+        temperature_check=mode,
+        temperature_check_kwargs=thresholds,
+        candidate_likelihood=likelihood,
     )
 
 
@@ -359,3 +386,59 @@ def check_temperature_check(
             "algorithm.rollout_correction.bypass_mode=True skips verl's old-log-prob pass, whose "
             f"log-probabilities and entropy metactl.temperature_check reads; {off}"
         )
+
+
+def check_candidate_likelihood(
+    settings: MetaSettings, policy: metactl.MetaPolicy, config: Mapping[str, Any]
+) -> None:
+    """Refuse, at construction, ``metactl.candidate_likelihood=fused`` where the old-log-prob
+    pass cannot score the candidates (only for rules that read ``loglik``):
+
+    * ``actor_rollout_ref.model.use_fused_kernels=True``: verl's fused kernels return
+      log-probabilities without ever materialising the logits;
+    * an ``actor_rollout_ref.actor.strategy`` other than ``fsdp`` / ``fsdp2`` (Megatron and the
+      other engines have no hook);
+    * Ulysses sequence parallelism (``actor.ulysses_sequence_parallel_size > 1``): a rank
+      holds a slice of the packed sequence;
+    * ``algorithm.rollout_correction.bypass_mode=True``: verl skips the old-log-prob pass.
+
+    ``metactl.candidate_likelihood=passes`` runs anywhere verl's ``compute_log_prob`` does.
+
+    Raises:
+        ValueError: naming ``metactl.candidate_likelihood`` and the verl key.
+    """
+    if settings.candidate_likelihood != "fused" or not policy.spec.needs_loglik:
+        return
+    passes = "set +metactl.candidate_likelihood=passes (one extra log-prob pass per candidate)"
+    reason = None
+    actor_rollout_ref = config.get("actor_rollout_ref", {}) or {}
+    model = actor_rollout_ref.get("model", {}) or {}
+    actor = actor_rollout_ref.get("actor", {}) or {}
+    strategy = actor.get("strategy", "fsdp")
+    sp = max(
+        int(actor.get("ulysses_sequence_parallel_size", 1) or 1),
+        int((actor.get("fsdp_config", {}) or {}).get("ulysses_sequence_parallel_size", 1) or 1),
+    )
+    correction = (config.get("algorithm", {}) or {}).get("rollout_correction", None) or {}
+    if model.get("use_fused_kernels", False):
+        reason = (
+            "actor_rollout_ref.model.use_fused_kernels=True: verl's fused kernels never "
+            "materialise the logits the candidates are scored from"
+        )
+    elif strategy not in _FUSED_STRATEGIES:
+        reason = (
+            f"actor_rollout_ref.actor.strategy={strategy!r}: the candidates are scored inside "
+            f"the FSDP engine's log-prob pass ({' or '.join(_FUSED_STRATEGIES)} only)"
+        )
+    elif sp > 1:
+        reason = (
+            f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}: with sequence "
+            "parallelism a rank holds only a slice of each packed sequence"
+        )
+    elif correction.get("bypass_mode", False):
+        reason = (
+            "algorithm.rollout_correction.bypass_mode=True: verl skips the old-log-prob pass "
+            "the candidates are scored in"
+        )
+    if reason is not None:
+        raise ValueError(f"metactl.candidate_likelihood=fused cannot run with {reason}; {passes}")

@@ -5,7 +5,8 @@ verl keeps per-token fields, right-padded after ``to_padded_tensor()``: ``advant
 the trajectory's advantage on every response token), ``rm_scores`` (token-level scores, the
 reward on the last token), ``entropy`` (the old-log-prob pass, at the stamped temperature),
 ``log_probs`` (one pass per candidate temperature) and ``response_mask``. These functions
-reduce them over each trajectory's response tokens.
+reduce them over each trajectory's response tokens; the fused candidate likelihoods arrive
+already summed per trajectory (``(N, K)``) and are only checked.
 
 Only response tokens are read: padding is selected away with ``torch.where`` (never multiplied
 by the mask, since ``NaN * 0`` is NaN), and a NaN or infinity at a response token is an error
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "candidate_loglik_rows",
     "candidate_loglik_sums",
     "entropy_totals",
     "token_counts",
@@ -97,3 +99,29 @@ def candidate_loglik_sums(
         for k, lp in enumerate(log_probs)
     ]
     return torch.stack(columns, dim=1).cpu().numpy()
+
+
+def candidate_loglik_rows(sums: torch.Tensor, response_mask: torch.Tensor) -> np.ndarray:
+    """``(N, K)`` summed log-likelihoods as the old-log-prob pass returned them (one row per
+    trajectory, one column per candidate), checked: one row per row of ``response_mask``, at
+    least two candidates, finite in every row that has a response token."""
+    _check_mask(response_mask)
+    if not isinstance(sums, torch.Tensor) or sums.ndim != 2 or sums.shape[1] < 2:
+        raise ValueError(
+            f"the candidate log-likelihood sums must be an (N, K >= 2) tensor, got "
+            f"{getattr(sums, 'shape', type(sums).__name__)}"
+        )
+    if sums.shape[0] != response_mask.shape[0]:
+        raise ValueError(
+            f"{sums.shape[0]} rows of candidate log-likelihood sums for "
+            f"{response_mask.shape[0]} trajectories"
+        )
+    scored = response_mask.bool().any(dim=1)
+    bad = scored.unsqueeze(1) & ~torch.isfinite(sums)
+    if bool(bad.any()):
+        row, column = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"the candidate log-likelihood sums hold NaN or inf (first: row {row}, candidate "
+            f"{column})"
+        )
+    return torch.where(scored.unsqueeze(1), sums.double(), 0.0).cpu().numpy()

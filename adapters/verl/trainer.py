@@ -18,18 +18,27 @@ rollout temperature chosen by a metactl meta-policy, per step or per prompt.
   :func:`metactl.effective_temperature.check_temperature_score` in the mode of
   ``metactl.temperature_check`` (error by default): a rollout engine that sampled greedily or
   at another temperature than the chosen one stops the run at that step.
+* **Candidate likelihoods** (rules that read ``loglik``), per ``metactl.candidate_likelihood``:
+  ``fused`` (default): the old-log-prob pass's batch carries the candidate temperatures in its
+  ``extra_info`` (:data:`.engine_hook.CANDIDATES_KEY`), and the FSDP engine, wrapped by
+  :mod:`.engine_hook` in every worker, scores each trajectory's response tokens under every
+  candidate from the raw logits it already holds and returns the ``(bsz, K)`` sums as the
+  TransferQueue field :data:`.engine_hook.LOGLIK_FIELD`: no extra forward pass. ``passes``:
+  one extra no-grad ``compute_log_prob`` per candidate temperature after the advantages (what
+  runs where the fused path is refused: fused kernels, Megatron, sequence parallelism).
 * **Feedback** right after verl's advantages (``_compute_advantage``): only what
   ``policy.spec.feedback`` names, from the batch: advantages, rewards (``rm_scores`` summed per
-  trajectory), the entropy, ``group_size`` (``rollout.n``), and candidate likelihoods (summed
-  per trajectory, from one extra no-grad ``compute_log_prob`` pass per candidate temperature:
-  verl has no extension point in its old-log-prob pass that exposes the logits), all turned
-  into a :class:`metactl.Feedback` by :func:`metactl.build_feedback` (which reduces the
-  likelihoods to the rule's mean or sum). ``meta_seconds`` measures it.
+  trajectory), the entropy, ``group_size`` (``rollout.n``), and the candidate likelihoods
+  (summed per trajectory), all turned into a :class:`metactl.Feedback` by
+  :func:`metactl.build_feedback` (which reduces the likelihoods to the rule's mean or sum).
+  ``meta_seconds`` measures it (the fused scoring runs inside verl's old-log-prob pass and is
+  timed there).
 * **Checks at construction**, before any worker group or rollout server starts: the policy
   against :data:`.config.TRAINER_SUPPORT` (:func:`metactl.check_trainer`), the rollout config
   against the rule (:func:`.config.check_rollout`: no ``top_p``/``top_k`` truncation for
   likelihood rules, ``rollout.n >= 2`` for rules comparing a prompt's completions) and against
-  the temperature check (:func:`.config.check_temperature_check`).
+  the temperature check (:func:`.config.check_temperature_check`), and the fused likelihoods
+  against the engine (:func:`.config.check_candidate_likelihood`).
 * **Checkpoint**: :data:`META_STATE_NAME` in every ``global_step_<n>/`` folder (the policy's
   state and ``meta_history``, the last :data:`META_HISTORY_LIMIT` steps), written atomically
   and durably before verl's ``latest_checkpointed_iteration.txt``, read and validated on
@@ -74,11 +83,13 @@ from .config import (
     SAMPLED_TEMPERATURE_KEY,
     TEMPERATURE_FIELD,
     TRAINER_NAME,
+    check_candidate_likelihood,
     check_rollout,
     check_temperature_check,
     policy_from_config,
     settings_from_config,
 )
+from .engine_hook import CANDIDATES_KEY, LOGLIK_FIELD
 from .state import meta_state, read_meta_state, write_meta_state
 
 __all__ = ["WRAPPED_METHODS", "MetaPPOTrainer"]
@@ -111,6 +122,20 @@ def _as_list(value: Any) -> list[Any]:
     if hasattr(value, "tolist"):
         return list(value.tolist())
     return list(value)
+
+
+def _check_scored(result: Any) -> None:
+    """Fail where a worker returned no :data:`LOGLIK_FIELD` for a pass that asked for it (the
+    engine hook is installed when the worker imports verl with ``VERL_USE_EXTERNAL_MODULES``)."""
+    fields = getattr(result, "fields", None)
+    if fields is not None and LOGLIK_FIELD not in fields:
+        raise RuntimeError(
+            f"the old-log-prob pass returned no {LOGLIK_FIELD!r} (fields: {sorted(fields)}): the "
+            "actor workers did not load metactl's engine hook. Pass "
+            "VERL_USE_EXTERNAL_MODULES=metactl.adapters.verl.register to the workers (e.g. "
+            "+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=...), or set "
+            "+metactl.candidate_likelihood=passes"
+        )
 
 
 @register_trainer(TRAINER_NAME)
@@ -146,6 +171,7 @@ class MetaPPOTrainer(PPOTrainerSync):
         rollout = config.actor_rollout_ref.rollout
         check_rollout(self.meta_policy, rollout)
         check_temperature_check(self.meta_settings, rollout, config.algorithm)
+        check_candidate_likelihood(self.meta_settings, self.meta_policy, config)
         agent = rollout.get("agent", {}) or {}
         if agent.get("default_agent_loop") != AGENT_LOOP_NAME:
             raise ValueError(
@@ -200,10 +226,15 @@ class MetaPPOTrainer(PPOTrainerSync):
             self._original_methods[(id(group), name)] = method
 
             def wrapped(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+                scoring = False
                 for arg in (*args, *kwargs.values()):
                     if hasattr(arg, "extra_info"):
                         self.stamp_temperature(arg)
-                return _method(*args, **kwargs)
+                        scoring = scoring or CANDIDATES_KEY in arg.extra_info
+                result = _method(*args, **kwargs)
+                if scoring:
+                    _check_scored(result)
+                return result
 
             setattr(group, name, wrapped)
 
@@ -284,8 +315,23 @@ class MetaPPOTrainer(PPOTrainerSync):
         )
 
     # ------------------------------------------------------------------ temperature check
+    @property
+    def fused_likelihoods(self) -> bool:
+        """Whether the candidates are scored inside verl's old-log-prob pass."""
+        return (
+            self.meta_policy.spec.needs_loglik
+            and self.meta_settings.candidate_likelihood == "fused"
+        )
+
     def _compute_old_log_prob(self, batch: Any, metrics: dict[str, Any]) -> Any:
-        batch = super()._compute_old_log_prob(batch, metrics)
+        scored = batch if self.fused_likelihoods else None
+        if scored is not None:  # this pass only: verl sends the same batch to the later passes
+            scored.extra_info[CANDIDATES_KEY] = tuple(self.meta_policy.candidates.tolist())
+        try:
+            batch = super()._compute_old_log_prob(batch, metrics)
+        finally:
+            if scored is not None:
+                scored.extra_info.pop(CANDIDATES_KEY, None)
         t0 = time.perf_counter()
         self.check_sampled_temperatures(batch, metrics)
         self.meta_seconds += time.perf_counter() - t0
@@ -376,6 +422,8 @@ class MetaPPOTrainer(PPOTrainerSync):
             fields.append("rm_scores")
         if "entropy" in needs:
             fields.append("entropy")
+        if self.fused_likelihoods:
+            fields.append(LOGLIK_FIELD)
         raw = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=fields)
         uids = [str(u) for u in _as_list(raw.pop("uid"))]
         extra = _as_list(raw.pop("extra_fields"))
@@ -411,7 +459,10 @@ class MetaPPOTrainer(PPOTrainerSync):
             inputs["vocab_size"] = int(self.tokenizer.vocab_size)
         if "group_size" in needs:
             inputs["group_size"] = int(self.config.actor_rollout_ref.rollout.n)
-        if spec.needs_loglik:
+        if spec.needs_loglik and self.fused_likelihoods:
+            inputs["loglik_sum"] = fb.candidate_loglik_rows(data[LOGLIK_FIELD][pick], mask)
+            inputs["token_counts"] = fb.token_counts(mask)
+        elif spec.needs_loglik:
             log_probs, scored_mask = self._candidate_log_probs(batch, keys)
             scored_mask = scored_mask[pick]
             inputs["loglik_sum"] = fb.candidate_loglik_sums(
@@ -454,7 +505,8 @@ class MetaPPOTrainer(PPOTrainerSync):
         self, batch: Any, keys: list[str]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-token log-probs of the rows ``keys`` under every candidate temperature (one
-        no-grad log-prob pass each), right-padded ``(N, L)``, and their response mask."""
+        no-grad log-prob pass each, ``metactl.candidate_likelihood=passes``), right-padded
+        ``(N, L)``, and their response mask."""
         original = self._original_methods[(id(self.actor_rollout_wg), "compute_log_prob")]
         log_probs = []
         mask = None

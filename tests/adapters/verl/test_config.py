@@ -9,6 +9,7 @@ import pytest
 from metactl.adapters.verl import (
     TRAINER_SUPPORT,
     MetaSettings,
+    check_candidate_likelihood,
     check_rollout,
     check_temperature_check,
     policy_from_config,
@@ -227,3 +228,44 @@ def test_docstring_examples_run() -> None:
     for module in (package, config, state):
         result = doctest.testmod(module, raise_on_error=False)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_candidate_likelihood_defaults_to_fused_and_takes_passes() -> None:
+    policy = policy_from_config(None)
+    assert settings_from_config(None, policy).candidate_likelihood == "fused"
+    group = {"candidate_likelihood": "passes"}
+    assert settings_from_config(group, policy).candidate_likelihood == "passes"
+    for bad in ("fast", True, None, 1):
+        with pytest.raises(ValueError, match=r"metactl\.candidate_likelihood must be one of"):
+            settings_from_config({"candidate_likelihood": bad}, policy)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"actor_rollout_ref": {"model": {"use_fused_kernels": True}}}, "use_fused_kernels"),
+        ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}}}, "strategy='megatron'"),
+        (
+            {
+                "actor_rollout_ref": {
+                    "actor": {"fsdp_config": {"ulysses_sequence_parallel_size": 4}}
+                }
+            },
+            "ulysses_sequence_parallel_size=4",
+        ),
+        ({"algorithm": {"rollout_correction": {"bypass_mode": True}}}, "bypass_mode=True"),
+    ],
+)
+def test_fused_likelihoods_are_refused_where_the_old_pass_cannot_score(
+    config: dict[str, Any], match: str
+) -> None:
+    policy = policy_from_config({"rule": "TAMPO"})
+    fused = settings_from_config(None, policy)
+    with pytest.raises(ValueError, match=f"metactl.candidate_likelihood=fused .*{match}.*passes"):
+        check_candidate_likelihood(fused, policy, config)
+    passes = settings_from_config({"candidate_likelihood": "passes"}, policy)
+    check_candidate_likelihood(passes, policy, config)
+    exp3 = policy_from_config({"rule": "EXP3"})  # reads no likelihoods: nothing to score
+    check_candidate_likelihood(settings_from_config(None, exp3), exp3, config)
+    fsdp2 = {"actor_rollout_ref": {"actor": {"strategy": "fsdp2"}}}
+    check_candidate_likelihood(fused, policy, fsdp2)

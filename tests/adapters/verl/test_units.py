@@ -30,6 +30,7 @@ from metactl.adapters.verl import (
 from metactl.adapters.verl import feedback as fb
 from metactl.adapters.verl import trainer as trainer_module
 from metactl.adapters.verl.agent_loop import MetaSingleTurnAgentLoop, sampling_params_for
+from metactl.adapters.verl.engine_hook import CANDIDATES_KEY, LOGLIK_FIELD
 from metactl.adapters.verl.trainer import MetaPPOTrainer
 from omegaconf import OmegaConf
 from tensordict import TensorDict
@@ -159,7 +160,7 @@ def test_fused_kernels_are_refused_with_a_per_prompt_policy() -> None:
     config.actor_rollout_ref.model.use_fused_kernels = True
     with pytest.raises(ValueError, match="use_fused_kernels=False"):
         MetaPPOTrainer(config)
-    config.metactl = {"rule": "TAMPO"}
+    config.metactl = {"rule": "TAMPO", "candidate_likelihood": "passes"}
     MetaPPOTrainer(config)  # one scalar per step: fused kernels stay usable
 
 
@@ -312,7 +313,7 @@ def test_truncated_rollouts_stay_allowed_for_rules_without_likelihoods() -> None
             r"rollout\.top_p=0\.9: metactl\.temperature_check .*\+metactl\.temperature_check=off",
         ),
         (
-            {},
+            {"candidate_likelihood": "passes"},  # the fused likelihoods need that pass too
             lambda c: c.algorithm.rollout_correction.update(bypass_mode=True),
             ValueError,
             r"bypass_mode=True skips verl's old-log-prob pass",
@@ -437,6 +438,7 @@ def queue(monkeypatch: pytest.MonkeyPatch) -> _TransferQueue:
 
 
 def _trainer(queue: _TransferQueue, n: int, **group: Any) -> MetaPPOTrainer:
+    group.setdefault("candidate_likelihood", "passes")  # the stand-in scores pass by pass
     config = _config(**group)
     config.actor_rollout_ref.rollout.n = n
     trainer = MetaPPOTrainer(config)
@@ -646,6 +648,7 @@ class _OldLogProbQueue:
         self.rows: dict[str, dict[str, Any]] = {}
         self.tags: dict[str, dict[str, Any]] = {}
         self.fetched: list[list[str]] = []
+        self.candidates: list[Any] = []  # CANDIDATES_KEY of every compute_log_prob batch
 
     def fill(
         self, pending: Any, sampled: Any, *, samples: int = 2, length: int = 24, seed: int = 0
@@ -680,6 +683,7 @@ class _OldLogProbQueue:
         from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 
         assert meta.extra_info["calculate_entropy"]  # verl's old-log-prob pass asks for it
+        self.candidates.append(meta.extra_info.get(CANDIDATES_KEY))
         nan = torch.full((_PROMPT_LEN - 1,), float("nan"))
         for key in meta.keys:
             row = self.rows[key]
@@ -821,3 +825,47 @@ def test_the_check_off_reads_nothing(old_pass: _OldLogProbQueue) -> None:
     assert "actor/entropy" in metrics
     assert not any(k.startswith("metactl/effective_temperature") for k in metrics)
     assert all("old_log_probs" not in fields for fields in old_pass.fetched)
+
+
+def test_fused_candidates_ride_on_the_old_log_prob_pass_only(old_pass: _OldLogProbQueue) -> None:
+    trainer = _checking_trainer(old_pass, 4, rule="TAMPO", candidates=[0.6, 1.0])
+    assert trainer.fused_likelihoods  # the default for a likelihood rule
+    meta = old_pass.fill(trainer._pending, lambda t: t)
+    trainer._compute_old_log_prob(meta, {})
+    assert old_pass.candidates == [(0.6, 1.0)]
+    assert CANDIDATES_KEY not in meta.extra_info  # the later passes get the batch without them
+    passes = _checking_trainer(old_pass, 4, rule="TAMPO", candidate_likelihood="passes")
+    assert not passes.fused_likelihoods
+    passes._compute_old_log_prob(old_pass.fill(passes._pending, lambda t: t), {})
+    assert old_pass.candidates[-1] is None
+
+
+def test_a_worker_without_the_engine_hook_is_an_error() -> None:
+    returned = KVBatchMeta(partition_id="train", keys=[], tags=[], fields=["log_probs"])
+    with pytest.raises(RuntimeError, match="VERL_USE_EXTERNAL_MODULES"):
+        trainer_module._check_scored(returned)
+    trainer_module._check_scored(
+        KVBatchMeta(partition_id="train", keys=[], tags=[], fields=["log_probs", LOGLIK_FIELD])
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.actor_rollout_ref.model.update(use_fused_kernels=True), "use_fused_kernels"),
+        (lambda c: c.actor_rollout_ref.actor.update(strategy="megatron"), "strategy='megatron'"),
+        (
+            lambda c: c.actor_rollout_ref.actor.update(ulysses_sequence_parallel_size=2),
+            "ulysses_sequence_parallel_size=2",
+        ),
+    ],
+)
+def test_fused_likelihoods_that_cannot_run_are_refused_at_construction(
+    edit: Any, match: str
+) -> None:
+    config = _config(rule="TAMPO")
+    edit(config)
+    with pytest.raises(ValueError, match=f"metactl.candidate_likelihood=fused .*{match}"):
+        MetaPPOTrainer(config)
+    config.metactl = {"rule": "TAMPO", "candidate_likelihood": "passes"}
+    MetaPPOTrainer(config)  # one log-prob pass per candidate runs there
