@@ -175,3 +175,22 @@ def test_vectorised_selectors_match_the_scalar_ones(
         assert [(int(i), float(p)) for i, p in zip(index, prob, strict=True)] == expected
         assert scalar_rng.bit_generator.state == vector_rng.bit_generator.state
 
+
+
+@pytest.mark.parametrize("rows", [63, 64, 300])
+@pytest.mark.parametrize("top_p", [0.0, 0.5, 0.7, 1.0])
+def test_many_rows_select_as_one_row_at_a_time(rows: int, top_p: float) -> None:
+    """From 64 rows on, the running sums are added one candidate vector at a time: the same
+    bits as one row at a time (whose selection the test above checks), ties and zeros
+    included, with the same draws."""
+    rng = np.random.default_rng(rows)
+    raw = rng.choice([0.0, 0.0, 0.1, 0.2, 0.25, 0.5, 1.0], size=(rows, 10))
+    raw[::3] = rng.random((len(raw[::3]), 10))  # rows without ties too
+    raw[:, 0] += 1e-3
+    probs = raw / raw.sum(axis=1, keepdims=True)
+    batch_rng, row_rng = np.random.default_rng(7), np.random.default_rng(7)
+    index, prob = Nucleus(top_p).select_rows(probs, batch_rng)
+    one = [Nucleus(top_p).select_rows(probs[i : i + 1], row_rng) for i in range(rows)]
+    assert np.array_equal(index, np.concatenate([i for i, _ in one]))
+    assert prob.tobytes() == np.concatenate([p for _, p in one]).tobytes()
+    assert index.dtype == np.int64 and prob.dtype == np.float64
