@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from metactl.adapters.integrity import write_text_atomic
 
+from ..machine import describe_machine, machine_facts
+
 METRICS = {"pass1": "Pass@1 (avg@k at the evaluation temperature)", "greedy": "greedy Pass@1",
            "pass_at_k": "Pass@k"}
 
@@ -602,13 +604,17 @@ def write_report(out: Path, cfg: Any, start_info: dict, results: Sequence[dict],
     }
     for key, fname in figs.items():
         md.append(f"{captions[key]}\n\n![{key}]({fname})\n")
-    md.append("Timings were measured on whatever machine ran this report; on a shared machine "
-              "they are pessimistic.")
+    machine = machine_facts()
+    md.append(f"Machine: {describe_machine(machine)}. Each run is deterministic on one machine; "
+              "another machine (other CPU kernels, torch build or BLAS) changes the last bits of "
+              "the arithmetic, which sends each run down another path, as another seed would: "
+              "compare arms within one report, not digits across machines. Timings are this "
+              "machine's; on a shared machine they are pessimistic.")
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md) + "\n")
     payload = {"config": cfg.to_dict(), "start": start_info, "summary": summary,
                "task_check": check, "tampo_vs_best_fixed": comparisons,
-               "wall_seconds": wall_seconds, "figures": figs}
+               "wall_seconds": wall_seconds, "figures": figs, "machine": machine}
     write_text_atomic(out / "report.json", json.dumps(_finite(payload), indent=2,
                                                       default=_json_default, allow_nan=False))
     return path
