@@ -17,6 +17,9 @@ from .base import Draw, Rule, one_hot, one_value, state_field
 
 __all__ = ["EntropyTarget", "Fixed", "Schedule"]
 
+#: The shapes of :class:`Schedule`.
+_SCHEDULE_KINDS: tuple[str, ...] = ("linear", "cosine", "step")
+
 
 def _nearest(candidates: np.ndarray, value: float) -> int:
     return int(np.argmin(np.abs(candidates - value)))
@@ -88,6 +91,8 @@ class Schedule(_Scheduled):
 
     ``kind="linear"``: ``start + (end - start) * f``; ``kind="cosine"``:
     ``start + (end - start) * (1 - cos(pi f)) / 2``, with ``f = min(step / (total_steps - 1), 1)``.
+    ``kind="step"``: ``start`` for the steps ``0 .. total_steps - 1``, then ``end`` (one switch,
+    no ramp: e.g. a warm-up temperature, then a chosen one).
     The decision's value is the exact scheduled value; its index is the nearest candidate.
     Both ends must lie inside the candidate range. No feedback.
 
@@ -99,6 +104,9 @@ class Schedule(_Scheduled):
         ...     d = policy.select(); values.append(round(d.value, 3)); _ = policy.update(d)
         >>> values
         [0.9, 1.2, 1.5, 1.5]
+        >>> switch = metactl.Schedule("step", 1.5, 1.2, total_steps=2)
+        >>> [switch.at(step) for step in range(4)]
+        [1.5, 1.5, 1.2, 1.2]
     """
 
     kind: str
@@ -108,7 +116,7 @@ class Schedule(_Scheduled):
     candidate_use: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
-        one_of(self.kind, "kind", ("linear", "cosine"))
+        one_of(self.kind, "kind", _SCHEDULE_KINDS)
         object.__setattr__(self, "start", finite_scalar(self.start, "start"))
         object.__setattr__(self, "end", finite_scalar(self.end, "end"))
         object.__setattr__(self, "total_steps", integer(self.total_steps, "total_steps", minimum=1))
@@ -119,6 +127,8 @@ class Schedule(_Scheduled):
 
     def at(self, step: int) -> float:
         """The scheduled value at ``step``."""
+        if self.kind == "step":
+            return self.start if step < self.total_steps else self.end
         fraction = min(step / max(self.total_steps - 1, 1), 1.0)
         if self.kind == "cosine":
             fraction = (1.0 - math.cos(math.pi * fraction)) / 2.0

@@ -32,14 +32,14 @@ Schapire, 1997) with EXP3's importance weighting and floor (Auer et al., 2002).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .._validation import one_of, positive_scalar, unit_interval
+from .._validation import finite_scalar, integer, one_of, positive_scalar, unit_interval
 from ..sparsemax import softmax
 from . import base
-from .base import Draw, Rule, check_max_is_zero
+from .base import Draw, Rule, check_max_is_zero, nearest_index, one_hot
 
 __all__ = ["SIGNALS", "Mixture", "Spread", "deal", "group_signal"]
 
@@ -99,21 +99,70 @@ class Spread(_Dealt):
     (systematic sampling from the uniform distribution, see :func:`deal`). Learns nothing and
     needs no feedback; a baseline for the learned :class:`Mixture`.
 
+    With ``then`` and ``after`` (both or neither), the mixture plays only for the steps
+    ``0 .. after - 1``; from step ``after`` on every group gets the candidate ``then`` (one of
+    the candidates), with propensity 1 and no random draw: a uniform exploration phase
+    followed by a chosen fixed value (e.g. the best fixed value of a comparison, as an oracle
+    bound). Without them the rule's configuration and state are those of the plain mixture.
+
     Example:
         >>> import metactl
         >>> policy = metactl.MetaPolicy([0.8, 1.0, 1.2], metactl.Spread(), seed=0)
         >>> sorted(policy.select(contexts=[0, 1, 2, 3, 4, 5]).values.tolist())
         [0.8, 0.8, 1.0, 1.0, 1.2, 1.2]
+        >>> then = metactl.MetaPolicy([0.8, 1.0, 1.2], metactl.Spread(then=1.2, after=1), seed=0)
+        >>> _ = then.update(then.select(contexts=[0, 1, 2]))          # step 0: the mixture
+        >>> then.select(contexts=[0, 1, 2]).values.tolist()           # step 1 on: 1.2 only
+        [1.2, 1.2, 1.2]
     """
 
+    then: float | None = None
+    after: int | None = None
     requires: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if (self.then is None) != (self.after is None):
+            raise ValueError(
+                f"then and after must be given together (the value and the step it starts "
+                f"at), got then={self.then!r}, after={self.after!r}"
+            )
+        if self.then is not None:
+            object.__setattr__(self, "then", finite_scalar(self.then, "then"))
+            object.__setattr__(self, "after", integer(self.after, "after", minimum=0))
+
+    def config(self) -> dict[str, Any]:
+        """The settings; ``{}`` for the plain mixture (its configuration, and so its state
+        dicts, are those of a `Spread` without ``then``)."""
+        return {} if self.then is None else {"then": self.then, "after": self.after}
+
+    def validate_candidates(self, candidates: np.ndarray) -> None:
+        if self.then is not None and not np.any(
+            np.isclose(candidates, self.then, rtol=1e-12, atol=0.0)
+        ):
+            raise ValueError(
+                f"then={self.then} is not one of the candidates {candidates.tolist()}"
+            )
+
+    def _switched(self, step: int) -> bool:
+        return self.after is not None and step >= self.after
 
     def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {}
 
     def probs(self, state: base.RuleState, ctx: base.Contexts) -> np.ndarray:
         k = ctx.candidates.shape[0]
+        if self._switched(ctx.step):
+            assert self.then is not None
+            return one_hot(k, int(nearest_index(np.array([self.then]), ctx.candidates)[0]))
         return np.full((1, k), 1.0 / k)
+
+    def select(self, state: base.RuleState, ctx: base.Contexts, rng: np.random.Generator) -> Draw:
+        if not self._switched(ctx.step):
+            return super().select(state, ctx, rng)
+        assert self.then is not None
+        index = int(nearest_index(np.array([self.then]), ctx.candidates)[0])
+        indices = np.full(ctx.n, index, dtype=np.int64)
+        return Draw(ctx.candidates[indices], indices, np.ones(ctx.n), np.ones(ctx.n, dtype=bool))
 
     def update(
         self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback

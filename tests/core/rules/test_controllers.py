@@ -51,6 +51,23 @@ def test_schedule_values(kind: str, expected: list[float]) -> None:
     np.testing.assert_allclose(values, expected, rtol=1e-12)
 
 
+def test_step_schedule_switches_once_at_total_steps() -> None:
+    policy = MetaPolicy(CANDIDATES, Schedule("step", 1.5, 0.9, total_steps=3), seed=0)
+    values, indices = [], []
+    for _ in range(6):
+        decision = policy.select()
+        values.append(decision.value)
+        indices.append(decision.index)
+        np.testing.assert_array_equal(policy.probs, np.eye(4)[indices[-1]])
+        policy.update(decision)
+    assert values == [1.5, 1.5, 1.5, 0.9, 0.9, 0.9]  # exactly the given values, no ramp
+    assert indices == [3, 3, 3, 1, 1, 1]
+    # total_steps=1: only step 0 at start; a state round trip keeps the switch step
+    restored = MetaPolicy.from_state_dict(policy.state_dict())
+    assert restored.select().value == 0.9
+    assert MetaPolicy(CANDIDATES, Schedule("step", 1.5, 0.9, 1)).select().value == 1.5
+
+
 def test_schedule_validation() -> None:
     with pytest.raises(ValueError, match="kind"):
         Schedule("exponential", 0.9, 1.5, 10)
@@ -58,6 +75,10 @@ def test_schedule_validation() -> None:
         Schedule("linear", 0.9, 1.5, 0)
     with pytest.raises(ValueError, match="end"):
         MetaPolicy(CANDIDATES, Schedule("linear", 0.9, 2.0, 10))
+    with pytest.raises(ValueError, match="start"):
+        MetaPolicy(CANDIDATES, Schedule("step", 0.5, 1.2, 10))
+    with pytest.raises(TypeError, match="total_steps"):
+        Schedule("step", 1.0, 1.2, 2.5)  # type: ignore[arg-type]
 
 
 def test_entropy_target_follows_the_e3_rule() -> None:

@@ -162,3 +162,57 @@ def test_state_round_trip_continues_bit_identically(rule: Mixture | Spread) -> N
     for _ in range(5):
         rewards = (rng.random(48) < 0.5).astype(float)
         assert step(policy, rewards) == step(restored, rewards)
+
+
+def test_spread_then_deals_uniformly_before_after_and_plays_then_from_it() -> None:
+    policy = MetaPolicy(CANDIDATES, Spread(then=1.2, after=2), seed=3)
+    plain = MetaPolicy(CANDIDATES, Spread(), seed=3)
+    for step in range(5):
+        decisions = policy.select(contexts=list(range(8)))
+        if step < 2:  # the uniform mixture, draw for draw the plain Spread's
+            same = plain.select(contexts=list(range(8)))
+            np.testing.assert_array_equal(decisions.values, same.values)
+            np.testing.assert_array_equal(decisions.probs, [0.25] * 8)
+            plain.update(same)
+        else:  # every group at 1.2, propensity 1
+            assert decisions.values.tolist() == [1.2] * 8
+            assert decisions.indices.tolist() == [2] * 8
+            np.testing.assert_array_equal(decisions.probs, [1.0] * 8)
+            np.testing.assert_array_equal(policy.probs, [0.0, 0.0, 1.0, 0.0])
+        policy.update(decisions)
+    # after=0: never the mixture; the switch survives a state round trip
+    assert MetaPolicy(CANDIDATES, Spread(then=0.6, after=0)).select(
+        contexts=[0, 1]).values.tolist() == [0.6, 0.6]
+    restored = MetaPolicy.from_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert restored.select(contexts=[0, 1, 2]).values.tolist() == [1.2] * 3
+
+
+def test_spread_without_then_keeps_the_plain_state_dict() -> None:
+    state = metactl.spread(CANDIDATES, seed=0).state_dict()
+    assert state["rule"] == {"type": "Spread", "config": {}} and state["rule_state"] == {}
+    assert MetaPolicy(CANDIDATES, Spread(then=1.2, after=4)).state_dict()["rule"] == {
+        "type": "Spread", "config": {"then": 1.2, "after": 4}}
+    # a state of the switching rule is not a plain Spread's, and the other way round
+    with pytest.raises(ValueError):
+        MetaPolicy(CANDIDATES, Spread()).load_state_dict(
+            MetaPolicy(CANDIDATES, Spread(then=1.2, after=4)).state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"then": 1.2}, ValueError, "together"),
+        ({"after": 3}, ValueError, "together"),
+        ({"then": float("nan"), "after": 3}, ValueError, "then"),
+        ({"then": 1.2, "after": -1}, ValueError, "after"),
+        ({"then": 1.2, "after": 2.5}, TypeError, "after"),
+    ],
+)
+def test_spread_then_config_is_validated(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        Spread(**kwargs)
+
+
+def test_spread_then_must_be_a_candidate() -> None:
+    with pytest.raises(ValueError, match=r"then=1\.0 is not one of the candidates"):
+        MetaPolicy(CANDIDATES, Spread(then=1.0, after=2))
