@@ -20,6 +20,11 @@ Names (temperatures on the paper grid 0.6..1.5 unless a knob arm says otherwise)
   ramped over the run's steps; continuous temperatures in its range [1/1.5, 1.5], named by the
   nearest of 10 log-spaced candidates there), ``tampo-per-prompt``, ``linear-thompson``, and
   the temperature mixtures ``mixture`` (learned) and ``spread`` (uniform).
+* two-phase arms, the scoreboard's bound rows spelled out (``benchmarks/PROTOCOL.md``
+  section 16.2): ``switch-A-B-K`` (``metactl.Schedule("step", A, B, K)``: A for the steps
+  ``0 .. K - 1``, then B; A, B in [0.6, 1.5], K an integer >= 1) and ``spread-then-B-K``
+  (``metactl.Spread(then=B, after=K)``: the uniform mixture for K steps, then every prompt
+  group at B, B on the grid; a per-prompt arm).
 * ``recommended``: `metactl.recommended`, the choice of ``benchmarks/PROTOCOL.md`` section 7.
 * arms over other sampler knobs (TAMPO with the paper's defaults): ``top-p`` (over ``top_p`` in
   `TOP_P_GRID` at the trainer's fixed temperature) and ``tampo-joint`` (over the paper's
@@ -37,6 +42,8 @@ Example:
     ('loglik', 'advantages')
     >>> canonical_name("metagradient"), canonical_name("linear"), canonical_name("entropy")
     ('metagrad', 'linear-0.9-1.5', 'entropy-0.3')
+    >>> [make_policy("switch-1.0-1.2-2", steps=10, seed=0).rule.at(s) for s in range(4)]
+    [1.0, 1.0, 1.2, 1.2]
 """
 
 from __future__ import annotations
@@ -159,10 +166,25 @@ _PARAMETERISED: dict[str, tuple[int, str, Callable[[tuple[float, ...], int], met
     "entropy-schedule": (2, "entropy-schedule-H0-H1",
                          lambda v, steps: metactl.EntropySchedule(v[0], v[1], total_steps=steps)),
     "tampo-tau": (1, "tampo-tau-X", lambda v, steps: metactl.TAMPO(tau=v[0])),
+    "switch": (3, "switch-A-B-K",
+               lambda v, steps: metactl.Schedule("step", v[0], v[1], total_steps=_steps(v[2]))),
+    "spread-then": (2, "spread-then-B-K",
+                    lambda v, steps: metactl.Spread(then=v[0], after=_steps(v[1]))),
 }
+#: The parameterised names whose arm decides per prompt group.
+_PER_PROMPT_FORMS: tuple[str, ...] = ("spread-then",)
+
+
+def _steps(value: float) -> int:
+    """A step count written in a name (``10`` or ``10.0``): an integer, else ``ValueError``."""
+    if not value.is_integer():
+        raise ValueError(f"the step count K must be an integer, got {value:g}")
+    return int(value)
 VALID_FORMS = (
     "fixed-T (T on the grid 0.6, 0.7, ..., 1.5), linear-A-B, cosine-A-B (A, B in [0.6, 1.5]), "
     "entropy-H (H > 0 nats), entropy-schedule-H0-H1 (H0, H1 > 0 nats), tampo-tau-X (X > 0), "
+    "switch-A-B-K (A, B in [0.6, 1.5], K an integer >= 1), spread-then-B-K (B on the grid, "
+    "K an integer >= 0), "
     + ", ".join([*_SIMPLE, *_ALIASES])
 )
 
@@ -281,9 +303,15 @@ def is_per_prompt(name: str) -> bool:
     """Whether ``name`` is a per-prompt arm (a temperature per prompt group).
 
     Example:
-        >>> is_per_prompt("ptgs"), is_per_prompt("tampo")
-        (True, False)
+        >>> is_per_prompt("ptgs"), is_per_prompt("tampo"), is_per_prompt("spread-then-1.2-10")
+        (True, False, True)
     """
     if not isinstance(name, str):
         raise TypeError(f"controller name must be a str, got {type(name).__name__}")
-    return name in PER_PROMPT_ARMS
+    if name in PER_PROMPT_ARMS:
+        return True
+    try:
+        kind, values = _parse_name(name)
+    except ValueError:
+        return False
+    return bool(values) and kind in _PER_PROMPT_FORMS

@@ -14,6 +14,7 @@ from metactl.adapters.lab.controllers import (
     PAPER_ARMS,
     STUDY_ARMS,
     canonical_name,
+    is_per_prompt,
     make_policy,
     validate_controller,
 )
@@ -111,6 +112,28 @@ def test_parameterised_forms_of_the_signal_rules() -> None:
     for bad in ("entropy-schedule-1", "entropy-schedule-x-0.1", "entropy-schedule-0-0.1",
                 "entropy-schedule-1-2-3", "tampo-tau", "tampo-tau-0", "tampo-tau-1-2",
                 "tampo-tau-inf", "tampo-sharper", "counterfactual-2"):  # fmt: skip
+        with pytest.raises(ValueError, match=f"'{bad}'.*valid forms"):
+            validate_controller(bad)
+
+
+def test_two_phase_names_build_the_step_schedule_and_the_switching_spread() -> None:
+    switch = make_policy("switch-1.0-1.2-3", steps=8, seed=0)
+    assert switch.rule == metactl.Schedule("step", 1.0, 1.2, total_steps=3)
+    then = make_policy("spread-then-1.3-2", steps=8, seed=0)
+    assert then.rule == metactl.Spread(then=1.3, after=2) and then.spec.per_context
+    assert is_per_prompt("spread-then-1.3-2") and not is_per_prompt("switch-1.0-1.2-3")
+    # after the switch, the run is exactly the fixed arm's (same value, same candidate)
+    fixed = make_policy("fixed-1.2", steps=8, seed=0)
+    played = []
+    for _ in range(5):
+        d = switch.select()
+        played.append(d.value)
+        switch.update(d)
+    assert played == [1.0, 1.0, 1.0, fixed.select().value, 1.2]
+    assert "10.0" not in canonical_name("switch-1.0-1.2-10")  # names are kept as written
+    for bad in ("switch-1.0-1.2", "switch-1.0-1.2-2.5", "switch-1.0-1.2-0", "switch-0.5-1.2-3",
+                "spread-then-1.25-3", "spread-then-1.2-1.5", "spread-then-1.2",
+                "spread-then-x-3"):  # fmt: skip
         with pytest.raises(ValueError, match=f"'{bad}'.*valid forms"):
             validate_controller(bad)
 
