@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import itertools
 import numbers
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -85,36 +84,52 @@ class ContextStore:
     """The stored contexts of one policy: keys in least-recently-updated order and one numpy
     array per row field (slot-indexed; free slots are reused), at most ``capacity`` keys.
 
-    Lookups and writes cost O(keys in the call): a dict maps key -> slot, an ``OrderedDict``
-    keeps the update order (moving a key to the end and evicting from the front are O(1)).
+    Lookups and writes cost O(keys in the call): a dict maps key -> slot; each slot carries the
+    stamp of its last write (a counter that only grows), and a log of (slot, stamp) in write
+    order lists the keys least recently updated first (an entry whose slot was written again or
+    freed since no longer matches its slot's stamp and is skipped). A write stamps its slots
+    and appends them to the log as vectors, with no per-key work for stored keys.
     """
 
     def __init__(self, fields: Mapping[str, int], capacity: int) -> None:
         self._fields = dict(fields)
         self._capacity = capacity
-        self._order: OrderedDict[ContextKey, int] = OrderedDict()
+        self._slot_of: dict[ContextKey, int] = {}
         self._allocated = 0
         self._arrays: dict[str, np.ndarray] = {
             name: np.zeros((0, width) if width else (0,)) for name, width in self._fields.items()
         }
+        self._key_of = np.empty(0, dtype=object)  # by slot; None for a free slot
+        self._stamp = np.zeros(0, dtype=np.int64)  # by slot: its last write's stamp, -1 free
+        self._clock = 0  # the next stamp
+        # the log: entries [head, end) of (slot, stamp), in write order
+        self._log_slots = np.zeros(0, dtype=np.int64)
+        self._log_stamps = np.zeros(0, dtype=np.int64)
+        self._head = 0
+        self._end = 0
         self._free: list[int] = []
         # The keys and slots of the last lookup: select(contexts=...) and the update of its
         # decisions look up the same keys with no write in between (any write clears it).
         self._looked_up: tuple[tuple[ContextKey, ...], np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._slot_of)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._order
+        return key in self._slot_of
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
+    def _live_slots(self) -> np.ndarray:
+        """The slots of the stored keys, least recently updated first."""
+        slots = self._log_slots[self._head : self._end]
+        return slots[self._stamp[slots] == self._log_stamps[self._head : self._end]]
+
     def keys(self) -> list[ContextKey]:
         """Stored keys, least recently updated first."""
-        return list(self._order)
+        return list(self._key_of[self._live_slots()].tolist())
 
     def slots(self, keys: Sequence[ContextKey]) -> np.ndarray:
         """The slot of each key, -1 for keys not stored; changes nothing."""
@@ -123,7 +138,7 @@ class ContextStore:
         if last is not None and last[0] == keys:
             return last[1].copy()
         found = np.fromiter(
-            map(self._order.get, keys, itertools.repeat(-1, len(keys))),
+            map(self._slot_of.get, keys, itertools.repeat(-1, len(keys))),
             dtype=np.int64,
             count=len(keys),
         )
@@ -145,19 +160,34 @@ class ContextStore:
         return out
 
     def evictions(self, keys: Sequence[ContextKey], slots: np.ndarray) -> list[ContextKey]:
-        """The keys that writing ``keys`` (distinct) would evict, oldest first."""
+        """The keys that writing ``keys`` (distinct, at their current ``slots``) would evict,
+        oldest first."""
+        return list(self._key_of[self._evicted_slots(slots)].tolist())
+
+    def _evicted_slots(self, slots: np.ndarray) -> np.ndarray:
+        """The slots :meth:`evictions` names, oldest first."""
         new = int(np.count_nonzero(slots < 0))
-        excess = len(self._order) + new - self._capacity
+        excess = len(self._slot_of) + new - self._capacity
         if excess <= 0:
-            return []
-        writing = set(keys)
-        out: list[ContextKey] = []
-        for key in self._order:  # oldest first; stops after `excess` keys not being written
-            if key not in writing:
-                out.append(key)
-                if len(out) == excess:
-                    break
-        return out
+            return np.zeros(0, dtype=np.int64)
+        return self._oldest(excess, slots[slots >= 0])
+
+    def _oldest(self, count: int, writing: np.ndarray) -> np.ndarray:
+        """The slots of the ``count`` least recently updated keys whose slots are not in
+        ``writing``, oldest first: the log read from its head in growing windows."""
+        found: list[np.ndarray] = []
+        need, start, width = count, self._head, max(count + writing.size, 64)
+        while need > 0 and start < self._end:
+            stop = min(start + width, self._end)
+            slots = self._log_slots[start:stop]
+            live = self._stamp[slots] == self._log_stamps[start:stop]
+            if writing.size:
+                live &= ~np.isin(slots, writing)
+            taken = slots[live][:need]
+            found.append(taken)
+            need -= taken.size
+            start, width = stop, 2 * width
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def write(
         self, keys: Sequence[ContextKey], slots: np.ndarray, rows: ContextRows
@@ -166,9 +196,12 @@ class ContextStore:
         most recently updated (in the order given), evict beyond capacity. Returns the evicted
         keys, oldest first."""
         self._looked_up = None
-        evicted = self.evictions(keys, slots)
-        for key in evicted:
-            self._free.append(self._order.pop(key))
+        gone = self._evicted_slots(slots)
+        evicted: list[ContextKey] = self._key_of[gone].tolist()
+        collections.deque(map(self._slot_of.pop, evicted), maxlen=0)
+        self._free.extend(gone.tolist())
+        self._key_of[gone] = None
+        self._stamp[gone] = -1
         is_new = slots < 0
         slots = slots.copy()
         new = np.flatnonzero(is_new)
@@ -181,22 +214,36 @@ class ContextStore:
                 assigned.extend(range(self._allocated, self._allocated + fresh))
                 self._allocated += fresh
             slots[new] = assigned
+            new_keys = [keys[i] for i in new.tolist()]
+            self._slot_of.update(zip(new_keys, assigned, strict=True))
+            self._key_of[slots[new]] = _object_array(new_keys)
         for name, array in self._arrays.items():
             array[slots] = rows[name]
-        order = self._order
-        move = order.move_to_end
-        if not new.size:  # only stored keys: move each to the end, in order
-            collections.deque(map(move, keys), maxlen=0)
-            return evicted
-        for key, slot, fresh_key in zip(keys, slots.tolist(), is_new.tolist(), strict=True):
-            if fresh_key:
-                order[key] = slot
-            else:
-                move(key)
+        stamps = np.arange(self._clock, self._clock + slots.size, dtype=np.int64)
+        self._clock += slots.size
+        self._stamp[slots] = stamps
+        self._append_log(slots, stamps)
         return evicted
 
+    def _append_log(self, slots: np.ndarray, stamps: np.ndarray) -> None:
+        """Append entries to the log; when it is full, keep only its live entries (in order)
+        in a log of twice their number plus room for these."""
+        end = self._end + slots.size
+        if end > self._log_slots.size:
+            live = self._live_slots()
+            size = max(2 * (live.size + slots.size), 64)
+            log_slots, log_stamps = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+            log_slots[: live.size] = live
+            log_stamps[: live.size] = self._stamp[live]
+            self._log_slots, self._log_stamps = log_slots, log_stamps
+            self._head, self._end = 0, live.size
+            end = live.size + slots.size
+        self._log_slots[self._end : end] = slots
+        self._log_stamps[self._end : end] = stamps
+        self._end = end
+
     def _grow(self, needed: int) -> None:
-        current = next(iter(self._arrays.values())).shape[0] if self._arrays else 0
+        current = self._stamp.shape[0]
         if needed <= current:
             return
         size = min(max(needed, 2 * current, 64), max(needed, self._capacity))
@@ -204,12 +251,17 @@ class ContextStore:
             grown = np.zeros((size, *array.shape[1:]))
             grown[: array.shape[0]] = array
             self._arrays[name] = grown
+        key_of = np.empty(size, dtype=object)
+        key_of[:current] = self._key_of
+        stamp = np.full(size, -1, dtype=np.int64)
+        stamp[:current] = self._stamp
+        self._key_of, self._stamp = key_of, stamp
 
     def to_json(self) -> dict[str, Any]:
         """``{"keys": [...], "rows": {field: [...]}}``, least recently updated first."""
-        slots = np.fromiter(self._order.values(), dtype=np.int64, count=len(self._order))
+        slots = self._live_slots()
         return {
-            "keys": list(self._order),
+            "keys": list(self._key_of[slots].tolist()),
             "rows": {name: array[slots].tolist() for name, array in self._arrays.items()},
         }
 
@@ -262,8 +314,19 @@ class ContextStore:
             for field, array in rows.items():
                 store._arrays[field][:m] = array
             store._allocated = m
-            store._order = OrderedDict(zip(keys, range(m), strict=True))
+            store._slot_of = dict(zip(keys, range(m), strict=True))
+            store._key_of[:m] = _object_array(keys)
+            store._stamp[:m] = np.arange(m)
+            store._clock = m
+            store._append_log(np.arange(m, dtype=np.int64), np.arange(m, dtype=np.int64))
         return store, rows
+
+
+def _object_array(keys: Sequence[ContextKey]) -> np.ndarray:
+    """The keys as a 1-D object array (each key itself, never split or converted)."""
+    out = np.empty(len(keys), dtype=object)
+    out[:] = list(keys)
+    return out
 
 
 class DecisionArrays(NamedTuple):

@@ -4,6 +4,8 @@ store's gather of stored / unseen / mixed keys, the positions of repeated keys."
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,45 @@ def test_repeated_keys_pool_in_order_of_first_occurrence() -> None:
                                    if k in policy.spec.feedback})  # fmt: skip
     assert info.contexts == 3
     assert policy.state_dict()["contexts"]["keys"] == [5, "b", 3]
+
+
+class _ReferenceStore:
+    """The store's contract written plainly: an OrderedDict of key -> row, least recently
+    updated first; a write moves its keys to the end in order, evicting the oldest others."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.rows: OrderedDict[object, float] = OrderedDict()
+
+    def write(self, keys: list[object], values: np.ndarray) -> list[object]:
+        new = sum(key not in self.rows for key in keys)
+        excess = len(self.rows) + new - self.capacity
+        evicted = [key for key in self.rows if key not in set(keys)][: max(excess, 0)]
+        for key in evicted:
+            del self.rows[key]
+        for key, value in zip(keys, values.tolist(), strict=True):
+            self.rows.pop(key, None)
+            self.rows[key] = value
+        return evicted
+
+
+@pytest.mark.parametrize("capacity", [1, 5, 40])
+def test_store_keeps_the_least_recently_updated_order(capacity: int) -> None:
+    rng = np.random.default_rng(capacity)
+    store, reference = ContextStore({"x": 0}, capacity), _ReferenceStore(capacity)
+    pool: list[object] = [*range(30), *(f"k{i}" for i in range(30))]
+    for step in range(300):
+        size = int(rng.integers(1, capacity + 1))
+        keys = [pool[i] for i in rng.choice(len(pool), size=size, replace=False)]
+        values = rng.normal(size=size)
+        expected = reference.write(keys, values)
+        evicted = store.write(keys, store.slots(keys), {"x": values})
+        assert evicted == expected
+        assert store.keys() == list(reference.rows) and len(store) == len(reference.rows)
+        assert all(key in store for key in reference.rows)
+        assert not any(key in store for key in expected)
+        state = store.to_json()
+        assert state["rows"]["x"] == list(reference.rows.values())
+        if step % 50 == 49:  # a reloaded store continues alike
+            store, _ = ContextStore.from_json(state, {"x": 0}, capacity, "contexts")
+            assert store.to_json() == state
