@@ -223,7 +223,21 @@ class ContextStore:
         self._clock += slots.size
         self._stamp[slots] = stamps
         self._append_log(slots, stamps)
+        self._advance_head()
         return evicted
+
+    def _advance_head(self) -> None:
+        """Move the log's head past its stale entries (each entry is passed once), so that
+        reading the oldest keys does not rescan the evicted and rewritten ones."""
+        width = 64
+        while self._head < self._end:
+            stop = min(self._head + width, self._end)
+            slots = self._log_slots[self._head : stop]
+            live = np.flatnonzero(self._stamp[slots] == self._log_stamps[self._head : stop])
+            if live.size:
+                self._head += int(live[0])
+                return
+            self._head, width = stop, 2 * width
 
     def _append_log(self, slots: np.ndarray, stamps: np.ndarray) -> None:
         """Append entries to the log; when it is full, keep only its live entries (in order)
