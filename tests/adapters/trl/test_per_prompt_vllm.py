@@ -119,12 +119,12 @@ class PerRowVLLMSpy(MetaGRPOTrainer):
 
 
 def _config(out: Any, **overrides: Any) -> Any:
-    return tiny_grpo_config(
-        out, max_steps=2 * GENERATIONS, use_vllm=True, vllm_max_model_length=64,
-        vllm_importance_sampling_correction=True, steps_per_generation=2,
-        per_device_train_batch_size=8, num_generations=G, max_completion_length=6,
-        **overrides,
-    )  # fmt: skip
+    settings: dict[str, Any] = {
+        "max_steps": 2 * GENERATIONS, "use_vllm": True, "vllm_max_model_length": 64,
+        "vllm_importance_sampling_correction": True, "steps_per_generation": 2,
+        "per_device_train_batch_size": 8, "num_generations": G, "max_completion_length": 6,
+    }  # fmt: skip
+    return tiny_grpo_config(out, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +296,41 @@ def test_server_sends_one_request_per_temperature_and_keeps_the_order(server_run
     _check_logprobs_at_each_rows_temperature(trainer, path)
 
 
+def test_server_split_puts_the_outputs_back_in_order(server_run):
+    """Groups at alternating temperatures: two POSTs (the 1st and 3rd prompt, then the 2nd and
+    4th), and every completion comes back on its own prompt's rows at its own temperature."""
+    from transformers import AutoModelForCausalLM
+
+    trainer, path = server_run
+    prompts = list(dict.fromkeys(p for r in trainer.requests for p in r["prompts"]))[:4]
+    groups = torch.tensor([0.7, 1.3, 0.7, 1.3], dtype=torch.float64)
+    count = len(trainer.requests)
+    with row_temperature_generation(trainer, groups.repeat_interleave(G), groups):
+        prompt_ids, completion_ids, logprobs, _ = trainer.vllm_generation.generate(
+            prompts=[list(p) for p in prompts for _ in range(G)], images=None, num_generations=G
+        )
+    sent = [(r["temperature"], r["prompts"]) for r in trainer.requests[count:]]
+    assert sent == [(0.7, [prompts[0], prompts[2]]), (1.3, [prompts[1], prompts[3]])]
+    assert [tuple(p) for p in prompt_ids] == [p for p in prompts for _ in range(G)]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def error(rows: torch.Tensor) -> float:
+        worst = 0.0
+        for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            ids = torch.tensor([*prompt, *completion])
+            with torch.no_grad():
+                logits = model(input_ids=ids[None]).logits[0, len(prompt) - 1 : -1].double()
+            expected = torch.log_softmax(logits / float(rows[i]), -1)
+            expected = expected.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            got = torch.tensor([lp[0] for lp in logprobs[i]], dtype=torch.float64)
+            worst = max(worst, float((expected - got).abs().max()))
+        return worst
+
+    at_rows = error(groups.repeat_interleave(G))
+    assert at_rows < 2e-2
+    assert error(groups.flip(0).repeat_interleave(G)) > 5 * at_rows
+
+
 def test_server_request_of_another_size_raises(server_run):
     trainer, _ = server_run
     prompts = [list(p) for p in {tuple(r["prompts"][0]) for r in trainer.requests}][:1]
@@ -332,3 +367,60 @@ def test_a_row_temperature_that_does_not_reach_vllm_raises(colocate_run):
     (request,) = trainer.requests[count:]
     assert len({id(p) for p in request["params"]}) == 1
     assert request["params"][0].temperature == trainer.vllm_generation.temperature == 1.0
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_an_engine_that_drops_the_row_temperatures_fails_the_check(tmp_path, dropped):
+    """vLLM sampling every row at T = 1 although each carried 0.5 or 0.6 (the rows' values
+    dropped after the adapter set them: fault injected under ``LLM.generate``) is caught by the
+    effective-temperature check, which tests each row against its own value, while the same run
+    with the rows' values intact passes it; a model with its final norm scaled by 4 gives
+    logits that tell temperatures apart (as in ``test_effective_temperature.py``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_model_dir(test_vllm.VLLM_MODEL)
+    sharp = tmp_path / "sharp"
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(4.0)
+    model.save_pretrained(sharp)
+    AutoTokenizer.from_pretrained(source).save_pretrained(sharp)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    with torch_threads(1):
+        trainer = PerRowVLLMSpy(
+            model=str(sharp),
+            reward_funcs=digit_fraction_reward,
+            args=_config(
+                tmp_path / "run", vllm_mode="colocate", max_steps=1, steps_per_generation=1,
+                per_device_train_batch_size=16, max_completion_length=12,
+            ),
+            train_dataset=keyed_dataset(32),
+            meta_policy=metactl.tampo_per_prompt([0.5, 0.6], seed=0),
+            meta_context_column="prompt_id",
+        )
+        llm = trainer.vllm_generation.llm
+        below = llm.generate  # the spy, under the adapter's per-row wrapper
+
+        def at_one(prompts: Any, sampling_params: Any = None, **kw: Any) -> Any:
+            dropped = []
+            for params in sampling_params:
+                params = params.clone()
+                params.temperature = 1.0
+                dropped.append(params)
+            return below(prompts, sampling_params=dropped, **kw)
+
+        if not dropped:
+            trainer.train()
+        else:
+            llm.generate = at_one
+            with pytest.raises(ValueError, match=r"look drawn at temperature (0\.9|1)"):
+                trainer.train()
+    (request,) = trainer.requests
+    sampled = {p.temperature for p in request["params"]}
+    if dropped:
+        assert sampled == {1.0}
+        assert trainer.meta_policy.step == 0  # the policy did not learn from the batch
+    else:
+        assert sampled <= {0.5, 0.6}
+        (entry,) = trainer.meta_history
+        assert entry["effective_temperature"]["ok"], entry["effective_temperature"]
