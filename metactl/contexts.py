@@ -111,6 +111,8 @@ class ContextStore:
         # The keys and slots of the last lookup: select(contexts=...) and the update of its
         # decisions look up the same keys with no write in between (any write clears it).
         self._looked_up: tuple[tuple[ContextKey, ...], np.ndarray] | None = None
+        # The slots and rows of the last gather of stored keys only (any write clears it).
+        self._gathered: tuple[np.ndarray, ContextRows] | None = None
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -151,13 +153,24 @@ class ContextStore:
         if not np.any(seen):
             return {name: prior[name].copy() for name in self._arrays}
         if np.all(seen):  # the usual batch of stored keys: the stored rows alone (new arrays)
-            return {name: array[slots] for name, array in self._arrays.items()}
+            return {name: rows.copy() for name, rows in self._stored_rows(slots).items()}
         out: ContextRows = {}
         for name, array in self._arrays.items():
             rows = prior[name].copy()
             rows[seen] = array[slots[seen]]
             out[name] = rows
         return out
+
+    def _stored_rows(self, slots: np.ndarray) -> ContextRows:
+        """The stored rows of these slots (all stored), kept until the next write: select and
+        the update of its decisions gather the same slots (read from the cache, then copied
+        by the caller, as random reads of large arrays cost more than a copy)."""
+        last = self._gathered
+        if last is not None and np.array_equal(last[0], slots):
+            return last[1]
+        rows = {name: array[slots] for name, array in self._arrays.items()}
+        self._gathered = (slots.copy(), rows)
+        return rows
 
     def evictions(self, keys: Sequence[ContextKey], slots: np.ndarray) -> list[ContextKey]:
         """The keys that writing ``keys`` (distinct, at their current ``slots``) would evict,
@@ -195,7 +208,7 @@ class ContextStore:
         """Store ``rows`` for the distinct ``keys`` (their current ``slots``), mark them as the
         most recently updated (in the order given), evict beyond capacity. Returns the evicted
         keys, oldest first."""
-        self._looked_up = None
+        self._looked_up = self._gathered = None
         gone = self._evicted_slots(slots)
         evicted: list[ContextKey] = self._key_of[gone].tolist()
         collections.deque(map(self._slot_of.pop, evicted), maxlen=0)

@@ -111,3 +111,20 @@ def test_store_keeps_the_least_recently_updated_order(capacity: int) -> None:
         if step % 50 == 49:  # a reloaded store continues alike
             store, _ = ContextStore.from_json(state, {"x": 0}, capacity, "contexts")
             assert store.to_json() == state
+
+
+def test_gather_cache_serves_copies_until_a_write() -> None:
+    store = ContextStore({"ema": 2}, capacity=10)
+    store.write([1, 2, 3], np.full(3, -1), {"ema": np.arange(6.0).reshape(3, 2)})
+    prior = {"ema": np.zeros((2, 2))}
+    slots = store.slots([3, 1])
+    first = store.gather(slots, prior)
+    first["ema"][...] = -5.0  # the caller's copy: the next gather is unchanged
+    again = store.gather(slots.copy(), prior)
+    assert again["ema"].tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    assert again["ema"] is not first["ema"]
+    store.write([1], store.slots([1]), {"ema": np.array([[7.0, 8.0]])})  # clears the cache
+    after = store.gather(store.slots([3, 1]), prior)
+    assert after["ema"].tolist() == [[4.0, 5.0], [7.0, 8.0]]
+    other = store.gather(store.slots([2, 3]), prior)  # other slots: read from the store
+    assert other["ema"].tolist() == [[2.0, 3.0], [4.0, 5.0]]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import metactl
-from metactl.rules.contextual_tampo import minmax_rows
+from metactl.rules.contextual_tampo import _minmax_each_row, minmax_rows
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -113,3 +113,26 @@ def test_decision_means_are_numpys_mean_bit_for_bit() -> None:
         got = _decision_means(x, groups)  # type: ignore[arg-type]
         assert got.shape == expected.shape
         assert np.array_equal(got.view(np.int64), expected.view(np.int64)), (n, g, k)
+
+
+@pytest.mark.parametrize("kind", ["normal", "flat", "zeros", "ties", "wide", "tiny"])
+def test_minmax_rows_of_many_rows_equal_the_row_wise_path(kind: str) -> None:
+    """From 64 rows on the extremes come from the transposed copy: the same bits as the
+    row-wise reductions (rows whose extreme is a signed zero or whose spread overflows take
+    the row-wise path)."""
+    rng = np.random.default_rng(len(kind))
+    for n, k in [(64, 10), (300, 10), (1024, 5), (100, 16)]:
+        ema = rng.normal(size=(n, k))
+        if kind == "flat":
+            ema[::3] = ema[::3, :1]
+        elif kind == "zeros":
+            ema[::5, 0], ema[::7, 1] = 0.0, -0.0
+        elif kind == "ties":
+            ema = np.round(ema, 1)
+        elif kind == "wide":
+            ema[::4] = rng.choice([1e308, -1e308, 1.0], size=(len(ema[::4]), k))
+        elif kind == "tiny":
+            ema *= 1e-300
+        expected = _minmax_each_row(ema)
+        got = minmax_rows(ema)
+        assert got.tobytes() == expected.tobytes() and got.flags.c_contiguous
