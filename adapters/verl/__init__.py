@@ -8,12 +8,13 @@ driver and in every Ray worker); :mod:`metactl.adapters.verl.register` registers
 * the agent loop ``metactl_single_turn`` (:class:`.agent_loop.MetaSingleTurnAgentLoop`, a
   subclass of ``SingleTurnAgentLoop`` that samples each prompt at its chosen temperature).
 
-The ``metactl`` config group (candidates, rule, selector, seed, context_key, temperature_check)
-is parsed by :func:`.config.policy_from_config` and :func:`.config.settings_from_config` and
+The ``metactl`` config group (candidates, rule, selector, seed, context_key, temperature_check,
+candidate_likelihood) is parsed by :func:`.config.policy_from_config` and :func:`.config.settings_from_config` and
 checked against what the trainer gives (:data:`.config.TRAINER_SUPPORT`,
 :func:`.config.check_rollout`, :func:`.config.check_temperature_check`); its names are
 re-exported here. This package imports nothing heavy: verl is imported only by
-``register``, ``trainer``, ``agent_loop`` and ``testing``.
+``register``, ``trainer``, ``agent_loop``, ``engine_hook`` (the FSDP engine wrapper that
+scores the candidate temperatures inside verl's old-log-prob pass) and ``testing``.
 
 Example:
     >>> import metactl.adapters.verl as mverl

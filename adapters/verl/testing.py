@@ -344,12 +344,15 @@ def log_prob_worker(
     param_dtype: str = "fp32",
     use_remove_padding: bool = True,
     micro_batch_size: int = 4,
+    max_token_len: int | None = None,
     port: int = 29533,
 ) -> Any:
     """verl's ``TrainingWorker`` for the actor's log-prob passes (FSDP2 engine, gloo, one
     rank) on ``model``, built in this process without Ray; ``param_dtype`` is the FSDP mixed
-    precision (``fp32``, or ``bf16`` as verl's default). Needs :data:`CPU_ENV` set before
-    verl was imported (the worker's device is then the CPU)."""
+    precision (``fp32``, or ``bf16`` as verl's default); micro-batches of
+    ``micro_batch_size`` rows, or with ``max_token_len`` verl's dynamic batch sizes (rows
+    regrouped by length up to that many tokens, the outputs put back in order). Needs
+    :data:`CPU_ENV` set before verl was imported (the worker's device is then the CPU)."""
     if os.environ.get("VERL_PLATFORM") != "cpu":
         raise RuntimeError("log_prob_worker needs CPU_ENV in the environment before verl starts")
     from verl.trainer.config import CheckpointConfig
@@ -376,7 +379,8 @@ def log_prob_worker(
             strategy="fsdp2",
             mixed_precision={"param_dtype": param_dtype},
             infer_micro_batch_size_per_gpu=micro_batch_size,
-            use_dynamic_bsz=False,
+            use_dynamic_bsz=max_token_len is not None,
+            infer_max_token_len_per_gpu=max_token_len,
         ),
         optimizer_config=FSDPOptimizerConfig(lr=0.0),
         checkpoint_config=CheckpointConfig(),
@@ -387,17 +391,39 @@ def log_prob_worker(
 
 
 def response_batch(
-    rows: int, vocab: int, *, seed: int = 0, prompt: tuple[int, int] = (3, 12),
+    rows: int,
+    vocab: int,
+    *,
+    seed: int = 0,
+    prompt: tuple[int, int] = (3, 12),
     response: tuple[int, int] = (1, 16),
+    model: str | os.PathLike[str] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``rows`` random (token ids, response mask) pairs: prompt + response ids of lengths
-    drawn from ``prompt`` and ``response`` (inclusive ranges), every response token counted."""
+    """``rows`` (token ids, response mask) pairs: a random prompt and a response of lengths
+    drawn from ``prompt`` and ``response`` (inclusive ranges), every response token counted.
+    The response is sampled from ``model`` at T = 1 over the full distribution, as a rollout
+    draws it (``None``: uniform random tokens, far less likely under the model)."""
     generator = torch.Generator().manual_seed(seed)
+    net = None
+    if model is not None:
+        from transformers import AutoModelForCausalLM
+
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     out = []
     for _ in range(rows):
         p = int(torch.randint(prompt[0], prompt[1] + 1, (1,), generator=generator))
         r = int(torch.randint(response[0], response[1] + 1, (1,), generator=generator))
-        ids = torch.randint(3, vocab, (p + r,), generator=generator)
+        if net is None:
+            ids = torch.randint(3, vocab, (p + r,), generator=generator)
+        else:
+            ids = torch.randint(3, vocab, (p,), generator=generator)
+            with torch.no_grad():
+                step = net(ids[None], use_cache=True)
+                for _ in range(r):
+                    probs = torch.softmax(step.logits[0, -1].double(), dim=-1)
+                    token = torch.multinomial(probs, 1, generator=generator)
+                    ids = torch.cat([ids, token])
+                    step = net(token[None], past_key_values=step.past_key_values, use_cache=True)
         out.append((ids, torch.ones(r, dtype=torch.int64)))
     return out
 

@@ -9,7 +9,9 @@ actor hold the same weights, and verl's own rollout-vs-actor metrics then check 
 temperature) with verl's old-log-prob pass (at the temperature metactl stamped). None of the
 temperatures is near the config's 1.0, at which verl would otherwise score. metactl's own
 sampled-temperature check (``metactl.temperature_check``, on by default) runs after every
-old-log-prob pass and must pass.
+old-log-prob pass and must pass. TAMPO's candidate likelihoods come from verl's old-log-prob
+pass (``metactl.candidate_likelihood=fused``, the default) in the first run and from one
+log-prob pass per candidate (``passes``) in the resumed one.
 
 About 2 minutes a launch on 2 cores; run by ``.ci/verl-env.sh`` (skipped where verl or vllm
 is not installed, as in the main CI environment).
@@ -106,12 +108,14 @@ def test_per_step_tampo_samples_scores_updates_and_resumes(
     assert state["policy"]["step"] == 2  # two TAMPO updates from candidate likelihoods
     assert [h["global_step"] for h in state["history"]] == [1, 2]
     assert [h["temperatures"] for h in state["history"]] == [steps[1], steps[2]]
-    # resume: verl loads global_step_2, metactl its state; one more step
+    # resume: verl loads global_step_2, metactl its state; one more step, its candidates
+    # scored by one log-prob pass each (the first run scored them inside the old-log-prob pass)
     text = _launch(
         fixture_dir,
         checkpoints,
         tmp_path / "run2.log",
         *group,
+        "+metactl.candidate_likelihood=passes",
         "trainer.save_freq=1",
         "trainer.total_training_steps=3",
         "trainer.resume_mode=auto",

@@ -7,8 +7,11 @@ trajectory, the candidate log-likelihood sums that the engine hook computes insi
 old-log-prob pass must equal those of one log-prob pass per candidate (the paper's 10
 temperatures) to 1e-5, with float32 FSDP (verl's default bf16 computes the passes'
 log-softmax in bf16, so they differ by bf16 rounding), with and without remove-padding (the
-packed and the padded logits layouts), over several micro-batches of ragged prompts and
-responses, at two old-pass temperatures. Also a row whose response tokens are all masked.
+packed and the padded logits layouts) and with verl's dynamic batch sizes (rows regrouped by
+length, outputs put back in order), over several micro-batches of ragged prompts and
+responses sampled from the model (as a rollout draws them), at two old-pass temperatures.
+Also a row whose response tokens are all masked. (1e-5 is near float32's resolution for these
+sums, which reach about -100: both ways score each token in float32.)
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ import torch
 from metactl.adapters.verl import testing
 
 torch.set_num_threads(1)
-model, remove_padding = sys.argv[1], sys.argv[2] == "1"
-worker = testing.log_prob_worker(model, use_remove_padding=remove_padding, port=int(sys.argv[3]))
+model, layout = sys.argv[1], sys.argv[2]
+worker = testing.log_prob_worker(
+    model,
+    use_remove_padding=layout != "padded",
+    max_token_len=48 if layout == "dynamic" else None,
+    port=int(sys.argv[3]),
+)
 candidates = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
-rows = testing.response_batch(12, 300, seed=1)
+rows = testing.response_batch(12, 300, seed=1, response=(1, 24), model=model)
 rows[5] = (rows[5][0], torch.zeros_like(rows[5][1]))  # no response token counted
 rows[7][1][::2] = 0  # every other response token not counted
 passes = testing.candidate_sums(worker, rows, candidates, "passes")
@@ -51,12 +59,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_fixture(tmp_path_factory.mktemp("fx"), prompts=4) / "model"
 
 
-@pytest.mark.parametrize("remove_padding", [True, False], ids=["packed", "padded"])
-def test_fused_sums_equal_one_pass_per_candidate(model_dir: Path, remove_padding: bool) -> None:
+@pytest.mark.parametrize("layout", ["packed", "padded", "dynamic"])
+def test_fused_sums_equal_one_pass_per_candidate(model_dir: Path, layout: str) -> None:
     env = dict(os.environ, **CPU_ENV)
-    port = "29541" if remove_padding else "29542"
+    port = {"packed": "29541", "padded": "29542", "dynamic": "29543"}[layout]
     run = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(model_dir), "1" if remove_padding else "0", port],
+        [sys.executable, "-c", _SCRIPT, str(model_dir), layout, port],
         env=env,
         capture_output=True,
         text=True,
