@@ -9,9 +9,10 @@ driver and in every Ray worker); :mod:`metactl.adapters.verl.register` registers
   subclass of ``SingleTurnAgentLoop`` that samples each prompt at its chosen temperature).
 
 The ``metactl`` config group (candidates, rule, selector, seed, context_key, temperature_check,
-candidate_likelihood) is parsed by :func:`.config.policy_from_config` and :func:`.config.settings_from_config` and
-checked against what the trainer gives (:data:`.config.TRAINER_SUPPORT`,
-:func:`.config.check_rollout`, :func:`.config.check_temperature_check`); its names are
+candidate_likelihood) is parsed by :func:`.config.policy_from_config` and
+:func:`.config.settings_from_config` and checked against what the trainer gives
+(:data:`.config.TRAINER_SUPPORT`, :func:`.config.check_rollout`,
+:func:`.config.check_temperature_check`, :func:`.config.check_candidate_likelihood`); its names are
 re-exported here. This package imports nothing heavy: verl is imported only by
 ``register``, ``trainer``, ``agent_loop``, ``engine_hook`` (the FSDP engine wrapper that
 scores the candidate temperatures inside verl's old-log-prob pass) and ``testing``.
