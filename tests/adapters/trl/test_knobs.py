@@ -371,7 +371,8 @@ def test_guard_matrix(model_path, tmp_path, family, setting):
 def test_guard_matrix_per_prompt_cells(model_path, tmp_path):
     """Per-prompt (contextual) policies: the temperature only; top_k (rank-based, so it commutes
     with the per-row temperature) is held fixed; top_p / min_p act before the per-row temperature
-    and are refused, as is vLLM (checked in the per-prompt tests)."""
+    and are refused (vLLM carries per-row temperatures: test_per_prompt_vllm.py; colocated
+    tensor parallelism is refused: test_per_prompt.py)."""
     with pytest.raises(ValueError, match=r"PTGS drives temperature only.*'top_p'"):
         metactl.MetaPolicy([0.8, 0.9], metactl.PTGS(), hyperparameter="top_p")
     ds = addition_dataset(8)
