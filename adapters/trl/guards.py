@@ -388,9 +388,9 @@ def check_per_row_settings(settings: Mapping[str, Any]) -> None:
     transformers applies its own warpers (``top_p``, ``min_p``, ``typical_p``, the cutoffs)
     before the logits processor that carries each row's temperature, so they would act on the
     untempered distribution; ``top_k`` (rank-based) commutes with the temperature and is held
-    fixed. vLLM applies each request's temperature first, but the per-row scoring and the
-    effective-temperature check are not wired for a kept set that moves with the row's
-    temperature, so the same settings are refused with vLLM too.
+    fixed. vLLM applies each request's temperature first, but per-row temperatures with a
+    truncation that moves with them are not tested there, so the same settings are refused with
+    vLLM too.
 
     Raises:
         ValueError: naming the setting and its off value.
