@@ -346,6 +346,21 @@ def test_per_prompt_state_round_trips_through_a_checkpoint(tmp_path, model_path)
     assert resumed.meta_policy.num_contexts >= trainer.meta_policy.num_contexts
 
 
+def test_every_rank_window_holds_every_group_temperature():
+    """vLLM's server gets the prompt groups of all ranks from the main process, so each rank's
+    window holds the temperature of every group of the batch (rank order), besides its rows'."""
+    from metactl.adapters.trl.window import GenerationWindow
+
+    batch = metactl.ptgs(seed=0).select(contexts=[1, 2, 3])
+    rank1 = GenerationWindow.open(batch, per_prompt=True, group_size=2, first_row=3, rows=3)
+    assert rank1.group_temperatures is not None and rank1.row_temperatures is not None
+    assert rank1.group_temperatures.tolist() == [float(v) for v in batch.values]
+    assert rank1.row_temperatures.tolist() == np.repeat(batch.values, 2)[3:].tolist()
+    single = metactl.MetaPolicy([0.7, 1.0], metactl.Fixed(0.7)).select()
+    glob = GenerationWindow.open(single, per_prompt=False, group_size=2, first_row=0, rows=4)
+    assert glob.group_temperatures is None and glob.row_temperatures is None
+
+
 def test_global_policy_batches_carry_no_row_temperatures(tmp_path, model_path):
     trainer = _build(tmp_path, model_path, meta_policy=metactl.tampo(seed=0))
     assert not trainer.meta_policy.spec.per_context
