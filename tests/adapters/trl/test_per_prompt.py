@@ -138,11 +138,16 @@ def _spy_run(
     )
 
 
-@pytest.mark.parametrize("rule", ["ptgs", "tampo_per_prompt"])
+PER_PROMPT_POLICIES = {
+    "ptgs": lambda: metactl.ptgs(seed=0, total_steps=10),
+    "tampo_per_prompt": lambda: metactl.tampo_per_prompt(seed=4),
+    "mixture": lambda: metactl.mixture(seed=0),  # one distribution dealt over the groups
+}
+
+
+@pytest.mark.parametrize("rule", sorted(PER_PROMPT_POLICIES))
 def test_every_row_is_sampled_and_scored_at_its_own_temperature(tmp_path, model_path, rule):
-    policy = (
-        metactl.ptgs(seed=0, total_steps=10) if rule == "ptgs" else metactl.tampo_per_prompt(seed=4)
-    )
+    policy = PER_PROMPT_POLICIES[rule]()
     trainer = _spy_run(tmp_path, model_path, policy)
     trainer.train()
 
@@ -152,7 +157,7 @@ def test_every_row_is_sampled_and_scored_at_its_own_temperature(tmp_path, model_
     for gen, record in zip(trainer.generations, trainer.meta_history, strict=True):
         assert len(record["contexts"]) == 4
         np.testing.assert_array_equal(gen, np.repeat(record["values"], 4))
-    if rule == "ptgs":  # continuous draws: every prompt group at its own temperature
+    if rule != "tampo_per_prompt":  # PTGS: continuous draws; the mixture deals 4 of 10 values
         assert all(len(set(h["values"])) == 4 for h in trainer.meta_history)
         assert all(h["likelihood_path"] is None for h in trainer.meta_history)
     else:
@@ -165,14 +170,14 @@ def test_every_row_is_sampled_and_scored_at_its_own_temperature(tmp_path, model_
         assert error < 1e-4, (kind, error)
         assert wrong > 1e-3, "the check would not notice a wrong temperature"
         if not kind.startswith("eval_") and kind != "current":
-            assert distinct >= 2 or rule != "ptgs"  # the whole batch: several temperatures
+            assert distinct >= 2 or rule == "tampo_per_prompt"  # several temperatures
     # old and ref once per generation batch, current once per optimisation step
     assert seen["old"] == 2 and seen["ref"] == 2 and seen["current"] == 8
     assert seen["eval_old"] >= 2 and seen["eval_ref"] >= 2  # evaluation inside windows
-    # the per-prompt state lives in the policy: one entry per prompt updated
-    assert trainer.meta_policy.num_contexts == len(
-        {c for h in trainer.meta_history for c in h["contexts"]}
-    )
+    # the per-prompt state lives in the policy: one entry per prompt updated (none for the
+    # mixture, which keeps one global distribution)
+    prompts = len({c for h in trainer.meta_history for c in h["contexts"]})
+    assert trainer.meta_policy.num_contexts == (0 if rule == "mixture" else prompts)
 
 
 def test_sampling_is_softmax_of_logits_over_the_row_temperature(model_path):
