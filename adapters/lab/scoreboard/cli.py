@@ -8,7 +8,11 @@ Examples:
     metactl scoreboard --report-only --out DIR         # the report of the runs already in DIR
 
 The fixed grid 0.6..1.5 always runs (normalised regret needs it); ``--controllers`` adds the
-adaptive controllers and schedules (default: every controller ``metactl gym-study`` knows).
+adaptive controllers and schedules (default: every controller ``metactl gym-study`` knows, and
+the bound rows). The bound rows (``bound-t1-10``, ``bound-t1-25``, ``bound-spread-10``,
+``bound-spread-25``: T = 1.0 or the uniform mixture for the first steps, then the testbed's
+best fixed temperature; oracles, never candidates) run in a second phase, once their testbed's
+fixed grid has finished, on the same seeds; their records keep the arm they ran as.
 Finished runs are reused, so an interrupted scoreboard resumes where it stopped. Runs are
 keyed by configuration, controller and seed, not by the code: after changing a rule or a
 learner, use a fresh --out.
@@ -25,7 +29,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,9 @@ from .suite import (
     Testbed,
     check_controller,
     default_controllers,
+    is_bound,
     reference_controller_name,
+    resolve_bound,
 )
 
 PROG = "metactl scoreboard"
@@ -104,7 +110,8 @@ def select_testbeds(text: str, quick: bool) -> list[Testbed]:
 
 
 def select_controllers(text: str, testbeds: Sequence[Testbed]) -> tuple[list[str], list[str]]:
-    """(controllers in report order, notes): adaptive ones first, then the whole fixed grid.
+    """(controllers in report order, notes): adaptive ones first, then the bound rows, then the
+    whole fixed grid.
 
     Every named controller must be available on every selected testbed. With ``all``, a
     controller that some selected testbed does not know is left out, and a note says so.
@@ -131,8 +138,38 @@ def select_controllers(text: str, testbeds: Sequence[Testbed]) -> tuple[list[str
                 raise ValueError(f"unknown controller {name!r}; choose from {', '.join(known)}")
             for testbed in testbeds:
                 check_controller(name, testbed)
-    adaptive = [c for c in chosen if c not in FIXED_GRID]
-    return [*adaptive, *FIXED_GRID], notes
+    adaptive = [c for c in chosen if c not in FIXED_GRID and not is_bound(c)]
+    bound = [c for c in chosen if is_bound(c)]
+    return [*adaptive, *bound, *FIXED_GRID], notes
+
+
+def testbed_arms(testbed: Testbed, controllers: Sequence[str], default_arms: bool) -> list[str]:
+    """The controllers of ``controllers`` planned on ``testbed``: all of them, or with
+    ``default_arms`` (``--controllers all``) the fixed grid and `Testbed.default_arms`."""
+    return testbed.default_plan(controllers) if default_arms else list(controllers)
+
+
+def _testbed_jobs(testbed: Testbed, runs: Sequence[tuple[str, str | None, str | None]],
+                  seed_list: Sequence[int], *, quick: bool, steps: int | None, out: Path,
+                  cache_dir: str | None) -> tuple[Any, list[Job]]:  # fmt: skip
+    """The run configuration and jobs of ``runs`` (``(controller, resolved, best fixed)``) on
+    ``testbed``: every run keyed by the registry name it builds."""
+    builds = [c if resolved is None else resolved for c, resolved, _ in runs]
+    if testbed.kind == "gym":
+        config: Any = testbed.gym_config(steps)
+        key = lambda name, s: gym_key(config, name, s)  # noqa: E731
+    else:
+        base = testbed.reference_config(quick, steps)
+        config = dataclasses.replace(
+            base, out=str(out / "reference" / testbed.name),
+            controllers=tuple(reference_controller_name(c) for c in builds),
+            seeds=tuple(seed_list), workers=1, cache_dir=cache_dir,
+        )
+        key = lambda name, s: reference_key(config, name, s)  # noqa: E731
+    jobs = [Job(testbed.name, c, s, key(name, s), resolved, best)
+            for (c, resolved, best), name in zip(runs, builds, strict=True)
+            for s in seed_list]  # fmt: skip
+    return config, jobs
 
 
 def build_plan(testbeds: Sequence[Testbed], controllers: Sequence[str], *, quick: bool,
@@ -142,33 +179,44 @@ def build_plan(testbeds: Sequence[Testbed], controllers: Sequence[str], *, quick
     """Per testbed: its run configuration and its jobs (same seeds for every controller).
 
     ``default_arms`` (``--controllers all``): a testbed with `Testbed.default_arms` gets only
-    the fixed grid and those arms.
+    the fixed grid and those arms. The bound rows are not in this plan: they run once the
+    testbed's fixed grid has, from :func:`build_bound_plan`.
     """
     plan = []
     seed_lists: dict[str, list[int]] = {}
-    every_controller = controllers
     for testbed in testbeds:
-        controllers = (testbed.default_plan(every_controller) if default_arms
-                       else every_controller)  # fmt: skip
         n = seeds if seeds is not None else testbed.seeds(quick)
         assert n is not None
         seed_list = list(range(n))
         seed_lists[testbed.name] = seed_list
-        if testbed.kind == "gym":
-            config: Any = testbed.gym_config(steps)
-            jobs = [Job(testbed.name, c, s, gym_key(config, c, s))
-                    for c in controllers for s in seed_list]  # fmt: skip
-        else:
-            base = testbed.reference_config(quick, steps)
-            config = dataclasses.replace(
-                base, out=str(out / "reference" / testbed.name),
-                controllers=tuple(reference_controller_name(c) for c in controllers),
-                seeds=tuple(seed_list), workers=1, cache_dir=cache_dir,
-            )
-            jobs = [Job(testbed.name, c, s, reference_key(config, c, s))
-                    for c in controllers for s in seed_list]  # fmt: skip
+        runs = [(c, None, None) for c in testbed_arms(testbed, controllers, default_arms)
+                if not is_bound(c)]  # fmt: skip
+        config, jobs = _testbed_jobs(testbed, runs, seed_list, quick=quick, steps=steps,
+                                     out=out, cache_dir=cache_dir)  # fmt: skip
         plan.append((testbed, config, jobs))
     return plan, seed_lists
+
+
+def build_bound_plan(testbeds: Sequence[Testbed], bound: Mapping[str, Sequence[str]],
+                     best_fixed: Mapping[str, str], seed_lists: Mapping[str, Sequence[int]], *,
+                     quick: bool, steps: int | None, out: Path,
+                     cache_dir: str | None) -> list[tuple[Testbed, Any, list[Job]]]:  # fmt: skip
+    """The second phase (PROTOCOL section 16.2): on every testbed with bound rows planned
+    (``bound``: ``{testbed: bound rows}``) and a best fixed arm (``best_fixed``: ``{testbed:
+    fixed arm}``, from its finished grid), each bound row resolved to the registry name it runs
+    as (`resolve_bound`), on the testbed's seeds (``seed_lists``). A testbed without a best
+    fixed arm (its grid incomplete) gets no bound jobs."""
+    plan = []
+    for testbed in testbeds:
+        rows = list(bound.get(testbed.name, ()))
+        if not rows or testbed.name not in best_fixed:
+            continue
+        best = best_fixed[testbed.name]
+        runs = [(c, resolve_bound(c, best), best) for c in rows]
+        config, jobs = _testbed_jobs(testbed, runs, seed_lists[testbed.name], quick=quick,
+                                     steps=steps, out=out, cache_dir=cache_dir)  # fmt: skip
+        plan.append((testbed, config, jobs))
+    return plan
 
 
 def output_folder(path: str, report_only: bool) -> Path:
@@ -206,9 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         controllers, notes = select_controllers(args.controllers, testbeds)
         out = output_folder(args.out or ("runs/scoreboard-quick" if args.quick
                                          else "runs/scoreboard"), args.report_only)  # fmt: skip
+        default_arms = args.controllers.strip() == "all"
         plan, seed_lists = build_plan(testbeds, controllers, quick=args.quick, seeds=args.seeds,
                                       steps=args.steps, out=out, cache_dir=args.cache_dir,
-                                      default_arms=args.controllers.strip() == "all")
+                                      default_arms=default_arms)
+        bound = {t.name: [c for c in testbed_arms(t, controllers, default_arms) if is_bound(c)]
+                 for t in testbeds}  # fmt: skip
     except (ValueError, TypeError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {note}", file=sys.stderr)
     try:
         with output_lock(out):
-            return _run_and_report(args, out, testbeds, controllers, plan, seed_lists)
+            return _run_and_report(args, out, testbeds, controllers, plan, seed_lists, bound)
     except OutputInUseError as exc:  # another scoreboard on this folder: refused, not redone
         # (_run_and_report reports the errors of the runs themselves: only the lock's is here)
         print(f"{PROG}: {exc}", file=sys.stderr)
@@ -225,14 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_and_report(args: argparse.Namespace, out: Path, testbeds: list[Testbed],
                     controllers: list[str], plan: list[tuple[Testbed, Any, list[Job]]],
-                    seed_lists: dict[str, list[int]]) -> int:  # fmt: skip
+                    seed_lists: dict[str, list[int]],
+                    bound: Mapping[str, Sequence[str]]) -> int:  # fmt: skip
     """Run what is not finished (nothing under ``--report-only``), then write the report; the
-    output folder's lock is held by the caller."""
+    output folder's lock is held by the caller.
+
+    Two phases: every planned arm but the bound rows, then, on each testbed, the bound rows
+    ``bound`` resolved to the testbed's best fixed arm over its finished grid."""
     from tqdm.auto import tqdm
 
-    planned = {testbed.name: sorted({job.controller for job in jobs})
+    from .report import best_fixed_arm
+
+    planned = {testbed.name: sorted({job.controller for job in jobs} | set(bound[testbed.name]))
                for testbed, _, jobs in plan}  # fmt: skip
-    total = sum(len(jobs) for _, _, jobs in plan)
+    total = sum(len(jobs) for _, _, jobs in plan) + sum(
+        len(bound[t.name]) * len(seed_lists[t.name]) for t in testbeds)
     records: dict[tuple[str, str, int], dict[str, Any]] = {}
     bar = tqdm(total=total, desc="scoreboard runs", unit="run", disable=args.no_progress)
     started = time.perf_counter()
@@ -246,24 +304,38 @@ def _run_and_report(args: argparse.Namespace, out: Path, testbeds: list[Testbed]
 
     print(f"{PROG}: {len(testbeds)} testbeds x {len(controllers)} controllers, {total} runs, "
           f"{args.workers} worker(s); output -> {out}", flush=True)  # fmt: skip
-    scan = scan_records(out, plan)
-    if args.report_only:
-        if scan.damaged:  # never reported as 'not run', never summarised without them
-            bar.close()
-            for why in scan.damaged:
-                print(f"{PROG}: {why}", file=sys.stderr)
-            print(f"{PROG}: cannot report: {len(scan.damaged)} record(s) above cannot be used; "
-                  "the same command without --report-only recomputes exactly those (a record "
-                  "of another configuration: pass the --quick, --seeds and --steps that wrote "
-                  "it)", file=sys.stderr)  # fmt: skip
-            return 1
-        for payload in scan.finished:
-            on_record(payload)
-        start_info: dict[str, dict[str, Any]] = {}
-    else:
+    starts: dict[str, tuple[str | None, dict[str, Any]]] = {}
+    start_info: dict[str, dict[str, Any]] = {}
+    reused = 0
+    for phase in ("arms", "bound"):
+        if phase == "bound":  # each testbed's best fixed arm, from its finished grid
+            best = {t.name: arm for t in testbeds if bound[t.name]
+                    and (arm := best_fixed_arm(records, t, seed_lists[t.name])) is not None}
+            phase_plan = build_bound_plan(testbeds, bound, best, seed_lists, quick=args.quick,
+                                          steps=args.steps, out=out,
+                                          cache_dir=args.cache_dir)  # fmt: skip
+        else:
+            phase_plan = plan
+        scan = scan_records(out, phase_plan)
+        reused += len(scan.finished)
+        if args.report_only:
+            if scan.damaged:  # never reported as 'not run', never summarised without them
+                bar.close()
+                for why in scan.damaged:
+                    print(f"{PROG}: {why}", file=sys.stderr)
+                print(f"{PROG}: cannot report: {len(scan.damaged)} record(s) above cannot be "
+                      "used; the same command without --report-only recomputes exactly those "
+                      "(a record of another configuration: pass the --quick, --seeds and "
+                      "--steps that wrote it; a bound row resolved to another best fixed arm: "
+                      "its testbed's grid has changed)", file=sys.stderr)  # fmt: skip
+                return 1
+            for payload in scan.finished:
+                on_record(payload)
+            continue
         try:
-            start_info = run_jobs(out, plan, workers=args.workers, on_record=on_record,
-                                  on_note=on_note, scan=scan)  # fmt: skip
+            start_info.update(run_jobs(out, phase_plan, workers=args.workers,
+                                       on_record=on_record, on_note=on_note, scan=scan,
+                                       starts=starts))  # fmt: skip
         except KeyboardInterrupt:
             bar.close()
             print(f"{PROG}: interrupted; finished runs are kept in {out}/runs and reused next "
@@ -297,7 +369,7 @@ def _run_and_report(args: argparse.Namespace, out: Path, testbeds: list[Testbed]
         "seeds_override": args.seeds,
         "steps_override": args.steps,
         "runs": total,
-        "reused": len(scan.finished),
+        "reused": reused,
         "report_only": args.report_only,
         "workers": args.workers,
         "wall_seconds": wall,
@@ -316,7 +388,7 @@ def _run_and_report(args: argparse.Namespace, out: Path, testbeds: list[Testbed]
         print(f"\nreport only: {len(records)} finished runs of the {total} planned, nothing run; "
               f"report: {paths['markdown']}")  # fmt: skip
     else:
-        print(f"\n{total} runs ({len(scan.finished)} reused) in {wall:.1f} s with "
+        print(f"\n{total} runs ({reused} reused) in {wall:.1f} s with "
               f"{args.workers} worker(s); report: {paths['markdown']}")  # fmt: skip
     return 0
 

@@ -14,14 +14,71 @@ from typing import Any
 
 import numpy as np
 
+from .runner import CURVE_AUC
 from .stats import mean_ci, paired_bootstrap_regret, paired_difference
-from .suite import DEVELOPMENT, FIXED_GRID, Testbed
+from .suite import DEVELOPMENT, FIXED_GRID, Testbed, is_bound, resolve_bound
 
-__all__ = ["analyse", "format_summary", "format_testbed", "heatmap", "off_protocol_note",
+__all__ = ["NOISE_MARK", "RESOLUTION", "analyse", "best_fixed_arm", "format_summary",
+           "format_testbed", "heatmap", "noise_floor", "off_protocol_note",
            "write_report"]  # fmt: skip
 
 BASELINE = "fixed-1.0"
 SECONDARY = {"gym": ("final", "final_greedy"), "reference": ("greedy", "pass_at_k")}
+#: The metrics whose normalised regret (with its paired bootstrap CI) is computed, primary
+#: first (PROTOCOL section 16.4): the gym's AUC and final success; the reference's final
+#: average Pass@1 (its final metric is the primary one).
+REGRET_METRICS = {"gym": ("auc", "final"), "reference": ("pass1",)}
+#: The final metric of each testbed kind (gym: final success; reference: final Pass@1).
+FINAL_METRIC = {"gym": "final", "reference": "pass1"}
+#: A testbed whose median non-fixed arm has a regret CI half-width above this is below the
+#: resolution of the claim "regret <= 0.10" (PROTOCOL section 16.3) and is marked.
+RESOLUTION = 0.10
+#: The mark of such a testbed in every table.
+NOISE_MARK = "†"
+
+
+def best_fixed_arm(records: Mapping[tuple[str, str, int], Mapping[str, Any]], testbed: Testbed,
+                   seeds: Sequence[int]) -> str | None:  # fmt: skip
+    """The fixed arm of highest mean primary metric on ``testbed`` over ``seeds`` (the first of
+    the grid on a tie, as :func:`analyse` picks it); ``None`` while a run of the grid is
+    missing. The bound rows of PROTOCOL section 16.2 switch to it.
+
+    Raises ``ValueError`` naming the run when a record's metric is not a finite number.
+    """
+    if not isinstance(testbed, Testbed):
+        raise TypeError(f"testbed must be a Testbed, got {type(testbed).__name__}")
+    if len(seeds) == 0:
+        raise ValueError("seeds must name at least one seed")
+    if any((testbed.name, c, s) not in records for c in FIXED_GRID for s in seeds):
+        return None
+    means = [np.mean([_metric(records, testbed.name, c, s, testbed.metric) for s in seeds])
+             for c in FIXED_GRID]  # fmt: skip
+    return FIXED_GRID[int(np.argmax(means))]
+
+
+def _half_width(regret: Mapping[str, Any]) -> float:
+    """Half the width of a regret's CI (inf when it is undefined: nothing is resolved)."""
+    low, high = regret["low"], regret["high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return float("inf")
+    return (high - low) / 2
+
+
+def noise_floor(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The noise floor of one testbed (PROTOCOL section 16.3) from its analysed ``rows``: the
+    median over the non-fixed arms (bound rows included) of the primary regret's CI half-width
+    (an undefined CI counts as infinitely wide), and whether it exceeds `RESOLUTION`.
+
+    >>> noise_floor({"a": {"regret": {"low": 0.0, "high": 0.3}},
+    ...              "fixed-1.0": {"regret": {"low": 0.0, "high": 0.0}}})
+    {'median_half_width': 0.15, 'arms': 1, 'below_resolution': True}
+    """
+    widths = [_half_width(row["regret"]) for c, row in rows.items() if c not in FIXED_GRID]
+    if not widths:
+        return {"median_half_width": float("nan"), "arms": 0, "below_resolution": False}
+    median = float(np.median(widths))
+    return {"median_half_width": median, "arms": len(widths),
+            "below_resolution": bool(median > RESOLUTION)}  # fmt: skip
 
 
 def analyse(
@@ -42,12 +99,23 @@ def analyse(
     scoreboard --report-only``) is reported as *not run* there (``None`` in the summary, listed
     under ``"not_run"``; its worst cases cover the testbeds it ran on); the fixed grid and every
     planned controller must be complete.
+
+    Bound rows (PROTOCOL section 16.2) are analysed like every arm, with the registry name they
+    ran as and the best fixed arm they switched to (from their records, which must agree with
+    the testbed's best fixed arm: ``ValueError`` otherwise); they are listed under
+    ``"bound_rows"``, never among the candidates. Each row holds the normalised regret of the
+    primary metric (``"regret"``) and of every metric of `REGRET_METRICS` (``"regrets"``); each
+    testbed its noise floor (:func:`noise_floor`) and, for a reference testbed, whether every
+    run recorded a learning curve (then its area, ``curve_auc``, is a secondary metric).
     """
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be an int >= 1, got {resamples!r}")
     missing = [g for g in FIXED_GRID if g not in controllers]
     if missing:
         raise ValueError(f"controllers must include the whole fixed grid; missing {missing}")
     per_testbed: dict[str, Any] = {}
     not_run: dict[str, list[str]] = {}
+    bound_rows = [c for c in controllers if is_bound(c)]
     for testbed in testbeds:
         tb_seeds = seeds[testbed.name]
         if planned is not None:
@@ -60,28 +128,41 @@ def analyse(
         if absent:
             raise ValueError(f"testbed {testbed.name}: {len(absent)} runs missing, e.g. "
                              f"{absent[0]}")  # fmt: skip
+        ran = [c for c in controllers if testbed.name not in not_run.get(c, ())]
 
         def values(controller: str, metric: str, tb: Testbed = testbed,
                    sd: list[int] = tb_seeds) -> np.ndarray:  # fmt: skip
             return np.array([_metric(records, tb.name, controller, s, metric) for s in sd])
 
         metric = testbed.metric
-        fixed = np.stack([values(c, metric) for c in FIXED_GRID], axis=1)  # (seeds, arms)
-        fixed_means = fixed.mean(axis=0)
+        regret_metrics = REGRET_METRICS[testbed.kind]
+        fixed = {m: np.stack([values(c, m) for c in FIXED_GRID], axis=1)  # (seeds, arms)
+                 for m in regret_metrics}  # fmt: skip
+        fixed_means = fixed[metric].mean(axis=0)
         best = FIXED_GRID[int(np.argmax(fixed_means))]
         worst = FIXED_GRID[int(np.argmin(fixed_means))]
+        secondary = list(SECONDARY[testbed.kind])
+        curve_missing = 0
+        if testbed.kind == "reference":
+            curve_missing = sum(1 for c in ran for s in tb_seeds
+                                if CURVE_AUC not in (records[(testbed.name, c, s)].get("metrics")
+                                                     or {}))  # fmt: skip
+            if curve_missing == 0:
+                secondary.append(CURVE_AUC)
         rows: dict[str, Any] = {}
-        for c in controllers:
-            if testbed.name in not_run.get(c, ()):
-                continue
+        for c in ran:
             primary = values(c, metric)
             temps = np.array([records[(testbed.name, c, s)]["temperature"] for s in tb_seeds])
+            regrets = {m: paired_bootstrap_regret(primary if m == metric else values(c, m),
+                                                  fixed[m], resamples=resamples)
+                       for m in regret_metrics}  # fmt: skip
             row: dict[str, Any] = {
                 "values": primary.tolist(),
                 "mean_ci": mean_ci(primary),
-                "secondary": {m: mean_ci(values(c, m)) for m in SECONDARY[testbed.kind]},
-                "secondary_values": {m: values(c, m).tolist() for m in SECONDARY[testbed.kind]},
-                "regret": paired_bootstrap_regret(primary, fixed, resamples=resamples),
+                "secondary": {m: mean_ci(values(c, m)) for m in secondary},
+                "secondary_values": {m: values(c, m).tolist() for m in secondary},
+                "regret": regrets[metric],
+                "regrets": regrets,
                 "vs_fixed_1.0": paired_difference(primary, values(BASELINE, metric)),
                 "vs_best_fixed": paired_difference(primary, values(best, metric)),
                 "mean_temperature": float(temps.mean()),
@@ -89,6 +170,8 @@ def analyse(
                     sum(records[(testbed.name, c, s)]["wall_seconds"] for s in tb_seeds)
                 ),
             }
+            if is_bound(c):
+                row["bound"] = _bound_resolution(records, testbed.name, c, tb_seeds, best)
             vs = row["vs_fixed_1.0"]
             row["beats_fixed_1.0"] = bool(vs["mean"] > 0 and vs["wilcoxon_p"] < 0.05)
             rows[c] = row
@@ -98,30 +181,59 @@ def analyse(
             "best_fixed": best,
             "worst_fixed": worst,
             "fixed_span": float(fixed_means.max() - fixed_means.min()),
+            "final_metric": FINAL_METRIC[testbed.kind],
+            "regret_metrics": list(regret_metrics),
+            "secondary_metrics": secondary,
+            "curve_runs_missing": curve_missing,
+            "noise": noise_floor(rows),
             "controllers": rows,
         }
     summary: dict[str, Any] = {}
     dev = [t.name for t in testbeds if t.split == DEVELOPMENT]
     for c in controllers:
-        ran = [t.name for t in testbeds if c in per_testbed[t.name]["controllers"]]
-        regrets = {t.name: (per_testbed[t.name]["controllers"][c]["regret"]["regret"]
-                            if t.name in ran else None) for t in testbeds}  # fmt: skip
-        dev_ran = [t for t in dev if t in ran]
-        summary[c] = {
-            "regret": regrets,
-            "ran_on": ran,
-            "worst_all": _worst(regrets[t] for t in ran),
-            "worst_development": _worst(regrets[t] for t in dev_ran) if dev_ran
-            else float("nan"),
-            "beats_fixed_1.0_on": [t for t in ran
-                                   if per_testbed[t]["controllers"][c]["beats_fixed_1.0"]],
-        }  # fmt: skip
+        ran_on = [t.name for t in testbeds if c in per_testbed[t.name]["controllers"]]
+        dev_ran = [t for t in dev if t in ran_on]
+        entry: dict[str, Any] = {"ran_on": ran_on, "bound": is_bound(c)}
+        for label, pick in (("primary", lambda tb: tb["metric"]),
+                            ("final", lambda tb: tb["final_metric"])):  # fmt: skip
+            cells = {t.name: (per_testbed[t.name]["controllers"][c]["regrets"][
+                pick(per_testbed[t.name])] if t.name in ran_on else None) for t in testbeds}
+            block = {
+                "regret": {t: None if r is None else r["regret"] for t, r in cells.items()},
+                "ci": {t: None if r is None else [r["low"], r["high"]] for t, r in cells.items()},
+                "worst_all": _worst(cells[t]["regret"] for t in ran_on),  # type: ignore[index]
+                "worst_development": _worst(cells[t]["regret"] for t in dev_ran)  # type: ignore[index]
+                if dev_ran else float("nan"),
+            }
+            if label == "primary":
+                entry.update(block)
+            else:
+                entry["final"] = block
+        entry["beats_fixed_1.0_on"] = [t for t in ran_on
+                                       if per_testbed[t]["controllers"][c]["beats_fixed_1.0"]]
+        summary[c] = entry
     return {"testbeds": per_testbed, "summary": summary, "controllers": list(controllers),
-            "order": [t.name for t in testbeds], "not_run": not_run}  # fmt: skip
+            "bound_rows": bound_rows, "order": [t.name for t in testbeds],
+            "not_run": not_run}  # fmt: skip
 
 
-def _metric(records: dict[tuple[str, str, int], dict[str, Any]], testbed: str, controller: str,
-            seed: int, metric: str) -> float:  # fmt: skip
+def _bound_resolution(records: Mapping[tuple[str, str, int], Mapping[str, Any]], testbed: str,
+                      controller: str, seeds: Sequence[int], best: str) -> dict[str, str]:
+    """What bound row ``controller`` ran as on ``testbed``: the same resolution in every seed's
+    record, to the testbed's best fixed arm ``best``; ``ValueError`` naming the run otherwise
+    (a record of another grid's resolution is never reported as this one's)."""
+    found = {(records[(testbed, controller, s)].get("resolved"),
+              records[(testbed, controller, s)].get("best_fixed")) for s in seeds}  # fmt: skip
+    expected = (resolve_bound(controller, best), best)
+    if found != {expected}:
+        raise ValueError(f"testbed {testbed}: bound row {controller} ran as "
+                         f"{sorted(map(str, found))}, but the best fixed arm is {best} "
+                         f"({expected[0]}): rerun it (its records are of another grid)")
+    return {"runs_as": expected[0], "best_fixed": best}
+
+
+def _metric(records: Mapping[tuple[str, str, int], Mapping[str, Any]], testbed: str,
+            controller: str, seed: int, metric: str) -> float:  # fmt: skip
     """One run's metric; ``ValueError`` naming the run when its record lacks it or it is not a
     finite number (a summary over seeds would fail later with no run named)."""
     metrics = records[(testbed, controller, seed)].get("metrics")
@@ -159,63 +271,142 @@ def _p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else f"{p:.2g}"
 
 
-def format_testbed(name: str, data: dict[str, Any]) -> str:
-    """Markdown table of one testbed."""
+def _regret_cell(regret: Mapping[str, Any] | None) -> str:
+    """``0.12 [0.05, 0.20]``: a regret with its 95% CI (``not run`` for none)."""
+    if regret is None:
+        return "not run"
+    return f"{_num(regret['regret'])} [{_num(regret['low'])}, {_num(regret['high'])}]"
+
+
+def _marked(name: str, data: Mapping[str, Any]) -> str:
+    """The testbed's name, with `NOISE_MARK` when it is below the resolution of the claim."""
+    return name + (NOISE_MARK if data["noise"]["below_resolution"] else "")
+
+
+def noise_note(analysis: Mapping[str, Any]) -> str:
+    """The footnote of `NOISE_MARK` (what it means, the testbeds it marks, their noise)."""
+    tbs = analysis["testbeds"]
+    marked = [f"{t} ({_num(tbs[t]['noise']['median_half_width'], 3)})" for t in analysis["order"]
+              if tbs[t]["noise"]["below_resolution"]]  # fmt: skip
+    return (f"{NOISE_MARK} below the resolution of the claim 'regret <= {RESOLUTION:.2f}': the "
+            f"median non-fixed arm's regret CI half-width exceeds {RESOLUTION:.2f} "
+            f"(PROTOCOL 16.3; nothing is dropped). Marked: "
+            f"{', '.join(marked) if marked else 'none'}.")
+
+
+def _testbed_table(data: Mapping[str, Any], arms: Sequence[str], bound: bool) -> list[str]:
     metric = data["metric"]
-    second = SECONDARY[data["kind"]]
-    lines = [
-        f"### {name} ({data['split']}; {data['description']}; {len(data['seeds'])} seeds)",
-        "",
-        f"| controller | {metric} (mean ± 95% CI) | {' | '.join(second)} | regret [95% CI] "
-        f"| Δ vs T=1.0 | p Wilcoxon | p t-test | W/T/L vs T=1.0 | W/T/L vs best fixed "
-        f"| mean T |",
-        "|---|---|" + "---|" * len(second) + "---|---|---|---|---|---|---|",
-    ]
-    for c, row in data["controllers"].items():
+    second = data.get("secondary_metrics", SECONDARY[data["kind"]])
+    extra_regrets = [m for m in data.get("regret_metrics", (metric,)) if m != metric]
+    head = (f"| controller | {'runs as | ' if bound else ''}{metric} (mean ± 95% CI) | "
+            f"{' | '.join(second)} | regret [95% CI] | "
+            + "".join(f"regret {m} [95% CI] | " for m in extra_regrets)
+            + "Δ vs T=1.0 | p Wilcoxon | p t-test | W/T/L vs T=1.0 | W/T/L vs best fixed "
+            "| mean T |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in arms:
+        row = data["controllers"][c]
         label = c + (" (best fixed)" if c == data["best_fixed"] else "") + (
             " (worst fixed)" if c == data["worst_fixed"] else "")
-        reg = row["regret"]
+        runs_as = f"{row['bound']['runs_as']} | " if bound else ""
         vs, vb = row["vs_fixed_1.0"], row["vs_best_fixed"]
         sec = " | ".join(_ci(row["secondary"][m]) for m in second)
+        regrets = row.get("regrets", {metric: row["regret"]})
+        more = "".join(f"{_regret_cell(regrets[m])} | " for m in extra_regrets)
         lines.append(
-            f"| {label} | {_ci(row['mean_ci'])} | {sec} | {_num(reg['regret'])} "
-            f"[{_num(reg['low'])}, {_num(reg['high'])}] | {_ci((vs['mean'], vs['half_width']))} "
+            f"| {label} | {runs_as}{_ci(row['mean_ci'])} | {sec} | "
+            f"{_regret_cell(row['regret'])} | {more}{_ci((vs['mean'], vs['half_width']))} "
             f"| {_p(vs['wilcoxon_p'])} | {_p(vs['t_p'])} "
             f"| {vs['wins']}/{vs['ties']}/{vs['losses']} "
             f"| {vb['wins']}/{vb['ties']}/{vb['losses']} | {row['mean_temperature']:.2f} |"
         )
+    return lines
+
+
+def format_testbed(name: str, data: dict[str, Any]) -> str:
+    """Markdown tables of one testbed: the arms, then the bound rows in their own block."""
+    arms = [c for c in data["controllers"] if not is_bound(c)]
+    bound = [c for c in data["controllers"] if is_bound(c)]
+    noise = data.get("noise", {"below_resolution": False, "median_half_width": float("nan")})
+    lines = [
+        f"### {name}{NOISE_MARK if noise['below_resolution'] else ''} ({data['split']}; "
+        f"{data['description']}; {len(data['seeds'])} seeds)",
+        "",
+        *_testbed_table(data, arms, bound=False),
+    ]
+    if bound:
+        lines += ["", f"Bound rows (oracles, never candidates: the first phase, then the best "
+                      f"fixed arm {data['best_fixed']} of this run's grid; PROTOCOL 16.2):", "",
+                  *_testbed_table(data, bound, bound=True)]  # fmt: skip
     lines.append("")
     lines.append(
         f"Best fixed {data['best_fixed']}, worst fixed {data['worst_fixed']} (span of the fixed "
         f"means {_num(data['fixed_span'], 4)}). Regret = (best fixed - method) / (best fixed - "
-        "worst fixed), paired bootstrap over seeds."
+        "worst fixed) of the metric named, paired bootstrap over seeds (best and worst re-picked "
+        "per metric and resample). Median non-fixed regret CI half-width "
+        f"{_num(noise['median_half_width'], 3)}"
+        + (f": {NOISE_MARK} below the resolution of the claim 'regret <= {RESOLUTION:.2f}'."
+           if noise["below_resolution"] else ".")
     )
+    if data["kind"] == "reference":
+        missing = data.get("curve_runs_missing", 0)
+        lines.append(
+            f"Learning-curve AUC ({CURVE_AUC}: mean Pass@1 over training on the curve subsets) "
+            "beside the final Pass@1." if not missing else
+            f"No learning-curve AUC: {missing} run(s) here recorded fewer than two curve points "
+            "(--quick evaluates only the end of training; records written before the scoreboard "
+            "kept the curve have none), so only the final Pass@1 is reported.")
     return "\n".join(lines)
 
 
-def format_summary(analysis: dict[str, Any]) -> str:
-    """The summary table: controllers x testbeds of normalised regret, worst cases."""
+def _summary_table(analysis: Mapping[str, Any], arms: Sequence[str], block: str,
+                   worst: bool) -> list[str]:
     order = analysis["order"]
     tbs = analysis["testbeds"]
-    head = [f"{t}{' (dev)' if tbs[t]['split'] == DEVELOPMENT else ''}" for t in order]
-    lines = [
-        "| controller | " + " | ".join(head) + " | worst (dev) | worst (all) | beats T=1.0 on |",
-        "|---|" + "---|" * len(order) + "---|---|---|",
-    ]
-    for c in analysis["controllers"]:
+    head = [f"{_marked(t, tbs[t])}{' (dev)' if tbs[t]['split'] == DEVELOPMENT else ''}"
+            for t in order]  # fmt: skip
+    tail = " | worst (dev) | worst (all) | beats T=1.0 on |" if worst else " | beats T=1.0 on |"
+    lines = ["| controller | " + " | ".join(head) + tail,
+             "|---|" + "---|" * len(order) + ("---|---|---|" if worst else "---|")]
+    for c in arms:
         s = analysis["summary"][c]
-        cells = " | ".join("not run" if s["regret"][t] is None else _num(s["regret"][t])
-                           for t in order)  # fmt: skip
+        b = s if block == "primary" else s["final"]
+        cells = " | ".join(
+            "not run" if b["regret"][t] is None else
+            _regret_cell({"regret": b["regret"][t], "low": _nan_if_none(b["ci"][t][0]),
+                          "high": _nan_if_none(b["ci"][t][1])}) for t in order)  # fmt: skip
         ran = s.get("ran_on", order)
-        lines.append(
-            f"| {c} | {cells} | {_num(s['worst_development'])} | {_num(s['worst_all'])} | "
-            f"{len(s['beats_fixed_1.0_on'])}/{len(ran)} |"
-        )
+        worst_cells = (f" {_num(b['worst_development'])} | {_num(b['worst_all'])} |"
+                       if worst else "")  # fmt: skip
+        lines.append(f"| {c} | {cells} |{worst_cells} "
+                     f"{len(s['beats_fixed_1.0_on'])}/{len(ran)} |")
+    return lines
+
+
+def format_summary(analysis: dict[str, Any]) -> str:
+    """The summary: controllers x testbeds of normalised regret with its 95% CI, of the primary
+    metric and of the final one, each with the candidates' worst cases and the bound rows in
+    their own block (no worst case: they are never candidates)."""
+    order = analysis["order"]
+    tbs = analysis["testbeds"]
+    bound = [c for c in analysis["controllers"] if is_bound(c)]
+    arms = [c for c in analysis["controllers"] if not is_bound(c)]
+    lines: list[str] = []
+    for block, title in (("primary", "Primary metric (gym: AUC of success; reference: final "
+                                     "average Pass@1):"),
+                         ("final", "Final metric (gym: final success; reference: final average "
+                                   "Pass@1, the primary metric):")):  # fmt: skip
+        lines += [title, "", *_summary_table(analysis, arms, block, worst=True), ""]
+        if bound:
+            lines += ["Bound rows (oracles: the best fixed arm of each testbed's grid, known "
+                      "after the run; never candidates, in no worst case):", "",
+                      *_summary_table(analysis, bound, block, worst=False), ""]
     best = " · ".join(f"{t}: {tbs[t]['best_fixed']}" for t in order)
-    lines += ["", f"Best fixed arm per testbed: {best}.",
+    lines += [f"Best fixed arm per testbed (primary metric): {best}.",
               "Normalised regret (0 = best fixed arm of the grid 0.6..1.5, 1 = worst; < 0 beats "
-              "the best); 'beats T=1.0': mean > 0 and Wilcoxon p < 0.05, paired by seed, no "
-              "correction across testbeds."]  # fmt: skip
+              "the best) [paired bootstrap 95% CI]; worst cases are the maxima of the point "
+              "estimates; 'beats T=1.0': primary metric, mean > 0 and Wilcoxon p < 0.05, paired "
+              "by seed, no correction across testbeds.", noise_note(analysis)]  # fmt: skip
     not_run = analysis.get("not_run") or {}
     if not_run:
         lines.append("Not run (no record; worst cases and 'beats' cover the testbeds each "
@@ -232,10 +423,14 @@ def heatmap(analysis: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     order = analysis["order"]
-    controllers = analysis["controllers"]
+    # the bound rows last, below a line: they are never candidates
+    controllers = sorted(analysis["controllers"], key=is_bound)
+    bound_from = sum(not is_bound(c) for c in controllers)
     cols = [*order, "worst (all)"]
     grid = np.array([[_nan_if_none(analysis["summary"][c]["regret"][t]) for t in order]
-                     + [analysis["summary"][c]["worst_all"]] for c in controllers],
+                     # a bound row has no worst case (never a candidate): a grey cell
+                     + [float("nan") if is_bound(c) else analysis["summary"][c]["worst_all"]]
+                     for c in controllers],
                     dtype=float)  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(1.1 * len(cols) + 3.0, 6.0),
                                     0.42 * len(controllers) + 2.0))
@@ -246,11 +441,15 @@ def heatmap(analysis: dict[str, Any], path: Path) -> Path:
     for i, c in enumerate(controllers):
         for j in range(grid.shape[1]):
             not_run = j < len(order) and analysis["summary"][c]["regret"][order[j]] is None
-            ax.text(j, i, "not run" if not_run else _num(grid[i, j]), ha="center",
-                    va="center", fontsize=7 if not_run else 8)
+            oracle = j == len(order) and is_bound(c)
+            text = "not run" if not_run else "oracle" if oracle else _num(grid[i, j])
+            ax.text(j, i, text, ha="center", va="center",
+                    fontsize=7 if not_run or oracle else 8)
     ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(controllers)), controllers, fontsize=8)
     ax.axvline(len(order) - 0.5, color="black", linewidth=1.5)
+    if bound_from < len(controllers):
+        ax.axhline(bound_from - 0.5, color="black", linewidth=1.5)
     fig.colorbar(image, ax=ax, label="normalised regret (colour clipped to [-0.5, 1])")
     ax.set_title("Normalised regret vs the best fixed temperature\n"
                  "(0 = best fixed arm, 1 = worst; lower is better)", fontsize=9)

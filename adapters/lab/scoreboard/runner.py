@@ -10,6 +10,12 @@ is written. Gym runs call ``metactl gym-study``'s :func:`run_one`; reference run
 ``metactl reproduce``'s ``prepare_start`` (cached warm-up) and ``run_arm`` (its own resumable
 checkpoints under ``<out>/reference/<testbed>/``).
 
+A bound row's record (filed under the bound row's name) also keeps ``resolved``, the registry
+name it ran as, and ``best_fixed``, the fixed arm it switched to; its key is that of the
+resolved arm, so a bound row resolved against another grid is recomputed. A reference record
+keeps, when the run recorded a learning curve of two points or more, the metric
+``curve_auc`` (:func:`curve_auc`; optional: a record without it is still a finished run's).
+
 The record of a likelihood-rule run (TAMPO and its variants, Hedge, MetaGradient: any run whose
 log has signal diagnostics) keeps, under ``"signal"``, every step's diagnostics of its signal
 (:mod:`.signal_record`; ``None`` for a run without them), for the per-testbed pages. A record
@@ -22,12 +28,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +47,8 @@ from ..gym_study import StudyConfig, make_controller, run_one
 from .signal_record import from_gym_run, from_reference_result
 from .suite import Testbed, reference_controller_name
 
-__all__ = ["METRICS", "RECORD_FORMAT", "Job", "RecordScan", "load_record", "record_path",
-           "run_jobs", "scan_records", "write_record"]  # fmt: skip
+__all__ = ["CURVE_AUC", "METRICS", "RECORD_FORMAT", "Job", "RecordScan", "curve_auc",
+           "load_record", "record_path", "run_jobs", "scan_records", "write_record"]  # fmt: skip
 
 # part of every run's key: a change here recomputes every record. The optional "signal" field
 # (signal_record.SIGNAL_FORMAT) is not: it adds diagnostics without changing any metric.
@@ -49,16 +56,64 @@ RECORD_FORMAT = 1
 #: The metrics a finished run's record holds, by testbed kind.
 METRICS: dict[str, tuple[str, ...]] = {"gym": ("auc", "final", "final_greedy"),
                                        "reference": ("pass1", "greedy", "pass_at_k")}
+#: An optional metric of a reference record: the area under the run's learning curve (average
+#: Pass@1 on the curve subsets), kept when the run recorded at least two curve points.
+CURVE_AUC = "curve_auc"
+
+
+def curve_auc(curve: Sequence[Mapping[str, Any]]) -> float | None:
+    """The normalised area under a reference run's learning curve: the trapezoid over the
+    steps of the curve points' average Pass@1, divided by the steps it spans (the mean Pass@1
+    over training, as the gym's AUC is the mean success over its evaluations). ``None`` when
+    the run recorded fewer than two points (``--quick`` evaluates only the end).
+
+    >>> curve_auc([{"step": 0, "avg": {"pass1": 0.2}}, {"step": 10, "avg": {"pass1": 0.6}},
+    ...            {"step": 30, "avg": {"pass1": 0.6}}])
+    0.5333333333333333
+    >>> curve_auc([{"step": 25, "avg": {"pass1": 0.7}}]) is None
+    True
+    """
+    if isinstance(curve, (str, bytes)) or not isinstance(curve, Sequence):
+        raise TypeError(f"curve must be a list of evaluations, got {type(curve).__name__}")
+    if len(curve) < 2:
+        return None
+    try:
+        steps = [float(point["step"]) for point in curve]
+        values = [float(point["avg"]["pass1"]) for point in curve]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"curve: every point needs a step and avg.pass1 ({exc!r})") from None
+    span = steps[-1] - steps[0]
+    if span <= 0 or any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"curve: steps must increase, got {steps}")
+    area = sum((b - a) * (u + v) / 2 for a, b, u, v in zip(steps, steps[1:], values,
+                                                            values[1:], strict=False))
+    return area / span
 
 
 @dataclass(frozen=True)
 class Job:
-    """One run of the scoreboard."""
+    """One run of the scoreboard. ``resolved``: the registry name the run builds when it is
+    not ``controller`` itself (a bound row, resolved after its testbed's fixed grid); its
+    record keeps ``controller`` (where it is filed and reported) and ``resolved``."""
 
     testbed: str
     controller: str
     seed: int
     key: str
+    resolved: str | None = None
+    best_fixed: str | None = None
+
+    @property
+    def builds(self) -> str:
+        """The registry name of the controller this run builds."""
+        return self.controller if self.resolved is None else self.resolved
+
+    @property
+    def extra(self) -> dict[str, str]:
+        """What the record keeps besides the run's results: a bound row's resolution."""
+        if self.resolved is None:
+            return {}
+        return {"resolved": self.resolved, "best_fixed": str(self.best_fixed)}
 
 
 def record_path(out: Path, testbed: str, controller: str, seed: int) -> Path:
@@ -188,16 +243,16 @@ def reference_key(cfg: Any, controller: str, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- workers
-def _record(job: tuple[str, str, int, str], start: float, metrics: dict[str, float],
-            temperature: Any, signal: Any, **timings: float) -> dict[str, Any]:  # fmt: skip
-    """The record of one finished run of ``job`` (testbed, controller, seed, key), started at
-    ``start`` (``time.perf_counter()``): what every testbed's worker returns."""
-    testbed, controller, seed, key = job
+def _record(job: Job, start: float, metrics: dict[str, float], temperature: Any,
+            signal: Any, **timings: float) -> dict[str, Any]:  # fmt: skip
+    """The record of one finished run of ``job``, started at ``start``
+    (``time.perf_counter()``): what every testbed's worker returns."""
     return {
-        "key": key,
-        "testbed": testbed,
-        "controller": controller,
-        "seed": seed,
+        "key": job.key,
+        "testbed": job.testbed,
+        "controller": job.controller,
+        **job.extra,
+        "seed": job.seed,
         "metrics": metrics,
         "temperature": [float(t) for t in temperature],
         "signal": signal,
@@ -207,16 +262,16 @@ def _record(job: tuple[str, str, int, str], start: float, metrics: dict[str, flo
     }
 
 
-def _gym_task(testbed: str, controller: str, seed: int, key: str,
-              config: StudyConfig) -> dict[str, Any]:  # fmt: skip
+def _gym_task(job: Job, config: StudyConfig) -> dict[str, Any]:
     start = time.perf_counter()
-    run = run_one((controller, seed, config))
+    run = run_one((job.builds, job.seed, config))
     metrics = {"auc": float(run["auc"]), "final": float(run["final"]),
                "final_greedy": float(run["greedy"][-1])}  # fmt: skip
     # the columns of the signal are the controller's candidates (run_one does not return the
     # policy; building it again is cheap and draws nothing from the run's RNGs)
-    signal = from_gym_run(run["signal"], make_controller(controller, config, seed).candidates)
-    return _record((testbed, controller, seed, key), start, metrics, run["temperature"], signal)
+    signal = from_gym_run(run["signal"],
+                          make_controller(job.builds, config, job.seed).candidates)
+    return _record(job, start, metrics, run["temperature"], signal)
 
 
 def _init_worker(threads: int, with_torch: bool) -> None:
@@ -242,16 +297,19 @@ def _prepare_task(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     return prepare_start(dataclasses.replace(cfg, controllers=("fixed-1.0",)), progress=False)
 
 
-def _reference_task(testbed: str, controller: str, seed: int, key: str, cfg: Any,
-                    start_path: str | None) -> dict[str, Any]:  # fmt: skip
+def _reference_task(job: Job, cfg: Any, start_path: str | None) -> dict[str, Any]:
     from ..reproduce.experiment import run_arm
 
     start = time.perf_counter()
     # no per-arm progress bar: the scoreboard draws one bar over all runs
-    result = run_arm(cfg, reference_controller_name(controller), seed, start_path, progress=False)
+    result = run_arm(cfg, reference_controller_name(job.builds), job.seed, start_path,
+                     progress=False)  # fmt: skip
     avg = result["final"]["avg"]
     metrics = {name: float(avg[name]) for name in ("pass1", "greedy", "pass_at_k")}
-    return _record((testbed, controller, seed, key), start, metrics, result["temperature"],
+    area = curve_auc(result.get("curve") or [])
+    if area is not None:
+        metrics[CURVE_AUC] = float(area)
+    return _record(job, start, metrics, result["temperature"],
                    from_reference_result(result), train_seconds=float(result["train_seconds"]),
                    meta_seconds=float(result.get("meta_seconds", 0.0)))  # fmt: skip
 
@@ -265,10 +323,14 @@ def run_jobs(
     on_record: Callable[[dict[str, Any]], None],
     on_note: Callable[[str], None],
     scan: RecordScan | None = None,
+    starts: dict[str, tuple[str | None, dict[str, Any]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every job of ``plan`` (``(testbed, config, jobs)`` per testbed) not already finished.
 
     Returns ``{testbed name: start info}`` of the reference testbeds (the start model's scores).
+    ``starts``: ``{testbed: (start path, start info)}`` of reference testbeds prepared already
+    (their warm-up and checks are not run again); the testbeds prepared here are added to it,
+    so a second phase of the same scoreboard passes the same dict.
     Finished records are passed to ``on_record`` (reused ones first); notes (recomputed
     records) to ``on_note``. ``scan``: :func:`scan_records` of this plan when the caller has
     read the records already. Reference arms are scheduled before gym runs, so the long runs
@@ -282,23 +344,28 @@ def run_jobs(
         on_note(f"{why}; recomputing it")
     for payload in scan.finished:
         on_record(payload)
+    if starts is None:
+        starts = {}
     todo = set(scan.todo)
     kinds = {testbed.name: testbed.kind for testbed, _, _ in plan}
     gym_jobs: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
     prepares: deque[tuple[Testbed, Any, list[Job]]] = deque()
+    ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()  # reference, prepared
+    start_info: dict[str, dict[str, Any]] = {}
     for testbed, config, jobs in plan:
         pending = [job for job in jobs if job in todo]
         if not pending:
             continue
         if testbed.kind == "gym":
-            gym_jobs.extend((_gym_task, (j.testbed, j.controller, j.seed, j.key, config))
-                            for j in pending)  # fmt: skip
+            gym_jobs.extend((_gym_task, (j, config)) for j in pending)
+        elif testbed.name in starts:
+            start_path, start_info[testbed.name] = starts[testbed.name]
+            ready.extend((_reference_task, (j, config, start_path)) for j in pending)
         else:
             prepares.append((testbed, config, pending))
-    start_info: dict[str, dict[str, Any]] = {}
-    if not gym_jobs and not prepares:
+    if not gym_jobs and not prepares and not ready:
         return start_info
-    with_torch = bool(prepares)
+    with_torch = bool(prepares) or bool(ready)
 
     def finish(kind: str, value: Any, context: Any) -> list[tuple[Callable[..., Any], tuple]]:
         if kind == "record":
@@ -312,8 +379,8 @@ def run_jobs(
         testbed, config, pending = context  # a finished prepare: its arms become runnable
         start_path, info = value
         start_info[testbed.name] = info
-        return [(_reference_task, (j.testbed, j.controller, j.seed, j.key, config, start_path))
-                for j in pending]  # fmt: skip
+        starts[testbed.name] = (start_path, info)
+        return [(_reference_task, (j, config, start_path)) for j in pending]
 
     if workers == 1:  # in this process (the torch thread count restored)
         threads = 1
@@ -323,6 +390,9 @@ def run_jobs(
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
         try:
+            while ready:
+                fn, args = ready.popleft()
+                finish("record", fn(*args), None)
             while prepares:
                 context = prepares.popleft()
                 for fn, args in finish("prepare", _prepare_task(context[1]), context):
@@ -336,7 +406,7 @@ def run_jobs(
         return start_info
 
     context_mp = mp.get_context("spawn")
-    reference_jobs: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+    reference_jobs = ready
     in_flight: dict[cf.Future[Any], tuple[str, Any]] = {}
     preparing = False
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context_mp,

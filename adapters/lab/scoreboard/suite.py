@@ -13,6 +13,8 @@ Example
 True
 >>> reference_controller_name("metagradient"), reference_controller_name("tampo")
 ('metagrad', 'tampo')
+>>> resolve_bound("bound-t1-10", "fixed-1.2"), resolve_bound("bound-spread-25", "fixed-0.8")
+('switch-1.0-1.2-10', 'spread-then-0.8-25')
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # the reference trainer needs torch: imported only where a re
     from ..reproduce.experiment import ReproduceConfig
 
 __all__ = [
+    "BOUND_ARMS",
     "DEVELOPMENT",
     "FIXED_GRID",
     "HELD_OUT",
@@ -38,8 +41,10 @@ __all__ = [
     "Testbed",
     "check_controller",
     "default_controllers",
+    "is_bound",
     "is_likelihood_rule",
     "reference_controller_name",
+    "resolve_bound",
     "testbed_policy",
 ]
 
@@ -48,6 +53,45 @@ HELD_OUT = "held-out"
 
 # FIXED_GRID (from the controller registry): the fixed arms every testbed runs, the whole
 # candidate grid 0.6..1.5.
+
+
+#: The bound rows of PROTOCOL section 16.2: ``{name: (first phase, its steps)}``. Each plays
+#: its first phase (T = 1.0, or the uniform mixture `metactl.Spread`) for that many steps, then
+#: the testbed's best fixed temperature, known only after the fixed grid has run on the same
+#: seeds (post hoc: oracles, never candidates for ``recommended``).
+BOUND_ARMS: dict[str, tuple[str, int]] = {
+    "bound-t1-10": ("t1", 10),
+    "bound-t1-25": ("t1", 25),
+    "bound-spread-10": ("spread", 10),
+    "bound-spread-25": ("spread", 25),
+}
+
+
+def is_bound(name: str) -> bool:
+    """Whether ``name`` is a bound row (resolved per testbed after its fixed grid has run)."""
+    if not isinstance(name, str):
+        raise TypeError(f"controller name must be a str, got {type(name).__name__}")
+    return name in BOUND_ARMS
+
+
+def resolve_bound(name: str, best_fixed: str) -> str:
+    """The registry name bound row ``name`` runs as when ``best_fixed`` (a fixed arm of the grid)
+    is the testbed's best fixed arm: ``switch-1.0-T-K`` or ``spread-then-T-K``.
+
+    Raises ``ValueError`` naming the argument for a name that is not a bound row or a
+    ``best_fixed`` that is not on the fixed grid.
+    """
+    if not isinstance(name, str) or not isinstance(best_fixed, str):
+        raise TypeError("name and best_fixed must be str, got "
+                        f"{type(name).__name__}, {type(best_fixed).__name__}")  # fmt: skip
+    if name not in BOUND_ARMS:
+        raise ValueError(f"name {name!r} is not a bound row; bound rows: {', '.join(BOUND_ARMS)}")
+    if best_fixed not in FIXED_GRID:
+        raise ValueError(f"best_fixed {best_fixed!r} is not a fixed arm of the grid "
+                         f"{', '.join(FIXED_GRID)}")  # fmt: skip
+    phase, steps = BOUND_ARMS[name]
+    value = best_fixed.removeprefix("fixed-")
+    return f"switch-1.0-{value}-{steps}" if phase == "t1" else f"spread-then-{value}-{steps}"
 
 
 def reference_controller_name(name: str) -> str:
@@ -160,10 +204,14 @@ def _gym(**fields: Any) -> StudyConfig:
     return StudyConfig(steps=200, **fields)
 
 
-# benchmarks/PROTOCOL.md section 8: lowered from 30 (and reference-full from 3) for 27 arms;
+# The full suite's gym seed count: PROTOCOL section 16.3 sizes it by a pilot (the smallest
+# multiple of 10 in 30..100 at which the typical arm's regret CI half-width is <= 0.10 on every
+# development gym testbed); 30 until the pilot's count is set here (sections 8 and 14 had 12).
+GYM_FULL_SEEDS = 30
 # section 14: the quick suite from 10 to 3 gym seeds for 29 arms
-GYM_FULL_SEEDS = 12
 GYM_QUICK_SEEDS = 3
+# section 16.3: 6 seeds (0..5) on both reference testbeds in the full suite (2 under --quick)
+REFERENCE_FULL_SEEDS = 6
 
 #: The suite, in report order (development first). See benchmarks/PROTOCOL.md, section 2.
 TESTBEDS: dict[str, Testbed] = {
@@ -176,7 +224,8 @@ TESTBEDS: dict[str, Testbed] = {
         Testbed("gym-flat", DEVELOPMENT, "flattened prior: prior_margin=2.5", GYM_FULL_SEEDS,
                 GYM_QUICK_SEEDS, gym=_gym(prior_margin=2.5)),
         Testbed("reference-quick", DEVELOPMENT,
-                "reference CPU preset, quick (150 steps; 25 under --quick)", 2, 2,
+                "reference CPU preset, quick (150 steps; 25 under --quick)", REFERENCE_FULL_SEEDS,
+                2,
                 reference=_reference(preset_quick=True, quick_steps=25)),
         Testbed("gym-wide", HELD_OUT, "vocab_size=32, length=8, num_tasks=8", GYM_FULL_SEEDS,
                 GYM_QUICK_SEEDS, gym=_gym(vocab_size=32, length=8, num_tasks=8)),
@@ -196,26 +245,31 @@ TESTBEDS: dict[str, Testbed] = {
                 GYM_FULL_SEEDS, GYM_QUICK_SEEDS,
                 gym=_gym(prior_margin=3.0, vocab_size=8, length=4,
                          families=("shoulder", "tail"))),
-        # the fixed grid and `recommended` only by default: 29 arms x 2 seeds x ~85 s would
-        # not fit the full scoreboard's 60 minutes (PROTOCOL section 15)
-        Testbed("reference-full", HELD_OUT, "reference CPU preset, full (400 steps)", 2, None,
+        # by default the fixed grid, `recommended`, the mixtures and the bound rows only: every
+        # arm at 6 seeds x ~85 s would not fit (PROTOCOL sections 15 and 16.5, point 5)
+        Testbed("reference-full", HELD_OUT, "reference CPU preset, full (400 steps)",
+                REFERENCE_FULL_SEEDS, None,
                 reference=_reference(preset_quick=False, quick_steps=None),
-                default_arms=("recommended",)),
+                default_arms=("recommended", "mixture", "spread", *BOUND_ARMS)),
     )
 }
 
 
 def default_controllers() -> list[str]:
-    """Every controller ``metactl gym-study`` runs by default, fixed grid last (the same names)."""
+    """Every controller ``metactl gym-study`` runs by default (the same names), then the bound
+    rows, fixed grid last."""
     adaptive = [c for c in STUDY_ARMS if c not in FIXED_GRID]
-    return [*adaptive, *FIXED_GRID]
+    return [*adaptive, *BOUND_ARMS, *FIXED_GRID]
 
 
 def testbed_policy(name: str, testbed: Testbed) -> metactl.MetaPolicy:
-    """Controller ``name`` as a run on ``testbed`` builds it (seed 0). Raises ``ValueError``
-    naming the controller and the testbed when it cannot be built there."""
+    """Controller ``name`` as a run on ``testbed`` builds it (seed 0); a bound row as it would
+    run if fixed T = 1.0 were the best fixed arm. Raises ``ValueError`` naming the controller
+    and the testbed when it cannot be built there."""
     if not isinstance(testbed, Testbed):
         raise TypeError(f"testbed must be a Testbed, got {type(testbed).__name__}")
+    if is_bound(name):  # its shape (the best fixed arm is known only after the grid has run)
+        name = resolve_bound(name, "fixed-1.0")
     try:
         if testbed.gym is not None:
             return make_controller(name, testbed.gym, seed=0)

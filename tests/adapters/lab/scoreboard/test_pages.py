@@ -52,8 +52,12 @@ def _rewrite(out: Path, testbed: str, controller: str, seed: int, change) -> Non
 
 
 def _testbed_section(markdown: str, name: str) -> str:
-    start = markdown.index(f"### {name} (")
-    return markdown[start:markdown.index("paired bootstrap over seeds.", start)]
+    import re
+
+    found = re.search(rf"^### {re.escape(name)}†? \(", markdown, flags=re.MULTILINE)
+    assert found is not None, name
+    start = found.start()
+    return markdown[start:markdown.index("paired bootstrap over seeds", start)]
 
 
 def test_tiny_scoreboard_writes_a_page_per_testbed_with_the_signal_figure(tmp_path: Path,
