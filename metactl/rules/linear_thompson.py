@@ -38,6 +38,9 @@ __all__ = ["LinearThompson"]
 MAX_FEATURES = 256
 _QUADRATURE_NODES = 16
 _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
+# Up to this many contexts, the win probabilities of every candidate are computed in one pass
+# (a (n, K, Q, K) array); more contexts take one candidate at a time.
+_VECTOR_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -187,11 +190,30 @@ class LinearThompson(PassCountRows, Rule):
         inner = np.exp(log_cdf.sum(axis=2))
         return (inner @ _WEIGHTS) / math.sqrt(math.pi)
 
+    @staticmethod
+    def _node_values(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """The quadrature's integrand at every node for every candidate at once, (n, K, Q):
+        ``inner`` of :meth:`_win_probability` for each chosen candidate, element for element
+        (the same operations on the same values, the sums over rivals in the same order)."""
+        points = mean[:, :, None] + math.sqrt(2.0) * std[:, :, None] * _NODES  # (n, K, Q)
+        z = (points[..., None] - mean[:, None, None, :]) / std[:, None, None, :]  # (n, K, Q, K)
+        log_cdf = log_ndtr(z)
+        chosen = np.arange(mean.shape[1])
+        log_cdf[:, chosen, :, chosen] = 0.0  # no candidate is its own rival
+        return np.exp(log_cdf.sum(axis=3))
+
     def _all_win_probabilities(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-        k = mean.shape[1]
-        out = np.column_stack(
-            [self._win_probability(mean, std, np.full(mean.shape[0], j)) for j in range(k)]
-        )
+        n, k = mean.shape
+        if n <= _VECTOR_ROWS:  # few rows (the global policy): every candidate in one pass
+            inner = self._node_values(mean, std)
+            # each candidate's weighted sum over nodes as one (n, Q) product, as one at a time
+            columns = [
+                (np.ascontiguousarray(inner[:, j]) @ _WEIGHTS) / math.sqrt(math.pi)
+                for j in range(k)
+            ]
+        else:
+            columns = [self._win_probability(mean, std, np.full(n, j)) for j in range(k)]
+        out = np.column_stack(columns)
         out = np.maximum(out, 0.0)
         return out / out.sum(axis=1, keepdims=True)
 

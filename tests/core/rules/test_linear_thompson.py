@@ -43,3 +43,19 @@ def test_linear_thompson_running_pass_rate_is_a_feature() -> None:
     phi = rule.phi({"successes": np.array([0.0, 8.0]), "failures": np.array([0.0, 0.0])}, None)
     assert phi[0].tolist() == [1.0, 0.0, 0.0]  # unseen: pass rate 1/2
     assert phi[1].tolist() == pytest.approx([1.0, 0.4, 0.16])  # (8 + 1) / (8 + 2) - 1/2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 65])
+def test_all_win_probabilities_equal_one_candidate_at_a_time(rows: int) -> None:
+    """Up to 64 contexts every candidate's quadrature runs in one pass: the same bits as
+    ``_win_probability`` one candidate at a time (ties between candidates included)."""
+    rule = metactl.LinearThompson()
+    rng = np.random.default_rng(rows)
+    for k in (2, 10):
+        mean = rng.normal(size=(rows, k))
+        std = np.abs(rng.normal(size=(rows, k))) + 1e-3
+        mean[:, 1], std[:, 1] = mean[:, 0], std[:, 0]
+        columns = [rule._win_probability(mean, std, np.full(rows, j)) for j in range(k)]
+        expected = np.maximum(np.column_stack(columns), 0.0)
+        expected /= expected.sum(axis=1, keepdims=True)
+        assert rule._all_win_probabilities(mean, std).tobytes() == expected.tobytes()
