@@ -9,9 +9,9 @@ temperature, out of place), so this module wraps that method: when the micro-bat
 non-tensor entry :data:`CANDIDATES_KEY` (the candidate temperatures, put into the batch's
 ``extra_info`` by :class:`~metactl.adapters.verl.trainer.MetaPPOTrainer` for its old-log-prob
 pass only), it scores every trajectory's response tokens under every candidate with
-:func:`metactl.likelihood.candidate_loglik` (float32 math, chunked: no ``K`` copies of the
-logits) and adds the output field :data:`LOGLIK_FIELD`: ``(bsz, K)`` float64 sums over the
-positions ``response_mask`` selects, one row per trajectory. verl's worker writes every model
+:func:`metactl.likelihood.candidate_loglik` (float32 per token, chunked: no ``K`` copies of
+the logits) and adds the output field :data:`LOGLIK_FIELD`: ``(bsz, K)`` sums in float64 over
+the positions ``response_mask`` selects, one row per trajectory. verl's worker writes every model
 output to the TransferQueue, so the field reaches the driver beside ``log_probs``. Without the
 entry the method runs unchanged.
 
@@ -74,24 +74,25 @@ def trajectory_candidate_sums(
     for i, (start, stop) in enumerate(itertools.pairwise(offsets)):
         length, resp = stop - start, response_lengths[i]
         row_logits = logits[i]
-        if row_logits.shape[0] != length:
+        if row_logits.shape[0] != length or not 0 <= resp < length:
             raise RuntimeError(
-                f"sequence {i}: {row_logits.shape[0]} logit rows for {length} tokens"
+                f"sequence {i}: {row_logits.shape[0]} logit rows for {length} tokens, "
+                f"{resp} of them response"
             )
-        # position p scores token p + 1; the response tokens are the last resp of the sequence
-        tokens = torch.zeros(length, dtype=torch.long, device=row_logits.device)
-        tokens[:-1] = labels[start + 1 : stop].to(row_logits.device)
-        mask = torch.zeros(length, dtype=torch.bool)
-        selected = response_values[response_offsets[i] : response_offsets[i + 1]].cpu()
-        mask[length - resp - 1 : length - 1] = selected
-        count = int(mask.sum())
-        if count == 0:
+        selected = response_values[response_offsets[i] : response_offsets[i + 1]]
+        if not bool(selected.any()):
             rows.append(torch.zeros(len(candidates), dtype=torch.float64))
             continue
-        means = candidate_loglik(
-            row_logits.unsqueeze(0), tokens.unsqueeze(0), mask.unsqueeze(0), list(candidates)
-        )
-        rows.append(means[0].double().cpu() * count)
+        # position p scores token p + 1: the response tokens are scored by the resp positions
+        # before the last; each position is scored as a row of its own (a view, no copy), so
+        # the per-token values come back in float32 and are summed here in float64, as the
+        # passes' per-token log-probs are (a float32 mean times the count would round the sum)
+        scoring = row_logits[length - resp - 1 : length - 1].unsqueeze(1)  # (resp, 1, V)
+        tokens = labels[stop - resp : stop].to(row_logits.device).unsqueeze(1)  # (resp, 1)
+        every = torch.ones(resp, 1, dtype=torch.bool)
+        per_token = candidate_loglik(scoring, tokens, every, list(candidates))  # (resp, K)
+        keep = selected.to(per_token.device).unsqueeze(1)
+        rows.append(torch.where(keep, per_token.double(), 0.0).sum(dim=0).cpu())
     return torch.stack(rows)
 
 
