@@ -392,10 +392,13 @@ def format_summary(analysis: dict[str, Any]) -> str:
     bound = [c for c in analysis["controllers"] if is_bound(c)]
     arms = [c for c in analysis["controllers"] if not is_bound(c)]
     lines: list[str] = []
-    for block, title in (("primary", "Primary metric (gym: AUC of success; reference: final "
-                                     "average Pass@1):"),
-                         ("final", "Final metric (gym: final success; reference: final average "
-                                   "Pass@1, the primary metric):")):  # fmt: skip
+    blocks = [("primary", "Primary metric (gym: AUC of success; reference: final average "
+                          "Pass@1):")]  # fmt: skip
+    if any(tbs[t].get("final_metric", tbs[t]["metric"]) != tbs[t]["metric"] for t in order):
+        # (on reference testbeds alone the final metric is the primary one: no second table)
+        blocks.append(("final", "Final metric (gym: final success; reference: final average "
+                                "Pass@1, the primary metric):"))  # fmt: skip
+    for block, title in blocks:
         lines += [title, "", *_summary_table(analysis, arms, block, worst=True), ""]
         if bound:
             lines += ["Bound rows (oracles: the best fixed arm of each testbed's grid, known "
