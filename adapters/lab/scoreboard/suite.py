@@ -207,7 +207,7 @@ def _gym(**fields: Any) -> StudyConfig:
 # The full suite's gym seed count: PROTOCOL section 16.3 sizes it by a pilot (the smallest
 # multiple of 10 in 30..100 at which the typical arm's regret CI half-width is <= 0.10 on every
 # development gym testbed); 30 until the pilot's count is set here (sections 8 and 14 had 12).
-GYM_FULL_SEEDS = 30
+GYM_FULL_SEEDS = 40
 # section 14: the quick suite from 10 to 3 gym seeds for 29 arms
 GYM_QUICK_SEEDS = 3
 # section 16.3: 6 seeds (0..5) on both reference testbeds in the full suite (2 under --quick)
