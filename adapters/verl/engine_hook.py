@@ -45,6 +45,8 @@ CANDIDATES_KEY = "metactl_candidate_temperatures"
 LOGLIK_FIELD = "metactl_candidate_loglik"
 
 _WRAPPED = "__metactl_candidate_hook__"
+#: Response positions per scored block (see :func:`trajectory_candidate_sums`).
+_BLOCK = 16
 
 
 def trajectory_candidate_sums(
@@ -84,15 +86,26 @@ def trajectory_candidate_sums(
             rows.append(torch.zeros(len(candidates), dtype=torch.float64))
             continue
         # position p scores token p + 1: the response tokens are scored by the resp positions
-        # before the last; each position is scored as a row of its own (a view, no copy), so
-        # the per-token values come back in float32 and are summed here in float64, as the
-        # passes' per-token log-probs are (a float32 mean times the count would round the sum)
-        scoring = row_logits[length - resp - 1 : length - 1].unsqueeze(1)  # (resp, 1, V)
-        tokens = labels[stop - resp : stop].to(row_logits.device).unsqueeze(1)  # (resp, 1)
-        every = torch.ones(resp, 1, dtype=torch.bool)
-        per_token = candidate_loglik(scoring, tokens, every, list(candidates))  # (resp, K)
-        keep = selected.to(per_token.device).unsqueeze(1)
-        rows.append(torch.where(keep, per_token.double(), 0.0).sum(dim=0).cpu())
+        # before the last. They are scored in blocks of _BLOCK positions (rows of a stride-0
+        # view of the same logits: no copy), and the blocks' float32 means times their counts
+        # are summed in float64: one float32 mean over a whole long response would round its
+        # sum more than the passes' per-token float32 log-probs do
+        scoring = row_logits[length - resp - 1 : length - 1]  # (resp, V)
+        response = labels[stop - resp : stop].to(row_logits.device)  # (resp,)
+        blocks = torch.arange(resp) // _BLOCK
+        mask = (blocks.unsqueeze(0) == torch.arange(int(blocks[-1]) + 1).unsqueeze(1)) & (
+            selected.cpu().unsqueeze(0)
+        )  # (blocks, resp): block j selects its own positions
+        mask = mask[mask.any(dim=1)]
+        n = mask.shape[0]
+        means = candidate_loglik(
+            scoring.unsqueeze(0).expand(n, -1, -1),
+            response.unsqueeze(0).expand(n, -1),
+            mask,
+            list(candidates),
+        )  # (n, K)
+        counts = mask.sum(dim=1, keepdim=True).double()
+        rows.append((means.double().cpu() * counts).sum(dim=0))
     return torch.stack(rows)
 
 
