@@ -9,11 +9,11 @@ temperature, out of place), so this module wraps that method: when the micro-bat
 non-tensor entry :data:`CANDIDATES_KEY` (the candidate temperatures, put into the batch's
 ``extra_info`` by :class:`~metactl.adapters.verl.trainer.MetaPPOTrainer` for its old-log-prob
 pass only), it scores every trajectory's response tokens under every candidate with
-:func:`metactl.likelihood.candidate_loglik` (float32 per token, chunked: no ``K`` copies of
-the logits) and adds the output field :data:`LOGLIK_FIELD`: ``(bsz, K)`` sums in float64 over
-the positions ``response_mask`` selects, one row per trajectory. verl's worker writes every model
-output to the TransferQueue, so the field reaches the driver beside ``log_probs``. Without the
-entry the method runs unchanged.
+:func:`metactl.likelihood.candidate_loglik` (float32, chunked: no ``K`` copies of the logits;
+on CUDA its Triton kernel) and adds the output field :data:`LOGLIK_FIELD`: ``(bsz, K)`` sums
+in float64 over the positions ``response_mask`` selects, one row per trajectory. verl's worker
+writes every model output to the TransferQueue, so the field reaches the driver beside
+``log_probs``. Without the entry the method runs unchanged.
 
 The wrapper is installed at import (:func:`install`), which happens in every process that
 imports verl: :mod:`metactl.adapters.verl.register` imports this module, and verl imports the
