@@ -78,6 +78,34 @@ def _kept_totals(ordered: np.ndarray, kept_size: np.ndarray) -> np.ndarray:
     return total
 
 
+# numpy sums a contiguous row of fewer than this many float64 entries as a fixed expression
+# (its pairwise summation without a second block): _kept_totals_columns takes it as vectors.
+_PAIRWISE_BLOCK = 8
+_FIXED_SUM_CANDIDATES = 2 * _PAIRWISE_BLOCK - 1
+
+
+def _kept_totals_columns(columns: np.ndarray, kept_size: np.ndarray) -> np.ndarray:
+    """:func:`_kept_totals` of ``columns.T`` for the transposed (K, n) ``columns``, bit for
+    bit, for K < 16. numpy's sum of a contiguous row ``a`` of L < 16 entries is its identity
+    0.0 plus, for L < 8, ``a[0] + a[1] + ...`` left to right, and for 8 <= L < 16,
+    ``((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`` followed by ``a[8], a[9], ...``
+    left to right (its pairwise summation, whose unrolled block is 8 wide). Every prefix
+    length's sum is built as vectors over the n rows, then each row's kept length is read."""
+    k, n = columns.shape
+    if k > _FIXED_SUM_CANDIDATES:
+        return _kept_totals(np.ascontiguousarray(columns.T), kept_size)
+    sums = np.empty((k, n))
+    sums[0] = columns[0]
+    for length in range(2, k + 1):
+        if length == _PAIRWISE_BLOCK:
+            c = columns
+            sums[length - 1] = ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]))
+        else:
+            np.add(sums[length - 2], columns[length - 1], out=sums[length - 1])
+    np.add(0.0, sums, out=sums)  # the identity (turns a -0.0 sum into 0.0, as numpy's does)
+    return sums[kept_size - 1, np.arange(n)]
+
+
 def nucleus_support(probs: np.ndarray, top_p: float) -> np.ndarray:
     """Indices of the smallest set of candidates, by descending probability, with mass >= top_p,
     plus every candidate tied with the set's least probable member (fair ties).
@@ -187,7 +215,7 @@ class Nucleus(Selector):
         tied = (columns >= boundary - TIE_ULPS * np.spacing(boundary)) & (columns > 0)
         kept_size = np.maximum(size, np.count_nonzero(tied, axis=0))
         kept = np.where(np.arange(k)[:, None] < kept_size, columns, 0.0)
-        mass = kept / _kept_totals(ordered, kept_size)
+        mass = kept / _kept_totals_columns(columns, kept_size)
         u = np.asarray(rng.random(n), dtype=np.float64)
         choice = np.where(kept_size > 1, _inverse_cdf_columns(mass, u), 0)
         return order[rows, choice].astype(np.int64), mass[choice, rows]

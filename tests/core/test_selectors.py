@@ -194,3 +194,18 @@ def test_many_rows_select_as_one_row_at_a_time(rows: int, top_p: float) -> None:
     assert np.array_equal(index, np.concatenate([i for i, _ in one]))
     assert prob.tobytes() == np.concatenate([p for _, p in one]).tobytes()
     assert index.dtype == np.int64 and prob.dtype == np.float64
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 8, 9, 10, 15, 16, 20])
+def test_kept_totals_columns_equal_the_row_sums(k: int) -> None:
+    """The vector sums over candidates give numpy's row sums of each kept prefix, bit for bit."""
+    from metactl.selectors import _kept_totals, _kept_totals_columns
+
+    rng = np.random.default_rng(k)
+    for n in (1, 5, 200):
+        scale = rng.choice([0.0, 1e-300, 1e-3, 1.0, 1e3], size=(n, k))
+        ordered = -np.sort(-(rng.random((n, k)) * scale), axis=1)
+        kept_size = rng.integers(1, k + 1, size=n)
+        plain = _kept_totals(ordered, kept_size)
+        fast = _kept_totals_columns(np.ascontiguousarray(ordered.T), kept_size)
+        assert np.array_equal(plain, fast) and np.array_equal(np.signbit(plain), np.signbit(fast))

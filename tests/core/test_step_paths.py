@@ -91,11 +91,27 @@ class _ReferenceStore:
         return evicted
 
 
+_POOLS: dict[str, list[object]] = {
+    "mixed": [*range(30), *(f"k{i}" for i in range(30))],
+    # int keys only: the store's sorted int64 index throughout (negative and extreme keys too)
+    "ints": [*range(-10, 40), -(2**63), 2**63 - 1, 10**12],
+    # ints beyond int64: the index turns into a dict at the first one
+    "big ints": [*range(40), 2**63, -(2**63) - 1, 10**30],
+}
+
+
+@pytest.mark.parametrize("side_min", [0, 4096])  # 0: the int index merges often
+@pytest.mark.parametrize("pool_name", list(_POOLS))
 @pytest.mark.parametrize("capacity", [1, 5, 40])
-def test_store_keeps_the_least_recently_updated_order(capacity: int) -> None:
+def test_store_keeps_the_least_recently_updated_order(
+    capacity: int, pool_name: str, side_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metactl.contexts import _SlotIndex
+
+    monkeypatch.setattr(_SlotIndex, "_SIDE_MIN", side_min)
     rng = np.random.default_rng(capacity)
     store, reference = ContextStore({"x": 0}, capacity), _ReferenceStore(capacity)
-    pool: list[object] = [*range(30), *(f"k{i}" for i in range(30))]
+    pool = _POOLS[pool_name]
     for step in range(300):
         size = int(rng.integers(1, capacity + 1))
         keys = [pool[i] for i in rng.choice(len(pool), size=size, replace=False)]
@@ -106,6 +122,13 @@ def test_store_keeps_the_least_recently_updated_order(capacity: int) -> None:
         assert store.keys() == list(reference.rows) and len(store) == len(reference.rows)
         assert all(key in store for key in reference.rows)
         assert not any(key in store for key in expected)
+        # every key of the pool (and keys never stored) looked up as one batch
+        probe = [*pool, "absent", 10**40, -(2**63) + 1]
+        slots = store.slots(probe)
+        assert [bool(s >= 0) for s in slots] == [key in reference.rows for key in probe]
+        assert np.array_equal(store.gather(slots, {"x": np.full(len(probe), np.nan)})["x"],
+                              [reference.rows.get(key, np.nan) for key in probe],
+                              equal_nan=True)  # fmt: skip
         state = store.to_json()
         assert state["rows"]["x"] == list(reference.rows.values())
         if step % 50 == 49:  # a reloaded store continues alike
@@ -128,3 +151,40 @@ def test_gather_cache_serves_copies_until_a_write() -> None:
     assert after["ema"].tolist() == [[4.0, 5.0], [7.0, 8.0]]
     other = store.gather(store.slots([2, 3]), prior)  # other slots: read from the store
     assert other["ema"].tolist() == [[2.0, 3.0], [4.0, 5.0]]
+
+
+@pytest.mark.parametrize("side_min", [0, 4096])
+@pytest.mark.parametrize("pool_name", list(_POOLS))
+def test_slot_index_equals_a_dict(
+    pool_name: str, side_min: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sorted int64 index gives the slots a plain dict gives, through removals (main-part
+    tombstones and side-part deletions), additions (revived tombstones, side insertions),
+    merges and the switch to a dict."""
+    from metactl.contexts import _SlotIndex
+
+    monkeypatch.setattr(_SlotIndex, "_SIDE_MIN", side_min)
+
+    rng = np.random.default_rng(7)
+    pool = _POOLS[pool_name]
+    index, reference = _SlotIndex(), {}
+    merged = 0
+    for _ in range(200):
+        stored = list(reference)
+        removed = [stored[i] for i in rng.permutation(len(stored))[: int(rng.integers(0, 4))]]
+        fresh = [key for key in pool if key not in reference]
+        added = [fresh[i] for i in rng.permutation(len(fresh))[: int(rng.integers(0, 6))]]
+        slots = rng.integers(0, 1000, size=len(added)).tolist()
+        index.replace(removed, added, slots)
+        for key in removed:
+            del reference[key]
+        reference.update(zip(added, slots, strict=True))
+        probe = [pool[i] for i in rng.integers(0, len(pool), size=12)]
+        assert index.lookup(probe).tolist() == [reference.get(key, -1) for key in probe]
+        if pool_name != "mixed":  # the int index, merged or not, holds what the dict holds
+            assert index.to_dict() == reference or index._dict is not None
+        merged += index._side_keys.size == 0 and index._main_keys.size > 0
+    if pool_name == "ints":
+        assert merged > 0 if side_min == 0 else merged == 0
+        assert [index.get(key) for key in probe] == [reference.get(key, -1) for key in probe]
+        assert len(index) == len(reference)
