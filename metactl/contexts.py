@@ -291,6 +291,14 @@ class ContextStore:
         self._looked_up = (keys, found.copy())
         return found
 
+    def looked_up(self, keys: Sequence[ContextKey]) -> np.ndarray | None:
+        """The slots of ``keys`` when they were the last keys looked up (with no write since),
+        else None (nothing is looked up)."""
+        last = self._looked_up
+        if last is not None and last[0] == tuple(keys):
+            return last[1].copy()
+        return None
+
     def gather(self, slots: np.ndarray, prior: ContextRows) -> ContextRows:
         """Rows for these slots; ``prior`` (rows of the same length) fills slots -1."""
         seen = slots >= 0

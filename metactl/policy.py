@@ -309,10 +309,14 @@ class MetaPolicy:
         return array
 
     def _contexts(
-        self, keys: tuple[ContextKey, ...] | None, features: np.ndarray | None
+        self,
+        keys: tuple[ContextKey, ...] | None,
+        features: np.ndarray | None,
+        slots: np.ndarray | None = None,
     ) -> tuple[Contexts, np.ndarray]:
         """The hook argument for these contexts (``keys=None``: the one global context) and
-        their store slots (-1: not stored). Reads the store, changes nothing."""
+        their store slots (-1: not stored; ``slots``, when given, are those of ``keys``, from
+        an earlier lookup). Reads the store, changes nothing."""
         rule = self._rule
         if keys is None or not self._per_context:
             rows = rule.global_rows(self._state, self._candidates)
@@ -324,7 +328,7 @@ class MetaPolicy:
             n = len(keys)
         else:
             n = len(keys)
-            slots = self._store.slots(keys)
+            slots = self._store.slots(keys) if slots is None else slots
             prior = rule.prior_rows(self._state, self._candidates, n)
             rows = self._store.gather(slots, prior)
         ctx = Contexts(self._candidates, self._step, self._selector, n, rows, features)
@@ -432,7 +436,14 @@ class MetaPolicy:
                 f"decisions hold {len(unique)} distinct contexts, more than max_contexts = "
                 f"{rule.max_contexts}"
             )
-        ctx, slots = self._contexts(None if keys is None else tuple(unique), None)
+        unique_slots = None
+        if keys is not None and store is not None and len(unique) < n:
+            # the slots of the selected keys, if they were just looked up: each distinct
+            # key's slot is that of its first occurrence
+            looked_up = store.looked_up(keys)
+            if looked_up is not None:
+                unique_slots = looked_up[np.unique(inverse, return_index=True)[1]]
+        ctx, slots = self._contexts(None if keys is None else tuple(unique), None, unique_slots)
         m = max(len(unique), 1)
         batch = Batch(
             n=n,

@@ -188,3 +188,24 @@ def test_slot_index_equals_a_dict(
         assert merged > 0 if side_min == 0 else merged == 0
         assert [index.get(key) for key in probe] == [reference.get(key, -1) for key in probe]
         assert len(index) == len(reference)
+
+
+@pytest.mark.parametrize("name", ["tampo_per_prompt", "linear_thompson", "ptgs"])
+def test_repeated_keys_reuse_the_selects_lookup(name: str) -> None:
+    """An update whose keys repeat reads the distinct keys' slots from select's lookup: the
+    same steps and state as an update that looks them up again."""
+    kwargs = {"total_steps": 50} if name == "ptgs" else {}
+    fast = getattr(metactl, name)(seed=3, max_contexts=6, **kwargs)
+    plain = getattr(metactl, name)(seed=3, max_contexts=6, **kwargs)
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        keys = rng.choice(9, size=5).tolist()  # repeats; some keys evicted and new
+        fb = _feedback(rng, 10)
+        batches = []
+        for policy in (fast, plain):
+            batches.append(policy.select(contexts=keys))
+        plain._store._looked_up = None  # the plain path: no lookup to reuse
+        assert np.array_equal(batches[0].indices, batches[1].indices)
+        for policy, batch in zip((fast, plain), batches, strict=True):
+            policy.update(batch, **{k: v for k, v in fb.items() if k in policy.spec.feedback})
+        assert fast.state_dict() == plain.state_dict()
