@@ -84,14 +84,13 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _int64_keys(keys: Sequence[ContextKey]) -> np.ndarray | None:
-    """The keys as an int64 array when every one is a plain ``int`` within the int64 range,
-    else None."""
-    if set(map(type, keys)) - {int}:
-        return None
-    try:
-        return np.fromiter(keys, dtype=np.int64, count=len(keys))
-    except OverflowError:
-        return None
+    """The keys as an int64 array when every one is an int within the int64 range, else None.
+    (numpy makes an int64 array of a sequence only when it holds ints alone, all in range: a
+    str among them gives a str array, a larger int a float or object array.)"""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    ints = np.array(keys)
+    return ints if ints.dtype == np.int64 else None
 
 
 class _SlotIndex:
@@ -156,7 +155,7 @@ class _SlotIndex:
         return dict(pairs)
 
     def replace(
-        self, removed: Sequence[ContextKey], added: Sequence[ContextKey], slots: Sequence[int]
+        self, removed: Sequence[ContextKey], added: Sequence[ContextKey], slots: np.ndarray
     ) -> None:
         """Remove the stored keys ``removed``, then add the new distinct keys ``added`` at
         ``slots``."""
@@ -167,13 +166,13 @@ class _SlotIndex:
             self._main_keys = self._main_slots = self._side_keys = self._side_slots = empty
         if self._dict is not None:
             collections.deque(map(self._dict.pop, removed), maxlen=0)
-            self._dict.update(zip(added, slots, strict=True))
+            self._dict.update(zip(added, slots.tolist(), strict=True))
             return
         assert added_ints is not None
         if len(removed):
-            self._remove(np.fromiter(removed, dtype=np.int64, count=len(removed)))
+            self._remove(np.array(removed, dtype=np.int64))
         if added_ints.size:
-            self._add(added_ints, np.asarray(slots, dtype=np.int64))
+            self._add(added_ints, slots.astype(np.int64))
 
     def _remove(self, keys: np.ndarray) -> None:
         """Remove stored keys: tombstones in the main part, deletions from the side part."""
@@ -370,7 +369,6 @@ class ContextStore:
         slots = slots.copy()
         new = np.flatnonzero(is_new)
         new_keys: list[ContextKey] = []
-        assigned: list[int] = []
         if new.size:
             reuse = min(len(self._free), new.size)
             fresh = new.size - reuse
@@ -382,7 +380,7 @@ class ContextStore:
             slots[new] = assigned
             new_keys = [keys[i] for i in new.tolist()]
             self._key_of[slots[new]] = _object_array(new_keys)
-        self._slot_of.replace(evicted, new_keys, assigned)
+        self._slot_of.replace(evicted, new_keys, slots[new])
         for name, array in self._arrays.items():
             array[slots] = rows[name]
         stamps = np.arange(self._clock, self._clock + slots.size, dtype=np.int64)
@@ -494,7 +492,7 @@ class ContextStore:
             for field, array in rows.items():
                 store._arrays[field][:m] = array
             store._allocated = m
-            store._slot_of.replace([], keys, range(m))
+            store._slot_of.replace([], keys, np.arange(m))
             store._key_of[:m] = _object_array(keys)
             store._stamp[:m] = np.arange(m)
             store._clock = m

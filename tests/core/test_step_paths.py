@@ -167,18 +167,18 @@ def test_slot_index_equals_a_dict(
 
     rng = np.random.default_rng(7)
     pool = _POOLS[pool_name]
-    index, reference = _SlotIndex(), {}
+    index, reference = _SlotIndex(), dict[object, int]()
     merged = 0
     for _ in range(200):
         stored = list(reference)
         removed = [stored[i] for i in rng.permutation(len(stored))[: int(rng.integers(0, 4))]]
         fresh = [key for key in pool if key not in reference]
         added = [fresh[i] for i in rng.permutation(len(fresh))[: int(rng.integers(0, 6))]]
-        slots = rng.integers(0, 1000, size=len(added)).tolist()
+        slots = rng.integers(0, 1000, size=len(added))
         index.replace(removed, added, slots)
         for key in removed:
             del reference[key]
-        reference.update(zip(added, slots, strict=True))
+        reference.update(zip(added, slots.tolist(), strict=True))
         probe = [pool[i] for i in rng.integers(0, len(pool), size=12)]
         assert index.lookup(probe).tolist() == [reference.get(key, -1) for key in probe]
         if pool_name != "mixed":  # the int index, merged or not, holds what the dict holds
