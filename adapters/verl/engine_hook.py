@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -98,12 +98,15 @@ def trajectory_candidate_sums(
         )  # (blocks, resp): block j selects its own positions
         mask = mask[mask.any(dim=1)]
         n = mask.shape[0]
-        means = candidate_loglik(
-            scoring.unsqueeze(0).expand(n, -1, -1),
-            response.unsqueeze(0).expand(n, -1),
-            mask,
-            list(candidates),
-        )  # (n, K)
+        means = cast(
+            torch.Tensor,  # torch logits in, a torch tensor out
+            candidate_loglik(
+                scoring.unsqueeze(0).expand(n, -1, -1),
+                response.unsqueeze(0).expand(n, -1),
+                mask,
+                list(candidates),
+            ),
+        )  # (n, K) float32
         counts = mask.sum(dim=1, keepdim=True).double()
         rows.append((means.double().cpu() * counts).sum(dim=0))
     return torch.stack(rows)
