@@ -139,6 +139,8 @@ class _SlotIndex:
         ints = _int64_keys(keys)
         if ints is None:  # some keys are not int64, so not stored: look up the others
             return np.fromiter(map(self.get, keys), dtype=np.int64, count=n)
+        if not self._main_keys.size:  # a small store: the side part alone
+            return _search(self._side_keys, self._side_slots, ints)
         found = _search(self._main_keys, self._main_slots, ints)
         if self._side_keys.size:
             missing = found < 0
