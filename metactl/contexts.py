@@ -80,170 +80,21 @@ def context_keys(contexts: Any, name: str = "contexts") -> tuple[ContextKey, ...
     return keys
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _int64_keys(keys: Sequence[ContextKey]) -> np.ndarray | None:
-    """The keys as an int64 array when every one is an int within the int64 range, else None.
-    (numpy makes an int64 array of a sequence only when it holds ints alone, all in range: a
-    str among them gives a str array, a larger int a float or object array.)"""
-    if not len(keys):
-        return np.zeros(0, dtype=np.int64)
-    ints = np.array(keys)
-    return ints if ints.dtype == np.int64 else None
-
-
-class _SlotIndex:
-    """The map key -> slot of a :class:`ContextStore`.
-
-    While every stored key is an int within the int64 range (the usual integer prompt ids) the
-    map is held in sorted int64 arrays: a batch of keys is looked up with one vectorised binary
-    search, where a dict lookup of random keys among many costs a cache miss per key. The
-    first other key (a str, or a larger int) turns it into a dict for good. Both give the same
-    slots for the same keys.
-
-    The int arrays are a large *main* part and a small *side* part, each sorted by key. A
-    removed main key keeps its place with slot -1 (a tombstone, revived if the key is added
-    again); other added keys go to the side part (an insertion into a small array). When the
-    side part outgrows an eighth of the main part, both are merged into a new main part
-    without tombstones, so a write does not copy the large arrays every time.
-    """
-
-    _SIDE_MIN = 4096  # the side part is merged beyond max(_SIDE_MIN, main size / 8) keys
-
-    def __init__(self) -> None:
-        empty = np.zeros(0, dtype=np.int64)
-        self._main_keys, self._main_slots = empty, empty  # slot -1: removed (tombstone)
-        self._side_keys, self._side_slots = empty, empty
-        self._size = 0
-        self._dict: dict[ContextKey, int] | None = None  # the map, once a key is not int64
-
-    def __len__(self) -> int:
-        return len(self._dict) if self._dict is not None else self._size
-
-    def get(self, key: object) -> int:
-        """The slot of ``key``, -1 if it is not stored."""
-        if self._dict is not None:
-            return self._dict.get(key, -1)  # type: ignore[call-overload]
-        if not isinstance(key, (int, np.integer)) or not _INT64_MIN <= int(key) <= _INT64_MAX:
-            return -1  # only int64 keys are stored
-        return int(self.lookup((int(key),))[0])
-
-    def lookup(self, keys: Sequence[ContextKey]) -> np.ndarray:
-        """The slot of each key, -1 for keys not stored (a new int64 array)."""
-        n = len(keys)
-        if self._dict is not None:
-            return np.fromiter(
-                map(self._dict.get, keys, itertools.repeat(-1, n)), dtype=np.int64, count=n
-            )
-        ints = _int64_keys(keys)
-        if ints is None:  # some keys are not int64, so not stored: look up the others
-            return np.fromiter(map(self.get, keys), dtype=np.int64, count=n)
-        if not self._main_keys.size:  # a small store: the side part alone
-            return _search(self._side_keys, self._side_slots, ints)
-        found = _search(self._main_keys, self._main_slots, ints)
-        if self._side_keys.size:
-            missing = found < 0
-            found[missing] = _search(self._side_keys, self._side_slots, ints[missing])
-        return found
-
-    def to_dict(self) -> dict[ContextKey, int]:
-        """The map as a dict (for the switch to a dict)."""
-        live = self._main_slots >= 0
-        pairs = itertools.chain(
-            zip(self._main_keys[live].tolist(), self._main_slots[live].tolist(), strict=True),
-            zip(self._side_keys.tolist(), self._side_slots.tolist(), strict=True),
-        )
-        return dict(pairs)
-
-    def replace(
-        self, removed: Sequence[ContextKey], added: Sequence[ContextKey], slots: np.ndarray
-    ) -> None:
-        """Remove the stored keys ``removed``, then add the new distinct keys ``added`` at
-        ``slots``."""
-        added_ints = _int64_keys(added)
-        if self._dict is None and added_ints is None:
-            self._dict = self.to_dict()
-            empty = np.zeros(0, dtype=np.int64)
-            self._main_keys = self._main_slots = self._side_keys = self._side_slots = empty
-        if self._dict is not None:
-            collections.deque(map(self._dict.pop, removed), maxlen=0)
-            self._dict.update(zip(added, slots.tolist(), strict=True))
-            return
-        assert added_ints is not None
-        if len(removed):
-            self._remove(np.array(removed, dtype=np.int64))
-        if added_ints.size:
-            self._add(added_ints, slots.astype(np.int64))
-
-    def _remove(self, keys: np.ndarray) -> None:
-        """Remove stored keys: tombstones in the main part, deletions from the side part."""
-        main = self._main_keys
-        at = np.minimum(np.searchsorted(main, keys), max(main.size - 1, 0))
-        in_main = (
-            (main[at] == keys) & (self._main_slots[at] >= 0)
-            if main.size
-            else np.zeros(keys.size, dtype=bool)
-        )
-        self._main_slots[at[in_main]] = -1
-        if not np.all(in_main):  # the others are in the side part
-            gone = np.searchsorted(self._side_keys, keys[~in_main])
-            self._side_keys = np.delete(self._side_keys, gone)
-            self._side_slots = np.delete(self._side_slots, gone)
-        self._size -= keys.size
-
-    def _add(self, keys: np.ndarray, slots: np.ndarray) -> None:
-        """Add new keys: revive their main tombstones, insert the others in the side part."""
-        self._size += keys.size
-        main = self._main_keys
-        if main.size:
-            at = np.minimum(np.searchsorted(main, keys), main.size - 1)
-            revived = main[at] == keys  # a key not stored that matches is a tombstone
-            self._main_slots[at[revived]] = slots[revived]
-            keys, slots = keys[~revived], slots[~revived]
-        if keys.size:
-            order = np.argsort(keys, kind="stable")
-            at = np.searchsorted(self._side_keys, keys[order])
-            self._side_keys = np.insert(self._side_keys, at, keys[order])
-            self._side_slots = np.insert(self._side_slots, at, slots[order])
-        if self._side_keys.size > max(self._SIDE_MIN, main.size // 8):
-            self._merge()
-
-    def _merge(self) -> None:
-        """Merge the side part into the main part, dropping the tombstones."""
-        live = self._main_slots >= 0
-        keys, slots = self._main_keys[live], self._main_slots[live]
-        at = np.searchsorted(keys, self._side_keys)
-        self._main_keys = np.insert(keys, at, self._side_keys)
-        self._main_slots = np.insert(slots, at, self._side_slots)
-        self._side_keys = self._side_slots = np.zeros(0, dtype=np.int64)
-
-
-def _search(keys: np.ndarray, slots: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """The slot of each wanted key in the sorted ``keys`` (with their ``slots``), -1 for keys
-    not among them (a new array)."""
-    if keys.size == 0:
-        return np.full(wanted.size, -1, dtype=np.int64)
-    at = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
-    return np.where(keys[at] == wanted, slots[at], -1)
-
-
 class ContextStore:
     """The stored contexts of one policy: keys in least-recently-updated order and one numpy
     array per row field (slot-indexed; free slots are reused), at most ``capacity`` keys.
 
-    Lookups and writes cost O(keys in the call) Python work: an index maps key -> slot (sorted
-    int64 arrays while all keys are ints, else a dict; see ``_SlotIndex``); each slot carries
-    the stamp of its last write (a counter that only grows), and a log of (slot, stamp) in
-    write order lists the keys least recently updated first (an entry whose slot was written
-    again or freed since no longer matches its slot's stamp and is skipped). A write stamps its
-    slots and appends them to the log as vectors, with no per-key work for stored keys.
+    Lookups and writes cost O(keys in the call): a dict maps key -> slot; each slot carries the
+    stamp of its last write (a counter that only grows), and a log of (slot, stamp) in write
+    order lists the keys least recently updated first (an entry whose slot was written again or
+    freed since no longer matches its slot's stamp and is skipped). A write stamps its slots
+    and appends them to the log as vectors, with no per-key work for stored keys.
     """
 
     def __init__(self, fields: Mapping[str, int], capacity: int) -> None:
         self._fields = dict(fields)
         self._capacity = capacity
-        self._slot_of = _SlotIndex()
+        self._slot_of: dict[ContextKey, int] = {}
         self._allocated = 0
         self._arrays: dict[str, np.ndarray] = {
             name: np.zeros((0, width) if width else (0,)) for name, width in self._fields.items()
@@ -267,7 +118,7 @@ class ContextStore:
         return len(self._slot_of)
 
     def __contains__(self, key: object) -> bool:
-        return self._slot_of.get(key) >= 0
+        return key in self._slot_of
 
     @property
     def capacity(self) -> int:
@@ -288,7 +139,11 @@ class ContextStore:
         last = self._looked_up
         if last is not None and last[0] == keys:
             return last[1].copy()
-        found = self._slot_of.lookup(keys)
+        found = np.fromiter(
+            map(self._slot_of.get, keys, itertools.repeat(-1, len(keys))),
+            dtype=np.int64,
+            count=len(keys),
+        )
         self._looked_up = (keys, found.copy())
         return found
 
@@ -364,13 +219,13 @@ class ContextStore:
         self._looked_up = self._gathered = None
         gone = self._evicted_slots(slots)
         evicted: list[ContextKey] = self._key_of[gone].tolist()
+        collections.deque(map(self._slot_of.pop, evicted), maxlen=0)
         self._free.extend(gone.tolist())
         self._key_of[gone] = None
         self._stamp[gone] = -1
         is_new = slots < 0
         slots = slots.copy()
         new = np.flatnonzero(is_new)
-        new_keys: list[ContextKey] = []
         if new.size:
             reuse = min(len(self._free), new.size)
             fresh = new.size - reuse
@@ -381,8 +236,8 @@ class ContextStore:
                 self._allocated += fresh
             slots[new] = assigned
             new_keys = [keys[i] for i in new.tolist()]
+            self._slot_of.update(zip(new_keys, assigned, strict=True))
             self._key_of[slots[new]] = _object_array(new_keys)
-        self._slot_of.replace(evicted, new_keys, slots[new])
         for name, array in self._arrays.items():
             array[slots] = rows[name]
         stamps = np.arange(self._clock, self._clock + slots.size, dtype=np.int64)
@@ -494,7 +349,7 @@ class ContextStore:
             for field, array in rows.items():
                 store._arrays[field][:m] = array
             store._allocated = m
-            store._slot_of.replace([], keys, np.arange(m))
+            store._slot_of = dict(zip(keys, range(m), strict=True))
             store._key_of[:m] = _object_array(keys)
             store._stamp[:m] = np.arange(m)
             store._clock = m

@@ -93,22 +93,14 @@ class _ReferenceStore:
 
 _POOLS: dict[str, list[object]] = {
     "mixed": [*range(30), *(f"k{i}" for i in range(30))],
-    # int keys only: the store's sorted int64 index throughout (negative and extreme keys too)
     "ints": [*range(-10, 40), -(2**63), 2**63 - 1, 10**12],
-    # ints beyond int64: the index turns into a dict at the first one
     "big ints": [*range(40), 2**63, -(2**63) - 1, 10**30],
 }
 
 
-@pytest.mark.parametrize("side_min", [0, 4096])  # 0: the int index merges often
 @pytest.mark.parametrize("pool_name", list(_POOLS))
 @pytest.mark.parametrize("capacity", [1, 5, 40])
-def test_store_keeps_the_least_recently_updated_order(
-    capacity: int, pool_name: str, side_min: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from metactl.contexts import _SlotIndex
-
-    monkeypatch.setattr(_SlotIndex, "_SIDE_MIN", side_min)
+def test_store_keeps_the_least_recently_updated_order(capacity: int, pool_name: str) -> None:
     rng = np.random.default_rng(capacity)
     store, reference = ContextStore({"x": 0}, capacity), _ReferenceStore(capacity)
     pool = _POOLS[pool_name]
@@ -151,43 +143,6 @@ def test_gather_cache_serves_copies_until_a_write() -> None:
     assert after["ema"].tolist() == [[4.0, 5.0], [7.0, 8.0]]
     other = store.gather(store.slots([2, 3]), prior)  # other slots: read from the store
     assert other["ema"].tolist() == [[2.0, 3.0], [4.0, 5.0]]
-
-
-@pytest.mark.parametrize("side_min", [0, 4096])
-@pytest.mark.parametrize("pool_name", list(_POOLS))
-def test_slot_index_equals_a_dict(
-    pool_name: str, side_min: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The sorted int64 index gives the slots a plain dict gives, through removals (main-part
-    tombstones and side-part deletions), additions (revived tombstones, side insertions),
-    merges and the switch to a dict."""
-    from metactl.contexts import _SlotIndex
-
-    monkeypatch.setattr(_SlotIndex, "_SIDE_MIN", side_min)
-
-    rng = np.random.default_rng(7)
-    pool = _POOLS[pool_name]
-    index, reference = _SlotIndex(), dict[object, int]()
-    merged = 0
-    for _ in range(200):
-        stored = list(reference)
-        removed = [stored[i] for i in rng.permutation(len(stored))[: int(rng.integers(0, 4))]]
-        fresh = [key for key in pool if key not in reference]
-        added = [fresh[i] for i in rng.permutation(len(fresh))[: int(rng.integers(0, 6))]]
-        slots = rng.integers(0, 1000, size=len(added))
-        index.replace(removed, added, slots)
-        for key in removed:
-            del reference[key]
-        reference.update(zip(added, slots.tolist(), strict=True))
-        probe = [pool[i] for i in rng.integers(0, len(pool), size=12)]
-        assert index.lookup(probe).tolist() == [reference.get(key, -1) for key in probe]
-        if pool_name != "mixed":  # the int index, merged or not, holds what the dict holds
-            assert index.to_dict() == reference or index._dict is not None
-        merged += index._side_keys.size == 0 and index._main_keys.size > 0
-    if pool_name == "ints":
-        assert merged > 0 if side_min == 0 else merged == 0
-        assert [index.get(key) for key in probe] == [reference.get(key, -1) for key in probe]
-        assert len(index) == len(reference)
 
 
 @pytest.mark.parametrize("name", ["tampo_per_prompt", "linear_thompson", "ptgs"])
