@@ -33,6 +33,7 @@ from typing import Any
 
 def _variant(rule: str, fixed_steps: int, out: Path) -> dict[str, Any]:
     """Warm-up, start check and one arm in this process (its capability set by the parent)."""
+    import torch
     from metactl.adapters.lab.machine import machine_facts
     from metactl.adapters.lab.reproduce.experiment import prepare_start, run_arm
     from metactl.adapters.lab.reproduce.presets import cpu_config
@@ -43,6 +44,7 @@ def _variant(rule: str, fixed_steps: int, out: Path) -> dict[str, Any]:
         assert cfg.warmup is not None
         cfg = dataclasses.replace(
             cfg, warmup=dataclasses.replace(cfg.warmup, steps=fixed_steps, stop_loss=0.0))
+    torch.set_num_threads(cfg.threads_per_worker)  # as metactl reproduce runs its warm-up
     start_path, info = prepare_start(cfg, progress=False)
     result = run_arm(cfg, "fixed-1.0", 0, start_path, progress=False)
     return {
