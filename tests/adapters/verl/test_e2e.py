@@ -129,18 +129,30 @@ def test_per_step_tampo_samples_scores_updates_and_resumes(
     _check_temperatures_reached_the_log_prob_passes(_metrics(text)[3])
 
 
-def test_per_prompt_ptgs_sends_a_temperature_per_prompt(fixture_dir: Path, tmp_path: Path) -> None:
-    group = [
+PER_PROMPT_GROUPS = {
+    "PTGS": [
         "+metactl.rule=PTGS",
         "+metactl.rule_kwargs.t_ref=0.6",  # PTGS's range [t_ref / tau, t_ref * tau] = [0.5, 0.72]
         "+metactl.rule_kwargs.tau=1.2",
-        "+metactl.seed=0",
-        "+metactl.context_key=index",
-    ]
+    ],
+    # the learned mixture: one distribution dealt over the prompts, from the groups' rewards
+    "Mixture": ["+metactl.rule=Mixture", "+metactl.candidates=[0.5,0.6,0.7,0.8]"],
+}
+
+
+@pytest.mark.parametrize("rule", sorted(PER_PROMPT_GROUPS))
+def test_per_prompt_rules_send_a_temperature_per_prompt(
+    fixture_dir: Path, tmp_path: Path, rule: str
+) -> None:
+    group = [*PER_PROMPT_GROUPS[rule], "+metactl.seed=0", "+metactl.context_key=index"]
     text = _launch(fixture_dir, tmp_path / "checkpoints", tmp_path / "run.log", *group)
     steps, metrics = _steps(text), _metrics(text)
     assert sorted(steps) == [1, 2], text[-4000:]
     for step, values in steps.items():
-        assert len(values) == 4 and len(set(values)) == 4  # PTGS draws a value per prompt
-        assert metrics[step]["metactl/temperature_min"] == min(values)
+        assert len(values) == 4 and metrics[step]["metactl/temperature_min"] == min(values)
         _check_temperatures_reached_the_log_prob_passes(metrics[step])
+    if rule == "PTGS":  # a continuous draw per prompt
+        assert all(len(set(values)) == 4 for values in steps.values())
+    else:  # the uniform start deals the 4 prompts over the 4 candidates, one each
+        assert sorted(steps[1]) == [0.5, 0.6, 0.7, 0.8]
+        assert set(steps[2]) <= {0.5, 0.6, 0.7, 0.8}
