@@ -329,11 +329,13 @@ def test_sigint_stops_a_two_worker_run_at_once_and_the_rerun_resumes(tmp_path: P
     import time
 
     out = tmp_path / "board"
-    # 200-step runs: long enough (seconds for the 132) that the signal lands while runs remain
     argv = [sys.executable, "-m", "metactl", "scoreboard", "--testbeds", "gym-default",
-            "--controllers", "tampo", "--seeds", "12", "--steps", "200", "--resamples", "100",
+            "--controllers", "tampo", "--seeds", "12", "--steps", "60", "--resamples", "100",
             "--workers", "2", "--no-progress", "--no-plots", "--out", str(out)]  # fmt: skip
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it, whoever started the tests: a shell without job control
+    # starts background jobs with SIGINT ignored, and Python then installs no handler for it
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while len(list((out / "runs").rglob("*.json"))) < 4:
         assert process.poll() is None, process.communicate()
