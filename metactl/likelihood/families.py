@@ -165,20 +165,18 @@ def build_spec(
     Arguments of plain kinds (a float64/int64 array or a list of floats or ints as candidates,
     scalars for the rest) are validated once: the spec of a recent call with the same
     arguments (equal types and bits, see :func:`spec_key`) is returned as it is."""
-    key = spec_key(candidates, family, temperature=temperature, top_p=top_p, top_k=top_k,
-                   min_p=min_p, order=order, to_numpy=to_numpy)  # fmt: skip
-    if key is None:
-        return _build_spec(candidates, family, temperature=temperature, top_p=top_p,
-                           top_k=top_k, min_p=min_p, order=order, to_numpy=to_numpy)  # fmt: skip
+    knobs = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+             "order": order, "to_numpy": to_numpy}  # fmt: skip
+    key = spec_key(candidates, family, **knobs)
+    if key is None:  # arguments of other kinds: validated on every call
+        return _build_spec(candidates, family, **knobs)
     spec = _SPEC_CACHE.get(key)
-    if spec is None:
-        spec = _build_spec(candidates, family, temperature=temperature, top_p=top_p,
-                           top_k=top_k, min_p=min_p, order=order, to_numpy=to_numpy)  # fmt: skip
-        _SPEC_CACHE[key] = spec
-        if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
-            _SPEC_CACHE.popitem(last=False)
-    else:
+    if spec is not None:
         _SPEC_CACHE.move_to_end(key)
+        return spec
+    spec = _SPEC_CACHE[key] = _build_spec(candidates, family, **knobs)
+    if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
+        _SPEC_CACHE.popitem(last=False)
     return spec
 
 
