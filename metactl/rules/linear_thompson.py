@@ -131,8 +131,7 @@ class LinearThompson(PassCountRows, Rule):
             raise ValueError(
                 f"{state_field('precision')} must hold positive-definite matrices"
             ) from exc
-        # A_k - ridge I = sum phi phi' / s2 is positive semi-definite (never below the prior),
-        # and b_k = sum phi y / s2 lies in its range (the span of the observed phi)
+        # A_k - ridge I = Phi' Phi / s2 is positive semi-definite (never below the prior)
         data = precision - self.ridge * np.eye(d)[None]
         eigenvalues, vectors = np.linalg.eigh(data)
         scale = np.maximum(np.abs(eigenvalues).max(axis=1), self.ridge)  # (K,)
@@ -142,13 +141,22 @@ class LinearThompson(PassCountRows, Rule):
                 f"{state_field('precision')} must be ridge * I plus a positive semi-definite "
                 f"sum of outer products (ridge = {self.ridge}); it falls below the prior"
             )
+        # b_k = Phi' y / s2 with every y in [0, 1/2], and the data matrix's [0, 0] entry is
+        # n / s2 (phi starts with 1). By Cauchy-Schwarz, along every eigenvector v of the data
+        # matrix (eigenvalue lambda), (v . b)^2 <= lambda * sum(y^2) / s2 <= lambda * n / (4 s2):
+        # a direction no phi touched carries no moment, one touched a little only a little.
         moment = state["moment"].reshape(k, d)
-        null = np.abs(eigenvalues) <= tolerance[:, None]  # directions no phi has touched
-        leak = np.einsum("kde,kd->ke", vectors, moment) * null
-        if np.any(np.abs(leak) > 1e-9 * np.maximum(np.abs(moment).max(axis=1), 1.0)[:, None]):
+        along = np.einsum("kde,kd->ke", vectors, moment)
+        quarter_count = np.maximum(data[:, 0, 0], 0.0) / 4.0  # (K,)
+        bound = np.sqrt(
+            (np.maximum(eigenvalues, 0.0) + tolerance[:, None]) * quarter_count[:, None]
+        )
+        slack = 1e-9 * np.maximum(np.abs(moment).max(axis=1), 1.0)[:, None]
+        if np.any(np.abs(along) > bound * (1.0 + 1e-6) + slack):
             raise ValueError(
-                f"{state_field('moment')} must lie in the span of the observed phi (where "
-                f"{state_field('precision')} exceeds ridge * I); got moments no data explains"
+                f"{state_field('moment')} must be a sum of phi * y / noise_std^2 over the "
+                f"observed phi with y in [0, 1/2] (where {state_field('precision')} exceeds "
+                "ridge * I); got moments no data explains"
             )
 
     # -- the model ----------------------------------------------------------------------------

@@ -112,9 +112,44 @@ def test_linear_thompson_moments_without_data_are_refused() -> None:
     fresh = metactl.linear_thompson(seed=0)
     fresh_state = json.loads(json.dumps(fresh.state_dict()))
     fresh_state["rule_state"]["moment"] = [1e308] * len(fresh_state["rule_state"]["moment"])
-    with pytest.raises(ValueError, match="span of the observed phi"):
+    with pytest.raises(ValueError, match="no data explains"):
         fresh.load_state_dict(fresh_state)
     policy.load_state_dict(state)  # a real state still loads
+
+
+def _linear_thompson_data(phis: list[list[float]], spreads: list[float]) -> dict:
+    """A state whose candidate 0 saw these phi rows with these reward spreads (noise_std 0.5)."""
+    policy, state = _linear_thompson_state()
+    k, d = policy.num_candidates, policy.rule.dim
+    precision = np.tile(np.eye(d), (k, 1, 1))
+    moment = np.zeros((k, d))
+    for phi, y in zip(np.array(phis), spreads, strict=True):
+        precision[0] += np.outer(phi, phi) / 0.25
+        moment[0] += phi * y / 0.25
+    state["rule_state"]["precision"] = precision.ravel().tolist()
+    state["rule_state"]["moment"] = moment.ravel().tolist()
+    return state
+
+
+def test_linear_thompson_state_from_nearly_parallel_phi_loads() -> None:
+    # two contexts whose pass rates differ by 1e-5: the data matrix has an eigenvalue of about
+    # 1e-10, and the moment along it is about 1e-5, as real data makes it
+    c = 1e-5
+    state = _linear_thompson_data([[1.0, 0.0, 0.0], [1.0, c, c * c]], [0.0, 0.5])
+    policy = metactl.linear_thompson(seed=0)
+    policy.load_state_dict(state)
+    assert json.loads(json.dumps(policy.state_dict())) == state
+
+
+def test_linear_thompson_moment_beyond_the_data_is_refused() -> None:
+    # the same phi, but a moment along the barely touched direction that no y in [0, 1/2] makes
+    c = 1e-5
+    state = _linear_thompson_data([[1.0, 0.0, 0.0], [1.0, c, c * c]], [0.0, 0.5])
+    moment = np.array(state["rule_state"]["moment"])
+    moment[1] += 1e-2
+    state["rule_state"]["moment"] = moment.tolist()
+    with pytest.raises(ValueError, match="no data explains"):
+        metactl.linear_thompson(seed=0).load_state_dict(state)
 
 
 def test_numpy_string_keys_are_stored_as_plain_strings() -> None:
