@@ -166,6 +166,7 @@ def mixture(
     floor: float = 0.1,
     step_size: float = 1.0,
     signal: str = "mixed",
+    relative: bool = False,
     seed: int = 0,
 ) -> MetaPolicy:
     """A learned temperature mixture (:class:`metactl.Mixture`) over ``candidates`` (default
@@ -178,7 +179,9 @@ def mixture(
         10
     """
     return MetaPolicy(
-        candidates, Mixture(floor=floor, step_size=step_size, signal=signal), seed=seed
+        candidates,
+        Mixture(floor=floor, step_size=step_size, signal=signal, relative=relative),
+        seed=seed,
     )
 
 

@@ -19,7 +19,9 @@ Names (temperatures on the paper grid 0.6..1.5 unless a knob arm says otherwise)
 * per-prompt controllers (a temperature per prompt group; untuned defaults): ``ptgs`` (its pivot
   ramped over the run's steps; continuous temperatures in its range [1/1.5, 1.5], named by the
   nearest of 10 log-spaced candidates there), ``tampo-per-prompt``, ``linear-thompson``, and
-  the temperature mixtures ``mixture`` (learned) and ``spread`` (uniform).
+  the temperature mixtures ``mixture`` (learned), ``mixture-variance`` and ``mixture-relative``
+  (its two changes of ``benchmarks/PROTOCOL.md`` section 16.8: the variance signal, the
+  relative step) and ``spread`` (uniform).
 * two-phase arms, the scoreboard's bound rows spelled out (``benchmarks/PROTOCOL.md``
   section 16.2): ``switch-A-B-K`` (``metactl.Schedule("step", A, B, K)``: A for the steps
   ``0 .. K - 1``, then B; A, B in [0.6, 1.5], K an integer >= 1) and ``spread-then-B-K``
@@ -90,6 +92,7 @@ JOINT_GRID = metactl.grid(temperature=GRID, top_p=JOINT_TOP_P)
 KNOB_ARMS: dict[str, tuple[str, ...]] = {"top-p": ("top_p",),
                                          "tampo-joint": ("temperature", "top_p")}
 PER_PROMPT_ARMS: tuple[str, ...] = ("ptgs", "tampo-per-prompt", "linear-thompson", "mixture",
+                                    "mixture-variance", "mixture-relative",
                                     "spread")  # fmt: skip
 #: ``metactl reproduce``'s default arms.
 PAPER_ARMS: tuple[str, ...] = ("fixed-0.9", "fixed-1.2", "fixed-1.5", "linear-0.9-1.5", "tampo")
@@ -149,6 +152,10 @@ _SIMPLE: dict[str, Callable[[int, int, float], metactl.MetaPolicy]] = {
     "linear-thompson": lambda steps, seed, target: metactl.linear_thompson(GRID, seed=seed),
     "mixture": lambda steps, seed, target: metactl.mixture(GRID, seed=seed),
     "spread": lambda steps, seed, target: metactl.spread(GRID, seed=seed),
+    # the two changes of PROTOCOL.md 16.8, one for each measured limit of the mixture
+    "mixture-variance": lambda steps, seed, target: metactl.mixture(
+        GRID, signal="variance", seed=seed),
+    "mixture-relative": lambda steps, seed, target: metactl.mixture(GRID, relative=True, seed=seed),
     # E3 with its reference code's default: the target is the entropy of the first batch
     "entropy-e3": _on_grid(lambda steps, target: metactl.EntropyTarget()),
     "recommended": lambda steps, seed, target: metactl.recommended(seed=seed),

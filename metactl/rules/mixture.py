@@ -14,7 +14,14 @@ the candidates by one global distribution (no per-prompt state).
   - ``"mixed"`` (default): 1 if the group's rewards are not all equal, else 0. A group whose
     completions all get the same reward has zero GRPO advantage and teaches nothing, so this is
     the share of the batch that carries gradient, a dimensionless signal that needs no target;
-  - ``"pass_rate"``: the group's mean reward (rewards in [0, 1]).
+  - ``"pass_rate"``: the group's mean reward (rewards in [0, 1]);
+  - ``"variance"``: ``4 p (1 - p)`` with ``p`` the group's mean reward (rewards in [0, 1]):
+    1 at an even split, ``4 (G - 1) / G^2`` for one failure in ``G``, 0 for a settled group, so
+    a nearly settled group counts little.
+
+  With ``relative=True`` every estimate is divided by the batch's mean signal before the
+  step, so the update is scale-free in the signal's level (a testbed where few groups are
+  mixed at any value moves as fast as one where most are).
 
 Dealing (both rules): systematic sampling. With ``n`` groups and probabilities ``p``, one
 uniform ``u`` places the points ``(u + i) / n`` (``i = 0..n-1``) on the cumulative distribution,
@@ -44,7 +51,7 @@ from .base import Draw, Rule, check_max_is_zero, nearest_index, one_hot
 __all__ = ["SIGNALS", "Mixture", "Spread", "deal", "group_signal"]
 
 #: The per-group signals :class:`Mixture` can learn from.
-SIGNALS: tuple[str, ...] = ("mixed", "pass_rate")
+SIGNALS: tuple[str, ...] = ("mixed", "pass_rate", "variance")
 
 
 def deal(probs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -67,7 +74,8 @@ def deal(probs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def group_signal(rewards: np.ndarray, signal: str) -> np.ndarray:
     """The per-group signal of rewards shaped (n, G): ``"mixed"``, 1.0 where a group's rewards
-    are not all equal (else 0.0); ``"pass_rate"``, the group's mean reward.
+    are not all equal (else 0.0); ``"pass_rate"``, the group's mean reward ``p``;
+    ``"variance"``, ``4 p (1 - p)``.
 
     Example:
         >>> import numpy as np
@@ -76,7 +84,10 @@ def group_signal(rewards: np.ndarray, signal: str) -> np.ndarray:
     """
     if signal == "mixed":
         return (rewards.max(axis=1) > rewards.min(axis=1)).astype(np.float64)
-    return rewards.mean(axis=1)
+    mean = rewards.mean(axis=1)
+    if signal == "variance":
+        return 4.0 * mean * (1.0 - mean)
+    return mean
 
 
 class _Dealt(Rule):
@@ -185,10 +196,12 @@ class Mixture(_Dealt):
             observed and bounds the importance weights by ``K / floor``).
         step_size: ``eta`` (> 0). With the signal in [0, 1], one step moves the log-odds of two
             candidates by at most ``step_size`` times the difference of their estimates.
-        signal: ``"mixed"`` (default) or ``"pass_rate"``.
+        signal: ``"mixed"`` (default), ``"pass_rate"`` or ``"variance"`` (module docstring).
+        relative: divide the estimates by the batch's mean signal before the step (no step
+            when every group's signal is 0).
 
-    The defaults (``floor=0.1``, ``step_size=1.0``, ``signal="mixed"``) are untuned: EXP3's
-    floor and a unit step.
+    The defaults (``floor=0.1``, ``step_size=1.0``, ``signal="mixed"``, ``relative=False``)
+    are untuned: EXP3's floor and a unit step.
 
     Example:
         >>> import numpy as np, metactl
@@ -204,12 +217,24 @@ class Mixture(_Dealt):
     floor: float = 0.1
     step_size: float = 1.0
     signal: str = "mixed"
+    relative: bool = False
     requires: ClassVar[tuple[str, ...]] = ("rewards",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "floor", unit_interval(self.floor, "floor", low_open=True))
         object.__setattr__(self, "step_size", positive_scalar(self.step_size, "step_size"))
         object.__setattr__(self, "signal", one_of(self.signal, "signal", SIGNALS))
+        if not isinstance(self.relative, (bool, np.bool_)):
+            raise TypeError(f"relative must be a bool, got {type(self.relative).__name__}")
+        object.__setattr__(self, "relative", bool(self.relative))
+
+    def config(self) -> dict[str, Any]:
+        """The settings; ``relative`` only when it is set (a state saved without the option
+        loads into the rule with ``relative=False``)."""
+        settings = super().config()
+        if not self.relative:
+            del settings["relative"]
+        return settings
 
     def init_state(self, candidates: np.ndarray) -> base.RuleState:
         return {"log_weights": np.zeros(candidates.shape[0])}
@@ -225,15 +250,18 @@ class Mixture(_Dealt):
         self, state: base.RuleState, ctx: base.Contexts, batch: base.Batch, feedback: base.Feedback
     ) -> tuple[base.RuleState, base.ContextRows, np.ndarray]:
         rewards = feedback["rewards"]
-        if self.signal == "pass_rate" and np.any((rewards < 0) | (rewards > 1)):
+        if self.signal != "mixed" and np.any((rewards < 0) | (rewards > 1)):
             raise ValueError(
-                "rewards must lie in [0, 1] for signal='pass_rate' (the mean reward of a group "
-                "is its pass rate); use signal='mixed' for other rewards"
+                f"rewards must lie in [0, 1] for signal={self.signal!r} (the mean reward of a "
+                "group is its pass rate); use signal='mixed' for other rewards"
             )
         base.check_groups(rewards.shape[0], batch.group_size)
         per_group = group_signal(batch.per_decision(rewards), self.signal)
         k = ctx.candidates.shape[0]
         weighted = per_group / (batch.n * batch.propensities)
-        estimate = np.bincount(batch.indices, weights=weighted, minlength=k)
+        estimate: np.ndarray = np.bincount(batch.indices, weights=weighted, minlength=k)
+        if self.relative:
+            level = float(per_group.mean())
+            estimate = estimate / level if level > 0.0 else np.zeros(k)
         log_weights = state["log_weights"] + self.step_size * estimate
         return {"log_weights": log_weights - log_weights.max()}, {}, estimate

@@ -23,7 +23,8 @@ from metactl.adapters.lab.gym_study import StudyConfig, make_controller, run_one
 import metactl
 
 SIGNAL_RULE_NAMES = ("tampo-std", "tampo-sharp", "tampo-sum", "counterfactual", "uncertainty",
-                     "entropy-schedule", "mixture", "spread", "entropy-e3")  # fmt: skip
+                     "entropy-schedule", "mixture", "mixture-variance", "mixture-relative",
+                     "spread", "entropy-e3")  # fmt: skip
 
 # the rule each name stands for (untuned: the rules' own defaults, tau = 0.1 for "sharp")
 EXPECTED_RULES = {
@@ -33,6 +34,8 @@ EXPECTED_RULES = {
     "counterfactual": metactl.Counterfactual(),
     "uncertainty": metactl.Uncertainty(),
     "mixture": metactl.Mixture(),
+    "mixture-variance": metactl.Mixture(signal="variance"),
+    "mixture-relative": metactl.Mixture(relative=True),
     "spread": metactl.Spread(),
     "entropy-e3": metactl.EntropyTarget(),
 }

@@ -40,6 +40,10 @@ def test_group_signal_by_hand() -> None:
     rewards = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [1.0, 1.0, 0.0]])
     assert group_signal(rewards, "mixed").tolist() == [1.0, 0.0, 0.0, 1.0]
     np.testing.assert_allclose(group_signal(rewards, "pass_rate"), [2 / 3, 0.0, 0.5, 2 / 3])
+    # 4 p (1 - p): 8/9 for 2 of 3, 0 when settled, 1 at an even split
+    np.testing.assert_allclose(group_signal(rewards, "variance"), [8 / 9, 0.0, 1.0, 8 / 9])
+    one_failure = np.array([[1.0] * 7 + [0.0]])
+    np.testing.assert_allclose(group_signal(one_failure, "variance"), [4 * 7 / 64])
 
 
 def _rewards_for(values: np.ndarray, mixed_at: float, group: int = 2) -> np.ndarray:
@@ -71,6 +75,41 @@ def test_mixture_pass_rate_signal_by_hand() -> None:
     # one group each, p = 0.5: r = pass rate / (2 * 0.5) = 0.25 and 0.75
     np.testing.assert_allclose(info.candidate_advantages, [0.25, 0.75])
     np.testing.assert_allclose(policy.probs, [0.5, 0.5])  # floor = 1: always uniform
+
+
+def test_mixture_variance_signal_by_hand() -> None:
+    policy = MetaPolicy([1.0, 2.0], Mixture(floor=1.0, signal="variance"))
+    decisions = policy.select(contexts=["a", "b"])
+    # 1.0's group splits evenly (signal 1); 2.0's has one failure in 4 (signal 3/4)
+    rewards = np.where(decisions.values[:, None] == 1.0, [1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0])
+    info = policy.update(decisions, rewards=rewards.ravel())
+    np.testing.assert_allclose(info.candidate_advantages, [1.0, 0.75])  # / (n p) = / 1
+
+
+def test_mixture_relative_step_by_hand() -> None:
+    # the same batch with and without relative: the estimates divided by the mean signal
+    absolute = MetaPolicy([1.0, 2.0], Mixture(floor=0.5), seed=0)
+    relative = MetaPolicy([1.0, 2.0], Mixture(floor=0.5, relative=True), seed=0)
+    decisions = absolute.select(contexts=[10, 11, 12, 13])
+    same = relative.select(contexts=[10, 11, 12, 13])
+    assert same.values.tolist() == decisions.values.tolist()
+    rewards = _rewards_for(decisions.values, 2.0)  # 2 of 4 groups mixed: mean signal 1/2
+    np.testing.assert_array_equal(absolute.update(decisions, rewards=rewards)
+                                  .candidate_advantages, [0.0, 1.0])  # fmt: skip
+    info = relative.update(same, rewards=rewards)
+    np.testing.assert_array_equal(info.candidate_advantages, [0.0, 2.0])
+    assert relative.state_dict()["rule_state"]["log_weights"] == [-2.0, 0.0]
+    settled = relative.select(contexts=[1, 2])  # no group mixed: no step at all
+    before = relative.state_dict()["rule_state"]["log_weights"]
+    relative.update(settled, rewards=np.ones(4))
+    assert relative.state_dict()["rule_state"]["log_weights"] == before
+
+
+def test_mixture_relative_is_only_in_the_config_when_set() -> None:
+    assert "relative" not in Mixture().config()
+    assert Mixture(relative=True).config()["relative"] is True
+    state = metactl.mixture(seed=0).state_dict()
+    assert metactl.MetaPolicy.from_state_dict(state).rule == Mixture()
 
 
 def test_mixture_learns_the_candidate_whose_groups_are_mixed() -> None:
@@ -114,6 +153,8 @@ def test_mixture_refuses_bad_feedback_and_changes_nothing() -> None:
 def test_mixture_config_is_validated(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Mixture(**kwargs)
+    with pytest.raises(TypeError, match="relative must be a bool"):
+        Mixture(relative=1)  # type: ignore[arg-type]
 
 
 def test_spread_deals_evenly_and_learns_nothing() -> None:
@@ -144,8 +185,11 @@ def test_mixtures_decide_per_context_without_storing_contexts() -> None:
         MetaPolicy(CANDIDATES, Mixture(), metactl.Nucleus(0.7))
 
 
-@pytest.mark.parametrize("rule", [Mixture(), Mixture(signal="pass_rate"), Spread()],
-                         ids=["mixed", "pass_rate", "spread"])  # fmt: skip
+@pytest.mark.parametrize(
+    "rule",
+    [Mixture(), Mixture(signal="pass_rate"), Mixture(signal="variance", relative=True), Spread()],
+    ids=["mixed", "pass_rate", "variance-relative", "spread"],
+)
 def test_state_round_trip_continues_bit_identically(rule: Mixture | Spread) -> None:
     rng = np.random.default_rng(0)
     policy = MetaPolicy(metactl.PAPER_TEMPERATURES, rule, seed=5)
