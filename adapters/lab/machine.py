@@ -49,10 +49,11 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model, [flag for flag in VECTOR_FLAGS if flag in flags]
 
 
-def machine_facts() -> dict[str, Any]:
+def machine_facts(include_torch: bool = True) -> dict[str, Any]:
     """What this process computes with: torch's version and build and the CPU kernels it
     dispatches (``ATEN_CPU_CAPABILITY`` can lower them), its thread count, numpy, Python, the
-    CPU model, logical cores and vector flags. JSON-safe; torch only if it is installed."""
+    CPU model, logical cores and vector flags. JSON-safe; torch only if it is installed and
+    ``include_torch`` (a numpy-only run, such as the gym's, leaves it out: ``None``)."""
     model, flags = _cpuinfo()
     facts: dict[str, Any] = {
         "python": platform.python_version(),
@@ -64,6 +65,8 @@ def machine_facts() -> dict[str, Any]:
         "cpu_capability": None,
         "threads": None,
     }
+    if not include_torch:
+        return facts
     try:
         import torch
     except ImportError:

@@ -38,7 +38,7 @@ from metactl.adapters.integrity import OutputInUseError
 import metactl
 
 from ..commands import OneLineErrorParser, check_writable_dir, output_lock, parse_name_list
-from .report import format_summary, off_protocol_note, write_report
+from .report import format_summary, machines_of, off_protocol_note, write_report
 from .runner import Job, gym_key, reference_key, run_jobs, scan_records
 from .suite import (
     DEVELOPMENT,
@@ -375,6 +375,7 @@ def _run_and_report(args: argparse.Namespace, out: Path, testbeds: list[Testbed]
         "wall_seconds": wall,
         "start_models": start_info,
         "metactl_version": metactl.__version__,
+        "machines": machines_of(records.values()),
     }
     from .pages import write_testbed_pages
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..machine import describe_machine
 from .runner import CURVE_AUC
 from .stats import mean_ci, paired_bootstrap_regret, paired_difference
 from .suite import DEVELOPMENT, FIXED_GRID, Testbed, is_bound, resolve_bound
@@ -486,6 +488,18 @@ def off_protocol_note(meta: dict[str, Any]) -> str:
             "scoreboard.")
 
 
+def machines_of(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The machines that made ``records``: ``[{"machine": line, "runs": count}]``, most runs
+    first; records written before runs kept their machine's facts count as ``"not recorded"``.
+
+    >>> machines_of([{"machine": {"python": "3.11.9", "torch": None}}, {}])[1]
+    {'machine': 'not recorded', 'runs': 1}
+    """
+    counts = Counter(describe_machine(r["machine"]) if "machine" in r else "not recorded"
+                     for r in records)  # fmt: skip
+    return [{"machine": m, "runs": n} for m, n in sorted(counts.items(), key=lambda x: -x[1])]
+
+
 def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
                  *, plots: bool = True,
                  pages: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:  # fmt: skip
@@ -509,6 +523,11 @@ def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
         f"with {meta['workers']} worker(s).",
         "",
     ]
+    if meta.get("machines"):
+        lines = "; ".join(f"{m['runs']} runs on {m['machine']}" for m in meta["machines"])
+        parts += [f"Machines: {lines}. Each run is deterministic on its machine; another "
+                  "machine moves the numbers (docs/results.md, machine variance): compare arms "
+                  "within one report.", ""]  # fmt: skip
     if meta.get("off_protocol_budget"):
         parts += [f"**{off_protocol_note(meta)}**", ""]
     parts += [

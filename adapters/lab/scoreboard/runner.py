@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -44,6 +45,7 @@ from metactl.adapters.integrity import atomic_write_bytes
 import metactl
 
 from ..gym_study import StudyConfig, make_controller, run_one
+from ..machine import machine_facts
 from .signal_record import from_gym_run, from_reference_result
 from .suite import Testbed, reference_controller_name
 
@@ -243,10 +245,17 @@ def reference_key(cfg: Any, controller: str, seed: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- workers
+@functools.cache
+def _machine(with_torch: bool) -> dict[str, Any]:
+    """This worker's machine facts (torch's only where the run computes with torch)."""
+    return machine_facts(include_torch=with_torch)
+
+
 def _record(job: Job, start: float, metrics: dict[str, float], temperature: Any,
-            signal: Any, **timings: float) -> dict[str, Any]:  # fmt: skip
+            signal: Any, *, with_torch: bool, **timings: float) -> dict[str, Any]:  # fmt: skip
     """The record of one finished run of ``job``, started at ``start``
-    (``time.perf_counter()``): what every testbed's worker returns."""
+    (``time.perf_counter()``): what every testbed's worker returns, with the facts of the
+    machine that ran it (torch's where the run computed with torch)."""
     return {
         "key": job.key,
         "testbed": job.testbed,
@@ -259,6 +268,7 @@ def _record(job: Job, start: float, metrics: dict[str, float], temperature: Any,
         **timings,
         "wall_seconds": time.perf_counter() - start,
         "metactl_version": metactl.__version__,
+        "machine": _machine(with_torch),
     }
 
 
@@ -271,7 +281,7 @@ def _gym_task(job: Job, config: StudyConfig) -> dict[str, Any]:
     # policy; building it again is cheap and draws nothing from the run's RNGs)
     signal = from_gym_run(run["signal"],
                           make_controller(job.builds, config, job.seed).candidates)
-    return _record(job, start, metrics, run["temperature"], signal)
+    return _record(job, start, metrics, run["temperature"], signal, with_torch=False)
 
 
 def _init_worker(threads: int, with_torch: bool) -> None:
@@ -310,7 +320,8 @@ def _reference_task(job: Job, cfg: Any, start_path: str | None) -> dict[str, Any
     if area is not None:
         metrics[CURVE_AUC] = float(area)
     return _record(job, start, metrics, result["temperature"],
-                   from_reference_result(result), train_seconds=float(result["train_seconds"]),
+                   from_reference_result(result), with_torch=True,
+                   train_seconds=float(result["train_seconds"]),
                    meta_seconds=float(result.get("meta_seconds", 0.0)))  # fmt: skip
 
 

@@ -69,6 +69,14 @@ def test_smoke_run_writes_table_json_heatmap_and_resumes(tmp_path: Path) -> None
     assert "regret [95% CI]" in md
     records = _records(out)
     assert len(records) == 2 * 12 * 2
+    # every run keeps the facts of its machine (numpy-only gym runs: no torch), and the report
+    # names the machines
+    facts = {json.dumps(json.loads(text)["payload"]["machine"], sort_keys=True)
+             for text in records.values()}  # fmt: skip
+    assert len(facts) == 1 and json.loads(facts.pop())["torch"] is None
+    assert report["machines"] == [{"machine": report["machines"][0]["machine"], "runs": 48}]
+    assert "no torch, numpy" in report["machines"][0]["machine"]
+    assert f"Machines: 48 runs on {report['machines'][0]['machine']}." in md
     # a page per testbed, with the likelihood rule's signal diagnostics
     for name in ("gym-default", "gym-flat"):
         assert f"(testbeds/{name}.md)" in md
