@@ -312,11 +312,15 @@ def is_per_prompt(name: str) -> bool:
     Example:
         >>> is_per_prompt("ptgs"), is_per_prompt("tampo"), is_per_prompt("spread-then-1.2-10")
         (True, False, True)
+        >>> is_per_prompt("recommended")    # the learned mixture, one value per prompt group
+        True
     """
     if not isinstance(name, str):
         raise TypeError(f"controller name must be a str, got {type(name).__name__}")
     if name in PER_PROMPT_ARMS:
         return True
+    if name == "recommended":  # whatever the protocol chose
+        return metactl.recommended().spec.per_context
     try:
         kind, values = _parse_name(name)
     except ValueError:

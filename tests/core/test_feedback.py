@@ -23,7 +23,8 @@ def test_specs_declare_what_each_rule_needs() -> None:
     assert metactl.linear_thompson(feature_dim=3).spec.feature_dim == 3
     joint = metactl.tampo(metactl.grid(temperature=[0.7, 1.0], top_p=[0.9, 1.0])).spec
     assert joint.knobs == ("temperature", "top_p")
-    assert metactl.recommended().spec.feedback == ("reward",)
+    assert metactl.recommended().spec.feedback == ("rewards",)
+    assert metactl.recommended().spec.per_context
 
 
 @pytest.mark.parametrize(

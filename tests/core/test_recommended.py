@@ -1,4 +1,4 @@
-"""``metactl.recommended``: the controller chosen by benchmarks/PROTOCOL.md section 7, the same
+"""``metactl.recommended``: the controller chosen by benchmarks/PROTOCOL.md section 16.6, the same
 rule and configuration in the core factory, ``metactl gym-study``, ``metactl reproduce`` and
 ``metactl scoreboard``."""
 
@@ -16,16 +16,18 @@ import metactl
 from metactl.recommended import CHOSEN_AS
 
 
-def _drive(policy: metactl.MetaPolicy, steps: int) -> list[float]:
-    """The temperatures ``policy`` picks when fed the same made-up batch rewards every time."""
+def _drive(policy: metactl.MetaPolicy, steps: int, groups: int = 16, size: int = 4) -> list:
+    """The temperatures ``policy`` deals over ``groups`` prompt groups of ``size`` completions
+    when fed the same made-up rewards every time: a completion's success probability falls
+    with the distance from T = 1.1, so the groups near 1.1 are mixed most often."""
     rng = np.random.default_rng(123)
     values = []
     for _ in range(steps):
-        decision = policy.select()
-        values.append(decision.value)
-        # a reward that peaks at T = 1.1, plus noise, inside EXP3's range [0, 1]
-        reward = float(np.clip(0.8 - abs(decision.value - 1.1) + 0.1 * rng.random(), 0.0, 1.0))
-        policy.update(decision, reward=reward)
+        decisions = policy.select(contexts=list(range(groups)))
+        values.append(decisions.values.tolist())
+        p = np.clip(0.5 - np.abs(decisions.values - 1.1), 0.02, 1.0)[:, None]
+        rewards = (rng.random((groups, size)) < p).astype(np.float64)
+        policy.update(decisions, rewards=rewards.ravel())
     return values
 
 
@@ -35,16 +37,20 @@ def _same_policy(a: metactl.MetaPolicy, b: metactl.MetaPolicy) -> None:
 
 
 def test_the_factory_builds_a_fresh_policy_of_the_chosen_rule():
-    assert CHOSEN_AS == "exp3"
+    assert CHOSEN_AS == "mixture-relative"
     policy = metactl.recommended(seed=0)
     assert isinstance(policy, metactl.MetaPolicy)
-    assert policy.rule == metactl.EXP3(gamma=0.1, reward_min=0.0, reward_max=1.0)
-    assert isinstance(policy.selector, metactl.Sample)
+    assert policy.rule == metactl.Mixture(floor=0.1, step_size=1.0, signal="mixed",
+                                          relative=True)  # fmt: skip
+    assert policy.spec.per_context and policy.num_contexts == 0
     assert policy.candidates.tolist() == list(metactl.PAPER_TEMPERATURES)
-    assert policy.step == 0 and policy.requires == ("reward",)
+    assert policy.step == 0 and policy.requires == ("rewards",)
     other = metactl.recommended(seed=0)
     _drive(policy, 5)
     assert other.step == 0 and np.all(other.probs == 0.1)  # nothing is shared between calls
+    # it learns: 1.1 keeps the most groups mixed and gets the largest share of the batch
+    _drive(policy, 40)
+    assert int(np.argmax(policy.probs)) == metactl.PAPER_TEMPERATURES.index(1.1)
     _same_policy(metactl.recommended(), metactl.recommended(seed=0))
     # the seed drives the draws: another seed picks another sequence of temperatures
     assert _drive(metactl.recommended(seed=0), 30) != _drive(metactl.recommended(seed=1), 30)
@@ -88,6 +94,9 @@ def test_reproduce_accepts_recommended():
     cfg = config_from_args(build_parser().parse_args(
         ["--quick", "--controllers", "recommended,fixed-1.0", "--seeds", "1"]))  # fmt: skip
     assert cfg.controllers == ("recommended", "fixed-1.0")
+    from metactl.adapters.lab.controllers import is_per_prompt
+
+    assert is_per_prompt("recommended") and is_per_prompt(CHOSEN_AS)
 
 
 def test_gym_study_runs_recommended(tmp_path):
