@@ -29,6 +29,7 @@ import concurrent.futures as cf
 import dataclasses
 import functools
 import hashlib
+import importlib
 import itertools
 import json
 import math
@@ -229,10 +230,30 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def run_identity(controller: str) -> str:
+    """What a controller name stands for in a run's key: the name, except that `recommended`
+    names whatever the protocol chose (`metactl.recommended.CHOSEN_AS`), so a new choice
+    never reuses the runs of the old one.
+
+    >>> run_identity("tampo")
+    'tampo'
+    >>> run_identity("recommended") == f"recommended={_chosen()}"
+    True
+    """
+    if controller == "recommended":
+        return f"recommended={_chosen()}"
+    return controller
+
+
+def _chosen() -> str:
+    # the module, not the factory function of the same name that metactl exports
+    return str(importlib.import_module("metactl.recommended").CHOSEN_AS)
+
+
 def gym_key(config: StudyConfig, controller: str, seed: int) -> str:
     """Key of a gym run: everything that determines its result."""
     return _hash({"format": RECORD_FORMAT, "kind": "gym", "config": dataclasses.asdict(config),
-                  "controller": controller, "seed": seed})  # fmt: skip
+                  "controller": run_identity(controller), "seed": seed})  # fmt: skip
 
 
 def reference_key(cfg: Any, controller: str, seed: int) -> str:
@@ -241,7 +262,7 @@ def reference_key(cfg: Any, controller: str, seed: int) -> str:
     for name in ("out", "workers", "threads_per_worker", "controllers", "seeds", "cache_dir"):
         d.pop(name, None)
     return _hash({"format": RECORD_FORMAT, "kind": "reference", "config": d,
-                  "controller": controller, "seed": seed})  # fmt: skip
+                  "controller": run_identity(controller), "seed": seed})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- workers

@@ -600,3 +600,19 @@ def test_bound_phase_resolves_to_the_best_fixed_arm_and_follows_the_grid(
     assert payload("bound-t1-10", 0)["resolved"] == f"switch-1.0-{other[6:]}-10"
     assert payload("bound-spread-10", 1)["temperature"][10:] == pytest.approx(
         [float(other[6:])] * 4)
+
+
+def test_recommended_runs_are_keyed_by_what_it_was_chosen_as(monkeypatch) -> None:
+    """A new choice of `recommended` never reuses the runs of the old one (the name stays)."""
+    import importlib
+
+    recommended_module = importlib.import_module("metactl.recommended")  # not the factory
+    from metactl.adapters.lab.scoreboard.runner import gym_key, run_identity
+
+    config = TESTBEDS["gym-default"].gym_config()
+    before = gym_key(config, "recommended", 0)
+    assert run_identity("recommended") == f"recommended={recommended_module.CHOSEN_AS}"
+    assert gym_key(config, "exp3", 0) == gym_key(config, "exp3", 0)
+    monkeypatch.setattr(recommended_module, "CHOSEN_AS", "exp3")
+    assert run_identity("recommended") == "recommended=exp3"
+    assert gym_key(config, "recommended", 0) != before
