@@ -27,7 +27,7 @@ Names (temperatures on the paper grid 0.6..1.5 unless a knob arm says otherwise)
   ``0 .. K - 1``, then B; A, B in [0.6, 1.5], K an integer >= 1) and ``spread-then-B-K``
   (``metactl.Spread(then=B, after=K)``: the uniform mixture for K steps, then every prompt
   group at B, B on the grid; a per-prompt arm).
-* ``recommended``: `metactl.recommended`, the choice of ``benchmarks/PROTOCOL.md`` section 7.
+* ``recommended``: `metactl.recommended`, the choice of ``benchmarks/PROTOCOL.md`` section 16.6.
 * arms over other sampler knobs (TAMPO with the paper's defaults): ``top-p`` (over ``top_p`` in
   `TOP_P_GRID` at the trainer's fixed temperature) and ``tampo-joint`` (over the paper's
   temperatures x ``top_p`` in `JOINT_TOP_P`, 20 settings).
