@@ -8,8 +8,11 @@ when set (CI sets it when it runs the tests from a copy outside the tree), else 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_ROOT = Path(os.environ.get("METACTL_SOURCE_ROOT") or ROOT)
@@ -19,3 +22,15 @@ def project_file(relative: str) -> Path:
     """``relative`` beside the tests if it travelled with them, else in the source tree."""
     here = ROOT / relative
     return here if here.exists() else SOURCE_ROOT / relative
+
+
+def load_script(relative: str) -> ModuleType:
+    """The project script at ``relative`` (e.g. ``benchmarks/gpu_check.py``) imported as a
+    module named after its path, so its functions can be tested without running it."""
+    name = relative.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, project_file(relative))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module

@@ -3,27 +3,19 @@ made-up scoreboard summaries whose answers are known by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.paths import project_file
+from tests.paths import load_script
 
 DEV = ("gym-default", "gym-sharp", "gym-flat", "reference-quick")
 
 
 def _module() -> ModuleType:
-    path = project_file("benchmarks/choose_recommended.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_choose_recommended", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/choose_recommended.py")
 
 
 def _board(regrets: dict[str, list[float]], bound: tuple[str, ...] = ()) -> dict:

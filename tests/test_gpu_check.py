@@ -7,7 +7,6 @@ and the script's refusal where torch has no CUDA.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,19 +16,13 @@ from types import ModuleType
 
 import pytest
 
-from tests.paths import project_file
+from tests.paths import load_script, project_file
 
 torch = pytest.importorskip("torch")
 
 
 def _gpu_check() -> ModuleType:
-    path = project_file("benchmarks/gpu_check.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu_check", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_check.py")
 
 
 @pytest.fixture(scope="module")
