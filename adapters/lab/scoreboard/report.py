@@ -524,7 +524,9 @@ def write_report(out: Path, analysis: dict[str, Any], meta: dict[str, Any],
         "",
     ]
     if meta.get("machines"):
-        lines = "; ".join(f"{m['runs']} runs on {m['machine']}" for m in meta["machines"])
+        lines = "; ".join(
+            f"{m['runs']} runs whose machine was not recorded" if m["machine"] == "not recorded"
+            else f"{m['runs']} runs on {m['machine']}" for m in meta["machines"])  # fmt: skip
         parts += [f"Machines: {lines}. Each run is deterministic on its machine; another "
                   "machine moves the numbers (docs/results.md, machine variance): compare arms "
                   "within one report.", ""]  # fmt: skip
