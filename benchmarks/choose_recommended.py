@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metactl.adapters.lab.controllers import FIXED_GRID
+from metactl.adapters.lab.scoreboard.report import BASELINE
+
 DEV_GYM = ("gym-default", "gym-sharp", "gym-flat")
 DEV_ALL = (*DEV_GYM, "reference-quick")
-FIXED_GRID = tuple(f"fixed-{t / 10:.1f}" for t in range(6, 16))
-BASELINE = "fixed-1.0"
 TODAY = "exp3"  # `recommended` before this choice (PROTOCOL section 7)
 ALWAYS = ("mixture", "spread", "entropy-e3", TODAY)  # shortlisted whatever their rank
 SHORTLIST_TOP = 5
@@ -87,7 +88,8 @@ def shortlist(data: dict[str, Any]) -> list[str]:
 def choice(data: dict[str, Any], shortlisted: list[str]) -> str:
     """PROTOCOL 16.6: the lowest worst case over the four development testbeds; within 0.05 of
     it fixed-1.0 wins, else the lowest mean, then the name."""
-    candidates = [a for a in shortlisted if a == BASELINE or a in _ranked_arms(data)]
+    ranked = set(_ranked_arms(data))
+    candidates = [a for a in shortlisted if a == BASELINE or a in ranked]
     rows = _scored(data, candidates, DEV_ALL)
     lowest = rows[0][2]
     tied = [r for r in rows if r[2] <= lowest + TIE]

@@ -54,6 +54,7 @@ import math
 from collections.abc import Callable
 
 import metactl
+from metactl.recommended import CHOSEN_AS
 
 __all__ = [
     "DEFAULT_ENTROPY_TARGET",
@@ -319,8 +320,8 @@ def is_per_prompt(name: str) -> bool:
         raise TypeError(f"controller name must be a str, got {type(name).__name__}")
     if name in PER_PROMPT_ARMS:
         return True
-    if name == "recommended":  # whatever the protocol chose
-        return metactl.recommended().spec.per_context
+    if name == "recommended":  # an alias of the arm the protocol chose
+        return is_per_prompt(CHOSEN_AS)
     try:
         kind, values = _parse_name(name)
     except ValueError:
