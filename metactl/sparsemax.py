@@ -71,19 +71,20 @@ def _sparsemax_rows(rows: np.ndarray) -> np.ndarray:
         place[i], place[k] = spare, place[i]
     # Descending order: the j-th largest is in buffer row place[k - 1 - j]. Its cumulative sum
     # overwrites it once read, added in the order of the sorted values (as np.cumsum does).
-    # k is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j); the support is a prefix.
-    count = np.zeros(n, dtype=np.int64)
+    # k is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j); the support is a prefix, and
+    # k = 1 is always in it (1 + z_(1) > z_(1)). The count is int8 (k <= 16): adding the bool
+    # test's bytes is then a same-type loop, not a casting one.
+    count = np.ones(n, dtype=np.int8)
     scaled = np.empty(n)
     above = np.empty(n, dtype=bool)
-    previous = None
-    for j in range(k):
+    previous = vectors[place[k - 1]]
+    for j in range(1, k):
         current = vectors[place[k - 1 - j]]
         np.multiply(current, float(j + 1), out=scaled)
         np.add(1.0, scaled, out=scaled)
-        if previous is not None:
-            np.add(previous, current, out=current)
+        np.add(previous, current, out=current)
         np.greater(scaled, current, out=above)
-        np.add(count, above, out=count)
+        np.add(count, above.view(np.int8), out=count)
         previous = current
     # count >= 1 always (k = 1 satisfies it); tau from the cumulative sum of the support
     rows_of = np.asarray(place[:k][::-1], dtype=np.int64)  # descending position -> buffer row
