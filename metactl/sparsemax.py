@@ -86,7 +86,7 @@ def _sparsemax_rows(rows: np.ndarray) -> np.ndarray:
         np.greater(scaled, current, out=above)
         np.add(count, above.view(np.int8), out=count)
         previous = current
-    # count >= 1 always (k = 1 satisfies it); tau from the cumulative sum of the support
+    # tau from the cumulative sum of the support
     rows_of = np.asarray(place[:k][::-1], dtype=np.int64)  # descending position -> buffer row
     tau = (buf[rows_of[count - 1] * n + np.arange(n)] - 1.0) / count
     out = buf[: n * k].reshape(n, k)

@@ -252,7 +252,7 @@ def _loglik_blocks(
             r, c = rows[start : start + chunk], cols[start : start + chunk]
             z = logits[r, c].float()  # (p, V)
             tk = tok_all[start : start + chunk]
-            u = z - z.amax(dim=-1, keepdim=True)  # <= 0, the max is exactly 0 (finite: z_o is)
+            u = z - z.amax(dim=-1, keepdim=True)  # <= 0 once checked: the max is exactly 0
             u_o = u.gather(-1, tk.unsqueeze(-1))  # (p, 1)
             # -inf (probability 0) is fine except at the sampled token; NaN, +inf never are.
             # amax propagates NaN and +inf, which make u_o NaN or -inf, as -inf at the sampled
